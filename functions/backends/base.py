@@ -1,0 +1,45 @@
+"""The protocol every backend implements, and the data it works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from tpm_fed.request import GenerationRequest
+from tpm_fed.result import Completion
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """A request whose prompts are already token ids (tokenized once, here)."""
+
+    request: GenerationRequest
+    prompt_ids: list[list[int]]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompt_ids)
+
+
+class Backend(Protocol):
+    """A loaded model that answers batches of requests.
+
+    Attributes:
+        name: ``"torch"`` or ``"vllm"``, reported in results.
+        context_length: Most tokens (prompt plus generated) one sequence may hold.
+    """
+
+    name: str
+    context_length: int
+
+    def encode(self, request: GenerationRequest) -> EncodedRequest:
+        """Tokenize a request's prompts.
+
+        Raises:
+            ContextLengthExceeded: A prompt plus max_new_tokens does not fit.
+        """
+        ...
+
+    def generate(self, batch: list[EncodedRequest]) -> list[list[Completion]]:
+        """Answer every request of the batch: one completion per prompt, in order."""
+        ...

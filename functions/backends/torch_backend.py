@@ -1,0 +1,145 @@
+"""The torch backend: transformers ``AutoModelForCausalLM`` from a local directory.
+
+Requests that can share a forward pass are batched: all greedy requests go
+together, sampled ones together when their temperature and top_p agree. A
+request with a seed runs alone so its samples do not depend on who else was
+in the batch. Prompts are left-padded with an attention mask, as
+``model.generate`` expects for decoder-only models.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from functions.backends.base import EncodedRequest
+from functions.backends.stopping import finish_row
+from tpm_fed.errors import ContextLengthExceeded, ModelLoadError
+from tpm_fed.models.spec import ModelSpec
+from tpm_fed.request import GenerationRequest
+from tpm_fed.result import Completion
+
+MAX_ROWS_PER_CALL = 64
+"""Rows handed to one ``generate`` call; larger groups are split."""
+
+
+class TorchBackend:
+    """A causal LM and its tokenizer, loaded once, answering batches."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = int(model.config.max_position_embeddings)
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> TorchBackend:
+        """Load weights (safetensors only) and tokenizer from ``spec.path``.
+
+        Raises:
+            ModelLoadError: The directory is missing, incomplete or corrupt.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(spec.path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model {spec.name!r}: {path} is not a model directory (no config.json)"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, spec.dtype), use_safetensors=True
+            )
+        except Exception as error:  # transformers raises many types for bad files
+            raise ModelLoadError(
+                f"model {spec.name!r}: could not load {path}: {type(error).__name__}: {error}"
+            ) from None
+        model.eval()
+        tokenizer.padding_side = "left"
+        return cls(model, tokenizer)
+
+    def encode(self, request: GenerationRequest) -> EncodedRequest:
+        prompt_ids = [self.tokenizer(prompt)["input_ids"] for prompt in request.prompts]
+        for index, ids in enumerate(prompt_ids):
+            if len(ids) + request.max_new_tokens > self.context_length:
+                raise ContextLengthExceeded(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
+                    f"{request.max_new_tokens} that exceeds the model's context of "
+                    f"{self.context_length} tokens"
+                )
+        return EncodedRequest(request=request, prompt_ids=prompt_ids)
+
+    def generate(self, batch: list[EncodedRequest]) -> list[list[Completion]]:
+        completions: dict[int, list[Completion]] = {}
+        for group in _compatible_groups(batch).values():
+            rows = [(index, ids) for index, item in group for ids in item.prompt_ids]
+            finished: list[Completion] = []
+            request_of_row = [batch[index].request for index, item in group for _ in item.prompt_ids]
+            for start in range(0, len(rows), MAX_ROWS_PER_CALL):
+                chunk = rows[start : start + MAX_ROWS_PER_CALL]
+                requests = request_of_row[start : start + MAX_ROWS_PER_CALL]
+                finished.extend(self._generate_rows([ids for _, ids in chunk], requests))
+            for (index, _), completion in zip(rows, finished, strict=True):
+                completions.setdefault(index, []).append(completion)
+        return [completions[index] for index in range(len(batch))]
+
+    def _generate_rows(self, rows: list[list[int]], requests: list[GenerationRequest]) -> list[Completion]:
+        import torch
+
+        first = requests[0]  # the group shares its sampling settings
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        sampling: dict[str, Any] = {"do_sample": False}
+        if not first.greedy:
+            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max(r.max_new_tokens for r in requests),
+                pad_token_id=self.pad_token_id,
+                **sampling,
+            )
+        return [
+            finish_row(
+                output[row, width:].tolist(),
+                max_new_tokens=request.max_new_tokens,
+                eos_token_ids=self.eos_token_ids,
+                stop=request.stop,
+                decode=self._decode,
+            )
+            for row, request in enumerate(requests)
+        ]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _compatible_groups(batch: list[EncodedRequest]) -> dict[tuple, list[tuple[int, EncodedRequest]]]:
+    """Requests that may share one ``generate`` call, keyed by sampling settings."""
+    groups: dict[tuple, list[tuple[int, EncodedRequest]]] = defaultdict(list)
+    for index, item in enumerate(batch):
+        request = item.request
+        if request.greedy:
+            key: tuple = ("greedy",)
+        elif request.seed is not None:
+            key = ("seeded", request.request_id)
+        else:
+            key = ("sampled", request.temperature, request.top_p)
+        groups[key].append((index, item))
+    return groups

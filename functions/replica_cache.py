@@ -1,0 +1,82 @@
+"""The per-worker replica cache: load a model once, serve it for many tasks.
+
+Endpoint workers are long-lived processes, so a module-level cache outlives
+the task that filled it. Each worker holds at most ``capacity`` replicas
+(one by default: a worker is one replica slot); asking for another model
+version evicts the least recently used one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from functions.backends import load_backend
+from functions.backends.base import Backend
+from tpm_fed.errors import ModelLoadError, UnknownVersion
+from tpm_fed.models.spec import ModelSpec
+from tpm_fed.models.version import hash_model_dir
+
+
+@dataclass
+class Replica:
+    """A loaded model version inside this worker process."""
+
+    spec: ModelSpec
+    backend: Backend
+    load_s: float
+    replica_id: str
+    served_batches: int = field(default=0)
+
+
+class ReplicaCache:
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._replicas: OrderedDict[tuple[str, str], Replica] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec: ModelSpec) -> tuple[Replica, bool]:
+        """The replica for ``spec`` and whether it was already warm.
+
+        Raises:
+            ModelLoadError: The model directory is missing or corrupt.
+            UnknownVersion: The directory no longer holds the version asked for.
+        """
+        with self._lock:
+            replica = self._replicas.get(spec.key)
+            if replica is not None:
+                self._replicas.move_to_end(spec.key)
+                return replica, True
+            while len(self._replicas) >= self.capacity:
+                self._replicas.popitem(last=False)
+            replica = _load(spec)
+            self._replicas[spec.key] = replica
+            return replica, False
+
+    def loaded(self) -> list[ModelSpec]:
+        with self._lock:
+            return [replica.spec for replica in self._replicas.values()]
+
+
+def _load(spec: ModelSpec) -> Replica:
+    started = time.perf_counter()
+    if not os.path.isdir(spec.path):
+        raise ModelLoadError(f"model {spec.name!r}: directory not found: {spec.path}")
+    on_disk = hash_model_dir(Path(spec.path))
+    if on_disk != spec.version:
+        raise UnknownVersion(
+            f"model {spec.name!r}: version {spec.version} is not here; {spec.path} "
+            f"holds version {on_disk}"
+        )
+    backend = load_backend(spec)
+    replica_id = f"{socket.gethostname()}:{os.getpid()}:{spec.name}@{spec.version}"
+    return Replica(spec=spec, backend=backend, load_s=time.perf_counter() - started, replica_id=replica_id)
+
+
+REPLICAS = ReplicaCache(capacity=int(os.environ.get("TPM_REPLICAS_PER_WORKER", "1")))
+"""This worker's cache; one per process, filled by the first task that needs it."""

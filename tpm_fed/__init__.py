@@ -1,0 +1,34 @@
+"""tpm-fed: federated access to large AI models over Globus Compute.
+
+Importing this package never imports torch or vllm; those load inside
+endpoint workers (see :mod:`functions`).
+"""
+
+from tpm_fed.client import Client
+from tpm_fed.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelLoadError,
+    RemoteExecutionError,
+    SiteError,
+    TpmError,
+    UnknownModel,
+    UnknownVersion,
+)
+from tpm_fed.request import GenerationRequest, ModelRef
+from tpm_fed.result import GenerationResult
+
+__all__ = [
+    "Client",
+    "ContextLengthExceeded",
+    "GenerationRequest",
+    "GenerationResult",
+    "InvalidRequest",
+    "ModelLoadError",
+    "ModelRef",
+    "RemoteExecutionError",
+    "SiteError",
+    "TpmError",
+    "UnknownModel",
+    "UnknownVersion",
+]

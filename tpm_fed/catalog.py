@@ -1,0 +1,65 @@
+"""Resolve ``name[@version]`` to the exact model version a replica must load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from tpm_fed.errors import ContextLengthExceeded, ModelLoadError, UnknownVersion
+from tpm_fed.federation import Federation
+from tpm_fed.models.spec import ModelSpec
+from tpm_fed.models.version import VersionCache
+from tpm_fed.request import GenerationRequest, ModelRef
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model pinned to its current version, plus what requests are checked against."""
+
+    spec: ModelSpec
+    context_length: int
+
+
+class ModelCatalog:
+    """The federation's models, with their version ids computed from disk."""
+
+    def __init__(self, federation: Federation) -> None:
+        self.federation = federation
+        self._versions = VersionCache()
+
+    def resolve(self, ref: ModelRef) -> ResolvedModel:
+        """Pin ``ref`` to a version.
+
+        Raises:
+            UnknownModel: No model of that name.
+            UnknownVersion: ``ref.version`` is not a prefix of the model's version.
+            ModelLoadError: The model directory is missing or has no config.
+        """
+        config = self.federation.model(ref.name)
+        config_file = config.path / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(
+                f"model {ref.name!r}: {config.path} is not a model directory (no config.json)"
+            )
+        version = self._versions.version_of(config.path)
+        if ref.version is not None and not version.startswith(ref.version):
+            raise UnknownVersion(
+                f"model {ref.name!r} has no version {ref.version!r}; available: {version}"
+            )
+        context = json.loads(config_file.read_text()).get("max_position_embeddings", 0)
+        spec = ModelSpec(
+            name=config.name,
+            version=version,
+            path=str(config.path),
+            backend=config.backend,
+            dtype=config.dtype,
+        )
+        return ResolvedModel(spec=spec, context_length=int(context))
+
+    def check(self, request: GenerationRequest, model: ResolvedModel) -> None:
+        """Refuse what can be refused before any site is involved."""
+        if model.context_length and request.max_new_tokens >= model.context_length:
+            raise ContextLengthExceeded(
+                f"max_new_tokens={request.max_new_tokens} leaves no room for a prompt in "
+                f"the context of {model.context_length} tokens of model {model.spec.name!r}"
+            )

@@ -1,0 +1,72 @@
+"""``tpm submit``: answer prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tpm_fed.client import Client
+from tpm_fed.request import GenerationRequest
+from tpm_fed.result import GenerationResult
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--file", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read prompts from a file, one per non-empty line.")
+@click.option("--model", "model", default=None, help="NAME or NAME@VERSION (default: the federation's first model).")
+@click.option("--max-tokens", "max_new_tokens", type=int, default=32, show_default=True,
+              help="Most tokens to generate per prompt.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed, stop, as_json) -> None:
+    """Answer PROMPT (or every line of --file) and print the text, usage and model version."""
+    prompts = _prompts(prompt, prompt_file)
+    with Client(progress=True) as client:
+        request = GenerationRequest.create(
+            prompts,
+            model or client.default_model(),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop),
+        )
+        pending = client.submit(request)  # refuses bad input before any site starts
+        click.echo(f"tpm: starting site and replica for {request.model} (a cold start takes seconds)...", err=True)
+        result = pending.result()
+    if as_json:
+        click.echo(json.dumps(result.to_wire(), indent=2))
+    else:
+        _print_text(result)
+
+
+def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give a PROMPT or --file, not both and not neither")
+    if prompt_file is None:
+        return [prompt]
+    lines = [line for line in prompt_file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise click.UsageError(f"{prompt_file} holds no prompts")
+    return lines
+
+
+def _print_text(result: GenerationResult) -> None:
+    many = len(result.completions) > 1
+    for index, completion in enumerate(result.completions):
+        if many:
+            click.echo(f"--- prompt {index} ({completion.finish_reason})")
+        click.echo(completion.text)
+    warmth = "warm" if result.replica.warm else f"cold, loaded in {result.timings.load_s:.2f} s"
+    line = (
+        f"[{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens"
+        f" | {result.model}@{result.version} | {result.backend} on {result.site}"
+        f" | replica {warmth} | {result.timings.total_s:.2f} s]"
+    )
+    click.echo(line)

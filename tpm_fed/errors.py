@@ -1,0 +1,80 @@
+"""Typed errors: every refusal a user can meet is one of these.
+
+Errors raised inside an endpoint worker travel back as plain data
+(:func:`TpmError.to_wire`) and are rebuilt here with :func:`error_from_wire`,
+so a caller catches the same type whether the check ran locally or remotely.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TpmError(Exception):
+    """Base of every error tpm-fed raises on purpose."""
+
+    def to_wire(self) -> dict[str, str]:
+        return {"type": type(self).__name__, "message": str(self)}
+
+
+class InvalidRequest(TpmError, ValueError):
+    """A request is malformed: a field is missing, empty or out of range."""
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested tokens do not fit in the model's context."""
+
+
+class UnknownModel(TpmError, LookupError):
+    """The federation has no model of that name."""
+
+
+class UnknownVersion(TpmError, LookupError):
+    """The model exists but not at the version asked for."""
+
+
+class ModelLoadError(TpmError):
+    """A replica could not load the model (missing or corrupt files)."""
+
+
+class FederationConfigError(TpmError):
+    """The federation file is missing, unreadable or invalid."""
+
+
+class SiteError(TpmError):
+    """A site could not be started or reached."""
+
+
+class RemoteExecutionError(TpmError):
+    """A function raised inside an endpoint worker.
+
+    Attributes:
+        remote_traceback: The traceback text the endpoint sent back.
+    """
+
+    def __init__(self, message: str, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
+
+
+def _wire_types() -> dict[str, type[TpmError]]:
+    found: dict[str, type[TpmError]] = {}
+    pending: list[type[TpmError]] = [TpmError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_from_wire(data: dict[str, Any]) -> TpmError:
+    """Rebuild a typed error sent back by a worker.
+
+    Unknown type names (a newer worker than this client) become
+    :class:`RemoteExecutionError` so nothing is lost.
+    """
+    cls = _wire_types().get(str(data.get("type")), None)
+    message = str(data.get("message", ""))
+    if cls is None or cls is RemoteExecutionError:
+        return RemoteExecutionError(f"{data.get('type')}: {message}")
+    return cls(message)

@@ -1,0 +1,1 @@
+"""Models: version ids, the resolved spec a replica loads, and the demo model maker."""

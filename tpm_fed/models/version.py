@@ -1,0 +1,68 @@
+"""Version ids for model directories: a content hash of what defines the model.
+
+The id covers the weights, the config and the tokenizer, and nothing else
+(a README or a stray log does not change what a model computes). Hashing
+streams the files, so it reads each byte once and holds little in memory;
+:class:`VersionCache` skips the work while no file has changed on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+VERSION_ID_LENGTH = 16
+"""Hex digits shown and matched; 64 bits makes accidental collisions negligible."""
+
+_DEFINING_SUFFIXES = {".safetensors", ".json", ".model", ".txt", ".tiktoken"}
+_CHUNK = 4 * 1024 * 1024
+
+
+def defining_files(model_dir: Path) -> list[Path]:
+    """Files whose bytes define the model, in a stable order."""
+    return sorted(
+        path
+        for path in model_dir.iterdir()
+        if path.is_file()
+        and not path.name.startswith(".")
+        and path.suffix in _DEFINING_SUFFIXES
+        and not path.name.lower().startswith("readme")
+    )
+
+
+def _fingerprint(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def hash_model_dir(model_dir: Path) -> str:
+    """The version id of a model directory (hex, :data:`VERSION_ID_LENGTH` digits)."""
+    digest = hashlib.sha256()
+    for path in defining_files(model_dir):
+        digest.update(path.name.encode() + b"\0")
+        file_digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                file_digest.update(chunk)
+        digest.update(file_digest.digest())
+    return digest.hexdigest()[:VERSION_ID_LENGTH]
+
+
+class VersionCache:
+    """Remembers version ids until a file's size or mtime changes."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple, str]] = {}
+        self._lock = threading.Lock()
+
+    def version_of(self, model_dir: Path) -> str:
+        model_dir = model_dir.resolve()
+        fingerprint = _fingerprint(defining_files(model_dir))
+        with self._lock:
+            cached = self._known.get(model_dir)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        version = hash_model_dir(model_dir)
+        with self._lock:
+            self._known[model_dir] = (fingerprint, version)
+        return version

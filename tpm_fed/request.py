@@ -1,0 +1,113 @@
+"""Requests: what a caller asks for, validated once, where it enters.
+
+A request is plain typed data. It crosses to endpoint workers as JSON-ready
+dicts (:meth:`GenerationRequest.to_wire`), so the wire format stays readable
+and does not depend on pickling our classes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tpm_fed.errors import InvalidRequest
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per problem, naming the field, for CLI and exceptions."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "request"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {message}")
+    return "; ".join(problems)
+
+
+class ModelRef(BaseModel):
+    """A model name with an optional version (a version id prefix or a tag)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        """Parse ``NAME`` or ``NAME@VERSION``."""
+        name, _, version = text.partition("@")
+        if not name.strip():
+            raise InvalidRequest(f"model: {text!r} has no model name")
+        if "@" in text and not version.strip():
+            raise InvalidRequest(f"model: {text!r} has an empty version after '@'")
+        return cls(name=name.strip(), version=version.strip() or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+class GenerationRequest(BaseModel):
+    """Prompt in, text out (inference mode 1, query only).
+
+    Attributes:
+        model: Which model, optionally pinned to a version.
+        prompts: One or more non-empty prompts, answered together.
+        max_new_tokens: Upper bound on generated tokens per prompt.
+        temperature: 0 means greedy decoding.
+        top_p: Nucleus sampling mass, in (0, 1].
+        seed: Makes sampling reproducible on the same backend.
+        stop: Generation ends at the first of these strings (not returned).
+        request_id: Unique id, used for the request log and, later, billing.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelRef
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(default=32, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_empty(cls, prompts: list[str]) -> list[str]:
+        for index, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompt {index} is empty")
+        return prompts
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        return stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def create(cls, prompts: str | list[str], model: str | ModelRef, **params: Any) -> Self:
+        """Build and validate a request; raise :class:`InvalidRequest` on bad input."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ref = ModelRef.parse(model) if isinstance(model, str) else model
+        try:
+            return cls(model=ref, prompts=prompts, **params)
+        except ValidationError as error:
+            raise InvalidRequest(describe_validation_error(error)) from None
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise InvalidRequest(describe_validation_error(error)) from None

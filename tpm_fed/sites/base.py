@@ -1,0 +1,47 @@
+"""The protocol every site kind implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True)
+class SiteStatus:
+    """A site as its owner sees it right now.
+
+    Attributes:
+        name: Site name.
+        kind: Site kind (``local``, ...).
+        state: ``stopped`` (not started), ``starting``, ``running`` or ``failed``.
+        workers: Worker processes (replica slots) the site may run.
+        outstanding_tasks: Tasks submitted and not yet finished.
+        detail: Free text (the failure, the engine's address...).
+    """
+
+    name: str
+    kind: str
+    state: Literal["stopped", "starting", "running", "failed"]
+    workers: int
+    outstanding_tasks: int
+    detail: str = ""
+
+
+class Site(Protocol):
+    """Runs functions where the replicas live.
+
+    ``submit`` returns a future of the function's return value; a function
+    that raised remotely fails the future with
+    :class:`~tpm_fed.errors.RemoteExecutionError`, and a site that cannot run
+    anything fails it with :class:`~tpm_fed.errors.SiteError`.
+    """
+
+    name: str
+
+    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]: ...
+
+    def status(self) -> SiteStatus: ...
+
+    def shutdown(self) -> None: ...
