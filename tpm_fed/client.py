@@ -74,9 +74,7 @@ class Client:
         resolved = self.catalog.resolve(request.model)
         self.catalog.check(request, resolved)
         site_config = self._place(request)
-        dispatcher = self._dispatcher(site_config, resolved.spec)
-        self.log.accepted(request, resolved.spec.version, site_config.name)
-        return dispatcher.submit(request)
+        return self._dispatcher(site_config, resolved.spec).submit(request)
 
     def default_model(self) -> ModelRef:
         if not self.federation.models:
@@ -97,6 +95,7 @@ class Client:
                     spec,
                     max_batch=site_config.max_batch_requests,
                     max_in_flight=site_config.workers,
+                    linger_s=site_config.batch_linger_ms / 1000,
                     listener=self.log,
                 )
             return self._dispatchers[key]

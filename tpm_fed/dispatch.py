@@ -1,11 +1,13 @@
 """Coalesce requests for one replica into batches, one task per batch.
 
 An endpoint worker runs one task at a time, so requests must be batched
-before they become tasks. The dispatcher sends a request at once when a
-worker is free (no added latency when idle) and, while every worker is busy,
-gathers the requests that arrive; when a batch comes back, everything that
-gathered goes out together as the next task. Batching then grows with load,
-like continuous batching at task granularity.
+before they become tasks. While every worker is busy, the dispatcher gathers
+the requests that arrive; when a batch comes back, everything that gathered
+goes out together as the next task, so batches grow with load (continuous
+batching at task granularity). When a worker is free, requests linger
+until none has arrived for ``linger_s`` (about a millisecond; at most
+``MAX_LINGER_FACTOR`` times that): a burst of requests then leaves as one
+batch instead of one request followed by the rest.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from tpm_fed.sites.base import Site
 logger = logging.getLogger(__name__)
 
 
+MAX_LINGER_FACTOR = 10
+"""A steady trickle of requests cannot hold a batch back longer than this many lingers."""
+
+
 class Listener(Protocol):
-    """Told about every outcome before the caller's future resolves."""
+    """Told when a batch leaves, and of its outcomes before the callers' futures resolve."""
 
-    def finished(self, result: GenerationResult) -> None: ...
+    def record_sent(self, site: str, version: str, requests: list[GenerationRequest]) -> None: ...
 
-    def failed(self, request_id: str, error: BaseException) -> None: ...
+    def record_outcomes(self, outcomes: dict[str, GenerationResult | BaseException]) -> None: ...
 
 
 @dataclass
@@ -50,6 +56,7 @@ class BatchingDispatcher:
         spec: The model version every request here uses.
         max_batch: Most requests in one task.
         max_in_flight: Tasks outstanding at once (the site's worker count).
+        linger_s: Quiet time that ends a linger when a worker is free (0 sends at once).
         listener: Told of each outcome before its future resolves.
     """
 
@@ -60,15 +67,20 @@ class BatchingDispatcher:
         *,
         max_batch: int,
         max_in_flight: int,
+        linger_s: float = 0.0,
         listener: Listener | None = None,
     ) -> None:
         self.site = site
         self.spec = spec
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.linger_s = linger_s
         self.listener = listener
         self._waiting: deque[_Pending] = deque()
         self._in_flight = 0
+        self._linger: threading.Timer | None = None
+        self._linger_started = 0.0
+        self._last_arrival = 0.0
         self._lock = threading.Lock()
 
     @property
@@ -80,15 +92,45 @@ class BatchingDispatcher:
         pending = _Pending(request, Future())
         with self._lock:
             self._waiting.append(pending)
-            batch = self._take_batch()
+            self._last_arrival = pending.submitted
+            if self.linger_s > 0 and len(self._waiting) < self.max_batch:
+                self._arm_linger()
+                batch = []
+            else:
+                batch = self._take_batch()
         if batch:
             self._send(batch)
         return pending.future
+
+    def _arm_linger(self, delay: float | None = None) -> None:
+        """Called under the lock: check back in ``delay`` unless busy or already armed."""
+        if self._linger is None and self._in_flight < self.max_in_flight:
+            if delay is None:
+                self._linger_started = time.perf_counter()
+            self._linger = threading.Timer(delay or self.linger_s, self._linger_over)
+            self._linger.daemon = True
+            self._linger.start()
+
+    def _linger_over(self) -> None:
+        with self._lock:
+            self._linger = None
+            now = time.perf_counter()
+            quiet_until = self._last_arrival + self.linger_s
+            deadline = self._linger_started + MAX_LINGER_FACTOR * self.linger_s
+            if now < quiet_until and now < deadline:  # still arriving: wait a little more
+                self._arm_linger(min(quiet_until, deadline) - now)
+                return
+            batch = self._take_batch()
+        if batch:
+            self._send(batch)
 
     def _take_batch(self) -> list[_Pending]:
         """Called under the lock: the next batch, if a worker is free."""
         if self._in_flight >= self.max_in_flight or not self._waiting:
             return []
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self._in_flight += 1
         count = min(self.max_batch, len(self._waiting))
         return [self._waiting.popleft() for _ in range(count)]
@@ -97,10 +139,12 @@ class BatchingDispatcher:
         from functions.serve import generate_batch
 
         try:
+            if self.listener is not None:
+                self.listener.record_sent(self.site.name, self.spec.version, [p.request for p in batch])
             task = self.site.submit(
                 generate_batch, self.spec.to_wire(), [p.request.to_wire() for p in batch]
             )
-        except Exception as error:  # the site could not even take the task
+        except Exception as error:  # the log or the site could not take the batch
             task = Future()
             task.set_exception(error)
         task.add_done_callback(lambda done: self._on_done(batch, done))
@@ -112,8 +156,12 @@ class BatchingDispatcher:
             outcomes: list[GenerationResult | BaseException] = [error] * len(batch)
         else:
             outcomes = self._read_reply(batch, reply)
+        self._record(batch, outcomes)
         for pending, outcome in zip(batch, outcomes, strict=True):
-            self._resolve(pending, outcome)
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
         with self._lock:
             self._in_flight -= 1
             follow_up = self._take_batch()
@@ -144,16 +192,12 @@ class BatchingDispatcher:
             )
         return outcomes
 
-    def _resolve(self, pending: _Pending, outcome: GenerationResult | BaseException) -> None:
-        if self.listener is not None:
-            try:
-                if isinstance(outcome, GenerationResult):
-                    self.listener.finished(outcome)
-                else:
-                    self.listener.failed(pending.request.request_id, outcome)
-            except Exception:  # a bookkeeping failure must not hang or drop the answer
-                logger.exception("could not record request %s", pending.request.request_id)
-        if isinstance(outcome, BaseException):
-            pending.future.set_exception(outcome)
-        else:
-            pending.future.set_result(outcome)
+    def _record(self, batch: list[_Pending], outcomes: list[GenerationResult | BaseException]) -> None:
+        if self.listener is None:
+            return
+        try:
+            self.listener.record_outcomes(
+                {p.request.request_id: outcome for p, outcome in zip(batch, outcomes, strict=True)}
+            )
+        except Exception:  # a bookkeeping failure must not hang or drop the answers
+            logger.exception("could not record the outcomes of %d requests", len(batch))

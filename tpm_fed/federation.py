@@ -31,12 +31,15 @@ class SiteConfig(_Strict):
             caller's process tree (one machine, no cloud).
         workers: Worker processes, each able to hold one warm replica.
         max_batch_requests: Most requests coalesced into one task.
+        batch_linger_ms: How long a request waits for companions when a
+            worker is free (0 sends at once).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["local"] = "local"
     workers: int = Field(default=1, ge=1, le=256)
     max_batch_requests: int = Field(default=64, ge=1, le=4096)
+    batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
 
 
 class ModelConfig(_Strict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tpm_fed.errors import InvalidRequest
 
@@ -54,6 +54,8 @@ class GenerationRequest(BaseModel):
         model: Which model, optionally pinned to a version.
         prompts: One or more non-empty prompts, answered together.
         max_new_tokens: Upper bound on generated tokens per prompt.
+        min_new_tokens: The end-of-sequence token is suppressed until this
+            many tokens are out (fixed-length outputs for benchmarks).
         temperature: 0 means greedy decoding.
         top_p: Nucleus sampling mass, in (0, 1].
         seed: Makes sampling reproducible on the same backend.
@@ -66,6 +68,7 @@ class GenerationRequest(BaseModel):
     model: ModelRef
     prompts: list[str] = Field(min_length=1)
     max_new_tokens: int = Field(default=32, gt=0)
+    min_new_tokens: int = Field(default=0, ge=0)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0)
@@ -79,6 +82,14 @@ class GenerationRequest(BaseModel):
             if not prompt.strip():
                 raise ValueError(f"prompt {index} is empty")
         return prompts
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> Self:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
 
     @field_validator("stop")
     @classmethod

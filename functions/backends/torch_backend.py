@@ -1,7 +1,8 @@
 """The torch backend: transformers ``AutoModelForCausalLM`` from a local directory.
 
 Requests that can share a forward pass are batched: all greedy requests go
-together, sampled ones together when their temperature and top_p agree. A
+together, sampled ones together when their temperature and top_p agree
+(and in both cases only with the same min_new_tokens). A
 request with a seed runs alone so its samples do not depend on who else was
 in the batch. Prompts are left-padded with an attention mask, as
 ``model.generate`` expects for decoder-only models.
@@ -95,7 +96,7 @@ class TorchBackend:
     def _generate_rows(self, rows: list[list[int]], requests: list[GenerationRequest]) -> list[Completion]:
         import torch
 
-        first = requests[0]  # the group shares its sampling settings
+        first = requests[0]  # the group shares its sampling settings and min_new_tokens
         width = max(len(ids) for ids in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -112,6 +113,7 @@ class TorchBackend:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max(r.max_new_tokens for r in requests),
+                min_new_tokens=first.min_new_tokens,
                 pad_token_id=self.pad_token_id,
                 **sampling,
             )
@@ -141,5 +143,5 @@ def _compatible_groups(batch: list[EncodedRequest]) -> dict[tuple, list[tuple[in
             key = ("seeded", request.request_id)
         else:
             key = ("sampled", request.temperature, request.top_p)
-        groups[key].append((index, item))
+        groups[(request.min_new_tokens, *key)].append((index, item))
     return groups

@@ -9,6 +9,7 @@ streams the files, so it reads each byte once and holds little in memory;
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -19,20 +20,24 @@ _DEFINING_SUFFIXES = {".safetensors", ".json", ".model", ".txt", ".tiktoken"}
 _CHUNK = 4 * 1024 * 1024
 
 
-def defining_files(model_dir: Path) -> list[Path]:
-    """Files whose bytes define the model, in a stable order."""
-    return sorted(
-        path
-        for path in model_dir.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix in _DEFINING_SUFFIXES
-        and not path.name.lower().startswith("readme")
+def _defines_model(name: str) -> bool:
+    return (
+        not name.startswith(".")
+        and os.path.splitext(name)[1] in _DEFINING_SUFFIXES
+        and not name.lower().startswith("readme")
     )
 
 
-def _fingerprint(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
-    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+def defining_files(model_dir: Path) -> list[Path]:
+    """Files whose bytes define the model, in a stable order."""
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and _defines_model(p.name))
+
+
+def _fingerprint(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and mtime of each defining file, from one directory scan."""
+    with os.scandir(model_dir) as entries:
+        stats = [(e.name, e.stat()) for e in entries if e.is_file() and _defines_model(e.name)]
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 def hash_model_dir(model_dir: Path) -> str:
@@ -57,7 +62,7 @@ class VersionCache:
 
     def version_of(self, model_dir: Path) -> str:
         model_dir = model_dir.resolve()
-        fingerprint = _fingerprint(defining_files(model_dir))
+        fingerprint = _fingerprint(model_dir)
         with self._lock:
             cached = self._known.get(model_dir)
         if cached is not None and cached[0] == fingerprint:

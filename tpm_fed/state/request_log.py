@@ -1,8 +1,9 @@
 """The request log and the replicas seen, in SQLite (or any SQLAlchemy URL).
 
-Every request is written when it is accepted and again when it ends, so
-``tpm status`` can show the queue and the warm replicas from another process,
-and an interrupted run leaves a trace of what was in flight.
+Every request is written when its batch leaves for a site and again when it
+ends (a batch at a time, one transaction each), so ``tpm status`` can show
+the queue and the warm replicas from another process, and an interrupted run
+leaves a trace of what was in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -87,66 +89,90 @@ class RequestLog:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
 
-    def accepted(self, request: GenerationRequest, version: str, site: str) -> None:
-        with self.engine.begin() as db:
-            db.execute(
-                requests_table.insert().values(
-                    request_id=request.request_id,
-                    model=request.model.name,
-                    version=version,
-                    site=site,
-                    status="queued",
-                    prompts=len(request.prompts),
-                    submitted_at=time.time(),
-                )
-            )
-
-    def finished(self, result: GenerationResult) -> None:
+    def record_sent(self, site: str, version: str, requests: list[GenerationRequest]) -> None:
+        """A batch of requests left for ``site``: log them as queued, in one transaction."""
         now = time.time()
         with self.engine.begin() as db:
             db.execute(
-                update(requests_table)
-                .where(requests_table.c.request_id == result.request_id)
-                .values(
-                    status="done",
-                    replica_id=result.replica.replica_id,
-                    prompt_tokens=result.usage.prompt_tokens,
-                    completion_tokens=result.usage.completion_tokens,
-                    finished_at=now,
-                )
+                requests_table.insert(),
+                [
+                    {
+                        "request_id": r.request_id,
+                        "model": r.model.name,
+                        "version": version,
+                        "site": site,
+                        "status": "queued",
+                        "prompts": len(r.prompts),
+                        "submitted_at": now,
+                    }
+                    for r in requests
+                ],
             )
-            # Update-then-insert rather than a dialect's upsert, so any SQL
-            # database works; one writer per replica makes the race harmless.
-            seen = db.execute(
-                update(replicas_table)
-                .where(replicas_table.c.replica_id == result.replica.replica_id)
-                .values(
-                    state="warm",
-                    last_used=now,
-                    served_requests=replicas_table.c.served_requests + 1,
-                )
-            )
-            if seen.rowcount == 0:
-                db.execute(
-                    replicas_table.insert().values(
-                        replica_id=result.replica.replica_id,
-                        site=result.site,
-                        model=result.model,
-                        version=result.version,
-                        backend=result.backend,
-                        state="warm",
-                        pid=result.replica.pid,
-                        served_requests=1,
-                        last_used=now,
-                    )
-                )
 
-    def failed(self, request_id: str, error: BaseException) -> None:
+    def record_outcomes(self, outcomes: dict[str, GenerationResult | BaseException]) -> None:
+        """Close a batch of requests, and note their replica warm, in one transaction."""
+        now = time.time()
+        done = [r for r in outcomes.values() if isinstance(r, GenerationResult)]
+        failed = {rid: e for rid, e in outcomes.items() if isinstance(e, BaseException)}
         with self.engine.begin() as db:
+            if done:
+                db.execute(
+                    update(requests_table)
+                    .where(requests_table.c.request_id == bindparam("rid"))
+                    .values(
+                        status="done",
+                        replica_id=bindparam("replica"),
+                        prompt_tokens=bindparam("prompt"),
+                        completion_tokens=bindparam("completion"),
+                        finished_at=now,
+                    ),
+                    [
+                        {
+                            "rid": r.request_id,
+                            "replica": r.replica.replica_id,
+                            "prompt": r.usage.prompt_tokens,
+                            "completion": r.usage.completion_tokens,
+                        }
+                        for r in done
+                    ],
+                )
+            if failed:
+                db.execute(
+                    update(requests_table)
+                    .where(requests_table.c.request_id == bindparam("rid"))
+                    .values(status="failed", finished_at=now, error=bindparam("why")),
+                    [{"rid": rid, "why": f"{type(e).__name__}: {e}"} for rid, e in failed.items()],
+                )
+            for results in _by_replica(done).values():
+                self._note_warm(db, results, now)
+
+    @staticmethod
+    def _note_warm(db, results: list[GenerationResult], now: float) -> None:
+        # Update-then-insert rather than a dialect's upsert, so any SQL
+        # database works; one writer per replica makes the race harmless.
+        first = results[0]
+        seen = db.execute(
+            update(replicas_table)
+            .where(replicas_table.c.replica_id == first.replica.replica_id)
+            .values(
+                state="warm",
+                last_used=now,
+                served_requests=replicas_table.c.served_requests + len(results),
+            )
+        )
+        if seen.rowcount == 0:
             db.execute(
-                update(requests_table)
-                .where(requests_table.c.request_id == request_id)
-                .values(status="failed", finished_at=time.time(), error=f"{type(error).__name__}: {error}")
+                replicas_table.insert().values(
+                    replica_id=first.replica.replica_id,
+                    site=first.site,
+                    model=first.model,
+                    version=first.version,
+                    backend=first.backend,
+                    state="warm",
+                    pid=first.replica.pid,
+                    served_requests=len(results),
+                    last_used=now,
+                )
             )
 
     def site_stopped(self, site: str) -> None:
@@ -196,6 +222,13 @@ class RequestLog:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _by_replica(results: list[GenerationResult]) -> dict[str, list[GenerationResult]]:
+    grouped: dict[str, list[GenerationResult]] = {}
+    for result in results:
+        grouped.setdefault(result.replica.replica_id, []).append(result)
+    return grouped
 
 
 def _sqlite_pragmas(connection, _record) -> None:

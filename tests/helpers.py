@@ -1,0 +1,13 @@
+"""Functions the tests send through a site (importable by the workers)."""
+
+from __future__ import annotations
+
+import os
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def worker_pid() -> int:
+    return os.getpid()

@@ -1,0 +1,90 @@
+"""The ``tpm`` command, run as a user runs it: a console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tpm_fed.federation import Federation
+from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
+
+TPM = str(Path(sys.executable).parent / "tpm")
+
+
+@pytest.fixture(scope="module")
+def cli_home(tmp_path_factory, demo_model_dir) -> TpmHome:
+    """An embedded default home, with the demo model copied in rather than retrained."""
+    home = TpmHome(tmp_path_factory.mktemp("cli-home"))
+    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
+    home.ensure_embedded_default(progress=False)
+    return home
+
+
+def tpm(home: TpmHome, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TPM_HOME": str(home.root)}
+    return subprocess.run([TPM, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_embedded_default_is_one_local_site_and_the_demo_model(cli_home):
+    federation = Federation.load(cli_home.federation_file)
+    assert [(s.name, s.kind) for s in federation.sites] == [("local", "local")]
+    assert [m.name for m in federation.models] == [DEMO_MODEL_NAME]
+    assert federation.models[0].path == (cli_home.models_dir / DEMO_MODEL_NAME).resolve()
+
+
+def test_submit_prints_text_then_usage_and_version(cli_home):
+    done = tpm(cli_home, "submit", "The cell divides", "--max-tokens", "12")
+    assert done.returncode == 0, done.stderr
+    text, usage = done.stdout.rstrip("\n").split("\n")
+    assert text.strip()
+    assert "completion tokens" in usage and f"{DEMO_MODEL_NAME}@" in usage and "torch on local" in usage
+    assert "starting site" in done.stderr  # progress goes to stderr, not into the answer
+
+
+def test_submit_file_as_json(cli_home, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cell\n\nThe river carries\n")
+    done = tpm(cli_home, "submit", "--file", str(prompts), "--max-tokens", "6", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert len(result["completions"]) == 2
+    assert result["model"] == DEMO_MODEL_NAME and len(result["version"]) == 16
+    assert result["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in result["completions"])
+
+    status = tpm(cli_home, "status")
+    assert status.returncode == 0
+    assert f"{DEMO_MODEL_NAME}@{result['version']} on local" in status.stdout
+    models = tpm(cli_home, "models")
+    assert result["version"] in models.stdout and "context=256" in models.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit", "x", "--model", "nope"], "UnknownModel: unknown model 'nope'; the federation serves: demo-llama"),
+        (["submit", "x", "--model", "demo-llama@0000"], "UnknownVersion"),
+        (["submit", "x", "--max-tokens", "0"], "InvalidRequest: max_new_tokens"),
+        (["submit", "x", "--max-tokens", "999"], "ContextLengthExceeded"),
+        (["submit", "x", "--temperature", "-1"], "InvalidRequest: temperature"),
+        (["submit", " "], "prompt 0 is empty"),
+        (["submit"], "give a PROMPT or --file"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_readable_line(cli_home, args, message):
+    done = tpm(cli_home, *args, timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "starting site" not in done.stderr  # refused before any site started
+
+
+def test_importing_tpm_fed_does_not_import_torch_or_vllm():
+    code = "import sys, tpm_fed, tpm_fed.cli; print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

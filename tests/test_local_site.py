@@ -1,0 +1,43 @@
+"""The local site runs functions through the real Globus Compute endpoint engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from functions.serve import echo, worker_info
+from tests.helpers import raise_value_error, worker_pid
+from tpm_fed.errors import RemoteExecutionError, SiteError
+from tpm_fed.federation import SiteConfig
+from tpm_fed.sites.local import LocalSite
+
+
+def test_round_trip_through_the_engine(client):
+    site = client.site("local")
+    payload = {"nested": [1, 2.5, "three"], "bytes": b"\x00\xff"}
+    assert site.submit(echo, payload).result(timeout=60) == payload
+    info = site.submit(worker_info).result(timeout=60)
+    assert info["pid"] == site.submit(worker_pid).result(timeout=60)
+    assert site.status().state == "running"
+
+
+def test_remote_exception_carries_the_remote_message_and_the_site_survives(client):
+    site = client.site("local")
+    with pytest.raises(RemoteExecutionError, match="ValueError: the detector is saturated") as caught:
+        site.submit(raise_value_error, "the detector is saturated").result(timeout=60)
+    assert "raise_value_error" in caught.value.remote_traceback
+    assert site.submit(echo, 7).result(timeout=60) == 7
+
+
+def test_config_round_trip(tmp_path):
+    site = LocalSite.from_config(SiteConfig(name="here", workers=3), run_dir=tmp_path)
+    assert LocalSite(**site.config()).config() == site.config()
+    assert site.status().state == "stopped"
+
+
+def test_a_site_that_cannot_start_says_why(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    site = LocalSite("broken", run_dir=blocker / "run")
+    with pytest.raises(SiteError, match="could not start"):
+        site.submit(echo, 1)
+    assert site.status().state == "failed"
