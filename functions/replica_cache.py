@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from functions.backends import load_backend
+from functions.backends import choose_backend, load_backend
 from functions.backends.base import Backend
 from tpm_fed.errors import ModelLoadError, UnknownVersion
 from tpm_fed.models.spec import ModelSpec
@@ -31,6 +31,7 @@ class Replica:
     backend: Backend
     load_s: float
     replica_id: str
+    notes: list[str] = field(default_factory=list)
     served_batches: int = field(default=0)
 
 
@@ -46,6 +47,7 @@ class ReplicaCache:
         Raises:
             ModelLoadError: The model directory is missing or corrupt.
             UnknownVersion: The directory no longer holds the version asked for.
+            BackendUnavailable: The spec pins a backend this worker cannot run.
         """
         with self._lock:
             replica = self._replicas.get(spec.key)
@@ -53,7 +55,8 @@ class ReplicaCache:
                 self._replicas.move_to_end(spec.key)
                 return replica, True
             while len(self._replicas) >= self.capacity:
-                self._replicas.popitem(last=False)
+                _, evicted = self._replicas.popitem(last=False)
+                evicted.backend.close()
             replica = _load(spec)
             self._replicas[spec.key] = replica
             return replica, False
@@ -73,9 +76,16 @@ def _load(spec: ModelSpec) -> Replica:
             f"model {spec.name!r}: version {spec.version} is not here; {spec.path} "
             f"holds version {on_disk}"
         )
-    backend = load_backend(spec)
-    replica_id = f"{socket.gethostname()}:{os.getpid()}:{spec.name}@{spec.version}"
-    return Replica(spec=spec, backend=backend, load_s=time.perf_counter() - started, replica_id=replica_id)
+    backend_name, notes = choose_backend(spec)
+    backend = load_backend(spec, backend_name)
+    replica_id = f"{socket.gethostname()}:{os.getpid()}:{spec.name}@{spec.version}:{backend_name}"
+    return Replica(
+        spec=spec,
+        backend=backend,
+        load_s=time.perf_counter() - started,
+        replica_id=replica_id,
+        notes=notes,
+    )
 
 
 REPLICAS = ReplicaCache(capacity=int(os.environ.get("TPM_REPLICAS_PER_WORKER", "1")))

@@ -25,7 +25,7 @@ def generate_batch(model: dict[str, Any], requests: list[dict[str, Any]]) -> dic
 
     Returns:
         ``{"replica": ReplicaInfo dict or None, "backend", "load_s", "run_s",
-        "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``;
+        "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``;
         a result holds ``completions`` and ``usage``.
     """
     from functions.backends.base import EncodedRequest
@@ -71,6 +71,7 @@ def generate_batch(model: dict[str, Any], requests: list[dict[str, Any]]) -> dic
         backend=replica.backend.name,
         load_s=0.0 if warm else replica.load_s,
         run_s=time.perf_counter() - started,
+        notes=replica.notes,
         outcomes=outcomes,
         replica={
             "replica_id": replica.replica_id,

@@ -17,40 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from concurrent.futures import wait
 from pathlib import Path
 
-PROMPTS = [
-    "The cell",
-    "The climate model runs on many nodes",
-    "A scientist can reproduce a result when",
-    "The river carries sediment",
-    "The detector counts",
-    "The galaxy contains",
-    "An allocation is counted",
-    "The experiment was repeated",
-]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def best_of_interleaved(repeats: int, *runs) -> list[tuple[float, int]]:
-    """Fastest of ``repeats`` runs of each, taken in turn so drift hits all alike.
-
-    Returns:
-        (seconds, tokens generated) of each run's fastest repeat.
-    """
-    timings: list[list[tuple[float, int]]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, samples in zip(runs, timings):
-            started = time.perf_counter()
-            tokens = run()
-            samples.append((time.perf_counter() - started, tokens))
-    return [min(samples) for samples in timings]
+from benchlib import PROMPTS, best_of_interleaved, log
 
 
 def main() -> None:

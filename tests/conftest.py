@@ -48,11 +48,13 @@ def home(tmp_path_factory, demo_model_dir: Path) -> TpmHome:
         name="tests",
         sites=[SiteConfig(name="local", workers=1)],
         models=[
-            ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME),
-            ModelConfig(name="truncated", path=Path("models/truncated")),
-            ModelConfig(name="no-weights", path=Path("models/no-weights")),
-            ModelConfig(name="mutable", path=Path("models/mutable")),
-            ModelConfig(name="missing", path=Path("models/not-there")),
+            # Pinned to torch: these tests check the torch backend against
+            # transformers; the vLLM backend has its own tests and site.
+            ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch"),
+            ModelConfig(name="truncated", path=Path("models/truncated"), backend="torch"),
+            ModelConfig(name="no-weights", path=Path("models/no-weights"), backend="torch"),
+            ModelConfig(name="mutable", path=Path("models/mutable"), backend="torch"),
+            ModelConfig(name="missing", path=Path("models/not-there"), backend="torch"),
         ],
     ).dump(home.federation_file)
     return home

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -43,7 +44,8 @@ def test_submit_prints_text_then_usage_and_version(cli_home):
     assert done.returncode == 0, done.stderr
     text, usage = done.stdout.rstrip("\n").split("\n")
     assert text.strip()
-    assert "completion tokens" in usage and f"{DEMO_MODEL_NAME}@" in usage and "torch on local" in usage
+    assert "completion tokens" in usage and f"{DEMO_MODEL_NAME}@" in usage
+    assert re.search(r"\| (torch|vllm) on local \|", usage)  # the embedded default is backend: auto
     assert "starting site" in done.stderr  # progress goes to stderr, not into the answer
 
 

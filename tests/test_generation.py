@@ -61,7 +61,7 @@ def test_result_names_model_version_backend_and_site(client):
     assert result.model == result_ref.name == "demo-llama"
     assert result.version == resolved.spec.version and len(result.version) == 16
     assert (result.backend, result.site) == ("torch", "local")
-    assert result.replica.replica_id.endswith(f"demo-llama@{result.version}")
+    assert result.replica.replica_id.endswith(f"demo-llama@{result.version}:torch")
 
 
 def test_second_request_reuses_the_warm_replica(client):

@@ -53,6 +53,7 @@ class ModelCatalog:
             path=str(config.path),
             backend=config.backend,
             dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
         )
         return ResolvedModel(spec=spec, context_length=int(context))
 

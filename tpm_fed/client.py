@@ -73,8 +73,11 @@ class Client:
             raise RuntimeError("this Client is closed")
         resolved = self.catalog.resolve(request.model)
         self.catalog.check(request, resolved)
+        spec = resolved.spec
+        if request.backend is not None and request.backend != spec.backend:
+            spec = spec.model_copy(update={"backend": request.backend})
         site_config = self._place(request)
-        return self._dispatcher(site_config, resolved.spec).submit(request)
+        return self._dispatcher(site_config, spec).submit(request)
 
     def default_model(self) -> ModelRef:
         if not self.federation.models:
@@ -87,7 +90,7 @@ class Client:
         return self.federation.sites[0]
 
     def _dispatcher(self, site_config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
-        key = (site_config.name, spec.name, spec.version)
+        key = (site_config.name, *spec.key)
         with self._lock:
             if key not in self._dispatchers:
                 self._dispatchers[key] = BatchingDispatcher(

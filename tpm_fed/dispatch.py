@@ -188,6 +188,7 @@ class BatchingDispatcher:
                     completions=[Completion.from_wire(c) for c in outcome["result"]["completions"]],
                     usage=Usage.from_wire(outcome["result"]["usage"]),
                     timings=Timings(queue_s=max(0.0, elapsed - load_s - run_s), load_s=load_s, run_s=run_s),
+                    notes=reply.get("notes", []),
                 )
             )
         return outcomes

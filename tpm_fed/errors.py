@@ -37,6 +37,10 @@ class ModelLoadError(TpmError):
     """A replica could not load the model (missing or corrupt files)."""
 
 
+class BackendUnavailable(TpmError):
+    """The backend a request or model pinned cannot serve it on that site."""
+
+
 class FederationConfigError(TpmError):
     """The federation file is missing, unreadable or invalid."""
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tpm_fed.errors import FederationConfigError, UnknownModel
-from tpm_fed.models.spec import Backend, DType
+from tpm_fed.models.spec import BackendChoice, DType
 from tpm_fed.request import describe_validation_error
 
 
@@ -48,14 +48,17 @@ class ModelConfig(_Strict):
     Attributes:
         name: Unique model name users ask for.
         path: Hugging Face model directory (relative to the federation file).
-        backend: Which backend serves it.
+        backend: ``auto`` (vLLM where installed and the architecture is
+            supported, else torch), ``torch`` or ``vllm``.
         dtype: Load dtype.
+        tensor_parallel_size: GPUs per vLLM replica (one worker per replica).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     path: Path
-    backend: Backend = "torch"
+    backend: BackendChoice = "auto"
     dtype: DType = "float32"
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
 
 
 class Federation(_Strict):

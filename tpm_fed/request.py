@@ -8,7 +8,7 @@ and does not depend on pickling our classes.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -60,6 +60,7 @@ class GenerationRequest(BaseModel):
         top_p: Nucleus sampling mass, in (0, 1].
         seed: Makes sampling reproducible on the same backend.
         stop: Generation ends at the first of these strings (not returned).
+        backend: Pin a backend (``torch`` or ``vllm``); the model's setting by default.
         request_id: Unique id, used for the request log and, later, billing.
     """
 
@@ -73,6 +74,7 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0)
     stop: list[str] = Field(default_factory=list)
+    backend: Literal["auto", "torch", "vllm"] | None = None
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
     @field_validator("prompts")

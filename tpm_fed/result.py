@@ -93,6 +93,7 @@ class GenerationResult(_Record):
         completions: One per prompt, in prompt order.
         usage: Tokens in and out.
         timings: Where the time went.
+        notes: What the caller should know (e.g. why vLLM was not used).
     """
 
     request_id: str
@@ -104,6 +105,7 @@ class GenerationResult(_Record):
     completions: list[Completion]
     usage: Usage
     timings: Timings
+    notes: list[str] = []
 
     @property
     def texts(self) -> list[str]:

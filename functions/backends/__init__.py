@@ -1,15 +1,55 @@
-"""Backends: one file each, behind :class:`functions.backends.base.Backend`."""
+"""Backends: one file each, behind :class:`functions.backends.base.Backend`.
+
+:func:`choose_backend` turns a model's backend setting into the backend that
+will serve it on this worker: ``torch`` and ``vllm`` are taken as asked
+(``vllm`` fails clearly where it cannot run); ``auto`` takes vLLM where it is
+installed and supports the architecture, torch otherwise, with a note saying
+why.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from functions.backends.base import Backend
+from tpm_fed.errors import BackendUnavailable, ModelLoadError
 from tpm_fed.models.spec import ModelSpec
 
 
-def load_backend(spec: ModelSpec) -> Backend:
-    """Load the backend the spec names (imports it only when asked for)."""
-    if spec.backend == "torch":
-        from functions.backends.torch_backend import TorchBackend
+def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:
+    """The backend to load for ``spec`` here, and notes for the result.
 
-        return TorchBackend.load(spec)
-    raise ValueError(f"unknown backend {spec.backend!r}")
+    Raises:
+        BackendUnavailable: ``vllm`` was asked for and cannot serve this model here.
+    """
+    if spec.backend == "torch":
+        return "torch", []
+    from functions.backends.vllm_backend import vllm_support
+
+    why_not = vllm_support(_architecture(spec))
+    if why_not is None:
+        return "vllm", []
+    if spec.backend == "vllm":
+        raise BackendUnavailable(f"model {spec.name!r}: backend 'vllm' was asked for, but {why_not}")
+    return "torch", [f"served by torch: {why_not}"]
+
+
+def load_backend(spec: ModelSpec, backend: str) -> Backend:
+    """Load ``spec`` on the named backend (imports it only when asked for)."""
+    if backend == "vllm":
+        from functions.backends.vllm_backend import VllmBackend
+
+        return VllmBackend.load(spec)
+    from functions.backends.torch_backend import TorchBackend
+
+    return TorchBackend.load(spec)
+
+
+def _architecture(spec: ModelSpec) -> str | None:
+    config = Path(spec.path) / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or [None]
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"model {spec.name!r}: cannot read {config}: {error}") from None
+    return architectures[0]

@@ -43,3 +43,14 @@ class Backend(Protocol):
     def generate(self, batch: list[EncodedRequest]) -> list[list[Completion]]:
         """Answer every request of the batch: one completion per prompt, in order."""
         ...
+
+    def close(self) -> None:
+        """Release the model (the replica is being evicted)."""
+        ...
+
+
+def token_id_set(value: int | list[int] | None) -> set[int]:
+    """A config's ``eos_token_id`` (one id, a list, or none) as a set."""
+    if value is None:
+        return set()
+    return set(value) if isinstance(value, list) else {value}

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from functions.backends.base import EncodedRequest
+from functions.backends.base import EncodedRequest, token_id_set
 from functions.backends.stopping import finish_row
 from tpm_fed.errors import ContextLengthExceeded, ModelLoadError
 from tpm_fed.models.spec import ModelSpec
@@ -35,9 +35,7 @@ class TorchBackend:
         self.tokenizer = tokenizer
         self.context_length = int(model.config.max_position_embeddings)
         eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_token_ids = token_id_set(eos if eos is not None else tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
 
     @classmethod
@@ -130,6 +128,9 @@ class TorchBackend:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def close(self) -> None:
+        self.model = None  # the weights go with the last reference
 
 
 def _compatible_groups(batch: list[EncodedRequest]) -> dict[tuple, list[tuple[int, EncodedRequest]]]:

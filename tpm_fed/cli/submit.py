@@ -23,8 +23,10 @@ from tpm_fed.result import GenerationResult
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "vllm"]), default=None,
+              help="Pin a backend (default: the model's setting in the federation).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
-def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed, stop, as_json) -> None:
+def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed, stop, backend, as_json) -> None:
     """Answer PROMPT (or every line of --file) and print the text, usage and model version."""
     prompts = _prompts(prompt, prompt_file)
     with Client(progress=True) as client:
@@ -36,6 +38,7 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
             top_p=top_p,
             seed=seed,
             stop=list(stop),
+            backend=backend,
         )
         pending = client.submit(request)  # refuses bad input before any site starts
         click.echo(f"tpm: starting site and replica for {request.model} (a cold start takes seconds)...", err=True)
@@ -70,3 +73,5 @@ def _print_text(result: GenerationResult) -> None:
         f" | replica {warmth} | {result.timings.total_s:.2f} s]"
     )
     click.echo(line)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)

