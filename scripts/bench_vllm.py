@@ -62,6 +62,7 @@ def main() -> None:
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from tpm_fed.client import Client
     from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
     from tpm_fed.request import GenerationRequest

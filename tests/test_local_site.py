@@ -41,3 +41,25 @@ def test_a_site_that_cannot_start_says_why(tmp_path):
     with pytest.raises(SiteError, match="could not start"):
         site.submit(echo, 1)
     assert site.status().state == "failed"
+
+
+def test_a_site_left_open_stops_its_workers_when_python_exits(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys; from pathlib import Path; from tpm_fed.sites.local import LocalSite; "
+        "from tests.helpers import worker_pid; "
+        f"site = LocalSite('forgotten', Path({str(tmp_path)!r})); "
+        "print(site.submit(worker_pid).result(timeout=60), flush=True)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{pid}"), "the worker outlived the process that started it"

@@ -11,6 +11,7 @@ the same serializer, engine and worker lifetime they meet on an RCC.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -75,6 +76,9 @@ class LocalSite:
                 self._state, self._failure = "failed", f"{type(error).__name__}: {error}"
                 raise SiteError(f"site {self.name!r} could not start: {self._failure}") from error
             self._state = "running"
+            # A caller that never closes its Client must not leave worker
+            # processes (holding whole models) behind when Python exits.
+            atexit.register(self.shutdown)
 
     def _start_engine(self) -> tuple[Any, Any]:
         from globus_compute_endpoint.engines import GlobusComputeEngine
@@ -155,6 +159,7 @@ class LocalSite:
             if self._state != "failed":
                 self._state = "stopped"
         if engine is not None:
+            atexit.unregister(self.shutdown)
             engine.shutdown()
 
 
