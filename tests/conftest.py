@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tpm_fed.client import Client
-from tpm_fed.federation import Federation, ModelConfig, SiteConfig
+from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+from tpm_fed.identity import LocalUser
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 
 
@@ -46,7 +47,7 @@ def home(tmp_path_factory, demo_model_dir: Path) -> TpmHome:
 
     Federation(
         name="tests",
-        sites=[SiteConfig(name="local", workers=1)],
+        sites=[SiteConfig(name="local")],
         models=[
             # Pinned to torch: these tests check the torch backend against
             # transformers; the vLLM backend has its own tests and site.
@@ -56,6 +57,7 @@ def home(tmp_path_factory, demo_model_dir: Path) -> TpmHome:
             ModelConfig(name="mutable", path=Path("models/mutable"), backend="torch"),
             ModelConfig(name="missing", path=Path("models/not-there"), backend="torch"),
         ],
+        projects=[ProjectConfig(name="tests", members=[LocalUser().current()], allocations={"local": 1e6})],
     ).dump(home.federation_file)
     return home
 

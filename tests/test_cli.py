@@ -14,6 +14,7 @@ import pytest
 
 from tpm_fed.federation import Federation
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
+from tpm_fed.identity import LocalUser
 
 TPM = str(Path(sys.executable).parent / "tpm")
 
@@ -34,8 +35,10 @@ def tpm(home: TpmHome, *args: str, timeout: float = 180) -> subprocess.Completed
 
 def test_embedded_default_is_one_local_site_and_the_demo_model(cli_home):
     federation = Federation.load(cli_home.federation_file)
-    assert [(s.name, s.kind) for s in federation.sites] == [("local", "local")]
+    assert [(s.name, s.kind, s.access) for s in federation.sites] == [("local", "rcc", "local")]
     assert [m.name for m in federation.models] == [DEMO_MODEL_NAME]
+    (project,) = federation.projects
+    assert project.members == [LocalUser().current()] and project.allocations == {"local": 1000.0}
     assert federation.models[0].path == (cli_home.models_dir / DEMO_MODEL_NAME).resolve()
 
 
@@ -61,7 +64,8 @@ def test_submit_file_as_json(cli_home, tmp_path):
 
     status = tpm(cli_home, "status")
     assert status.returncode == 0
-    assert f"{DEMO_MODEL_NAME}@{result['version']} on local" in status.stdout
+    # The submit's process is gone, and its replica with it.
+    assert f"stopped   local/{DEMO_MODEL_NAME}@{result['version']}/auto" in status.stdout
     models = tpm(cli_home, "models")
     assert result["version"] in models.stdout and "context=256" in models.stdout
 

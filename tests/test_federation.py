@@ -12,7 +12,7 @@ from tpm_fed.federation import Federation
 VALID = """
 name: lab
 sites:
-  - {name: local, kind: local, workers: 2}
+  - {name: local, capacity: {max_replicas: 2}}
 models:
   - {name: tiny, path: models/tiny}
 """
@@ -26,7 +26,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_valid_file_resolves_model_paths_against_its_folder(tmp_path):
     federation = Federation.load(write(tmp_path, VALID))
-    assert federation.sites[0].workers == 2
+    assert federation.sites[0].capacity.max_replicas == 2
     assert federation.model("tiny").path == (tmp_path / "models" / "tiny").resolve()
 
 
@@ -39,9 +39,9 @@ def test_dump_and_load_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (VALID.replace("workers: 2", "workerz: 2"), "workerz"),
-        (VALID.replace("workers: 2", "workers: 0"), "workers"),
-        (VALID.replace("kind: local", "kind: cloud"), "kind"),
+        (VALID.replace("max_replicas: 2", "max_replicaz: 2"), "max_replicaz"),
+        (VALID.replace("max_replicas: 2", "max_replicas: 0"), "max_replicas"),
+        (VALID.replace("capacity:", "kind: cloud, capacity:"), "kind"),
         (VALID + "  - {name: tiny, path: other}\n", "duplicate models names: tiny"),
         ("name: lab\nsites: []\n", "sites"),
         ("sites: [unclosed\n", "not valid YAML"),

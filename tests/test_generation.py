@@ -166,15 +166,19 @@ def test_corrupt_model_fails_clearly_and_the_worker_keeps_serving(client, model,
     assert client.generate("The cell", max_new_tokens=4).result(timeout=120).completions[0].text
 
 
-def test_request_log_records_outcomes_and_warm_replicas(client):
+def test_request_log_ledger_and_replicas_record_outcomes(client):
     ok = client.generate("The cell", max_new_tokens=4).result(timeout=120)
+    replica = client.broker.registry.get(f"local/demo-llama@{ok.version}/torch")
+    assert replica.state == "warm" and replica.queue_depth == 0
     bad = GenerationRequest.create("The cell", "truncated", max_new_tokens=4)
     with pytest.raises(ModelLoadError):
         client.submit(bad).result(timeout=120)
+    assert replica.state == "stopped"  # the idle replica gave its slot to the new model
     assert client.log.status_of(ok.request_id) == "done"
     assert client.log.status_of(bad.request_id) == "failed"
-    replica = next(r for r in client.log.replicas() if r.replica_id == ok.replica.replica_id)
-    assert (replica.state, replica.version) == ("warm", ok.version)
+    charges = {c.request_id: c for c in client.ledger.statement()}
+    assert charges[ok.request_id].state == "settled" and charges[ok.request_id].charged_usu > 0
+    assert charges[bad.request_id].state == "released" and charges[bad.request_id].charged_usu == 0
 
 
 def test_min_new_tokens_suppresses_eos_like_transformers(client, reference_model):

@@ -29,7 +29,7 @@ def test_remote_exception_carries_the_remote_message_and_the_site_survives(clien
 
 
 def test_config_round_trip(tmp_path):
-    site = LocalSite.from_config(SiteConfig(name="here", workers=3), run_dir=tmp_path)
+    site = LocalSite.from_config(SiteConfig(name="here", capacity={"max_replicas": 3}), run_dir=tmp_path)
     assert LocalSite(**site.config()).config() == site.config()
     assert site.status().state == "stopped"
 

@@ -19,7 +19,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm-
 from tests.test_generation import PROMPTS  # noqa: E402
 from tpm_fed.client import Client  # noqa: E402
 from tpm_fed.errors import BackendUnavailable, ContextLengthExceeded  # noqa: E402
-from tpm_fed.federation import Federation, ModelConfig, SiteConfig  # noqa: E402
+from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig  # noqa: E402
+from tpm_fed.identity import LocalUser  # noqa: E402
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome  # noqa: E402
 
 
@@ -47,11 +48,12 @@ def vllm_home(tmp_path_factory, demo_model_dir) -> TpmHome:
     make_unsupported_model(home.models_dir / "helium", demo_model_dir)
     Federation(
         name="vllm-tests",
-        sites=[SiteConfig(name="local", workers=1)],
+        sites=[SiteConfig(name="local")],
         models=[
             ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="vllm"),
             ModelConfig(name="helium", path=Path("models/helium"), backend="auto"),
         ],
+        projects=[ProjectConfig(name="tests", members=[LocalUser().current()], allocations={"local": 1e6})],
     ).dump(home.federation_file)
     return home
 

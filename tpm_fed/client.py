@@ -1,9 +1,11 @@
 """The Python API: ``Client().generate(...)`` returns a future of the result.
 
-A client reads the federation, checks each request at the edge, pins it to
-an exact model version, hands it to the dispatcher for that site and model
-version, and records it in the request log. Sites start on first use and stop
-when the client closes (it is a context manager).
+For each request a client checks it at the edge, pins it to an exact model
+version, asks the broker for a replica (which reserves the request's service
+units), and hands it to the dispatcher for that replica. When the batch comes
+back, the bookkeeper settles the charge, updates the replica and logs the
+outcome. Sites start on first use and stop when the client closes (it is a
+context manager).
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from tpm_fed.bookkeeping import Bookkeeper
+from tpm_fed.broker import Broker, Decision, PlacementRequest, ReplicaRegistry
 from tpm_fed.catalog import ModelCatalog
 from tpm_fed.dispatch import BatchingDispatcher
-from tpm_fed.errors import UnknownModel
+from tpm_fed.errors import InvalidRequest, NotPermitted, UnknownModel
 from tpm_fed.federation import Federation, SiteConfig
-from tpm_fed.models.spec import ModelSpec
 from tpm_fed.home import TpmHome
+from tpm_fed.identity import IdentityProvider, LocalUser
+from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
+from tpm_fed.models.spec import ModelSpec
 from tpm_fed.request import GenerationRequest, ModelRef
 from tpm_fed.result import GenerationResult
 from tpm_fed.sites import Site, SiteStatus, build_site
-from tpm_fed.state import RequestLog
+from tpm_fed.state import RequestLog, open_database
+
+QUERY_TIER = "query"
 
 
 class Client:
@@ -32,22 +40,35 @@ class Client:
         create_default: Create the embedded default federation in ``home``
             (federation file and demo model) if it has none.
         progress: Show progress bars while the default is being made.
+        identity: Who is calling (the OS user by default).
 
     Example:
         >>> with Client() as client:
         ...     result = client.generate("The telescope", max_new_tokens=16).result()
-        ...     print(result.texts[0], result.version)
+        ...     print(result.texts[0], result.version, result.charge)
     """
 
-    def __init__(self, home: TpmHome | None = None, *, create_default: bool = True, progress: bool = False) -> None:
+    def __init__(
+        self,
+        home: TpmHome | None = None,
+        *,
+        create_default: bool = True,
+        progress: bool = False,
+        identity: IdentityProvider | None = None,
+    ) -> None:
         self.home = home or TpmHome.default()
         if create_default:
             self.home.ensure_embedded_default(progress=progress)
         self.federation = Federation.load(self.home.federation_file)
         self.catalog = ModelCatalog(self.federation)
-        self.log = RequestLog(self.home.database_url)
+        self.identity = (identity or LocalUser()).current()
+        database = open_database(self.home.database_url)
+        self.log = RequestLog(database)
+        self.ledger = Ledger(database)
+        self.broker = Broker(self.federation, self.ledger, ReplicaRegistry(database))
+        self._bookkeeper = Bookkeeper(self.log, self.broker)
         self._sites: dict[str, Site] = {}
-        self._dispatchers: dict[tuple[str, str, str], BatchingDispatcher] = {}
+        self._dispatchers: dict[str, BatchingDispatcher] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -58,11 +79,13 @@ class Client:
             prompts: A prompt or a list of prompts, answered together.
             model: ``NAME`` or ``NAME@VERSION``; the federation's first model by default.
             **params: :class:`~tpm_fed.request.GenerationRequest` fields
-                (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``).
+                (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
+                ``project``, ``location``, ``site``, ``backend``).
 
         Raises:
             InvalidRequest: A parameter is malformed (raised here, not in the future).
             UnknownModel, UnknownVersion, ModelLoadError: The model cannot be served.
+            NotPermitted, PlacementRefused, InsufficientBalance: The caller may not run it.
         """
         request = GenerationRequest.create(prompts, model or self.default_model(), **params)
         return self.submit(request)
@@ -76,32 +99,74 @@ class Client:
         spec = resolved.spec
         if request.backend is not None and request.backend != spec.backend:
             spec = spec.model_copy(update={"backend": request.backend})
-        site_config = self._place(request)
-        return self._dispatcher(site_config, spec).submit(request)
+        price = self.federation.prices.query
+        admission = self.broker.admit(request.request_id, self._placement(request, spec, price), spec.backend)
+        self._bookkeeper.admitted(admission, price)
+        self._forget_dispatchers([admission.replaced] if admission.replaced else [])
+        self._reap_idle()
+        return self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec).submit(request)
+
+    def explain(self, request: GenerationRequest) -> Decision:
+        """What the broker would decide for ``request`` (nothing is reserved or run)."""
+        resolved = self.catalog.resolve(request.model)
+        return self.broker.decide(self._placement(request, resolved.spec, self.federation.prices.query))
+
+    def _placement(self, request: GenerationRequest, spec: ModelSpec, price) -> PlacementRequest:
+        location = request.location or self.federation.default_location
+        if location not in self.federation.latency_ms and location != self.federation.default_location:
+            known = sorted(set(self.federation.latency_ms) | {self.federation.default_location})
+            raise InvalidRequest(f"location: unknown location {location!r}; known: {', '.join(known)}")
+        return PlacementRequest(
+            identity=self.identity,
+            project=self.project_for(request.project),
+            model=spec.name,
+            version=spec.version,
+            tier=QUERY_TIER,
+            location=location,
+            estimate_usu=estimate_usu(price, request.prompts, request.max_new_tokens, cold_start=False),
+            cold_start_usu=price_usu(price, Metered(cold_start=True)),
+            site=request.site,
+        )
+
+    def project_for(self, asked: str | None) -> str:
+        """The project this caller charges (``asked``, or their only project)."""
+        mine = [p.name for p in self.federation.projects_of(self.identity)]
+        if asked is not None:
+            if asked not in mine:
+                raise NotPermitted(f"{self.identity!r} is not a member of project {asked!r}")
+            return asked
+        if not mine:
+            raise NotPermitted(f"{self.identity!r} is not a member of any project of this federation")
+        if len(mine) > 1:
+            raise InvalidRequest(f"project: {self.identity!r} is in several projects ({', '.join(mine)}); name one")
+        return mine[0]
 
     def default_model(self) -> ModelRef:
         if not self.federation.models:
             raise UnknownModel(f"the federation in {self.home.federation_file} serves no models")
         return ModelRef(name=self.federation.models[0].name)
 
-    def _place(self, request: GenerationRequest) -> SiteConfig:
-        # One site serves the embedded default; the broker (placement by
-        # locality, allocation and load) takes this decision in a federation.
-        return self.federation.sites[0]
-
-    def _dispatcher(self, site_config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
-        key = (site_config.name, *spec.key)
+    def _dispatcher(self, replica_id: str, site_config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
         with self._lock:
-            if key not in self._dispatchers:
-                self._dispatchers[key] = BatchingDispatcher(
+            if replica_id not in self._dispatchers:
+                self._dispatchers[replica_id] = BatchingDispatcher(
                     self._site(site_config),
                     spec,
                     max_batch=site_config.max_batch_requests,
-                    max_in_flight=site_config.workers,
+                    max_in_flight=site_config.capacity.max_replicas,
                     linger_s=site_config.batch_linger_ms / 1000,
-                    listener=self.log,
+                    listener=self._bookkeeper,
                 )
-            return self._dispatchers[key]
+            return self._dispatchers[replica_id]
+
+    def _reap_idle(self) -> None:
+        self._forget_dispatchers(self.broker.reap_idle())
+
+    def _forget_dispatchers(self, replica_ids: list[str]) -> None:
+        """Stopped replicas get no more work; their worker frees them on its next load."""
+        with self._lock:
+            for replica_id in replica_ids:
+                self._dispatchers.pop(replica_id, None)
 
     def _site(self, config: SiteConfig) -> Site:
         if config.name not in self._sites:
@@ -110,7 +175,7 @@ class Client:
 
     def site(self, name: str | None = None) -> Site:
         """A site of the federation (started on first submit)."""
-        config = next((s for s in self.federation.sites if s.name == name), self.federation.sites[0])
+        config = self.federation.site(name) if name else self.federation.sites[0]
         with self._lock:
             return self._site(config)
 
@@ -118,7 +183,8 @@ class Client:
         with self._lock:
             started = dict(self._sites)
         return [
-            started[c.name].status() if c.name in started else SiteStatus(c.name, c.kind, "stopped", c.workers, 0)
+            started[c.name].status() if c.name in started
+            else SiteStatus(c.name, c.access, "stopped", c.capacity.max_replicas, 0)
             for c in self.federation.sites
         ]
 
@@ -127,10 +193,13 @@ class Client:
         with self._lock:
             self._closed = True
             sites, self._sites = self._sites, {}
+            self._dispatchers.clear()
         for name, site in sites.items():
             site.shutdown()
             self.log.site_stopped(name)
-        self.log.close()
+            self.broker.registry.set_state(
+                [r.replica_id for r in self.broker.registry.all() if r.site == name and r.live], "stopped"
+            )
 
     def __enter__(self) -> Client:
         return self

@@ -38,7 +38,11 @@ class Listener(Protocol):
 
     def record_sent(self, site: str, version: str, requests: list[GenerationRequest]) -> None: ...
 
-    def record_outcomes(self, outcomes: dict[str, GenerationResult | BaseException]) -> None: ...
+    def record_outcomes(
+        self, outcomes: dict[str, GenerationResult | BaseException]
+    ) -> dict[str, GenerationResult | BaseException]:
+        """Record the outcomes; return them, results annotated (e.g. with their charge)."""
+        ...
 
 
 @dataclass
@@ -156,7 +160,7 @@ class BatchingDispatcher:
             outcomes: list[GenerationResult | BaseException] = [error] * len(batch)
         else:
             outcomes = self._read_reply(batch, reply)
-        self._record(batch, outcomes)
+        outcomes = self._record(batch, outcomes)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
@@ -193,12 +197,16 @@ class BatchingDispatcher:
             )
         return outcomes
 
-    def _record(self, batch: list[_Pending], outcomes: list[GenerationResult | BaseException]) -> None:
+    def _record(
+        self, batch: list[_Pending], outcomes: list[GenerationResult | BaseException]
+    ) -> list[GenerationResult | BaseException]:
         if self.listener is None:
-            return
+            return outcomes
         try:
-            self.listener.record_outcomes(
+            recorded = self.listener.record_outcomes(
                 {p.request.request_id: outcome for p, outcome in zip(batch, outcomes, strict=True)}
             )
+            return [recorded[p.request.request_id] for p in batch]
         except Exception:  # a bookkeeping failure must not hang or drop the answers
             logger.exception("could not record the outcomes of %d requests", len(batch))
+            return outcomes

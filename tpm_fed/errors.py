@@ -45,6 +45,26 @@ class FederationConfigError(TpmError):
     """The federation file is missing, unreadable or invalid."""
 
 
+class NotPermitted(TpmError, PermissionError):
+    """The caller may not do this: not in the project, or another project's own site."""
+
+
+class InsufficientBalance(TpmError):
+    """The project cannot cover the request's estimate at any eligible site."""
+
+
+class PlacementRefused(TpmError):
+    """No replica can take the request: no eligible site, or every queue is full.
+
+    Attributes:
+        explanation: The candidates the broker considered, and why each was out.
+    """
+
+    def __init__(self, message: str, explanation: str = "") -> None:
+        super().__init__(message + (f"\n{explanation}" if explanation else ""))
+        self.explanation = explanation
+
+
 class SiteError(TpmError):
     """A site could not be started or reached."""
 

@@ -1,12 +1,15 @@
-"""The federation file: which sites exist and which models they serve.
+"""The federation file: sites, models, projects, prices and the network between them.
 
 It is operator-owned YAML, validated as a whole when loaded; every mistake is
-reported with the field it concerns. Relative model paths are resolved
-against the folder holding the file, so a federation folder can be moved.
+reported with the field it concerns (unknown keys, negative prices, capacity
+0, missing distances, duplicate names, a bring-your-own site without an
+owner...). Relative model paths are resolved against the folder holding the
+file, so a federation folder can be moved.
 """
 
 from __future__ import annotations
 
+from itertools import product
 from pathlib import Path
 from typing import Literal, Self
 
@@ -17,9 +20,24 @@ from tpm_fed.errors import FederationConfigError, UnknownModel
 from tpm_fed.models.spec import BackendChoice, DType
 from tpm_fed.request import describe_validation_error
 
+Name = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
+Tier = Literal["query", "embedding", "intermediary"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Capacity(_Strict):
+    """How many replicas a site may hold at once.
+
+    Attributes:
+        max_replicas: Replica slots (for a ``local`` site, worker processes).
+        accelerators_per_slot: Accelerators each slot has (0 on CPU sites).
+    """
+
+    max_replicas: int = Field(default=1, ge=1, le=100_000)
+    accelerators_per_slot: int = Field(default=0, ge=0, le=64)
 
 
 class SiteConfig(_Strict):
@@ -27,19 +45,39 @@ class SiteConfig(_Strict):
 
     Attributes:
         name: Unique site name.
-        kind: ``local``: the Globus Compute endpoint engine, embedded in the
-            caller's process tree (one machine, no cloud).
-        workers: Worker processes, each able to hold one warm replica.
+        kind: ``rcc`` (a research computing center, paid in service units) or
+            ``byo`` (a project's own allocation: free to its members, closed to others).
+        owner: The owning project; required for ``byo`` sites.
+        access: How to reach it. ``local``: the Globus Compute endpoint engine
+            embedded on this machine.
+        location: Network location label (a key of the federation's latency table).
+        capacity: Replica slots.
+        keep_alive_s: An idle replica is stopped after this long.
+        cold_start_s: Expected seconds to start a replica here (for placement).
+        max_queue: Requests that may wait for this site before new ones are refused.
         max_batch_requests: Most requests coalesced into one task.
-        batch_linger_ms: How long a request waits for companions when a
-            worker is free (0 sends at once).
+        batch_linger_ms: Quiet time that ends a batch's linger when a worker is free.
     """
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["local"] = "local"
-    workers: int = Field(default=1, ge=1, le=256)
+    name: str = Name
+    kind: Literal["rcc", "byo"] = "rcc"
+    owner: str | None = None
+    access: Literal["local"] = "local"
+    location: str = "local"
+    capacity: Capacity = Capacity()
+    keep_alive_s: float = Field(default=600.0, gt=0)
+    cold_start_s: float = Field(default=10.0, ge=0)
+    max_queue: int = Field(default=1024, ge=1)
     max_batch_requests: int = Field(default=64, ge=1, le=4096)
     batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
+
+    @model_validator(mode="after")
+    def _owner_matches_kind(self) -> Self:
+        if self.kind == "byo" and not self.owner:
+            raise ValueError(f"site {self.name!r}: a byo site needs an owner project")
+        if self.kind == "rcc" and self.owner:
+            raise ValueError(f"site {self.name!r}: only byo sites have an owner")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -52,30 +90,117 @@ class ModelConfig(_Strict):
             supported, else torch), ``torch`` or ``vllm``.
         dtype: Load dtype.
         tensor_parallel_size: GPUs per vLLM replica (one worker per replica).
+        accelerators: Accelerators one replica needs (0: runs on CPU).
+        memory_gb: Memory one replica needs (informational for operators).
+        modes: Inference modes this model serves.
+        sites: Sites that may host it (all, when empty).
     """
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Name
     path: Path
     backend: BackendChoice = "auto"
     dtype: DType = "float32"
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    accelerators: int = Field(default=0, ge=0)
+    memory_gb: float = Field(default=1.0, gt=0)
+    modes: list[Tier] = Field(default_factory=lambda: ["query"], min_length=1)
+    sites: list[str] = Field(default_factory=list)
+
+
+class ProjectConfig(_Strict):
+    """A group of users spending service units together.
+
+    Attributes:
+        name: Unique project name.
+        members: Identities (the OS user name in the embedded default).
+        allocations: Service units granted per site name.
+    """
+
+    name: str = Name
+    members: list[str] = Field(default_factory=list)
+    allocations: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _grants_not_negative(self) -> Self:
+        for site, amount in self.allocations.items():
+            if amount < 0:
+                raise ValueError(f"project {self.name!r}: allocation at {site!r} is negative")
+        return self
+
+
+class Price(_Strict):
+    """Service units charged for one tier of use."""
+
+    per_1k_prompt_tokens: float = Field(default=0.0, ge=0)
+    per_1k_completion_tokens: float = Field(default=0.0, ge=0)
+    per_mb_activations: float = Field(default=0.0, ge=0)
+    per_cold_start: float = Field(default=0.0, ge=0)
+
+
+class Prices(_Strict):
+    query: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
+    embedding: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
+    intermediary: Price = Price(
+        per_1k_prompt_tokens=2.0, per_1k_completion_tokens=4.0, per_mb_activations=1.0, per_cold_start=0.5
+    )
 
 
 class Federation(_Strict):
-    """Sites and models, as described by the operator."""
+    """Sites, models, projects, prices and network latencies, as the operator wrote them.
+
+    Attributes:
+        latency_ms: Network latency between locations (site locations and named
+            caller locations), in either direction; a location is 0 from itself.
+        default_location: Where callers are when they do not say.
+    """
 
     name: str = "embedded"
     sites: list[SiteConfig] = Field(min_length=1)
     models: list[ModelConfig] = Field(default_factory=list)
+    projects: list[ProjectConfig] = Field(default_factory=list)
+    prices: Prices = Prices()
+    latency_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
+    default_location: str = "local"
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Self:
-        for kind, items in (("sites", self.sites), ("models", self.models)):
+    def _consistent(self) -> Self:
+        for kind, items in (("sites", self.sites), ("models", self.models), ("projects", self.projects)):
             names = [item.name for item in items]
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"duplicate {kind} names: {', '.join(duplicates)}")
+        site_names = {s.name for s in self.sites}
+        project_names = {p.name for p in self.projects}
+        for site in self.sites:
+            if site.owner and site.owner not in project_names:
+                raise ValueError(f"site {site.name!r}: owner {site.owner!r} is not a project")
+        for model in self.models:
+            for site in model.sites:
+                if site not in site_names:
+                    raise ValueError(f"model {model.name!r}: unknown site {site!r}")
+        for project in self.projects:
+            for site in project.allocations:
+                if site not in site_names:
+                    raise ValueError(f"project {project.name!r}: allocation at unknown site {site!r}")
+        for source, row in self.latency_ms.items():
+            for target, value in row.items():
+                if value < 0:
+                    raise ValueError(f"latency_ms.{source}.{target}: negative latency")
+        caller_locations = set(self.latency_ms) | {self.default_location}
+        for caller, site in product(sorted(caller_locations), self.sites):
+            if self.latency(caller, site.location) is None:
+                raise ValueError(
+                    f"latency_ms: no distance between {caller!r} and site {site.name!r} "
+                    f"(location {site.location!r})"
+                )
         return self
+
+    def latency(self, a: str, b: str) -> float | None:
+        """Milliseconds between two locations, or ``None`` if the table has no entry."""
+        if a == b:
+            return 0.0
+        forward = self.latency_ms.get(a, {}).get(b)
+        return forward if forward is not None else self.latency_ms.get(b, {}).get(a)
 
     @classmethod
     def load(cls, path: Path) -> Self:
@@ -101,7 +226,10 @@ class Federation(_Strict):
         return self.model_copy(update={"models": models})
 
     def dump(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        """Write atomically: a crash never leaves half a federation file."""
+        staging = path.with_suffix(".yaml.tmp")
+        staging.write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+        staging.replace(path)
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
@@ -109,3 +237,20 @@ class Federation(_Strict):
                 return model
         known = ", ".join(m.name for m in self.models) or "none"
         raise UnknownModel(f"unknown model {name!r}; the federation serves: {known}")
+
+    def site(self, name: str) -> SiteConfig:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        known = ", ".join(s.name for s in self.sites)
+        raise FederationConfigError(f"unknown site {name!r}; the federation has: {known}")
+
+    def project(self, name: str) -> ProjectConfig:
+        for project in self.projects:
+            if project.name == name:
+                return project
+        known = ", ".join(p.name for p in self.projects) or "none"
+        raise FederationConfigError(f"unknown project {name!r}; the federation has: {known}")
+
+    def projects_of(self, identity: str) -> list[ProjectConfig]:
+        return [p for p in self.projects if identity in p.members]

@@ -15,9 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpm_fed.federation import Federation, ModelConfig, SiteConfig
+from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+from tpm_fed.identity import LocalUser
 
 DEMO_MODEL_NAME = "demo-llama"
+DEFAULT_GRANT_SU = 1000.0
+"""Service units the local user's project gets at the local site in the embedded default."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +53,18 @@ class TpmHome:
         """Create the embedded federation here if there is none yet.
 
         One local site, the demo model (trained now, ~15 s, with a progress
-        bar) and, beside them, the database, created on first use.
+        bar), one project holding the local user with an allocation at the
+        site and, beside them, the database, created on first use.
         """
         demo_dir = self.models_dir / DEMO_MODEL_NAME
         if not self.federation_file.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             federation = Federation(
                 name="embedded",
-                sites=[SiteConfig(name="local", kind="local", workers=1)],
+                sites=[SiteConfig(name="local")],
                 models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME)],
+                projects=[ProjectConfig(name="local", members=[LocalUser().current()],
+                                        allocations={"local": DEFAULT_GRANT_SU})],
             )
             federation.dump(self.federation_file)
             if progress:

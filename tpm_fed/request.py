@@ -61,6 +61,10 @@ class GenerationRequest(BaseModel):
         seed: Makes sampling reproducible on the same backend.
         stop: Generation ends at the first of these strings (not returned).
         backend: Pin a backend (``torch`` or ``vllm``); the model's setting by default.
+        project: Project to charge; needed only for callers in several projects.
+        location: Where the caller or its data is (a location of the federation's
+            latency table); the federation's default location otherwise.
+        site: Run only on this site (placement still checks it is allowed).
         request_id: Unique id, used for the request log and, later, billing.
     """
 
@@ -75,6 +79,9 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     stop: list[str] = Field(default_factory=list)
     backend: Literal["auto", "torch", "vllm"] | None = None
+    project: str | None = None
+    location: str | None = None
+    site: str | None = None
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
     @field_validator("prompts")

@@ -80,6 +80,22 @@ class ReplicaInfo(_Record):
     batch_size: int
 
 
+class ChargeInfo(_Record):
+    """What the request cost, and to whom.
+
+    Attributes:
+        project: The project charged.
+        charged_su: Service units charged (0 on the project's own site).
+        estimate_su: Service units reserved before the run.
+        free: Ran on the project's own (byo) site.
+    """
+
+    project: str
+    charged_su: float
+    estimate_su: float
+    free: bool
+
+
 class GenerationResult(_Record):
     """The answer to a :class:`~tpm_fed.request.GenerationRequest`.
 
@@ -94,6 +110,8 @@ class GenerationResult(_Record):
         usage: Tokens in and out.
         timings: Where the time went.
         notes: What the caller should know (e.g. why vLLM was not used).
+        charge: Service units charged, once settled.
+        placement: Why the broker chose this replica (the candidates and their scores).
     """
 
     request_id: str
@@ -106,6 +124,8 @@ class GenerationResult(_Record):
     usage: Usage
     timings: Timings
     notes: list[str] = []
+    charge: ChargeInfo | None = None
+    placement: str = ""
 
     @property
     def texts(self) -> list[str]:

@@ -57,7 +57,7 @@ class LocalSite:
 
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path) -> Self:
-        return cls(name=config.name, run_dir=run_dir, workers=config.workers)
+        return cls(name=config.name, run_dir=run_dir, workers=config.capacity.max_replicas)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers}

@@ -1,0 +1,127 @@
+"""The broker: place a request, reserve its service units, start replicas on demand.
+
+It joins the pure placement (:mod:`tpm_fed.broker.placement`) with what
+changes at run time: the replica registry, site health, and the ledger.
+Admission walks the ranked candidates and reserves at the first whose
+allocation still covers the estimate (another caller may have spent it since
+the snapshot), so a request is either placed with its SUs held, or refused
+having been charged nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tpm_fed.broker.health import SiteHealth
+from tpm_fed.broker.placement import Candidate, Decision, Placer, PlacementRequest
+from tpm_fed.broker.registry import ReplicaRegistry
+from tpm_fed.errors import InsufficientBalance, NotPermitted, PlacementRefused
+from tpm_fed.federation import Federation
+from tpm_fed.ledger import Ledger
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A placed request: where it runs, and what was reserved for it."""
+
+    request_id: str
+    project: str
+    site: str
+    replica_id: str
+    cold: bool
+    free: bool
+    estimate_usu: int
+    decision: Decision
+
+    @property
+    def replaced(self) -> str | None:
+        """An idle replica stopped to make room for this one."""
+        return self.decision.chosen.replaces if self.decision.chosen else None
+
+
+class Broker:
+    def __init__(self, federation: Federation, ledger: Ledger, registry: ReplicaRegistry,
+                 health: SiteHealth | None = None) -> None:
+        self.federation = federation
+        self.ledger = ledger
+        self.registry = registry
+        self.health = health or SiteHealth()
+        self.placer = Placer(federation)
+        ledger.sync_grants({
+            (project.name, site): amount
+            for project in federation.projects
+            for site, amount in project.allocations.items()
+        })
+
+    def decide(self, request: PlacementRequest) -> Decision:
+        """Rank the candidates for ``request`` (nothing is reserved or started)."""
+        if request.site is not None:
+            site = self.federation.site(request.site)
+            if site.kind == "byo" and site.owner != request.project:
+                raise NotPermitted(
+                    f"site {site.name!r} is project {site.owner!r}'s own compute; "
+                    f"project {request.project!r} may not use it"
+                )
+        grants = {(p.name, s) for p in self.federation.projects for s in p.allocations}
+
+        def available(project: str, site: str) -> int | None:
+            return self.ledger.available(project, site) if (project, site) in grants else None
+
+        return self.placer.place(
+            request,
+            self.registry.of_model(request.model, request.version),
+            self.registry.live_per_site(),
+            self.registry.evictable(),
+            available,
+            self.health.healthy,
+        )
+
+    def admit(self, request_id: str, request: PlacementRequest, backend: str) -> Admission:
+        """Place ``request`` and reserve its SUs; start a replica if the best is new.
+
+        Raises:
+            PlacementRefused: No candidate is eligible (with the explanation).
+            InsufficientBalance: Every candidate's reservation failed.
+            NotPermitted: The request names another project's own site.
+        """
+        decision = self.decide(request)
+        if decision.chosen is None:
+            raise PlacementRefused(decision.refusal or "no candidate", decision.explain())
+        last_error: InsufficientBalance | None = None
+        for candidate in decision.ranked:
+            estimate = candidate.cost_usu
+            try:
+                self.ledger.reserve(
+                    request_id, project=request.project, site=candidate.site, identity=request.identity,
+                    model=request.model, version=request.version, tier=request.tier,
+                    estimate_usu=estimate, free=candidate.free,
+                )
+            except InsufficientBalance as error:
+                last_error = error
+                continue
+            if candidate.replaces is not None:
+                self.registry.set_state([candidate.replaces], "stopped")
+            replica = self._replica_for(candidate, request, backend)
+            self.registry.queued(replica.replica_id)
+            chosen = Decision(candidate, decision.candidates)
+            return Admission(request_id, request.project, candidate.site, replica.replica_id,
+                             candidate.replica_id is None, candidate.free, estimate, chosen)
+        assert last_error is not None
+        raise last_error
+
+    def _replica_for(self, candidate: Candidate, request: PlacementRequest, backend: str):
+        if candidate.replica_id is not None:
+            existing = self.registry.get(candidate.replica_id)
+            if existing is not None and existing.live:
+                return existing
+        return self.registry.start(candidate.site, request.model, request.version, backend)
+
+    def reap_idle(self, now: float | None = None) -> list[str]:
+        """Stop replicas idle past their site's keep-alive; returns their ids."""
+        now = time.time() if now is None else now
+        cutoffs = {s.name: now - s.keep_alive_s for s in self.federation.sites}
+        idle = [r.replica_id for r in self.registry.idle_since(cutoffs)]
+        self.registry.set_state(idle, "draining")
+        self.registry.set_state(idle, "stopped")
+        return idle

@@ -1,0 +1,36 @@
+"""Site health: a site that fails is avoided, then probed back after a while."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+PROBE_AFTER_S = 30.0
+"""How long a failed site is avoided before a request is allowed to probe it."""
+
+
+class SiteHealth:
+    def __init__(self, probe_after_s: float = PROBE_AFTER_S) -> None:
+        self.probe_after_s = probe_after_s
+        self._retry_at: dict[str, float] = {}
+        self._reasons: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def healthy(self, site: str) -> bool:
+        """True unless the site failed less than ``probe_after_s`` ago."""
+        with self._lock:
+            return time.monotonic() >= self._retry_at.get(site, 0.0)
+
+    def failed(self, site: str, reason: str) -> None:
+        with self._lock:
+            self._retry_at[site] = time.monotonic() + self.probe_after_s
+            self._reasons[site] = reason
+
+    def succeeded(self, site: str) -> None:
+        with self._lock:
+            self._retry_at.pop(site, None)
+            self._reasons.pop(site, None)
+
+    def reason(self, site: str) -> str | None:
+        with self._lock:
+            return self._reasons.get(site) if site in self._retry_at else None

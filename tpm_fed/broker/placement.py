@@ -1,0 +1,243 @@
+"""Placement: which replica takes a request, and why.
+
+A pure function of the federation and a snapshot of replicas, balances and
+site health, so it is fast, deterministic and testable without any site.
+
+For a request (caller, project, model@version, tier, location):
+
+1. A site is **eligible** when it is healthy, may host the model (listed,
+   enough accelerators per slot), and the project may spend there: it owns
+   the site (``byo``, free) or its allocation covers the estimate (``rcc``).
+   Another project's ``byo`` site is never eligible.
+2. **Candidates** are the live replicas of that model version on eligible
+   sites, plus a new replica on each eligible site with a free slot, or
+   whose least recently used idle replica (another model's) can give way.
+3. Each candidate's score is its expected completion time in seconds:
+   ``(queue depth + 1) x recent service time + network latency from the
+   caller's location + cold-start time if it must start``. The lowest score
+   wins; ties go to the cheaper (own site first), then by name.
+4. A replica whose queue is full is out; if nothing is left the request is
+   refused, with every candidate's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tpm_fed.federation import Federation, SiteConfig
+
+DEFAULT_SERVICE_S = 1.0
+"""Assumed service time of a replica that has not served anything yet."""
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """What placement needs to know about a request.
+
+    Attributes:
+        estimate_usu: Upper bound of the cost on a warm replica.
+        cold_start_usu: Added to the estimate when a replica must start.
+        site: A site the caller named explicitly (placement is then limited to it).
+    """
+
+    identity: str
+    project: str
+    model: str
+    version: str
+    tier: str
+    location: str
+    estimate_usu: int
+    cold_start_usu: int = 0
+    site: str | None = None
+
+
+@dataclass
+class ReplicaView:
+    """The broker's view of one replica (one model version on one site)."""
+
+    replica_id: str
+    site: str
+    model: str
+    version: str
+    state: str  # starting | warm | draining | stopped
+    queue_depth: int = 0
+    service_s: float = DEFAULT_SERVICE_S
+    last_used: float = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.state in ("starting", "warm")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One option considered, with its score terms, or why it was out."""
+
+    site: str
+    replica_id: str | None  # None: start a new replica there
+    score_s: float = float("inf")
+    queue_s: float = 0.0
+    network_s: float = 0.0
+    cold_s: float = 0.0
+    cost_usu: int = 0
+    free: bool = False
+    excluded: str | None = None
+    replaces: str | None = None  # an idle replica stopped to make room
+
+    def describe(self) -> str:
+        what = f"replica {self.replica_id}" if self.replica_id else "new replica"
+        if self.replaces:
+            what += f" (replacing idle {self.replaces})"
+        if self.excluded:
+            return f"{self.site}: {what}: out: {self.excluded}"
+        cost = "free (own site)" if self.free else f"up to {self.cost_usu / 1e6:.6f} SU"
+        return (
+            f"{self.site}: {what}: {self.score_s:.3f} s = queue {self.queue_s:.3f} + "
+            f"network {self.network_s:.3f} + cold start {self.cold_s:.3f}; {cost}"
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: Candidate | None
+    candidates: list[Candidate] = field(default_factory=list)
+    refusal: str | None = None
+
+    @property
+    def ranked(self) -> list[Candidate]:
+        """Eligible candidates, best first."""
+        return sorted((c for c in self.candidates if c.excluded is None), key=_rank)
+
+    def explain(self) -> str:
+        lines = [c.describe() for c in self.ranked] + [c.describe() for c in self.candidates if c.excluded]
+        head = (
+            f"placed on {self.chosen.site} ({'existing' if self.chosen.replica_id else 'new'} replica): "
+            "lowest expected completion time"
+            if self.chosen
+            else f"refused: {self.refusal}"
+        )
+        return "\n".join([head, *("  " + line for line in lines)])
+
+
+def _rank(candidate: Candidate) -> tuple:
+    return (candidate.score_s, not candidate.free, candidate.cost_usu, candidate.site, candidate.replica_id or "")
+
+
+class Placer:
+    """Indexes a federation once; places many requests against snapshots."""
+
+    def __init__(self, federation: Federation) -> None:
+        self.federation = federation
+        self.sites: dict[str, SiteConfig] = {s.name: s for s in federation.sites}
+        self._hosts: dict[str, list[SiteConfig]] = {}
+        for model in federation.models:
+            allowed = set(model.sites) or set(self.sites)
+            self._hosts[model.name] = [
+                s for s in federation.sites
+                if s.name in allowed and s.capacity.accelerators_per_slot >= model.accelerators
+            ]
+        self._latency: dict[tuple[str, str], float] = {}
+
+    def hosts(self, model: str) -> list[SiteConfig]:
+        return self._hosts.get(model, [])
+
+    def latency_s(self, location: str, site: SiteConfig) -> float:
+        key = (location, site.location)
+        if key not in self._latency:
+            self._latency[key] = (self.federation.latency(location, site.location) or 0.0) / 1000
+        return self._latency[key]
+
+    def place(
+        self,
+        request: PlacementRequest,
+        replicas: Iterable[ReplicaView],
+        live_per_site: dict[str, int],
+        evictable: dict[str, ReplicaView],
+        available_usu: Callable[[str, str], int | None],
+        healthy: Callable[[str], bool],
+    ) -> Decision:
+        """Choose a replica for ``request``.
+
+        Args:
+            replicas: Live replicas of ``request.model@request.version``.
+            live_per_site: Live replicas of any model, per site (capacity).
+            evictable: Per site, its least recently used idle replica, if any.
+            available_usu: SUs the project may still spend at a site (None: no allocation there).
+            healthy: Whether a site may take work now.
+        """
+        hosts = self.hosts(request.model)
+        if request.site is not None:
+            hosts = [s for s in hosts if s.name == request.site]
+        candidates: list[Candidate] = []
+        eligible: dict[str, tuple[bool, SiteConfig]] = {}
+        for site in hosts:
+            reason, free = self._site_exclusion(request, site, available_usu, healthy)
+            if reason:
+                candidates.append(Candidate(site.name, None, excluded=reason))
+            else:
+                eligible[site.name] = (free, site)
+
+        has_replica: set[str] = set()
+        for replica in replicas:
+            if replica.site not in eligible or not replica.live:
+                continue
+            has_replica.add(replica.site)
+            free, site = eligible[replica.site]
+            queue_s = replica.queue_depth * replica.service_s
+            network_s = self.latency_s(request.location, site)
+            if replica.queue_depth >= site.max_queue:
+                candidates.append(Candidate(site.name, replica.replica_id, excluded=f"queue full ({replica.queue_depth})"))
+                continue
+            candidates.append(Candidate(
+                site.name, replica.replica_id, score_s=queue_s + replica.service_s + network_s,
+                queue_s=queue_s, network_s=network_s, cost_usu=0 if free else request.estimate_usu, free=free,
+            ))
+        for name, (free, site) in eligible.items():
+            if name in has_replica:
+                continue
+            replaces = None
+            if live_per_site.get(name, 0) >= site.capacity.max_replicas:
+                victim = evictable.get(name)
+                if victim is None:
+                    candidates.append(Candidate(
+                        name, None, excluded=f"at capacity ({site.capacity.max_replicas} replicas, all busy)"))
+                    continue
+                replaces = victim.replica_id
+            network_s = self.latency_s(request.location, site)
+            candidates.append(Candidate(
+                name, None, score_s=site.cold_start_s + DEFAULT_SERVICE_S + network_s, network_s=network_s,
+                cold_s=site.cold_start_s, cost_usu=0 if free else request.estimate_usu + request.cold_start_usu,
+                free=free, replaces=replaces,
+            ))
+
+        usable = [c for c in candidates if c.excluded is None]
+        if not usable:
+            return Decision(None, candidates, refusal=self._refusal(request, hosts, candidates))
+        return Decision(min(usable, key=_rank), candidates)
+
+    def _site_exclusion(self, request, site, available_usu, healthy) -> tuple[str | None, bool]:
+        if not healthy(site.name):
+            return "unhealthy (failed recently; probed again later)", False
+        if site.kind == "byo":
+            if site.owner == request.project:
+                return None, True
+            return f"byo site of project {site.owner!r}", False
+        available = available_usu(request.project, site.name)
+        if available is None:
+            return f"project {request.project!r} has no allocation here", False
+        needed = request.estimate_usu
+        if available < needed:
+            return f"balance {available / 1e6:.6f} SU < estimate {needed / 1e6:.6f} SU", False
+        return None, False
+
+    def _refusal(self, request: PlacementRequest, hosts: list[SiteConfig], candidates: list[Candidate]) -> str:
+        if not hosts:
+            where = f"site {request.site!r}" if request.site else "any site"
+            return f"model {request.model!r} cannot be hosted on {where}"
+        reasons = {c.excluded for c in candidates}
+        if all(r and r.startswith(("project", "byo site")) for r in reasons):
+            return f"project {request.project!r} may not spend at any site that serves {request.model!r}"
+        if all(r and (r.startswith(("balance", "project", "byo"))) for r in reasons):
+            return f"project {request.project!r} lacks the SUs for this request at every eligible site"
+        return f"no replica of {request.model}@{request.version} can take the request now"

@@ -1,0 +1,169 @@
+"""Replicas the broker has placed: in memory for speed, written through to the database.
+
+Lifecycle: ``starting`` (placed, not yet served) -> ``warm`` (served at least
+once) -> ``draining`` (idle past its site's keep-alive; takes no new work)
+-> ``stopped``. The database row is the record: a broker that restarts reads
+it back. Replicas held by a local site live in a process of this machine;
+when that process is gone, so are they, and they are marked stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+
+from sqlalchemy import Engine, insert, select, update
+
+from tpm_fed.broker.placement import DEFAULT_SERVICE_S, ReplicaView
+from tpm_fed.state.schema import replicas_table
+
+SERVICE_TIME_WEIGHT = 0.3
+"""Weight of the newest batch in a replica's moving-average service time."""
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(holder: str) -> bool:
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's process: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ReplicaRegistry:
+    def __init__(self, engine: Engine, holder: str | None = None) -> None:
+        self.engine = engine
+        self.holder = holder or this_process()
+        self._lock = threading.Lock()
+        self._replicas: dict[str, ReplicaView] = {}
+        self._by_model: dict[tuple[str, str], dict[str, ReplicaView]] = defaultdict(dict)
+        self._load()
+
+    def _load(self) -> None:
+        with self.engine.begin() as db:
+            rows = db.execute(select(replicas_table).where(replicas_table.c.state != "stopped")).all()
+            for row in rows:
+                if not _process_alive(row.holder):
+                    db.execute(update(replicas_table).where(replicas_table.c.replica_id == row.replica_id)
+                               .values(state="stopped"))
+                    continue
+                self._remember(ReplicaView(row.replica_id, row.site, row.model, row.version, row.state,
+                                           0, row.service_s, row.last_used))
+
+    def _remember(self, replica: ReplicaView) -> None:
+        self._replicas[replica.replica_id] = replica
+        self._by_model[(replica.model, replica.version)][replica.replica_id] = replica
+
+    def of_model(self, model: str, version: str) -> list[ReplicaView]:
+        with self._lock:
+            return list(self._by_model.get((model, version), {}).values())
+
+    def live_per_site(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        with self._lock:
+            for replica in self._replicas.values():
+                if replica.live:
+                    counts[replica.site] += 1
+        return counts
+
+    def evictable(self) -> dict[str, ReplicaView]:
+        """Per site, the least recently used live replica with nothing queued."""
+        chosen: dict[str, ReplicaView] = {}
+        with self._lock:
+            for replica in self._replicas.values():
+                if replica.live and replica.queue_depth == 0:
+                    best = chosen.get(replica.site)
+                    if best is None or replica.last_used < best.last_used:
+                        chosen[replica.site] = replica
+        return chosen
+
+    def get(self, replica_id: str) -> ReplicaView | None:
+        with self._lock:
+            return self._replicas.get(replica_id)
+
+    def all(self) -> list[ReplicaView]:
+        with self._lock:
+            return list(self._replicas.values())
+
+    def start(self, site: str, model: str, version: str, backend: str) -> ReplicaView:
+        replica_id = f"{site}/{model}@{version}/{backend}"
+        now = time.time()
+        with self._lock:
+            known = self._replicas.get(replica_id)
+            if known is not None and known.live:
+                return known
+            replica = ReplicaView(replica_id, site, model, version, "starting", 0, DEFAULT_SERVICE_S, now)
+            self._remember(replica)
+        with self.engine.begin() as db:
+            values = dict(site=site, model=model, version=version, backend=backend, state="starting",
+                          holder=self.holder, served_requests=0, service_s=DEFAULT_SERVICE_S,
+                          started_at=now, last_used=now)
+            if db.execute(update(replicas_table).where(replicas_table.c.replica_id == replica_id)
+                          .values(**values)).rowcount == 0:
+                db.execute(insert(replicas_table).values(replica_id=replica_id, **values))
+        return replica
+
+    def queued(self, replica_id: str, count: int = 1) -> None:
+        with self._lock:
+            self._replicas[replica_id].queue_depth += count
+
+    def served(self, replica_id: str, requests: int, batch_s: float, worker: str | None) -> None:
+        """A batch finished on the replica: it is warm, and its service time is updated."""
+        now = time.time()
+        with self._lock:
+            replica = self._replicas[replica_id]
+            replica.queue_depth = max(0, replica.queue_depth - requests)
+            replica.service_s = (1 - SERVICE_TIME_WEIGHT) * replica.service_s + SERVICE_TIME_WEIGHT * batch_s
+            replica.state, replica.last_used = "warm", now
+            service_s = replica.service_s
+        with self.engine.begin() as db:
+            db.execute(update(replicas_table).where(replicas_table.c.replica_id == replica_id).values(
+                state="warm", last_used=now, service_s=service_s, worker=worker,
+                served_requests=replicas_table.c.served_requests + requests))
+
+    def failed(self, replica_id: str, requests: int) -> None:
+        with self._lock:
+            replica = self._replicas[replica_id]
+            replica.queue_depth = max(0, replica.queue_depth - requests)
+
+    def set_state(self, replica_ids: list[str], state: str) -> None:
+        if not replica_ids:
+            return
+        with self._lock:
+            for replica_id in replica_ids:
+                self._replicas[replica_id].state = state
+        with self.engine.begin() as db:
+            db.execute(update(replicas_table).where(replicas_table.c.replica_id.in_(replica_ids))
+                       .values(state=state))
+
+    def recorded(self, limit: int = 50) -> list[ReplicaView]:
+        """Every replica the database remembers, stopped ones too, most recent first."""
+        with self.engine.connect() as db:
+            rows = db.execute(
+                select(replicas_table).order_by(replicas_table.c.last_used.desc()).limit(limit)
+            ).all()
+        live = {r.replica_id: r for r in self.all()}
+        return [
+            live.get(row.replica_id)
+            or ReplicaView(row.replica_id, row.site, row.model, row.version, row.state, 0, row.service_s, row.last_used)
+            for row in rows
+        ]
+
+    def idle_since(self, cutoff_by_site: dict[str, float]) -> list[ReplicaView]:
+        """Live replicas with nothing queued, unused since their site's cutoff."""
+        with self._lock:
+            return [
+                r for r in self._replicas.values()
+                if r.live and r.queue_depth == 0 and r.last_used < cutoff_by_site.get(r.site, float("-inf"))
+            ]

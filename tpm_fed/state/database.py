@@ -1,0 +1,39 @@
+"""One SQLAlchemy engine for the request log, the replica registry and the ledger.
+
+SQLite (the embedded default) is set up for many writers: WAL so readers do
+not block, ``BEGIN IMMEDIATE`` so a write transaction takes the write lock
+at its start (two transactions that read then write can otherwise deadlock
+and fail with "database is locked"), and a busy timeout so waiting writers
+queue instead of failing. Any other SQLAlchemy URL (PostgreSQL) is used as is.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine, event
+
+from tpm_fed.state.schema import metadata
+
+
+def open_database(url: str) -> Engine:
+    """Connect, create missing tables, and return the engine."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_connect(connection, _record) -> None:
+    connection.isolation_level = None  # we issue BEGIN ourselves, below
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
