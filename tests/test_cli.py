@@ -65,7 +65,7 @@ def test_submit_file_as_json(cli_home, tmp_path):
     status = tpm(cli_home, "status")
     assert status.returncode == 0
     # The submit's process is gone, and its replica with it.
-    assert f"stopped   local/{DEMO_MODEL_NAME}@{result['version']}/auto" in status.stdout
+    assert f"stopped   local/{DEMO_MODEL_NAME}@{result['version']}/auto/0" in status.stdout
     models = tpm(cli_home, "models")
     assert result["version"] in models.stdout and "context=256" in models.stdout
 
@@ -94,3 +94,35 @@ def test_importing_tpm_fed_does_not_import_torch_or_vllm():
     code = "import sys, tpm_fed, tpm_fed.cli; print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_accounting_and_own_compute(cli_home, tmp_path):
+    me = LocalUser().current()
+    assert tpm(cli_home, "sites", "add", "mylab", "--byo", "--project", "local").returncode == 0
+    assert tpm(cli_home, "projects", "add", "astro", "--member", "ana").returncode == 0
+    assert tpm(cli_home, "projects", "grant", "astro", "local", "5").returncode == 0
+
+    refused = tpm(cli_home, "submit", "x", "--project", "astro")
+    assert refused.returncode == 1 and f"NotPermitted: '{me}' is not a member of project 'astro'" in refused.stderr
+
+    own = tpm(cli_home, "submit", "The cell", "--site", "mylab", "--max-tokens", "4", "--explain")
+    assert own.returncode == 0, own.stderr
+    assert "free on local's own site" in own.stdout
+    assert "placed on mylab" in own.stderr and "free (own site)" in own.stderr
+
+    statement = tpm(cli_home, "usage", "--project", "local")
+    assert statement.returncode == 0
+    lines = [line for line in statement.stdout.splitlines() if " settled " in line]
+    assert any(" mylab " in line and line.rstrip().endswith("free") for line in lines)
+    assert any(" local " in line and not line.rstrip().endswith("free") for line in lines)
+
+    balances = tpm(cli_home, "allocations").stdout
+    assert "astro" in balances and "5.000000" in balances
+    local_row = next(line for line in balances.splitlines() if line.startswith("local "))
+    assert float(local_row.split()[3].replace(",", "")) > 0  # spent by the earlier submits
+
+    bad = tpm(cli_home, "sites", "add", "x", "--byo")
+    assert bad.returncode == 2 and "--byo needs --project" in bad.stderr
+    bad = tpm(cli_home, "projects", "grant", "astro", "moon", "5")
+    assert bad.returncode == 1 and "unknown site 'moon'" in bad.stderr
+    assert tpm(cli_home, "usage", "--since", "yesterday").returncode == 2

@@ -12,6 +12,7 @@ from tpm_fed.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelLoadError,
+    NotPermitted,
     UnknownModel,
     UnknownVersion,
 )
@@ -168,7 +169,7 @@ def test_corrupt_model_fails_clearly_and_the_worker_keeps_serving(client, model,
 
 def test_request_log_ledger_and_replicas_record_outcomes(client):
     ok = client.generate("The cell", max_new_tokens=4).result(timeout=120)
-    replica = client.broker.registry.get(f"local/demo-llama@{ok.version}/torch")
+    replica = client.broker.registry.get(f"local/demo-llama@{ok.version}/torch/0")
     assert replica.state == "warm" and replica.queue_depth == 0
     bad = GenerationRequest.create("The cell", "truncated", max_new_tokens=4)
     with pytest.raises(ModelLoadError):
@@ -191,3 +192,28 @@ def test_min_new_tokens_suppresses_eos_like_transformers(client, reference_model
         )
     assert result.token_ids[0] == output[0, batch["input_ids"].shape[1] :].tolist()
     assert len(result.token_ids[0]) == 24 and result.completions[0].finish_reason == "length"
+
+
+def test_results_carry_their_charge_and_the_ledger_agrees(client):
+    result = client.generate(["The cell", "The river"], max_new_tokens=8).result(timeout=120)
+    charge = result.charge
+    assert charge.project == "tests" and not charge.free
+    assert 0 < charge.charged_su <= charge.estimate_su
+    price = client.federation.prices.query
+    expected = (result.usage.prompt_tokens * price.per_1k_prompt_tokens
+                + result.usage.completion_tokens * price.per_1k_completion_tokens) / 1000
+    if not result.replica.warm:
+        expected += price.per_cold_start
+    assert charge.charged_su == pytest.approx(expected, abs=2e-6)
+    line = next(c for c in client.ledger.statement() if c.request_id == result.request_id)
+    assert line.charged_usu == round(charge.charged_su * 1_000_000)
+    assert "placed on local" in result.placement
+
+
+def test_refusals_by_the_broker_charge_nothing(client):
+    before = client.ledger.balances("tests")
+    with pytest.raises(NotPermitted, match="not a member of project 'someone-else'"):
+        client.generate("x", project="someone-else")
+    with pytest.raises(InvalidRequest, match="unknown location 'mars'"):
+        client.generate("x", location="mars")
+    assert client.ledger.balances("tests") == before

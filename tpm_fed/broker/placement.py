@@ -178,11 +178,9 @@ class Placer:
             else:
                 eligible[site.name] = (free, site)
 
-        has_replica: set[str] = set()
         for replica in replicas:
             if replica.site not in eligible or not replica.live:
                 continue
-            has_replica.add(replica.site)
             free, site = eligible[replica.site]
             queue_s = replica.queue_depth * replica.service_s
             network_s = self.latency_s(request.location, site)
@@ -194,8 +192,6 @@ class Placer:
                 queue_s=queue_s, network_s=network_s, cost_usu=0 if free else request.estimate_usu, free=free,
             ))
         for name, (free, site) in eligible.items():
-            if name in has_replica:
-                continue
             replaces = None
             if live_per_site.get(name, 0) >= site.capacity.max_replicas:
                 victim = evictable.get(name)

@@ -97,12 +97,13 @@ class ReplicaRegistry:
             return list(self._replicas.values())
 
     def start(self, site: str, model: str, version: str, backend: str) -> ReplicaView:
-        replica_id = f"{site}/{model}@{version}/{backend}"
+        """Record a new replica, ``site/model@version/backend/N`` with the lowest free N."""
         now = time.time()
         with self._lock:
-            known = self._replicas.get(replica_id)
-            if known is not None and known.live:
-                return known
+            number = 0
+            while (known := self._replicas.get(f"{site}/{model}@{version}/{backend}/{number}")) and known.live:
+                number += 1
+            replica_id = f"{site}/{model}@{version}/{backend}/{number}"
             replica = ReplicaView(replica_id, site, model, version, "starting", 0, DEFAULT_SERVICE_S, now)
             self._remember(replica)
         with self.engine.begin() as db:

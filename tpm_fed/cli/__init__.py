@@ -28,13 +28,14 @@ def main() -> None:
 
 
 def _register() -> None:
+    from tpm_fed.cli.accounting import allocations, usage
+    from tpm_fed.cli.admin import projects, sites
     from tpm_fed.cli.models import models
     from tpm_fed.cli.status import status
     from tpm_fed.cli.submit import submit
 
-    main.add_command(submit)
-    main.add_command(status)
-    main.add_command(models)
+    for command in (submit, status, models, allocations, usage, projects, sites):
+        main.add_command(command)
 
 
 _register()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tpm_fed.client import Client
+from tpm_fed.errors import PlacementRefused
 from tpm_fed.request import GenerationRequest
 from tpm_fed.result import GenerationResult
 
@@ -25,8 +26,13 @@ from tpm_fed.result import GenerationResult
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "vllm"]), default=None,
               help="Pin a backend (default: the model's setting in the federation).")
+@click.option("--project", default=None, help="Project to charge (needed if you are in several).")
+@click.option("--location", default=None, help="Where you or your data are (a location in the federation).")
+@click.option("--site", default=None, help="Run only on this site.")
+@click.option("--explain", is_flag=True, help="Print the broker's candidates and why the winner won.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
-def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed, stop, backend, as_json) -> None:
+def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed, stop, backend,
+           project, location, site, explain, as_json) -> None:
     """Answer PROMPT (or every line of --file) and print the text, usage and model version."""
     prompts = _prompts(prompt, prompt_file)
     with Client(progress=True) as client:
@@ -39,14 +45,24 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
             seed=seed,
             stop=list(stop),
             backend=backend,
+            project=project,
+            location=location,
+            site=site,
         )
-        pending = client.submit(request)  # refuses bad input before any site starts
+        try:
+            pending = client.submit(request)  # refuses bad input before any site starts
+        except PlacementRefused as refused:
+            if explain:
+                click.echo(refused.explanation, err=True)
+            raise
         click.echo(f"tpm: starting site and replica for {request.model} (a cold start takes seconds)...", err=True)
         result = pending.result()
     if as_json:
         click.echo(json.dumps(result.to_wire(), indent=2))
     else:
         _print_text(result)
+    if explain and not as_json:
+        click.echo(result.placement, err=True)
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
@@ -60,6 +76,13 @@ def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     return lines
 
 
+def _charge(result: GenerationResult) -> str:
+    charge = result.charge
+    if charge.free:
+        return f"free on {charge.project}'s own site"
+    return f"{charge.charged_su:.6f} SU to {charge.project}"
+
+
 def _print_text(result: GenerationResult) -> None:
     many = len(result.completions) > 1
     for index, completion in enumerate(result.completions):
@@ -70,7 +93,8 @@ def _print_text(result: GenerationResult) -> None:
     line = (
         f"[{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens"
         f" | {result.model}@{result.version} | {result.backend} on {result.site}"
-        f" | replica {warmth} | {result.timings.total_s:.2f} s]"
+        f" | replica {warmth} | {result.timings.total_s:.2f} s"
+        + (f" | {_charge(result)}]" if result.charge else "]")
     )
     click.echo(line)
     for note in result.notes:
