@@ -63,7 +63,11 @@ def test_allocation_decides_where_a_project_may_run(broker):
     decision = broker.decide(ask(project="bio", location="chicago"))
     assert decision.chosen.site == "far"  # bio holds SUs only at the far site
     reasons = {c.site: c.excluded for c in decision.candidates if c.excluded}
-    assert reasons == {"near": "project 'bio' has no allocation here", "lab": "byo site of project 'astro'"}
+    assert reasons == {"2 other site(s)": "project 'bio' has no allocation there (or they are byo sites of others)"}
+    named = broker.decide(ask(project="bio", site="near"))  # asked for by name: the precise reason
+    assert named.chosen is None and named.candidates[0].excluded == "project 'bio' has no allocation here"
+    nowhere = broker.decide(ask(project="bio", model="llm", site=None, estimate=10**12))
+    assert nowhere.chosen is None and "lacks the SUs" in nowhere.refusal
 
 
 def test_byo_site_is_free_for_its_project_and_closed_to_others(broker):

@@ -10,6 +10,7 @@ having been charged nothing.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,38 @@ class Admission:
         return self.decision.chosen.replaces if self.decision.chosen else None
 
 
+class BalanceSnapshot:
+    """Available SUs per (project, site), re-read from the ledger at most every ``max_age_s``.
+
+    Placement only ranks with it: the reservation, checked by the database,
+    has the last word, so a stale figure costs at most a fall-through to the
+    next candidate, never an overspend.
+    """
+
+    def __init__(self, ledger: Ledger, max_age_s: float = 1.0) -> None:
+        self.ledger = ledger
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._read_at = float("-inf")
+        self._available: dict[tuple[str, str], int] = {}
+
+    def refresh(self) -> None:
+        fresh = {(b.project, b.site): b.available_usu for b in self.ledger.balances()}
+        with self._lock:
+            self._available, self._read_at = fresh, time.monotonic()
+
+    def available(self, project: str, site: str) -> int | None:
+        if time.monotonic() - self._read_at > self.max_age_s:
+            self.refresh()
+        return self._available.get((project, site))
+
+    def spent(self, project: str, site: str, amount: int) -> None:
+        with self._lock:
+            key = (project, site)
+            if key in self._available:
+                self._available[key] -= amount
+
+
 class Broker:
     def __init__(self, federation: Federation, ledger: Ledger, registry: ReplicaRegistry,
                  health: SiteHealth | None = None) -> None:
@@ -53,6 +86,7 @@ class Broker:
             for project in federation.projects
             for site, amount in project.allocations.items()
         })
+        self.balances = BalanceSnapshot(ledger)
 
     def decide(self, request: PlacementRequest) -> Decision:
         """Rank the candidates for ``request`` (nothing is reserved or started)."""
@@ -63,17 +97,12 @@ class Broker:
                     f"site {site.name!r} is project {site.owner!r}'s own compute; "
                     f"project {request.project!r} may not use it"
                 )
-        grants = {(p.name, s) for p in self.federation.projects for s in p.allocations}
-
-        def available(project: str, site: str) -> int | None:
-            return self.ledger.available(project, site) if (project, site) in grants else None
-
         return self.placer.place(
             request,
             self.registry.of_model(request.model, request.version),
             self.registry.live_per_site(),
-            self.registry.evictable(),
-            available,
+            self.registry.evictable,
+            self.balances.available,
             self.health.healthy,
         )
 
@@ -99,11 +128,13 @@ class Broker:
                 )
             except InsufficientBalance as error:
                 last_error = error
+                self.balances.refresh()
                 continue
             if candidate.replaces is not None:
                 self.registry.set_state([candidate.replaces], "stopped")
             replica = self._replica_for(candidate, request, backend)
             self.registry.queued(replica.replica_id)
+            self.balances.spent(request.project, candidate.site, estimate)
             chosen = Decision(candidate, decision.candidates)
             return Admission(request_id, request.project, candidate.site, replica.replica_id,
                              candidate.replica_id is None, candidate.free, estimate, chosen)

@@ -18,8 +18,8 @@ class SiteHealth:
 
     def healthy(self, site: str) -> bool:
         """True unless the site failed less than ``probe_after_s`` ago."""
-        with self._lock:
-            return time.monotonic() >= self._retry_at.get(site, 0.0)
+        retry_at = self._retry_at.get(site)  # a single dict read: no lock needed
+        return retry_at is None or time.monotonic() >= retry_at
 
     def failed(self, site: str, reason: str) -> None:
         with self._lock:

@@ -22,7 +22,7 @@ For a request (caller, project, model@version, tier, location):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tpm_fed.federation import Federation, SiteConfig
@@ -70,7 +70,7 @@ class ReplicaView:
         return self.state in ("starting", "warm")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built by the thousand per second: slots, not frozen
 class Candidate:
     """One option considered, with its score terms, or why it was out."""
 
@@ -137,6 +137,13 @@ class Placer:
                 s for s in federation.sites
                 if s.name in allowed and s.capacity.accelerators_per_slot >= model.accelerators
             ]
+        self._host_names = {model: {s.name for s in sites} for model, sites in self._hosts.items()}
+        # Sites each project may spend at (granted, or its own): with a thousand
+        # sites, placement looks at these and summarizes the rest.
+        self._usable: dict[str, list[SiteConfig]] = {
+            p.name: [s for s in federation.sites if s.name in p.allocations or s.owner == p.name]
+            for p in federation.projects
+        }
         self._latency: dict[tuple[str, str], float] = {}
 
     def hosts(self, model: str) -> list[SiteConfig]:
@@ -152,8 +159,8 @@ class Placer:
         self,
         request: PlacementRequest,
         replicas: Iterable[ReplicaView],
-        live_per_site: dict[str, int],
-        evictable: dict[str, ReplicaView],
+        live_per_site: Mapping[str, int],
+        evictable: Callable[[str], ReplicaView | None],
         available_usu: Callable[[str, str], int | None],
         healthy: Callable[[str], bool],
     ) -> Decision:
@@ -162,14 +169,25 @@ class Placer:
         Args:
             replicas: Live replicas of ``request.model@request.version``.
             live_per_site: Live replicas of any model, per site (capacity).
-            evictable: Per site, its least recently used idle replica, if any.
+            evictable: A site's least recently used idle replica, if any (asked only of full sites).
             available_usu: SUs the project may still spend at a site (None: no allocation there).
             healthy: Whether a site may take work now.
         """
         hosts = self.hosts(request.model)
+        candidates: list[Candidate] = []
         if request.site is not None:
             hosts = [s for s in hosts if s.name == request.site]
-        candidates: list[Candidate] = []
+        elif request.project in self._usable:
+            # Hosts this project has no claim on are out for one reason: say it once.
+            host_names = self._host_names.get(request.model, set())
+            usable = [s for s in self._usable[request.project] if s.name in host_names]
+            others = len(hosts) - len(usable)
+            if others:
+                candidates.append(Candidate(
+                    f"{others} other site(s)", None,
+                    excluded=f"project {request.project!r} has no allocation there (or they are byo sites of others)",
+                ))
+            hosts = usable
         eligible: dict[str, tuple[bool, SiteConfig]] = {}
         for site in hosts:
             reason, free = self._site_exclusion(request, site, available_usu, healthy)
@@ -194,7 +212,7 @@ class Placer:
         for name, (free, site) in eligible.items():
             replaces = None
             if live_per_site.get(name, 0) >= site.capacity.max_replicas:
-                victim = evictable.get(name)
+                victim = evictable(name)
                 if victim is None:
                     candidates.append(Candidate(
                         name, None, excluded=f"at capacity ({site.capacity.max_replicas} replicas, all busy)"))
@@ -228,7 +246,7 @@ class Placer:
         return None, False
 
     def _refusal(self, request: PlacementRequest, hosts: list[SiteConfig], candidates: list[Candidate]) -> str:
-        if not hosts:
+        if not self.hosts(request.model) or (request.site and not hosts):
             where = f"site {request.site!r}" if request.site else "any site"
             return f"model {request.model!r} cannot be hosted on {where}"
         reasons = {c.excluded for c in candidates}

@@ -48,6 +48,8 @@ class ReplicaRegistry:
         self._lock = threading.Lock()
         self._replicas: dict[str, ReplicaView] = {}
         self._by_model: dict[tuple[str, str], dict[str, ReplicaView]] = defaultdict(dict)
+        self._by_site: dict[str, dict[str, ReplicaView]] = defaultdict(dict)
+        self._live: dict[str, int] = defaultdict(int)  # kept current: placement reads it every time
         self._load()
 
     def _load(self) -> None:
@@ -62,31 +64,29 @@ class ReplicaRegistry:
                                            0, row.service_s, row.last_used))
 
     def _remember(self, replica: ReplicaView) -> None:
+        """Called under the lock (or before any other thread can see us)."""
+        previous = self._replicas.get(replica.replica_id)
+        if previous is not None and previous.live:
+            self._live[previous.site] -= 1
         self._replicas[replica.replica_id] = replica
         self._by_model[(replica.model, replica.version)][replica.replica_id] = replica
+        self._by_site[replica.site][replica.replica_id] = replica
+        if replica.live:
+            self._live[replica.site] += 1
 
     def of_model(self, model: str, version: str) -> list[ReplicaView]:
         with self._lock:
             return list(self._by_model.get((model, version), {}).values())
 
     def live_per_site(self) -> dict[str, int]:
-        counts: dict[str, int] = defaultdict(int)
-        with self._lock:
-            for replica in self._replicas.values():
-                if replica.live:
-                    counts[replica.site] += 1
-        return counts
+        """Live replicas per site (a live view: read it, do not change it)."""
+        return self._live
 
-    def evictable(self) -> dict[str, ReplicaView]:
-        """Per site, the least recently used live replica with nothing queued."""
-        chosen: dict[str, ReplicaView] = {}
+    def evictable(self, site: str) -> ReplicaView | None:
+        """The site's least recently used live replica with nothing queued, if any."""
         with self._lock:
-            for replica in self._replicas.values():
-                if replica.live and replica.queue_depth == 0:
-                    best = chosen.get(replica.site)
-                    if best is None or replica.last_used < best.last_used:
-                        chosen[replica.site] = replica
-        return chosen
+            idle = [r for r in self._by_site.get(site, {}).values() if r.live and r.queue_depth == 0]
+        return min(idle, key=lambda r: r.last_used, default=None)
 
     def get(self, replica_id: str) -> ReplicaView | None:
         with self._lock:
@@ -126,6 +126,7 @@ class ReplicaRegistry:
             replica = self._replicas[replica_id]
             replica.queue_depth = max(0, replica.queue_depth - requests)
             replica.service_s = (1 - SERVICE_TIME_WEIGHT) * replica.service_s + SERVICE_TIME_WEIGHT * batch_s
+            self._live[replica.site] += 1 - int(replica.live)
             replica.state, replica.last_used = "warm", now
             service_s = replica.service_s
         with self.engine.begin() as db:
@@ -143,7 +144,9 @@ class ReplicaRegistry:
             return
         with self._lock:
             for replica_id in replica_ids:
-                self._replicas[replica_id].state = state
+                replica = self._replicas[replica_id]
+                self._live[replica.site] += int(state in ("starting", "warm")) - int(replica.live)
+                replica.state = state
         with self.engine.begin() as db:
             db.execute(update(replicas_table).where(replicas_table.c.replica_id.in_(replica_ids))
                        .values(state=state))

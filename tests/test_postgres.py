@@ -1,0 +1,99 @@
+"""The ledger and broker on a real PostgreSQL server, started by this test.
+
+Skipped, with the reason, where the server binaries (Debian's postgresql
+package: initdb, pg_ctl) or the psycopg driver are missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[test]')")
+
+from tpm_fed.errors import InsufficientBalance  # noqa: E402
+from tpm_fed.ledger import Ledger, Metered  # noqa: E402
+from tpm_fed.state import open_database  # noqa: E402
+
+SU = 1_000_000
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    # initdb refuses to run as root; Debian's package creates the postgres user.
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *command]
+    return command
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+    if os.geteuid() == 0 and not shutil.which("runuser"):
+        pytest.skip("running as root without runuser: cannot start PostgreSQL as a non-root user")
+    # Not under pytest's temp root: that is private to the user running the tests.
+    folder = Path(tempfile.mkdtemp(prefix="tpm-postgres-"))
+    data = folder / "data"
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run(_as_postgres_user([initdb, "-D", str(data), "-U", "postgres", "--auth=trust"]),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres_user([pg_ctl, "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                                      f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"]),
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(_as_postgres_user([pg_ctl, "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def ledger(postgres_url):
+    engine = open_database(postgres_url)
+    with engine.begin() as db:
+        for table in ("charges", "allocations", "replicas", "requests"):
+            db.exec_driver_sql(f"DELETE FROM {table}")
+    ledger = Ledger(engine)
+    ledger.sync_grants({("p", "s"): 10.0})
+    return ledger
+
+
+def test_reserve_settle_release_on_postgres(ledger):
+    ledger.reserve("a", project="p", site="s", identity="u", model="m", version="v", tier="query",
+                   estimate_usu=3 * SU)
+    assert ledger.settle("a", Metered(prompt_tokens=3), SU) == SU
+    assert ledger.settle("a", Metered(prompt_tokens=3), SU) == 0
+    ledger.reserve("b", project="p", site="s", identity="u", model="m", version="v", tier="query",
+                   estimate_usu=SU)
+    assert ledger.release("b", "failed")
+    (balance,) = ledger.balances()
+    assert (balance.spent_usu, balance.reserved_usu, balance.available_usu) == (SU, 0, 9 * SU)
+
+
+def test_eight_threads_cannot_overspend_on_postgres(ledger):
+    def attempt(index: int) -> int:
+        try:
+            ledger.reserve(f"t{index}", project="p", site="s", identity="u", model="m", version="v",
+                           tier="query", estimate_usu=SU // 2)
+        except InsufficientBalance:
+            return 0
+        return ledger.settle(f"t{index}", Metered(), SU // 2) + ledger.settle(f"t{index}", Metered(), SU // 2)
+
+    with ThreadPoolExecutor(8) as pool:
+        charged = sum(pool.map(attempt, range(60)))
+    (balance,) = ledger.balances()
+    assert charged == balance.spent_usu == 10 * SU  # exactly the grant: 20 requests, each charged once
+    assert balance.reserved_usu == 0 and balance.available_usu == 0
+    assert sum(c.state == "settled" for c in ledger.statement()) == 20
