@@ -60,7 +60,7 @@ def bench_placement(args) -> float:
     for index in range(args.replicas):
         model = f"model{index % 200}"
         site = f"site{rng.randrange(args.sites)}"
-        registry._remember(ReplicaView(f"{site}/{model}@v1/torch/{index}", site, model, "v1", "warm",
+        registry._remember(ReplicaView(f"{site}/{model}@v1/auto/{index}", site, model, "v1", "warm",
                                        rng.randrange(4), rng.uniform(0.2, 2.0), time.time()))
     broker = Broker(federation, Ledger(engine), registry)
     requests = [

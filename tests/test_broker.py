@@ -45,11 +45,12 @@ def broker(tmp_path):
 
 def ask(project="bio", location="chicago", model="llm", site=None, estimate=SU // 100, identity="bo"):
     return PlacementRequest(identity=identity, project=project, model=model, version="v1", tier="query",
-                            location=location, estimate_usu=estimate, cold_start_usu=SU // 2, site=site)
+                            location=location, estimate_usu=estimate, cold_start_usu=SU // 2, site=site,
+                            backend="torch")
 
 
 def admit(broker, request, rid=None):
-    return broker.admit(rid or f"r{time.perf_counter_ns()}", request, "torch")
+    return broker.admit(rid or f"r{time.perf_counter_ns()}", request)
 
 
 def test_locality_prefers_the_near_site_when_all_else_is_equal(broker):
@@ -174,6 +175,14 @@ def test_idle_replicas_stop_after_keep_alive(broker):
     assert broker.reap_idle(now=time.time() + 10) == []
     assert broker.reap_idle(now=time.time() + 601) == [admission.replica_id]
     assert broker.registry.get(admission.replica_id).state == "stopped"
+
+
+def test_a_replica_on_another_backend_is_not_reused(broker):
+    torch_replica = admit(broker, ask())
+    broker.registry.served(torch_replica.replica_id, 1, 0.1, None)
+    on_vllm = admit(broker, PlacementRequest("bo", "bio", "llm", "v1", "query", "chicago", SU // 100, 0,
+                                             backend="vllm"))
+    assert on_vllm.cold and on_vllm.replica_id.endswith("/vllm/0")
 
 
 def test_explanation_names_every_candidate(broker):

@@ -100,7 +100,7 @@ class Client:
         if request.backend is not None and request.backend != spec.backend:
             spec = spec.model_copy(update={"backend": request.backend})
         price = self.federation.prices.query
-        admission = self.broker.admit(request.request_id, self._placement(request, spec, price), spec.backend)
+        admission = self.broker.admit(request.request_id, self._placement(request, spec, price))
         self._bookkeeper.admitted(admission, price)
         self._forget_dispatchers([admission.replaced] if admission.replaced else [])
         self._reap_idle()
@@ -126,6 +126,7 @@ class Client:
             estimate_usu=estimate_usu(price, request.prompts, request.max_new_tokens, cold_start=False),
             cold_start_usu=price_usu(price, Metered(cold_start=True)),
             site=request.site,
+            backend=spec.backend,
         )
 
     def project_for(self, asked: str | None) -> str:

@@ -106,7 +106,7 @@ class Broker:
             self.health.healthy,
         )
 
-    def admit(self, request_id: str, request: PlacementRequest, backend: str) -> Admission:
+    def admit(self, request_id: str, request: PlacementRequest) -> Admission:
         """Place ``request`` and reserve its SUs; start a replica if the best is new.
 
         Raises:
@@ -132,7 +132,7 @@ class Broker:
                 continue
             if candidate.replaces is not None:
                 self.registry.set_state([candidate.replaces], "stopped")
-            replica = self._replica_for(candidate, request, backend)
+            replica = self._replica_for(candidate, request)
             self.registry.queued(replica.replica_id)
             self.balances.spent(request.project, candidate.site, estimate)
             chosen = Decision(candidate, decision.candidates)
@@ -141,12 +141,12 @@ class Broker:
         assert last_error is not None
         raise last_error
 
-    def _replica_for(self, candidate: Candidate, request: PlacementRequest, backend: str):
+    def _replica_for(self, candidate: Candidate, request: PlacementRequest):
         if candidate.replica_id is not None:
             existing = self.registry.get(candidate.replica_id)
             if existing is not None and existing.live:
                 return existing
-        return self.registry.start(candidate.site, request.model, request.version, backend)
+        return self.registry.start(candidate.site, request.model, request.version, request.backend)
 
     def reap_idle(self, now: float | None = None) -> list[str]:
         """Stop replicas idle past their site's keep-alive; returns their ids."""

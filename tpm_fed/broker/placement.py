@@ -50,6 +50,7 @@ class PlacementRequest:
     estimate_usu: int
     cold_start_usu: int = 0
     site: str | None = None
+    backend: str = "auto"
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ReplicaView:
     queue_depth: int = 0
     service_s: float = DEFAULT_SERVICE_S
     last_used: float = 0.0
+    backend: str = "auto"
 
     @property
     def live(self) -> bool:
@@ -167,7 +169,7 @@ class Placer:
         """Choose a replica for ``request``.
 
         Args:
-            replicas: Live replicas of ``request.model@request.version``.
+            replicas: Live replicas of ``request.model@request.version`` (others are skipped).
             live_per_site: Live replicas of any model, per site (capacity).
             evictable: A site's least recently used idle replica, if any (asked only of full sites).
             available_usu: SUs the project may still spend at a site (None: no allocation there).
@@ -197,7 +199,7 @@ class Placer:
                 eligible[site.name] = (free, site)
 
         for replica in replicas:
-            if replica.site not in eligible or not replica.live:
+            if replica.site not in eligible or not replica.live or replica.backend != request.backend:
                 continue
             free, site = eligible[replica.site]
             queue_s = replica.queue_depth * replica.service_s

@@ -61,7 +61,7 @@ class ReplicaRegistry:
                                .values(state="stopped"))
                     continue
                 self._remember(ReplicaView(row.replica_id, row.site, row.model, row.version, row.state,
-                                           0, row.service_s, row.last_used))
+                                           0, row.service_s, row.last_used, row.backend))
 
     def _remember(self, replica: ReplicaView) -> None:
         """Called under the lock (or before any other thread can see us)."""
@@ -104,7 +104,7 @@ class ReplicaRegistry:
             while (known := self._replicas.get(f"{site}/{model}@{version}/{backend}/{number}")) and known.live:
                 number += 1
             replica_id = f"{site}/{model}@{version}/{backend}/{number}"
-            replica = ReplicaView(replica_id, site, model, version, "starting", 0, DEFAULT_SERVICE_S, now)
+            replica = ReplicaView(replica_id, site, model, version, "starting", 0, DEFAULT_SERVICE_S, now, backend)
             self._remember(replica)
         with self.engine.begin() as db:
             values = dict(site=site, model=model, version=version, backend=backend, state="starting",
@@ -160,7 +160,8 @@ class ReplicaRegistry:
         live = {r.replica_id: r for r in self.all()}
         return [
             live.get(row.replica_id)
-            or ReplicaView(row.replica_id, row.site, row.model, row.version, row.state, 0, row.service_s, row.last_used)
+            or ReplicaView(row.replica_id, row.site, row.model, row.version, row.state, 0, row.service_s,
+                           row.last_used, row.backend)
             for row in rows
         ]
 
