@@ -70,7 +70,8 @@ def _load(spec: ModelSpec) -> Replica:
     started = time.perf_counter()
     if not os.path.isdir(spec.path):
         raise ModelLoadError(f"model {spec.name!r}: directory not found: {spec.path}")
-    on_disk = hash_model_dir(Path(spec.path))
+    # A store version is checked chunk by chunk as it loads; a directory by its hash.
+    on_disk = spec.version if spec.source == "store" else hash_model_dir(Path(spec.path))
     if on_disk != spec.version:
         raise UnknownVersion(
             f"model {spec.name!r}: version {spec.version} is not here; {spec.path} "

@@ -36,6 +36,8 @@ class ModelCatalog:
             ModelLoadError: The model directory is missing or has no config.
         """
         config = self.federation.model(ref.name)
+        if config.store:
+            return self._resolve_stored(config, ref)
         config_file = config.path / "config.json"
         if not config_file.is_file():
             raise ModelLoadError(
@@ -54,6 +56,18 @@ class ModelCatalog:
             backend=config.backend,
             dtype=config.dtype,
             tensor_parallel_size=config.tensor_parallel_size,
+        )
+        return ResolvedModel(spec=spec, context_length=int(context))
+
+    def _resolve_stored(self, config, ref: ModelRef) -> ResolvedModel:
+        from tpm_fed.store import ModelStore
+
+        store = ModelStore(self.federation.store)
+        version = store.resolve(config.name, ref.version)
+        context = store.config_json(version).get("max_position_embeddings", 0)
+        spec = ModelSpec(
+            name=config.name, version=version, path=str(store.root), backend=config.backend,
+            dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size, source="store",
         )
         return ResolvedModel(spec=spec, context_length=int(context))
 

@@ -86,6 +86,8 @@ class ModelConfig(_Strict):
     Attributes:
         name: Unique model name users ask for.
         path: Hugging Face model directory (relative to the federation file).
+        store: Versions come from the federation's model store instead
+            (``tpm models add``); then there is no ``path``.
         backend: ``auto`` (vLLM where installed and the architecture is
             supported, else torch), ``torch`` or ``vllm``.
         dtype: Load dtype.
@@ -97,7 +99,8 @@ class ModelConfig(_Strict):
     """
 
     name: str = Name
-    path: Path
+    path: Path | None = None
+    store: bool = False
     backend: BackendChoice = "auto"
     dtype: DType = "float32"
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
@@ -105,6 +108,12 @@ class ModelConfig(_Strict):
     memory_gb: float = Field(default=1.0, gt=0)
     modes: list[Tier] = Field(default_factory=lambda: ["query"], min_length=1)
     sites: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.path is None) == (not self.store):
+            raise ValueError(f"model {self.name!r}: give either a path or store: true")
+        return self
 
 
 class ProjectConfig(_Strict):
@@ -152,6 +161,7 @@ class Federation(_Strict):
         latency_ms: Network latency between locations (site locations and named
             caller locations), in either direction; a location is 0 from itself.
         default_location: Where callers are when they do not say.
+        store: The model store's folder (relative to the federation file).
     """
 
     name: str = "embedded"
@@ -161,6 +171,7 @@ class Federation(_Strict):
     prices: Prices = Prices()
     latency_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
     default_location: str = "local"
+    store: Path = Path("store")
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -221,9 +232,10 @@ class Federation(_Strict):
 
     def with_paths_relative_to(self, folder: Path) -> Self:
         models = [
-            m.model_copy(update={"path": (folder / m.path).resolve()}) for m in self.models
+            m.model_copy(update={"path": (folder / m.path).resolve()}) if m.path is not None else m
+            for m in self.models
         ]
-        return self.model_copy(update={"models": models})
+        return self.model_copy(update={"models": models, "store": (folder / self.store).resolve()})
 
     def dump(self, path: Path) -> None:
         """Write atomically: a crash never leaves half a federation file."""

@@ -27,7 +27,11 @@ def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:
         return "torch", []
     from functions.backends.vllm_backend import vllm_support
 
-    why_not = vllm_support(_architecture(spec))
+    why_not = (
+        "vllm loads model directories, and this version lives in the model store"
+        if spec.source == "store"
+        else vllm_support(_architecture(spec))
+    )
     if why_not is None:
         return "vllm", []
     if spec.backend == "vllm":

@@ -48,6 +48,8 @@ class TorchBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if spec.source == "store":
+            return cls._load_from_store(spec)
         path = Path(spec.path)
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -61,6 +63,33 @@ class TorchBackend:
         except Exception as error:  # transformers raises many types for bad files
             raise ModelLoadError(
                 f"model {spec.name!r}: could not load {path}: {type(error).__name__}: {error}"
+            ) from None
+        model.eval()
+        tokenizer.padding_side = "left"
+        return cls(model, tokenizer)
+
+    @classmethod
+    def _load_from_store(cls, spec: ModelSpec) -> TorchBackend:
+        """Build the model without initializing weights, then take the store's tensors as they are."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.initialization import no_init_weights
+
+        from functions.store_loader import load_state_dict, materialize_files
+        from tpm_fed.store import ModelStore
+
+        store = ModelStore(Path(spec.path))
+        files = materialize_files(store, spec.version)
+        tensors = load_state_dict(store, spec.version)
+        try:
+            with no_init_weights():
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(files), dtype=getattr(torch, spec.dtype))
+            model.load_state_dict(tensors, strict=True, assign=True)
+            model.tie_weights()
+            tokenizer = AutoTokenizer.from_pretrained(files)
+        except Exception as error:
+            raise ModelLoadError(
+                f"model {spec.name!r}: could not build version {spec.version[:16]}: {type(error).__name__}: {error}"
             ) from None
         model.eval()
         tokenizer.padding_side = "left"

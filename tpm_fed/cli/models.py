@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import click
 
 from tpm_fed.catalog import ModelCatalog
@@ -26,4 +29,110 @@ def models(ctx: click.Context) -> None:
             detail = f"{resolved.spec.version}  context={resolved.context_length}"
         except TpmError as error:
             detail = f"unavailable: {error}"
-        click.echo(f"{config.name:<20} {detail}  backend={config.backend} dtype={config.dtype}  {config.path}")
+        where = "store" if config.store else config.path
+        click.echo(f"{config.name:<20} {detail}  backend={config.backend} dtype={config.dtype}  {where}")
+
+
+def _store():
+    from tpm_fed.cli.context import open_home
+    from tpm_fed.store import ModelStore
+
+    home, federation = open_home()
+    return ModelStore(federation.store), home, federation
+
+
+def _split(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
+@models.command("add")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name (added to the federation if new).")
+@click.option("--tag", default=None, help="Also tag the new version (e.g. v1, prod).")
+def add(model_dir: Path, name: str, tag: str | None) -> None:
+    """Import MODEL_DIR (a Hugging Face directory) as a new version of NAME."""
+    store, home, federation = _store()
+    version = store.import_dir(model_dir, name, tag, progress=True)
+    if name not in {m.name for m in federation.models}:
+        from tpm_fed.cli.admin import _save
+
+        entry = {"name": name, "store": True}
+        _save(home, federation, {"models": [*federation.model_dump(mode="json")["models"], entry]})
+        click.echo(f"model {name!r} added to the federation (served from the store)", err=True)
+    click.echo(f"{name}@{version}")
+
+
+@models.command("versions")
+@click.argument("name")
+def versions(name: str) -> None:
+    """Versions of NAME in the store, oldest first, with tags and sizes."""
+    store, _, _ = _store()
+    for info in store.versions(name):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
+        parent = f"parent {info.parent[:16]}" if info.parent else "first"
+        click.echo(f"{info.version}  {when}  {info.nbytes:>14,} B  {parent}  {' '.join(info.tags)}")
+
+
+@models.command("tag")
+@click.argument("ref")
+@click.argument("tag")
+@click.option("--move", is_flag=True, help="Move the tag if another version has it.")
+def tag_version(ref: str, tag: str, move: bool) -> None:
+    """Tag version REF (NAME@VERSION) as TAG."""
+    store, _, _ = _store()
+    name, version = _split(ref)
+    click.echo(f"{name}@{store.tag(name, version or 'latest', tag, move=move)} tagged {tag}")
+
+
+@models.command("diff")
+@click.argument("first")
+@click.argument("second")
+def diff(first: str, second: str) -> None:
+    """Tensors that differ between FIRST and SECOND (each NAME@VERSION or NAME@TAG)."""
+    store, _, _ = _store()
+    a, b = (store.resolve(*_split(ref)) for ref in (first, second))
+    changes = store.diff(a, b)
+    for change in changes:
+        delta = f"  max |diff| {change.max_abs_diff:.3g}" if change.max_abs_diff is not None else ""
+        click.echo(f"{change.status:<8} {change.name}  {change.nbytes:,} B{delta}")
+    total = store.manifest(b).nbytes
+    changed = sum(c.nbytes for c in changes)
+    click.echo(f"{len(changes)} tensors differ: {changed:,} of {total:,} bytes ({changed / max(total, 1):.1%})")
+
+
+@models.command("verify")
+@click.argument("ref", required=False)
+def verify(ref: str | None) -> None:
+    """Re-hash every chunk of REF (NAME[@VERSION]), or of every version; exit 1 on a problem."""
+    store, _, _ = _store()
+    if ref is None:
+        targets = None
+    else:
+        name, version = _split(ref)
+        targets = [store.resolve(name, version)] if version else [v.version for v in store.versions(name)]
+    problems = store.verify(targets, progress=True)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo("every chunk matches its hash")
+
+
+@models.command("gc")
+def gc() -> None:
+    """Remove chunks no version uses (after a failed import, say)."""
+    store, _, _ = _store()
+    removed, freed = store.gc()
+    click.echo(f"removed {removed} chunks, {freed:,} bytes")
+
+
+@models.command("export")
+@click.argument("ref")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def export(ref: str, out_dir: Path) -> None:
+    """Write version REF (NAME@VERSION) back as a plain Hugging Face directory."""
+    store, _, _ = _store()
+    version = store.resolve(*_split(ref))
+    store.export(version, out_dir, progress=True)
+    click.echo(f"{ref} -> {out_dir}")

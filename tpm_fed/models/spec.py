@@ -20,6 +20,9 @@ class ModelSpec(BaseModel):
         backend: ``torch``, ``vllm`` or ``auto`` (vLLM where it can, else torch).
         dtype: Weights are loaded in this dtype.
         tensor_parallel_size: GPUs one vLLM replica spans (1 on CPU).
+        source: ``dir``: ``path`` is a Hugging Face directory whose content hash is
+            the version; ``store``: ``path`` is a model store root, and the
+            version is a manifest id in it.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -30,6 +33,7 @@ class ModelSpec(BaseModel):
     backend: BackendChoice = "auto"
     dtype: DType = "float32"
     tensor_parallel_size: int = 1
+    source: Literal["dir", "store"] = "dir"
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -1,0 +1,65 @@
+"""Load a model version from the store inside a worker: verified, memory-mapped where possible.
+
+Every chunk is re-hashed as it is read; a missing or corrupt chunk, or a
+manifest that does not hash to its id, stops the load with an error naming
+the tensor, so nothing corrupt is ever served. A tensor held in one chunk is
+memory-mapped from the chunk file (copy-on-write: the store is never
+written); a larger one is assembled in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tpm_fed.errors import ModelLoadError
+from tpm_fed.store.store import _TORCH_DTYPES, ModelStore
+
+
+def materialize_files(store: ModelStore, version: str) -> Path:
+    """The version's config and tokenizer files in a folder (written once, atomically)."""
+    target = store.root / "materialized" / version
+    if target.is_dir():
+        return target
+    manifest = store.manifest(version)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
+    for name, chunk_id in manifest.files.items():
+        data = store.chunks.read(chunk_id)
+        if hashlib.sha256(data).hexdigest() != chunk_id:
+            raise ModelLoadError(f"version {version[:16]}: file {name} is corrupt in the store")
+        (staging / name).write_bytes(data)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another worker materialized it first
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_state_dict(store: ModelStore, version: str) -> dict[str, Any]:
+    """Every tensor of the version, checked against its chunk hashes."""
+    import torch
+
+    manifest = store.manifest(version)
+    tensors = {}
+    for name, record in manifest.tensors.items():
+        dtype = _TORCH_DTYPES[record.dtype]
+        for chunk_id in record.chunks:
+            actual = store.chunks.rehash(chunk_id)
+            if actual is None:
+                raise ModelLoadError(f"version {version[:16]}: tensor {name}: chunk {chunk_id[:16]} is missing")
+            if actual != chunk_id:
+                raise ModelLoadError(f"version {version[:16]}: tensor {name}: chunk {chunk_id[:16]} is corrupt")
+        if len(record.chunks) == 1 and record.nbytes > 0:
+            flat = torch.from_file(str(store.chunks.path(record.chunks[0])), shared=False,
+                                   size=record.nbytes // dtype.itemsize, dtype=dtype)
+        else:
+            flat = torch.frombuffer(bytearray(b"".join(store.chunks.read(c) for c in record.chunks)) or bytearray(1),
+                                    dtype=torch.uint8)[: record.nbytes].view(dtype)
+        tensors[name] = flat.reshape(record.shape)
+    return tensors
