@@ -3,6 +3,13 @@
 Writes go to a temporary file in the same folder, then ``os.replace``: a chunk
 is either whole under its name or absent, even if the disk fills or two
 imports write the same chunk at once.
+
+Chunks are never written again once stored, so a chunk whose bytes were
+hashed is recorded with its file's size, mtime and inode (``verified/``).
+:meth:`ChunkStore.check` re-hashes only when that record no longer matches
+the file: any write to a chunk (a flipped byte, a truncation) is caught
+without re-reading every byte of every healthy chunk at every load. Decay
+that changes no metadata is what ``tpm models verify`` (a full re-hash) is for.
 """
 
 from __future__ import annotations
@@ -20,9 +27,15 @@ def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _stat_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+
+
 class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.verified_root = root.parent / "verified"
 
     def path(self, chunk_id: str) -> Path:
         return self.root / chunk_id[:2] / chunk_id
@@ -45,7 +58,39 @@ class ChunkStore:
         except BaseException:
             os.unlink(staging)
             raise
+        self._mark_verified(chunk_id)
         return chunk_id, True
+
+    def _marker(self, chunk_id: str) -> Path:
+        return self.verified_root / chunk_id[:2] / chunk_id
+
+    def _mark_verified(self, chunk_id: str) -> None:
+        marker = self._marker(chunk_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=".incoming-", dir=marker.parent)
+        with os.fdopen(handle, "w") as out:
+            out.write(_stat_key(self.path(chunk_id)))
+        os.replace(staging, marker)
+
+    def check(self, chunk_id: str) -> str:
+        """``ok``, ``missing`` or ``corrupt``; re-hashes only a chunk changed since last verified."""
+        path = self.path(chunk_id)
+        try:
+            current = _stat_key(path)
+        except FileNotFoundError:
+            return "missing"
+        try:
+            if self._marker(chunk_id).read_text() == current:
+                return "ok"
+        except FileNotFoundError:
+            pass
+        actual = self.rehash(chunk_id)
+        if actual is None:
+            return "missing"
+        if actual != chunk_id:
+            return "corrupt"
+        self._mark_verified(chunk_id)
+        return "ok"
 
     def read(self, chunk_id: str) -> bytes:
         return self.path(chunk_id).read_bytes()
@@ -74,4 +119,5 @@ class ChunkStore:
         path = self.path(chunk_id)
         size = path.stat().st_size
         path.unlink()
+        self._marker(chunk_id).unlink(missing_ok=True)
         return size
