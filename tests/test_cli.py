@@ -126,3 +126,42 @@ def test_accounting_and_own_compute(cli_home, tmp_path):
     bad = tpm(cli_home, "projects", "grant", "astro", "moon", "5")
     assert bad.returncode == 1 and "unknown site 'moon'" in bad.stderr
     assert tpm(cli_home, "usage", "--since", "yesterday").returncode == 2
+
+
+def test_model_store_commands_and_serving_a_pinned_version(cli_home, demo_model_dir, tmp_path):
+    added = tpm(cli_home, "models", "add", str(demo_model_dir), "--name", "kept", "--tag", "v1")
+    assert added.returncode == 0, added.stderr
+    version = added.stdout.strip().split("@")[1]
+    assert len(version) == 64
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(demo_model_dir, tuned)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tuned / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1.5
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    second = tpm(cli_home, "models", "add", str(tuned), "--name", "kept").stdout.strip().split("@")[1]
+
+    listing = tpm(cli_home, "models", "versions", "kept").stdout.splitlines()
+    assert [line.split()[0] for line in listing] == [version, second]
+    assert listing[0].endswith("v1") and listing[1].endswith("latest")
+    diff = tpm(cli_home, "models", "diff", "kept@v1", "kept@latest").stdout
+    assert "changed  lm_head.weight" in diff and "1 tensors differ" in diff
+    assert "already on version" in tpm(cli_home, "models", "tag", f"kept@{second[:10]}", "v1").stderr
+    assert tpm(cli_home, "models", "verify", "kept").returncode == 0
+
+    served = tpm(cli_home, "submit", "The cell", "--model", "kept@v1", "--max-tokens", "6", "--json")
+    assert served.returncode == 0, served.stderr
+    result = json.loads(served.stdout)
+    assert result["model"] == "kept" and result["version"] == version and result["backend"] == "torch"
+
+    out = tmp_path / "exported"
+    assert tpm(cli_home, "models", "export", "kept@v1", str(out)).returncode == 0
+    assert (out / "config.json").read_bytes() == (demo_model_dir / "config.json").read_bytes()
+
+    refused = tpm(cli_home, "models", "add", str(tmp_path / "nowhere"), "--name", "x")
+    assert refused.returncode == 1 and "StoreError" in refused.stderr and "Traceback" not in refused.stderr
+    unknown = tpm(cli_home, "submit", "x", "--model", "kept@nope")
+    assert unknown.returncode == 1 and "UnknownVersion: model 'kept' has no version or tag 'nope'" in unknown.stderr
+    assert "removed 0 chunks" in tpm(cli_home, "models", "gc").stdout
