@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tpm_fed.broker import Broker, PlacementRequest, ReplicaRegistry, SiteHealth
-from tpm_fed.errors import InsufficientBalance, NotPermitted, PlacementRefused
+from tpm_fed.errors import NotPermitted, PlacementRefused
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Ledger
 from tpm_fed.state import open_database

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from tpm_fed.errors import ContextLengthExceeded
 from tpm_fed.request import GenerationRequest
 from tpm_fed.result import Completion
 
@@ -47,6 +48,22 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the model (the replica is being evicted)."""
         ...
+
+
+def encode_request(tokenizer: Any, request: GenerationRequest, context_length: int) -> EncodedRequest:
+    """Tokenize each prompt once; refuse one that leaves no room for ``max_new_tokens``.
+
+    Raises:
+        ContextLengthExceeded: A prompt plus max_new_tokens exceeds the context.
+    """
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in request.prompts]
+    for index, ids in enumerate(prompt_ids):
+        if len(ids) + request.max_new_tokens > context_length:
+            raise ContextLengthExceeded(
+                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={request.max_new_tokens} "
+                f"that exceeds the model's context of {context_length} tokens"
+            )
+    return EncodedRequest(request=request, prompt_ids=prompt_ids)
 
 
 def token_id_set(value: int | list[int] | None) -> set[int]:

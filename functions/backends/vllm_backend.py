@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from functions.backends.base import EncodedRequest, token_id_set
-from tpm_fed.errors import ContextLengthExceeded, ModelLoadError
+from functions.backends.base import EncodedRequest, encode_request, token_id_set
+from tpm_fed.errors import ModelLoadError
 from tpm_fed.models.spec import ModelSpec
 from tpm_fed.request import GenerationRequest
 from tpm_fed.result import Completion
@@ -89,15 +89,7 @@ class VllmBackend:
         return cls(llm, context, threads)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
-        prompt_ids = [self.tokenizer(prompt)["input_ids"] for prompt in request.prompts]
-        for index, ids in enumerate(prompt_ids):
-            if len(ids) + request.max_new_tokens > self.context_length:
-                raise ContextLengthExceeded(
-                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
-                    f"{request.max_new_tokens} that exceeds the model's context of "
-                    f"{self.context_length} tokens"
-                )
-        return EncodedRequest(request=request, prompt_ids=prompt_ids)
+        return encode_request(self.tokenizer, request, self.context_length)
 
     def generate(self, batch: list[EncodedRequest]) -> list[list[Completion]]:
         from vllm import SamplingParams

@@ -27,6 +27,20 @@ def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".incoming-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.unlink(staging)
+        raise
+
+
 def _stat_key(path: Path) -> str:
     stat = path.stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
@@ -49,15 +63,7 @@ class ChunkStore:
         target = self.path(chunk_id)
         if target.exists() and target.stat().st_size == len(data):
             return chunk_id, False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".incoming-", dir=target.parent)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(staging, target)
-        except BaseException:
-            os.unlink(staging)
-            raise
+        write_atomically(target, data)
         self._mark_verified(chunk_id)
         return chunk_id, True
 
@@ -65,12 +71,7 @@ class ChunkStore:
         return self.verified_root / chunk_id[:2] / chunk_id
 
     def _mark_verified(self, chunk_id: str) -> None:
-        marker = self._marker(chunk_id)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".incoming-", dir=marker.parent)
-        with os.fdopen(handle, "w") as out:
-            out.write(_stat_key(self.path(chunk_id)))
-        os.replace(staging, marker)
+        write_atomically(self._marker(chunk_id), _stat_key(self.path(chunk_id)).encode())
 
     def check(self, chunk_id: str) -> str:
         """``ok``, ``missing`` or ``corrupt``; re-hashes only a chunk changed since last verified."""

@@ -17,14 +17,12 @@ tensor that fits one chunk is loaded straight from its file by memory map.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tpm_fed.errors import InvalidRequest, ModelLoadError, UnknownModel, UnknownVersion
-from tpm_fed.store.chunks import ChunkStore, sha256
+from tpm_fed.store.chunks import ChunkStore, write_atomically
 from tpm_fed.store.manifest import Manifest, TensorRecord
 from tpm_fed.store.safetensors_header import SafetensorsFormatError, read_header
 
@@ -65,19 +63,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.version[:16]}: {self.what}: {self.detail}"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=".incoming-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.unlink(staging)
-        raise
 
 
 def _progress(total: int, description: str, enabled: bool):
@@ -140,11 +125,11 @@ class ModelStore:
         version = manifest.version_id
         manifest_path = self.root / "manifests" / f"{version}.json"
         if not manifest_path.exists():
-            _write_atomically(manifest_path, manifest.to_json())
+            write_atomically(manifest_path, manifest.to_json())
         parent = self._tag_target(name, LATEST)
         record = self.root / "models" / name / "versions" / version
         if not record.exists():
-            _write_atomically(record, json.dumps({"created": time.time(), "parent": parent}).encode())
+            write_atomically(record, json.dumps({"created": time.time(), "parent": parent}).encode())
         self._set_tag(name, LATEST, version)
         if tag is not None:
             self.tag(name, version, tag)
@@ -232,7 +217,7 @@ class ModelStore:
         return path.read_text().strip() if path.is_file() else None
 
     def _set_tag(self, name: str, tag: str, version: str) -> None:
-        _write_atomically(self.root / "models" / name / "tags" / tag, version.encode())
+        write_atomically(self.root / "models" / name / "tags" / tag, version.encode())
 
     def manifest(self, version: str) -> Manifest:
         path = self.root / "manifests" / f"{version}.json"
@@ -368,4 +353,4 @@ class _TorchDtypes(dict):
 _TORCH_DTYPES = _TorchDtypes()
 """Safetensors dtype names -> torch dtypes, built on first use (torch is imported lazily)."""
 
-__all__ = ["CHUNK_BYTES", "ModelStore", "Problem", "StoreError", "TensorChange", "VersionInfo", "sha256"]
+__all__ = ["CHUNK_BYTES", "ModelStore", "Problem", "StoreError", "TensorChange", "VersionInfo"]
