@@ -156,6 +156,7 @@ class Client:
                     max_batch=site_config.max_batch_requests,
                     max_in_flight=site_config.capacity.max_replicas,
                     linger_s=site_config.batch_linger_ms / 1000,
+                    task_timeout_s=site_config.task_timeout_s,
                     listener=self._bookkeeper,
                 )
             return self._dispatchers[replica_id]

@@ -8,6 +8,11 @@ batching at task granularity). When a worker is free, requests linger
 until none has arrived for ``linger_s`` (about a millisecond; at most
 ``MAX_LINGER_FACTOR`` times that): a burst of requests then leaves as one
 batch instead of one request followed by the rest.
+
+A batch that gets no answer within ``task_timeout_s`` fails with
+:class:`~tpm_fed.errors.SiteError` (its service units are released and the
+site is marked unhealthy), so a lost task never leaves a caller waiting
+forever; an answer that arrives after that is dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tpm_fed.errors import error_from_wire
+from tpm_fed.errors import SiteError, error_from_wire
 from tpm_fed.models.spec import ModelSpec
 from tpm_fed.request import GenerationRequest
 from tpm_fed.result import Completion, GenerationResult, ReplicaInfo, Timings, Usage
@@ -52,6 +57,15 @@ class _Pending:
     submitted: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Batch:
+    """One task's requests; closed exactly once, by its answer or by its timeout."""
+
+    pending: list[_Pending]
+    closed: bool = False
+    timer: threading.Timer | None = None
+
+
 class BatchingDispatcher:
     """Sends one model version's requests to one site, batching under load.
 
@@ -61,6 +75,7 @@ class BatchingDispatcher:
         max_batch: Most requests in one task.
         max_in_flight: Tasks outstanding at once (the site's worker count).
         linger_s: Quiet time that ends a linger when a worker is free (0 sends at once).
+        task_timeout_s: A task unanswered for this long fails its requests (None: wait forever).
         listener: Told of each outcome before its future resolves.
     """
 
@@ -72,6 +87,7 @@ class BatchingDispatcher:
         max_batch: int,
         max_in_flight: int,
         linger_s: float = 0.0,
+        task_timeout_s: float | None = None,
         listener: Listener | None = None,
     ) -> None:
         self.site = site
@@ -79,6 +95,7 @@ class BatchingDispatcher:
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.linger_s = linger_s
+        self.task_timeout_s = task_timeout_s
         self.listener = listener
         self._waiting: deque[_Pending] = deque()
         self._in_flight = 0
@@ -139,27 +156,57 @@ class BatchingDispatcher:
         count = min(self.max_batch, len(self._waiting))
         return [self._waiting.popleft() for _ in range(count)]
 
-    def _send(self, batch: list[_Pending]) -> None:
+    def _send(self, pending: list[_Pending]) -> None:
         from functions.serve import generate_batch
 
+        batch = _Batch(pending)
+        if self.task_timeout_s is not None:
+            batch.timer = threading.Timer(self.task_timeout_s, self._expire, args=(batch,))
+            batch.timer.daemon = True
+            batch.timer.start()
         try:
             if self.listener is not None:
-                self.listener.record_sent(self.site.name, self.spec.version, [p.request for p in batch])
+                self.listener.record_sent(self.site.name, self.spec.version, [p.request for p in pending])
             task = self.site.submit(
-                generate_batch, self.spec.to_wire(), [p.request.to_wire() for p in batch]
+                generate_batch, self.spec.to_wire(), [p.request.to_wire() for p in pending]
             )
         except Exception as error:  # the log or the site could not take the batch
             task = Future()
             task.set_exception(error)
         task.add_done_callback(lambda done: self._on_done(batch, done))
 
-    def _on_done(self, batch: list[_Pending], done: Future) -> None:
+    def _close(self, batch: _Batch) -> bool:
+        """Claim the batch for whoever closes it first: its answer or its timeout."""
+        with self._lock:
+            if batch.closed:
+                return False
+            batch.closed = True
+        if batch.timer is not None:
+            batch.timer.cancel()
+        return True
+
+    def _expire(self, batch: _Batch) -> None:
+        if not self._close(batch):
+            return
+        error = SiteError(
+            f"site {self.site.name!r} gave no answer within {self.task_timeout_s:g} s "
+            f"(task_timeout_s); the requests were not charged"
+        )
+        self._finish(batch.pending, [error] * len(batch.pending))
+
+    def _on_done(self, batch: _Batch, done: Future) -> None:
+        if not self._close(batch):
+            logger.warning("a batch of %d requests answered after its timeout; dropped", len(batch.pending))
+            return
         try:
             reply = done.result()
         except Exception as error:
-            outcomes: list[GenerationResult | BaseException] = [error] * len(batch)
+            outcomes: list[GenerationResult | BaseException] = [error] * len(batch.pending)
         else:
-            outcomes = self._read_reply(batch, reply)
+            outcomes = self._read_reply(batch.pending, reply)
+        self._finish(batch.pending, outcomes)
+
+    def _finish(self, batch: list[_Pending], outcomes: list[GenerationResult | BaseException]) -> None:
         outcomes = self._record(batch, outcomes)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, BaseException):

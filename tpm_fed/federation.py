@@ -57,6 +57,8 @@ class SiteConfig(_Strict):
         max_queue: Requests that may wait for this site before new ones are refused.
         max_batch_requests: Most requests coalesced into one task.
         batch_linger_ms: Quiet time that ends a batch's linger when a worker is free.
+        task_timeout_s: A task with no answer after this long fails with a site
+            error (long enough for the largest model's cold start here).
     """
 
     name: str = Name
@@ -70,6 +72,7 @@ class SiteConfig(_Strict):
     max_queue: int = Field(default=1024, ge=1)
     max_batch_requests: int = Field(default=64, ge=1, le=4096)
     batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
+    task_timeout_s: float = Field(default=900.0, gt=0)
 
     @model_validator(mode="after")
     def _owner_matches_kind(self) -> Self:
