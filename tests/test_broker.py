@@ -102,6 +102,14 @@ def test_at_capacity_an_idle_replica_gives_way_and_busy_ones_do_not(broker):
     assert "cannot be hosted" in c.refusal
 
 
+def test_a_batch_finishing_after_its_replica_was_stopped_does_not_revive_it(broker):
+    admission = admit(broker, ask())
+    broker.registry.set_state([admission.replica_id], "stopped")
+    broker.registry.served(admission.replica_id, 1, 0.1, None)
+    assert broker.registry.get(admission.replica_id).state == "stopped"
+    assert broker.registry.live_per_site().get("far", 0) == 0
+
+
 def test_full_and_busy_site_refuses_with_reasons(broker):
     for model in ("llm", "other"):
         admit(broker, ask(model=model))  # both slots busy at far

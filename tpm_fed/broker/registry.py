@@ -120,18 +120,22 @@ class ReplicaRegistry:
             self._replicas[replica_id].queue_depth += count
 
     def served(self, replica_id: str, requests: int, batch_s: float, worker: str | None) -> None:
-        """A batch finished on the replica: it is warm, and its service time is updated."""
+        """A batch finished on the replica: it is warm, and its service time is updated.
+
+        A replica stopped while the batch ran (its slot given away) stays stopped.
+        """
         now = time.time()
         with self._lock:
             replica = self._replicas[replica_id]
             replica.queue_depth = max(0, replica.queue_depth - requests)
             replica.service_s = (1 - SERVICE_TIME_WEIGHT) * replica.service_s + SERVICE_TIME_WEIGHT * batch_s
-            self._live[replica.site] += 1 - int(replica.live)
-            replica.state, replica.last_used = "warm", now
-            service_s = replica.service_s
+            if replica.state == "starting":
+                replica.state = "warm"
+            replica.last_used = now
+            state, service_s = replica.state, replica.service_s
         with self.engine.begin() as db:
             db.execute(update(replicas_table).where(replicas_table.c.replica_id == replica_id).values(
-                state="warm", last_used=now, service_s=service_s, worker=worker,
+                state=state, last_used=now, service_s=service_s, worker=worker,
                 served_requests=replicas_table.c.served_requests + requests))
 
     def failed(self, replica_id: str, requests: int) -> None:
