@@ -110,6 +110,12 @@ def test_a_batch_finishing_after_its_replica_was_stopped_does_not_revive_it(brok
     assert broker.registry.live_per_site().get("far", 0) == 0
 
 
+def test_a_model_is_placed_only_for_the_modes_it_serves(broker):
+    refused = broker.decide(PlacementRequest("bo", "bio", "llm", "v1", "intermediary", "chicago", 1, 0))
+    assert refused.chosen is None
+    assert refused.refusal == "model 'llm' does not serve 'intermediary' requests (it serves: query)"
+
+
 def test_full_and_busy_site_refuses_with_reasons(broker):
     for model in ("llm", "other"):
         admit(broker, ask(model=model))  # both slots busy at far

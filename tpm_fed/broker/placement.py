@@ -140,6 +140,7 @@ class Placer:
                 if s.name in allowed and s.capacity.accelerators_per_slot >= model.accelerators
             ]
         self._host_names = {model: {s.name for s in sites} for model, sites in self._hosts.items()}
+        self._modes = {model.name: set(model.modes) for model in federation.models}
         # Sites each project may spend at (granted, or its own): with a thousand
         # sites, placement looks at these and summarizes the rest.
         self._usable: dict[str, list[SiteConfig]] = {
@@ -175,6 +176,10 @@ class Placer:
             available_usu: SUs the project may still spend at a site (None: no allocation there).
             healthy: Whether a site may take work now.
         """
+        if request.tier not in self._modes.get(request.model, {request.tier}):
+            served = ", ".join(sorted(self._modes[request.model]))
+            return Decision(None, [], refusal=f"model {request.model!r} does not serve {request.tier!r} "
+                                              f"requests (it serves: {served})")
         hosts = self.hosts(request.model)
         candidates: list[Candidate] = []
         if request.site is not None:
