@@ -5,6 +5,7 @@ endpoint workers (see :mod:`functions`).
 """
 
 from tpm_fed.client import Client
+from tpm_fed.executor import Executor
 from tpm_fed.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -20,6 +21,7 @@ from tpm_fed.result import GenerationResult
 
 __all__ = [
     "Client",
+    "Executor",
     "ContextLengthExceeded",
     "GenerationRequest",
     "GenerationResult",

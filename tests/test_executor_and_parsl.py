@@ -1,0 +1,54 @@
+"""Scripts and workflows reach the federation through the same broker path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tpm_fed import Executor
+from tpm_fed.request import GenerationRequest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+
+
+def test_executor_routes_requests_through_the_broker(client):
+    prompts = ["The cell", "The river carries", "The glacier", "The"]
+    requests = [GenerationRequest.create(p, "demo-llama", max_new_tokens=8) for p in prompts]
+    expected = [client.generate(p, max_new_tokens=8).result(timeout=120).token_ids for p in prompts]
+    with Executor(client=client) as executor:
+        single = executor.submit(requests[0]).result(timeout=120)
+        assert single.token_ids == expected[0] and single.charge.project == "tests"
+        again = [GenerationRequest.create(p, "demo-llama", max_new_tokens=8) for p in prompts]
+        assert [r.token_ids for r in executor.map(again, timeout=120)] == expected
+        with pytest.raises(TypeError, match="takes one GenerationRequest"):
+            executor.submit(print, "not a request")
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(requests[1])
+    assert client.generate("The cell", max_new_tokens=2).result(timeout=120)  # the client it borrowed is open
+
+
+def test_parsl_workflow_asks_analyses_and_aggregates(client):
+    import parsl
+    import workflow_example
+
+    from tpm_fed import parsl as tpm_parsl
+
+    tpm_parsl.use_client(client)
+    try:
+        with parsl.load(workflow_example.config()):
+            topics = ["The cell", "The river", "The glacier"]
+            summary = workflow_example.run(topics, "demo-llama", max_new_tokens=12)
+            with pytest.raises(TypeError, match="takes a GenerationRequest"):
+                tpm_parsl.generate("The cell")
+            composed = workflow_example.analyse(
+                "The cell", tpm_parsl.generate(GenerationRequest.create("The cell", "demo-llama", max_new_tokens=6))
+            ).result(timeout=120)
+    finally:
+        tpm_parsl.use_client(None)
+    assert summary["answers"] == 3 and [r["topic"] for r in summary["rows"]] == topics
+    version = client.catalog.resolve(client.default_model()).spec.version
+    assert summary["versions"] == [version]
+    assert summary["total_su"] > 0 and all(r["answer"] for r in summary["rows"])
+    assert composed["topic"] == "The cell" and composed["version"] == version

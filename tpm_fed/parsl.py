@@ -1,0 +1,74 @@
+"""Parsl apps for workflows: ``generate`` returns an ``AppFuture`` that composes with other apps.
+
+The app runs on a small thread-pool executor labelled ``tpm`` (add
+:func:`tpm_executor` to your Parsl config); each call routes its request
+through one shared :class:`~tpm_fed.client.Client` per process, so the
+broker, service units and batching apply to workflows as to scripts, and
+requests from many apps in flight at once are batched on the replica.
+
+Example:
+    >>> import parsl
+    >>> from parsl.config import Config
+    >>> from tpm_fed.parsl import generate, tpm_executor
+    >>> with parsl.load(Config(executors=[tpm_executor()])):
+    ...     answer = generate(GenerationRequest.create("The cell", "demo-llama"))
+    ...     print(answer.result().texts)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from parsl import python_app
+from parsl.executors import ThreadPoolExecutor
+
+from tpm_fed.client import Client
+from tpm_fed.request import GenerationRequest
+from tpm_fed.result import GenerationResult
+
+EXECUTOR_LABEL = "tpm"
+
+_client: Client | None = None
+_client_lock = threading.Lock()
+
+
+def tpm_executor(max_threads: int = 64) -> ThreadPoolExecutor:
+    """The Parsl executor the apps run on (threads that wait on the federation)."""
+    return ThreadPoolExecutor(label=EXECUTOR_LABEL, max_threads=max_threads)
+
+
+def use_client(client: Client | None) -> None:
+    """Set the client the apps use in this process (default: ``Client()`` on first use)."""
+    global _client
+    with _client_lock:
+        _client = client
+
+
+def _shared_client() -> Client:
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = Client()
+        return _client
+
+
+@python_app(executors=[EXECUTOR_LABEL])
+def _generate_app(request: GenerationRequest) -> GenerationResult:
+    from tpm_fed.parsl import _shared_client
+
+    return _shared_client().submit(request).result()
+
+
+def generate(request: GenerationRequest, **app_options: Any):
+    """A Parsl app: answer ``request``; returns an ``AppFuture`` of the result.
+
+    Raises:
+        TypeError: ``request`` is not a GenerationRequest (refused before Parsl runs anything).
+    """
+    if not isinstance(request, GenerationRequest):
+        raise TypeError(
+            f"tpm_fed.parsl.generate takes a GenerationRequest (GenerationRequest.create(...)); "
+            f"got {type(request).__name__}"
+        )
+    return _generate_app(request, **app_options)
