@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,54 @@ def test_a_broken_config_is_rejected_with_the_loaders_message():
     broken = (CONFIGS / "workstation.yaml").read_text().replace("LocalProvider", "LocalProvidr")
     with pytest.raises(ClickException, match="LocalProvidr"):
         load(broken)
+
+
+MULTI_USER = CONFIGS / "multi-user"
+
+
+def render(tmp_path, options: str) -> subprocess.CompletedProcess:
+    (tmp_path / "options.json").write_text(options)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "globus-compute-endpoint"), "render-user-config",
+         "-t", str(MULTI_USER / "user_config_template.yaml.j2"),
+         "-s", str(MULTI_USER / "user_config_schema.json"), "-o", str(tmp_path / "options.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_a_users_allocation_renders_into_a_valid_endpoint_config(tmp_path):
+    done = render(tmp_path, '{"account": "astro42", "partition": "gpu", "walltime": "02:00:00", '
+                            '"nodes": 2, "idle_minutes": 45, "environment": "/home/ana/tpm-fed/.venv"}')
+    assert done.returncode == 0, done.stderr
+    engine = load(done.stdout).engine
+    provider = engine.executor.provider
+    assert (provider.account, provider.partition, provider.walltime, provider.nodes_per_block) == (
+        "astro42", "gpu", "02:00:00", 2)
+    assert engine._job_status_kwargs["max_idletime"] == 45 * 60
+    assert "/home/ana/tpm-fed/.venv" in provider.worker_init
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        '{"account": "a; rm -rf /", "partition": "gpu", "walltime": "02:00:00", "environment": "/x"}',
+        '{"account": "astro42", "partition": "gpu", "walltime": "2h", "environment": "/x"}',
+        '{"account": "astro42", "partition": "gpu", "walltime": "02:00:00"}',
+        '{"account": "astro42", "partition": "gpu", "walltime": "02:00:00", "environment": "/x", "queue": "q"}',
+    ],
+    ids=["shell-injection", "walltime", "missing-environment", "unknown-option"],
+)
+def test_bad_user_options_are_refused_by_the_schema(tmp_path, options):
+    done = render(tmp_path, options)
+    assert done.returncode != 0
+
+
+def test_the_multi_user_manager_config_loads(tmp_path):
+    from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
+
+    mapping = tmp_path / "identity_mapping.json"  # the site's own file, in production
+    mapping.write_text("[]")
+    text = (MULTI_USER / "config.yaml").read_text().replace("/etc/globus-compute/identity_mapping.json", str(mapping))
+    config = load_config_yaml(text)
+    assert type(config).__name__ == "CoreEndpointConfig"  # a manager: no engine of its own
+    assert config.display_name == "tpm-fed on your allocation"
