@@ -11,3 +11,7 @@ def raise_value_error(message: str) -> None:
 
 def worker_pid() -> int:
     return os.getpid()
+
+
+def big_result(nbytes: int) -> bytes:
+    return b"x" * nbytes

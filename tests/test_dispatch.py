@@ -76,3 +76,19 @@ def test_a_task_that_never_answers_fails_with_a_site_error_and_frees_the_worker(
     site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # the late answer is dropped
     site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
     assert after.result(timeout=5).texts == ["ok"]
+
+
+def test_batches_are_capped_by_bytes_as_well_as_by_count():
+    from tpm_fed.limits import MAX_PAYLOAD_BYTES
+
+    site = HeldSite()
+    dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1)
+    dispatcher.submit(request())
+    big = "word " * (MAX_PAYLOAD_BYTES // 5 // 3)  # a third of a task each
+    waiting = [dispatcher.submit(request(big)) for _ in range(4)]
+    site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))
+    assert [len(requests) for _, requests in site.tasks[1:]] == [2]  # two fit; the next two wait
+    site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
+    assert [len(requests) for _, requests in site.tasks[2:]] == [2]
+    site.tasks[2][0].set_result(reply_for(site.tasks[2][1]))
+    assert all(f.result(timeout=5).texts == ["ok"] for f in waiting)

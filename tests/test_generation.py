@@ -217,3 +217,20 @@ def test_refusals_by_the_broker_charge_nothing(client):
     with pytest.raises(InvalidRequest, match="unknown location 'mars'"):
         client.generate("x", location="mars")
     assert client.ledger.balances("tests") == before
+
+
+def test_a_request_over_the_payload_limit_is_refused_before_anything_runs(client):
+    from tpm_fed.errors import PayloadTooLarge
+
+    before = client.ledger.balances("tests")
+    with pytest.raises(PayloadTooLarge, match="a Globus Compute task holds at most"):
+        client.generate(["The cell " * 1_200_000, "x"], max_new_tokens=1)  # ~10.8 MB
+    assert client.ledger.balances("tests") == before
+
+
+def test_a_result_over_the_payload_limit_comes_back_as_a_typed_error(client):
+    from tests.helpers import big_result
+    from tpm_fed.errors import PayloadTooLarge
+
+    with pytest.raises(PayloadTooLarge, match="over the 10 MB"):
+        client.site("local").submit(big_result, 11 * 1024 * 1024).result(timeout=120)

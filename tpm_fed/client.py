@@ -23,6 +23,7 @@ from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
 from tpm_fed.identity import IdentityProvider, LocalUser
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
+from tpm_fed.limits import check_request_size
 from tpm_fed.models.spec import ModelSpec
 from tpm_fed.request import GenerationRequest, ModelRef
 from tpm_fed.result import GenerationResult
@@ -94,6 +95,7 @@ class Client:
         """Send a built request; edge checks raise here, run-time errors fail the future."""
         if self._closed:
             raise RuntimeError("this Client is closed")
+        check_request_size(request)
         resolved = self.catalog.resolve(request.model)
         self.catalog.check(request, resolved)
         spec = resolved.spec

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tpm_fed.errors import SiteError, error_from_wire
+from tpm_fed.limits import ENVELOPE_BYTES, MAX_PAYLOAD_BYTES, request_bytes
 from tpm_fed.models.spec import ModelSpec
 from tpm_fed.request import GenerationRequest
 from tpm_fed.result import Completion, GenerationResult, ReplicaInfo, Timings, Usage
@@ -55,6 +56,7 @@ class _Pending:
     request: GenerationRequest
     future: Future[GenerationResult]
     submitted: float = field(default_factory=time.perf_counter)
+    nbytes: int = 0
 
 
 @dataclass
@@ -110,7 +112,7 @@ class BatchingDispatcher:
             return len(self._waiting)
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
-        pending = _Pending(request, Future())
+        pending = _Pending(request, Future(), nbytes=request_bytes(request))
         with self._lock:
             self._waiting.append(pending)
             self._last_arrival = pending.submitted
@@ -153,8 +155,15 @@ class BatchingDispatcher:
             self._linger.cancel()
             self._linger = None
         self._in_flight += 1
-        count = min(self.max_batch, len(self._waiting))
-        return [self._waiting.popleft() for _ in range(count)]
+        batch = [self._waiting.popleft()]
+        nbytes = batch[0].nbytes
+        # Fill up to max_batch requests, and to what one task may carry.
+        while self._waiting and len(batch) < self.max_batch:
+            if nbytes + self._waiting[0].nbytes > MAX_PAYLOAD_BYTES - ENVELOPE_BYTES:
+                break
+            nbytes += self._waiting[0].nbytes
+            batch.append(self._waiting.popleft())
+        return batch
 
     def _send(self, pending: list[_Pending]) -> None:
         from functions.serve import generate_batch

@@ -21,6 +21,10 @@ class InvalidRequest(TpmError, ValueError):
     """A request is malformed: a field is missing, empty or out of range."""
 
 
+class PayloadTooLarge(InvalidRequest):
+    """A request or result is over the service's payload limit (10 MB for Globus Compute)."""
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus requested tokens do not fit in the model's context."""
 

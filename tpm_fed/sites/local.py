@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Self
 
-from tpm_fed.errors import RemoteExecutionError, SiteError
+from tpm_fed.errors import PayloadTooLarge, RemoteExecutionError, SiteError
 from tpm_fed.federation import SiteConfig
 from tpm_fed.sites.base import SiteStatus
 
@@ -130,7 +130,12 @@ class LocalSite:
             self._outstanding -= 1
         try:
             result = messagepack.unpack(done.result())
-            if result.is_error:
+            if result.is_error and "MaxResultSizeExceeded" in result.data:
+                outcome.set_exception(PayloadTooLarge(
+                    f"site {self.name!r}: the result is over the 10 MB a task may return "
+                    f"({_last_line(result.data)}); ask for less per request"
+                ))
+            elif result.is_error:
                 outcome.set_exception(
                     RemoteExecutionError(
                         f"site {self.name!r}: {_last_line(result.data)}",
