@@ -31,8 +31,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model = model
+        self.model = model.eval()
         self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         self.context_length = int(model.config.max_position_embeddings)
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = token_id_set(eos if eos is not None else tokenizer.eos_token_id)
@@ -64,8 +65,6 @@ class TorchBackend:
             raise ModelLoadError(
                 f"model {spec.name!r}: could not load {path}: {type(error).__name__}: {error}"
             ) from None
-        model.eval()
-        tokenizer.padding_side = "left"
         return cls(model, tokenizer)
 
     @classmethod
@@ -91,8 +90,6 @@ class TorchBackend:
             raise ModelLoadError(
                 f"model {spec.name!r}: could not build version {spec.version[:16]}: {type(error).__name__}: {error}"
             ) from None
-        model.eval()
-        tokenizer.padding_side = "left"
         return cls(model, tokenizer)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
