@@ -95,7 +95,7 @@ class Client:
         """Send a built request; edge checks raise here, run-time errors fail the future."""
         if self._closed:
             raise RuntimeError("this Client is closed")
-        check_request_size(request)
+        nbytes = check_request_size(request)
         resolved = self.catalog.resolve(request.model)
         self.catalog.check(request, resolved)
         spec = resolved.spec
@@ -106,7 +106,8 @@ class Client:
         self._bookkeeper.admitted(admission, price)
         self._forget_dispatchers([admission.replaced] if admission.replaced else [])
         self._reap_idle()
-        return self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec).submit(request)
+        dispatcher = self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec)
+        return dispatcher.submit(request, nbytes)
 
     def explain(self, request: GenerationRequest) -> Decision:
         """What the broker would decide for ``request`` (nothing is reserved or run)."""

@@ -111,8 +111,9 @@ class BatchingDispatcher:
         with self._lock:
             return len(self._waiting)
 
-    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
-        pending = _Pending(request, Future(), nbytes=request_bytes(request))
+    def submit(self, request: GenerationRequest, nbytes: int | None = None) -> Future[GenerationResult]:
+        """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already."""
+        pending = _Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)
         with self._lock:
             self._waiting.append(pending)
             self._last_arrival = pending.submitted
