@@ -58,12 +58,13 @@ def main() -> None:
     log(f"home: {home.root} (the demo model is made on first use)")
     client = Client(home, progress=True)
     model_ref = client.default_model()
-    spec = client.catalog.resolve(model_ref).spec
+    spec = client.catalog.resolve(model_ref).spec.model_copy(update={"backend": "torch"})
 
     def requests(count: int, max_new_tokens: int) -> list[GenerationRequest]:
         return [
             GenerationRequest.create(
-                PROMPTS[i % len(PROMPTS)], model_ref, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens
+                PROMPTS[i % len(PROMPTS)], model_ref, max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens, backend="torch",  # the baseline is the torch backend
             )
             for i in range(count)
         ]
@@ -104,7 +105,7 @@ def main() -> None:
 
     warm, in_worker = [], []
     for _ in range(args.latency_samples):
-        request = GenerationRequest.create("The cell", model_ref, max_new_tokens=1)
+        request = GenerationRequest.create("The cell", model_ref, max_new_tokens=1, backend="torch")
         started = time.perf_counter()
         result = client.submit(request).result()
         warm.append(time.perf_counter() - started)

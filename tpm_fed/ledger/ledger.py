@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tpm_fed.errors import InsufficientBalance, InvalidRequest
@@ -71,6 +71,30 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Reserving is on every request's path: build its statements once.
+        a = allocations_table.c
+        self._hold = (
+            update(allocations_table)
+            .where(a.project == bindparam("p"), a.site == bindparam("s"),
+                   a.granted_usu - a.spent_usu - a.reserved_usu >= bindparam("amount"))
+            .values(reserved_usu=a.reserved_usu + bindparam("amount"))
+        )
+        self._open_charge = insert(charges_table)
+        c = charges_table.c
+        self._find_charge = select(charges_table).where(c.request_id == bindparam("rid"))
+        self._close_charge = (
+            update(charges_table)
+            .where(c.request_id == bindparam("rid"), c.state == "reserved")
+            .values(state=bindparam("state"), charged_usu=bindparam("charged"), settled_at=bindparam("at"),
+                    prompt_tokens=bindparam("prompt"), completion_tokens=bindparam("completion"),
+                    activation_bytes=bindparam("activations"), cold_start=bindparam("cold"), note=bindparam("note"))
+        )
+        self._spend = (
+            update(allocations_table)
+            .where(a.project == bindparam("p"), a.site == bindparam("s"))
+            .values(spent_usu=a.spent_usu + bindparam("charged"),
+                    reserved_usu=a.reserved_usu - bindparam("estimate"))
+        )
 
     def sync_grants(self, grants: dict[tuple[str, str], float]) -> None:
         """Set each (project, site)'s granted SUs to what the federation file says."""
@@ -113,24 +137,13 @@ class Ledger:
         try:
             with self.engine.begin() as db:
                 if not free:
-                    held = db.execute(
-                        update(allocations_table)
-                        .where(
-                            allocations_table.c.project == project,
-                            allocations_table.c.site == site,
-                            allocations_table.c.granted_usu
-                            - allocations_table.c.spent_usu
-                            - allocations_table.c.reserved_usu
-                            >= estimate_usu,
-                        )
-                        .values(reserved_usu=allocations_table.c.reserved_usu + estimate_usu)
-                    )
+                    held = db.execute(self._hold, {"p": project, "s": site, "amount": estimate_usu})
                     if held.rowcount == 0:
                         raise InsufficientBalance(
                             f"project {project!r} has {format_su(self._available(db, project, site))} SUs "
                             f"available at site {site!r}; this request may cost up to {format_su(estimate_usu)}"
                         )
-                db.execute(insert(charges_table).values(**row))
+                db.execute(self._open_charge, row)
         except IntegrityError:
             raise InvalidRequest(f"request {request_id} was already charged") from None
 
@@ -148,33 +161,21 @@ class Ledger:
             return {request_id: self._settle(db, request_id, used, cost) for request_id, used, cost in entries}
 
     def _settle(self, db, request_id: str, used: Metered, cost_usu: int) -> int:
-        charge = db.execute(
-            select(charges_table).where(charges_table.c.request_id == request_id)
-        ).one_or_none()
+        charge = db.execute(self._find_charge, {"rid": request_id}).one_or_none()
         if charge is None or charge.state != "reserved":
             return 0
         charged = 0 if charge.free else min(cost_usu, charge.estimate_usu)
-        closed = db.execute(
-            update(charges_table)
-            .where(charges_table.c.request_id == request_id, charges_table.c.state == "reserved")
-            .values(
-                state="settled", charged_usu=charged, settled_at=time.time(),
-                prompt_tokens=used.prompt_tokens, completion_tokens=used.completion_tokens,
-                activation_bytes=used.activation_bytes, cold_start=used.cold_start,
-                note=None if cost_usu <= charge.estimate_usu or charge.free
-                else f"capped at the estimate; priced at {format_su(cost_usu)}",
-            )
-        )
+        capped = not charge.free and cost_usu > charge.estimate_usu
+        closed = db.execute(self._close_charge, {
+            "rid": request_id, "state": "settled", "charged": charged, "at": time.time(),
+            "prompt": used.prompt_tokens, "completion": used.completion_tokens,
+            "activations": used.activation_bytes, "cold": used.cold_start,
+            "note": f"capped at the estimate; priced at {format_su(cost_usu)}" if capped else None,
+        })
         if closed.rowcount == 0 or charge.free:
             return 0
-        db.execute(
-            update(allocations_table)
-            .where(allocations_table.c.project == charge.project, allocations_table.c.site == charge.site)
-            .values(
-                spent_usu=allocations_table.c.spent_usu + charged,
-                reserved_usu=allocations_table.c.reserved_usu - charge.estimate_usu,
-            )
-        )
+        db.execute(self._spend, {"p": charge.project, "s": charge.site, "charged": charged,
+                                 "estimate": charge.estimate_usu})
         return charged
 
     def release(self, request_id: str, reason: str) -> bool:
