@@ -39,15 +39,18 @@ print(time.perf_counter() - started)
 
 def federation_home(root: Path, model_dir: Path, backend: str):
     """A one-site home serving ``model_dir`` on ``backend``."""
-    from tpm_fed.federation import Federation, ModelConfig, SiteConfig
+    from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
     from tpm_fed.home import TpmHome
+    from tpm_fed.identity import LocalUser
 
     home = TpmHome(root)
     shutil.copytree(model_dir, home.models_dir / "model")
     Federation(
         name=f"bench-{backend}",
-        sites=[SiteConfig(name=f"local-{backend}", workers=1)],
+        sites=[SiteConfig(name=f"local-{backend}")],
         models=[ModelConfig(name="model", path=Path("models/model"), backend=backend)],
+        projects=[ProjectConfig(name="bench", members=[LocalUser().current()],
+                                allocations={f"local-{backend}": 1e9})],
     ).dump(home.federation_file)
     return home
 
