@@ -32,7 +32,6 @@ class Replica:
     load_s: float
     replica_id: str
     notes: list[str] = field(default_factory=list)
-    served_batches: int = field(default=0)
 
 
 class ReplicaCache:

@@ -66,7 +66,6 @@ def generate_batch(model: dict[str, Any], requests: list[dict[str, Any]]) -> dic
                     "usage": usage.to_wire(),
                 }
             }
-    replica.served_batches += 1
     reply.update(
         backend=replica.backend.name,
         load_s=0.0 if warm else replica.load_s,

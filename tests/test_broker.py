@@ -153,7 +153,7 @@ def test_unhealthy_site_is_avoided_then_probed_back(tmp_path):
     engine = open_database(f"sqlite:///{tmp_path / 'tpm.db'}")
     health = SiteHealth(probe_after_s=0.2)
     broker = Broker(federation(), Ledger(engine), ReplicaRegistry(engine), health)
-    health.failed("lab", "timed out")
+    health.failed("lab")
     decision = broker.decide(ask(project="astro", identity="ana"))
     assert decision.chosen.site == "near"
     assert any(c.site == "lab" and "unhealthy" in c.excluded for c in decision.candidates if c.excluded)

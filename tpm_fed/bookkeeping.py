@@ -85,6 +85,5 @@ class Bookkeeper:
                 self.broker.health.succeeded(site)
             else:
                 self.broker.registry.failed(replica_id, len(batch))
-            site_errors = [o for o in batch if isinstance(o, SiteError)]
-            if site_errors:
-                self.broker.health.failed(site, str(site_errors[0]))
+            if any(isinstance(o, SiteError) for o in batch):
+                self.broker.health.failed(site)

@@ -108,11 +108,6 @@ class BatchingDispatcher:
         self._last_arrival = 0.0
         self._lock = threading.Lock()
 
-    @property
-    def queued(self) -> int:
-        with self._lock:
-            return len(self._waiting)
-
     def submit(self, request: GenerationRequest, nbytes: int | None = None) -> Future[GenerationResult]:
         """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already."""
         pending = _Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)

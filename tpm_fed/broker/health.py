@@ -13,7 +13,6 @@ class SiteHealth:
     def __init__(self, probe_after_s: float = PROBE_AFTER_S) -> None:
         self.probe_after_s = probe_after_s
         self._retry_at: dict[str, float] = {}
-        self._reasons: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def healthy(self, site: str) -> bool:
@@ -21,16 +20,10 @@ class SiteHealth:
         retry_at = self._retry_at.get(site)  # a single dict read: no lock needed
         return retry_at is None or time.monotonic() >= retry_at
 
-    def failed(self, site: str, reason: str) -> None:
+    def failed(self, site: str) -> None:
         with self._lock:
             self._retry_at[site] = time.monotonic() + self.probe_after_s
-            self._reasons[site] = reason
 
     def succeeded(self, site: str) -> None:
         with self._lock:
             self._retry_at.pop(site, None)
-            self._reasons.pop(site, None)
-
-    def reason(self, site: str) -> str | None:
-        with self._lock:
-            return self._reasons.get(site) if site in self._retry_at else None

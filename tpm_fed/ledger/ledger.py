@@ -213,10 +213,6 @@ class Ledger:
         with self.engine.connect() as db:
             return [Balance(r.project, r.site, r.granted_usu, r.spent_usu, r.reserved_usu) for r in db.execute(query)]
 
-    def available(self, project: str, site: str) -> int:
-        with self.engine.connect() as db:
-            return self._available(db, project, site)
-
     @staticmethod
     def _available(db, project: str, site: str) -> int:
         row = db.execute(

@@ -37,26 +37,22 @@ class RequestLog:
         done = [r for r in outcomes.values() if isinstance(r, GenerationResult)]
         failed = {rid: e for rid, e in outcomes.items() if isinstance(e, BaseException)}
         with self.engine.begin() as db:
-            self._close(db, done, failed, now)
-
-    @staticmethod
-    def _close(db, done: list[GenerationResult], failed: dict[str, BaseException], now: float) -> None:
-        if done:
-            db.execute(
-                update(requests_table)
-                .where(requests_table.c.request_id == bindparam("rid"))
-                .values(status="done", replica_id=bindparam("replica"), prompt_tokens=bindparam("prompt"),
-                        completion_tokens=bindparam("completion"), finished_at=now),
-                [{"rid": r.request_id, "replica": r.replica.replica_id, "prompt": r.usage.prompt_tokens,
-                  "completion": r.usage.completion_tokens} for r in done],
-            )
-        if failed:
-            db.execute(
-                update(requests_table)
-                .where(requests_table.c.request_id == bindparam("rid"))
-                .values(status="failed", finished_at=now, error=bindparam("why")),
-                [{"rid": rid, "why": f"{type(e).__name__}: {e}"} for rid, e in failed.items()],
-            )
+            if done:
+                db.execute(
+                    update(requests_table)
+                    .where(requests_table.c.request_id == bindparam("rid"))
+                    .values(status="done", replica_id=bindparam("replica"), prompt_tokens=bindparam("prompt"),
+                            completion_tokens=bindparam("completion"), finished_at=now),
+                    [{"rid": r.request_id, "replica": r.replica.replica_id, "prompt": r.usage.prompt_tokens,
+                      "completion": r.usage.completion_tokens} for r in done],
+                )
+            if failed:
+                db.execute(
+                    update(requests_table)
+                    .where(requests_table.c.request_id == bindparam("rid"))
+                    .values(status="failed", finished_at=now, error=bindparam("why")),
+                    [{"rid": rid, "why": f"{type(e).__name__}: {e}"} for rid, e in failed.items()],
+                )
 
     def site_stopped(self, site: str) -> None:
         with self.engine.begin() as db:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Self
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -66,8 +66,3 @@ class Manifest(BaseModel):
             raise ValueError(f"manifest {expected_id[:16]} does not hash to its id (corrupt or truncated)")
         return manifest
 
-    def to_json(self) -> bytes:
-        return self.canonical()
-
-    def describe(self) -> dict[str, Any]:
-        return {"tensors": len(self.tensors), "bytes": self.nbytes, "files": sorted(self.files)}

@@ -125,7 +125,7 @@ class ModelStore:
         version = manifest.version_id
         manifest_path = self.root / "manifests" / f"{version}.json"
         if not manifest_path.exists():
-            write_atomically(manifest_path, manifest.to_json())
+            write_atomically(manifest_path, manifest.canonical())
         parent = self._tag_target(name, LATEST)
         record = self.root / "models" / name / "versions" / version
         if not record.exists():
