@@ -16,25 +16,27 @@ import time
 from typing import Any
 
 
-def generate_batch(model: dict[str, Any], requests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Answer a batch of generation requests on this worker's replica of ``model``.
+def serve_batch(
+    model: dict[str, Any], requests: list[dict[str, Any]], context: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Answer a batch of requests of any kind on this worker's replica of ``model``.
 
     Args:
         model: A :class:`~tpm_fed.models.spec.ModelSpec` as a dict.
-        requests: :class:`~tpm_fed.request.GenerationRequest` dicts.
+        requests: Request dicts; each one's ``kind`` is ``generate``, ``trace`` or ``embed``.
+        context: What the site allows: ``user_code`` (the caller's own Python runs only
+            on sites their project owns) and ``adapters`` (the adapter registry's folder).
 
     Returns:
         ``{"replica": ReplicaInfo dict or None, "backend", "load_s", "run_s",
-        "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``;
-        a result holds ``completions`` and ``usage``.
+        "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``.
     """
-    from functions.backends.base import EncodedRequest
     from functions.replica_cache import REPLICAS
     from tpm_fed.errors import TpmError
     from tpm_fed.models.spec import ModelSpec
-    from tpm_fed.request import GenerationRequest
-    from tpm_fed.result import Usage
+    from tpm_fed.request import request_from_wire
 
+    context = context or {}
     spec = ModelSpec.from_wire(model)
     outcomes: list[dict[str, Any] | None] = [None] * len(requests)
     reply: dict[str, Any] = {"replica": None, "backend": spec.backend, "load_s": 0.0, "run_s": 0.0}
@@ -45,27 +47,20 @@ def generate_batch(model: dict[str, Any], requests: list[dict[str, Any]]) -> dic
         reply["outcomes"] = [{"error": error.to_wire()}] * len(requests)
         return reply
 
-    encoded: list[tuple[int, EncodedRequest]] = []
+    by_kind: dict[str, list[tuple[int, Any]]] = {"generate": [], "trace": [], "embed": []}
     for index, wire in enumerate(requests):
         try:
-            encoded.append((index, replica.backend.encode(GenerationRequest.from_wire(wire))))
+            request = request_from_wire(wire)
         except TpmError as error:
             outcomes[index] = {"error": error.to_wire()}
+        else:
+            by_kind[request.kind].append((index, request))
 
     started = time.perf_counter()
-    if encoded:
-        answers = replica.backend.generate([item for _, item in encoded])
-        for (index, item), completions in zip(encoded, answers, strict=True):
-            usage = Usage(
-                prompt_tokens=item.prompt_tokens,
-                completion_tokens=sum(len(c.token_ids) for c in completions),
-            )
-            outcomes[index] = {
-                "result": {
-                    "completions": [c.to_wire() for c in completions],
-                    "usage": usage.to_wire(),
-                }
-            }
+    _generate(replica, by_kind["generate"], outcomes)
+    _trace(replica, by_kind["trace"], outcomes, context)
+    _embed(replica, by_kind["embed"], outcomes, context)
+    served = sum(1 for outcome in outcomes if outcome is not None and "result" in outcome)
     reply.update(
         backend=replica.backend.name,
         load_s=0.0 if warm else replica.load_s,
@@ -77,10 +72,65 @@ def generate_batch(model: dict[str, Any], requests: list[dict[str, Any]]) -> dic
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "warm": warm,
-            "batch_size": len(encoded),
+            "batch_size": served,
         },
     )
     return reply
+
+
+def _generate(replica, items: list[tuple[int, Any]], outcomes: list) -> None:
+    from tpm_fed.errors import TpmError
+    from tpm_fed.result import Usage
+
+    encoded = []
+    for index, request in items:
+        try:
+            encoded.append((index, replica.backend.encode(request)))
+        except TpmError as error:
+            outcomes[index] = {"error": error.to_wire()}
+    if not encoded:
+        return
+    answers = replica.backend.generate([item for _, item in encoded])
+    for (index, item), completions in zip(encoded, answers, strict=True):
+        usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=sum(len(c.token_ids) for c in completions))
+        outcomes[index] = {"result": {"completions": [c.to_wire() for c in completions], "usage": usage.to_wire()}}
+
+
+def _trace(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[str, Any]) -> None:
+    from tpm_fed.errors import TpmError
+
+    for index, request in items:
+        try:
+            tracer = _torch_only(replica, "traces").tracer
+            outcomes[index] = {"result": tracer.run(request, allow_user_code=bool(context.get("user_code")))}
+        except TpmError as error:
+            outcomes[index] = {"error": error.to_wire()}
+
+
+def _embed(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[str, Any]) -> None:
+    from functions.adapters.embed import run_embeddings
+    from tpm_fed.errors import TpmError
+
+    if not items:
+        return
+    try:
+        backend = _torch_only(replica, "embeddings")
+    except TpmError as error:
+        for index, _ in items:
+            outcomes[index] = {"error": error.to_wire()}
+        return
+    answers = run_embeddings(backend.model, [request for _, request in items],
+                             registry_root=context.get("adapters"), allow_user_code=bool(context.get("user_code")))
+    for (index, _), answer in zip(items, answers, strict=True):
+        outcomes[index] = answer
+
+
+def _torch_only(replica, what: str):
+    from tpm_fed.errors import BackendUnavailable
+
+    if replica.backend.name != "torch":
+        raise BackendUnavailable(f"{what} need the torch backend; this replica runs {replica.backend.name}")
+    return replica.backend
 
 
 def worker_info() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 from tpm_fed.errors import InsufficientBalance, InvalidRequest
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
+from tpm_fed.request import UsageBound, prompt_token_bound
 from tpm_fed.state.database import open_database
 from tpm_fed.state.schema import MICRO
 
@@ -37,7 +38,7 @@ def test_prices_are_exact_integers_and_estimates_bound_the_charge():
     price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
     assert price_usu(price, Metered(prompt_tokens=1000)) == MICRO
     assert price_usu(price, Metered(prompt_tokens=1, completion_tokens=1, cold_start=True)) == 1000 + 2000 + 500_000
-    estimate = estimate_usu(price, ["The cell divides"], max_new_tokens=32, cold_start=False)
+    estimate = estimate_usu(price, UsageBound(prompt_token_bound(["The cell divides"]), 32), cold_start=False)
     assert estimate >= price_usu(price, Metered(prompt_tokens=5, completion_tokens=32))
 
 

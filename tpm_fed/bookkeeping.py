@@ -14,8 +14,8 @@ from tpm_fed.broker import Admission, Broker
 from tpm_fed.errors import SiteError
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Metered, price_usu
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import ChargeInfo, GenerationResult
+from tpm_fed.request import ServingRequest
+from tpm_fed.result import ChargeInfo, ServedResult
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
 
@@ -31,12 +31,12 @@ class Bookkeeper:
         with self._lock:
             self._admissions[admission.request_id] = (admission, price)
 
-    def record_sent(self, site: str, version: str, requests: list[GenerationRequest]) -> None:
+    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> None:
         self.log.record_sent(site, version, requests)
 
     def record_outcomes(
-        self, outcomes: dict[str, GenerationResult | BaseException]
-    ) -> dict[str, GenerationResult | BaseException]:
+        self, outcomes: dict[str, ServedResult | BaseException]
+    ) -> dict[str, ServedResult | BaseException]:
         with self._lock:
             admitted = {rid: self._admissions.pop(rid) for rid in outcomes if rid in self._admissions}
         self.log.record_outcomes(outcomes)
@@ -45,9 +45,9 @@ class Bookkeeper:
             if request_id not in admitted:
                 continue
             admission, price = admitted[request_id]
-            if isinstance(outcome, GenerationResult):
+            if isinstance(outcome, ServedResult):
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
-                               cold_start=not outcome.replica.warm)
+                               outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)
                 settle.append((request_id, used, price_usu(price, used)))
             else:
                 release.append((request_id, f"{type(outcome).__name__}: {outcome}"))
@@ -56,9 +56,9 @@ class Bookkeeper:
             self.broker.ledger.release_many(release)
         self._update_replicas(outcomes, admitted)
 
-        annotated: dict[str, GenerationResult | BaseException] = {}
+        annotated: dict[str, ServedResult | BaseException] = {}
         for request_id, outcome in outcomes.items():
-            if isinstance(outcome, GenerationResult) and request_id in admitted:
+            if isinstance(outcome, ServedResult) and request_id in admitted:
                 admission, _ = admitted[request_id]
                 outcome = outcome.model_copy(update={
                     "charge": ChargeInfo(
@@ -77,7 +77,7 @@ class Bookkeeper:
                 admission = admitted[request_id][0]
                 by_replica.setdefault(admission.replica_id, (admission.site, []))[1].append(outcome)
         for replica_id, (site, batch) in by_replica.items():
-            results = [o for o in batch if isinstance(o, GenerationResult)]
+            results = [o for o in batch if isinstance(o, ServedResult)]
             if results:
                 first = results[0]
                 self.broker.registry.served(replica_id, len(batch), first.timings.load_s + first.timings.run_s,

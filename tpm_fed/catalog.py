@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from tpm_fed.errors import ContextLengthExceeded, ModelLoadError, UnknownVersion
 from tpm_fed.federation import Federation
+from tpm_fed.interventions.points import PointCatalog
 from tpm_fed.models.spec import ModelSpec
 from tpm_fed.models.version import VersionCache
 from tpm_fed.request import GenerationRequest, ModelRef
@@ -26,6 +28,7 @@ class ModelCatalog:
     def __init__(self, federation: Federation) -> None:
         self.federation = federation
         self._versions = VersionCache()
+        self._points: dict[str, PointCatalog] = {}
 
     def resolve(self, ref: ModelRef) -> ResolvedModel:
         """Pin ``ref`` to a version.
@@ -70,6 +73,25 @@ class ModelCatalog:
             dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size, source="store",
         )
         return ResolvedModel(spec=spec, context_length=int(context))
+
+    def config_json(self, spec: ModelSpec) -> dict:
+        """The model version's ``config.json``."""
+        if spec.source == "store":
+            from tpm_fed.store import ModelStore
+
+            return ModelStore(self.federation.store).config_json(spec.version)
+        return json.loads((Path(spec.path) / "config.json").read_text())
+
+    def hidden_size(self, spec: ModelSpec) -> int:
+        return int(self.config_json(spec)["hidden_size"])
+
+    def points(self, spec: ModelSpec) -> PointCatalog:
+        """Every hookable point of ``spec``'s architecture (probed once per version, on ``meta``)."""
+        if spec.version not in self._points:
+            from tpm_fed.interventions.points import catalog_from_config
+
+            self._points[spec.version] = catalog_from_config(None, config=self.config_json(spec))
+        return self._points[spec.version]
 
     def check(self, request: GenerationRequest, model: ResolvedModel) -> None:
         """Refuse what can be refused before any site is involved."""

@@ -25,13 +25,12 @@ from tpm_fed.identity import IdentityProvider, LocalUser
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
 from tpm_fed.limits import check_request_size
 from tpm_fed.models.spec import ModelSpec
-from tpm_fed.request import GenerationRequest, ModelRef
-from tpm_fed.result import GenerationResult
+from tpm_fed.adapters.registry import AdapterRegistry
+from tpm_fed.interventions.points import PointCatalog
+from tpm_fed.request import GenerationRequest, ModelRef, ServingRequest, UsageBound
+from tpm_fed.result import EmbeddingResult, GenerationResult, TraceResult
 from tpm_fed.sites import Site, SiteStatus, build_site
 from tpm_fed.state import RequestLog, open_database
-
-QUERY_TIER = "query"
-
 
 class Client:
     """Submit requests to a federation.
@@ -91,30 +90,96 @@ class Client:
         request = GenerationRequest.create(prompts, model or self.default_model(), **params)
         return self.submit(request)
 
-    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
-        """Send a built request; edge checks raise here, run-time errors fail the future."""
+    def trace(self, prompts: str | list[str], model: str | None = None, **params: Any) -> Future[TraceResult]:
+        """Run prompts while reading and writing activations (mode 3).
+
+        Args:
+            prompts: A prompt or a list of prompts, run in one batch.
+            model: ``NAME`` or ``NAME@VERSION``; the federation's first model by default.
+            **params: :class:`~tpm_fed.interventions.TraceRequest` fields (``steps``,
+                ``logit_lens``, ``attention_lens``, ``attention_patterns``,
+                ``max_new_tokens``, ``python_hooks``, ``project``, ...).
+
+        Example:
+            >>> from tpm_fed.interventions import LogitLens, Save
+            >>> result = client.trace("The telescope", steps=[Save(point="model.layers.2")],
+            ...                       logit_lens=LogitLens(top_k=3)).result()
+            >>> result.saved("model.layers.2.output").shape
+        """
+        from tpm_fed.interventions import TraceRequest
+
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return self.submit(TraceRequest.create(model or self.default_model(), prompts=prompts, **params))
+
+    def embed(self, inputs: list[Any], model: str | None = None, **params: Any) -> Future[EmbeddingResult]:
+        """Run the caller's data through their adapters and the shared core (mode 2).
+
+        Args:
+            inputs: Arrays or tensors, ``[positions, features]`` (or ``[features]``).
+            model: ``NAME`` or ``NAME@VERSION``; the federation's first model by default.
+            **params: :class:`~tpm_fed.adapters.EmbeddingRequest` fields (``input_module``,
+                ``head``, ``pool``, ``project``, ...).
+        """
+        from tpm_fed.adapters import EmbeddingRequest
+        from tpm_fed.tensors import TensorData
+
+        try:
+            tensors = [value if isinstance(value, TensorData) else TensorData.of(value) for value in inputs]
+        except ValueError as error:
+            raise InvalidRequest(f"inputs: {error}") from None
+        return self.submit(EmbeddingRequest.create(model or self.default_model(), inputs=tensors, **params))
+
+    def submit(self, request: ServingRequest) -> Future:
+        """Send a built request of any kind; edge checks raise here, run-time errors fail the future."""
         if self._closed:
             raise RuntimeError("this Client is closed")
+        if not isinstance(request, ServingRequest):
+            raise InvalidRequest(f"expected a tpm-fed request (generate, trace or embed), got {type(request).__name__}")
         nbytes = check_request_size(request)
         resolved = self.catalog.resolve(request.model)
-        self.catalog.check(request, resolved)
-        spec = resolved.spec
-        if request.backend is not None and request.backend != spec.backend:
-            spec = spec.model_copy(update={"backend": request.backend})
-        price = self.federation.prices.query
-        admission = self.broker.admit(request.request_id, self._placement(request, spec, price))
+        request, spec, bound = self._check(request, resolved)
+        price = getattr(self.federation.prices, request.tier)
+        admission = self.broker.admit(request.request_id, self._placement(request, spec, price, bound))
         self._bookkeeper.admitted(admission, price)
         self._forget_dispatchers([admission.replaced] if admission.replaced else [])
         self._reap_idle()
         dispatcher = self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec)
-        return dispatcher.submit(request, nbytes)
+        # A batch must fit in one task both ways: count what the answer may carry too.
+        return dispatcher.submit(request, nbytes + bound.result_bytes)
 
-    def explain(self, request: GenerationRequest) -> Decision:
+    def explain(self, request: ServingRequest) -> Decision:
         """What the broker would decide for ``request`` (nothing is reserved or run)."""
-        resolved = self.catalog.resolve(request.model)
-        return self.broker.decide(self._placement(request, resolved.spec, self.federation.prices.query))
+        request, spec, bound = self._check(request, self.catalog.resolve(request.model))
+        return self.broker.decide(self._placement(request, spec, getattr(self.federation.prices, request.tier), bound))
 
-    def _placement(self, request: GenerationRequest, spec: ModelSpec, price) -> PlacementRequest:
+    def points(self, model: str | None = None) -> PointCatalog:
+        """Every hookable point of ``model`` with its shape (read from its config alone)."""
+        return self.catalog.points(self.catalog.resolve(ModelRef.parse(model) if model else self.default_model()).spec)
+
+    @property
+    def adapters(self) -> AdapterRegistry:
+        """The federation's adapter registry (input modules and heads for mode 2)."""
+        return AdapterRegistry(self.federation.store / "adapters")
+
+    def _check(self, request: ServingRequest, resolved) -> tuple[ServingRequest, ModelSpec, UsageBound]:
+        """Kind-specific edge checks: the request (adapters pinned), the spec to run, its usage bound."""
+        spec = resolved.spec
+        if isinstance(request, GenerationRequest):
+            self.catalog.check(request, resolved)
+            if request.backend is not None and request.backend != spec.backend:
+                spec = spec.model_copy(update={"backend": request.backend})
+            return request, spec, request.usage_bound()
+        spec = spec.model_copy(update={"backend": "torch"})  # hooks and adapters need the torch model
+        if request.kind == "trace":
+            from tpm_fed.interventions.check import check_trace
+
+            return request, spec, check_trace(request, self.catalog.points(spec), spec.dtype)
+        from tpm_fed.adapters.check import pin_adapters
+
+        pinned, bound = pin_adapters(request, self.adapters, self.catalog.hidden_size(spec))
+        return pinned, spec, bound
+
+    def _placement(self, request: ServingRequest, spec: ModelSpec, price, bound: UsageBound) -> PlacementRequest:
         location = request.location or self.federation.default_location
         if location not in self.federation.latency_ms and location != self.federation.default_location:
             known = sorted(set(self.federation.latency_ms) | {self.federation.default_location})
@@ -124,12 +189,13 @@ class Client:
             project=self.project_for(request.project),
             model=spec.name,
             version=spec.version,
-            tier=QUERY_TIER,
+            tier=request.tier,
             location=location,
-            estimate_usu=estimate_usu(price, request.prompts, request.max_new_tokens, cold_start=False),
+            estimate_usu=estimate_usu(price, bound, cold_start=False),
             cold_start_usu=price_usu(price, Metered(cold_start=True)),
             site=request.site,
             backend=spec.backend,
+            own_site_only=request.runs_user_code,
         )
 
     def project_for(self, asked: str | None) -> str:
@@ -161,6 +227,7 @@ class Client:
                     linger_s=site_config.batch_linger_ms / 1000,
                     task_timeout_s=site_config.task_timeout_s,
                     listener=self._bookkeeper,
+                    context={"user_code": site_config.kind == "byo", "adapters": str(self.adapters.root)},
                 )
             return self._dispatchers[replica_id]
 

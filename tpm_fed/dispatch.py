@@ -28,8 +28,8 @@ from typing import Any, Protocol
 from tpm_fed.errors import SiteError, error_from_wire
 from tpm_fed.limits import ENVELOPE_BYTES, MAX_PAYLOAD_BYTES, request_bytes
 from tpm_fed.models.spec import ModelSpec
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import Completion, GenerationResult, ReplicaInfo, Timings, Usage
+from tpm_fed.request import ServingRequest
+from tpm_fed.result import RESULT_TYPES, ReplicaInfo, ServedResult, Timings
 from tpm_fed.sites.base import Site
 
 logger = logging.getLogger(__name__)
@@ -44,19 +44,19 @@ leaves at once anyway)."""
 class Listener(Protocol):
     """Told when a batch leaves, and of its outcomes before the callers' futures resolve."""
 
-    def record_sent(self, site: str, version: str, requests: list[GenerationRequest]) -> None: ...
+    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> None: ...
 
     def record_outcomes(
-        self, outcomes: dict[str, GenerationResult | BaseException]
-    ) -> dict[str, GenerationResult | BaseException]:
+        self, outcomes: dict[str, ServedResult | BaseException]
+    ) -> dict[str, ServedResult | BaseException]:
         """Record the outcomes; return them, results annotated (e.g. with their charge)."""
         ...
 
 
 @dataclass
 class _Pending:
-    request: GenerationRequest
-    future: Future[GenerationResult]
+    request: ServingRequest
+    future: Future[ServedResult]
     submitted: float = field(default_factory=time.perf_counter)
     nbytes: int = 0
 
@@ -81,6 +81,8 @@ class BatchingDispatcher:
         linger_s: Quiet time that ends a linger when a worker is free (0 sends at once).
         task_timeout_s: A task unanswered for this long fails its requests (None: wait forever).
         listener: Told of each outcome before its future resolves.
+        context: What the site allows, passed to the serving function (see
+            :func:`functions.serve.serve_batch`).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class BatchingDispatcher:
         linger_s: float = 0.0,
         task_timeout_s: float | None = None,
         listener: Listener | None = None,
+        context: dict[str, Any] | None = None,
     ) -> None:
         self.site = site
         self.spec = spec
@@ -101,6 +104,7 @@ class BatchingDispatcher:
         self.linger_s = linger_s
         self.task_timeout_s = task_timeout_s
         self.listener = listener
+        self.context = context or {}
         self._waiting: deque[_Pending] = deque()
         self._in_flight = 0
         self._linger: threading.Timer | None = None
@@ -108,7 +112,7 @@ class BatchingDispatcher:
         self._last_arrival = 0.0
         self._lock = threading.Lock()
 
-    def submit(self, request: GenerationRequest, nbytes: int | None = None) -> Future[GenerationResult]:
+    def submit(self, request: ServingRequest, nbytes: int | None = None) -> Future[ServedResult]:
         """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already."""
         pending = _Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)
         with self._lock:
@@ -164,7 +168,7 @@ class BatchingDispatcher:
         return batch
 
     def _send(self, pending: list[_Pending]) -> None:
-        from functions.serve import generate_batch
+        from functions.serve import serve_batch
 
         batch = _Batch(pending)
         if self.task_timeout_s is not None:
@@ -175,7 +179,7 @@ class BatchingDispatcher:
             if self.listener is not None:
                 self.listener.record_sent(self.site.name, self.spec.version, [p.request for p in pending])
             task = self.site.submit(
-                generate_batch, self.spec.to_wire(), [p.request.to_wire() for p in pending]
+                serve_batch, self.spec.to_wire(), [p.request.to_wire() for p in pending], self.context
             )
         except Exception as error:  # the log or the site could not take the batch
             task = Future()
@@ -208,12 +212,12 @@ class BatchingDispatcher:
         try:
             reply = done.result()
         except Exception as error:
-            outcomes: list[GenerationResult | BaseException] = [error] * len(batch.pending)
+            outcomes: list[ServedResult | BaseException] = [error] * len(batch.pending)
         else:
             outcomes = self._read_reply(batch.pending, reply)
         self._finish(batch.pending, outcomes)
 
-    def _finish(self, batch: list[_Pending], outcomes: list[GenerationResult | BaseException]) -> None:
+    def _finish(self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]) -> None:
         outcomes = self._record(batch, outcomes)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -226,34 +230,34 @@ class BatchingDispatcher:
         if follow_up:
             self._send(follow_up)
 
-    def _read_reply(self, batch: list[_Pending], reply: dict[str, Any]) -> list[GenerationResult | BaseException]:
+    def _read_reply(self, batch: list[_Pending], reply: dict[str, Any]) -> list[ServedResult | BaseException]:
         finished = time.perf_counter()
-        outcomes: list[GenerationResult | BaseException] = []
+        outcomes: list[ServedResult | BaseException] = []
         for pending, outcome in zip(batch, reply["outcomes"], strict=True):
             if "error" in outcome:
                 outcomes.append(error_from_wire(outcome["error"]))
                 continue
             elapsed = finished - pending.submitted
             load_s, run_s = reply["load_s"], reply["run_s"]
+            payload = outcome["result"]
             outcomes.append(
-                GenerationResult(
-                    request_id=pending.request.request_id,
-                    model=self.spec.name,
-                    version=self.spec.version,
-                    backend=reply["backend"],
-                    site=self.site.name,
-                    replica=ReplicaInfo.from_wire(reply["replica"]),
-                    completions=[Completion.from_wire(c) for c in outcome["result"]["completions"]],
-                    usage=Usage.from_wire(outcome["result"]["usage"]),
-                    timings=Timings(queue_s=max(0.0, elapsed - load_s - run_s), load_s=load_s, run_s=run_s),
-                    notes=reply.get("notes", []),
-                )
+                RESULT_TYPES[pending.request.kind].model_validate({
+                    **payload,
+                    "request_id": pending.request.request_id,
+                    "model": self.spec.name,
+                    "version": self.spec.version,
+                    "backend": reply["backend"],
+                    "site": self.site.name,
+                    "replica": ReplicaInfo.from_wire(reply["replica"]),
+                    "timings": Timings(queue_s=max(0.0, elapsed - load_s - run_s), load_s=load_s, run_s=run_s),
+                    "notes": reply.get("notes", []),
+                })
             )
         return outcomes
 
     def _record(
-        self, batch: list[_Pending], outcomes: list[GenerationResult | BaseException]
-    ) -> list[GenerationResult | BaseException]:
+        self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]
+    ) -> list[ServedResult | BaseException]:
         if self.listener is None:
             return outcomes
         try:

@@ -29,6 +29,18 @@ class ContextLengthExceeded(InvalidRequest):
     """Prompt plus requested tokens do not fit in the model's context."""
 
 
+class UnknownPoint(InvalidRequest, LookupError):
+    """An intervention names a point (module path, head) the model does not have."""
+
+
+class UnknownAdapter(TpmError, LookupError):
+    """No adapter of that name, or not at the version asked for."""
+
+
+class AdapterMismatch(InvalidRequest):
+    """Adapter weights do not fit their catalog architecture, or its widths do not fit the core."""
+
+
 class UnknownModel(TpmError, LookupError):
     """The federation has no model of that name."""
 

@@ -62,7 +62,8 @@ class TpmHome:
             federation = Federation(
                 name="embedded",
                 sites=[SiteConfig(name="local")],
-                models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME)],
+                models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME,
+                                    modes=["query", "embedding", "intermediary"])],
                 projects=[ProjectConfig(name="local", members=[LocalUser().current()],
                                         allocations={"local": DEFAULT_GRANT_SU})],
             )

@@ -11,21 +11,24 @@ from __future__ import annotations
 import json
 
 from tpm_fed.errors import PayloadTooLarge
-from tpm_fed.request import GenerationRequest
+from tpm_fed.request import ServingRequest
 
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
 """Globus Compute's limit on a task's (and a result's) serialized size."""
+
+MAX_RESULT_BYTES = MAX_PAYLOAD_BYTES - 64 * 1024
+"""The most tensor bytes one request may get back (the rest is room for the reply's framing)."""
 
 ENVELOPE_BYTES = 64 * 1024
 """Room kept for the function, the model spec and the serializer's framing."""
 
 
-def request_bytes(request: GenerationRequest) -> int:
+def request_bytes(request: ServingRequest) -> int:
     """Bytes the request takes in a task (its JSON form; serialization adds a little)."""
     return len(json.dumps(request.to_wire()))
 
 
-def check_request_size(request: GenerationRequest) -> int:
+def check_request_size(request: ServingRequest) -> int:
     """The request's size in bytes.
 
     Raises:

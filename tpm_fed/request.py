@@ -8,7 +8,8 @@ and does not depend on pickling our classes.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal, Self
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -47,11 +48,91 @@ class ModelRef(BaseModel):
         return f"{self.name}@{self.version}" if self.version else self.name
 
 
-class GenerationRequest(BaseModel):
-    """Prompt in, text out (inference mode 1, query only).
+SPECIAL_TOKENS_ALLOWANCE = 4
+"""Tokens a tokenizer may add around a prompt (BOS, EOS, ...)."""
+
+
+@dataclass(frozen=True)
+class UsageBound:
+    """The most a request can use: what its service units are reserved for."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    result_bytes: int = 0
+
+
+def prompt_token_bound(prompts: list[str]) -> int:
+    """No byte-level or SentencePiece tokenizer makes more tokens than bytes (plus specials)."""
+    return sum(len(p.encode()) + SPECIAL_TOKENS_ALLOWANCE for p in prompts)
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    for index, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ValueError(f"prompt {index} is empty")
+    return prompts
+
+
+class ServingRequest(BaseModel):
+    """What every request shares: the model, who pays, where it may run.
 
     Attributes:
         model: Which model, optionally pinned to a version.
+        project: Project to charge; needed only for callers in several projects.
+        location: Where the caller or its data is (a location of the federation's
+            latency table); the federation's default location otherwise.
+        site: Run only on this site (placement still checks it is allowed).
+        request_id: Unique id, used for the request log and billing.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelRef
+    project: str | None = None
+    location: str | None = None
+    site: str | None = None
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+
+    tier: ClassVar[str] = "query"
+    """The price tier and model mode this kind of request uses."""
+
+    def usage_bound(self) -> UsageBound:
+        raise NotImplementedError
+
+    @property
+    def item_count(self) -> int:
+        """Prompts (or inputs) the request holds."""
+        return len(self.prompts)
+
+    @property
+    def runs_user_code(self) -> bool:
+        """True when the request carries the caller's own Python code (own sites only)."""
+        return False
+
+    @classmethod
+    def create(cls, model: str | ModelRef, **fields: Any) -> Self:
+        """Build and validate a request; raise :class:`InvalidRequest` on bad input."""
+        ref = ModelRef.parse(model) if isinstance(model, str) else model
+        try:
+            return cls(model=ref, **fields)
+        except ValidationError as error:
+            raise InvalidRequest(describe_validation_error(error)) from None
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise InvalidRequest(describe_validation_error(error)) from None
+
+
+class GenerationRequest(ServingRequest):
+    """Prompt in, text out (inference mode 1, query only).
+
+    Attributes:
         prompts: One or more non-empty prompts, answered together.
         max_new_tokens: Upper bound on generated tokens per prompt.
         min_new_tokens: The end-of-sequence token is suppressed until this
@@ -61,16 +142,9 @@ class GenerationRequest(BaseModel):
         seed: Makes sampling reproducible on the same backend.
         stop: Generation ends at the first of these strings (not returned).
         backend: Pin a backend (``torch`` or ``vllm``); the model's setting by default.
-        project: Project to charge; needed only for callers in several projects.
-        location: Where the caller or its data is (a location of the federation's
-            latency table); the federation's default location otherwise.
-        site: Run only on this site (placement still checks it is allowed).
-        request_id: Unique id, used for the request log and, later, billing.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: ModelRef
+    kind: Literal["generate"] = "generate"
     prompts: list[str] = Field(min_length=1)
     max_new_tokens: int = Field(default=32, gt=0)
     min_new_tokens: int = Field(default=0, ge=0)
@@ -79,18 +153,11 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     stop: list[str] = Field(default_factory=list)
     backend: Literal["auto", "torch", "vllm"] | None = None
-    project: str | None = None
-    location: str | None = None
-    site: str | None = None
-    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
-    @field_validator("prompts")
-    @classmethod
-    def _prompts_not_empty(cls, prompts: list[str]) -> list[str]:
-        for index, prompt in enumerate(prompts):
-            if not prompt.strip():
-                raise ValueError(f"prompt {index} is empty")
-        return prompts
+    _prompts_not_empty = field_validator("prompts")(classmethod(lambda cls, prompts: check_prompts(prompts)))
+
+    def usage_bound(self) -> UsageBound:
+        return UsageBound(prompt_token_bound(self.prompts), self.max_new_tokens * len(self.prompts))
 
     @model_validator(mode="after")
     def _min_within_max(self) -> Self:
@@ -112,22 +179,24 @@ class GenerationRequest(BaseModel):
         return self.temperature == 0.0
 
     @classmethod
-    def create(cls, prompts: str | list[str], model: str | ModelRef, **params: Any) -> Self:
+    def create(cls, prompts: str | list[str], model: str | ModelRef, **params: Any) -> Self:  # type: ignore[override]
         """Build and validate a request; raise :class:`InvalidRequest` on bad input."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ref = ModelRef.parse(model) if isinstance(model, str) else model
-        try:
-            return cls(model=ref, prompts=prompts, **params)
-        except ValidationError as error:
-            raise InvalidRequest(describe_validation_error(error)) from None
+        return super().create(model, prompts=[prompts] if isinstance(prompts, str) else prompts, **params)
 
-    def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Self:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as error:
-            raise InvalidRequest(describe_validation_error(error)) from None
+def request_from_wire(data: dict[str, Any]) -> ServingRequest:
+    """Rebuild any kind of request from its wire form (its ``kind`` says which).
+
+    Raises:
+        InvalidRequest: Unknown kind, or the fields do not validate.
+    """
+    from tpm_fed.adapters.request import EmbeddingRequest
+    from tpm_fed.interventions.request import TraceRequest
+
+    kinds: dict[str, type[ServingRequest]] = {
+        "generate": GenerationRequest, "trace": TraceRequest, "embed": EmbeddingRequest,
+    }
+    kind = data.get("kind", "generate")
+    if kind not in kinds:
+        raise InvalidRequest(f"kind: unknown request kind {kind!r}; known: {', '.join(kinds)}")
+    return kinds[kind].from_wire(data)

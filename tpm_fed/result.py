@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
@@ -35,8 +36,17 @@ class Completion(_Record):
 
 
 class Usage(_Record):
+    """What a request used, as charged.
+
+    Attributes:
+        prompt_tokens: Positions the core ran on (prompt tokens, or embeddings in mode 2).
+        completion_tokens: Tokens generated.
+        activation_bytes: Bytes of tensors returned (modes 2 and 3).
+    """
+
     prompt_tokens: int
     completion_tokens: int
+    activation_bytes: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -96,8 +106,8 @@ class ChargeInfo(_Record):
     free: bool
 
 
-class GenerationResult(_Record):
-    """The answer to a :class:`~tpm_fed.request.GenerationRequest`.
+class ServedResult(_Record):
+    """What every answer shares: which exact model version, where, and at what cost.
 
     Attributes:
         request_id: The request's id.
@@ -106,8 +116,7 @@ class GenerationResult(_Record):
         backend: ``"torch"`` or ``"vllm"``.
         site: Name of the site that ran it.
         replica: The replica that ran it.
-        completions: One per prompt, in prompt order.
-        usage: Tokens in and out.
+        usage: Tokens in and out, and tensor bytes returned.
         timings: Where the time went.
         notes: What the caller should know (e.g. why vLLM was not used).
         charge: Service units charged, once settled.
@@ -120,12 +129,21 @@ class GenerationResult(_Record):
     backend: str
     site: str
     replica: ReplicaInfo
-    completions: list[Completion]
     usage: Usage
     timings: Timings
     notes: list[str] = []
     charge: ChargeInfo | None = None
     placement: str = ""
+
+
+class GenerationResult(ServedResult):
+    """The answer to a :class:`~tpm_fed.request.GenerationRequest`.
+
+    Attributes:
+        completions: One per prompt, in prompt order.
+    """
+
+    completions: list[Completion]
 
     @property
     def texts(self) -> list[str]:
@@ -134,3 +152,82 @@ class GenerationResult(_Record):
     @property
     def token_ids(self) -> list[list[int]]:
         return [completion.token_ids for completion in self.completions]
+
+
+class _TensorResult(ServedResult):
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    tensors_blob: bytes = b""
+    """Every returned tensor, as one safetensors blob (names are ``PROMPT:NAME``)."""
+
+    @cached_property
+    def tensors(self) -> dict[str, Any]:
+        """Every returned tensor by name, as numpy arrays."""
+        from tpm_fed.tensors import unpack_tensors
+
+        return unpack_tensors(self.tensors_blob)
+
+
+class LensReading(_Record):
+    """Top-k tokens of a lens: ``ids[..., k]`` with their ``probs`` and ``tokens`` (text)."""
+
+    ids: list
+    probs: list
+    tokens: list
+
+
+class TraceResult(_TensorResult):
+    """The answer to a :class:`~tpm_fed.interventions.TraceRequest`.
+
+    Attributes:
+        prompt_tokens: Each prompt's tokens as text, so positions can be read off.
+        vocab: Token id -> text for every id a lens returned.
+        completions: Generated text, when ``max_new_tokens`` was above 0.
+    """
+
+    prompt_tokens: list[list[str]]
+    vocab: dict[str, str] = {}
+    completions: list[Completion] = []
+
+    def saved(self, name: str, prompt: int = 0):
+        """The tensor a save step returned for ``prompt`` (``[positions, *features]``)."""
+        key = f"{prompt}:{name}"
+        if key not in self.tensors:
+            names = sorted({k.split(":", 1)[1] for k in self.tensors})
+            raise KeyError(f"no tensor {name!r} for prompt {prompt}; returned: {', '.join(names)}")
+        return self.tensors[key]
+
+    def logit_lens(self, prompt: int = 0) -> LensReading:
+        """Per layer and position: the top-k tokens of the residual stream."""
+        return self._lens("logit_lens", prompt)
+
+    def attention_lens(self, prompt: int = 0) -> LensReading:
+        """Per layer, head and position: the top-k tokens of the head's contribution."""
+        return self._lens("attention_lens", prompt)
+
+    def attention_patterns(self, prompt: int = 0):
+        """Attention weights ``[layers, heads, query, key]`` of ``prompt``."""
+        return self.saved("attention_patterns", prompt)
+
+    def _lens(self, kind: str, prompt: int) -> LensReading:
+        ids = self.saved(f"{kind}.ids", prompt)
+        tokens = [self.vocab.get(str(i), "?") for i in ids.flatten().tolist()]
+        import numpy as np
+
+        return LensReading(ids=ids.tolist(), probs=self.saved(f"{kind}.probs", prompt).tolist(),
+                           tokens=np.array(tokens, dtype=object).reshape(ids.shape).tolist())
+
+
+class EmbeddingResult(_TensorResult):
+    """The answer to an :class:`~tpm_fed.adapters.EmbeddingRequest`: one output per input."""
+
+    @property
+    def outputs(self) -> list:
+        """The head's output (or the final hidden states) for each input, in order."""
+        return [self.tensors[str(index)] for index in range(len(self.tensors))]
+
+
+RESULT_TYPES: dict[str, type[ServedResult]] = {
+    "generate": GenerationResult, "trace": TraceResult, "embed": EmbeddingResult,
+}
+"""The result class for each request kind."""

@@ -11,6 +11,7 @@ in the batch. Prompts are left-padded with an attention mask, as
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +148,16 @@ class TorchBackend:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @cached_property
+    def tracer(self):
+        """Runs trace requests (mode 3) on this model; its point catalog is probed on first use."""
+        from functions.interventions.tracer import Tracer
+
+        return Tracer(self.model, self.tokenizer, self.context_length, self.eos_token_ids, self.pad_token_id)
+
     def close(self) -> None:
         self.model = None  # the weights go with the last reference
+        self.__dict__.pop("tracer", None)
 
 
 def _compatible_groups(batch: list[EncodedRequest]) -> dict[tuple, list[tuple[int, EncodedRequest]]]:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 from tpm_fed.federation import Federation, SiteConfig
 
+USER_CODE_EXCLUSION = "shared site: runs no caller Python code"
+
 DEFAULT_SERVICE_S = 1.0
 """Assumed service time of a replica that has not served anything yet."""
 
@@ -39,6 +41,8 @@ class PlacementRequest:
         estimate_usu: Upper bound of the cost on a warm replica.
         cold_start_usu: Added to the estimate when a replica must start.
         site: A site the caller named explicitly (placement is then limited to it).
+        own_site_only: The request runs the caller's own Python code, which only a
+            site the caller's project owns (``byo``) may run.
     """
 
     identity: str
@@ -51,6 +55,7 @@ class PlacementRequest:
     cold_start_usu: int = 0
     site: str | None = None
     backend: str = "auto"
+    own_site_only: bool = False
 
 
 @dataclass
@@ -244,6 +249,8 @@ class Placer:
             if site.owner == request.project:
                 return None, True
             return f"byo site of project {site.owner!r}", False
+        if request.own_site_only:
+            return USER_CODE_EXCLUSION, False
         available = available_usu(request.project, site.name)
         if available is None:
             return f"project {request.project!r} has no allocation here", False
@@ -257,6 +264,10 @@ class Placer:
             where = f"site {request.site!r}" if request.site else "any site"
             return f"model {request.model!r} cannot be hosted on {where}"
         reasons = {c.excluded for c in candidates}
+        if request.own_site_only and all(r in (USER_CODE_EXCLUSION, None) or r.startswith("byo site") for r in reasons):
+            return (f"the request carries Python code (python_hooks, input_code or head_code), which runs only on "
+                    f"a site project {request.project!r} owns; none that serves {request.model!r} is available. "
+                    "Use the declarative spec and registered adapters on shared sites")
         if all(r and r.startswith(("project", "byo site")) for r in reasons):
             return f"project {request.project!r} may not spend at any site that serves {request.model!r}"
         if all(r and (r.startswith(("balance", "project", "byo"))) for r in reasons):

@@ -1,10 +1,9 @@
 """What a request costs, in micro-SUs, from the federation's prices.
 
 The estimate reserved before a run is an upper bound of the final charge:
-it counts every prompt byte as a token (byte-level and SentencePiece
-tokenizers never make more tokens than bytes, plus a few special tokens),
-every allowed completion token, and a cold start when the placement is
-cold. The charge after the run uses what was measured, never more than the
+the request's :class:`~tpm_fed.request.UsageBound` (every prompt byte
+counted as a token, every allowed completion token, the most tensor bytes
+it can get back), and a cold start when the placement is cold. The charge after the run uses what was measured, never more than the
 estimate, so a project can never be charged beyond what it reserved.
 """
 
@@ -14,11 +13,8 @@ import math
 from dataclasses import dataclass
 
 from tpm_fed.federation import Price
+from tpm_fed.request import UsageBound
 from tpm_fed.state.schema import MICRO
-
-SPECIAL_TOKENS_ALLOWANCE = 4
-"""Tokens a tokenizer may add around a prompt (BOS, EOS, ...)."""
-
 
 @dataclass(frozen=True)
 class Metered:
@@ -43,10 +39,6 @@ def price_usu(price: Price, used: Metered) -> int:
     return sum(math.ceil(round(rate * MICRO) * amount / block) for rate, amount, block in terms)
 
 
-def estimate_usu(price: Price, prompts: list[str], max_new_tokens: int, cold_start: bool) -> int:
+def estimate_usu(price: Price, bound: UsageBound, cold_start: bool) -> int:
     """An upper bound of :func:`price_usu` for a request not yet run."""
-    prompt_tokens = sum(len(p.encode()) + SPECIAL_TOKENS_ALLOWANCE for p in prompts)
-    return price_usu(
-        price,
-        Metered(prompt_tokens=prompt_tokens, completion_tokens=max_new_tokens * len(prompts), cold_start=cold_start),
-    )
+    return price_usu(price, Metered(bound.prompt_tokens, bound.completion_tokens, bound.result_bytes, cold_start))

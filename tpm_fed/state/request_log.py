@@ -11,8 +11,8 @@ import time
 
 from sqlalchemy import Engine, bindparam, func, select, update
 
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import GenerationResult
+from tpm_fed.request import ServingRequest
+from tpm_fed.result import ServedResult
 from tpm_fed.state.schema import requests_table
 
 
@@ -20,21 +20,21 @@ class RequestLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def record_sent(self, site: str, version: str, requests: list[GenerationRequest]) -> None:
+    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> None:
         now = time.time()
         with self.engine.begin() as db:
             db.execute(
                 requests_table.insert(),
                 [
                     {"request_id": r.request_id, "model": r.model.name, "version": version, "site": site,
-                     "status": "queued", "prompts": len(r.prompts), "submitted_at": now}
+                     "status": "queued", "prompts": r.item_count, "submitted_at": now}
                     for r in requests
                 ],
             )
 
-    def record_outcomes(self, outcomes: dict[str, GenerationResult | BaseException]) -> None:
+    def record_outcomes(self, outcomes: dict[str, ServedResult | BaseException]) -> None:
         now = time.time()
-        done = [r for r in outcomes.values() if isinstance(r, GenerationResult)]
+        done = [r for r in outcomes.values() if isinstance(r, ServedResult)]
         failed = {rid: e for rid, e in outcomes.items() if isinstance(e, BaseException)}
         with self.engine.begin() as db:
             if done:

@@ -1,0 +1,1 @@
+"""Mode 3 on a replica: run a trace request's steps and analyses with torch hooks."""

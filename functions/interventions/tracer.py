@@ -1,0 +1,407 @@
+"""Run one :class:`~tpm_fed.interventions.TraceRequest` on a loaded torch model.
+
+Every step becomes work inside a forward hook on the module it names (a
+pre-hook for ``.input``; for heads, a pre-hook on the attention's output
+projection, whose input holds the heads side by side). The prompts run as
+one left-padded batch, so a patch can copy from one prompt to another in
+the same pass. Steps are checked against the replica's own point catalog
+before anything runs, and the result's size is known (and refused above
+the limit) before the forward pass too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from functions.interventions.positions import resolve_positions
+from tpm_fed.errors import ContextLengthExceeded, InvalidRequest, NotPermitted, PayloadTooLarge
+from tpm_fed.interventions.points import PointCatalog, probe_points
+from tpm_fed.interventions.request import TraceRequest
+from tpm_fed.interventions.spec import Inject, Patch, Point, Save
+from tpm_fed.limits import MAX_RESULT_BYTES
+
+
+@dataclass
+class _Bound:
+    """A step (or the caller's hook) tied to the rows and indexes it acts on."""
+
+    step: Any
+    point: Point
+    rows: dict[int, list[int]]  # prompt -> token indexes in its own prompt
+    sources: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # patch: target -> (source, indexes)
+    value: Any = None  # a tensor already in the model's dtype, shaped for the selection
+
+
+class Tracer:
+    """Traces for one replica (the point catalog is probed once)."""
+
+    def __init__(self, model: Any, tokenizer: Any, context_length: int, eos_token_ids: set[int], pad_token_id: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = pad_token_id
+        self.catalog: PointCatalog = probe_points(model)
+
+    def run(self, request: TraceRequest, *, allow_user_code: bool) -> dict[str, Any]:
+        """Answer ``request``: ``{"tensors": safetensors bytes, "prompt_tokens", "vocab", "completions", "usage"}``.
+
+        Raises:
+            NotPermitted: The request carries Python code and this site does not run callers' code.
+            InvalidRequest: A point, head, position, tensor or index does not fit this model.
+            PayloadTooLarge: The result would be over the limit.
+        """
+        import torch
+
+        if request.python_hooks and not allow_user_code:
+            raise NotPermitted("python_hooks run only on a site your project owns (byo); this site is shared")
+        prompt_ids = [self.tokenizer(p)["input_ids"] for p in request.prompts]
+        lengths = [len(ids) for ids in prompt_ids]
+        for index, length in enumerate(lengths):
+            if length + request.max_new_tokens > self.context_length:
+                raise ContextLengthExceeded(
+                    f"prompt {index} has {length} tokens; with max_new_tokens={request.max_new_tokens} "
+                    f"that exceeds the model's context of {self.context_length} tokens"
+                )
+        bound = [self._bind(index, step, request, lengths) for index, step in enumerate(request.steps)]
+        bound += [self._bind_hook(hook, request) for hook in request.python_hooks]
+        item_bytes = torch.finfo(self.model.dtype).bits // 8
+        expected = request.result_bytes(self.catalog, lengths, item_bytes)
+        if expected > MAX_RESULT_BYTES:
+            raise PayloadTooLarge(
+                f"the result would be {expected:,} bytes; a result holds at most {MAX_RESULT_BYTES:,} "
+                "(save fewer points or positions, or split the prompts; results by reference come later)"
+            )
+        run = _Run(self, request, lengths, bound)
+        with torch.no_grad():
+            outputs = run.forward(prompt_ids)
+        return run.reply(outputs)
+
+    def _bind(self, index: int, step, request: TraceRequest, lengths: list[int]) -> _Bound:
+        import torch
+
+        where = f"step {index} ({step.op} at {step.point})"
+        point = step.address
+        features = self.catalog.features(point)
+        prompts = step.prompts or [p for p in range(len(lengths)) if not (isinstance(step, Patch) and p == step.source)]
+        rows = {p: resolve_positions(step.positions, lengths[p], where) for p in prompts}
+        bound = _Bound(step, point, rows)
+        if isinstance(step, Patch):
+            for target, indexes in rows.items():
+                source = resolve_positions(step.source_positions or step.positions, lengths[step.source], where)
+                if len(source) != len(indexes):
+                    raise InvalidRequest(f"{where}: prompt {target} has {len(indexes)} positions to patch but the "
+                                         f"source prompt {step.source} gives {len(source)}; name the positions")
+                bound.sources[target] = (step.source, source)
+        if step.op in ("set", "add"):
+            value = step.value.torch()
+            counts = {len(indexes) for indexes in rows.values()}
+            if tuple(value.shape) != features and not (
+                len(counts) == 1 and tuple(value.shape) == (counts.pop(), *features)
+            ):
+                raise InvalidRequest(
+                    f"{where}: value has shape {list(value.shape)}; expected {list(features)} "
+                    f"(one position) or [positions, {', '.join(map(str, features))}]"
+                )
+            bound.value = value.to(self.model.dtype)
+        if isinstance(step, Inject):
+            if features != (self.catalog.hidden_size,):
+                raise InvalidRequest(f"{where}: memory injection needs a point of the model's hidden size "
+                                     f"{self.catalog.hidden_size}; this one has {list(features)}")
+            ids = self.tokenizer(step.text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InvalidRequest(f"{where}: text {step.text!r} has no tokens")
+            embeddings = self.model.get_input_embeddings()
+            bound.value = embeddings(torch.tensor(ids)).sum(dim=0) * step.scale
+        return bound
+
+    def _bind_hook(self, hook, request: TraceRequest) -> _Bound:
+        from globus_compute_sdk.serialize import ComputeSerializer
+
+        point = Point.parse(hook.point)
+        self.catalog.features(point)
+        function = ComputeSerializer().deserialize(hook.code)
+        return _Bound(step=_CallerHook(function), point=point, rows={})
+
+
+@dataclass(frozen=True)
+class _CallerHook:
+    function: Any
+    op: str = "python"
+    generated: bool = True
+
+
+class _Run:
+    """One forward pass (or one generation) with the hooks in place."""
+
+    def __init__(self, tracer: Tracer, request: TraceRequest, lengths: list[int], bound: list[_Bound]):
+        self.tracer = tracer
+        self.model = tracer.model
+        self.catalog = tracer.catalog
+        self.request = request
+        self.lengths = lengths
+        self.width = max(lengths)
+        self.pads = [self.width - length for length in lengths]
+        self.bound = bound
+        self.calls = 0
+        self.saved: dict[str, list[Any]] = defaultdict(list)
+        self.layer_outputs: dict[int, Any] = {}
+        self.head_inputs: dict[int, Any] = {}
+
+    # -- running -------------------------------------------------------------------------------
+
+    def forward(self, prompt_ids: list[list[int]]):
+        import torch
+
+        input_ids = torch.full((len(prompt_ids), self.width), self.tracer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, self.pads[row]:] = torch.tensor(ids)
+            mask[row, self.pads[row]:] = 1
+        handles = self._register()
+        patterns = self.request.attention_patterns is not None
+        previous = self.model.config._attn_implementation
+        try:
+            if patterns:  # only eager attention materializes the weights
+                self.model.set_attn_implementation("eager")
+            if self.request.max_new_tokens == 0:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 output_attentions=patterns)
+                return {"attentions": out.attentions if patterns else None, "sequences": None}
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=self.request.max_new_tokens,
+                do_sample=False, pad_token_id=self.tracer.pad_token_id, output_attentions=patterns,
+                return_dict_in_generate=True,
+            )
+            return {"attentions": out.attentions[0] if patterns else None, "sequences": out.sequences}
+        finally:
+            for handle in handles:
+                handle.remove()
+            if patterns:
+                self.model.set_attn_implementation(previous)
+
+    def _register(self) -> list[Any]:
+        handles = [self.model.register_forward_pre_hook(self._count)]
+        by_target: dict[tuple[str, str], list[_Bound]] = defaultdict(list)
+        for item in self.bound:
+            point = item.point
+            if point.head is not None:
+                by_target[(self.catalog.attention[point.module].out_projection, "input")].append(item)
+            else:
+                by_target[(point.module, point.side)].append(item)
+        for (module_name, side), items in by_target.items():
+            module = self.model.get_submodule(module_name)
+            if side == "input":
+                handles.append(module.register_forward_pre_hook(self._input_hook(items), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(self._output_hook(items)))
+        # Analyses read what the edits left (registered after them, so they run after them).
+        lens_layers = set()
+        if self.request.logit_lens is not None:
+            lens_layers = {self._layer_index(i) for i in self.request.logit_lens.layers or range(len(self.catalog.layers))}
+        for index in sorted(lens_layers):
+            module = self.model.get_submodule(self.catalog.layers[index])
+            handles.append(module.register_forward_hook(self._capture(self.layer_outputs, index)))
+        if self.request.attention_lens is not None:
+            for index in self._attention_layers():
+                name, info = self.catalog.attention_of(index)
+                module = self.model.get_submodule(info.out_projection)
+                handles.append(module.register_forward_pre_hook(self._capture_input(self.head_inputs, index)))
+        return handles
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def _input_hook(self, items: list[_Bound]):
+        def hook(module, args, kwargs):
+            if args:
+                return (self._apply(items, args[0]), *args[1:]), kwargs
+            key = next(k for k, v in kwargs.items() if hasattr(v, "shape"))
+            return args, {**kwargs, key: self._apply(items, kwargs[key])}
+        return hook
+
+    def _output_hook(self, items: list[_Bound]):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (self._apply(items, output[0]), *output[1:])
+            return self._apply(items, output)
+        return hook
+
+    def _capture(self, into: dict, index: int):
+        def hook(module, args, output):
+            if self.calls == 1:
+                into[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _capture_input(self, into: dict, index: int):
+        def hook(module, args):
+            if self.calls == 1:
+                into[index] = args[0]
+        return hook
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    def _apply(self, items: list[_Bound], tensor):
+        import torch
+
+        prompt_phase = self.calls == 1
+        edits = any(item.step.op != "save" for item in items)
+        edited = tensor.clone(memory_format=torch.contiguous_format) if edits else tensor
+        for item in items:
+            if not prompt_phase and not item.step.generated:
+                continue
+            if isinstance(item.step, _CallerHook):
+                replaced = item.step.function(edited)
+                if replaced is not None:
+                    edited = replaced.to(edited.dtype).reshape(edited.shape).contiguous()
+                continue
+            for prompt, indexes in item.rows.items():
+                where = [self.pads[prompt] + i for i in indexes] if prompt_phase else [edited.shape[1] - 1]
+                self._do(item, edited, prompt, where, prompt_phase)
+        return edited
+
+    def _do(self, item: _Bound, tensor, prompt: int, where: list[int], prompt_phase: bool) -> None:
+        step, point = item.step, item.point
+        if step.op == "save":
+            self.saved[f"{prompt}:{step.key}"].append(self._get(tensor, point, prompt, where).clone())
+        elif step.op == "set":
+            self._put(tensor, point, prompt, where, item.value)
+        elif step.op in ("add", "inject"):
+            self._put(tensor, point, prompt, where, self._get(tensor, point, prompt, where) + item.value)
+        elif step.op == "scale":
+            self._put(tensor, point, prompt, where, self._get(tensor, point, prompt, where) * step.factor)
+        elif step.op == "ablate":
+            self._put(tensor, point, prompt, where, 0.0)
+        elif step.op == "patch":
+            source, source_indexes = item.sources[prompt]
+            source_where = [self.pads[source] + i for i in source_indexes] if prompt_phase else where
+            self._put(tensor, point, prompt, where, self._get(tensor, point, source, source_where).clone())
+
+    def _heads(self, tensor, point: Point):
+        info = self.catalog.attention[point.module]
+        return tensor.reshape(*tensor.shape[:2], info.heads, info.head_dim)
+
+    def _get(self, tensor, point: Point, row: int, where: list[int]):
+        if point.head is None:
+            return tensor[row, where]
+        heads = self._heads(tensor, point)
+        return heads[row, where] if point.head == "*" else heads[row, where, point.head]
+
+    def _put(self, tensor, point: Point, row: int, where: list[int], value) -> None:
+        if point.head is None:
+            tensor[row, where] = value
+            return
+        heads = self._heads(tensor, point)  # a view: the tensor is contiguous when edited
+        if point.head == "*":
+            heads[row, where] = value
+        else:
+            heads[row, where, point.head] = value
+
+    # -- the reply -----------------------------------------------------------------------------
+
+    def reply(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from tpm_fed.tensors import pack_tensors
+
+        tensors: dict[str, Any] = {name: torch.cat(parts, dim=0) for name, parts in self.saved.items()}
+        vocab_ids: set[int] = set()
+        if self.request.logit_lens is not None:
+            vocab_ids |= self._logit_lens(tensors)
+        if self.request.attention_lens is not None:
+            vocab_ids |= self._attention_lens(tensors)
+        if outputs["attentions"] is not None:
+            layers = [self._layer_index(i) for i in self.request.attention_patterns.layers or range(len(self.catalog.layers))]
+            for prompt, pad in enumerate(self.pads):
+                tensors[f"{prompt}:attention_patterns"] = torch.stack(
+                    [outputs["attentions"][layer][prompt, :, pad:, pad:].float() for layer in layers]
+                )
+        blob = pack_tensors(tensors)
+        if len(blob) > MAX_RESULT_BYTES:  # the estimate bounds it; this guards the estimate
+            raise PayloadTooLarge(f"the result is {len(blob):,} bytes; a result holds at most {MAX_RESULT_BYTES:,}")
+        completions = self._completions(outputs["sequences"])
+        decode = self.tracer.tokenizer.convert_ids_to_tokens
+        return {
+            "tensors_blob": blob,
+            "prompt_tokens": [decode(self.tracer.tokenizer(p)["input_ids"]) for p in self.request.prompts],
+            "vocab": {str(i): decode(i) for i in sorted(vocab_ids)},
+            "completions": [c.to_wire() for c in completions],
+            "usage": {
+                "prompt_tokens": sum(self.lengths),
+                "completion_tokens": sum(len(c.token_ids) for c in completions),
+                "activation_bytes": len(blob),
+            },
+        }
+
+    def _decode_top(self, hidden, top_k: int):
+        import torch
+
+        if self.catalog.final_norm is not None:
+            hidden = self.model.get_submodule(self.catalog.final_norm)(hidden)
+        logits = self.model.get_submodule(self.catalog.unembedding)(hidden).float()
+        probs, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+        return ids.to(torch.int32), probs
+
+    def _logit_lens(self, tensors: dict) -> set[int]:
+        import torch
+
+        lens = self.request.logit_lens
+        seen: set[int] = set()
+        for prompt, (pad, length) in enumerate(zip(self.pads, self.lengths, strict=True)):
+            indexes = [pad + i for i in resolve_positions(lens.positions, length, "logit_lens")]
+            layers = sorted(self.layer_outputs)
+            hidden = torch.stack([self.layer_outputs[layer][prompt, indexes] for layer in layers])
+            ids, probs = self._decode_top(hidden, lens.top_k)
+            tensors[f"{prompt}:logit_lens.ids"], tensors[f"{prompt}:logit_lens.probs"] = ids, probs
+            seen |= set(ids.flatten().tolist())
+        return seen
+
+    def _attention_lens(self, tensors: dict) -> set[int]:
+        import torch
+
+        lens = self.request.attention_lens
+        seen: set[int] = set()
+        layers = self._attention_layers()
+        for prompt, (pad, length) in enumerate(zip(self.pads, self.lengths, strict=True)):
+            indexes = [pad + i for i in resolve_positions(lens.positions, length, "attention_lens")]
+            per_layer = []
+            for layer in layers:
+                name, info = self.catalog.attention_of(layer)
+                heads = lens.heads or list(range(info.heads))
+                for head in heads:
+                    if not 0 <= head < info.heads:
+                        raise InvalidRequest(f"attention_lens: head {head} is out of range; {name} has heads 0..{info.heads - 1}")
+                weight = self.model.get_submodule(info.out_projection).weight
+                z = self.head_inputs[layer][prompt, indexes].view(len(indexes), info.heads, info.head_dim)
+                contributions = torch.stack([
+                    z[:, head] @ weight[:, head * info.head_dim:(head + 1) * info.head_dim].T for head in heads
+                ])
+                per_layer.append(contributions)
+            ids, probs = self._decode_top(torch.stack(per_layer), lens.top_k)
+            tensors[f"{prompt}:attention_lens.ids"], tensors[f"{prompt}:attention_lens.probs"] = ids, probs
+            seen |= set(ids.flatten().tolist())
+        return seen
+
+    def _completions(self, sequences):
+        from functions.backends.stopping import finish_row
+
+        if sequences is None:
+            return []
+        decode = lambda ids: self.tracer.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return [
+            finish_row(sequences[row, self.width:].tolist(), max_new_tokens=self.request.max_new_tokens,
+                       eos_token_ids=self.tracer.eos_token_ids, stop=[], decode=decode)
+            for row in range(len(self.lengths))
+        ]
+
+    def _layer_index(self, index: int) -> int:
+        self.catalog.layer(index)
+        return index % len(self.catalog.layers)
+
+    def _attention_layers(self) -> list[int]:
+        lens = self.request.attention_lens
+        return sorted({self._layer_index(i) for i in lens.layers or range(len(self.catalog.layers))})

@@ -1,0 +1,212 @@
+"""The declarative intervention spec: what to read and write during a forward pass.
+
+A spec is plain typed data (JSON both ways), so shared replicas never run
+a caller's code. Each step acts at a **point**: a module path in the
+model's own module tree plus which side of the module, e.g.
+
+- ``model.layers.4`` (the residual stream after layer 4; ``.output`` is implied),
+- ``model.layers.4.mlp.input``,
+- ``model.layers.4.self_attn.heads[3]`` (head 3's output, before the output projection),
+- ``model.layers.4.self_attn.heads[*]`` (every head of that layer).
+
+A module that returns a tuple (attention does) is read and written at its
+first element, the hidden states. ``positions`` index each prompt's own
+tokens (negative counts from the end); ``prompts`` picks which prompts of
+the request a step touches. With ``generated=True`` an edit also applies to
+every generated token (a save then also records one row per generated token).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tpm_fed.tensors import TensorData
+
+_POINT = re.compile(
+    r"^(?P<module>[A-Za-z_][\w]*(?:\.[\w]+)*?)"
+    r"(?:\.heads\[(?P<head>\d+|\*)\])?"
+    r"(?:\.(?P<side>input|output))?$"
+)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A parsed point address.
+
+    Attributes:
+        module: Dotted module path, e.g. ``model.layers.4.self_attn``.
+        head: A head index, ``"*"`` for every head, or None for the whole module.
+        side: ``input`` or ``output`` of the module (heads are always outputs).
+    """
+
+    module: str
+    head: int | Literal["*"] | None
+    side: Literal["input", "output"]
+
+    @classmethod
+    def parse(cls, text: str) -> Point:
+        match = _POINT.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"point {text!r} is not MODULE.PATH[.heads[N|*]][.input|.output], e.g. model.layers.4.output"
+            )
+        head = match["head"]
+        if head is not None and match["side"] == "input":
+            raise ValueError(f"point {text!r}: a head is an output; drop '.input'")
+        return cls(
+            module=match["module"],
+            head=None if head is None else ("*" if head == "*" else int(head)),
+            side=match["side"] or "output",  # type: ignore[arg-type]
+        )
+
+    def __str__(self) -> str:
+        if self.head is not None:
+            return f"{self.module}.heads[{self.head}]"
+        return f"{self.module}.{self.side}"
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    point: str
+    positions: list[int] | None = Field(default=None, min_length=1)
+    prompts: list[int] | None = Field(default=None, min_length=1)
+    generated: bool = False
+
+    @field_validator("point")
+    @classmethod
+    def _parsable(cls, point: str) -> str:
+        return str(Point.parse(point))
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_negative(cls, prompts: list[int] | None) -> list[int] | None:
+        if prompts is not None and any(p < 0 for p in prompts):
+            raise ValueError("prompt indexes count from 0")
+        return prompts
+
+    @property
+    def address(self) -> Point:
+        return Point.parse(self.point)
+
+
+class Save(_Step):
+    """Return the tensor at the point (``name`` keys it in the result; the point by default)."""
+
+    op: Literal["save"] = "save"
+    name: str | None = Field(default=None, pattern=r"^[\w.\[\]*:-]+$")
+
+    @property
+    def key(self) -> str:
+        return self.name or self.point
+
+
+class Set(_Step):
+    """Replace the tensor: ``value`` is one position's features, or one row per position."""
+
+    op: Literal["set"] = "set"
+    value: TensorData
+
+
+class Add(_Step):
+    """Add ``value`` (e.g. a steering vector), shaped as for :class:`Set`."""
+
+    op: Literal["add"] = "add"
+    value: TensorData
+
+
+class Scale(_Step):
+    """Multiply the tensor by ``factor``."""
+
+    op: Literal["scale"] = "scale"
+    factor: float
+
+    @field_validator("factor")
+    @classmethod
+    def _finite(cls, factor: float) -> float:
+        if not math.isfinite(factor):
+            raise ValueError("factor must be finite")
+        return factor
+
+
+class Ablate(_Step):
+    """Zero the tensor (at a head point: zero-ablate that head)."""
+
+    op: Literal["ablate"] = "ablate"
+
+
+class Patch(_Step):
+    """Copy the activation of prompt ``source`` (same request) into the target prompts.
+
+    ``source_positions`` default to ``positions``; both count in each prompt's own tokens.
+    Target prompts default to every prompt but the source.
+    """
+
+    op: Literal["patch"] = "patch"
+    source: int = Field(ge=0)
+    source_positions: list[int] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Patch:
+        if self.source_positions is not None and self.positions is not None:
+            if len(self.source_positions) != len(self.positions):
+                raise ValueError("source_positions and positions must have the same length")
+        return self
+
+
+class Inject(_Step):
+    """Memory injection (Sakarvadia et al. 2023): add the summed embeddings of ``text`` times ``scale``."""
+
+    op: Literal["inject"] = "inject"
+    text: str = Field(min_length=1)
+    scale: float = 1.0
+
+
+Step = Annotated[Save | Set | Add | Scale | Ablate | Patch | Inject, Field(discriminator="op")]
+
+
+class LogitLens(BaseModel):
+    """Final norm + unembedding applied to each layer's residual stream.
+
+    Attributes:
+        layers: Layer indexes (every layer by default).
+        positions: Token positions (every position by default).
+        top_k: Tokens kept per layer and position.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: list[int] | None = Field(default=None, min_length=1)
+    positions: list[int] | None = Field(default=None, min_length=1)
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class AttentionLens(BaseModel):
+    """Each head's contribution to the residual stream, projected to the vocabulary.
+
+    Attributes:
+        layers: Layer indexes (every layer by default).
+        heads: Head indexes (every head by default).
+        positions: Token positions (the last one by default).
+        top_k: Tokens kept per layer, head and position.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: list[int] | None = Field(default=None, min_length=1)
+    heads: list[int] | None = Field(default=None, min_length=1)
+    positions: list[int] = Field(default_factory=lambda: [-1], min_length=1)
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class AttentionPatterns(BaseModel):
+    """Attention weights (heads x query x key) of the chosen layers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: list[int] | None = Field(default=None, min_length=1)
