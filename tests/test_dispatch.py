@@ -23,7 +23,7 @@ class HeldSite:
         self.tasks: list[tuple[Future, list[dict]]] = []
         self.sent = threading.Event()
 
-    def submit(self, function, model, requests):
+    def submit(self, function, model, requests, context):
         future: Future = Future()
         self.tasks.append((future, requests))
         self.sent.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal, Self
 
@@ -168,11 +169,12 @@ class _TensorResult(ServedResult):
         return unpack_tensors(self.tensors_blob)
 
 
-class LensReading(_Record):
-    """Top-k tokens of a lens: ``ids[..., k]`` with their ``probs`` and ``tokens`` (text)."""
+@dataclass(frozen=True)
+class LensReading:
+    """Top-k tokens of a lens: ``ids[..., k]`` (numpy int32) with their ``probs`` and ``tokens`` (text)."""
 
-    ids: list
-    probs: list
+    ids: Any
+    probs: Any
     tokens: list
 
 
@@ -210,12 +212,11 @@ class TraceResult(_TensorResult):
         return self.saved("attention_patterns", prompt)
 
     def _lens(self, kind: str, prompt: int) -> LensReading:
-        ids = self.saved(f"{kind}.ids", prompt)
-        tokens = [self.vocab.get(str(i), "?") for i in ids.flatten().tolist()]
         import numpy as np
 
-        return LensReading(ids=ids.tolist(), probs=self.saved(f"{kind}.probs", prompt).tolist(),
-                           tokens=np.array(tokens, dtype=object).reshape(ids.shape).tolist())
+        ids = self.saved(f"{kind}.ids", prompt)
+        tokens = np.array([self.vocab.get(str(i), "?") for i in ids.flatten().tolist()], dtype=object)
+        return LensReading(ids=ids, probs=self.saved(f"{kind}.probs", prompt), tokens=tokens.reshape(ids.shape).tolist())
 
 
 class EmbeddingResult(_TensorResult):

@@ -1,0 +1,277 @@
+"""Mode 3 through the whole path (client, broker, ledger, engine, replica) against torch by hand.
+
+Each oracle runs the same computation with plain torch forward hooks on the
+reference model. A single prompt runs unpadded on both sides, so float32
+results must be equal, not close.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tpm_fed.errors import InvalidRequest, PayloadTooLarge, PlacementRefused, UnknownPoint
+from tpm_fed.interventions import (
+    Ablate, Add, AttentionLens, AttentionPatterns, Inject, LogitLens, Patch, PythonHook, Save, Scale, Set,
+    TraceRequest,
+)
+from tpm_fed.tensors import TensorData
+
+PROMPT = "The telescope observed the"
+LAYERS = 4
+
+
+def hand_run(model, tokenizer, prompts, hooks=(), pre_hooks=()):
+    """Logits of an unpadded batch (equal token counts) with hand-written hooks in place."""
+    ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
+    handles = [model.get_submodule(n).register_forward_hook(f) for n, f in hooks]
+    handles += [model.get_submodule(n).register_forward_pre_hook(f) for n, f in pre_hooks]
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture(store, key):
+    def hook(module, args, output):
+        store[key] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+    return hook
+
+
+def test_saved_activations_equal_torch_hooks(client, reference_model):
+    model, tokenizer = reference_model
+    points = ["model.embed_tokens", "model.layers.0", "model.layers.2.mlp", "model.layers.1.self_attn",
+              "model.norm", "lm_head"]
+    result = client.trace(PROMPT, steps=[Save(point=p) for p in points]
+                          + [Save(point="model.layers.3.mlp.input"),
+                             Save(point="model.layers.2.self_attn.heads[2]", positions=[0, -1])]).result()
+
+    captured, inputs = {}, {}
+    hooks = [(p, capture(captured, p)) for p in points]
+    pre = [("model.layers.3.mlp", lambda m, a: inputs.__setitem__("mlp3", a[0].clone())),
+           ("model.layers.2.self_attn.o_proj", lambda m, a: inputs.__setitem__("o2", a[0].clone()))]
+    hand_run(model, tokenizer, [PROMPT], hooks, pre)
+
+    for point in points:
+        assert torch.equal(torch.from_numpy(result.saved(f"{point}.output")), captured[point][0]), point
+    assert torch.equal(torch.from_numpy(result.saved("model.layers.3.mlp.input")), inputs["mlp3"][0])
+    head = inputs["o2"][0].view(-1, 4, 32)[[0, -1], 2]
+    assert torch.equal(torch.from_numpy(result.saved("model.layers.2.self_attn.heads[2]")), head)
+    assert result.usage.activation_bytes == len(result.tensors_blob) > 0
+    assert result.charge is not None and result.charge.charged_su > 0
+    assert result.prompt_tokens[0] == tokenizer.convert_ids_to_tokens(tokenizer(PROMPT)["input_ids"])
+
+
+def test_logit_lens_equals_norm_and_unembedding_by_hand(client, reference_model):
+    model, tokenizer = reference_model
+    result = client.trace(PROMPT, logit_lens=LogitLens(top_k=5)).result()
+    captured = {}
+    logits = hand_run(model, tokenizer, [PROMPT], [(f"model.layers.{i}", capture(captured, i)) for i in range(LAYERS)])
+    lens = result.logit_lens()
+    ids, probs = np.array(lens.ids), np.array(lens.probs)
+    assert ids.shape == (LAYERS, len(result.prompt_tokens[0]), 5)
+    # Last layer: the model's own logits.
+    top = torch.softmax(logits[0], dim=-1).topk(5)
+    assert np.array_equal(ids[-1], top.indices.numpy())
+    torch.testing.assert_close(torch.from_numpy(probs[-1]), top.values)
+    with torch.no_grad():
+        for layer in range(LAYERS):
+            by_hand = torch.softmax(model.lm_head(model.model.norm(captured[layer][0])), dim=-1).topk(5)
+            assert np.array_equal(ids[layer], by_hand.indices.numpy()), layer
+            torch.testing.assert_close(torch.from_numpy(probs[layer]), by_hand.values)
+    assert lens.tokens[-1][-1][0] == tokenizer.convert_ids_to_tokens(int(ids[-1, -1, 0]))
+
+
+def test_patch_changes_the_output_as_a_hand_written_patch(client, reference_model):
+    model, tokenizer = reference_model
+    clean, corrupt = "The cell divides and the", "The star divides and the"
+    assert len(tokenizer(clean)["input_ids"]) == len(tokenizer(corrupt)["input_ids"])
+    result = client.trace([clean, corrupt], steps=[Patch(point="model.layers.1", source=0, positions=[1, 2]),
+                                                   Save(point="lm_head", prompts=[1])]).result()
+
+    def patch(module, args, output):
+        output = output.clone()
+        output[1, [1, 2]] = output[0, [1, 2]]
+        return output
+
+    logits = hand_run(model, tokenizer, [clean, corrupt], [("model.layers.1", patch)])
+    unpatched = hand_run(model, tokenizer, [clean, corrupt])
+    patched = torch.from_numpy(result.saved("lm_head.output", prompt=1))
+    assert torch.equal(patched, logits[1])
+    assert not torch.equal(patched, unpatched[1])  # the patch did something
+
+
+def test_zero_ablating_all_heads_equals_zeroing_the_output_projection_input(client, reference_model):
+    model, tokenizer = reference_model
+    result = client.trace(PROMPT, steps=[Ablate(point="model.layers.1.self_attn.heads[*]"),
+                                         Save(point="lm_head")]).result()
+    logits = hand_run(model, tokenizer, [PROMPT],
+                      pre_hooks=[("model.layers.1.self_attn.o_proj", lambda m, a: (torch.zeros_like(a[0]),))])
+    assert torch.equal(torch.from_numpy(result.saved("lm_head.output")), logits[0])
+
+
+def test_set_add_scale_and_memory_injection_equal_hand_edits(client, reference_model):
+    model, tokenizer = reference_model
+    steer = torch.randn(128, generator=torch.Generator().manual_seed(1))
+    replacement = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))
+    memory_ids = tokenizer(" stars", add_special_tokens=False)["input_ids"]
+    steps = [
+        Add(point="model.layers.0", positions=[-1], value=TensorData.of(steer)),
+        Set(point="model.layers.1.mlp", positions=[0, 1], value=TensorData.of(replacement)),
+        Scale(point="model.layers.2.self_attn.heads[3]", factor=0.5),
+        Inject(point="model.layers.2.self_attn", positions=[-1], text=" stars", scale=4.0),
+        Save(point="lm_head"),
+    ]
+    result = client.trace(PROMPT, steps=steps).result()
+
+    def add(module, args, out):
+        out = out.clone(); out[0, -1] += steer; return out  # noqa: E702
+
+    def set_(module, args, out):
+        out = out.clone(); out[0, [0, 1]] = replacement; return out  # noqa: E702
+
+    def scale(module, args):
+        z = args[0].clone(); z.view(*z.shape[:2], 4, 32)[:, :, 3] *= 0.5; return (z,)  # noqa: E702
+
+    def inject(module, args, out):
+        hidden = out[0].clone()
+        with torch.no_grad():
+            hidden[0, -1] += model.model.embed_tokens(torch.tensor(memory_ids)).sum(0) * 4.0
+        return (hidden, *out[1:])
+
+    logits = hand_run(model, tokenizer, [PROMPT],
+                      [("model.layers.0", add), ("model.layers.1.mlp", set_), ("model.layers.2.self_attn", inject)],
+                      [("model.layers.2.self_attn.o_proj", scale)])
+    assert torch.equal(torch.from_numpy(result.saved("lm_head.output")), logits[0])
+
+
+def test_generation_applies_edits_at_every_generated_step(client, reference_model):
+    model, tokenizer = reference_model
+    steer = torch.randn(128, generator=torch.Generator().manual_seed(3)) * 2
+    result = client.trace(PROMPT, max_new_tokens=8,
+                          steps=[Add(point="model.layers.1", value=TensorData.of(steer), generated=True)]).result()
+
+    handle = model.model.layers[1].register_forward_hook(lambda m, a, out: out + steer)
+    try:
+        ids = tokenizer(PROMPT, return_tensors="pt")
+        with torch.no_grad():
+            expected = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.input_ids.shape[1]:]
+    finally:
+        handle.remove()
+    plain = client.generate(PROMPT, max_new_tokens=8).result()
+    assert result.completions[0].token_ids == [t for t in expected.tolist() if t != tokenizer.eos_token_id][:8]
+    assert result.completions[0].token_ids != plain.completions[0].token_ids  # the steering changed the text
+
+
+def test_attention_patterns_and_attention_lens(client, reference_model):
+    model, tokenizer = reference_model
+    result = client.trace(PROMPT, attention_patterns=AttentionPatterns(layers=[0, 3]),
+                          attention_lens=AttentionLens(layers=[2], heads=[1, 3], top_k=4)).result()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    z = {}
+    handle = model.model.layers[2].self_attn.o_proj.register_forward_pre_hook(lambda m, a: z.__setitem__("z", a[0]))
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**ids, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+        handle.remove()
+    patterns = torch.from_numpy(result.attention_patterns())
+    assert torch.equal(patterns[0], out.attentions[0][0]) and torch.equal(patterns[1], out.attentions[3][0])
+    lens = np.array(result.attention_lens().ids)  # [layers, heads, positions, k]
+    weight = model.model.layers[2].self_attn.o_proj.weight
+    with torch.no_grad():
+        for column, head in enumerate([1, 3]):
+            contribution = z["z"][0, -1].view(4, 32)[head] @ weight[:, head * 32:(head + 1) * 32].T
+            top = torch.softmax(model.lm_head(model.model.norm(contribution)), -1).topk(4)
+            assert np.array_equal(lens[0, column, 0], top.indices.numpy())
+
+
+def test_spec_is_plain_json_both_ways():
+    request = TraceRequest.create(
+        "demo-llama", prompts=["a b"],
+        steps=[Add(point="model.layers.1", positions=[-1], value=TensorData.of(np.ones(128, np.float32))),
+               Patch(point="model.layers.2.self_attn.heads[1]", source=0, prompts=[0])],
+        logit_lens=LogitLens(layers=[0, -1]))
+    text = json.dumps(request.to_wire())
+    assert TraceRequest.from_wire(json.loads(text)) == request
+
+
+@pytest.mark.parametrize(("steps", "error", "message"), [
+    ([Save(point="model.layers.9")], UnknownPoint, "closest: model.layers.3.output"),
+    ([Save(point="model.layer.1.mlp")], UnknownPoint, "model.layers.1.mlp.output"),
+    ([Ablate(point="model.layers.1.self_attn.heads[4]")], UnknownPoint, "heads 0..3"),
+    ([Add(point="model.layers.1", value=TensorData.of(np.ones(64, np.float32)))], InvalidRequest, r"expected \[128\]"),
+    ([Inject(point="model.layers.1.mlp.gate_proj", text="x")], InvalidRequest, "hidden size"),
+])
+def test_bad_specs_are_refused_at_the_edge_listing_valid_names(client, steps, error, message):
+    before = client.ledger.balances(client.project_for(None))
+    with pytest.raises(error, match=message):
+        client.trace(PROMPT, steps=steps)
+    assert client.ledger.balances(client.project_for(None)) == before
+
+
+def test_bad_tensors_and_indexes_are_refused():
+    nan = np.full(128, np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        TensorData.of(nan)
+    with pytest.raises(ValueError, match="not floating point"):
+        TensorData.of(np.ones(128, np.int64))
+    wire = {"op": "add", "point": "model.layers.1",
+            "value": {"dtype": "float32", "shape": [128], "data": base64.b64encode(nan.tobytes()).decode()}}
+    with pytest.raises(InvalidRequest, match="NaN"):
+        TraceRequest.create("demo-llama", prompts=["x"], steps=[wire])
+    with pytest.raises(InvalidRequest, match="prompt 2 is out of range"):
+        TraceRequest.create("demo-llama", prompts=["x", "y"], steps=[Patch(point="model.layers.1", source=2)])
+    with pytest.raises(InvalidRequest, match="not MODULE.PATH"):
+        TraceRequest.create("demo-llama", prompts=["x"], steps=[{"op": "save", "point": "model..layers"}])
+
+
+def test_position_out_of_range_costs_nothing_and_the_replica_survives(client):
+    project = client.project_for(None)
+    before = client.ledger.balances(project)
+    with pytest.raises(InvalidRequest, match=r"position 40 is out of range for a prompt of \d+ tokens"):
+        client.trace(PROMPT, steps=[Save(point="model.layers.1", positions=[40])]).result()
+    assert client.ledger.balances(project) == before
+    assert client.trace(PROMPT, steps=[Save(point="model.layers.1", positions=[-1])]).result().replica.warm
+
+
+def test_result_over_the_limit_is_refused_before_running(client):
+    project = client.project_for(None)
+    before = client.ledger.balances(project)
+    long_prompt = " ".join(["the stars and the telescope"] * 24)  # ~240 tokens, 2 KB of logits each
+    with pytest.raises(PayloadTooLarge, match="a result holds at most"):
+        client.trace([long_prompt] * 30, steps=[Save(point="lm_head")]).result()
+    assert client.ledger.balances(project) == before
+
+
+def test_python_hooks_are_refused_on_shared_sites_before_anything_runs(client):
+    project = client.project_for(None)
+    before = client.ledger.balances(project)
+    hook = PythonHook.of("model.layers.1", lambda tensor: tensor * 2)
+    with pytest.raises(PlacementRefused, match="runs only on a site project"):
+        client.trace(PROMPT, python_hooks=[hook])
+    assert client.ledger.balances(project) == before
+
+
+def test_nnsight_gives_the_same_activations_and_logit_lens(client, demo_model_dir):
+    pytest.importorskip("nnsight")
+    from nnsight import LanguageModel
+
+    reference = LanguageModel(str(demo_model_dir), dispatch=True)
+    with reference.trace(PROMPT):
+        layer1 = reference.model.layers[1].output.save()
+        layer2 = reference.model.layers[2].output.save()
+        lens2 = torch.softmax(reference.lm_head(reference.model.norm(layer2)), dim=-1).save()
+    ours = client.trace(PROMPT, steps=[Save(point="model.layers.1")], logit_lens=LogitLens(top_k=3)).result()
+    assert torch.equal(torch.from_numpy(ours.saved("model.layers.1.output")), layer1[0])
+    top = lens2[0].topk(3)
+    assert np.array_equal(np.array(ours.logit_lens().ids)[2], top.indices.numpy())
+    torch.testing.assert_close(torch.from_numpy(ours.logit_lens().probs[2]), top.values)
