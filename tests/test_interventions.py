@@ -275,3 +275,45 @@ def test_nnsight_gives_the_same_activations_and_logit_lens(client, demo_model_di
     top = lens2[0].topk(3)
     assert np.array_equal(np.array(ours.logit_lens().ids)[2], top.indices.numpy())
     torch.testing.assert_close(torch.from_numpy(ours.logit_lens().probs[2]), top.values)
+
+
+@pytest.fixture(scope="module")
+def own_site_client(tmp_path_factory, demo_model_dir):
+    """A federation whose only site is the caller's project's own (byo) site."""
+    import shutil
+    from pathlib import Path
+
+    from tpm_fed.client import Client
+    from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+    from tpm_fed.home import TpmHome
+    from tpm_fed.identity import LocalUser
+
+    home = TpmHome(tmp_path_factory.mktemp("own-site"))
+    shutil.copytree(demo_model_dir, home.models_dir / "demo-llama")
+    Federation(
+        name="own",
+        sites=[SiteConfig(name="lab", kind="byo", owner="lab-group")],
+        models=[ModelConfig(name="demo-llama", path=Path("models/demo-llama"), backend="torch",
+                            modes=["query", "embedding", "intermediary"])],
+        projects=[ProjectConfig(name="lab-group", members=[LocalUser().current()])],
+    ).dump(home.federation_file)
+    with Client(home, create_default=False) as client:
+        yield client
+
+
+def test_python_hooks_and_adapter_code_run_on_the_callers_own_site(own_site_client, reference_model):
+    model, tokenizer = reference_model
+    hook = PythonHook.of("model.layers.1", lambda tensor: tensor * 2)
+    result = own_site_client.trace(PROMPT, python_hooks=[hook], steps=[Save(point="lm_head")]).result()
+    logits = hand_run(model, tokenizer, [PROMPT], [("model.layers.1", lambda m, a, out: out * 2)])
+    assert torch.equal(torch.from_numpy(result.saved("lm_head.output")), logits[0])
+    assert result.charge.free and result.site == "lab"
+
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    code = ComputeSerializer().serialize(lambda x: x.repeat(1, 32))  # 4 features -> 128
+    x = np.random.default_rng(2).random((3, 4), dtype=np.float32)
+    embedded = own_site_client.embed([x], input_code=code, pool="last").result()
+    with torch.no_grad():
+        expected = model.model(inputs_embeds=torch.from_numpy(x).repeat(1, 32)[None]).last_hidden_state[0, -1]
+    torch.testing.assert_close(torch.from_numpy(embedded.outputs[0]), expected)
