@@ -165,3 +165,49 @@ def test_model_store_commands_and_serving_a_pinned_version(cli_home, demo_model_
     unknown = tpm(cli_home, "submit", "x", "--model", "kept@nope")
     assert unknown.returncode == 1 and "UnknownVersion: model 'kept' has no version or tag 'nope'" in unknown.stderr
     assert "removed 0 chunks" in tpm(cli_home, "models", "gc").stdout
+
+
+def test_inspect_lists_points_with_shapes_and_heads(cli_home):
+    done = tpm(cli_home, "models", "inspect", "demo-llama", "--grep", "layers.2.self_attn")
+    assert done.returncode == 0, done.stderr
+    assert "model.layers.2.self_attn.heads[0..3]" in done.stdout and "[32]" in done.stdout
+    assert "model.layers.2.self_attn.o_proj.input" in done.stdout
+
+
+def test_trace_saves_points_and_prints_the_logit_lens(cli_home, tmp_path):
+    out = tmp_path / "tensors.safetensors"
+    done = tpm(cli_home, "trace", "The telescope observed", "--save", "model.layers.2", "--logit-lens",
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "0:model.layers.2.output: float32 [11, 128]" in done.stdout
+    assert "layer 3:" in done.stdout
+    from safetensors.numpy import load_file
+
+    assert load_file(out)["0:model.layers.2.output"].shape == (11, 128)
+
+
+def test_trace_with_an_unknown_point_names_the_closest_and_exits_1(cli_home):
+    done = tpm(cli_home, "trace", "x", "--save", "model.layers.7")
+    assert done.returncode == 1
+    assert "UnknownPoint" in done.stderr and "closest: model.layers.3.output" in done.stderr
+
+
+def test_adapters_add_refuses_pickles_and_lists_what_it_registered(cli_home, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    architecture = tmp_path / "arch.json"
+    architecture.write_text(json.dumps({"layers": [{"type": "linear", "in_features": 6, "out_features": 128}]}))
+    layer = torch.nn.Sequential(torch.nn.Linear(6, 128))
+    torch.save(layer.state_dict(), tmp_path / "weights.pt")
+    refused = tpm(cli_home, "adapters", "add", "spectrum-in", "--architecture", str(architecture),
+                  "--weights", str(tmp_path / "weights.pt"))
+    assert refused.returncode == 1 and "not a safetensors file" in refused.stderr
+    save_file(layer.state_dict(), tmp_path / "weights.safetensors")
+    added = tpm(cli_home, "adapters", "add", "spectrum-in", "--architecture", str(architecture),
+                "--weights", str(tmp_path / "weights.safetensors"))
+    assert added.returncode == 0, added.stderr
+    listed = tpm(cli_home, "adapters", "list")
+    assert added.stdout.split()[0] in listed.stdout

@@ -136,3 +136,25 @@ def export(ref: str, out_dir: Path) -> None:
     version = store.resolve(*_split(ref))
     store.export(version, out_dir, progress=True)
     click.echo(f"{ref} -> {out_dir}")
+
+
+@models.command("inspect")
+@click.argument("ref")
+@click.option("--grep", "pattern", default=None, help="Only points whose name contains this text.")
+def inspect(ref: str, pattern: str | None) -> None:
+    """List every hookable point of REF (NAME[@VERSION]) with its feature shape.
+
+    Shapes leave out the batch and sequence dimensions. Read from the model's
+    config alone (probed on the meta device), so no weights are loaded.
+    """
+    from tpm_fed.cli.context import open_home
+
+    _, federation = open_home()
+    catalog = ModelCatalog(federation)
+    points = catalog.points(catalog.resolve(ModelRef.parse(ref)).spec)
+    click.echo(f"layers: {len(points.layers)} ({points.layers[0]} .. {points.layers[-1]}); hidden size "
+               f"{points.hidden_size}; vocabulary {points.vocab_size}; final norm {points.final_norm}; "
+               f"unembedding {points.unembedding}")
+    for point, module_type, features in points.describe():
+        if pattern is None or pattern in point:
+            click.echo(f"{point:<48} {module_type:<24} [{features}]")
