@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tpm_fed import Executor
+from tpm_fed.interventions import LogitLens, TraceRequest
 from tpm_fed.request import GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -22,7 +23,7 @@ def test_executor_routes_requests_through_the_broker(client):
         assert single.token_ids == expected[0] and single.charge.project == "tests"
         again = [GenerationRequest.create(p, "demo-llama", max_new_tokens=8) for p in prompts]
         assert [r.token_ids for r in executor.map(again, timeout=120)] == expected
-        with pytest.raises(TypeError, match="takes one GenerationRequest"):
+        with pytest.raises(TypeError, match="takes one request: GenerationRequest, TraceRequest"):
             executor.submit(print, "not a request")
     with pytest.raises(RuntimeError, match="after shutdown"):
         executor.submit(requests[1])
@@ -45,6 +46,10 @@ def test_parsl_workflow_asks_analyses_and_aggregates(client):
             composed = workflow_example.analyse(
                 "The cell", tpm_parsl.generate(GenerationRequest.create("The cell", "demo-llama", max_new_tokens=6))
             ).result(timeout=120)
+            with pytest.raises(TypeError, match="takes a TraceRequest"):
+                tpm_parsl.trace(GenerationRequest.create("The cell", "demo-llama"))
+            lens = tpm_parsl.trace(TraceRequest.create("demo-llama", prompts=["The cell"], logit_lens=LogitLens()))
+            traced = lens.result(timeout=120)
     finally:
         tpm_parsl.use_client(None)
     assert summary["answers"] == 3 and [r["topic"] for r in summary["rows"]] == topics
@@ -52,3 +57,4 @@ def test_parsl_workflow_asks_analyses_and_aggregates(client):
     assert summary["versions"] == [version]
     assert summary["total_su"] > 0 and all(r["answer"] for r in summary["rows"])
     assert composed["topic"] == "The cell" and composed["version"] == version
+    assert traced.logit_lens().ids.shape[0] == 4 and traced.version == version

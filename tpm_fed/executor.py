@@ -13,8 +13,8 @@ from concurrent import futures
 from typing import Any
 
 from tpm_fed.client import Client
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import GenerationResult
+from tpm_fed.request import GenerationRequest, ServingRequest
+from tpm_fed.result import ServedResult
 
 
 class Executor(futures.Executor):
@@ -36,7 +36,7 @@ class Executor(futures.Executor):
         self.client = client or Client(**client_options)
         self._shut = False
 
-    def submit(self, request: GenerationRequest, /, *args: Any, **kwargs: Any) -> futures.Future[GenerationResult]:
+    def submit(self, request: ServingRequest, /, *args: Any, **kwargs: Any) -> futures.Future[ServedResult]:
         """Route ``request`` through the broker; returns a future of its result.
 
         Raises:
@@ -44,15 +44,15 @@ class Executor(futures.Executor):
         """
         if self._shut:
             raise RuntimeError("cannot submit after shutdown")
-        if args or kwargs or not isinstance(request, GenerationRequest):
+        if args or kwargs or not isinstance(request, ServingRequest):
             raise TypeError(
-                "tpm_fed.Executor.submit takes one GenerationRequest "
-                f"(build it with GenerationRequest.create); got {type(request).__name__}"
+                "tpm_fed.Executor.submit takes one request: GenerationRequest, TraceRequest or "
+                f"EmbeddingRequest (build it with .create); got {type(request).__name__}"
             )
         return self.client.submit(request)
 
-    def map(self, requests: Iterable[GenerationRequest], *, timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[GenerationResult]:
+    def map(self, requests: Iterable[ServingRequest], *, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[ServedResult]:
         """Submit every request at once (they batch together), yield results in order."""
         submitted = [self.submit(request) for request in requests]
         return (future.result(timeout=timeout) for future in submitted)

@@ -1,6 +1,6 @@
-"""Parsl apps for workflows: ``generate`` returns an ``AppFuture`` that composes with other apps.
+"""Parsl apps for workflows: ``generate``, ``trace`` and ``embed`` return ``AppFuture``s that compose with other apps.
 
-The app runs on a small thread-pool executor labelled ``tpm`` (add
+The apps run on a small thread-pool executor labelled ``tpm`` (add
 :func:`tpm_executor` to your Parsl config); each call routes its request
 through one shared :class:`~tpm_fed.client.Client` per process, so the
 broker, service units and batching apply to workflows as to scripts, and
@@ -24,8 +24,10 @@ from parsl import python_app
 from parsl.executors import ThreadPoolExecutor
 
 from tpm_fed.client import Client
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import GenerationResult
+from tpm_fed.adapters.request import EmbeddingRequest
+from tpm_fed.interventions.request import TraceRequest
+from tpm_fed.request import GenerationRequest, ServingRequest
+from tpm_fed.result import ServedResult
 
 EXECUTOR_LABEL = "tpm"
 
@@ -54,21 +56,28 @@ def _shared_client() -> Client:
 
 
 @python_app(executors=[EXECUTOR_LABEL])
-def _generate_app(request: GenerationRequest) -> GenerationResult:
+def _serve_app(request: ServingRequest) -> ServedResult:
     from tpm_fed.parsl import _shared_client
 
     return _shared_client().submit(request).result()
 
 
-def generate(request: GenerationRequest, **app_options: Any):
-    """A Parsl app: answer ``request``; returns an ``AppFuture`` of the result.
+def _app_for(kind: type[ServingRequest], name: str):
+    def app(request, **app_options: Any):
+        if not isinstance(request, kind):
+            raise TypeError(f"tpm_fed.parsl.{name} takes a {kind.__name__} ({kind.__name__}.create(...)); "
+                            f"got {type(request).__name__}")
+        return _serve_app(request, **app_options)
+
+    app.__name__ = app.__qualname__ = name
+    app.__doc__ = f"""A Parsl app: answer a {kind.__name__}; returns an ``AppFuture`` of the result.
 
     Raises:
-        TypeError: ``request`` is not a GenerationRequest (refused before Parsl runs anything).
+        TypeError: ``request`` is not a {kind.__name__} (refused before Parsl runs anything).
     """
-    if not isinstance(request, GenerationRequest):
-        raise TypeError(
-            f"tpm_fed.parsl.generate takes a GenerationRequest (GenerationRequest.create(...)); "
-            f"got {type(request).__name__}"
-        )
-    return _generate_app(request, **app_options)
+    return app
+
+
+generate = _app_for(GenerationRequest, "generate")
+trace = _app_for(TraceRequest, "trace")
+embed = _app_for(EmbeddingRequest, "embed")
