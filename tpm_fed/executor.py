@@ -13,7 +13,7 @@ from concurrent import futures
 from typing import Any
 
 from tpm_fed.client import Client
-from tpm_fed.request import GenerationRequest, ServingRequest
+from tpm_fed.request import ServingRequest
 from tpm_fed.result import ServedResult
 
 

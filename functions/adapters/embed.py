@@ -54,7 +54,6 @@ def run_embeddings(
 
 
 def _prepare(model, request: EmbeddingRequest, hidden: int, registry_root, allow_user_code) -> _Prepared:
-    import torch
 
     if request.runs_user_code and not allow_user_code:
         raise NotPermitted("input_code and head_code run only on a site your project owns (byo); this site is shared")

@@ -11,7 +11,6 @@ the limit) before the forward pass too.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from functions.interventions.positions import resolve_positions
 from tpm_fed.errors import ContextLengthExceeded, InvalidRequest, NotPermitted, PayloadTooLarge
 from tpm_fed.interventions.points import PointCatalog, probe_points
 from tpm_fed.interventions.request import TraceRequest
-from tpm_fed.interventions.spec import Inject, Patch, Point, Save
+from tpm_fed.interventions.spec import Inject, Patch, Point
 from tpm_fed.limits import MAX_RESULT_BYTES
 
 
