@@ -66,7 +66,7 @@ class Tracer:
                     f"that exceeds the model's context of {self.context_length} tokens"
                 )
         bound = [self._bind(index, step, request, lengths) for index, step in enumerate(request.steps)]
-        bound += [self._bind_hook(hook, request) for hook in request.python_hooks]
+        bound += [self._bind_hook(hook) for hook in request.python_hooks]
         item_bytes = torch.finfo(self.model.dtype).bits // 8
         expected = request.result_bytes(self.catalog, lengths, item_bytes)
         if expected > MAX_RESULT_BYTES:
@@ -117,7 +117,7 @@ class Tracer:
             bound.value = embeddings(torch.tensor(ids)).sum(dim=0) * step.scale
         return bound
 
-    def _bind_hook(self, hook, request: TraceRequest) -> _Bound:
+    def _bind_hook(self, hook) -> _Bound:
         from globus_compute_sdk.serialize import ComputeSerializer
 
         point = Point.parse(hook.point)
@@ -128,6 +128,8 @@ class Tracer:
 
 @dataclass(frozen=True)
 class _CallerHook:
+    """The caller's own function: called with the whole tensor at every forward call (prompt and each new token)."""
+
     function: Any
     op: str = "python"
     generated: bool = True

@@ -18,6 +18,10 @@ TENSOR_HEADER_BYTES = 160
 class PythonHook(BaseModel):
     """The caller's own function, run at a point: ``fn(tensor) -> tensor | None``.
 
+    It gets the whole ``[prompts, positions, *features]`` tensor at every forward
+    call (the prompt pass and each generated token); a tensor it returns
+    replaces the activation.
+
     Arbitrary code runs only on a site the caller's project owns (``byo``); the
     broker refuses it everywhere else before anything runs. ``code`` is the
     function as Globus Compute's serializer packs it.
