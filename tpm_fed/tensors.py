@@ -17,6 +17,9 @@ FloatDType = Literal["float32", "float16", "bfloat16"]
 
 _ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
+TENSOR_HEADER_BYTES = 160
+"""A generous share of the safetensors header per tensor in a result (for size bounds)."""
+
 
 class TensorData(BaseModel):
     """A dense floating-point tensor given by the caller.
@@ -134,9 +137,4 @@ def describe_tensors(blob: bytes) -> dict[str, dict[str, Any]]:
     (length,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + length])
     return {name: {"dtype": info["dtype"], "shape": info["shape"]} for name, info in header.items() if name != "__metadata__"}
-
-
-def base64_size(nbytes: int) -> int:
-    """Bytes a blob of ``nbytes`` takes as base64 in JSON."""
-    return 4 * ((nbytes + 2) // 3)
 

@@ -74,9 +74,9 @@ class Tracer:
                 f"the result would be {expected:,} bytes; a result holds at most {MAX_RESULT_BYTES:,} "
                 "(save fewer points or positions, or split the prompts; results by reference come later)"
             )
-        run = _Run(self, request, lengths, bound)
+        run = _Run(self, request, prompt_ids, bound)
         with torch.no_grad():
-            outputs = run.forward(prompt_ids)
+            outputs = run.forward()
         return run.reply(outputs)
 
     def _bind(self, index: int, step, request: TraceRequest, lengths: list[int]) -> _Bound:
@@ -138,14 +138,15 @@ class _CallerHook:
 class _Run:
     """One forward pass (or one generation) with the hooks in place."""
 
-    def __init__(self, tracer: Tracer, request: TraceRequest, lengths: list[int], bound: list[_Bound]):
+    def __init__(self, tracer: Tracer, request: TraceRequest, prompt_ids: list[list[int]], bound: list[_Bound]):
         self.tracer = tracer
         self.model = tracer.model
         self.catalog = tracer.catalog
         self.request = request
-        self.lengths = lengths
-        self.width = max(lengths)
-        self.pads = [self.width - length for length in lengths]
+        self.prompt_ids = prompt_ids
+        self.lengths = [len(ids) for ids in prompt_ids]
+        self.width = max(self.lengths)
+        self.pads = [self.width - length for length in self.lengths]
         self.bound = bound
         self.calls = 0
         self.saved: dict[str, list[Any]] = defaultdict(list)
@@ -154,12 +155,12 @@ class _Run:
 
     # -- running -------------------------------------------------------------------------------
 
-    def forward(self, prompt_ids: list[list[int]]):
+    def forward(self):
         import torch
 
-        input_ids = torch.full((len(prompt_ids), self.width), self.tracer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(self.prompt_ids), self.width), self.tracer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompt_ids):
+        for row, ids in enumerate(self.prompt_ids):
             input_ids[row, self.pads[row]:] = torch.tensor(ids)
             mask[row, self.pads[row]:] = 1
         handles = self._register()
@@ -328,7 +329,7 @@ class _Run:
         decode = self.tracer.tokenizer.convert_ids_to_tokens
         return {
             "tensors_blob": blob,
-            "prompt_tokens": [decode(self.tracer.tokenizer(p)["input_ids"]) for p in self.request.prompts],
+            "prompt_tokens": [decode(ids) for ids in self.prompt_ids],
             "vocab": {str(i): decode(i) for i in sorted(vocab_ids)},
             "completions": [c.to_wire() for c in completions],
             "usage": {

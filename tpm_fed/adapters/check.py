@@ -7,6 +7,7 @@ from tpm_fed.adapters.request import EmbeddingRequest
 from tpm_fed.errors import AdapterMismatch, InvalidRequest
 from tpm_fed.limits import MAX_RESULT_BYTES
 from tpm_fed.request import UsageBound
+from tpm_fed.tensors import TENSOR_HEADER_BYTES
 
 
 def pin_adapters(request: EmbeddingRequest, registry: AdapterRegistry, hidden_size: int) -> tuple[EmbeddingRequest, UsageBound]:
@@ -43,5 +44,5 @@ def pin_adapters(request: EmbeddingRequest, registry: AdapterRegistry, hidden_si
         updates["head"] = record.ref
     pinned = request.model_copy(update=updates)
     bound = pinned.usage_bound(tokens_per_row)
-    result = bound.prompt_tokens * output_width * 4 + 160 * len(request.inputs)
+    result = bound.prompt_tokens * output_width * 4 + TENSOR_HEADER_BYTES * len(request.inputs)
     return pinned, UsageBound(bound.prompt_tokens, 0, min(result, MAX_RESULT_BYTES))

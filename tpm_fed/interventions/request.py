@@ -10,10 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tpm_fed.interventions.spec import AttentionLens, AttentionPatterns, LogitLens, Point, Save, Step
 from tpm_fed.request import ServingRequest, UsageBound, check_prompts, prompt_token_bound
-
-TENSOR_HEADER_BYTES = 160
-"""A generous share of the safetensors header per tensor in a result."""
-
+from tpm_fed.tensors import TENSOR_HEADER_BYTES
 
 class PythonHook(BaseModel):
     """The caller's own function, run at a point: ``fn(tensor) -> tensor | None``.
