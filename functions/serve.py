@@ -25,14 +25,17 @@ def serve_batch(
         model: A :class:`~tpm_fed.models.spec.ModelSpec` as a dict.
         requests: Request dicts; each one's ``kind`` is ``generate``, ``trace`` or ``embed``.
         context: What the site allows: ``user_code`` (the caller's own Python runs only
-            on sites their project owns) and ``adapters`` (the adapter registry's folder).
+            on sites their project owns) and ``adapters`` (the adapter registry's folder);
+            ``code_version``, the serving code the client expects (see
+            :mod:`tpm_fed.code_version`): a worker with other code refuses the batch.
 
     Returns:
         ``{"replica": ReplicaInfo dict or None, "backend", "load_s", "run_s",
         "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``.
     """
     from functions.replica_cache import REPLICAS
-    from tpm_fed.errors import TpmError
+    from tpm_fed.code_version import serving_code_version
+    from tpm_fed.errors import CodeVersionMismatch, TpmError
     from tpm_fed.models.spec import ModelSpec
     from tpm_fed.request import request_from_wire
 
@@ -42,6 +45,13 @@ def serve_batch(
     reply: dict[str, Any] = {"replica": None, "backend": spec.backend, "load_s": 0.0, "run_s": 0.0}
 
     try:
+        expected = context.get("code_version")
+        if expected is not None and expected != serving_code_version():
+            raise CodeVersionMismatch(
+                f"this endpoint runs tpm-fed serving code {serving_code_version()}, the client expects "
+                f"{expected}: install the client's tpm-fed at the endpoint (or the endpoint's here) "
+                "and run `tpm functions register` again"
+            )
         replica, warm = REPLICAS.get(spec)
     except TpmError as error:
         reply["outcomes"] = [{"error": error.to_wire()}] * len(requests)

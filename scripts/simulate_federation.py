@@ -120,7 +120,7 @@ class Simulation:
             request = PlacementRequest(f"u-{project}", project, model, "v1", "query", location, 1)
             live = [r.view for r in self.by_model[model] if r.stopped is None]
             decision = self.placer.place(request, live, self.live, lambda s: (v.view if (v := self.idle_victim(s, now)) else None),
-                                         lambda site, p=project: 10**12, lambda s: True)
+                                         lambda site, p=project: 10**12, lambda s: None)
             chosen = decision.chosen
             if chosen is None:
                 raise RuntimeError(decision.explain())

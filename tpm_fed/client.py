@@ -17,6 +17,7 @@ from typing import Any
 from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Broker, Decision, PlacementRequest, ReplicaRegistry
 from tpm_fed.catalog import ModelCatalog
+from tpm_fed.code_version import serving_code_version
 from tpm_fed.dispatch import BatchingDispatcher
 from tpm_fed.errors import InvalidRequest, NotPermitted, UnknownModel
 from tpm_fed.federation import Federation, SiteConfig
@@ -71,6 +72,9 @@ class Client:
         self._dispatchers: dict[str, BatchingDispatcher] = {}
         self._lock = threading.Lock()
         self._closed = False
+        for config in self.federation.sites:
+            # An offline endpoint is skipped before a request is placed there.
+            self.broker.health.watch(config.name, lambda name=config.name: self.site(name).problem())
 
     def generate(self, prompts: str | list[str], model: str | None = None, **params: Any) -> Future[GenerationResult]:
         """Generate text for one prompt or a list of prompts.
@@ -227,7 +231,11 @@ class Client:
                     linger_s=site_config.batch_linger_ms / 1000,
                     task_timeout_s=site_config.task_timeout_s,
                     listener=self._bookkeeper,
-                    context={"user_code": site_config.kind == "byo", "adapters": str(self.adapters.root)},
+                    context={
+                        "user_code": site_config.kind == "byo",
+                        "adapters": str(self.adapters.root),
+                        "code_version": serving_code_version(),
+                    },
                 )
             return self._dispatchers[replica_id]
 

@@ -85,6 +85,22 @@ class SiteError(TpmError):
     """A site could not be started or reached."""
 
 
+class EndpointOffline(SiteError):
+    """The site's Globus Compute endpoint is not connected (or Globus Compute does not know it)."""
+
+
+class NotLoggedIn(TpmError):
+    """Globus Compute needs credentials this machine does not have: run ``tpm login``."""
+
+
+class FunctionNotRegistered(TpmError):
+    """A site has no registered id for a serving function, or the code changed since it was registered."""
+
+
+class CodeVersionMismatch(TpmError):
+    """The endpoint runs different serving code than the client expects (install the same tpm-fed there)."""
+
+
 class RemoteExecutionError(TpmError):
     """A function raised inside an endpoint worker.
 

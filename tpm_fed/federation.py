@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from itertools import product
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
+from uuid import UUID
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,6 +41,19 @@ class Capacity(_Strict):
     accelerators_per_slot: int = Field(default=0, ge=0, le=64)
 
 
+class RegisteredFunction(_Strict):
+    """A serving function as Globus Compute knows it (written by ``tpm functions register``).
+
+    Attributes:
+        function_id: The id the Globus Compute service gave it.
+        code_version: :func:`tpm_fed.code_version.serving_code_version` when it was
+            registered; a site refuses to submit it once the code has changed.
+    """
+
+    function_id: UUID
+    code_version: str = Field(min_length=1)
+
+
 class SiteConfig(_Strict):
     """One place where replicas run.
 
@@ -49,7 +63,18 @@ class SiteConfig(_Strict):
             ``byo`` (a project's own allocation: free to its members, closed to others).
         owner: The owning project; required for ``byo`` sites.
         access: How to reach it. ``local``: the Globus Compute endpoint engine
-            embedded on this machine.
+            embedded on this machine. ``globus-compute``: a Globus Compute
+            endpoint, through the cloud service, by registered function id.
+            ``parsl``: the engine an endpoint config describes (its Parsl
+            provider and launcher: Slurm, PBS...), run by this process with no
+            cloud hop (a broker inside the RCC).
+        endpoint_id: The Globus Compute endpoint (``globus-compute`` sites).
+        user_endpoint_config: Values for a multi-user endpoint's template
+            (account, partition, walltime...); ``globus-compute`` sites.
+        resource_specification: Per-task resources passed to the endpoint's engine.
+        functions: Registered function ids by name (``globus-compute`` sites).
+        engine_config: An endpoint config YAML whose engine this site runs
+            (``parsl`` sites; relative to the federation file).
         location: Network location label (a key of the federation's latency table).
         capacity: Replica slots.
         keep_alive_s: An idle replica is stopped after this long.
@@ -64,7 +89,12 @@ class SiteConfig(_Strict):
     name: str = Name
     kind: Literal["rcc", "byo"] = "rcc"
     owner: str | None = None
-    access: Literal["local"] = "local"
+    access: Literal["local", "globus-compute", "parsl"] = "local"
+    endpoint_id: UUID | None = None
+    user_endpoint_config: dict[str, Any] | None = None
+    resource_specification: dict[str, Any] | None = None
+    functions: dict[str, RegisteredFunction] = Field(default_factory=dict)
+    engine_config: Path | None = None
     location: str = "local"
     capacity: Capacity = Capacity()
     keep_alive_s: float = Field(default=600.0, gt=0)
@@ -80,6 +110,23 @@ class SiteConfig(_Strict):
             raise ValueError(f"site {self.name!r}: a byo site needs an owner project")
         if self.kind == "rcc" and self.owner:
             raise ValueError(f"site {self.name!r}: only byo sites have an owner")
+        return self
+
+    @model_validator(mode="after")
+    def _fields_match_access(self) -> Self:
+        needs = {"globus-compute": "endpoint_id", "parsl": "engine_config"}
+        allowed = {
+            "local": set(),
+            "globus-compute": {"endpoint_id", "user_endpoint_config", "resource_specification", "functions"},
+            "parsl": {"engine_config"},
+        }[self.access]
+        required = needs.get(self.access)
+        if required and getattr(self, required) is None:
+            raise ValueError(f"site {self.name!r}: a {self.access} site needs {required}")
+        for field in ("endpoint_id", "user_endpoint_config", "resource_specification", "functions",
+                      "engine_config"):
+            if field not in allowed and getattr(self, field):
+                raise ValueError(f"site {self.name!r}: {field} is for other kinds of access, not {self.access}")
         return self
 
 
@@ -238,7 +285,12 @@ class Federation(_Strict):
             m.model_copy(update={"path": (folder / m.path).resolve()}) if m.path is not None else m
             for m in self.models
         ]
-        return self.model_copy(update={"models": models, "store": (folder / self.store).resolve()})
+        sites = [
+            s.model_copy(update={"engine_config": (folder / s.engine_config).resolve()})
+            if s.engine_config is not None else s
+            for s in self.sites
+        ]
+        return self.model_copy(update={"models": models, "sites": sites, "store": (folder / self.store).resolve()})
 
     def dump(self, path: Path) -> None:
         """Write atomically: a crash never leaves half a federation file."""

@@ -103,7 +103,7 @@ class Broker:
             self.registry.live_per_site(),
             self.registry.evictable,
             self.balances.available,
-            self.health.healthy,
+            self.health.problem,
         )
 
     def admit(self, request_id: str, request: PlacementRequest) -> Admission:

@@ -1,9 +1,15 @@
-"""Site health: a site that fails is avoided, then probed back after a while."""
+"""Site health: a site that fails is avoided, then probed back after a while.
+
+A site can also be watched: its probe (for a Globus Compute site, the
+endpoint's online status) is asked before a request is placed there, so an
+offline endpoint is skipped and the request goes to the next best site.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 PROBE_AFTER_S = 30.0
 """How long a failed site is avoided before a request is allowed to probe it."""
@@ -13,12 +19,24 @@ class SiteHealth:
     def __init__(self, probe_after_s: float = PROBE_AFTER_S) -> None:
         self.probe_after_s = probe_after_s
         self._retry_at: dict[str, float] = {}
+        self._probes: dict[str, Callable[[], str | None]] = {}
         self._lock = threading.Lock()
 
-    def healthy(self, site: str) -> bool:
-        """True unless the site failed less than ``probe_after_s`` ago."""
+    def watch(self, site: str, probe: Callable[[], str | None]) -> None:
+        """Ask ``probe`` before placing work at ``site``; it returns why not, or ``None``."""
+        self._probes[site] = probe
+
+    def problem(self, site: str) -> str | None:
+        """Why ``site`` should not take work now, or ``None``."""
         retry_at = self._retry_at.get(site)  # a single dict read: no lock needed
-        return retry_at is None or time.monotonic() >= retry_at
+        if retry_at is not None and time.monotonic() < retry_at:
+            return "failed recently; probed again later"
+        probe = self._probes.get(site)
+        return probe() if probe is not None else None
+
+    def healthy(self, site: str) -> bool:
+        """True unless the site failed less than ``probe_after_s`` ago or its probe objects."""
+        return self.problem(site) is None
 
     def failed(self, site: str) -> None:
         with self._lock:

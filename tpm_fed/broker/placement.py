@@ -170,7 +170,7 @@ class Placer:
         live_per_site: Mapping[str, int],
         evictable: Callable[[str], ReplicaView | None],
         available_usu: Callable[[str, str], int | None],
-        healthy: Callable[[str], bool],
+        site_problem: Callable[[str], str | None],
     ) -> Decision:
         """Choose a replica for ``request``.
 
@@ -179,7 +179,7 @@ class Placer:
             live_per_site: Live replicas of any model, per site (capacity).
             evictable: A site's least recently used idle replica, if any (asked only of full sites).
             available_usu: SUs the project may still spend at a site (None: no allocation there).
-            healthy: Whether a site may take work now.
+            site_problem: Why a site may not take work now (``None``: it may).
         """
         if request.tier not in self._modes.get(request.model, {request.tier}):
             served = ", ".join(sorted(self._modes[request.model]))
@@ -202,7 +202,7 @@ class Placer:
             hosts = usable
         eligible: dict[str, tuple[bool, SiteConfig]] = {}
         for site in hosts:
-            reason, free = self._site_exclusion(request, site, available_usu, healthy)
+            reason, free = self._site_exclusion(request, site, available_usu, site_problem)
             if reason:
                 candidates.append(Candidate(site.name, None, excluded=reason))
             else:
@@ -242,9 +242,10 @@ class Placer:
             return Decision(None, candidates, refusal=self._refusal(request, hosts, candidates))
         return Decision(min(usable, key=_rank), candidates)
 
-    def _site_exclusion(self, request, site, available_usu, healthy) -> tuple[str | None, bool]:
-        if not healthy(site.name):
-            return "unhealthy (failed recently; probed again later)", False
+    def _site_exclusion(self, request, site, available_usu, site_problem) -> tuple[str | None, bool]:
+        problem = site_problem(site.name)
+        if problem is not None:
+            return f"unhealthy: {problem}", False
         if site.kind == "byo":
             if site.owner == request.project:
                 return None, True

@@ -31,12 +31,14 @@ def _register() -> None:
     from tpm_fed.cli.accounting import allocations, usage
     from tpm_fed.cli.adapters import adapters
     from tpm_fed.cli.admin import projects, sites
+    from tpm_fed.cli.globus import functions, login, logout
     from tpm_fed.cli.models import models
     from tpm_fed.cli.status import status
     from tpm_fed.cli.submit import submit
     from tpm_fed.cli.trace import trace
 
-    for command in (submit, trace, status, models, adapters, allocations, usage, projects, sites):
+    for command in (submit, trace, status, models, adapters, allocations, usage, projects, sites,
+                    functions, login, logout):
         main.add_command(command)
 
 

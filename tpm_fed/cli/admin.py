@@ -7,6 +7,8 @@ the field named and the file is never left half-written.
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from tpm_fed.cli.context import open_home
@@ -15,7 +17,8 @@ from tpm_fed.federation import Federation, ProjectConfig, SiteConfig
 from tpm_fed.request import describe_validation_error
 
 
-def _save(home, federation: Federation, change: dict) -> None:
+def save_federation(home, federation: Federation, change: dict) -> None:
+    """Apply ``change`` (top-level keys) to the federation, validate it whole, write it atomically."""
     from pydantic import ValidationError
 
     raw = federation.model_dump(mode="json")
@@ -47,7 +50,7 @@ def add_project(name: str, members: tuple[str, ...]) -> None:
     """Create project NAME."""
     home, federation = open_home()
     project = ProjectConfig(name=name, members=list(members))
-    _save(home, federation, {"projects": [*federation.model_dump(mode="json")["projects"], project.model_dump(mode="json")]})
+    save_federation(home, federation, {"projects": [*federation.model_dump(mode="json")["projects"], project.model_dump(mode="json")]})
     click.echo(f"project {name!r} added")
 
 
@@ -62,7 +65,7 @@ def add_member(project: str, identity: str) -> None:
         {**p, "members": sorted({*p["members"], identity})} if p["name"] == project else p
         for p in federation.model_dump(mode="json")["projects"]
     ]
-    _save(home, federation, {"projects": updated})
+    save_federation(home, federation, {"projects": updated})
     click.echo(f"{identity!r} is now a member of {project!r}")
 
 
@@ -82,13 +85,13 @@ def grant(project: str, site: str, service_units: float) -> None:
             allocations[site] = allocations.get(site, 0.0) + service_units
             p = {**p, "allocations": allocations}
         updated.append(p)
-    _save(home, federation, {"projects": updated})
+    save_federation(home, federation, {"projects": updated})
     click.echo(f"{project!r} at {site!r}: granted {service_units:+g} SU")
 
 
 @click.group()
 def sites() -> None:
-    """List sites, or add one (a project's own compute with --byo)."""
+    """List sites, or add one (local, a Globus Compute endpoint, or an endpoint config run here)."""
 
 
 @sites.command("list")
@@ -100,6 +103,18 @@ def list_sites() -> None:
                    f"max_replicas={s.capacity.max_replicas} keep_alive={s.keep_alive_s:g}s")
 
 
+def _json_option(text: str | None, option: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise click.UsageError(f"{option}: not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise click.UsageError(f"{option}: expected a JSON object")
+    return value
+
+
 @sites.command("add")
 @click.argument("name")
 @click.option("--byo", is_flag=True, help="A project's own compute: free for it, closed to others.")
@@ -107,14 +122,46 @@ def list_sites() -> None:
 @click.option("--location", default="local", show_default=True)
 @click.option("--max-replicas", type=int, default=1, show_default=True)
 @click.option("--keep-alive", "keep_alive_s", type=float, default=600.0, show_default=True)
-def add_site(name, byo, project, location, max_replicas, keep_alive_s) -> None:
-    """Add site NAME, reached through the local endpoint engine."""
+@click.option("--endpoint", "endpoint_id", default=None,
+              help="A Globus Compute endpoint id: the site is reached through the service.")
+@click.option("--user-endpoint-config", default=None,
+              help="JSON for a multi-user endpoint's template (account, partition, walltime...).")
+@click.option("--resource-specification", default=None, help="JSON resources for each task.")
+@click.option("--engine-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An endpoint config YAML whose engine this process runs (Slurm, PBS...), no cloud hop.")
+def add_site(name, byo, project, location, max_replicas, keep_alive_s, endpoint_id, user_endpoint_config,
+             resource_specification, engine_config) -> None:
+    """Add site NAME: the local engine, a Globus Compute endpoint, or an endpoint config's engine."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
     home, federation = open_home()
     if byo and project is None:
         raise click.UsageError("--byo needs --project (the project that owns the compute)")
     if project is not None and not byo:
         raise click.UsageError("--project names the owner of a --byo site")
-    site = SiteConfig(name=name, kind="byo" if byo else "rcc", owner=project, location=location,
-                      capacity={"max_replicas": max_replicas}, keep_alive_s=keep_alive_s)
-    _save(home, federation, {"sites": [*federation.model_dump(mode="json")["sites"], site.model_dump(mode="json")]})
-    click.echo(f"site {name!r} added ({site.kind}{', owned by ' + project if project else ''})")
+    if endpoint_id is not None and engine_config is not None:
+        raise click.UsageError("--endpoint and --engine-config are two ways to reach a site: choose one")
+    access = "globus-compute" if endpoint_id else "parsl" if engine_config else "local"
+    remote = {
+        "endpoint_id": endpoint_id,
+        "user_endpoint_config": _json_option(user_endpoint_config, "--user-endpoint-config"),
+        "resource_specification": _json_option(resource_specification, "--resource-specification"),
+        "engine_config": Path(engine_config).resolve() if engine_config else None,
+    }
+    try:
+        site = SiteConfig(name=name, kind="byo" if byo else "rcc", owner=project, location=location, access=access,
+                          capacity={"max_replicas": max_replicas}, keep_alive_s=keep_alive_s,
+                          **{k: v for k, v in remote.items() if v is not None})
+    except ValidationError as error:
+        raise FederationConfigError(describe_validation_error(error)) from None
+    if engine_config:
+        from tpm_fed.sites.parsl_engine import load_engine_config
+
+        load_engine_config(Path(engine_config)).engine.shutdown()  # the endpoint loader's verdict, now
+    save_federation(home, federation, {"sites": [*federation.model_dump(mode="json")["sites"], site.model_dump(mode="json")]})
+    click.echo(f"site {name!r} added ({site.kind}{', owned by ' + project if project else ''}, "
+               f"access {access})")
+    if access == "globus-compute":
+        click.echo(f"next: `tpm functions register --site {name}` (after `tpm login`)")

@@ -55,10 +55,10 @@ def add(model_dir: Path, name: str, tag: str | None) -> None:
     store, home, federation = _store()
     version = store.import_dir(model_dir, name, tag, progress=True)
     if name not in {m.name for m in federation.models}:
-        from tpm_fed.cli.admin import _save
+        from tpm_fed.cli.admin import save_federation
 
         entry = {"name": name, "store": True}
-        _save(home, federation, {"models": [*federation.model_dump(mode="json")["models"], entry]})
+        save_federation(home, federation, {"models": [*federation.model_dump(mode="json")["models"], entry]})
         click.echo(f"model {name!r} added to the federation (served from the store)", err=True)
     click.echo(f"{name}@{version}")
 

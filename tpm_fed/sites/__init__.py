@@ -1,4 +1,11 @@
-"""Sites: where registered functions run. One kind per file, behind :class:`Site`."""
+"""Sites: where registered functions run. One kind per file, behind :class:`Site`.
+
+- ``local``: :class:`~tpm_fed.sites.local.LocalSite`, the endpoint engine on this machine.
+- ``parsl``: :class:`~tpm_fed.sites.parsl_engine.ParslEngineSite`, an endpoint
+  config's engine (Slurm, PBS...) run by this process.
+- ``globus-compute``: :class:`~tpm_fed.sites.globus_compute.GlobusComputeSite`,
+  an endpoint reached through the Globus Compute service.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,14 @@ def build_site(config: SiteConfig, run_root: Path) -> Site:
         from tpm_fed.sites.local import LocalSite
 
         return LocalSite.from_config(config, run_dir=run_root / config.name)
+    if config.access == "parsl":
+        from tpm_fed.sites.parsl_engine import ParslEngineSite
+
+        return ParslEngineSite.from_config(config, run_dir=run_root / config.name)
+    if config.access == "globus-compute":
+        from tpm_fed.sites.globus_compute import GlobusComputeSite
+
+        return GlobusComputeSite.from_config(config)
     raise ValueError(f"unknown site access {config.access!r}")
 
 

@@ -14,8 +14,9 @@ class SiteStatus:
 
     Attributes:
         name: Site name.
-        kind: Site kind (``local``, ...).
-        state: ``stopped`` (not started), ``starting``, ``running`` or ``failed``.
+        kind: Site kind (``local``, ``parsl``, ``globus-compute``).
+        state: ``stopped`` (not started), ``starting``, ``running``, ``failed``, or
+            ``offline`` (a Globus Compute endpoint that is not connected).
         workers: Worker processes (replica slots) the site may run.
         outstanding_tasks: Tasks submitted and not yet finished.
         detail: Free text (the failure, the engine's address...).
@@ -23,7 +24,7 @@ class SiteStatus:
 
     name: str
     kind: str
-    state: Literal["stopped", "starting", "running", "failed"]
+    state: Literal["stopped", "starting", "running", "failed", "offline"]
     workers: int
     outstanding_tasks: int
     detail: str = ""
@@ -36,6 +37,9 @@ class Site(Protocol):
     that raised remotely fails the future with
     :class:`~tpm_fed.errors.RemoteExecutionError`, and a site that cannot run
     anything fails it with :class:`~tpm_fed.errors.SiteError`.
+
+    ``problem`` is asked before the broker places a request here: a reason
+    not to (an endpoint that is offline), or ``None``.
     """
 
     name: str
@@ -43,5 +47,7 @@ class Site(Protocol):
     def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]: ...
 
     def status(self) -> SiteStatus: ...
+
+    def problem(self) -> str | None: ...
 
     def shutdown(self) -> None: ...

@@ -1,0 +1,149 @@
+"""Run tasks on a Globus Compute endpoint engine inside this process.
+
+This is what an endpoint does with a task, minus the cloud: the task is
+packed as a ``messagepack`` ``Task`` whose buffer holds the function and its
+arguments serialized by ``ComputeSerializer``, handed to the engine (Parsl's
+HighThroughputExecutor with some provider), executed by ``execute_task`` in a
+long-lived worker process, and returned as a packed ``Result``. Our
+functions therefore meet the same serializer, engine and worker lifetime
+they meet on an RCC. Subclasses say only which engine to build.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from tpm_fed.errors import SiteError
+from tpm_fed.sites.base import SiteStatus
+from tpm_fed.sites.remote_errors import error_from_traceback
+
+
+class EngineSite:
+    """A worker pool behind a Globus Compute endpoint engine run by this process.
+
+    The engine starts on the first submit and stays up, with its workers and
+    their warm replicas, until :meth:`shutdown`.
+
+    Args:
+        name: Site name.
+        run_dir: Where the engine keeps logs and task folders.
+    """
+
+    kind = "engine"
+
+    def __init__(self, name: str, run_dir: Path) -> None:
+        self.name = name
+        self.run_dir = Path(run_dir).resolve()
+        self._engine: Any = None
+        self._serializer: Any = None
+        self._lock = threading.Lock()
+        self._state = "stopped"
+        self._failure = ""
+        self._outstanding = 0
+
+    @property
+    def workers(self) -> int:
+        """Worker processes per block (replica slots), as the engine is configured."""
+        raise NotImplementedError
+
+    def _make_engine(self) -> Any:
+        """The engine to start (not started yet)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the engine if it is not running (safe to call repeatedly)."""
+        with self._lock:
+            if self._engine is not None:
+                return
+            if self._state == "failed":
+                raise SiteError(f"site {self.name!r} failed to start earlier: {self._failure}")
+            self._state = "starting"
+            try:
+                self._engine, self._serializer = self._start_engine()
+            except Exception as error:
+                self._state, self._failure = "failed", f"{type(error).__name__}: {error}"
+                raise SiteError(f"site {self.name!r} could not start: {self._failure}") from error
+            self._state = "running"
+            # A caller that never closes its Client must not leave worker
+            # processes (holding whole models) behind when Python exits.
+            atexit.register(self.shutdown)
+
+    def _start_engine(self) -> tuple[Any, Any]:
+        from globus_compute_sdk.serialize import ComputeSerializer
+
+        # The engine launches its interchange and workers as
+        # `globus-compute-endpoint python-exec ...`, found on PATH.
+        bin_dir = os.path.dirname(sys.executable)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        engine = self._make_engine()
+        engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
+        return engine, ComputeSerializer()
+
+    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        from globus_compute_common import messagepack
+        from globus_compute_common.messagepack.message_types import Task
+        from globus_compute_endpoint.engines.base import GCFuture
+
+        self.start()
+        serializer = self._serializer
+        task_id = uuid.uuid4()
+        buffer = serializer.pack_buffers(
+            [serializer.serialize(function), serializer.serialize(args), serializer.serialize(kwargs)]
+        )
+        packed = messagepack.pack(Task(task_id=task_id, task_buffer=buffer))
+
+        outcome: Future[Any] = Future()
+        engine_future = GCFuture(task_id)
+        engine_future.add_done_callback(lambda done: self._deliver(done, outcome))
+        with self._lock:
+            self._outstanding += 1
+        self._engine.submit(engine_future, packed, resource_specification={})
+        return outcome
+
+    def _deliver(self, done: Future, outcome: Future[Any]) -> None:
+        from globus_compute_common import messagepack
+
+        with self._lock:
+            self._outstanding -= 1
+        try:
+            result = messagepack.unpack(done.result())
+            if result.is_error:
+                outcome.set_exception(error_from_traceback(self.name, result.data))
+            else:
+                outcome.set_result(self._serializer.deserialize(result.data))
+        except Exception as error:  # the engine itself broke, not the function
+            outcome.set_exception(SiteError(f"site {self.name!r}: {type(error).__name__}: {error}"))
+
+    def problem(self) -> str | None:
+        """An engine run here is as available as this process: a failed start shows up on submit."""
+        return None
+
+    def status(self) -> SiteStatus:
+        with self._lock:
+            return SiteStatus(
+                name=self.name,
+                kind=self.kind,
+                state=self._state,  # type: ignore[arg-type]
+                workers=self.workers,
+                outstanding_tasks=self._outstanding,
+                detail=self._failure or str(self.run_dir),
+            )
+
+    def shutdown(self) -> None:
+        with self._lock:
+            engine, self._engine = self._engine, None
+            if self._state != "failed":
+                self._state = "stopped"
+        if engine is not None:
+            atexit.unregister(self.shutdown)
+            engine.shutdown()

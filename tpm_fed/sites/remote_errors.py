@@ -1,0 +1,29 @@
+"""What a function's failure at an endpoint becomes on the caller's side."""
+
+from __future__ import annotations
+
+from tpm_fed.errors import PayloadTooLarge, RemoteExecutionError, TpmError
+
+
+def error_from_traceback(site: str, traceback_text: str) -> TpmError:
+    """The typed error for a remote traceback, with the remote message in it.
+
+    A result over the service's size limit becomes :class:`PayloadTooLarge`;
+    anything else :class:`RemoteExecutionError` carrying the whole traceback.
+    """
+    if "MaxResultSizeExceeded" in traceback_text:
+        return PayloadTooLarge(
+            f"site {site!r}: the result is over the 10 MB a task may return "
+            f"({last_line(traceback_text)}); ask for less per request"
+        )
+    return RemoteExecutionError(f"site {site!r}: {last_line(traceback_text)}", remote_traceback=traceback_text)
+
+
+def last_line(traceback_text: str) -> str:
+    """The exception line of a remote traceback (its last non-decoration line)."""
+    lines = [
+        line.strip()
+        for line in traceback_text.splitlines()
+        if line.strip() and not set(line.strip()) <= {"+", "-"}
+    ]
+    return lines[-1] if lines else "the function raised"
