@@ -40,6 +40,7 @@ from tpm_fed.sites.globus_compute import GlobusComputeSite
 
 pytestmark = pytest.mark.slow
 
+SCRIPTS = Path(__file__).parent.parent / "scripts"
 USER_ENDPOINT_CONFIG = {"account": "m0000", "partition": "gpu", "walltime": "01:00:00", "nodes": 1}
 RESOURCES = {"priority": 7}
 
@@ -249,3 +250,22 @@ def test_endpoint_id_must_be_a_uuid(gc_home, monkeypatch, bad):
     (gc_home.root / "broken.yaml").write_text(json.dumps(raw))
     with pytest.raises(FederationConfigError, match="endpoint_id"):
         Federation.load(gc_home.root / "broken.yaml")
+
+
+def test_live_endpoint_script_runs_against_the_service(cloud, tmp_path, capsys):
+    """scripts/live_endpoint.py: plain SDK Executor by id, Parsl's GlobusComputeExecutor, typed refusals."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("live_endpoint", SCRIPTS / "live_endpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    endpoint_id = cloud.add_endpoint()
+    status = script.main(["--endpoint", endpoint_id, "--endpoint-folder", str(tmp_path / "at-endpoint"),
+                          "--timeout", "300"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert printed.count("PASS") == 4 and "FAIL" not in printed
+    assert all(s["endpoint_id"] == endpoint_id for s in cloud.submissions)
+
+    with pytest.raises(SystemExit):
+        script.main(["--endpoint", "not-a-uuid"])
