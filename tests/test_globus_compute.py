@@ -252,9 +252,11 @@ def test_endpoint_id_must_be_a_uuid(gc_home, monkeypatch, bad):
         Federation.load(gc_home.root / "broken.yaml")
 
 
-def test_live_endpoint_script_runs_against_the_service(cloud, tmp_path, capsys):
+def test_live_endpoint_script_runs_against_the_service(cloud, tmp_path, capsys, monkeypatch):
     """scripts/live_endpoint.py: plain SDK Executor by id, Parsl's GlobusComputeExecutor, typed refusals."""
     import importlib.util
+
+    monkeypatch.chdir(tmp_path)  # Parsl writes its runinfo/ here
 
     spec = importlib.util.spec_from_file_location("live_endpoint", SCRIPTS / "live_endpoint.py")
     script = importlib.util.module_from_spec(spec)

@@ -34,10 +34,6 @@ class SiteHealth:
         probe = self._probes.get(site)
         return probe() if probe is not None else None
 
-    def healthy(self, site: str) -> bool:
-        """True unless the site failed less than ``probe_after_s`` ago or its probe objects."""
-        return self.problem(site) is None
-
     def failed(self, site: str) -> None:
         with self._lock:
             self._retry_at[site] = time.monotonic() + self.probe_after_s
