@@ -64,7 +64,6 @@ class ComputeService:
     revoked: list[str] = field(default_factory=list)
     result_queues: dict[str, queue.Queue] = field(default_factory=dict)
     _engine: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- the engine ---------------------------------------------------------
 

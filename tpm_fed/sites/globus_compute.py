@@ -153,8 +153,6 @@ class GlobusComputeSite:
                 client = self._client_now()
             reply = client.get_endpoint_status(str(self.endpoint_id))
             status, detail = str(reply.get("status", "unknown")), ""
-        except NotLoggedIn:
-            raise
         except Exception as error:
             failure = _service_error(self.name, self.endpoint_id, error)
             if isinstance(failure, NotLoggedIn):

@@ -63,8 +63,9 @@ def register(client: Any, site: SiteConfig, *, force: bool = False) -> dict[str,
     """
     version = serving_code_version()
     table = dict(site.functions)
+    stale = stale_functions(site)
     for name, function in serving_functions().items():
-        if force or name in stale_functions(site):
+        if force or name in stale:
             function_id = client.register_function(
                 function, description=f"tpm-fed {name} (serving code {version})"
             )
