@@ -56,7 +56,7 @@ def register_functions(site_name: str, force: bool) -> None:
     if not stale and not force:
         click.echo(f"{site_name}: up to date (serving code {serving_code_version()})")
         return
-    table = registration.register(compute_client(), site, force=force)
+    table, registered_now = registration.register(compute_client(), site, force=force)
     sites = [
         {**entry, "functions": {name: f.model_dump(mode="json") for name, f in table.items()}}
         if entry["name"] == site_name else entry
@@ -64,7 +64,7 @@ def register_functions(site_name: str, force: bool) -> None:
     ]
     save_federation(home, federation, {"sites": sites})
     for name, registered in table.items():
-        fresh = "registered" if force or name in stale else "kept"
+        fresh = "registered" if name in registered_now else "kept"
         click.echo(f"{site_name}: {name} {fresh} as {registered.function_id} "
                    f"(serving code {registered.code_version})")
     click.echo("If the endpoint restricts allowed_functions, add these ids to its config.yaml.")

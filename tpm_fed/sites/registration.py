@@ -52,22 +52,25 @@ def registered_id(site: SiteConfig, function: Callable[..., Any]) -> str:
     return str(recorded.function_id)
 
 
-def register(client: Any, site: SiteConfig, *, force: bool = False) -> dict[str, RegisteredFunction]:
+def register(
+    client: Any, site: SiteConfig, *, force: bool = False
+) -> tuple[dict[str, RegisteredFunction], list[str]]:
     """Register the site's stale serving functions (all of them with ``force``).
 
     Args:
         client: A logged-in ``globus_compute_sdk.Client``.
 
     Returns:
-        The site's whole function table, new ids included.
+        The site's whole function table, new ids included, and the names registered now.
     """
     version = serving_code_version()
     table = dict(site.functions)
     stale = stale_functions(site)
-    for name, function in serving_functions().items():
-        if force or name in stale:
-            function_id = client.register_function(
-                function, description=f"tpm-fed {name} (serving code {version})"
-            )
-            table[name] = RegisteredFunction(function_id=function_id, code_version=version)
-    return table
+    functions = serving_functions()
+    registered = [name for name in functions if force or name in stale]
+    for name in registered:
+        function_id = client.register_function(
+            functions[name], description=f"tpm-fed {name} (serving code {version})"
+        )
+        table[name] = RegisteredFunction(function_id=function_id, code_version=version)
+    return table, registered
