@@ -18,9 +18,9 @@ from pathlib import Path
 
 from functions.backends import choose_backend, load_backend
 from functions.backends.base import Backend
-from tpm_fed.errors import ModelLoadError, UnknownVersion
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.models.version import hash_model_dir
+from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.versions import hash_model_dir
 
 
 @dataclass

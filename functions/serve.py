@@ -27,17 +27,17 @@ def serve_batch(
         context: What the site allows: ``user_code`` (the caller's own Python runs only
             on sites their project owns) and ``adapters`` (the adapter registry's folder);
             ``code_version``, the serving code the client expects (see
-            :mod:`tpm_fed.code_version`): a worker with other code refuses the batch.
+            :mod:`tpm_fed.protocol.code_version`): a worker with other code refuses the batch.
 
     Returns:
         ``{"replica": ReplicaInfo dict or None, "backend", "load_s", "run_s",
         "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``.
     """
     from functions.replica_cache import REPLICAS
-    from tpm_fed.code_version import serving_code_version
-    from tpm_fed.errors import CodeVersionMismatch, TpmError
-    from tpm_fed.models.spec import ModelSpec
-    from tpm_fed.request import request_from_wire
+    from tpm_fed.protocol.code_version import serving_code_version
+    from tpm_fed.protocol.errors import CodeVersionMismatch, TpmError
+    from tpm_fed.protocol.model import ModelSpec
+    from tpm_fed.protocol.kinds import request_from_wire
 
     context = context or {}
     spec = ModelSpec.from_wire(model)
@@ -89,8 +89,8 @@ def serve_batch(
 
 
 def _generate(replica, items: list[tuple[int, Any]], outcomes: list) -> None:
-    from tpm_fed.errors import TpmError
-    from tpm_fed.result import Usage
+    from tpm_fed.protocol.errors import TpmError
+    from tpm_fed.protocol.results import Usage
 
     encoded = []
     for index, request in items:
@@ -107,7 +107,7 @@ def _generate(replica, items: list[tuple[int, Any]], outcomes: list) -> None:
 
 
 def _trace(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[str, Any]) -> None:
-    from tpm_fed.errors import TpmError
+    from tpm_fed.protocol.errors import TpmError
 
     for index, request in items:
         try:
@@ -119,7 +119,7 @@ def _trace(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[
 
 def _embed(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[str, Any]) -> None:
     from functions.adapters.embed import run_embeddings
-    from tpm_fed.errors import TpmError
+    from tpm_fed.protocol.errors import TpmError
 
     if not items:
         return
@@ -136,7 +136,7 @@ def _embed(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[
 
 
 def _torch_only(replica, what: str):
-    from tpm_fed.errors import BackendUnavailable
+    from tpm_fed.protocol.errors import BackendUnavailable
 
     if replica.backend.name != "torch":
         raise BackendUnavailable(f"{what} need the torch backend; this replica runs {replica.backend.name}")

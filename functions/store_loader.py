@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tpm_fed.errors import ModelLoadError
+from tpm_fed.protocol.errors import ModelLoadError
 from tpm_fed.store.store import _TORCH_DTYPES, ModelStore
 
 

@@ -65,7 +65,7 @@ def bench_placement(args) -> float:
     broker = Broker(federation, Ledger(engine), registry)
     requests = [
         PlacementRequest(identity=f"user{p}", project=f"project{p}", model=f"model{rng.randrange(200)}",
-                         version="v1", tier="query", location=f"loc{rng.randrange(20)}", estimate_usu=10_000)
+                         version="v1", kind="generate", location=f"loc{rng.randrange(20)}", estimate_usu=10_000)
         for p in (rng.randrange(100) for _ in range(args.placements))
     ]
     log(f"placement: {args.sites} sites, {args.replicas} replicas, {args.placements} requests...")
@@ -79,7 +79,7 @@ def bench_placement(args) -> float:
 
 
 def bench_settlement(args) -> tuple[float, int, int]:
-    from tpm_fed.errors import InsufficientBalance
+    from tpm_fed.protocol.errors import InsufficientBalance
     from tpm_fed.ledger import Ledger, Metered
     from tpm_fed.state import open_database
 
@@ -94,7 +94,7 @@ def bench_settlement(args) -> tuple[float, int, int]:
             request_id = f"w{index}-{n}"
             try:
                 ledger.reserve(request_id, project="p", site="s", identity="u", model="m", version="v",
-                               tier="query", estimate_usu=2_000)
+                               kind="generate", estimate_usu=2_000)
             except InsufficientBalance:
                 continue
             charged = ledger.settle(request_id, Metered(prompt_tokens=10, completion_tokens=5), 1_000)

@@ -52,7 +52,7 @@ def main() -> None:
     from functions.serve import echo
     from tpm_fed.client import Client
     from tpm_fed.home import TpmHome
-    from tpm_fed.request import GenerationRequest
+    from tpm_fed.protocol.requests import GenerationRequest
 
     home = TpmHome(args.home.resolve()) if args.home else TpmHome.default()
     log(f"home: {home.root} (the demo model is made on first use)")

@@ -68,7 +68,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from tpm_fed.client import Client
     from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
-    from tpm_fed.request import GenerationRequest
+    from tpm_fed.protocol.requests import GenerationRequest
 
     home = TpmHome(args.home.resolve()) if args.home else TpmHome.default()
     home.ensure_embedded_default()

@@ -46,7 +46,7 @@ def model_version_at_endpoint(path: str) -> str:
     """Runs on the endpoint: the content hash that names the model's version."""
     from pathlib import Path
 
-    from tpm_fed.models.version import hash_model_dir
+    from tpm_fed.protocol.versions import hash_model_dir
 
     return hash_model_dir(Path(path))
 
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from globus_compute_sdk import Executor
 
     from functions.serve import serve_batch
-    from tpm_fed.code_version import serving_code_version
+    from tpm_fed.protocol.code_version import serving_code_version
     from tpm_fed.globus_auth import compute_client
-    from tpm_fed.models.spec import ModelSpec
-    from tpm_fed.request import GenerationRequest
+    from tpm_fed.protocol.model import ModelSpec
+    from tpm_fed.protocol.requests import GenerationRequest
 
     client = compute_client()  # NotLoggedIn: run `tpm login`
     checks: list[tuple[str, bool, str]] = []

@@ -42,7 +42,7 @@ def build_federation(rng: random.Random):
 
     sites = [{"name": f"rcc{i}", "location": REGIONS[i % 5], "capacity": {"max_replicas": 3},
               "cold_start_s": COLD_START_S, "keep_alive_s": KEEP_ALIVE_S} for i in range(18)]
-    sites += [{"name": f"own{i}", "kind": "byo", "owner": f"p{i}", "location": REGIONS[i],
+    sites += [{"name": f"own{i}", "billing": "byo", "owner": f"p{i}", "location": REGIONS[i],
                "capacity": {"max_replicas": 1}, "cold_start_s": COLD_START_S, "keep_alive_s": KEEP_ALIVE_S}
               for i in range(2)]
     projects = [{"name": f"p{i}", "members": [f"u{i}"],
@@ -117,7 +117,7 @@ class Simulation:
         from tpm_fed.broker import PlacementRequest
 
         if self.policy == "broker":
-            request = PlacementRequest(f"u-{project}", project, model, "v1", "query", location, 1)
+            request = PlacementRequest(f"u-{project}", project, model, "v1", "generate", location, 1)
             live = [r.view for r in self.by_model[model] if r.stopped is None]
             decision = self.placer.place(request, live, self.live, lambda s: (v.view if (v := self.idle_victim(s, now)) else None),
                                          lambda site, p=project: 10**12, lambda s: None)
@@ -203,7 +203,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     federation = build_federation(rng)
     arrivals = arrivals_for_a_day(federation, args.requests, rng)
-    price = federation.prices.query
+    price = federation.prices.generate
     results = {}
     for policy in ("broker", "nearest", "round-robin"):
         log(f"simulating a day under {policy}...")

@@ -20,7 +20,7 @@ from parsl.config import Config
 from parsl.executors import ThreadPoolExecutor
 
 from tpm_fed.parsl import generate, tpm_executor
-from tpm_fed.request import GenerationRequest
+from tpm_fed.protocol.requests import GenerationRequest
 
 TOPICS = ["The cell", "The river", "The glacier", "The telescope", "The enzyme", "The neuron"]
 

@@ -52,7 +52,7 @@ def home(tmp_path_factory, demo_model_dir: Path) -> TpmHome:
             # Pinned to torch: these tests check the torch backend against
             # transformers; the vLLM backend has its own tests and site.
             ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch",
-                        modes=["query", "embedding", "intermediary"]),
+                        kinds=["generate", "embed", "trace"]),
             ModelConfig(name="truncated", path=Path("models/truncated"), backend="torch"),
             ModelConfig(name="no-weights", path=Path("models/no-weights"), backend="torch"),
             ModelConfig(name="mutable", path=Path("models/mutable"), backend="torch"),

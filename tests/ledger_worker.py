@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tpm_fed.errors import InsufficientBalance
+from tpm_fed.protocol.errors import InsufficientBalance
 from tpm_fed.ledger import Ledger, Metered
 from tpm_fed.state.database import open_database
 
@@ -16,7 +16,7 @@ def main(url: str, prefix: str, attempts: int, estimate: int, cost: int) -> None
         request_id = f"{prefix}-{index}"
         try:
             ledger.reserve(request_id, project="p", site="s", identity="u", model="m",
-                           version="v", tier="query", estimate_usu=estimate)
+                           version="v", kind="generate", estimate_usu=estimate)
         except InsufficientBalance:
             refused += 1
             continue

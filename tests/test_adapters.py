@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tpm_fed.adapters import Activation, Architecture, Conv1d, LayerNorm, Linear, Unflatten
-from tpm_fed.errors import AdapterMismatch, InvalidRequest, PlacementRefused, UnknownAdapter
+from tpm_fed.protocol.errors import AdapterMismatch, InvalidRequest, PlacementRefused, UnknownAdapter
 
 HIDDEN = 128
 

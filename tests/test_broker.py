@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tpm_fed.broker import Broker, PlacementRequest, ReplicaRegistry, SiteHealth
-from tpm_fed.errors import NotPermitted, PlacementRefused
+from tpm_fed.protocol.errors import NotPermitted, PlacementRefused
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Ledger
 from tpm_fed.state import open_database
@@ -22,7 +22,7 @@ def federation(**overrides) -> Federation:
         "sites": [
             {"name": "near", "location": "chicago", "capacity": {"max_replicas": 2}, "cold_start_s": 20},
             {"name": "far", "location": "berkeley", "capacity": {"max_replicas": 2}, "cold_start_s": 20},
-            {"name": "lab", "kind": "byo", "owner": "astro", "location": "chicago", "cold_start_s": 20},
+            {"name": "lab", "billing": "byo", "owner": "astro", "location": "chicago", "cold_start_s": 20},
         ],
         "models": [{"name": "llm", "path": "/models/llm"}, {"name": "other", "path": "/models/other"}],
         "projects": [
@@ -44,7 +44,7 @@ def broker(tmp_path):
 
 
 def ask(project="bio", location="chicago", model="llm", site=None, estimate=SU // 100, identity="bo"):
-    return PlacementRequest(identity=identity, project=project, model=model, version="v1", tier="query",
+    return PlacementRequest(identity=identity, project=project, model=model, version="v1", kind="generate",
                             location=location, estimate_usu=estimate, cold_start_usu=SU // 2, site=site,
                             backend="torch")
 
@@ -97,7 +97,7 @@ def test_at_capacity_an_idle_replica_gives_way_and_busy_ones_do_not(broker):
     broker.registry.served(a.replica_id, 1, 0.1, None)  # a is idle now, b still has its request
     third = broker.decide(ask(model="llm", project="bio")).chosen
     assert third.replica_id == a.replica_id  # warm replica of the same model first
-    c = broker.decide(PlacementRequest("bo", "bio", "third-model", "v1", "query", "chicago", 1, 0))
+    c = broker.decide(PlacementRequest("bo", "bio", "third-model", "v1", "generate", "chicago", 1, 0))
     assert c.chosen is None  # not hosted: refused with the reason
     assert "cannot be hosted" in c.refusal
 
@@ -110,17 +110,17 @@ def test_a_batch_finishing_after_its_replica_was_stopped_does_not_revive_it(brok
     assert broker.registry.live_per_site().get("far", 0) == 0
 
 
-def test_a_model_is_placed_only_for_the_modes_it_serves(broker):
-    refused = broker.decide(PlacementRequest("bo", "bio", "llm", "v1", "intermediary", "chicago", 1, 0))
+def test_a_model_is_placed_only_for_the_kinds_it_serves(broker):
+    refused = broker.decide(PlacementRequest("bo", "bio", "llm", "v1", "trace", "chicago", 1, 0))
     assert refused.chosen is None
-    assert refused.refusal == "model 'llm' does not serve 'intermediary' requests (it serves: query)"
+    assert refused.refusal == "model 'llm' does not serve 'trace' requests (it serves: generate)"
 
 
 def test_full_and_busy_site_refuses_with_reasons(broker):
     for model in ("llm", "other"):
         admit(broker, ask(model=model))  # both slots busy at far
     with pytest.raises(PlacementRefused) as refused:
-        admit(broker, PlacementRequest("bo", "bio", "llm", "v2", "query", "chicago", SU // 100, 0))
+        admit(broker, PlacementRequest("bo", "bio", "llm", "v2", "generate", "chicago", SU // 100, 0))
     assert "at capacity (2 replicas, all busy)" in refused.value.explanation
 
 
@@ -134,7 +134,7 @@ def test_reservation_race_falls_through_to_the_next_candidate(broker):
     decision = broker.decide(ask(project="astro", identity="ana", location="berkeley"))
     assert decision.chosen.site == "far"
     broker.ledger.reserve("someone-else", project="astro", site="far", identity="ana", model="llm",
-                          version="v1", tier="query", estimate_usu=100 * SU)  # spent meanwhile
+                          version="v1", kind="generate", estimate_usu=100 * SU)  # spent meanwhile
     admission = admit(broker, ask(project="astro", identity="ana", location="berkeley"))
     assert admission.site in {"near", "lab"}
 
@@ -144,7 +144,7 @@ def test_every_allocation_exhausted_raises_insufficient_balance(tmp_path):
     fed = federation(projects=[{"name": "astro"}, {"name": "bio", "members": ["bo"], "allocations": {"far": 1}}])
     broker = Broker(fed, Ledger(engine), ReplicaRegistry(engine))
     broker.ledger.reserve("x", project="bio", site="far", identity="bo", model="llm", version="v1",
-                          tier="query", estimate_usu=SU - 10)
+                          kind="generate", estimate_usu=SU - 10)
     with pytest.raises(PlacementRefused, match="lacks the SUs"):
         admit(broker, ask(estimate=SU // 100))
 
@@ -194,7 +194,7 @@ def test_idle_replicas_stop_after_keep_alive(broker):
 def test_a_replica_on_another_backend_is_not_reused(broker):
     torch_replica = admit(broker, ask())
     broker.registry.served(torch_replica.replica_id, 1, 0.1, None)
-    on_vllm = admit(broker, PlacementRequest("bo", "bio", "llm", "v1", "query", "chicago", SU // 100, 0,
+    on_vllm = admit(broker, PlacementRequest("bo", "bio", "llm", "v1", "generate", "chicago", SU // 100, 0,
                                              backend="vllm"))
     assert on_vllm.cold and on_vllm.replica_id.endswith("/vllm/0")
 
@@ -210,9 +210,9 @@ def test_explanation_names_every_candidate(broker):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"sites": [{"name": "a", "kind": "byo"}]}, "needs an owner"),
+        ({"sites": [{"name": "a", "billing": "byo"}]}, "needs an owner"),
         ({"sites": [{"name": "a", "owner": "astro"}]}, "only byo sites have an owner"),
-        ({"prices": {"query": {"per_1k_prompt_tokens": -1}}}, "per_1k_prompt_tokens"),
+        ({"prices": {"generate": {"per_1k_prompt_tokens": -1}}}, "per_1k_prompt_tokens"),
         ({"latency_ms": {}}, "no distance between 'chicago' and site 'far'"),
         ({"projects": [{"name": "astro"}, {"name": "x", "allocations": {"moon": 5}}]}, "unknown site 'moon'"),
         ({"projects": [{"name": "astro"}, {"name": "x", "allocations": {"near": -5}}]}, "negative"),
@@ -228,7 +228,7 @@ def test_malformed_federations_name_the_field(tmp_path, change, message):
     raw.update(change)
     path = tmp_path / "federation.yaml"
     path.write_text(yaml.safe_dump(raw))
-    from tpm_fed.errors import FederationConfigError
+    from tpm_fed.protocol.errors import FederationConfigError
 
     with pytest.raises(FederationConfigError, match=message):
         Federation.load(Path(path))

@@ -35,7 +35,7 @@ def tpm(home: TpmHome, *args: str, timeout: float = 180) -> subprocess.Completed
 
 def test_embedded_default_is_one_local_site_and_the_demo_model(cli_home):
     federation = Federation.load(cli_home.federation_file)
-    assert [(s.name, s.kind, s.access) for s in federation.sites] == [("local", "rcc", "local")]
+    assert [(s.name, s.billing, s.access) for s in federation.sites] == [("local", "rcc", "local")]
     assert [m.name for m in federation.models] == [DEMO_MODEL_NAME]
     (project,) = federation.projects
     assert project.members == [LocalUser().current()] and project.allocations == {"local": 1000.0}

@@ -8,9 +8,9 @@ from concurrent.futures import Future
 import pytest
 
 from tpm_fed.dispatch import BatchingDispatcher
-from tpm_fed.errors import SiteError
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.request import GenerationRequest
+from tpm_fed.protocol.errors import SiteError
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.sites.base import SiteStatus
 
 
@@ -79,7 +79,7 @@ def test_a_task_that_never_answers_fails_with_a_site_error_and_frees_the_worker(
 
 
 def test_batches_are_capped_by_bytes_as_well_as_by_count():
-    from tpm_fed.limits import MAX_PAYLOAD_BYTES
+    from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
 
     site = HeldSite()
     dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1)

@@ -9,7 +9,7 @@ import pytest
 
 from tpm_fed import Executor
 from tpm_fed.interventions import LogitLens, TraceRequest
-from tpm_fed.request import GenerationRequest
+from tpm_fed.protocol.requests import GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tpm_fed.errors import FederationConfigError, UnknownModel
+from tpm_fed.protocol.errors import FederationConfigError, UnknownModel
 from tpm_fed.federation import Federation
 
 VALID = """

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.test_version import perturb_one_weight
-from tpm_fed.errors import (
+from tpm_fed.protocol.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelLoadError,
@@ -16,7 +16,7 @@ from tpm_fed.errors import (
     UnknownModel,
     UnknownVersion,
 )
-from tpm_fed.request import GenerationRequest
+from tpm_fed.protocol.requests import GenerationRequest
 
 PROMPTS = [
     "The cell",
@@ -199,7 +199,7 @@ def test_results_carry_their_charge_and_the_ledger_agrees(client):
     charge = result.charge
     assert charge.project == "tests" and not charge.free
     assert 0 < charge.charged_su <= charge.estimate_su
-    price = client.federation.prices.query
+    price = client.federation.prices.generate
     expected = (result.usage.prompt_tokens * price.per_1k_prompt_tokens
                 + result.usage.completion_tokens * price.per_1k_completion_tokens) / 1000
     if not result.replica.warm:
@@ -220,7 +220,7 @@ def test_refusals_by_the_broker_charge_nothing(client):
 
 
 def test_a_request_over_the_payload_limit_is_refused_before_anything_runs(client):
-    from tpm_fed.errors import PayloadTooLarge
+    from tpm_fed.protocol.errors import PayloadTooLarge
 
     before = client.ledger.balances("tests")
     with pytest.raises(PayloadTooLarge, match="a Globus Compute task holds at most"):
@@ -230,7 +230,7 @@ def test_a_request_over_the_payload_limit_is_refused_before_anything_runs(client
 
 def test_a_result_over_the_payload_limit_comes_back_as_a_typed_error(client):
     from tests.helpers import big_result
-    from tpm_fed.errors import PayloadTooLarge
+    from tpm_fed.protocol.errors import PayloadTooLarge
 
     with pytest.raises(PayloadTooLarge, match="over the 10 MB"):
         client.site("local").submit(big_result, 11 * 1024 * 1024).result(timeout=120)

@@ -25,8 +25,8 @@ from tests.compute_service import (
     use_user_login,
 )
 from tpm_fed.client import Client
-from tpm_fed.code_version import serving_code_version
-from tpm_fed.errors import (
+from tpm_fed.protocol.code_version import serving_code_version
+from tpm_fed.protocol.errors import (
     FederationConfigError,
     FunctionNotRegistered,
     NotLoggedIn,
@@ -84,7 +84,7 @@ def write_federation(home: TpmHome, endpoint_id: str, **gc_fields) -> None:
                        user_endpoint_config=USER_ENDPOINT_CONFIG, resource_specification=RESOURCES, **gc_fields),
         ],
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch",
-                            modes=["query", "intermediary"])],
+                            kinds=["generate", "trace"])],
         projects=[ProjectConfig(name="tests", members=[LocalUser().current()],
                                 allocations={"local": 1e6, "gc": 1e6})],
     ).dump(home.federation_file)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from tpm_fed.errors import InvalidRequest, PayloadTooLarge, PlacementRefused, UnknownPoint
+from tpm_fed.protocol.errors import InvalidRequest, PayloadTooLarge, PlacementRefused, UnknownPoint
 from tpm_fed.interventions import (
     Ablate, Add, AttentionLens, AttentionPatterns, Inject, LogitLens, Patch, PythonHook, Save, Scale, Set,
     TraceRequest,
 )
-from tpm_fed.tensors import TensorData
+from tpm_fed.protocol.tensors import TensorData
 
 PROMPT = "The telescope observed the"
 LAYERS = 4
@@ -292,9 +292,9 @@ def own_site_client(tmp_path_factory, demo_model_dir):
     shutil.copytree(demo_model_dir, home.models_dir / "demo-llama")
     Federation(
         name="own",
-        sites=[SiteConfig(name="lab", kind="byo", owner="lab-group")],
+        sites=[SiteConfig(name="lab", billing="byo", owner="lab-group")],
         models=[ModelConfig(name="demo-llama", path=Path("models/demo-llama"), backend="torch",
-                            modes=["query", "embedding", "intermediary"])],
+                            kinds=["generate", "embed", "trace"])],
         projects=[ProjectConfig(name="lab-group", members=[LocalUser().current()])],
     ).dump(home.federation_file)
     with Client(home, create_default=False) as client:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tpm_fed.errors import InsufficientBalance, InvalidRequest
+from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
-from tpm_fed.request import UsageBound, prompt_token_bound
+from tpm_fed.protocol.requests import UsageBound, prompt_token_bound
 from tpm_fed.state.database import open_database
 from tpm_fed.state.schema import MICRO
 
@@ -31,7 +31,7 @@ def ledger(url) -> Ledger:
 
 def reserve(ledger, request_id, estimate, **extra):
     ledger.reserve(request_id, project="p", site="s", identity="u", model="m", version="v",
-                   tier="query", estimate_usu=estimate, **extra)
+                   kind="generate", estimate_usu=estimate, **extra)
 
 
 def test_prices_are_exact_integers_and_estimates_bound_the_charge():
@@ -86,7 +86,7 @@ def test_insufficient_balance_is_refused_and_changes_nothing(ledger):
 def test_unknown_allocation_is_refused(ledger):
     with pytest.raises(InsufficientBalance, match="0.000000 SUs available at site 'elsewhere'"):
         ledger.reserve("x", project="p", site="elsewhere", identity="u", model="m", version="v",
-                       tier="query", estimate_usu=1)
+                       kind="generate", estimate_usu=1)
 
 
 def test_duplicate_request_id_is_refused(ledger):

@@ -6,7 +6,7 @@ import pytest
 
 from functions.serve import echo, worker_info
 from tests.helpers import raise_value_error, worker_pid
-from tpm_fed.errors import RemoteExecutionError, SiteError
+from tpm_fed.protocol.errors import RemoteExecutionError, SiteError
 from tpm_fed.federation import SiteConfig
 from tpm_fed.sites.local import LocalSite
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tpm_fed.client import Client
-from tpm_fed.errors import FederationConfigError
+from tpm_fed.protocol.errors import FederationConfigError
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 from tpm_fed.identity import LocalUser
@@ -50,7 +50,7 @@ def test_workstation_config_serves_the_same_tokens_as_the_local_site(tmp_path, d
         on_local = client.generate(prompts, max_new_tokens=6, project="tests", site="local").result(120)
         status = {s.name: s for s in client.status()}
     assert on_cluster.site == "cluster" and on_cluster.token_ids == on_local.token_ids
-    assert status["cluster"].kind == "parsl" and status["cluster"].state == "running"
+    assert status["cluster"].access == "parsl" and status["cluster"].state == "running"
     assert on_cluster.replica.pid != on_local.replica.pid  # its own worker, started by its own engine
 
 

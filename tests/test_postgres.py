@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[test]')")
 
-from tpm_fed.errors import InsufficientBalance  # noqa: E402
+from tpm_fed.protocol.errors import InsufficientBalance  # noqa: E402
 from tpm_fed.ledger import Ledger, Metered  # noqa: E402
 from tpm_fed.state import open_database  # noqa: E402
 
@@ -71,11 +71,11 @@ def ledger(postgres_url):
 
 
 def test_reserve_settle_release_on_postgres(ledger):
-    ledger.reserve("a", project="p", site="s", identity="u", model="m", version="v", tier="query",
+    ledger.reserve("a", project="p", site="s", identity="u", model="m", version="v", kind="generate",
                    estimate_usu=3 * SU)
     assert ledger.settle("a", Metered(prompt_tokens=3), SU) == SU
     assert ledger.settle("a", Metered(prompt_tokens=3), SU) == 0
-    ledger.reserve("b", project="p", site="s", identity="u", model="m", version="v", tier="query",
+    ledger.reserve("b", project="p", site="s", identity="u", model="m", version="v", kind="generate",
                    estimate_usu=SU)
     assert ledger.release("b", "failed")
     (balance,) = ledger.balances()
@@ -86,7 +86,7 @@ def test_eight_threads_cannot_overspend_on_postgres(ledger):
     def attempt(index: int) -> int:
         try:
             ledger.reserve(f"t{index}", project="p", site="s", identity="u", model="m", version="v",
-                           tier="query", estimate_usu=SU // 2)
+                           kind="generate", estimate_usu=SU // 2)
         except InsufficientBalance:
             return 0
         return ledger.settle(f"t{index}", Metered(), SU // 2) + ledger.settle(f"t{index}", Metered(), SU // 2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tpm_fed.errors import InvalidRequest
-from tpm_fed.request import GenerationRequest, ModelRef
+from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.protocol.requests import GenerationRequest, ModelRef
 
 
 def test_defaults_and_wire_round_trip():

@@ -21,7 +21,7 @@ def test_simulated_day_broker_beats_naive_policies_on_slo_and_replica_hours():
     federation = simulation.build_federation(rng)
     arrivals = simulation.arrivals_for_a_day(federation, 4000, rng)
     results = {
-        policy: simulation.run(policy, federation, arrivals, federation.prices.query)
+        policy: simulation.run(policy, federation, arrivals, federation.prices.generate)
         for policy in ("broker", "nearest", "round-robin")
     }
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tpm_fed.errors import ModelLoadError, UnknownModel, UnknownVersion
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.request import GenerationRequest
+from tpm_fed.protocol.errors import ModelLoadError, UnknownModel, UnknownVersion
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.store import ModelStore, StoreError
-from tpm_fed.store.chunks import ChunkStore
+from tpm_fed.protocol.chunks import ChunkStore
 
 
 @pytest.fixture

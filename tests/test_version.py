@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tpm_fed.models.version import VersionCache, hash_model_dir
+from tpm_fed.protocol.versions import VersionCache, hash_model_dir
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm-
 
 from tests.test_generation import PROMPTS  # noqa: E402
 from tpm_fed.client import Client  # noqa: E402
-from tpm_fed.errors import BackendUnavailable, ContextLengthExceeded  # noqa: E402
+from tpm_fed.protocol.errors import BackendUnavailable, ContextLengthExceeded  # noqa: E402
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig  # noqa: E402
 from tpm_fed.identity import LocalUser  # noqa: E402
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome  # noqa: E402

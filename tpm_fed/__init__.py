@@ -6,7 +6,7 @@ endpoint workers (see :mod:`functions`).
 
 from tpm_fed.client import Client
 from tpm_fed.executor import Executor
-from tpm_fed.errors import (
+from tpm_fed.protocol.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelLoadError,
@@ -16,8 +16,8 @@ from tpm_fed.errors import (
     UnknownModel,
     UnknownVersion,
 )
-from tpm_fed.request import GenerationRequest, ModelRef
-from tpm_fed.result import GenerationResult
+from tpm_fed.protocol.requests import GenerationRequest, ModelRef
+from tpm_fed.protocol.results import GenerationResult
 
 __all__ = [
     "Client",

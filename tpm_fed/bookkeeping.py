@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 
 from tpm_fed.broker import Admission, Broker
-from tpm_fed.errors import SiteError
+from tpm_fed.protocol.errors import SiteError
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Metered, price_usu
-from tpm_fed.request import ServingRequest
-from tpm_fed.result import ChargeInfo, ServedResult
+from tpm_fed.protocol.requests import ServingRequest
+from tpm_fed.protocol.results import ChargeInfo, ServedResult
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
 

@@ -6,12 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpm_fed.errors import ContextLengthExceeded, ModelLoadError, UnknownVersion
+from tpm_fed.protocol.errors import ContextLengthExceeded, ModelLoadError, UnknownVersion
 from tpm_fed.federation import Federation
-from tpm_fed.interventions.points import PointCatalog
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.models.version import VersionCache
-from tpm_fed.request import GenerationRequest, ModelRef
+from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.versions import VersionCache
+from tpm_fed.protocol.requests import GenerationRequest, ModelRef
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ModelCatalog:
     def points(self, spec: ModelSpec) -> PointCatalog:
         """Every hookable point of ``spec``'s architecture (probed once per version, on ``meta``)."""
         if spec.version not in self._points:
-            from tpm_fed.interventions.points import catalog_from_config
+            from tpm_fed.protocol.points import catalog_from_config
 
             self._points[spec.version] = catalog_from_config(None, config=self.config_json(spec))
         return self._points[spec.version]

@@ -17,19 +17,19 @@ from typing import Any
 from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Broker, Decision, PlacementRequest, ReplicaRegistry
 from tpm_fed.catalog import ModelCatalog
-from tpm_fed.code_version import serving_code_version
+from tpm_fed.protocol.code_version import serving_code_version
 from tpm_fed.dispatch import BatchingDispatcher
-from tpm_fed.errors import InvalidRequest, NotPermitted, UnknownModel
+from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, UnknownModel
 from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
 from tpm_fed.identity import IdentityProvider, LocalUser
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
-from tpm_fed.limits import check_request_size
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.adapters.registry import AdapterRegistry
-from tpm_fed.interventions.points import PointCatalog
-from tpm_fed.request import GenerationRequest, ModelRef, ServingRequest, UsageBound
-from tpm_fed.result import EmbeddingResult, GenerationResult, TraceResult
+from tpm_fed.protocol.limits import check_request_size
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.adapter_registry import AdapterRegistry
+from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.requests import GenerationRequest, ModelRef, ServingRequest, UsageBound
+from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, TraceResult
 from tpm_fed.sites import Site, SiteStatus, build_site
 from tpm_fed.state import RequestLog, open_database
 
@@ -125,7 +125,7 @@ class Client:
                 ``head``, ``pool``, ``project``, ...).
         """
         from tpm_fed.adapters import EmbeddingRequest
-        from tpm_fed.tensors import TensorData
+        from tpm_fed.protocol.tensors import TensorData
 
         try:
             tensors = [value if isinstance(value, TensorData) else TensorData.of(value) for value in inputs]
@@ -142,7 +142,7 @@ class Client:
         nbytes = check_request_size(request)
         resolved = self.catalog.resolve(request.model)
         request, spec, bound = self._check(request, resolved)
-        price = getattr(self.federation.prices, request.tier)
+        price = getattr(self.federation.prices, request.kind)
         admission = self.broker.admit(request.request_id, self._placement(request, spec, price, bound))
         self._bookkeeper.admitted(admission, price)
         self._forget_dispatchers([admission.replaced] if admission.replaced else [])
@@ -154,7 +154,7 @@ class Client:
     def explain(self, request: ServingRequest) -> Decision:
         """What the broker would decide for ``request`` (nothing is reserved or run)."""
         request, spec, bound = self._check(request, self.catalog.resolve(request.model))
-        return self.broker.decide(self._placement(request, spec, getattr(self.federation.prices, request.tier), bound))
+        return self.broker.decide(self._placement(request, spec, getattr(self.federation.prices, request.kind), bound))
 
     def points(self, model: str | None = None) -> PointCatalog:
         """Every hookable point of ``model`` with its shape (read from its config alone)."""
@@ -175,7 +175,7 @@ class Client:
             return request, spec, request.usage_bound()
         spec = spec.model_copy(update={"backend": "torch"})  # hooks and adapters need the torch model
         if request.kind == "trace":
-            from tpm_fed.interventions.check import check_trace
+            from tpm_fed.protocol.validation import check_trace
 
             return request, spec, check_trace(request, self.catalog.points(spec), spec.dtype)
         from tpm_fed.adapters.check import pin_adapters
@@ -193,7 +193,7 @@ class Client:
             project=self.project_for(request.project),
             model=spec.name,
             version=spec.version,
-            tier=request.tier,
+            kind=request.kind,
             location=location,
             estimate_usu=estimate_usu(price, bound, cold_start=False),
             cold_start_usu=price_usu(price, Metered(cold_start=True)),
@@ -232,8 +232,7 @@ class Client:
                     task_timeout_s=site_config.task_timeout_s,
                     listener=self._bookkeeper,
                     context={
-                        "user_code": site_config.kind == "byo",
-                        "adapters": str(self.adapters.root),
+                                                "adapters": str(self.adapters.root),
                         "code_version": serving_code_version(),
                     },
                 )

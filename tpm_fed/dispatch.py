@@ -25,11 +25,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tpm_fed.errors import SiteError, error_from_wire
-from tpm_fed.limits import ENVELOPE_BYTES, MAX_PAYLOAD_BYTES, request_bytes
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.request import ServingRequest
-from tpm_fed.result import RESULT_TYPES, ReplicaInfo, ServedResult, Timings
+from tpm_fed.protocol.errors import SiteError, error_from_wire
+from tpm_fed.protocol.limits import ENVELOPE_BYTES, MAX_PAYLOAD_BYTES, request_bytes
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.requests import ServingRequest
+from tpm_fed.protocol.entrypoints import SERVE_BATCH
+from tpm_fed.protocol.kinds import KINDS
+from tpm_fed.protocol.results import ReplicaInfo, ServedResult, Timings
 from tpm_fed.sites.base import Site
 
 logger = logging.getLogger(__name__)
@@ -168,8 +170,6 @@ class BatchingDispatcher:
         return batch
 
     def _send(self, pending: list[_Pending]) -> None:
-        from functions.serve import serve_batch
-
         batch = _Batch(pending)
         if self.task_timeout_s is not None:
             batch.timer = threading.Timer(self.task_timeout_s, self._expire, args=(batch,))
@@ -179,7 +179,7 @@ class BatchingDispatcher:
             if self.listener is not None:
                 self.listener.record_sent(self.site.name, self.spec.version, [p.request for p in pending])
             task = self.site.submit(
-                serve_batch, self.spec.to_wire(), [p.request.to_wire() for p in pending], self.context
+                SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending], self.context
             )
         except Exception as error:  # the log or the site could not take the batch
             task = Future()
@@ -241,7 +241,7 @@ class BatchingDispatcher:
             load_s, run_s = reply["load_s"], reply["run_s"]
             payload = outcome["result"]
             outcomes.append(
-                RESULT_TYPES[pending.request.kind].model_validate({
+                KINDS[pending.request.kind].result.model_validate({
                     **payload,
                     "request_id": pending.request.request_id,
                     "model": self.spec.name,

@@ -13,8 +13,8 @@ from concurrent import futures
 from typing import Any
 
 from tpm_fed.client import Client
-from tpm_fed.request import ServingRequest
-from tpm_fed.result import ServedResult
+from tpm_fed.protocol.requests import ServingRequest
+from tpm_fed.protocol.results import ServedResult
 
 
 class Executor(futures.Executor):

@@ -17,12 +17,12 @@ from uuid import UUID
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tpm_fed.errors import FederationConfigError, UnknownModel
-from tpm_fed.models.spec import BackendChoice, DType
-from tpm_fed.request import describe_validation_error
+from tpm_fed.protocol.errors import FederationConfigError, UnknownModel
+from tpm_fed.protocol.kinds import KindName
+from tpm_fed.protocol.model import BackendChoice, DType
+from tpm_fed.protocol.requests import describe_validation_error
 
 Name = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
-Tier = Literal["query", "embedding", "intermediary"]
 
 
 class _Strict(BaseModel):
@@ -59,7 +59,7 @@ class SiteConfig(_Strict):
 
     Attributes:
         name: Unique site name.
-        kind: ``rcc`` (a research computing center, paid in service units) or
+        billing: ``rcc`` (a research computing center, paid in service units) or
             ``byo`` (a project's own allocation: free to its members, closed to others).
         owner: The owning project; required for ``byo`` sites.
         access: How to reach it. ``local``: the Globus Compute endpoint engine
@@ -87,7 +87,7 @@ class SiteConfig(_Strict):
     """
 
     name: str = Name
-    kind: Literal["rcc", "byo"] = "rcc"
+    billing: Literal["rcc", "byo"] = "rcc"
     owner: str | None = None
     access: Literal["local", "globus-compute", "parsl"] = "local"
     endpoint_id: UUID | None = None
@@ -105,10 +105,10 @@ class SiteConfig(_Strict):
     task_timeout_s: float = Field(default=900.0, gt=0)
 
     @model_validator(mode="after")
-    def _owner_matches_kind(self) -> Self:
-        if self.kind == "byo" and not self.owner:
+    def _owner_matches_billing(self) -> Self:
+        if self.billing == "byo" and not self.owner:
             raise ValueError(f"site {self.name!r}: a byo site needs an owner project")
-        if self.kind == "rcc" and self.owner:
+        if self.billing == "rcc" and self.owner:
             raise ValueError(f"site {self.name!r}: only byo sites have an owner")
         return self
 
@@ -144,7 +144,7 @@ class ModelConfig(_Strict):
         tensor_parallel_size: GPUs per vLLM replica (one worker per replica).
         accelerators: Accelerators one replica needs (0: runs on CPU).
         memory_gb: Memory one replica needs (informational for operators).
-        modes: Inference modes this model serves.
+        kinds: Request kinds this model serves (``generate``, ``embed``, ``trace``).
         sites: Sites that may host it (all, when empty).
     """
 
@@ -156,7 +156,7 @@ class ModelConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     accelerators: int = Field(default=0, ge=0)
     memory_gb: float = Field(default=1.0, gt=0)
-    modes: list[Tier] = Field(default_factory=lambda: ["query"], min_length=1)
+    kinds: list[KindName] = Field(default_factory=lambda: ["generate"], min_length=1)
     sites: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -188,7 +188,7 @@ class ProjectConfig(_Strict):
 
 
 class Price(_Strict):
-    """Service units charged for one tier of use."""
+    """Service units charged for one kind of request."""
 
     per_1k_prompt_tokens: float = Field(default=0.0, ge=0)
     per_1k_completion_tokens: float = Field(default=0.0, ge=0)
@@ -197,9 +197,11 @@ class Price(_Strict):
 
 
 class Prices(_Strict):
-    query: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
-    embedding: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
-    intermediary: Price = Price(
+    """The price of each request kind (the rows of :data:`tpm_fed.protocol.kinds.KINDS`)."""
+
+    generate: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
+    embed: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
+    trace: Price = Price(
         per_1k_prompt_tokens=2.0, per_1k_completion_tokens=4.0, per_mb_activations=1.0, per_cold_start=0.5
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpm_fed.errors import NotLoggedIn
+from tpm_fed.protocol.errors import NotLoggedIn
 
 LOGIN_HINT = (
     "Globus Compute needs credentials: run `tpm login` (or set GLOBUS_COMPUTE_CLIENT_ID and "

@@ -63,7 +63,7 @@ class TpmHome:
                 name="embedded",
                 sites=[SiteConfig(name="local")],
                 models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME,
-                                    modes=["query", "embedding", "intermediary"])],
+                                    kinds=["generate", "embed", "trace"])],
                 projects=[ProjectConfig(name="local", members=[LocalUser().current()],
                                         allocations={"local": DEFAULT_GRANT_SU})],
             )

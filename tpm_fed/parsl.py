@@ -24,10 +24,10 @@ from parsl import python_app
 from parsl.executors import ThreadPoolExecutor
 
 from tpm_fed.client import Client
-from tpm_fed.adapters.request import EmbeddingRequest
-from tpm_fed.interventions.request import TraceRequest
-from tpm_fed.request import GenerationRequest, ServingRequest
-from tpm_fed.result import ServedResult
+from tpm_fed.protocol.requests import EmbeddingRequest
+from tpm_fed.protocol.requests import TraceRequest
+from tpm_fed.protocol.requests import GenerationRequest, ServingRequest
+from tpm_fed.protocol.results import ServedResult
 
 EXECUTOR_LABEL = "tpm"
 

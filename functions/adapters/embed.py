@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from functions.adapters.loader import ADAPTERS
-from tpm_fed.adapters.request import EmbeddingRequest
-from tpm_fed.errors import AdapterMismatch, InvalidRequest, NotPermitted, PayloadTooLarge, TpmError
-from tpm_fed.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.requests import EmbeddingRequest
+from tpm_fed.protocol.errors import AdapterMismatch, InvalidRequest, NotPermitted, PayloadTooLarge, TpmError
+from tpm_fed.protocol.limits import MAX_RESULT_BYTES
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _core(model, sequences: list[Any]) -> list[Any]:
 def _finish(item: _Prepared, states: list[Any]) -> dict[str, Any]:
     import torch
 
-    from tpm_fed.tensors import pack_tensors
+    from tpm_fed.protocol.tensors import pack_tensors
 
     request = item.request
     outputs = {}

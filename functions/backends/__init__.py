@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from functions.backends.base import Backend
-from tpm_fed.errors import BackendUnavailable, ModelLoadError
-from tpm_fed.models.spec import ModelSpec
+from tpm_fed.protocol.errors import BackendUnavailable, ModelLoadError
+from tpm_fed.protocol.model import ModelSpec
 
 
 def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:

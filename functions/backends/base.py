@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tpm_fed.errors import ContextLengthExceeded
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import Completion
+from tpm_fed.protocol.errors import ContextLengthExceeded
+from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.results import Completion
 
 
 @dataclass(frozen=True)

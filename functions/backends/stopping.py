@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
-from tpm_fed.result import Completion
+from tpm_fed.protocol.results import Completion
 
 
 def finish_row(

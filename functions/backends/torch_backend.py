@@ -17,10 +17,10 @@ from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
 from functions.backends.stopping import finish_row
-from tpm_fed.errors import ModelLoadError
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import Completion
+from tpm_fed.protocol.errors import ModelLoadError
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.results import Completion
 
 MAX_ROWS_PER_CALL = 64
 """Rows handed to one ``generate`` call; larger groups are split."""

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
-from tpm_fed.errors import ModelLoadError
-from tpm_fed.models.spec import ModelSpec
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import Completion
+from tpm_fed.protocol.errors import ModelLoadError
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.results import Completion
 
 CPU_KV_CACHE_GIB = "1"
 """KV cache reserved on CPU nodes unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise."""

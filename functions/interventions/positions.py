@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tpm_fed.errors import InvalidRequest
+from tpm_fed.protocol.errors import InvalidRequest
 
 
 def resolve_positions(positions: list[int] | None, length: int, where: str) -> list[int]:

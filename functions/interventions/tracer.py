@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from functions.interventions.positions import resolve_positions
-from tpm_fed.errors import ContextLengthExceeded, InvalidRequest, NotPermitted, PayloadTooLarge
-from tpm_fed.interventions.points import PointCatalog, probe_points
-from tpm_fed.interventions.request import TraceRequest
-from tpm_fed.interventions.spec import Inject, Patch, Point
-from tpm_fed.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.errors import ContextLengthExceeded, InvalidRequest, NotPermitted, PayloadTooLarge
+from tpm_fed.protocol.points import PointCatalog, probe_points
+from tpm_fed.protocol.requests import TraceRequest
+from tpm_fed.protocol.interventions import Inject, Patch, Point
+from tpm_fed.protocol.limits import MAX_RESULT_BYTES
 
 
 @dataclass
@@ -308,7 +308,7 @@ class _Run:
     def reply(self, outputs: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from tpm_fed.tensors import pack_tensors
+        from tpm_fed.protocol.tensors import pack_tensors
 
         tensors: dict[str, Any] = {name: torch.cat(parts, dim=0) for name, parts in self.saved.items()}
         vocab_ids: set[int] = set()

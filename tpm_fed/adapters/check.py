@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from tpm_fed.adapters.registry import AdapterRegistry
-from tpm_fed.adapters.request import EmbeddingRequest
-from tpm_fed.errors import AdapterMismatch, InvalidRequest
-from tpm_fed.limits import MAX_RESULT_BYTES
-from tpm_fed.request import UsageBound
-from tpm_fed.tensors import TENSOR_HEADER_BYTES
+from tpm_fed.protocol.adapter_registry import AdapterRegistry
+from tpm_fed.protocol.requests import EmbeddingRequest
+from tpm_fed.protocol.errors import AdapterMismatch, InvalidRequest
+from tpm_fed.protocol.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.requests import UsageBound
+from tpm_fed.protocol.tensors import TENSOR_HEADER_BYTES
 
 
 def pin_adapters(request: EmbeddingRequest, registry: AdapterRegistry, hidden_size: int) -> tuple[EmbeddingRequest, UsageBound]:

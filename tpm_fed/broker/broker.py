@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tpm_fed.broker.health import SiteHealth
 from tpm_fed.broker.placement import Candidate, Decision, Placer, PlacementRequest
 from tpm_fed.broker.registry import ReplicaRegistry
-from tpm_fed.errors import InsufficientBalance, NotPermitted, PlacementRefused
+from tpm_fed.protocol.errors import InsufficientBalance, NotPermitted, PlacementRefused
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Ledger
 
@@ -92,7 +92,7 @@ class Broker:
         """Rank the candidates for ``request`` (nothing is reserved or started)."""
         if request.site is not None:
             site = self.federation.site(request.site)
-            if site.kind == "byo" and site.owner != request.project:
+            if site.billing == "byo" and site.owner != request.project:
                 raise NotPermitted(
                     f"site {site.name!r} is project {site.owner!r}'s own compute; "
                     f"project {request.project!r} may not use it"
@@ -123,7 +123,7 @@ class Broker:
             try:
                 self.ledger.reserve(
                     request_id, project=request.project, site=candidate.site, identity=request.identity,
-                    model=request.model, version=request.version, tier=request.tier,
+                    model=request.model, version=request.version, kind=request.kind,
                     estimate_usu=estimate, free=candidate.free,
                 )
             except InsufficientBalance as error:

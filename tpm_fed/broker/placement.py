@@ -3,7 +3,7 @@
 A pure function of the federation and a snapshot of replicas, balances and
 site health, so it is fast, deterministic and testable without any site.
 
-For a request (caller, project, model@version, tier, location):
+For a request (caller, project, model@version, kind, location):
 
 1. A site is **eligible** when it is healthy, may host the model (listed,
    enough accelerators per slot), and the project may spend there: it owns
@@ -49,7 +49,7 @@ class PlacementRequest:
     project: str
     model: str
     version: str
-    tier: str
+    kind: str
     location: str
     estimate_usu: int
     cold_start_usu: int = 0
@@ -145,7 +145,7 @@ class Placer:
                 if s.name in allowed and s.capacity.accelerators_per_slot >= model.accelerators
             ]
         self._host_names = {model: {s.name for s in sites} for model, sites in self._hosts.items()}
-        self._modes = {model.name: set(model.modes) for model in federation.models}
+        self._kinds = {model.name: set(model.kinds) for model in federation.models}
         # Sites each project may spend at (granted, or its own): with a thousand
         # sites, placement looks at these and summarizes the rest.
         self._usable: dict[str, list[SiteConfig]] = {
@@ -181,9 +181,9 @@ class Placer:
             available_usu: SUs the project may still spend at a site (None: no allocation there).
             site_problem: Why a site may not take work now (``None``: it may).
         """
-        if request.tier not in self._modes.get(request.model, {request.tier}):
-            served = ", ".join(sorted(self._modes[request.model]))
-            return Decision(None, [], refusal=f"model {request.model!r} does not serve {request.tier!r} "
+        if request.kind not in self._kinds.get(request.model, {request.kind}):
+            served = ", ".join(sorted(self._kinds[request.model]))
+            return Decision(None, [], refusal=f"model {request.model!r} does not serve {request.kind!r} "
                                               f"requests (it serves: {served})")
         hosts = self.hosts(request.model)
         candidates: list[Candidate] = []
@@ -246,7 +246,7 @@ class Placer:
         problem = site_problem(site.name)
         if problem is not None:
             return f"unhealthy: {problem}", False
-        if site.kind == "byo":
+        if site.billing == "byo":
             if site.owner == request.project:
                 return None, True
             return f"byo site of project {site.owner!r}", False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tpm_fed.errors import TpmError
+from tpm_fed.protocol.errors import TpmError
 
 
 class _TpmGroup(click.Group):

@@ -29,7 +29,7 @@ def allocations(project: str | None) -> None:
 @click.option("--project", default=None, help="Only this project.")
 @click.option("--since", default=None, help="Only requests since this ISO date or time (e.g. 2026-11-25).")
 def usage(project: str | None, since: str | None) -> None:
-    """A statement: request, model@version, tier, tokens, SUs charged."""
+    """A statement: request, model@version, kind, tokens, SUs charged."""
     since_ts = None
     if since is not None:
         try:
@@ -39,10 +39,10 @@ def usage(project: str | None, since: str | None) -> None:
     ledger, _ = open_ledger()
     lines = ledger.statement(project, since_ts)
     total = sum(c.charged_usu for c in lines)
-    click.echo(f"{'request':<34} {'project':<12} {'site':<10} {'model@version':<36} {'tier':<6} "
+    click.echo(f"{'request':<34} {'project':<12} {'site':<10} {'model@version':<36} {'kind':<8} "
                f"{'in':>6} {'out':>6} {'state':<9} {'SU':>12}")
     for c in lines:
         su = "free" if c.free else format_su(c.charged_usu)
-        click.echo(f"{c.request_id:<34} {c.project:<12} {c.site:<10} {c.model + '@' + c.version:<36} {c.tier:<6} "
+        click.echo(f"{c.request_id:<34} {c.project:<12} {c.site:<10} {c.model + '@' + c.version:<36} {c.kind:<8} "
                    f"{c.prompt_tokens:>6} {c.completion_tokens:>6} {c.state:<9} {su:>12}")
     click.echo(f"{len(lines)} requests, {format_su(total)} SU charged")

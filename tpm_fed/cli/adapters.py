@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from tpm_fed.adapters import AdapterRegistry, Architecture
 from tpm_fed.cli.context import open_home
-from tpm_fed.errors import AdapterMismatch
-from tpm_fed.request import describe_validation_error
+from tpm_fed.protocol.errors import AdapterMismatch
+from tpm_fed.protocol.requests import describe_validation_error
 
 
 def _registry() -> AdapterRegistry:

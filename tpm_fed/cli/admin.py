@@ -12,9 +12,9 @@ import json
 import click
 
 from tpm_fed.cli.context import open_home
-from tpm_fed.errors import FederationConfigError
+from tpm_fed.protocol.errors import FederationConfigError
 from tpm_fed.federation import Federation, ProjectConfig, SiteConfig
-from tpm_fed.request import describe_validation_error
+from tpm_fed.protocol.requests import describe_validation_error
 
 
 def save_federation(home, federation: Federation, change: dict) -> None:
@@ -99,7 +99,7 @@ def list_sites() -> None:
     _, federation = open_home()
     for s in federation.sites:
         owner = f" owner={s.owner}" if s.owner else ""
-        click.echo(f"{s.name:<16} {s.kind}{owner} access={s.access} location={s.location} "
+        click.echo(f"{s.name:<16} {s.billing}{owner} access={s.access} location={s.location} "
                    f"max_replicas={s.capacity.max_replicas} keep_alive={s.keep_alive_s:g}s")
 
 
@@ -151,7 +151,7 @@ def add_site(name, byo, project, location, max_replicas, keep_alive_s, endpoint_
         "engine_config": Path(engine_config).resolve() if engine_config else None,
     }
     try:
-        site = SiteConfig(name=name, kind="byo" if byo else "rcc", owner=project, location=location, access=access,
+        site = SiteConfig(name=name, billing="byo" if byo else "rcc", owner=project, location=location, access=access,
                           capacity={"max_replicas": max_replicas}, keep_alive_s=keep_alive_s,
                           **{k: v for k, v in remote.items() if v is not None})
     except ValidationError as error:
@@ -161,7 +161,7 @@ def add_site(name, byo, project, location, max_replicas, keep_alive_s, endpoint_
 
         load_engine_config(Path(engine_config)).engine.shutdown()  # the endpoint loader's verdict, now
     save_federation(home, federation, {"sites": [*federation.model_dump(mode="json")["sites"], site.model_dump(mode="json")]})
-    click.echo(f"site {name!r} added ({site.kind}{', owned by ' + project if project else ''}, "
+    click.echo(f"site {name!r} added ({site.billing}{', owned by ' + project if project else ''}, "
                f"access {access})")
     if access == "globus-compute":
         click.echo(f"next: `tpm functions register --site {name}` (after `tpm login`)")

@@ -43,7 +43,7 @@ def register_functions(site_name: str, force: bool) -> None:
 
     An id is reused while the serving code is unchanged; changed code is registered anew.
     """
-    from tpm_fed.code_version import serving_code_version
+    from tpm_fed.protocol.code_version import serving_code_version
     from tpm_fed.globus_auth import compute_client
     from tpm_fed.sites import registration
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from tpm_fed.catalog import ModelCatalog
-from tpm_fed.errors import TpmError
+from tpm_fed.protocol.errors import TpmError
 from tpm_fed.federation import Federation
 from tpm_fed.home import TpmHome
-from tpm_fed.request import ModelRef
+from tpm_fed.protocol.requests import ModelRef
 
 
 @click.group(invoke_without_command=True)

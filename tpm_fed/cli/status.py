@@ -26,7 +26,7 @@ def status() -> None:
     for site in federation.sites:
         owner = f" owner={site.owner}" if site.owner else ""
         click.echo(
-            f"  {site.name:<16} {site.kind}{owner} access={site.access} location={site.location}"
+            f"  {site.name:<16} {site.billing}{owner} access={site.access} location={site.location}"
             f" replicas<={site.capacity.max_replicas} queued={queued.get(site.name, 0)}"
         )
     click.echo("replicas (each `tpm submit` starts and stops its own; a Client keeps them warm):"

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from tpm_fed.client import Client
-from tpm_fed.errors import PlacementRefused
-from tpm_fed.request import GenerationRequest
-from tpm_fed.result import GenerationResult
+from tpm_fed.protocol.errors import PlacementRefused
+from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.results import GenerationResult
 
 
 @click.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tpm_fed.client import Client
-from tpm_fed.errors import InvalidRequest
+from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.interventions import LogitLens, Save, TraceRequest
 
 

@@ -1,7 +1,7 @@
 """Inference mode 3: read and write activations during the forward pass."""
 
-from tpm_fed.interventions.request import PythonHook, TraceRequest
-from tpm_fed.interventions.spec import (
+from tpm_fed.protocol.requests import PythonHook, TraceRequest
+from tpm_fed.protocol.interventions import (
     Ablate,
     Add,
     AttentionLens,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from tpm_fed.errors import InsufficientBalance, InvalidRequest
+from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest
 from tpm_fed.ledger.pricing import Metered
 from tpm_fed.state.schema import MICRO, allocations_table, charges_table
 
@@ -49,7 +49,7 @@ class Charge:
     identity: str
     model: str
     version: str
-    tier: str
+    kind: str
     free: bool
     state: str
     estimate_usu: int
@@ -119,7 +119,7 @@ class Ledger:
         identity: str,
         model: str,
         version: str,
-        tier: str,
+        kind: str,
         estimate_usu: int,
         free: bool = False,
     ) -> None:
@@ -131,7 +131,7 @@ class Ledger:
         """
         row = dict(
             request_id=request_id, project=project, site=site, identity=identity, model=model,
-            version=version, tier=tier, free=free, state="reserved",
+            version=version, kind=kind, free=free, state="reserved",
             estimate_usu=0 if free else estimate_usu, charged_usu=0, created_at=time.time(),
         )
         try:
@@ -229,7 +229,7 @@ class Ledger:
         with self.engine.connect() as db:
             return [
                 Charge(
-                    r.request_id, r.project, r.site, r.identity, r.model, r.version, r.tier, r.free, r.state,
+                    r.request_id, r.project, r.site, r.identity, r.model, r.version, r.kind, r.free, r.state,
                     r.estimate_usu, r.charged_usu, r.prompt_tokens, r.completion_tokens, r.activation_bytes,
                     r.cold_start, r.created_at, r.note,
                 )

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from tpm_fed.federation import Price
-from tpm_fed.request import UsageBound
+from tpm_fed.protocol.requests import UsageBound
 from tpm_fed.state.schema import MICRO
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""The protocol every site kind implements."""
+"""The protocol every way of reaching a site implements."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from tpm_fed.protocol.entrypoints import WorkerFunction
+
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -14,7 +15,7 @@ class SiteStatus:
 
     Attributes:
         name: Site name.
-        kind: Site kind (``local``, ``parsl``, ``globus-compute``).
+        access: How the site is reached (``local``, ``parsl``, ``globus-compute``).
         state: ``stopped`` (not started), ``starting``, ``running``, ``failed``, or
             ``offline`` (a Globus Compute endpoint that is not connected).
         workers: Worker processes (replica slots) the site may run.
@@ -23,7 +24,7 @@ class SiteStatus:
     """
 
     name: str
-    kind: str
+    access: str
     state: Literal["stopped", "starting", "running", "failed", "offline"]
     workers: int
     outstanding_tasks: int
@@ -44,7 +45,7 @@ class Site(Protocol):
 
     name: str
 
-    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]: ...
+    def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]: ...
 
     def status(self) -> SiteStatus: ...
 

@@ -11,17 +11,18 @@ they meet on an RCC. Subclasses say only which engine to build.
 
 from __future__ import annotations
 
+from tpm_fed.protocol.entrypoints import WorkerFunction
+
 import atexit
 import os
 import sys
 import threading
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from tpm_fed.errors import SiteError
+from tpm_fed.protocol.errors import SiteError
 from tpm_fed.sites.base import SiteStatus
 from tpm_fed.sites.remote_errors import error_from_traceback
 
@@ -37,7 +38,7 @@ class EngineSite:
         run_dir: Where the engine keeps logs and task folders.
     """
 
-    kind = "engine"
+    access = "engine"
 
     def __init__(self, name: str, run_dir: Path) -> None:
         self.name = name
@@ -89,7 +90,7 @@ class EngineSite:
         engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
         return engine, ComputeSerializer()
 
-    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+    def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]:
         from globus_compute_common import messagepack
         from globus_compute_common.messagepack.message_types import Task
         from globus_compute_endpoint.engines.base import GCFuture
@@ -132,7 +133,7 @@ class EngineSite:
         with self._lock:
             return SiteStatus(
                 name=self.name,
-                kind=self.kind,
+                access=self.access,
                 state=self._state,  # type: ignore[arg-type]
                 workers=self.workers,
                 outstanding_tasks=self._outstanding,

@@ -20,6 +20,8 @@ turns what comes back into our types:
 
 from __future__ import annotations
 
+from tpm_fed.protocol.entrypoints import WorkerFunction
+
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, Self
 from uuid import UUID
 
-from tpm_fed.errors import (
+from tpm_fed.protocol.errors import (
     EndpointOffline,
     FunctionNotRegistered,
     NotLoggedIn,
@@ -57,7 +59,7 @@ class GlobusComputeSite:
             (:func:`tpm_fed.globus_auth.compute_client` by default).
     """
 
-    kind = "globus-compute"
+    access = "globus-compute"
 
     def __init__(self, config: SiteConfig, client_factory: Callable[[], Any] = compute_client) -> None:
         if config.access != "globus-compute" or config.endpoint_id is None:
@@ -104,7 +106,7 @@ class GlobusComputeSite:
             )
         return self._executor
 
-    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+    def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]:
         function_id = registered_id(self.site_config, function)
         with self._lock:
             executor = self._executor_now()
@@ -170,7 +172,7 @@ class GlobusComputeSite:
             detail = f"endpoint {self.endpoint_id} {cached[1]}" + (f": {cached[2]}" if cached[2] else "")
         return SiteStatus(
             name=self.name,
-            kind=self.kind,
+            access=self.access,
             state=state,  # type: ignore[arg-type]
             workers=self.site_config.capacity.max_replicas,
             outstanding_tasks=self._outstanding,

@@ -24,7 +24,7 @@ class LocalSite(EngineSite):
         workers: Worker processes; each is one replica slot.
     """
 
-    kind = "local"
+    access = "local"
 
     def __init__(self, name: str, run_dir: Path, workers: int = 1) -> None:
         super().__init__(name, run_dir)

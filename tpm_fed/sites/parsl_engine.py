@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Self
 
-from tpm_fed.errors import FederationConfigError
+from tpm_fed.protocol.errors import FederationConfigError
 from tpm_fed.federation import SiteConfig
 from tpm_fed.sites.engine import EngineSite
 
@@ -46,7 +46,7 @@ class ParslEngineSite(EngineSite):
         run_dir: Where the engine keeps logs and task folders.
     """
 
-    kind = "parsl"
+    access = "parsl"
 
     def __init__(self, name: str, engine_config: Path, run_dir: Path) -> None:
         super().__init__(name, run_dir)

@@ -1,39 +1,32 @@
 """The functions a Globus Compute site runs, and registering them with the service.
 
-There is one serving function, :func:`functions.serve.serve_batch`, for all
-three modes. Globus Compute stores it by reference, so its behaviour is the
+There is one serving function, ``functions.serve:serve_batch``, for every
+request kind, named by :data:`~tpm_fed.protocol.entrypoints.SERVE_BATCH`. Globus Compute stores it by reference, so its behaviour is the
 tpm-fed installed at the endpoint; the id is recorded with the serving code
-version (:mod:`tpm_fed.code_version`), and a changed version is registered
+version (:mod:`tpm_fed.protocol.code_version`), and a changed version is registered
 anew rather than silently reusing an id that names other code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from tpm_fed.code_version import serving_code_version
-from tpm_fed.errors import FunctionNotRegistered
+from tpm_fed.protocol.code_version import serving_code_version
+from tpm_fed.protocol.entrypoints import SERVING_FUNCTIONS, WorkerFunction
+from tpm_fed.protocol.errors import FunctionNotRegistered
 from tpm_fed.federation import RegisteredFunction, SiteConfig
-
-
-def serving_functions() -> dict[str, Callable[..., Any]]:
-    """The functions each Globus Compute site needs, by the name the federation records."""
-    from functions.serve import serve_batch
-
-    return {"serve_batch": serve_batch}
 
 
 def stale_functions(site: SiteConfig) -> list[str]:
     """Serving functions the site has no id for, or an id registered for other code."""
     version = serving_code_version()
     return [
-        name for name in serving_functions()
+        name for name in SERVING_FUNCTIONS
         if name not in site.functions or site.functions[name].code_version != version
     ]
 
 
-def registered_id(site: SiteConfig, function: Callable[..., Any]) -> str:
+def registered_id(site: SiteConfig, function: WorkerFunction) -> str:
     """The id to submit ``function`` by at ``site``.
 
     Raises:
@@ -66,11 +59,10 @@ def register(
     version = serving_code_version()
     table = dict(site.functions)
     stale = stale_functions(site)
-    functions = serving_functions()
-    registered = [name for name in functions if force or name in stale]
+    registered = [name for name in SERVING_FUNCTIONS if force or name in stale]
     for name in registered:
         function_id = client.register_function(
-            functions[name], description=f"tpm-fed {name} (serving code {version})"
+            SERVING_FUNCTIONS[name], description=f"tpm-fed {name} (serving code {version})"
         )
         table[name] = RegisteredFunction(function_id=function_id, code_version=version)
     return table, registered

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tpm_fed.errors import PayloadTooLarge, RemoteExecutionError, TpmError
+from tpm_fed.protocol.errors import PayloadTooLarge, RemoteExecutionError, TpmError
 
 
 def error_from_traceback(site: str, traceback_text: str) -> TpmError:

@@ -9,9 +9,12 @@ queue instead of failing. Any other SQLAlchemy URL (PostgreSQL) is used as is.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from tpm_fed.state.schema import metadata
+
+RENAMED_KINDS = {"query": "generate", "embedding": "embed", "intermediary": "trace"}
+"""Wave 1 recorded price tiers; a charge now records its request kind."""
 
 
 def open_database(url: str) -> Engine:
@@ -23,7 +26,19 @@ def open_database(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
+    _rename_tier_column(engine)
     return engine
+
+
+def _rename_tier_column(engine: Engine) -> None:
+    """Bring a wave-1 database (charges.tier) to the one-name vocabulary (charges.kind)."""
+    columns = {column["name"] for column in inspect(engine).get_columns("charges")}
+    if "tier" not in columns:
+        return
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE charges RENAME COLUMN tier TO kind"))
+        for old, new in RENAMED_KINDS.items():
+            connection.execute(text("UPDATE charges SET kind = :new WHERE kind = :old"), {"new": new, "old": old})
 
 
 def _sqlite_connect(connection, _record) -> None:

@@ -11,8 +11,8 @@ import time
 
 from sqlalchemy import Engine, bindparam, func, select, update
 
-from tpm_fed.request import ServingRequest
-from tpm_fed.result import ServedResult
+from tpm_fed.protocol.requests import ServingRequest
+from tpm_fed.protocol.results import ServedResult
 from tpm_fed.state.schema import requests_table
 
 

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpm_fed.errors import InvalidRequest, ModelLoadError, UnknownModel, UnknownVersion
-from tpm_fed.store.chunks import ChunkStore, write_atomically
-from tpm_fed.store.manifest import Manifest, TensorRecord
-from tpm_fed.store.safetensors_header import SafetensorsFormatError, read_header
+from tpm_fed.protocol.errors import InvalidRequest, ModelLoadError, UnknownModel, UnknownVersion
+from tpm_fed.protocol.chunks import ChunkStore, write_atomically
+from tpm_fed.protocol.manifest import Manifest, TensorRecord
+from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, read_header
 
 CHUNK_BYTES = 256 * 1024 * 1024
 """Largest chunk. Most tensors of even very large models fit one, and so load by memory map."""

@@ -8,11 +8,11 @@ its forward pass (still at no charge).
 
 from __future__ import annotations
 
-from tpm_fed.errors import InvalidRequest
-from tpm_fed.interventions.points import PointCatalog
-from tpm_fed.interventions.request import TraceRequest
-from tpm_fed.limits import MAX_RESULT_BYTES
-from tpm_fed.request import SPECIAL_TOKENS_ALLOWANCE, UsageBound
+from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.requests import TraceRequest
+from tpm_fed.protocol.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.requests import SPECIAL_TOKENS_ALLOWANCE, UsageBound
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -38,7 +38,7 @@ def check_trace(request: TraceRequest, points: PointCatalog, dtype: str) -> Usag
             raise InvalidRequest(f"{where}: memory injection needs a point of the hidden size "
                                  f"{points.hidden_size}; this one has {list(features)}")
     for hook in request.python_hooks:
-        from tpm_fed.interventions.spec import Point
+        from tpm_fed.protocol.interventions import Point
 
         points.features(Point.parse(hook.point))
     for lens in (request.logit_lens, request.attention_lens, request.attention_patterns):

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tpm_fed.errors import AdapterMismatch
+from tpm_fed.protocol.errors import AdapterMismatch
 
 
 class _Layer(BaseModel):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from tpm_fed.errors import PayloadTooLarge
-from tpm_fed.request import ServingRequest
+from tpm_fed.protocol.errors import PayloadTooLarge
+from tpm_fed.protocol.requests import ServingRequest
 
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
 """Globus Compute's limit on a task's (and a result's) serialized size."""

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tpm_fed.errors import InvalidRequest, UnknownPoint
-from tpm_fed.interventions.spec import Point
+from tpm_fed.protocol.errors import InvalidRequest, UnknownPoint
+from tpm_fed.protocol.interventions import Point
 
 _PROBE_BATCH, _PROBE_SEQ = 2, 3
 _OUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense")

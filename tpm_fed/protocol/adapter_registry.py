@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tpm_fed.adapters.architecture import Architecture
-from tpm_fed.errors import AdapterMismatch, UnknownAdapter
-from tpm_fed.models.version import VERSION_ID_LENGTH
-from tpm_fed.store.chunks import sha256, write_atomically
+from tpm_fed.protocol.adapter_architecture import Architecture
+from tpm_fed.protocol.errors import AdapterMismatch, UnknownAdapter
+from tpm_fed.protocol.versions import VERSION_ID_LENGTH
+from tpm_fed.protocol.chunks import sha256, write_atomically
 
 NAME_PATTERN = r"^[A-Za-z0-9][\w.-]{0,63}$"
 
@@ -155,7 +155,7 @@ def _weights_blob(weights: dict[str, Any] | Path) -> bytes:
 
 
 def _shapes(blob: bytes) -> dict[str, tuple[int, ...]]:
-    from tpm_fed.tensors import describe_tensors
+    from tpm_fed.protocol.tensors import describe_tensors
 
     return {name: tuple(info["shape"]) for name, info in describe_tensors(blob).items()}
 

@@ -164,7 +164,7 @@ class _TensorResult(ServedResult):
     @cached_property
     def tensors(self) -> dict[str, Any]:
         """Every returned tensor by name, as numpy arrays."""
-        from tpm_fed.tensors import unpack_tensors
+        from tpm_fed.protocol.tensors import unpack_tensors
 
         return unpack_tensors(self.tensors_blob)
 
@@ -226,9 +226,3 @@ class EmbeddingResult(_TensorResult):
     def outputs(self) -> list:
         """The head's output (or the final hidden states) for each input, in order."""
         return [self.tensors[str(index)] for index in range(len(self.tensors))]
-
-
-RESULT_TYPES: dict[str, type[ServedResult]] = {
-    "generate": GenerationResult, "trace": TraceResult, "embed": EmbeddingResult,
-}
-"""The result class for each request kind."""

@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tpm_fed.tensors import TensorData
+from tpm_fed.protocol.tensors import TensorData
 
 _POINT = re.compile(
     r"^(?P<module>[A-Za-z_][\w]*(?:\.[\w]+)*?)"

@@ -1,0 +1,75 @@
+"""The table of request kinds: the one place a kind is described.
+
+A kind names a request class, its result class, the backend capability a
+worker needs to serve it, and the backends that have that capability. The
+same name keys the federation's price table, a model's ``kinds`` list, the
+ledger's records and the CLI. Adding a kind is one row here plus its
+handler in :mod:`functions.handlers`.
+
+The paper's three inference modes are kinds: ``generate`` (mode 1, query
+only), ``embed`` (mode 2, customized embeddings) and ``trace`` (mode 3,
+intermediary access).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ServingRequest, TraceRequest
+from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
+
+KindName = Literal["generate", "embed", "trace"]
+Capability = Literal["generate", "trace", "hidden_states"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of request.
+
+    Attributes:
+        name: The kind's one name, everywhere.
+        mode: The paper's inference mode (1, 2 or 3).
+        request: The request class.
+        result: The result class.
+        capability: What a backend must be able to do to serve it.
+        backends: Backends with that capability, preferred first.
+    """
+
+    name: KindName
+    mode: int
+    request: type[ServingRequest]
+    result: type[ServedResult]
+    capability: Capability
+    backends: tuple[str, ...]
+
+
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("generate", 1, GenerationRequest, GenerationResult, "generate", ("vllm", "torch")),
+        Kind("embed", 2, EmbeddingRequest, EmbeddingResult, "hidden_states", ("torch",)),
+        Kind("trace", 3, TraceRequest, TraceResult, "trace", ("torch",)),
+    )
+}
+
+
+def kind_of(name: str) -> Kind:
+    """The row for ``name``.
+
+    Raises:
+        InvalidRequest: No such kind.
+    """
+    if name not in KINDS:
+        raise InvalidRequest(f"kind: unknown request kind {name!r}; known: {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+def request_from_wire(data: dict[str, Any]) -> ServingRequest:
+    """Rebuild any kind of request from its wire form (its ``kind`` says which).
+
+    Raises:
+        InvalidRequest: Unknown kind, or the fields do not validate.
+    """
+    return kind_of(str(data.get("kind", "generate"))).request.from_wire(data)

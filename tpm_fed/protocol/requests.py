@@ -1,0 +1,341 @@
+"""Requests of every kind: what a caller asks for, validated once, where it enters.
+
+A request is plain typed data. It crosses to endpoint workers as JSON-ready
+dicts (:meth:`GenerationRequest.to_wire`), so the wire format stays readable
+and does not depend on pickling our classes.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.protocol.interventions import AttentionLens, AttentionPatterns, LogitLens, Point, Save, Step
+from tpm_fed.protocol.tensors import TENSOR_HEADER_BYTES, TensorData
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per problem, naming the field, for CLI and exceptions."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "request"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {message}")
+    return "; ".join(problems)
+
+
+class ModelRef(BaseModel):
+    """A model name with an optional version (a version id prefix or a tag)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        """Parse ``NAME`` or ``NAME@VERSION``."""
+        name, _, version = text.partition("@")
+        if not name.strip():
+            raise InvalidRequest(f"model: {text!r} has no model name")
+        if "@" in text and not version.strip():
+            raise InvalidRequest(f"model: {text!r} has an empty version after '@'")
+        return cls(name=name.strip(), version=version.strip() or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+SPECIAL_TOKENS_ALLOWANCE = 4
+"""Tokens a tokenizer may add around a prompt (BOS, EOS, ...)."""
+
+
+@dataclass(frozen=True)
+class UsageBound:
+    """The most a request can use: what its service units are reserved for."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    result_bytes: int = 0
+
+
+def prompt_token_bound(prompts: list[str]) -> int:
+    """No byte-level or SentencePiece tokenizer makes more tokens than bytes (plus specials)."""
+    return sum(len(p.encode()) + SPECIAL_TOKENS_ALLOWANCE for p in prompts)
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    for index, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ValueError(f"prompt {index} is empty")
+    return prompts
+
+
+class ServingRequest(BaseModel):
+    """What every request shares: the model, who pays, where it may run.
+
+    Attributes:
+        model: Which model, optionally pinned to a version.
+        project: Project to charge; needed only for callers in several projects.
+        location: Where the caller or its data is (a location of the federation's
+            latency table); the federation's default location otherwise.
+        site: Run only on this site (placement still checks it is allowed).
+        request_id: Unique id, used for the request log and billing.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelRef
+    project: str | None = None
+    location: str | None = None
+    site: str | None = None
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+
+
+    def usage_bound(self) -> UsageBound:
+        raise NotImplementedError
+
+    @property
+    def item_count(self) -> int:
+        """Prompts (or inputs) the request holds."""
+        return len(self.prompts)
+
+    @property
+    def runs_user_code(self) -> bool:
+        """True when the request carries the caller's own Python code (own sites only)."""
+        return False
+
+    @classmethod
+    def create(cls, model: str | ModelRef, **fields: Any) -> Self:
+        """Build and validate a request; raise :class:`InvalidRequest` on bad input."""
+        ref = ModelRef.parse(model) if isinstance(model, str) else model
+        try:
+            return cls(model=ref, **fields)
+        except ValidationError as error:
+            raise InvalidRequest(describe_validation_error(error)) from None
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise InvalidRequest(describe_validation_error(error)) from None
+
+
+class GenerationRequest(ServingRequest):
+    """Prompt in, text out (inference mode 1, query only).
+
+    Attributes:
+        prompts: One or more non-empty prompts, answered together.
+        max_new_tokens: Upper bound on generated tokens per prompt.
+        min_new_tokens: The end-of-sequence token is suppressed until this
+            many tokens are out (fixed-length outputs for benchmarks).
+        temperature: 0 means greedy decoding.
+        top_p: Nucleus sampling mass, in (0, 1].
+        seed: Makes sampling reproducible on the same backend.
+        stop: Generation ends at the first of these strings (not returned).
+        backend: Pin a backend (``torch`` or ``vllm``); the model's setting by default.
+    """
+
+    kind: Literal["generate"] = "generate"
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(default=32, gt=0)
+    min_new_tokens: int = Field(default=0, ge=0)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    backend: Literal["auto", "torch", "vllm"] | None = None
+
+    _prompts_not_empty = field_validator("prompts")(classmethod(lambda cls, prompts: check_prompts(prompts)))
+
+    def usage_bound(self) -> UsageBound:
+        return UsageBound(prompt_token_bound(self.prompts), self.max_new_tokens * len(self.prompts))
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> Self:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        return stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def create(cls, prompts: str | list[str], model: str | ModelRef, **params: Any) -> Self:  # type: ignore[override]
+        """Build and validate a request; raise :class:`InvalidRequest` on bad input."""
+        return super().create(model, prompts=[prompts] if isinstance(prompts, str) else prompts, **params)
+
+
+class PythonHook(BaseModel):
+    """The caller's own function, run at a point: ``fn(tensor) -> tensor | None``.
+
+    It gets the whole ``[prompts, positions, *features]`` tensor at every forward
+    call (the prompt pass and each generated token); a tensor it returns
+    replaces the activation.
+
+    Arbitrary code runs only on a site the caller's project owns (``byo``); the
+    broker refuses it everywhere else before anything runs. ``code`` is the
+    function as Globus Compute's serializer packs it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    point: str
+    code: str = Field(min_length=1)
+
+    @field_validator("point")
+    @classmethod
+    def _parsable(cls, point: str) -> str:
+        return str(Point.parse(point))
+
+    @classmethod
+    def of(cls, point: str, function: Callable[[Any], Any]) -> Self:
+        from globus_compute_sdk.serialize import ComputeSerializer
+
+        return cls(point=point, code=ComputeSerializer().serialize(function))
+
+
+class TraceRequest(ServingRequest):
+    """Run prompts through the model while reading and writing its activations.
+
+    Attributes:
+        prompts: One or more prompts, run in one batch (patching copies between them).
+        steps: Saves and edits, applied in order at each point.
+        logit_lens: Decode every layer's residual stream (top-k tokens per position).
+        attention_lens: Decode each head's contribution to the residual stream.
+        attention_patterns: Return attention weights (computed with eager attention).
+        max_new_tokens: 0 runs one forward pass; more generates greedily with the
+            edits in place (steps with ``generated=True`` also edit the new tokens).
+        python_hooks: The caller's own functions (own sites only).
+    """
+
+    kind: Literal["trace"] = "trace"
+    prompts: list[str] = Field(min_length=1)
+    steps: list[Step] = Field(default_factory=list)
+    logit_lens: LogitLens | None = None
+    attention_lens: AttentionLens | None = None
+    attention_patterns: AttentionPatterns | None = None
+    max_new_tokens: int = Field(default=0, ge=0)
+    python_hooks: list[PythonHook] = Field(default_factory=list)
+
+    _prompts_not_empty = field_validator("prompts")(classmethod(lambda cls, prompts: check_prompts(prompts)))
+
+    @model_validator(mode="after")
+    def _prompt_indexes(self) -> Self:
+        count = len(self.prompts)
+        for index, step in enumerate(self.steps):
+            named = [*(step.prompts or []), *([step.source] if step.op == "patch" else [])]
+            for prompt in named:
+                if prompt >= count:
+                    raise ValueError(f"step {index} ({step.op}): prompt {prompt} is out of range; "
+                                     f"the request has prompts 0..{count - 1}")
+        keys = [step.key for step in self.steps if isinstance(step, Save)]
+        if len(keys) != len(set(keys)):
+            raise ValueError("two save steps have the same name; give each a distinct name")
+        return self
+
+    @property
+    def runs_user_code(self) -> bool:
+        return bool(self.python_hooks)
+
+    def usage_bound(self) -> UsageBound:
+        return UsageBound(prompt_token_bound(self.prompts), self.max_new_tokens * len(self.prompts))
+
+    def result_bytes(self, catalog, prompt_tokens: list[int], item_bytes: int = 4) -> int:
+        """Bytes of the tensors this request returns, for prompts of these token counts.
+
+        With exact token counts (on the replica) this is the result's size; with
+        upper bounds (on the client) it bounds it.
+        """
+        total = 0
+        layers = len(catalog.layers)
+        for step in self.steps:
+            if not isinstance(step, Save):
+                continue
+            point = step.address
+            width = math.prod(catalog.features(point))
+            for prompt in step.prompts or range(len(self.prompts)):
+                rows = len(step.positions) if step.positions else prompt_tokens[prompt]
+                rows += self.max_new_tokens if step.generated else 0
+                total += rows * width * item_bytes + TENSOR_HEADER_BYTES
+        for prompt_len in prompt_tokens:
+            if self.logit_lens is not None:
+                positions = len(self.logit_lens.positions or []) or prompt_len
+                total += len(self.logit_lens.layers or catalog.layers) * positions * self.logit_lens.top_k * 8
+            if self.attention_lens is not None:
+                heads = len(self.attention_lens.heads or []) or max((a.heads for a in catalog.attention.values()), default=0)
+                total += (len(self.attention_lens.layers or catalog.layers) * heads
+                          * len(self.attention_lens.positions) * self.attention_lens.top_k * 8)
+            if self.attention_patterns is not None:
+                heads = max((a.heads for a in catalog.attention.values()), default=0)
+                total += len(self.attention_patterns.layers or range(layers)) * heads * prompt_len**2 * 4
+            total += 3 * TENSOR_HEADER_BYTES
+        return total
+
+
+class EmbeddingRequest(ServingRequest):
+    """Map inputs to core embeddings, run the core on them, and apply a head.
+
+    Attributes:
+        inputs: One tensor per item: ``[positions, in_features]``, or ``[in_features]``
+            for an input module that makes its own tokens (it unflattens).
+        input_module: Registered adapter ``NAME[@VERSION]`` mapping an input to
+            ``[tokens, hidden_size]``.
+        head: Registered adapter applied to the core's final hidden states;
+            without one, the hidden states are returned.
+        pool: Reduce the positions before the head: ``none``, ``last`` or ``mean``.
+        input_code, head_code: The caller's own functions instead of registered
+            adapters (serialized by Globus Compute's serializer; own sites only).
+    """
+
+    kind: Literal["embed"] = "embed"
+    inputs: list[TensorData] = Field(min_length=1)
+    input_module: str | None = None
+    head: str | None = None
+    pool: Literal["none", "last", "mean"] = "none"
+    input_code: str | None = None
+    head_code: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input_module(self) -> Self:
+        if (self.input_module is None) == (self.input_code is None):
+            raise ValueError("give exactly one of input_module (a registered adapter) or input_code")
+        if self.head is not None and self.head_code is not None:
+            raise ValueError("give at most one of head or head_code")
+        for index, tensor in enumerate(self.inputs):
+            if len(tensor.shape) not in (1, 2):
+                raise ValueError(f"input {index} has shape {list(tensor.shape)}; give [positions, features] or [features]")
+        return self
+
+    @property
+    def item_count(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def runs_user_code(self) -> bool:
+        return self.input_code is not None or self.head_code is not None
+
+    def usage_bound(self, tokens_per_row: int = 1) -> UsageBound:
+        """Core positions (each input row makes ``tokens_per_row`` tokens) and no generation."""
+        rows = sum(t.shape[0] if len(t.shape) == 2 else 1 for t in self.inputs)
+        return UsageBound(rows * tokens_per_row, 0)
