@@ -76,9 +76,9 @@ class TorchBackend:
         from transformers.initialization import no_init_weights
 
         from functions.store_loader import load_state_dict, materialize_files
-        from tpm_fed.store import ModelStore
+        from tpm_fed.protocol.store_reader import StoreReader
 
-        store = ModelStore(Path(spec.path))
+        store = StoreReader(Path(spec.path))
         files = materialize_files(store, spec.version)
         tensors = load_state_dict(store, spec.version)
         try:

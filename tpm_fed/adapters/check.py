@@ -44,5 +44,5 @@ def pin_adapters(request: EmbeddingRequest, registry: AdapterRegistry, hidden_si
         updates["head"] = record.ref
     pinned = request.model_copy(update=updates)
     bound = pinned.usage_bound(tokens_per_row)
-    result = bound.prompt_tokens * output_width * 4 + TENSOR_HEADER_BYTES * len(request.inputs)
+    result = bound.prompt_tokens * output_width * 4 + TENSOR_HEADER_BYTES * request.item_count
     return pinned, UsageBound(bound.prompt_tokens, 0, min(result, MAX_RESULT_BYTES))

@@ -101,6 +101,14 @@ class CodeVersionMismatch(TpmError):
     """The endpoint runs different serving code than the client expects (install the same tpm-fed there)."""
 
 
+class Unauthenticated(TpmError):
+    """The service got no bearer token, or one it does not accept (expired, inactive, for another audience)."""
+
+
+class Overloaded(TpmError):
+    """The service holds as many requests as it takes; retry after a moment."""
+
+
 class RemoteExecutionError(TpmError):
     """A function raised inside an endpoint worker.
 

@@ -144,6 +144,8 @@ class GenerationRequest(ServingRequest):
         seed: Makes sampling reproducible on the same backend.
         stop: Generation ends at the first of these strings (not returned).
         backend: Pin a backend (``torch`` or ``vllm``); the model's setting by default.
+        add_special_tokens: Let the tokenizer add its special tokens (BOS...) around each
+            prompt; off for a prompt rendered from a chat template, which holds them already.
     """
 
     kind: Literal["generate"] = "generate"
@@ -155,6 +157,7 @@ class GenerationRequest(ServingRequest):
     seed: int | None = Field(default=None, ge=0)
     stop: list[str] = Field(default_factory=list)
     backend: Literal["auto", "torch", "vllm"] | None = None
+    add_special_tokens: bool = True
 
     _prompts_not_empty = field_validator("prompts")(classmethod(lambda cls, prompts: check_prompts(prompts)))
 
@@ -296,9 +299,14 @@ class TraceRequest(ServingRequest):
 class EmbeddingRequest(ServingRequest):
     """Map inputs to core embeddings, run the core on them, and apply a head.
 
+    The inputs are either the caller's tensors through an input module, or
+    ``texts``, which the core's own tokenizer and token embeddings make into
+    sequences (the final hidden states of text, as ``/v1/embeddings`` serves).
+
     Attributes:
         inputs: One tensor per item: ``[positions, in_features]``, or ``[in_features]``
             for an input module that makes its own tokens (it unflattens).
+        texts: Text items instead of tensors (no input module).
         input_module: Registered adapter ``NAME[@VERSION]`` mapping an input to
             ``[tokens, hidden_size]``.
         head: Registered adapter applied to the core's final hidden states;
@@ -309,16 +317,23 @@ class EmbeddingRequest(ServingRequest):
     """
 
     kind: Literal["embed"] = "embed"
-    inputs: list[TensorData] = Field(min_length=1)
+    inputs: list[TensorData] = Field(default_factory=list)
+    texts: list[str] = Field(default_factory=list)
     input_module: str | None = None
     head: str | None = None
     pool: Literal["none", "last", "mean"] = "none"
     input_code: str | None = None
     head_code: str | None = None
 
+    _texts_not_empty = field_validator("texts")(classmethod(lambda cls, texts: check_prompts(texts)))
+
     @model_validator(mode="after")
     def _one_input_module(self) -> Self:
-        if (self.input_module is None) == (self.input_code is None):
+        if bool(self.inputs) == bool(self.texts):
+            raise ValueError("give either inputs (tensors, with an input module) or texts")
+        if self.texts and (self.input_module is not None or self.input_code is not None):
+            raise ValueError("texts go through the core's own token embeddings; give no input module")
+        if self.inputs and (self.input_module is None) == (self.input_code is None):
             raise ValueError("give exactly one of input_module (a registered adapter) or input_code")
         if self.head is not None and self.head_code is not None:
             raise ValueError("give at most one of head or head_code")
@@ -329,13 +344,13 @@ class EmbeddingRequest(ServingRequest):
 
     @property
     def item_count(self) -> int:
-        return len(self.inputs)
+        return len(self.inputs) or len(self.texts)
 
     @property
     def runs_user_code(self) -> bool:
         return self.input_code is not None or self.head_code is not None
 
     def usage_bound(self, tokens_per_row: int = 1) -> UsageBound:
-        """Core positions (each input row makes ``tokens_per_row`` tokens) and no generation."""
+        """Core positions (each input row makes ``tokens_per_row`` tokens; a text, its token bound) and no generation."""
         rows = sum(t.shape[0] if len(t.shape) == 2 else 1 for t in self.inputs)
-        return UsageBound(rows * tokens_per_row, 0)
+        return UsageBound(rows * tokens_per_row + prompt_token_bound(self.texts), 0)

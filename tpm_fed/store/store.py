@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpm_fed.protocol.errors import InvalidRequest, ModelLoadError, UnknownModel, UnknownVersion
-from tpm_fed.protocol.chunks import ChunkStore, write_atomically
+from tpm_fed.protocol.chunks import write_atomically
 from tpm_fed.protocol.manifest import Manifest, TensorRecord
+from tpm_fed.protocol.store_reader import StoreReader
 from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, read_header
 
 CHUNK_BYTES = 256 * 1024 * 1024
@@ -71,10 +72,8 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=not enabled)
 
 
-class ModelStore:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.chunks = ChunkStore(self.root / "chunks")
+class ModelStore(StoreReader):
+    """The operator's side of the store: import, tag, verify, diff, export, collect garbage."""
 
     # ----- import -------------------------------------------------------------
     def import_dir(self, model_dir: Path, name: str, tag: str | None = None, *, progress: bool = False) -> str:
@@ -218,19 +217,6 @@ class ModelStore:
 
     def _set_tag(self, name: str, tag: str, version: str) -> None:
         write_atomically(self.root / "models" / name / "tags" / tag, version.encode())
-
-    def manifest(self, version: str) -> Manifest:
-        path = self.root / "manifests" / f"{version}.json"
-        try:
-            return Manifest.parse(path.read_bytes(), version)
-        except FileNotFoundError:
-            raise UnknownVersion(f"the store has no manifest for version {version[:16]}") from None
-        except ValueError as error:
-            raise ModelLoadError(f"version {version[:16]}: {error}") from None
-
-    def config_json(self, version: str) -> dict:
-        manifest = self.manifest(version)
-        return json.loads(self.chunks.read(manifest.files["config.json"]))
 
     # ----- checks and maintenance --------------------------------------------
     def verify(self, versions: list[str] | None = None, *, progress: bool = False) -> list[Problem]:
