@@ -3,9 +3,11 @@
 They take and return plain JSON-ready data, so any client that can build the
 dicts can call them, and a worker never unpickles our classes. Every request
 in a batch gets its own outcome: one bad request is refused alone and the
-others still run. Errors we expect (bad input, a model that will not load)
-come back as typed data; anything else raises, and the endpoint reports it
-with its traceback.
+others still run. Errors we expect (bad input, a model that will not load,
+caller code this endpoint does not run) come back as typed data; anything
+else raises, and the endpoint reports it with its traceback. Each kind of
+request has its handler in :mod:`functions.handlers`; what a worker permits
+is its endpoint's policy, :mod:`functions.policy`.
 """
 
 from __future__ import annotations
@@ -21,56 +23,43 @@ def serve_batch(
 ) -> dict[str, Any]:
     """Answer a batch of requests of any kind on this worker's replica of ``model``.
 
+    Anyone who may submit to the endpoint can call this with arguments of their
+    choosing, so nothing here grants a permission: whether a caller's own code
+    may run, where adapters live and how large a result may be are this
+    endpoint's policy (:mod:`functions.policy`), set by its operator.
+
     Args:
-        model: A :class:`~tpm_fed.models.spec.ModelSpec` as a dict.
-        requests: Request dicts; each one's ``kind`` is ``generate``, ``trace`` or ``embed``.
-        context: What the site allows: ``user_code`` (the caller's own Python runs only
-            on sites their project owns) and ``adapters`` (the adapter registry's folder);
-            ``code_version``, the serving code the client expects (see
-            :mod:`tpm_fed.protocol.code_version`): a worker with other code refuses the batch.
+        model: A :class:`~tpm_fed.protocol.model.ModelSpec` as a dict.
+        requests: Request dicts; each one's ``kind`` names a row of
+            :data:`tpm_fed.protocol.kinds.KINDS`.
+        context: ``code_version``, the serving code the client expects (see
+            :mod:`tpm_fed.protocol.code_version`): a worker with other code refuses
+            the batch. Any other key is ignored (older clients sent ``user_code``
+            and ``adapters``; a worker never took permissions from a task since).
 
     Returns:
         ``{"replica": ReplicaInfo dict or None, "backend", "load_s", "run_s",
         "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``.
     """
+    from functions.outcomes import refused
+    from functions.policy import current_policy
     from functions.replica_cache import REPLICAS
-    from tpm_fed.protocol.code_version import serving_code_version
-    from tpm_fed.protocol.errors import CodeVersionMismatch, TpmError
+    from tpm_fed.protocol.errors import TpmError
     from tpm_fed.protocol.model import ModelSpec
-    from tpm_fed.protocol.kinds import request_from_wire
 
-    context = context or {}
     spec = ModelSpec.from_wire(model)
-    outcomes: list[dict[str, Any] | None] = [None] * len(requests)
     reply: dict[str, Any] = {"replica": None, "backend": spec.backend, "load_s": 0.0, "run_s": 0.0}
-
     try:
-        expected = context.get("code_version")
-        if expected is not None and expected != serving_code_version():
-            raise CodeVersionMismatch(
-                f"this endpoint runs tpm-fed serving code {serving_code_version()}, the client expects "
-                f"{expected}: install the client's tpm-fed at the endpoint (or the endpoint's here) "
-                "and run `tpm functions register` again"
-            )
+        _check_code_version((context or {}).get("code_version"))
+        policy = current_policy()  # a malformed policy refuses everything, before a model loads
         replica, warm = REPLICAS.get(spec)
     except TpmError as error:
-        reply["outcomes"] = [{"error": error.to_wire()}] * len(requests)
+        reply["outcomes"] = [refused(error)] * len(requests)
         return reply
 
-    by_kind: dict[str, list[tuple[int, Any]]] = {"generate": [], "trace": [], "embed": []}
-    for index, wire in enumerate(requests):
-        try:
-            request = request_from_wire(wire)
-        except TpmError as error:
-            outcomes[index] = {"error": error.to_wire()}
-        else:
-            by_kind[request.kind].append((index, request))
-
     started = time.perf_counter()
-    _generate(replica, by_kind["generate"], outcomes)
-    _trace(replica, by_kind["trace"], outcomes, context)
-    _embed(replica, by_kind["embed"], outcomes, context)
-    served = sum(1 for outcome in outcomes if outcome is not None and "result" in outcome)
+    outcomes = answer(replica.backend, requests, policy)
+    served = sum(1 for outcome in outcomes if "result" in outcome)
     reply.update(
         backend=replica.backend.name,
         load_s=0.0 if warm else replica.load_s,
@@ -88,59 +77,53 @@ def serve_batch(
     return reply
 
 
-def _generate(replica, items: list[tuple[int, Any]], outcomes: list) -> None:
-    from tpm_fed.protocol.errors import TpmError
-    from tpm_fed.protocol.results import Usage
+def answer(backend: Any, requests: list[dict[str, Any]], policy: Any) -> list[dict[str, Any]]:
+    """One outcome per request dict, in order.
 
-    encoded = []
-    for index, request in items:
+    Requests are parsed, grouped by kind, and each group goes to its kind's
+    handler (:data:`functions.handlers.HANDLERS`) when ``backend`` has the
+    capability the kind needs (``KINDS[kind].capability``); otherwise the
+    group is refused with ``BackendUnavailable``. A request that does not
+    parse is refused alone.
+    """
+    from functions.backends.base import require_capability
+    from functions.handlers import HANDLERS
+    from functions.outcomes import refused
+    from tpm_fed.protocol.errors import TpmError
+    from tpm_fed.protocol.kinds import KINDS, request_from_wire
+
+    outcomes: list[dict[str, Any] | None] = [None] * len(requests)
+    by_kind: dict[str, list[tuple[int, Any]]] = {}
+    for index, wire in enumerate(requests):
         try:
-            encoded.append((index, replica.backend.encode(request)))
+            request = request_from_wire(wire)
         except TpmError as error:
-            outcomes[index] = {"error": error.to_wire()}
-    if not encoded:
-        return
-    answers = replica.backend.generate([item for _, item in encoded])
-    for (index, item), completions in zip(encoded, answers, strict=True):
-        usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=sum(len(c.token_ids) for c in completions))
-        outcomes[index] = {"result": {"completions": [c.to_wire() for c in completions], "usage": usage.to_wire()}}
-
-
-def _trace(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[str, Any]) -> None:
-    from tpm_fed.protocol.errors import TpmError
-
-    for index, request in items:
+            outcomes[index] = refused(error)
+        else:
+            by_kind.setdefault(request.kind, []).append((index, request))
+    for name, items in by_kind.items():
+        kind = KINDS[name]
         try:
-            tracer = _torch_only(replica, "traces").tracer
-            outcomes[index] = {"result": tracer.run(request, allow_user_code=bool(context.get("user_code")))}
+            able = require_capability(backend, kind.capability, name)
         except TpmError as error:
-            outcomes[index] = {"error": error.to_wire()}
+            answers = [refused(error)] * len(items)
+        else:
+            answers = HANDLERS[name](able, [request for _, request in items], policy)
+        for (index, _), outcome in zip(items, answers, strict=True):
+            outcomes[index] = outcome
+    return outcomes  # type: ignore[return-value]
 
 
-def _embed(replica, items: list[tuple[int, Any]], outcomes: list, context: dict[str, Any]) -> None:
-    from functions.adapters.embed import run_embeddings
-    from tpm_fed.protocol.errors import TpmError
+def _check_code_version(expected: str | None) -> None:
+    from tpm_fed.protocol.code_version import serving_code_version
+    from tpm_fed.protocol.errors import CodeVersionMismatch
 
-    if not items:
-        return
-    try:
-        backend = _torch_only(replica, "embeddings")
-    except TpmError as error:
-        for index, _ in items:
-            outcomes[index] = {"error": error.to_wire()}
-        return
-    answers = run_embeddings(backend.model, [request for _, request in items],
-                             registry_root=context.get("adapters"), allow_user_code=bool(context.get("user_code")))
-    for (index, _), answer in zip(items, answers, strict=True):
-        outcomes[index] = answer
-
-
-def _torch_only(replica, what: str):
-    from tpm_fed.protocol.errors import BackendUnavailable
-
-    if replica.backend.name != "torch":
-        raise BackendUnavailable(f"{what} need the torch backend; this replica runs {replica.backend.name}")
-    return replica.backend
+    if expected is not None and expected != serving_code_version():
+        raise CodeVersionMismatch(
+            f"this endpoint runs tpm-fed serving code {serving_code_version()}, the client expects "
+            f"{expected}: install the client's tpm-fed at the endpoint (or the endpoint's here) "
+            "and run `tpm functions register` again"
+        )
 
 
 def worker_info() -> dict[str, Any]:

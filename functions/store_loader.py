@@ -10,17 +10,18 @@ written); a larger one is assembled in memory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from tpm_fed.protocol.chunks import sha256
+from tpm_fed.protocol.dtypes import torch_dtype
 from tpm_fed.protocol.errors import ModelLoadError
-from tpm_fed.store.store import _TORCH_DTYPES, ModelStore
+from tpm_fed.protocol.store_reader import StoreReader
 
 
-def materialize_files(store: ModelStore, version: str) -> Path:
+def materialize_files(store: StoreReader, version: str) -> Path:
     """The version's config and tokenizer files in a folder (written once, atomically)."""
     target = store.root / "materialized" / version
     if target.is_dir():
@@ -30,7 +31,7 @@ def materialize_files(store: ModelStore, version: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
     for name, chunk_id in manifest.files.items():
         data = store.chunks.read(chunk_id)
-        if hashlib.sha256(data).hexdigest() != chunk_id:
+        if sha256(data) != chunk_id:
             raise ModelLoadError(f"version {version[:16]}: file {name} is corrupt in the store")
         (staging / name).write_bytes(data)
     try:
@@ -42,7 +43,7 @@ def materialize_files(store: ModelStore, version: str) -> Path:
     return target
 
 
-def load_state_dict(store: ModelStore, version: str, *, verify: bool = True) -> dict[str, Any]:
+def load_state_dict(store: StoreReader, version: str, *, verify: bool = True) -> dict[str, Any]:
     """Every tensor of the version, each chunk checked (see :meth:`ChunkStore.check`).
 
     ``verify=False`` skips the check (benchmarks use it to show what it
@@ -53,7 +54,7 @@ def load_state_dict(store: ModelStore, version: str, *, verify: bool = True) -> 
     manifest = store.manifest(version)
     tensors = {}
     for name, record in manifest.tensors.items():
-        dtype = _TORCH_DTYPES[record.dtype]
+        dtype = torch_dtype(record.dtype)
         for chunk_id in record.chunks:
             if not verify:
                 if not store.chunks.has(chunk_id):

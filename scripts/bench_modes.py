@@ -57,6 +57,7 @@ def bench_trace(model_dir: Path, repeats: int, label: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from functions.interventions.tracer import Tracer
+    from functions.policy import WorkerPolicy
     from tpm_fed.interventions import LogitLens, Save, TraceRequest
 
     log(f"[{label}] loading {model_dir}")
@@ -72,7 +73,7 @@ def bench_trace(model_dir: Path, repeats: int, label: str) -> None:
         with torch.no_grad():
             model(**batch)
 
-    runs = [plain, lambda: tracer.run(residual, allow_user_code=False), lambda: tracer.run(lens, allow_user_code=False)]
+    runs = [plain, lambda: tracer.run(residual, policy=WorkerPolicy()), lambda: tracer.run(lens, policy=WorkerPolicy())]
     names = ["plain forward", f"save residual x{layers} layers", "logit lens, all layers"]
     nnsight_run = _nnsight_lens(model_dir, layers)
     if nnsight_run is not None:
@@ -118,11 +119,14 @@ def bench_mixed_adapters(home: Path | None, repeats: int) -> None:
     import numpy as np
     import torch
 
-    from tpm_fed import Client
+    from functions.adapters.build import build_module
     from tpm_fed.adapters import Activation, Architecture, Linear
     from tpm_fed.home import TpmHome
+    from tpm_fed.service.runtime import Runtime
 
-    with Client(TpmHome(home) if home else None, progress=True) as client:
+    tpm_home = TpmHome(home) if home else TpmHome.default()
+    tpm_home.ensure_embedded_default(progress=True)
+    with Runtime(tpm_home) as client:
         hidden = client.catalog.hidden_size(client.catalog.resolve(client.default_model()).spec)
         refs = []
         for index in range(4):
@@ -130,7 +134,7 @@ def bench_mixed_adapters(home: Path | None, repeats: int) -> None:
             architecture = Architecture(layers=[Linear(in_features=8, out_features=64), Activation(function="gelu"),
                                                 Linear(in_features=64, out_features=hidden)])
             refs.append(client.adapters.register(f"bench-in-{index}", architecture,
-                                                 architecture.build().state_dict()).ref)
+                                                 build_module(architecture).state_dict()).ref)
         rng = np.random.default_rng(0)
         inputs = [rng.random((16, 8), dtype=np.float32) for _ in range(16)]
 

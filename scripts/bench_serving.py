@@ -24,7 +24,7 @@ import time
 from concurrent.futures import wait
 from pathlib import Path
 
-from benchlib import PROMPTS, best_of_interleaved, log
+from benchlib import PROMPTS, interleaved, log, machine, paired_ratios
 
 
 def hold(seconds: float) -> float:
@@ -50,13 +50,14 @@ def main() -> None:
 
     from functions.backends.torch_backend import TorchBackend
     from functions.serve import echo
-    from tpm_fed.client import Client
+    from tpm_fed.service.runtime import Runtime
     from tpm_fed.home import TpmHome
     from tpm_fed.protocol.requests import GenerationRequest
 
     home = TpmHome(args.home.resolve()) if args.home else TpmHome.default()
     log(f"home: {home.root} (the demo model is made on first use)")
-    client = Client(home, progress=True)
+    home.ensure_embedded_default(progress=True)
+    client = Runtime(home)
     model_ref = client.default_model()
     spec = client.catalog.resolve(model_ref).spec.model_copy(update={"backend": "torch"})
 
@@ -84,16 +85,16 @@ def main() -> None:
     log("starting the local site and warming its replica...")
     through_tpm(1)
 
+    started_on = machine()
     rows = []
     for count in (1, args.concurrent):
         log(f"throughput, {count} request(s) x {args.new_tokens} tokens, best of {args.repeats}...")
         direct(count)  # warm the in-process path too
-        (direct_s, direct_tokens), (tpm_s, tpm_tokens) = best_of_interleaved(
-            args.repeats, lambda: direct(count), lambda: through_tpm(count)
-        )
+        direct_runs, tpm_runs = interleaved(args.repeats, lambda: direct(count), lambda: through_tpm(count))
+        (direct_s, direct_tokens), (tpm_s, tpm_tokens) = min(direct_runs), min(tpm_runs)
         if direct_tokens != tpm_tokens:
             raise SystemExit(f"token counts differ: direct {direct_tokens}, tpm-fed {tpm_tokens}")
-        rows.append((count, direct_tokens / direct_s, tpm_tokens / tpm_s))
+        rows.append((count, direct_tokens / direct_s, tpm_tokens / tpm_s, paired_ratios(direct_runs, tpm_runs)))
 
     log(f"latency, {args.latency_samples} samples each...")
     site = client.site()
@@ -116,10 +117,12 @@ def main() -> None:
     client.close()
 
     bare_ms, warm_ms, run_ms, held_ms = median_ms(bare), median_ms(warm), run_s * 1e3, median_ms(held)
+    print(f"started {started_on}; ended {machine()}")
     print(f"model {spec.name}@{spec.version}, exactly {args.new_tokens} new tokens per request, greedy")
-    print(f"{'requests':>8} {'direct tok/s':>13} {'tpm-fed tok/s':>14} {'ratio':>6}")
-    for count, direct_rate, tpm_rate in rows:
-        print(f"{count:>8} {direct_rate:>13.0f} {tpm_rate:>14.0f} {tpm_rate / direct_rate:>6.2f}x")
+    print(f"{'requests':>8} {'direct tok/s':>13} {'tpm-fed tok/s':>14} {'ratio':>6}   paired repeats: median (range)")
+    for count, direct_rate, tpm_rate, paired in rows:
+        print(f"{count:>8} {direct_rate:>13.0f} {tpm_rate:>14.0f} {tpm_rate / direct_rate:>6.2f}x   "
+              f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})")
     print(f"bare engine round trip (echo), median:          {bare_ms:7.2f} ms")
     print(f"warm 1-token request through tpm-fed, median:   {warm_ms:7.2f} ms")
     print(f"  of which the backend's work in the worker:    {run_ms:7.2f} ms")

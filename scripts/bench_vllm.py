@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import wait
 from pathlib import Path
 
-from benchlib import PROMPTS, best_of_interleaved, log
+from benchlib import PROMPTS, interleaved, log, machine, paired_ratios
 
 DIRECT_COLD_START = """
 import os, sys, time
@@ -66,7 +67,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from tpm_fed.client import Client
+    from tpm_fed.service.runtime import Runtime
     from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
     from tpm_fed.protocol.requests import GenerationRequest
 
@@ -83,12 +84,12 @@ def main() -> None:
         ).stdout.split()[-1]
     )
     log("cold start: a vLLM replica in a fresh endpoint worker...")
-    vllm_client = Client(federation_home(scratch / "vllm", model_dir, "vllm"), create_default=False)
+    vllm_client = Runtime(federation_home(scratch / "vllm", model_dir, "vllm"))
     vllm_client.site().submit(os.getpid).result()  # the worker is up; the replica is not
     first = vllm_client.generate("The cell", model="model", max_new_tokens=1).result()
     replica_cold = first.timings.load_s + first.timings.run_s
 
-    torch_client = Client(federation_home(scratch / "torch", model_dir, "torch"), create_default=False)
+    torch_client = Runtime(federation_home(scratch / "torch", model_dir, "torch"))
     log("loading vLLM in this process (the throughput baseline)...")
     from vllm import LLM, SamplingParams
 
@@ -101,7 +102,7 @@ def main() -> None:
         outputs = llm.generate(prompts, sampling, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outputs)
 
-    def through(client: Client):
+    def through(client: Runtime):
         def run() -> int:
             futures = [
                 client.submit(GenerationRequest.create(
@@ -115,9 +116,11 @@ def main() -> None:
     log("warming both replicas...")
     direct(), through(vllm_client)(), through(torch_client)()
     log(f"throughput, {args.concurrent} concurrent x {args.new_tokens} tokens, best of {args.repeats}...")
-    (direct_s, direct_tokens), (vllm_s, vllm_tokens), (torch_s, torch_tokens) = best_of_interleaved(
-        args.repeats, direct, through(vllm_client), through(torch_client)
-    )
+    started_on = machine()
+    direct_runs, vllm_runs, torch_runs = interleaved(args.repeats, direct, through(vllm_client), through(torch_client))
+    (direct_s, direct_tokens), (vllm_s, vllm_tokens), (torch_s, torch_tokens) = (
+        min(direct_runs), min(vllm_runs), min(torch_runs))
+    paired = paired_ratios(direct_runs, vllm_runs)
     vllm_client.close()
     torch_client.close()
     llm.llm_engine.engine_core.shutdown()
@@ -126,9 +129,12 @@ def main() -> None:
         raise SystemExit(f"token counts differ: {direct_tokens}, {vllm_tokens}, {torch_tokens}")
 
     direct_rate, vllm_rate, torch_rate = (direct_tokens / direct_s, vllm_tokens / vllm_s, torch_tokens / torch_s)
-    print(f"demo model, {args.concurrent} concurrent requests x exactly {args.new_tokens} new tokens, greedy")
+    print(f"started {started_on}; ended {machine()}")
+    print(f"demo model, {args.concurrent} concurrent requests x exactly {args.new_tokens} new tokens, greedy, "
+          f"best of {args.repeats}")
     print(f"vllm.LLM.generate directly, in-process:  {direct_rate:8.0f} tok/s")
-    print(f"tpm-fed, vLLM replica:                   {vllm_rate:8.0f} tok/s  {vllm_rate / direct_rate:5.2f}x direct")
+    print(f"tpm-fed, vLLM replica:                   {vllm_rate:8.0f} tok/s  {vllm_rate / direct_rate:5.2f}x direct"
+          f"  (paired repeats: median {statistics.median(paired):.2f}x, {min(paired):.2f}-{max(paired):.2f})")
     print(f"tpm-fed, torch replica:                  {torch_rate:8.0f} tok/s  vLLM/torch {vllm_rate / torch_rate:5.2f}x")
     print(f"cold start to first token, fresh process: {direct_cold:7.2f} s")
     print(f"cold start to first token, tpm replica:   {replica_cold:7.2f} s  {replica_cold / direct_cold:5.2f}x")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from datetime import datetime
 
 PROMPTS = [
     "The cell",
@@ -22,13 +24,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def best_of_interleaved(repeats: int, *runs) -> list[tuple[float, int]]:
-    """Fastest of ``repeats`` runs of each, taken in turn so drift hits all alike.
+def interleaved(repeats: int, *runs) -> list[list[tuple[float, int]]]:
+    """Every repeat of each run, taken in turn so drift hits all alike.
 
     Each run returns how many tokens it generated.
 
     Returns:
-        (seconds, tokens generated) of each run's fastest repeat.
+        Per run, (seconds, tokens generated) of each repeat, in order.
     """
     timings: list[list[tuple[float, int]]] = [[] for _ in runs]
     for index in range(repeats):
@@ -37,4 +39,15 @@ def best_of_interleaved(repeats: int, *runs) -> list[tuple[float, int]]:
             started = time.perf_counter()
             tokens = run()
             samples.append((time.perf_counter() - started, tokens))
-    return [min(samples) for samples in timings]
+    return timings
+
+
+def paired_ratios(baseline: list[tuple[float, int]], other: list[tuple[float, int]]) -> list[float]:
+    """Throughput of ``other`` over ``baseline``, repeat by repeat (each pair ran back to back)."""
+    return [(t / s) / (bt / bs) for (bs, bt), (s, t) in zip(baseline, other)]
+
+
+def machine() -> str:
+    """When and on what a benchmark ran: date, CPU count, load average (others may share the machine)."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{datetime.now().isoformat(timespec='seconds')}, {os.cpu_count()} CPUs, load average {load}"

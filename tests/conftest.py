@@ -1,19 +1,31 @@
-"""Shared fixtures: one demo model and one running local site per test session.
+"""Shared fixtures: one demo model, one federation runtime and one service per test session.
 
 Making the demo model (~15 s) and starting the endpoint engine (~5 s) are the
 slow parts, so the session does each once. The federation used by the tests
 holds the demo model plus deliberately broken models, so refusals are tested
-on the same engine and replica that serve the good requests.
+on the same engine and replica that serve the good requests. ``runtime`` is
+the federation runtime in this process (what ``tpm serve`` owns); ``service``
+serves that same runtime over HTTP on loopback, and ``http_client`` is the
+user's ``tpm_fed.Client`` talking to it.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+import secrets
 import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tpm_fed.client import Client
+from tests.service_helpers import ServiceThread
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.identity import LocalUser
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
@@ -45,6 +57,12 @@ def home(tmp_path_factory, demo_model_dir: Path) -> TpmHome:
 
     shutil.copytree(demo_model_dir, models / "mutable")
 
+    chat = models / "demo-chat"  # the demo model with a chat template, for /v1/chat/completions
+    shutil.copytree(demo_model_dir, chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+
     Federation(
         name="tests",
         sites=[SiteConfig(name="local")],
@@ -57,16 +75,97 @@ def home(tmp_path_factory, demo_model_dir: Path) -> TpmHome:
             ModelConfig(name="no-weights", path=Path("models/no-weights"), backend="torch"),
             ModelConfig(name="mutable", path=Path("models/mutable"), backend="torch"),
             ModelConfig(name="missing", path=Path("models/not-there"), backend="torch"),
+            ModelConfig(name="demo-chat", path=Path("models/demo-chat"), backend="torch"),
         ],
         projects=[ProjectConfig(name="tests", members=[LocalUser().current()], allocations={"local": 1e6})],
     ).dump(home.federation_file)
     return home
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 @pytest.fixture(scope="session")
-def client(home: TpmHome):
-    with Client(home, create_default=False) as client:
+def runtime(home: TpmHome):
+    from tpm_fed.service.runtime import Runtime
+
+    with Runtime(home) as runtime:
+        yield runtime
+
+
+@dataclass(frozen=True)
+class Service:
+    """The session's runtime served over HTTP on loopback, with the local token."""
+
+    url: str
+    token: str
+    body_limits: Any
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture(scope="session")
+def service(runtime):
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+
+    token = secrets.token_urlsafe(16)
+    app = build_app(runtime, LocalToken(token, runtime.owner))
+    with ServiceThread(app) as url:
+        yield Service(url, token, app)
+
+
+@pytest.fixture(scope="session")
+def http_client(service):
+    from tpm_fed.client import Client
+
+    with Client(service.url, service.token) as client:
         yield client
+
+
+def _postgres_binaries() -> tuple[str, str] | None:
+    for folder in [None, *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]:
+        initdb, pg_ctl = shutil.which("initdb", path=folder), shutil.which("pg_ctl", path=folder)
+        if initdb and pg_ctl:
+            return initdb, pg_ctl
+    return None
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    # initdb refuses to run as root; Debian's package creates the postgres user.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for this session (never skipped: scripts/install-servers.sh installs it)."""
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: run scripts/install-servers.sh")
+    initdb, pg_ctl = binaries
+    # Not under pytest's temp root: that is private to the user running the tests.
+    folder = Path(tempfile.mkdtemp(prefix="tpm-postgres-"))
+    data = folder / "data"
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run(_as_postgres_user([initdb, "-D", str(data), "-U", "postgres", "--auth=trust"]),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres_user([pg_ctl, "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                                      f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"]),
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(_as_postgres_user([pg_ctl, "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -232,3 +232,21 @@ def test_malformed_federations_name_the_field(tmp_path, change, message):
 
     with pytest.raises(FederationConfigError, match=message):
         Federation.load(Path(path))
+
+
+def test_placing_holds_the_estimate_until_the_batch_reservation_says_how_it_went(broker):
+    # bio has 100 SUs at far; placing writes nothing, but holds each estimate in this process.
+    placed = [broker.place(f"p{i}", ask(estimate=30 * SU)) for i in range(3)]
+    assert {a.site for a in placed} == {"far"} and not any(a.reserved for a in placed)
+    assert broker.ledger.statement() == [] and broker.ledger.balances("bio")[0].reserved_usu == 0
+    with pytest.raises(PlacementRefused, match="lacks the SUs"):  # 10 left after three holds of 30
+        broker.place("p3", ask(estimate=30 * SU))
+    replica = broker.registry.get(placed[0].replica_id)
+    assert replica.queue_depth == 3
+    refused = broker.ledger.reserve_many([a.hold() for a in placed[:2]])
+    broker.reserved(placed, refused={"p2"})  # p2 was refused at reservation (say): its hold goes back
+    assert refused == {} and replica.queue_depth == 2
+    reserved = placed[0].estimate_usu + placed[1].estimate_usu  # the first pays a cold start too
+    assert broker.ledger.balances("bio")[0].reserved_usu == reserved
+    assert broker.balances.available("bio", "far") == 100 * SU - reserved
+    assert broker.place("p4", ask(estimate=39 * SU)).site == "far"

@@ -65,9 +65,12 @@ def test_submit_file_as_json(cli_home, tmp_path):
     status = tpm(cli_home, "status")
     assert status.returncode == 0
     # The submit's process is gone, and its replica with it.
-    assert f"stopped   local/{DEMO_MODEL_NAME}@{result['version']}/auto/0" in status.stdout
+    replica = f"local/{DEMO_MODEL_NAME}@{result['version']}/auto/0"
+    assert [line.split()[:2] for line in status.stdout.splitlines() if replica in line] == [["stopped", replica]]
     models = tpm(cli_home, "models")
-    assert result["version"] in models.stdout and "context=256" in models.stdout
+    header, *rows = models.stdout.splitlines()
+    assert header.split()[:3] == ["model", "version", "context"]
+    assert [row.split()[:3] for row in rows] == [[DEMO_MODEL_NAME, result["version"], "256"]]
 
 
 @pytest.mark.parametrize(
@@ -143,11 +146,11 @@ def test_model_store_commands_and_serving_a_pinned_version(cli_home, demo_model_
     save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
     second = tpm(cli_home, "models", "add", str(tuned), "--name", "kept").stdout.strip().split("@")[1]
 
-    listing = tpm(cli_home, "models", "versions", "kept").stdout.splitlines()
-    assert [line.split()[0] for line in listing] == [version, second]
+    header, *listing = tpm(cli_home, "models", "versions", "kept").stdout.splitlines()
+    assert header.split()[0] == "version" and [line.split()[0] for line in listing] == [version, second]
     assert listing[0].endswith("v1") and listing[1].endswith("latest")
     diff = tpm(cli_home, "models", "diff", "kept@v1", "kept@latest").stdout
-    assert "changed  lm_head.weight" in diff and "1 tensors differ" in diff
+    assert re.search(r"^changed +lm_head\.weight ", diff, re.MULTILINE) and "1 tensors differ" in diff
     assert "already on version" in tpm(cli_home, "models", "tag", f"kept@{second[:10]}", "v1").stderr
     assert tpm(cli_home, "models", "verify", "kept").returncode == 0
 
@@ -211,3 +214,17 @@ def test_adapters_add_refuses_pickles_and_lists_what_it_registered(cli_home, tmp
     assert added.returncode == 0, added.stderr
     listed = tpm(cli_home, "adapters", "list")
     assert added.stdout.split()[0] in listed.stdout
+
+
+def test_tables_keep_each_row_on_one_line_when_piped(capsys):
+    from tpm_fed.cli.tables import print_table
+
+    long = "x" * 300
+    print_table(["name", "shape", "n"], [(long, "[bold]", 7), ("b", None, 12)], right={"n"})
+    header, first, second = capsys.readouterr().out.splitlines()
+    assert header.split() == ["name", "shape", "n"]
+    assert first.split() == [long, "[bold]", "7"]  # not cut to 80 columns; brackets are text, not markup
+    assert second.split() == ["b", "12"] and second.endswith(" 12") and first.endswith("  7")
+    assert not any(line.endswith(" ") for line in (header, first, second))
+    print_table(["name"], [])
+    assert capsys.readouterr().out == ""

@@ -65,6 +65,20 @@ def test_requests_arriving_while_busy_leave_together():
     assert all(f.result(timeout=5).replica.batch_size == 5 for f in later)
 
 
+def test_a_burst_lingers_into_one_batch_and_a_lone_request_still_leaves():
+    site = HeldSite()
+    dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1, linger_s=0.05)
+    burst = [dispatcher.submit(request()) for _ in range(5)]
+    assert site.sent.wait(5) and [len(requests) for _, requests in site.tasks] == [5]
+    site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))
+    assert all(f.result(timeout=5).replica.batch_size == 5 for f in burst)
+    site.sent.clear()
+    alone = dispatcher.submit(request())
+    assert site.sent.wait(5) and [len(requests) for _, requests in site.tasks] == [5, 1]
+    site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
+    assert alone.result(timeout=5).texts == ["ok"]
+
+
 def test_a_task_that_never_answers_fails_with_a_site_error_and_frees_the_worker():
     site = HeldSite()
     dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1, task_timeout_s=0.2)
@@ -92,3 +106,105 @@ def test_batches_are_capped_by_bytes_as_well_as_by_count():
     assert [len(requests) for _, requests in site.tasks[2:]] == [2]
     site.tasks[2][0].set_result(reply_for(site.tasks[2][1]))
     assert all(f.result(timeout=5).texts == ["ok"] for f in waiting)
+
+
+class Federated:
+    """A dispatcher with the real bookkeeper, broker and ledger (SQLite) behind it, on a held site."""
+
+    SU = 1_000_000
+
+    def __init__(self, tmp_path, grant_su: float = 1.0) -> None:
+        from tpm_fed.bookkeeping import Bookkeeper
+        from tpm_fed.broker import Broker, ReplicaRegistry
+        from tpm_fed.federation import Federation
+        from tpm_fed.ledger import Ledger
+        from tpm_fed.state import RequestLog, open_database
+
+        self.federation = Federation.model_validate({
+            "sites": [{"name": "held"}], "models": [{"name": "m", "path": "/nowhere"}],
+            "projects": [{"name": "p", "members": ["u"], "allocations": {"held": grant_su}}],
+        })
+        engine = open_database(f"sqlite:///{tmp_path / 'tpm.db'}")
+        self.broker = Broker(self.federation, Ledger(engine), ReplicaRegistry(engine))
+        self.log = RequestLog(engine)
+        self.keeper = Bookkeeper(self.log, self.broker)
+        self.site = HeldSite()
+        self.dispatcher = BatchingDispatcher(self.site, SPEC, max_batch=64, max_in_flight=1, listener=self.keeper)
+
+    def send(self, estimate_usu: int):
+        from tpm_fed.broker import PlacementRequest
+
+        r = request()
+        admission = self.broker.place(r.request_id, PlacementRequest(
+            "u", "p", "m", "v", "generate", "here", estimate_usu, 0, backend="auto"))
+        self.keeper.admitted(admission, self.federation.prices.generate)
+        return r.request_id, self.dispatcher.submit(r)
+
+    def answer(self, task: int) -> None:
+        self.site.tasks[task][0].set_result(reply_for(self.site.tasks[task][1]))
+
+
+def test_a_request_that_lost_its_sus_since_placement_fails_uncharged_and_the_rest_of_its_batch_runs(tmp_path):
+    from tpm_fed.protocol.errors import InsufficientBalance
+
+    world = Federated(tmp_path)
+    quarter = world.SU // 4
+    first_id, first = world.send(quarter)  # leaves at once: the worker was free
+    queued = [world.send(quarter) for _ in range(3)]  # placed on the snapshot: all four fit in 1 SU
+    # Meanwhile another process reserves half the grant: the snapshot does not know yet.
+    world.broker.ledger.reserve("elsewhere", project="p", site="held", identity="v", model="m", version="v",
+                                kind="generate", estimate_usu=world.SU // 2)
+    world.answer(0)
+    assert first.result(timeout=5).charge.charged_su == 0.003
+    (sent, sent_future), *lost = queued
+    assert [len(requests) for _, requests in world.site.tasks] == [1, 1]  # one fitted; two were left out
+    assert world.site.tasks[1][1][0]["request_id"] == sent
+    for _, future in lost:
+        with pytest.raises(InsufficientBalance, match="this request may cost up to 0.250000"):
+            future.result(timeout=5)
+    world.answer(1)
+    assert sent_future.result(timeout=5).charge.charged_su == 0.003
+    lines = {c.request_id: c for c in world.broker.ledger.statement()}
+    assert all(rid not in lines for rid, _ in lost)  # never charged, never logged
+    assert all(world.log.status_of(rid) is None for rid, _ in lost)
+    assert world.log.status_of(sent) == world.log.status_of(first_id) == "done"
+    (balance,) = world.broker.ledger.balances()
+    assert (balance.spent_usu, balance.reserved_usu) == (2 * 3000, world.SU // 2)
+    assert world.broker.balances._held == {("p", "held"): 0}
+    replica = world.broker.registry.all()[0]
+    assert (replica.state, replica.queue_depth) == ("warm", 0)
+
+
+def test_a_batch_refused_whole_sends_no_task_and_frees_the_worker(tmp_path):
+    from tpm_fed.protocol.errors import InsufficientBalance
+
+    world = Federated(tmp_path)
+    _, first = world.send(world.SU // 4)
+    refused = [world.send(world.SU // 4) for _ in range(2)]
+    world.broker.ledger.reserve("elsewhere", project="p", site="held", identity="v", model="m", version="v",
+                                kind="generate", estimate_usu=world.SU * 3 // 4)
+    world.answer(0)
+    first.result(timeout=5)
+    for _, future in refused:
+        with pytest.raises(InsufficientBalance):
+            future.result(timeout=5)
+    assert len(world.site.tasks) == 1
+    world.broker.ledger.release("elsewhere", "done elsewhere")
+    world.broker.balances.refresh()
+    _, after = world.send(world.SU // 4)  # the worker slot is free: sent at once
+    assert len(world.site.tasks) == 2
+    world.answer(1)
+    assert after.result(timeout=5).charge.charged_su == 0.003
+
+
+def test_a_request_in_flight_cannot_be_submitted_again(tmp_path):
+    from tpm_fed.broker import PlacementRequest
+    from tpm_fed.protocol.errors import InvalidRequest
+
+    world = Federated(tmp_path)
+    r = request()
+    ask = PlacementRequest("u", "p", "m", "v", "generate", "here", world.SU // 4, 0)
+    world.keeper.admitted(world.broker.place(r.request_id, ask), world.federation.prices.generate)
+    with pytest.raises(InvalidRequest, match="in flight already"):
+        world.keeper.admitted(world.broker.place(r.request_id, ask), world.federation.prices.generate)
+    assert world.broker.balances._held == {("p", "held"): world.SU // 4}  # the second placement was undone

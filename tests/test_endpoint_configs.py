@@ -103,3 +103,45 @@ def test_the_multi_user_manager_config_loads(tmp_path):
     config = load_config_yaml(text)
     assert type(config).__name__ == "CoreEndpointConfig"  # a manager: no engine of its own
     assert config.display_name == "tpm-fed on your allocation"
+
+
+def worker_policy_of(worker_init: str, **replace: str):
+    """The policy a worker gets from this worker_init: its ``TPM_*`` lines run in a clean bash.
+
+    The other lines (modules, environments) need the cluster; the policy lines
+    are run as the shell runs them, then read by the worker's own loader.
+    """
+    import os
+
+    from functions.policy import load_policy
+
+    lines = [line.strip() for line in worker_init.splitlines()
+             if line.strip().startswith(("export TPM_", "unset TPM_"))]
+    script = "\n".join(lines)
+    for old, new in replace.items():
+        script = script.replace(old, new)
+    done = subprocess.run(["bash", "-c", script + "\nenv -0"], env={"PATH": os.environ["PATH"]},
+                          capture_output=True, text=True, check=True)
+    return load_policy(dict(item.split("=", 1) for item in done.stdout.split("\0") if "=" in item))
+
+
+def test_shared_endpoints_refuse_caller_code_and_a_byo_endpoint_runs_it(tmp_path):
+    slurm = worker_policy_of(load((CONFIGS / "slurm-gpu-vllm.yaml").read_text()).engine.executor.provider.worker_init)
+    assert not slurm.allow_caller_code
+    assert str(slurm.adapter_registry) == "/global/cfs/cdirs/m0000/tpm-fed/store/adapters"
+
+    pbs = worker_policy_of(load((CONFIGS / "pbs-gpu.yaml").read_text()).engine.executor.provider.worker_init,
+                           **{"/eagle/MyProject/tpm-fed/worker-policy.yaml":
+                              str(CONFIGS / "worker-policy" / "rcc-shared.yaml")})
+    assert not pbs.allow_caller_code and pbs.max_result_bytes == 4 * 1024 * 1024
+
+    lab = worker_policy_of(load((CONFIGS / "byo-lab.yaml").read_text()).engine.executor.provider.worker_init)
+    assert lab.allow_caller_code and str(lab.adapter_registry) == "/srv/tpm-fed/store/adapters"
+
+    workstation = worker_policy_of(load((CONFIGS / "workstation.yaml").read_text()).engine.executor.provider.worker_init)
+    assert not workstation.allow_caller_code and workstation.adapter_registry is None
+
+    rendered = render(tmp_path, '{"account": "astro42", "partition": "gpu", "walltime": "02:00:00", '
+                                '"environment": "/home/ana/tpm-fed/.venv"}')
+    assert rendered.returncode == 0, rendered.stderr
+    assert worker_policy_of(load(rendered.stdout).engine.executor.provider.worker_init).allow_caller_code

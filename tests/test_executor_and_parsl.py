@@ -1,4 +1,4 @@
-"""Scripts and workflows reach the federation through the same broker path."""
+"""Scripts and workflows reach the service over HTTP: ``tpm_fed.Executor`` and the Parsl apps."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from tpm_fed.protocol.requests import GenerationRequest
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 
 
-def test_executor_routes_requests_through_the_broker(client):
+def test_executor_routes_requests_through_the_service(http_client, runtime):
     prompts = ["The cell", "The river carries", "The glacier", "The"]
     requests = [GenerationRequest.create(p, "demo-llama", max_new_tokens=8) for p in prompts]
-    expected = [client.generate(p, max_new_tokens=8).result(timeout=120).token_ids for p in prompts]
-    with Executor(client=client) as executor:
+    expected = [runtime.generate(p, max_new_tokens=8).result(timeout=120).token_ids for p in prompts]
+    with Executor(client=http_client) as executor:
         single = executor.submit(requests[0]).result(timeout=120)
         assert single.token_ids == expected[0] and single.charge.project == "tests"
         again = [GenerationRequest.create(p, "demo-llama", max_new_tokens=8) for p in prompts]
@@ -27,16 +27,24 @@ def test_executor_routes_requests_through_the_broker(client):
             executor.submit(print, "not a request")
     with pytest.raises(RuntimeError, match="after shutdown"):
         executor.submit(requests[1])
-    assert client.generate("The cell", max_new_tokens=2).result(timeout=120)  # the client it borrowed is open
+    assert http_client.generate("The cell", max_new_tokens=2).result(timeout=120)  # the client it borrowed is open
 
 
-def test_parsl_workflow_asks_analyses_and_aggregates(client):
+def test_executor_without_a_client_reaches_the_service_named_by_the_environment(service, monkeypatch):
+    monkeypatch.setenv("TPM_URL", service.url)
+    monkeypatch.setenv("TPM_TOKEN", service.token)
+    with Executor() as executor:
+        result = executor.submit(GenerationRequest.create("The cell", "demo-llama", max_new_tokens=3)).result(120)
+    assert result.usage.completion_tokens > 0 and result.charge.project == "tests"
+
+
+def test_parsl_workflow_asks_analyses_and_aggregates(http_client, runtime):
     import parsl
     import workflow_example
 
     from tpm_fed import parsl as tpm_parsl
 
-    tpm_parsl.use_client(client)
+    tpm_parsl.use_client(http_client)
     try:
         with parsl.load(workflow_example.config()):
             topics = ["The cell", "The river", "The glacier"]
@@ -53,7 +61,7 @@ def test_parsl_workflow_asks_analyses_and_aggregates(client):
     finally:
         tpm_parsl.use_client(None)
     assert summary["answers"] == 3 and [r["topic"] for r in summary["rows"]] == topics
-    version = client.catalog.resolve(client.default_model()).spec.version
+    version = runtime.catalog.resolve(runtime.default_model()).spec.version
     assert summary["versions"] == [version]
     assert summary["total_su"] > 0 and all(r["answer"] for r in summary["rows"])
     assert composed["topic"] == "The cell" and composed["version"] == version

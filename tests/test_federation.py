@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,19 @@ def test_dump_and_load_round_trip(tmp_path):
     assert Federation.load(tmp_path / "again.yaml") == federation
 
 
+def test_dump_replaces_the_file_whole_and_keeps_its_permissions(tmp_path):
+    federation = Federation.load(write(tmp_path, VALID))
+    path = tmp_path / "federation.yaml"
+    path.chmod(0o640)
+    federation.dump(path)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["federation.yaml"]  # no staging file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    federation.dump(tmp_path / "new.yaml")  # a new file: the usual mode, not the staging file's 0o600
+    assert (tmp_path / "new.yaml").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -58,6 +72,12 @@ def test_missing_file(tmp_path):
         Federation.load(tmp_path / "nope.yaml")
 
 
-def test_unknown_model_lists_known_ones(tmp_path):
-    with pytest.raises(UnknownModel, match="serves: tiny"):
-        Federation.load(write(tmp_path, VALID)).model("huge")
+def test_unknown_names_list_the_known_ones(tmp_path):
+    federation = Federation.load(write(tmp_path, VALID))
+    with pytest.raises(UnknownModel, match="^unknown model 'huge'; the federation serves: tiny$"):
+        federation.model("huge")
+    with pytest.raises(FederationConfigError, match="^unknown site 'moon'; the federation has: local$"):
+        federation.site("moon")
+    with pytest.raises(FederationConfigError, match="^unknown project 'astro'; the federation has: none$"):
+        federation.project("astro")
+    assert federation.site("local").name == "local"

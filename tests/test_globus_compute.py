@@ -24,7 +24,7 @@ from tests.compute_service import (
     use_service_credentials,
     use_user_login,
 )
-from tpm_fed.client import Client
+from tpm_fed.service.runtime import Runtime
 from tpm_fed.protocol.code_version import serving_code_version
 from tpm_fed.protocol.errors import (
     FederationConfigError,
@@ -113,10 +113,10 @@ def test_registered_function_serves_through_the_sdk_executor(cloud, gc_home, mon
     assert "up to date" in again.output and len(cloud.functions) == 1  # same code: same id
 
     prompts = ["The telescope", "A star"]
-    with Client(gc_home, create_default=False) as client:
-        remote = client.generate(prompts, max_new_tokens=6, project="tests").result(timeout=120)
-        local = client.generate(prompts, max_new_tokens=6, project="tests", site="local").result(timeout=120)
-        balances = {b.site: b for b in client.ledger.balances() if b.project == "tests"}
+    with Runtime(gc_home) as runtime:
+        remote = runtime.generate(prompts, max_new_tokens=6, project="tests").result(timeout=120)
+        local = runtime.generate(prompts, max_new_tokens=6, project="tests", site="local").result(timeout=120)
+        balances = {b.site: b for b in runtime.ledger.balances() if b.project == "tests"}
 
     assert remote.site == "gc" and local.site == "local"
     assert remote.token_ids == local.token_ids  # greedy: the same tokens through either path
@@ -164,16 +164,16 @@ def test_remote_exception_reaches_the_caller_typed_with_its_message(cloud):
 def test_function_not_registered_or_changed_is_refused_unsent_and_uncharged(cloud, gc_home, monkeypatch):
     endpoint_id = cloud.add_endpoint()
     write_federation(gc_home, endpoint_id)
-    with Client(gc_home, create_default=False) as client:
-        before = client.ledger.balances()
-        error = client.generate("The telescope", max_new_tokens=4, project="tests", site="gc").exception(60)
+    with Runtime(gc_home) as runtime:
+        before = runtime.ledger.balances()
+        error = runtime.generate("The telescope", max_new_tokens=4, project="tests", site="gc").exception(60)
         assert isinstance(error, FunctionNotRegistered) and "tpm functions register --site gc" in str(error)
-        assert client.ledger.balances() == before
+        assert runtime.ledger.balances() == before
 
     stale = RegisteredFunction(function_id=uuid.uuid4(), code_version="0123456789abcdef")
     write_federation(gc_home, endpoint_id, functions={"serve_batch": stale})
-    with Client(gc_home, create_default=False) as client:
-        error = client.generate("The telescope", max_new_tokens=4, project="tests", site="gc").exception(60)
+    with Runtime(gc_home) as runtime:
+        error = runtime.generate("The telescope", max_new_tokens=4, project="tests", site="gc").exception(60)
     assert isinstance(error, FunctionNotRegistered) and "0123456789abcdef" in str(error)
     assert cloud.submissions == []  # nothing reached the service
     listed = tpm(gc_home, monkeypatch, "functions", "list")
@@ -184,10 +184,10 @@ def test_endpoint_that_does_not_allow_the_function_is_a_typed_refusal(cloud, gc_
     endpoint_id = cloud.add_endpoint(allowed_functions=[])
     write_federation(gc_home, endpoint_id)
     assert tpm(gc_home, monkeypatch, "functions", "register", "--site", "gc").exit_code == 0
-    with Client(gc_home, create_default=False) as client:
-        before = client.ledger.balances()
-        error = client.generate("The telescope", max_new_tokens=4, project="tests", site="gc").exception(60)
-        assert client.ledger.balances() == before
+    with Runtime(gc_home) as runtime:
+        before = runtime.ledger.balances()
+        error = runtime.generate("The telescope", max_new_tokens=4, project="tests", site="gc").exception(60)
+        assert runtime.ledger.balances() == before
     assert isinstance(error, FunctionNotRegistered)
     assert "FUNCTION_NOT_PERMITTED" in str(error) and "allowed_functions" in str(error)
 
@@ -196,10 +196,10 @@ def test_offline_endpoint_is_skipped_by_the_broker_or_named_in_the_refusal(cloud
     endpoint_id = cloud.add_endpoint(status="offline")
     write_federation(gc_home, endpoint_id)
     assert tpm(gc_home, monkeypatch, "functions", "register", "--site", "gc").exit_code == 0
-    with Client(gc_home, create_default=False) as client:
-        rerouted = client.generate("The telescope", max_new_tokens=4, project="tests").result(timeout=120)
+    with Runtime(gc_home) as runtime:
+        rerouted = runtime.generate("The telescope", max_new_tokens=4, project="tests").result(timeout=120)
         with pytest.raises(PlacementRefused, match=f"endpoint {endpoint_id} is offline"):
-            client.generate("The telescope", max_new_tokens=4, project="tests", site="gc")
+            runtime.generate("The telescope", max_new_tokens=4, project="tests", site="gc")
     assert rerouted.site == "local"
     assert cloud.submissions == []
 
@@ -207,9 +207,9 @@ def test_offline_endpoint_is_skipped_by_the_broker_or_named_in_the_refusal(cloud
 def test_not_logged_in_says_run_tpm_login_and_never_prompts(gc_home, monkeypatch, tmp_path):
     use_user_login(monkeypatch, tmp_path / "no-tokens")
     write_federation(gc_home, str(uuid.uuid4()))
-    with Client(gc_home, create_default=False) as client, responses.RequestsMock() as no_network:
+    with Runtime(gc_home) as runtime, responses.RequestsMock() as no_network:
         with pytest.raises(NotLoggedIn, match="run `tpm login`"):
-            client.generate("The telescope", max_new_tokens=4, project="tests", site="gc")
+            runtime.generate("The telescope", max_new_tokens=4, project="tests", site="gc")
         assert len(no_network.calls) == 0  # it asked nobody, and waited for no one
     result = tpm(gc_home, monkeypatch, "functions", "register", "--site", "gc")
     assert result.exit_code == 1 and "NotLoggedIn" in result.output and "tpm login" in result.output

@@ -1,4 +1,4 @@
-"""Mode 3 through the whole path (client, broker, ledger, engine, replica) against torch by hand.
+"""Mode 3 through the whole path (runtime, broker, ledger, engine, replica) against torch by hand.
 
 Each oracle runs the same computation with plain torch forward hooks on the
 reference model. A single prompt runs unpadded on both sides, so float32
@@ -44,11 +44,11 @@ def capture(store, key):
     return hook
 
 
-def test_saved_activations_equal_torch_hooks(client, reference_model):
+def test_saved_activations_equal_torch_hooks(runtime, reference_model):
     model, tokenizer = reference_model
     points = ["model.embed_tokens", "model.layers.0", "model.layers.2.mlp", "model.layers.1.self_attn",
               "model.norm", "lm_head"]
-    result = client.trace(PROMPT, steps=[Save(point=p) for p in points]
+    result = runtime.trace(PROMPT, steps=[Save(point=p) for p in points]
                           + [Save(point="model.layers.3.mlp.input"),
                              Save(point="model.layers.2.self_attn.heads[2]", positions=[0, -1])]).result()
 
@@ -68,9 +68,9 @@ def test_saved_activations_equal_torch_hooks(client, reference_model):
     assert result.prompt_tokens[0] == tokenizer.convert_ids_to_tokens(tokenizer(PROMPT)["input_ids"])
 
 
-def test_logit_lens_equals_norm_and_unembedding_by_hand(client, reference_model):
+def test_logit_lens_equals_norm_and_unembedding_by_hand(runtime, reference_model):
     model, tokenizer = reference_model
-    result = client.trace(PROMPT, logit_lens=LogitLens(top_k=5)).result()
+    result = runtime.trace(PROMPT, logit_lens=LogitLens(top_k=5)).result()
     captured = {}
     logits = hand_run(model, tokenizer, [PROMPT], [(f"model.layers.{i}", capture(captured, i)) for i in range(LAYERS)])
     lens = result.logit_lens()
@@ -88,11 +88,11 @@ def test_logit_lens_equals_norm_and_unembedding_by_hand(client, reference_model)
     assert lens.tokens[-1][-1][0] == tokenizer.convert_ids_to_tokens(int(ids[-1, -1, 0]))
 
 
-def test_patch_changes_the_output_as_a_hand_written_patch(client, reference_model):
+def test_patch_changes_the_output_as_a_hand_written_patch(runtime, reference_model):
     model, tokenizer = reference_model
     clean, corrupt = "The cell divides and the", "The star divides and the"
     assert len(tokenizer(clean)["input_ids"]) == len(tokenizer(corrupt)["input_ids"])
-    result = client.trace([clean, corrupt], steps=[Patch(point="model.layers.1", source=0, positions=[1, 2]),
+    result = runtime.trace([clean, corrupt], steps=[Patch(point="model.layers.1", source=0, positions=[1, 2]),
                                                    Save(point="lm_head", prompts=[1])]).result()
 
     def patch(module, args, output):
@@ -107,16 +107,16 @@ def test_patch_changes_the_output_as_a_hand_written_patch(client, reference_mode
     assert not torch.equal(patched, unpatched[1])  # the patch did something
 
 
-def test_zero_ablating_all_heads_equals_zeroing_the_output_projection_input(client, reference_model):
+def test_zero_ablating_all_heads_equals_zeroing_the_output_projection_input(runtime, reference_model):
     model, tokenizer = reference_model
-    result = client.trace(PROMPT, steps=[Ablate(point="model.layers.1.self_attn.heads[*]"),
+    result = runtime.trace(PROMPT, steps=[Ablate(point="model.layers.1.self_attn.heads[*]"),
                                          Save(point="lm_head")]).result()
     logits = hand_run(model, tokenizer, [PROMPT],
                       pre_hooks=[("model.layers.1.self_attn.o_proj", lambda m, a: (torch.zeros_like(a[0]),))])
     assert torch.equal(torch.from_numpy(result.saved("lm_head.output")), logits[0])
 
 
-def test_set_add_scale_and_memory_injection_equal_hand_edits(client, reference_model):
+def test_set_add_scale_and_memory_injection_equal_hand_edits(runtime, reference_model):
     model, tokenizer = reference_model
     steer = torch.randn(128, generator=torch.Generator().manual_seed(1))
     replacement = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))
@@ -128,7 +128,7 @@ def test_set_add_scale_and_memory_injection_equal_hand_edits(client, reference_m
         Inject(point="model.layers.2.self_attn", positions=[-1], text=" stars", scale=4.0),
         Save(point="lm_head"),
     ]
-    result = client.trace(PROMPT, steps=steps).result()
+    result = runtime.trace(PROMPT, steps=steps).result()
 
     def add(module, args, out):
         out = out.clone(); out[0, -1] += steer; return out  # noqa: E702
@@ -151,10 +151,10 @@ def test_set_add_scale_and_memory_injection_equal_hand_edits(client, reference_m
     assert torch.equal(torch.from_numpy(result.saved("lm_head.output")), logits[0])
 
 
-def test_generation_applies_edits_at_every_generated_step(client, reference_model):
+def test_generation_applies_edits_at_every_generated_step(runtime, reference_model):
     model, tokenizer = reference_model
     steer = torch.randn(128, generator=torch.Generator().manual_seed(3)) * 2
-    result = client.trace(PROMPT, max_new_tokens=8,
+    result = runtime.trace(PROMPT, max_new_tokens=8,
                           steps=[Add(point="model.layers.1", value=TensorData.of(steer), generated=True)]).result()
 
     handle = model.model.layers[1].register_forward_hook(lambda m, a, out: out + steer)
@@ -164,14 +164,14 @@ def test_generation_applies_edits_at_every_generated_step(client, reference_mode
             expected = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.input_ids.shape[1]:]
     finally:
         handle.remove()
-    plain = client.generate(PROMPT, max_new_tokens=8).result()
+    plain = runtime.generate(PROMPT, max_new_tokens=8).result()
     assert result.completions[0].token_ids == [t for t in expected.tolist() if t != tokenizer.eos_token_id][:8]
     assert result.completions[0].token_ids != plain.completions[0].token_ids  # the steering changed the text
 
 
-def test_attention_patterns_and_attention_lens(client, reference_model):
+def test_attention_patterns_and_attention_lens(runtime, reference_model):
     model, tokenizer = reference_model
-    result = client.trace(PROMPT, attention_patterns=AttentionPatterns(layers=[0, 3]),
+    result = runtime.trace(PROMPT, attention_patterns=AttentionPatterns(layers=[0, 3]),
                           attention_lens=AttentionLens(layers=[2], heads=[1, 3], top_k=4)).result()
     ids = tokenizer(PROMPT, return_tensors="pt")
     z = {}
@@ -211,11 +211,33 @@ def test_spec_is_plain_json_both_ways():
     ([Add(point="model.layers.1", value=TensorData.of(np.ones(64, np.float32)))], InvalidRequest, r"expected \[128\]"),
     ([Inject(point="model.layers.1.mlp.gate_proj", text="x")], InvalidRequest, "hidden size"),
 ])
-def test_bad_specs_are_refused_at_the_edge_listing_valid_names(client, steps, error, message):
-    before = client.ledger.balances(client.project_for(None))
+def test_bad_specs_are_refused_at_the_edge_listing_valid_names(runtime, steps, error, message):
+    before = runtime.ledger.balances(runtime.project_for(runtime.owner, None))
     with pytest.raises(error, match=message):
-        client.trace(PROMPT, steps=steps)
-    assert client.ledger.balances(client.project_for(None)) == before
+        runtime.trace(PROMPT, steps=steps)
+    assert runtime.ledger.balances(runtime.project_for(runtime.owner, None)) == before
+
+
+@pytest.mark.parametrize("request_fields", [
+    {"steps": [Add(point="model.layers.1", value=TensorData.of(np.ones(64, np.float32)))]},
+    {"steps": [Set(point="model.layers.1", positions=[0, 1], value=TensorData.of(np.ones((3, 128), np.float32)))]},
+    {"steps": [Inject(point="model.layers.1.mlp.gate_proj", text="x")]},
+    {"steps": [Ablate(point="model.layers.1.self_attn.heads[4]")]},
+    {"attention_lens": AttentionLens(heads=[7])},
+    {"logit_lens": LogitLens(layers=[9])},
+], ids=["add-shape", "set-rows", "inject-width", "head", "lens-head", "lens-layer"])
+def test_the_worker_refuses_a_bad_spec_with_the_clients_own_words(runtime, reference_model, request_fields):
+    """One check in the contract: the worker, handed a spec the runtime would refuse, refuses it alike."""
+    from functions.interventions.tracer import Tracer
+    from functions.policy import WorkerPolicy
+
+    model, tokenizer = reference_model
+    with pytest.raises(InvalidRequest) as at_client:
+        runtime.trace(PROMPT, **request_fields)
+    with pytest.raises(InvalidRequest) as at_worker:
+        Tracer(model, tokenizer, 256, {2}, 0).run(TraceRequest.create("demo-llama", prompts=[PROMPT], **request_fields),
+                                                  policy=WorkerPolicy())
+    assert type(at_worker.value) is type(at_client.value) and str(at_worker.value) == str(at_client.value)
 
 
 def test_bad_tensors_and_indexes_are_refused():
@@ -234,34 +256,34 @@ def test_bad_tensors_and_indexes_are_refused():
         TraceRequest.create("demo-llama", prompts=["x"], steps=[{"op": "save", "point": "model..layers"}])
 
 
-def test_position_out_of_range_costs_nothing_and_the_replica_survives(client):
-    project = client.project_for(None)
-    before = client.ledger.balances(project)
+def test_position_out_of_range_costs_nothing_and_the_replica_survives(runtime):
+    project = runtime.project_for(runtime.owner, None)
+    before = runtime.ledger.balances(project)
     with pytest.raises(InvalidRequest, match=r"position 40 is out of range for a prompt of \d+ tokens"):
-        client.trace(PROMPT, steps=[Save(point="model.layers.1", positions=[40])]).result()
-    assert client.ledger.balances(project) == before
-    assert client.trace(PROMPT, steps=[Save(point="model.layers.1", positions=[-1])]).result().replica.warm
+        runtime.trace(PROMPT, steps=[Save(point="model.layers.1", positions=[40])]).result()
+    assert runtime.ledger.balances(project) == before
+    assert runtime.trace(PROMPT, steps=[Save(point="model.layers.1", positions=[-1])]).result().replica.warm
 
 
-def test_result_over_the_limit_is_refused_before_running(client):
-    project = client.project_for(None)
-    before = client.ledger.balances(project)
+def test_result_over_the_limit_is_refused_before_running(runtime):
+    project = runtime.project_for(runtime.owner, None)
+    before = runtime.ledger.balances(project)
     long_prompt = " ".join(["the stars and the telescope"] * 24)  # ~240 tokens, 2 KB of logits each
     with pytest.raises(PayloadTooLarge, match="a result holds at most"):
-        client.trace([long_prompt] * 30, steps=[Save(point="lm_head")]).result()
-    assert client.ledger.balances(project) == before
+        runtime.trace([long_prompt] * 30, steps=[Save(point="lm_head")]).result()
+    assert runtime.ledger.balances(project) == before
 
 
-def test_python_hooks_are_refused_on_shared_sites_before_anything_runs(client):
-    project = client.project_for(None)
-    before = client.ledger.balances(project)
+def test_python_hooks_are_refused_on_shared_sites_before_anything_runs(runtime):
+    project = runtime.project_for(runtime.owner, None)
+    before = runtime.ledger.balances(project)
     hook = PythonHook.of("model.layers.1", lambda tensor: tensor * 2)
     with pytest.raises(PlacementRefused, match="runs only on a site project"):
-        client.trace(PROMPT, python_hooks=[hook])
-    assert client.ledger.balances(project) == before
+        runtime.trace(PROMPT, python_hooks=[hook])
+    assert runtime.ledger.balances(project) == before
 
 
-def test_nnsight_gives_the_same_activations_and_logit_lens(client, demo_model_dir):
+def test_nnsight_gives_the_same_activations_and_logit_lens(runtime, demo_model_dir):
     pytest.importorskip("nnsight")
     from nnsight import LanguageModel
 
@@ -270,7 +292,7 @@ def test_nnsight_gives_the_same_activations_and_logit_lens(client, demo_model_di
         layer1 = reference.model.layers[1].output.save()
         layer2 = reference.model.layers[2].output.save()
         lens2 = torch.softmax(reference.lm_head(reference.model.norm(layer2)), dim=-1).save()
-    ours = client.trace(PROMPT, steps=[Save(point="model.layers.1")], logit_lens=LogitLens(top_k=3)).result()
+    ours = runtime.trace(PROMPT, steps=[Save(point="model.layers.1")], logit_lens=LogitLens(top_k=3)).result()
     assert torch.equal(torch.from_numpy(ours.saved("model.layers.1.output")), layer1[0])
     top = lens2[0].topk(3)
     assert np.array_equal(np.array(ours.logit_lens().ids)[2], top.indices.numpy())
@@ -283,7 +305,7 @@ def own_site_client(tmp_path_factory, demo_model_dir):
     import shutil
     from pathlib import Path
 
-    from tpm_fed.client import Client
+    from tpm_fed.service.runtime import Runtime
     from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
     from tpm_fed.home import TpmHome
     from tpm_fed.identity import LocalUser
@@ -297,8 +319,8 @@ def own_site_client(tmp_path_factory, demo_model_dir):
                             kinds=["generate", "embed", "trace"])],
         projects=[ProjectConfig(name="lab-group", members=[LocalUser().current()])],
     ).dump(home.federation_file)
-    with Client(home, create_default=False) as client:
-        yield client
+    with Runtime(home) as runtime:
+        yield runtime
 
 
 def test_python_hooks_and_adapter_code_run_on_the_callers_own_site(own_site_client, reference_model):

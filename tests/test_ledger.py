@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest
 from tpm_fed.federation import Price
-from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
+from tpm_fed.ledger import Hold, Ledger, Metered, estimate_usu, price_usu
 from tpm_fed.protocol.requests import UsageBound, prompt_token_bound
 from tpm_fed.state.database import open_database
 from tpm_fed.state.schema import MICRO
@@ -22,11 +23,17 @@ def url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'ledger.db'}"
 
 
-@pytest.fixture
-def ledger(url) -> Ledger:
+@pytest.fixture(params=["returning", "rowcount"])
+def ledger(url, request) -> Ledger:
+    """Both ways a transition finds the rows it changed: UPDATE ... RETURNING, or one rowcount per row."""
     ledger = Ledger(open_database(url))
+    ledger._returning = request.param == "returning"
     ledger.sync_grants({("p", "s"): 10.0})
     return ledger
+
+
+def hold(request_id, estimate, project="p", site="s", free=False) -> Hold:
+    return Hold(request_id, project, site, "u", "m", "v", "generate", estimate, free)
 
 
 def reserve(ledger, request_id, estimate, **extra):
@@ -109,6 +116,55 @@ def test_grants_follow_the_federation_file(ledger):
     ledger.settle("r1", Metered(), MICRO)
     ledger.sync_grants({("p", "s"): 20.0})
     assert ledger.balances()[0].available_usu == 19 * MICRO
+
+
+def test_a_batch_is_reserved_in_one_transaction_and_each_request_refused_on_its_own(ledger):
+    reserve(ledger, "earlier", MICRO)
+    begins = []
+    event.listen(ledger.engine, "begin", begins.append)
+    refused = ledger.reserve_many([
+        hold("a", 4 * MICRO), hold("earlier", MICRO), hold("b", 4 * MICRO), hold("c", 4 * MICRO),
+        hold("d", MICRO), hold("twice", MICRO), hold("mine", 50 * MICRO, free=True), hold("x", 1, site="elsewhere"),
+        hold("twice", MICRO),
+    ])
+    assert len(begins) == 1
+    # The group does not fit as a whole (14 > 9 available): request by request, in order.
+    assert {rid: type(e).__name__ for rid, e in refused.items()} == {
+        "earlier": "InvalidRequest", "twice": "InvalidRequest", "c": "InsufficientBalance", "x": "InsufficientBalance"}
+    assert "0.000000 SUs available at site 'elsewhere'" in str(refused["x"])
+    assert "1.000000 SUs available at site 's'; this request may cost up to 4.000000" in str(refused["c"])
+    (balance,) = ledger.balances()
+    assert balance.reserved_usu == (1 + 4 + 4 + 1) * MICRO and balance.available_usu == 0
+    assert sorted(c.request_id for c in ledger.statement()) == ["a", "b", "d", "earlier", "mine"]
+
+
+def test_a_batch_settles_and_releases_in_one_transaction_each_request_once(ledger):
+    ledger.reserve_many([hold(f"r{i}", MICRO) for i in range(4)] + [hold("own", MICRO, free=True)])
+    begins = []
+    event.listen(ledger.engine, "begin", begins.append)
+    with ledger.engine.begin() as db:
+        charged = ledger.settle_many([("r0", Metered(prompt_tokens=2), MICRO // 2), ("r1", Metered(), 3 * MICRO),
+                                      ("own", Metered(completion_tokens=9), MICRO), ("nobody", Metered(), 1)], db)
+        released = ledger.release_many([("r2", "worker failed"), ("r0", "too late"), ("r1", "too late")], db)
+    assert len(begins) == 1
+    assert charged == {"r0": MICRO // 2, "r1": MICRO, "own": 0, "nobody": 0}
+    assert released == {"r2": True, "r0": False, "r1": False}
+    assert ledger.settle_many([("r0", Metered(), MICRO), ("r3", Metered(), MICRO // 4)]) == {"r0": 0, "r3": MICRO // 4}
+    lines = {c.request_id: c for c in ledger.statement()}
+    assert {rid: c.state for rid, c in lines.items()} == {
+        "r0": "settled", "r1": "settled", "r2": "released", "r3": "settled", "own": "settled"}
+    assert (lines["r0"].prompt_tokens, lines["own"].completion_tokens, lines["r2"].note) == (2, 9, "worker failed")
+    assert "capped at the estimate" in lines["r1"].note
+    (balance,) = ledger.balances()
+    assert balance.spent_usu == MICRO // 2 + MICRO + MICRO // 4
+    assert balance.reserved_usu == 0 and balance.available_usu == 10 * MICRO - balance.spent_usu
+
+
+def test_a_failed_batch_transaction_reserves_nothing(ledger):
+    with pytest.raises(RuntimeError), ledger.engine.begin() as db:
+        assert ledger.reserve_many([hold("a", MICRO), hold("b", MICRO)], db) == {}
+        raise RuntimeError("the request log could not be written")
+    assert ledger.balances()[0].reserved_usu == 0 and ledger.statement() == []
 
 
 def drain(ledger, estimate, cost) -> int:

@@ -7,12 +7,12 @@ import pytest
 from functions.serve import echo, worker_info
 from tests.helpers import raise_value_error, worker_pid
 from tpm_fed.protocol.errors import RemoteExecutionError, SiteError
-from tpm_fed.federation import SiteConfig
+from tpm_fed.federation import SiteConfig, WorkerSettings
 from tpm_fed.sites.local import LocalSite
 
 
-def test_round_trip_through_the_engine(client):
-    site = client.site("local")
+def test_round_trip_through_the_engine(runtime):
+    site = runtime.site("local")
     payload = {"nested": [1, 2.5, "three"], "bytes": b"\x00\xff"}
     assert site.submit(echo, payload).result(timeout=60) == payload
     info = site.submit(worker_info).result(timeout=60)
@@ -20,8 +20,8 @@ def test_round_trip_through_the_engine(client):
     assert site.status().state == "running"
 
 
-def test_remote_exception_carries_the_remote_message_and_the_site_survives(client):
-    site = client.site("local")
+def test_remote_exception_carries_the_remote_message_and_the_site_survives(runtime):
+    site = runtime.site("local")
     with pytest.raises(RemoteExecutionError, match="ValueError: the detector is saturated") as caught:
         site.submit(raise_value_error, "the detector is saturated").result(timeout=60)
     assert "raise_value_error" in caught.value.remote_traceback
@@ -29,8 +29,11 @@ def test_remote_exception_carries_the_remote_message_and_the_site_survives(clien
 
 
 def test_config_round_trip(tmp_path):
-    site = LocalSite.from_config(SiteConfig(name="here", capacity={"max_replicas": 3}), run_dir=tmp_path)
+    config = SiteConfig(name="here", capacity={"max_replicas": 3},
+                        worker=WorkerSettings(allow_caller_code=True, adapter_registry=tmp_path / "adapters"))
+    site = LocalSite.from_config(config, run_dir=tmp_path)
     assert LocalSite(**site.config()).config() == site.config()
+    assert site.config()["allow_caller_code"] and site.config()["adapter_registry"] == str(tmp_path / "adapters")
     assert site.status().state == "stopped"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tpm_fed.client import Client
+from tpm_fed.service.runtime import Runtime
 from tpm_fed.protocol.errors import FederationConfigError
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
@@ -45,10 +45,10 @@ def test_workstation_config_serves_the_same_tokens_as_the_local_site(tmp_path, d
     ).dump(home.federation_file)
 
     prompts = ["The telescope", "A star"]
-    with Client(home, create_default=False) as client:
-        on_cluster = client.generate(prompts, max_new_tokens=6, project="tests", site="cluster").result(120)
-        on_local = client.generate(prompts, max_new_tokens=6, project="tests", site="local").result(120)
-        status = {s.name: s for s in client.status()}
+    with Runtime(home) as runtime:
+        on_cluster = runtime.generate(prompts, max_new_tokens=6, project="tests", site="cluster").result(120)
+        on_local = runtime.generate(prompts, max_new_tokens=6, project="tests", site="local").result(120)
+        status = {s.name: s for s in runtime.status()}
     assert on_cluster.site == "cluster" and on_cluster.token_ids == on_local.token_ids
     assert status["cluster"].access == "parsl" and status["cluster"].state == "running"
     assert on_cluster.replica.pid != on_local.replica.pid  # its own worker, started by its own engine

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -97,3 +98,60 @@ def test_eight_threads_cannot_overspend_on_postgres(ledger):
     assert charged == balance.spent_usu == 10 * SU  # exactly the grant: 20 requests, each charged once
     assert balance.reserved_usu == 0 and balance.available_usu == 0
     assert sum(c.state == "settled" for c in ledger.statement()) == 20
+
+
+def test_concurrent_releases_and_settles_move_each_reservation_once_on_postgres(ledger):
+    """Under READ COMMITTED, a release racing a release or a settle must not free (or charge) twice."""
+    ids = [f"race{i}" for i in range(40)]
+    for request_id in ids:
+        ledger.reserve(request_id, project="p", site="s", identity="u", model="m", version="v",
+                       kind="generate", estimate_usu=SU // 10)
+    barrier = threading.Barrier(4)
+
+    def contend(worker: int) -> list[tuple[str, int]]:
+        moved = []
+        for request_id in ids:
+            barrier.wait()  # all four act on the same reservation at once
+            if worker < 2:
+                moved.append((request_id, -1 if ledger.release(request_id, f"raced {worker}") else 0))
+            else:
+                moved.append((request_id, ledger.settle(request_id, Metered(prompt_tokens=1), SU // 20)))
+        return moved
+
+    with ThreadPoolExecutor(4) as pool:
+        moves = [move for worker in pool.map(contend, range(4)) for move in worker]
+    _check_each_moved_once(ledger, ids, moves)
+
+
+def test_concurrent_batches_settle_and_release_each_reservation_once_on_postgres(ledger):
+    ids = [f"batch{i}" for i in range(30)]
+    for request_id in ids:
+        ledger.reserve(request_id, project="p", site="s", identity="u", model="m", version="v",
+                       kind="generate", estimate_usu=SU // 10)
+    barrier = threading.Barrier(4)
+
+    def contend(worker: int) -> list[tuple[str, int]]:
+        barrier.wait()
+        if worker % 2:
+            return [(rid, -1 if ok else 0) for rid, ok in ledger.release_many([(rid, "raced") for rid in ids]).items()]
+        return list(ledger.settle_many([(rid, Metered(), SU // 20) for rid in ids]).items())
+
+    with ThreadPoolExecutor(4) as pool:
+        moves = [move for worker in pool.map(contend, range(4)) for move in worker]
+    _check_each_moved_once(ledger, ids, moves)
+
+
+def _check_each_moved_once(ledger, ids, moves) -> None:
+    """Each reservation was released (-1) or charged (> 0) by exactly one caller, and the money agrees."""
+    for request_id in ids:
+        effective = [m for rid, m in moves if rid == request_id and m != 0]
+        assert len(effective) == 1, (request_id, effective)
+    lines = {c.request_id: c for c in ledger.statement()}
+    settled = [rid for rid in ids if lines[rid].state == "settled"]
+    released = [rid for rid in ids if lines[rid].state == "released"]
+    assert len(settled) + len(released) == len(ids)
+    assert sorted(settled) == sorted(rid for rid, m in moves if m > 0)
+    (balance,) = ledger.balances()
+    assert balance.reserved_usu == 0
+    assert balance.spent_usu == sum(lines[rid].charged_usu for rid in settled) == len(settled) * (SU // 20)
+    assert balance.available_usu == 10 * SU - balance.spent_usu

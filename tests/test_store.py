@@ -193,3 +193,33 @@ def test_bad_directories_are_refused(store, tmp_path, demo_model_dir):
     weights.write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(StoreError, match="runs past the end of the file"):
         store.import_dir(broken, "x")
+
+
+def test_one_table_of_dtypes_agrees_with_safetensors_and_torch():
+    from safetensors.torch import save
+
+    from tpm_fed.protocol.dtypes import DTYPES, torch_dtype
+    from tpm_fed.protocol.safetensors_header import parse_header
+
+    for dtype in DTYPES:
+        tensor = torch.zeros(3, dtype=torch_dtype(dtype.name))
+        ([entry], _) = parse_header(save({"t": tensor}))
+        assert (entry.dtype, entry.nbytes) == (dtype.code, 3 * dtype.itemsize), dtype
+        assert torch_dtype(dtype.code) is tensor.dtype and tensor.dtype.itemsize == dtype.itemsize
+
+
+def test_one_header_parser_for_files_and_blobs(tmp_path):
+    from safetensors.torch import save
+
+    from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, parse_header, read_header
+    from tpm_fed.protocol.tensors import describe_tensors
+
+    blob = save({"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.ones(4)})
+    (tmp_path / "w.safetensors").write_bytes(blob)
+    assert parse_header(blob) == read_header(tmp_path / "w.safetensors")
+    assert describe_tensors(blob) == {"a": {"dtype": "BF16", "shape": [2, 3]}, "b": {"dtype": "F32", "shape": [4]}}
+    not_an_object = (8).to_bytes(8, "little") + b"[1,2,3] "
+    for broken, message in ((blob[:5], "too short"), (blob[:-4], "runs past the end"),
+                            (not_an_object, "not a JSON object"), (b"\x80\x04" + bytes(40), "runs past the end")):
+        with pytest.raises(SafetensorsFormatError, match=message):
+            parse_header(broken)

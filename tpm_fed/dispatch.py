@@ -9,6 +9,11 @@ until none has arrived for ``linger_s`` (about a millisecond; at most
 ``MAX_LINGER_FACTOR`` times that): a burst of requests then leaves as one
 batch instead of one request followed by the rest.
 
+When a batch leaves, its listener (the bookkeeper) reserves the service
+units of all its requests in one transaction; a request it refuses fails at
+once and the rest go out. Lingers and task timeouts run on one thread per
+dispatcher (no thread is started per batch).
+
 A batch that gets no answer within ``task_timeout_s`` fails with
 :class:`~tpm_fed.errors.SiteError` (its service units are released and the
 site is marked unhealthy), so a lost task never leaves a caller waiting
@@ -17,13 +22,14 @@ forever; an answer that arrives after that is dropped.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from tpm_fed.protocol.errors import SiteError, error_from_wire
 from tpm_fed.protocol.limits import ENVELOPE_BYTES, MAX_PAYLOAD_BYTES, request_bytes
@@ -39,20 +45,93 @@ logger = logging.getLogger(__name__)
 
 MAX_LINGER_FACTOR = 25
 """A steady trickle of requests cannot hold a batch back longer than this many lingers
-(a burst of 64 requests, each admitted in ~0.3 ms, must fit inside it; a full batch
+(a burst of 64 requests, each placed in ~0.2-0.3 ms, must fit inside it; a full batch
 leaves at once anyway)."""
 
 
 class Listener(Protocol):
     """Told when a batch leaves, and of its outcomes before the callers' futures resolve."""
 
-    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> None: ...
+    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> dict[str, BaseException]:
+        """Record the batch about to leave; return the requests refused (not sent), with why."""
+        ...
 
     def record_outcomes(
         self, outcomes: dict[str, ServedResult | BaseException]
     ) -> dict[str, ServedResult | BaseException]:
         """Record the outcomes; return them, results annotated (e.g. with their charge)."""
         ...
+
+
+class _Timed:
+    """A callback due at ``when`` (``time.monotonic``); :meth:`cancel` keeps it from running."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[_Timed], None]) -> None:
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: _Timed) -> bool:
+        return self.when < other.when
+
+
+class _Clock:
+    """One thread that runs a dispatcher's timed callbacks: lingers and task timeouts.
+
+    A ``threading.Timer`` starts a thread: ~0.1 ms, twice per batch, on the
+    path of every request. This thread is started once, waits on a condition
+    for the earliest deadline, and exits after a minute with nothing to do.
+    """
+
+    IDLE_S = 60.0
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._due: list[_Timed] = []
+        self._condition = threading.Condition()
+        self._running = False
+        self._compact_at = 64
+
+    def call_later(self, delay: float, callback: Callable[[_Timed], None]) -> _Timed:
+        """Run ``callback(timed)`` on the clock's thread in ``delay`` seconds."""
+        timed = _Timed(time.monotonic() + delay, callback)
+        with self._condition:
+            if len(self._due) >= self._compact_at:  # cancelled task timeouts pile up: drop them
+                self._due = [t for t in self._due if not t.cancelled]
+                heapq.heapify(self._due)
+                self._compact_at = max(64, 2 * len(self._due))
+            heapq.heappush(self._due, timed)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name=self._name, daemon=True).start()
+            elif self._due[0] is timed:
+                self._condition.notify()
+        return timed
+
+    def _run(self) -> None:
+        while (timed := self._next()) is not None:
+            try:
+                timed.callback(timed)
+            except Exception:
+                logger.exception("a timed callback of %s failed", self._name)
+
+    def _next(self) -> _Timed | None:
+        with self._condition:
+            while True:
+                while self._due and self._due[0].cancelled:
+                    heapq.heappop(self._due)
+                if not self._due:
+                    if not self._condition.wait(self.IDLE_S) and not self._due:
+                        self._running = False
+                        return None
+                    continue
+                delay = self._due[0].when - time.monotonic()
+                if delay <= 0:
+                    return heapq.heappop(self._due)
+                self._condition.wait(delay)
 
 
 @dataclass
@@ -69,7 +148,7 @@ class _Batch:
 
     pending: list[_Pending]
     closed: bool = False
-    timer: threading.Timer | None = None
+    timer: _Timed | None = None
 
 
 class BatchingDispatcher:
@@ -109,8 +188,9 @@ class BatchingDispatcher:
         self.context = context or {}
         self._waiting: deque[_Pending] = deque()
         self._in_flight = 0
-        self._linger: threading.Timer | None = None
+        self._linger: _Timed | None = None
         self._linger_started = 0.0
+        self._clock = _Clock(f"tpm-dispatch-{site.name}")
         self._last_arrival = 0.0
         self._lock = threading.Lock()
 
@@ -134,12 +214,12 @@ class BatchingDispatcher:
         if self._linger is None and self._in_flight < self.max_in_flight:
             if delay is None:
                 self._linger_started = time.perf_counter()
-            self._linger = threading.Timer(delay or self.linger_s, self._linger_over)
-            self._linger.daemon = True
-            self._linger.start()
+            self._linger = self._clock.call_later(delay or self.linger_s, self._linger_over)
 
-    def _linger_over(self) -> None:
+    def _linger_over(self, timed: _Timed) -> None:
         with self._lock:
+            if self._linger is not timed:  # cancelled after it came due
+                return
             self._linger = None
             now = time.perf_counter()
             quiet_until = self._last_arrival + self.linger_s
@@ -170,20 +250,41 @@ class BatchingDispatcher:
         return batch
 
     def _send(self, pending: list[_Pending]) -> None:
+        """Send ``pending`` as one task (the caller took a worker slot for it)."""
+        while pending:
+            try:
+                refused = self.listener.record_sent(
+                    self.site.name, self.spec.version, [p.request for p in pending]
+                ) if self.listener is not None else None
+            except Exception as error:  # the log or the ledger could not take the batch
+                self._start(pending, failed=error)
+                return
+            if refused:  # refused at reservation: fail those now, send the rest
+                for p in pending:
+                    if p.request.request_id in refused:
+                        p.future.set_exception(refused[p.request.request_id])
+                pending = [p for p in pending if p.request.request_id not in refused]
+            if pending:
+                self._start(pending)
+                return
+            with self._lock:  # everything was refused: the slot goes to the next batch
+                self._in_flight -= 1
+                pending = self._take_batch()
+
+    def _start(self, pending: list[_Pending], failed: Exception | None = None) -> None:
         batch = _Batch(pending)
         if self.task_timeout_s is not None:
-            batch.timer = threading.Timer(self.task_timeout_s, self._expire, args=(batch,))
-            batch.timer.daemon = True
-            batch.timer.start()
-        try:
-            if self.listener is not None:
-                self.listener.record_sent(self.site.name, self.spec.version, [p.request for p in pending])
-            task = self.site.submit(
-                SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending], self.context
-            )
-        except Exception as error:  # the log or the site could not take the batch
-            task = Future()
-            task.set_exception(error)
+            batch.timer = self._clock.call_later(self.task_timeout_s, lambda _: self._expire(batch))
+        task: Future = Future()
+        if failed is not None:
+            task.set_exception(failed)
+        else:
+            try:
+                task = self.site.submit(
+                    SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending], self.context
+                )
+            except Exception as error:  # the site could not take the batch
+                task.set_exception(error)
         task.add_done_callback(lambda done: self._on_done(batch, done))
 
     def _close(self, batch: _Batch) -> bool:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 from uuid import UUID
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tpm_fed.protocol.errors import FederationConfigError, UnknownModel
+from tpm_fed.protocol.chunks import write_atomically
+from tpm_fed.protocol.errors import FederationConfigError, TpmError, UnknownModel
 from tpm_fed.protocol.kinds import KindName
 from tpm_fed.protocol.model import BackendChoice, DType
 from tpm_fed.protocol.requests import describe_validation_error
@@ -54,6 +55,25 @@ class RegisteredFunction(_Strict):
     code_version: str = Field(min_length=1)
 
 
+class WorkerSettings(_Strict):
+    """What a ``local`` site's workers permit: its endpoint policy, as an operator would set it.
+
+    The local site passes these to its workers through their ``worker_init``
+    (``TPM_ALLOW_CALLER_CODE``, ``TPM_ADAPTER_REGISTRY``), the way a
+    ``parsl`` or ``globus-compute`` site's endpoint config does for its own
+    (see ``endpoint_configs/``); a task can never change them.
+
+    Attributes:
+        allow_caller_code: Callers' own Python (python hooks, input/head code) may run
+            there. Unset: only on ``byo`` sites (the broker sends caller code nowhere else).
+        adapter_registry: The adapter registry the workers read (relative to the
+            federation file). Unset: the federation's ``store/adapters``.
+    """
+
+    allow_caller_code: bool | None = None
+    adapter_registry: Path | None = None
+
+
 class SiteConfig(_Strict):
     """One place where replicas run.
 
@@ -84,6 +104,7 @@ class SiteConfig(_Strict):
         batch_linger_ms: Quiet time that ends a batch's linger when a worker is free.
         task_timeout_s: A task with no answer after this long fails with a site
             error (long enough for the largest model's cold start here).
+        worker: What the workers permit (``local`` sites; other sites' endpoint configs say).
     """
 
     name: str = Name
@@ -103,6 +124,28 @@ class SiteConfig(_Strict):
     max_batch_requests: int = Field(default=64, ge=1, le=4096)
     batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
     task_timeout_s: float = Field(default=900.0, gt=0)
+    worker: WorkerSettings = WorkerSettings()
+
+    @property
+    def allows_caller_code(self) -> bool:
+        """Whether this site's workers run callers' own code (``worker.allow_caller_code``, else byo only)."""
+        allowed = self.worker.allow_caller_code
+        return self.billing == "byo" if allowed is None else allowed
+
+    def with_adapter_registry_in(self, folder: Path, default: Path) -> Self:
+        """A local site with its workers' adapter registry made absolute: its own, or
+        ``default``, each relative to ``folder`` (the federation file's)."""
+        if self.access != "local":
+            return self
+        registry = (folder / (self.worker.adapter_registry or default)).resolve()
+        return self.model_copy(update={"worker": self.worker.model_copy(update={"adapter_registry": registry})})
+
+    @model_validator(mode="after")
+    def _worker_settings_are_for_local_sites(self) -> Self:
+        if self.access != "local" and self.worker != WorkerSettings():
+            raise ValueError(f"site {self.name!r}: worker settings are for local sites; a {self.access} site's "
+                             "workers take theirs from its endpoint config's worker_init (TPM_ALLOW_CALLER_CODE...)")
+        return self
 
     @model_validator(mode="after")
     def _owner_matches_billing(self) -> Self:
@@ -292,34 +335,36 @@ class Federation(_Strict):
             if s.engine_config is not None else s
             for s in self.sites
         ]
+        sites = [s.with_adapter_registry_in(folder, default=self.store / "adapters") for s in sites]
         return self.model_copy(update={"models": models, "sites": sites, "store": (folder / self.store).resolve()})
 
     def dump(self, path: Path) -> None:
         """Write atomically: a crash never leaves half a federation file."""
-        staging = path.with_suffix(".yaml.tmp")
-        staging.write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
-        staging.replace(path)
+        write_atomically(path, yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
 
     def model(self, name: str) -> ModelConfig:
-        for model in self.models:
-            if model.name == name:
-                return model
-        known = ", ".join(m.name for m in self.models) or "none"
-        raise UnknownModel(f"unknown model {name!r}; the federation serves: {known}")
+        """The model ``name``; :class:`UnknownModel`, listing the known ones, if there is none."""
+        return _named(self.models, name, "model", UnknownModel, verb="serves")
 
     def site(self, name: str) -> SiteConfig:
-        for site in self.sites:
-            if site.name == name:
-                return site
-        known = ", ".join(s.name for s in self.sites)
-        raise FederationConfigError(f"unknown site {name!r}; the federation has: {known}")
+        """The site ``name``; :class:`FederationConfigError`, listing the known ones, if there is none."""
+        return _named(self.sites, name, "site", FederationConfigError)
 
     def project(self, name: str) -> ProjectConfig:
-        for project in self.projects:
-            if project.name == name:
-                return project
-        known = ", ".join(p.name for p in self.projects) or "none"
-        raise FederationConfigError(f"unknown project {name!r}; the federation has: {known}")
+        """The project ``name``; :class:`FederationConfigError`, listing the known ones, if there is none."""
+        return _named(self.projects, name, "project", FederationConfigError)
 
     def projects_of(self, identity: str) -> list[ProjectConfig]:
         return [p for p in self.projects if identity in p.members]
+
+
+_Entry = TypeVar("_Entry", SiteConfig, ModelConfig, ProjectConfig)
+
+
+def _named(entries: list[_Entry], name: str, what: str, error: type[TpmError], *, verb: str = "has") -> _Entry:
+    """The entry called ``name``, or ``error`` naming every known one."""
+    for entry in entries:
+        if entry.name == name:
+            return entry
+    known = ", ".join(entry.name for entry in entries) or "none"
+    raise error(f"unknown {what} {name!r}; the federation {verb}: {known}")

@@ -1,7 +1,9 @@
 """Build registered adapters from their architecture and weights; keep the recent ones.
 
 Only allow-listed layers are built (our code), and only safetensors weights
-are read; the files must hash to the version the caller named.
+are read; the files must hash to the version the caller named. A module is
+cached per registry, adapter version and dtype: the same adapter serves
+cores of different dtypes, each in its own copy.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ CACHED_ADAPTERS = 64
 class AdapterCache:
     def __init__(self, capacity: int = CACHED_ADAPTERS) -> None:
         self.capacity = capacity
-        self._modules: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
+        self._modules: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, registry_root: str, ref: str, dtype: Any) -> tuple[Any, Any]:
+    def get(self, registry_root: str | Path, ref: str, dtype: Any) -> tuple[Any, Any]:
         """The module and record for ``ref`` (``NAME@VERSION``), in ``dtype``.
 
         Raises:
@@ -31,7 +33,9 @@ class AdapterCache:
         """
         from safetensors.torch import load
 
-        key = (registry_root, ref)
+        from functions.adapters.build import build_module
+
+        key = (str(registry_root), ref, str(dtype))
         with self._lock:
             if key in self._modules:
                 self._modules.move_to_end(key)
@@ -42,7 +46,7 @@ class AdapterCache:
         verify_version(record, blob)
         weights = load(blob)
         record.architecture.check_weights({name: tuple(t.shape) for name, t in weights.items()})
-        module = record.architecture.build()
+        module = build_module(record.architecture)
         module.load_state_dict(weights, strict=True)
         entry = (module.to(dtype).eval(), record)
         with self._lock:

@@ -1,13 +1,14 @@
-"""The protocol every backend implements, and the data it works on."""
+"""What every backend is, the capabilities a backend may have, and the data it works on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from tpm_fed.protocol.errors import ContextLengthExceeded
+from tpm_fed.protocol.errors import BackendUnavailable
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import Completion
+from tpm_fed.protocol.validation import check_context
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,12 @@ class EncodedRequest:
 
 
 class Backend(Protocol):
-    """A loaded model that answers batches of requests.
+    """A loaded model, held by a replica.
+
+    What it can serve is told by which capability protocols below it satisfies
+    (:data:`CAPABILITIES`, keyed like the ``capability`` column of
+    :data:`tpm_fed.protocol.kinds.KINDS`); a backend is one file with the
+    members of the capabilities it has, and nothing else declares them.
 
     Attributes:
         name: ``"torch"`` or ``"vllm"``, reported in results.
@@ -32,6 +38,15 @@ class Backend(Protocol):
 
     name: str
     context_length: int
+
+    def close(self) -> None:
+        """Release the model (the replica is being evicted)."""
+        ...
+
+
+@runtime_checkable
+class Generates(Protocol):
+    """Generates text: what ``generate`` requests need."""
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
         """Tokenize a request's prompts.
@@ -45,24 +60,58 @@ class Backend(Protocol):
         """Answer every request of the batch: one completion per prompt, in order."""
         ...
 
-    def close(self) -> None:
-        """Release the model (the replica is being evicted)."""
+
+@runtime_checkable
+class Traces(Protocol):
+    """Reads and writes activations inside the forward pass: what ``trace`` requests need."""
+
+    @property
+    def tracer(self) -> Any:
+        """A :class:`functions.interventions.tracer.Tracer` on this model."""
         ...
 
 
+@runtime_checkable
+class HiddenStates(Protocol):
+    """Exposes the core model itself, for embedding requests (``hidden_states``).
+
+    ``model`` is a transformers causal LM: ``model.base_model(inputs_embeds=...,
+    attention_mask=...)`` runs the core on the caller's embeddings, and its
+    input embeddings turn ``tokenizer``'s ids into them for text items.
+    """
+
+    model: Any
+    tokenizer: Any
+    context_length: int
+
+
+CAPABILITIES: dict[str, type] = {"generate": Generates, "trace": Traces, "hidden_states": HiddenStates}
+"""Capability name (the ``capability`` column of the kinds table) -> the protocol that has it."""
+
+
+def require_capability(backend: Backend, capability: str, kind: str) -> Any:
+    """``backend``, if it has ``capability``.
+
+    Raises:
+        BackendUnavailable: It has not (e.g. a trace on a vLLM replica).
+    """
+    if not isinstance(backend, CAPABILITIES[capability]):
+        raise BackendUnavailable(
+            f"{kind} requests need a backend with the {capability!r} capability; this replica runs "
+            f"{backend.name}, which has not (the torch backend serves every kind)"
+        )
+    return backend
+
+
 def encode_request(tokenizer: Any, request: GenerationRequest, context_length: int) -> EncodedRequest:
-    """Tokenize each prompt once; refuse one that leaves no room for ``max_new_tokens``.
+    """Tokenize each prompt once (special tokens as the request says); refuse one that leaves no room.
 
     Raises:
         ContextLengthExceeded: A prompt plus max_new_tokens exceeds the context.
     """
-    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in request.prompts]
-    for index, ids in enumerate(prompt_ids):
-        if len(ids) + request.max_new_tokens > context_length:
-            raise ContextLengthExceeded(
-                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={request.max_new_tokens} "
-                f"that exceeds the model's context of {context_length} tokens"
-            )
+    prompt_ids = [tokenizer(prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+                  for prompt in request.prompts]
+    check_context(request.max_new_tokens, context_length, [len(ids) for ids in prompt_ids])
     return EncodedRequest(request=request, prompt_ids=prompt_ids)
 
 

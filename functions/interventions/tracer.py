@@ -5,8 +5,11 @@ pre-hook for ``.input``; for heads, a pre-hook on the attention's output
 projection, whose input holds the heads side by side). The prompts run as
 one left-padded batch, so a patch can copy from one prompt to another in
 the same pass. Steps are checked against the replica's own point catalog
+(by the same function the client uses, :func:`tpm_fed.protocol.validation.check_spec`)
 before anything runs, and the result's size is known (and refused above
-the limit) before the forward pass too.
+the endpoint's limit) before the forward pass too. A caller's python hook is
+unpacked only when the endpoint's policy runs callers' code, and only after
+every other check has passed.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from functions.interventions.positions import resolve_positions
-from tpm_fed.protocol.errors import ContextLengthExceeded, InvalidRequest, NotPermitted, PayloadTooLarge
+from functions.policy import WorkerPolicy
+from tpm_fed.protocol.errors import InvalidRequest, PayloadTooLarge
+from tpm_fed.protocol.interventions import Inject, Patch, Point
 from tpm_fed.protocol.points import PointCatalog, probe_points
 from tpm_fed.protocol.requests import TraceRequest
-from tpm_fed.protocol.interventions import Inject, Patch, Point
-from tpm_fed.protocol.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.validation import check_context, check_spec, step_label
 
 
 @dataclass
@@ -45,49 +49,49 @@ class Tracer:
         self.pad_token_id = pad_token_id
         self.catalog: PointCatalog = probe_points(model)
 
-    def run(self, request: TraceRequest, *, allow_user_code: bool) -> dict[str, Any]:
+    def run(self, request: TraceRequest, *, policy: WorkerPolicy) -> dict[str, Any]:
         """Answer ``request``: ``{"tensors": safetensors bytes, "prompt_tokens", "vocab", "completions", "usage"}``.
 
+        Args:
+            request: The trace.
+            policy: This endpoint's policy: whether the caller's python hooks may run,
+                and the largest result.
+
         Raises:
-            NotPermitted: The request carries Python code and this site does not run callers' code.
+            NotPermitted: The request carries Python code and this endpoint does not run callers' code.
             InvalidRequest: A point, head, position, tensor or index does not fit this model.
-            PayloadTooLarge: The result would be over the limit.
+            PayloadTooLarge: The result would be over the endpoint's limit.
         """
         import torch
 
-        if request.python_hooks and not allow_user_code:
-            raise NotPermitted("python_hooks run only on a site your project owns (byo); this site is shared")
+        if request.python_hooks:  # first, so a refused request's code is never unpacked
+            policy.check_caller_code("python_hooks")
+        check_spec(request, self.catalog)  # what the client checked too, against this model
         prompt_ids = [self.tokenizer(p)["input_ids"] for p in request.prompts]
         lengths = [len(ids) for ids in prompt_ids]
-        for index, length in enumerate(lengths):
-            if length + request.max_new_tokens > self.context_length:
-                raise ContextLengthExceeded(
-                    f"prompt {index} has {length} tokens; with max_new_tokens={request.max_new_tokens} "
-                    f"that exceeds the model's context of {self.context_length} tokens"
-                )
+        check_context(request.max_new_tokens, self.context_length, lengths)
         bound = [self._bind(index, step, request, lengths) for index, step in enumerate(request.steps)]
-        bound += [self._bind_hook(hook) for hook in request.python_hooks]
         item_bytes = torch.finfo(self.model.dtype).bits // 8
         expected = request.result_bytes(self.catalog, lengths, item_bytes)
-        if expected > MAX_RESULT_BYTES:
+        if expected > policy.max_result_bytes:
             raise PayloadTooLarge(
-                f"the result would be {expected:,} bytes; a result holds at most {MAX_RESULT_BYTES:,} "
+                f"the result would be {expected:,} bytes; a result holds at most {policy.max_result_bytes:,} "
                 "(save fewer points or positions, or split the prompts; results by reference come later)"
             )
-        run = _Run(self, request, prompt_ids, bound)
+        bound += [self._bind_hook(hook, policy) for hook in request.python_hooks]
+        run = _Run(self, request, prompt_ids, bound, policy.max_result_bytes)
         with torch.no_grad():
             outputs = run.forward()
         return run.reply(outputs)
 
     def _bind(self, index: int, step, request: TraceRequest, lengths: list[int]) -> _Bound:
+        """Tie a step (already checked by :func:`check_spec`) to the token indexes it acts on."""
         import torch
 
-        where = f"step {index} ({step.op} at {step.point})"
-        point = step.address
-        features = self.catalog.features(point)
+        where = step_label(index, step)
         prompts = step.prompts or [p for p in range(len(lengths)) if not (isinstance(step, Patch) and p == step.source)]
         rows = {p: resolve_positions(step.positions, lengths[p], where) for p in prompts}
-        bound = _Bound(step, point, rows)
+        bound = _Bound(step, step.address, rows)
         if isinstance(step, Patch):
             for target, indexes in rows.items():
                 source = resolve_positions(step.source_positions or step.positions, lengths[step.source], where)
@@ -96,20 +100,8 @@ class Tracer:
                                          f"source prompt {step.source} gives {len(source)}; name the positions")
                 bound.sources[target] = (step.source, source)
         if step.op in ("set", "add"):
-            value = step.value.torch()
-            counts = {len(indexes) for indexes in rows.values()}
-            if tuple(value.shape) != features and not (
-                len(counts) == 1 and tuple(value.shape) == (counts.pop(), *features)
-            ):
-                raise InvalidRequest(
-                    f"{where}: value has shape {list(value.shape)}; expected {list(features)} "
-                    f"(one position) or [positions, {', '.join(map(str, features))}]"
-                )
-            bound.value = value.to(self.model.dtype)
+            bound.value = step.value.torch().to(self.model.dtype)
         if isinstance(step, Inject):
-            if features != (self.catalog.hidden_size,):
-                raise InvalidRequest(f"{where}: memory injection needs a point of the model's hidden size "
-                                     f"{self.catalog.hidden_size}; this one has {list(features)}")
             ids = self.tokenizer(step.text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise InvalidRequest(f"{where}: text {step.text!r} has no tokens")
@@ -117,13 +109,9 @@ class Tracer:
             bound.value = embeddings(torch.tensor(ids)).sum(dim=0) * step.scale
         return bound
 
-    def _bind_hook(self, hook) -> _Bound:
-        from globus_compute_sdk.serialize import ComputeSerializer
-
-        point = Point.parse(hook.point)
-        self.catalog.features(point)
-        function = ComputeSerializer().deserialize(hook.code)
-        return _Bound(step=_CallerHook(function), point=point, rows={})
+    def _bind_hook(self, hook, policy: WorkerPolicy) -> _Bound:
+        function = policy.load_caller_code(hook.code, "python_hooks")
+        return _Bound(step=_CallerHook(function), point=Point.parse(hook.point), rows={})
 
 
 @dataclass(frozen=True)
@@ -138,8 +126,10 @@ class _CallerHook:
 class _Run:
     """One forward pass (or one generation) with the hooks in place."""
 
-    def __init__(self, tracer: Tracer, request: TraceRequest, prompt_ids: list[list[int]], bound: list[_Bound]):
+    def __init__(self, tracer: Tracer, request: TraceRequest, prompt_ids: list[list[int]], bound: list[_Bound],
+                 max_result_bytes: int):
         self.tracer = tracer
+        self.max_result_bytes = max_result_bytes
         self.model = tracer.model
         self.catalog = tracer.catalog
         self.request = request
@@ -323,8 +313,8 @@ class _Run:
                     [outputs["attentions"][layer][prompt, :, pad:, pad:].float() for layer in layers]
                 )
         blob = pack_tensors(tensors)
-        if len(blob) > MAX_RESULT_BYTES:  # the estimate bounds it; this guards the estimate
-            raise PayloadTooLarge(f"the result is {len(blob):,} bytes; a result holds at most {MAX_RESULT_BYTES:,}")
+        if len(blob) > self.max_result_bytes:  # the estimate bounds it; this guards the estimate
+            raise PayloadTooLarge(f"the result is {len(blob):,} bytes; a result holds at most {self.max_result_bytes:,}")
         completions = self._completions(outputs["sequences"])
         decode = self.tracer.tokenizer.convert_ids_to_tokens
         return {
@@ -372,11 +362,8 @@ class _Run:
             indexes = [pad + i for i in resolve_positions(lens.positions, length, "attention_lens")]
             per_layer = []
             for layer in layers:
-                name, info = self.catalog.attention_of(layer)
-                heads = lens.heads or list(range(info.heads))
-                for head in heads:
-                    if not 0 <= head < info.heads:
-                        raise InvalidRequest(f"attention_lens: head {head} is out of range; {name} has heads 0..{info.heads - 1}")
+                _, info = self.catalog.attention_of(layer)
+                heads = lens.heads or list(range(info.heads))  # in range: check_spec saw to it
                 weight = self.model.get_submodule(info.out_projection).weight
                 z = self.head_inputs[layer][prompt, indexes].view(len(indexes), info.heads, info.head_dim)
                 contributions = torch.stack([

@@ -2,16 +2,25 @@
 
 It joins the pure placement (:mod:`tpm_fed.broker.placement`) with what
 changes at run time: the replica registry, site health, and the ledger.
-Admission walks the ranked candidates and reserves at the first whose
-allocation still covers the estimate (another caller may have spent it since
-the snapshot), so a request is either placed with its SUs held, or refused
-having been charged nothing.
+
+Two ways in:
+
+* :meth:`Broker.admit` reserves at once: it walks the ranked candidates and
+  reserves at the first whose allocation still covers the estimate (another
+  caller may have spent it since the snapshot), so a request is either placed
+  with its SUs held, or refused having been charged nothing.
+* :meth:`Broker.place` only places, and holds the estimate in this process's
+  balance snapshot; the caller reserves a whole batch in one transaction when
+  it leaves (:class:`~tpm_fed.bookkeeping.Bookkeeper`), where a request that
+  lost the last SUs to another process since the snapshot is refused, charged
+  nothing. This is the client's path: no database write per request.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from tpm_fed.broker.health import SiteHealth
@@ -19,7 +28,7 @@ from tpm_fed.broker.placement import Candidate, Decision, Placer, PlacementReque
 from tpm_fed.broker.registry import ReplicaRegistry
 from tpm_fed.protocol.errors import InsufficientBalance, NotPermitted, PlacementRefused
 from tpm_fed.federation import Federation
-from tpm_fed.ledger import Ledger
+from tpm_fed.ledger import Hold, Ledger
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,16 @@ class Admission:
     free: bool
     estimate_usu: int
     decision: Decision
+    request: PlacementRequest
+    reserved: bool
+    """True when the ledger holds the estimate already (:meth:`Broker.admit`); False after
+    :meth:`Broker.place`, whose caller reserves it with its batch."""
+
+    def hold(self) -> Hold:
+        """The reservation this admission needs."""
+        r = self.request
+        return Hold(self.request_id, self.project, self.site, r.identity, r.model, r.version, r.kind,
+                    self.estimate_usu, self.free)
 
     @property
     def replaced(self) -> str | None:
@@ -44,9 +63,12 @@ class Admission:
 class BalanceSnapshot:
     """Available SUs per (project, site), re-read from the ledger at most every ``max_age_s``.
 
+    Less what this process has placed but not yet reserved (``held``): those
+    estimates are in no database row yet, and a re-read must not forget them.
     Placement only ranks with it: the reservation, checked by the database,
     has the last word, so a stale figure costs at most a fall-through to the
-    next candidate, never an overspend.
+    next candidate (:meth:`Broker.admit`) or a refused request, charged nothing
+    (:meth:`Broker.place`), never an overspend.
     """
 
     def __init__(self, ledger: Ledger, max_age_s: float = 1.0) -> None:
@@ -55,6 +77,7 @@ class BalanceSnapshot:
         self._lock = threading.Lock()
         self._read_at = float("-inf")
         self._available: dict[tuple[str, str], int] = {}
+        self._held: dict[tuple[str, str], int] = {}
 
     def refresh(self) -> None:
         fresh = {(b.project, b.site): b.available_usu for b in self.ledger.balances()}
@@ -64,12 +87,29 @@ class BalanceSnapshot:
     def available(self, project: str, site: str) -> int | None:
         if time.monotonic() - self._read_at > self.max_age_s:
             self.refresh()
-        return self._available.get((project, site))
+        key = (project, site)
+        available = self._available.get(key)
+        return None if available is None else available - self._held.get(key, 0)
 
     def spent(self, project: str, site: str, amount: int) -> None:
+        """``amount`` was reserved in the ledger (mirrored here until the next re-read)."""
         with self._lock:
             key = (project, site)
             if key in self._available:
+                self._available[key] -= amount
+
+    def hold(self, project: str, site: str, amount: int) -> None:
+        """``amount`` is promised to a placed request whose reservation is still to come."""
+        with self._lock:
+            key = (project, site)
+            self._held[key] = self._held.get(key, 0) + amount
+
+    def unhold(self, project: str, site: str, amount: int, reserved: bool) -> None:
+        """The promise is over: the ledger reserved ``amount`` (``reserved``), or refused it."""
+        with self._lock:
+            key = (project, site)
+            self._held[key] -= amount
+            if reserved and key in self._available:
                 self._available[key] -= amount
 
 
@@ -119,27 +159,58 @@ class Broker:
             raise PlacementRefused(decision.refusal or "no candidate", decision.explain())
         last_error: InsufficientBalance | None = None
         for candidate in decision.ranked:
-            estimate = candidate.cost_usu
             try:
                 self.ledger.reserve(
                     request_id, project=request.project, site=candidate.site, identity=request.identity,
                     model=request.model, version=request.version, kind=request.kind,
-                    estimate_usu=estimate, free=candidate.free,
+                    estimate_usu=candidate.cost_usu, free=candidate.free,
                 )
             except InsufficientBalance as error:
                 last_error = error
                 self.balances.refresh()
                 continue
-            if candidate.replaces is not None:
-                self.registry.set_state([candidate.replaces], "stopped")
-            replica = self._replica_for(candidate, request)
-            self.registry.queued(replica.replica_id)
-            self.balances.spent(request.project, candidate.site, estimate)
-            chosen = Decision(candidate, decision.candidates)
-            return Admission(request_id, request.project, candidate.site, replica.replica_id,
-                             candidate.replica_id is None, candidate.free, estimate, chosen)
+            self.balances.spent(request.project, candidate.site, candidate.cost_usu)
+            return self._take(request_id, request, candidate, decision, reserved=True)
         assert last_error is not None
         raise last_error
+
+    def place(self, request_id: str, request: PlacementRequest) -> Admission:
+        """Place ``request`` without writing to the ledger: its caller reserves it with its batch.
+
+        The estimate is held in the balance snapshot until :meth:`reserved` says
+        how the reservation went, so this process never places more than it has.
+
+        Raises:
+            PlacementRefused: No candidate is eligible (with the explanation).
+            NotPermitted: The request names another project's own site.
+        """
+        decision = self.decide(request)
+        if decision.chosen is None:
+            raise PlacementRefused(decision.refusal or "no candidate", decision.explain())
+        candidate = decision.chosen
+        self.balances.hold(request.project, candidate.site, candidate.cost_usu)
+        return self._take(request_id, request, candidate, decision, reserved=False)
+
+    def reserved(self, admissions: list[Admission], refused: Collection[str]) -> None:
+        """The batch reservation of placed requests is over; ``refused`` names those it refused.
+
+        Refused requests leave their replica's queue (they will not run).
+        """
+        for admission in admissions:
+            ok = admission.request_id not in refused
+            self.balances.unhold(admission.project, admission.site, admission.estimate_usu, reserved=ok)
+            if not ok:
+                self.registry.failed(admission.replica_id, 1)
+
+    def _take(self, request_id: str, request: PlacementRequest, candidate: Candidate, decision: Decision,
+              *, reserved: bool) -> Admission:
+        if candidate.replaces is not None:
+            self.registry.set_state([candidate.replaces], "stopped")
+        replica = self._replica_for(candidate, request)
+        self.registry.queued(replica.replica_id)
+        return Admission(request_id, request.project, candidate.site, replica.replica_id,
+                         candidate.replica_id is None, candidate.free, candidate.cost_usu,
+                         Decision(candidate, decision.candidates), request, reserved)
 
     def _replica_for(self, candidate: Candidate, request: PlacementRequest):
         if candidate.replica_id is not None:

@@ -15,9 +15,10 @@ import threading
 import time
 from collections import defaultdict
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from tpm_fed.broker.placement import DEFAULT_SERVICE_S, ReplicaView
+from tpm_fed.state.database import transaction
 from tpm_fed.state.schema import replicas_table
 
 SERVICE_TIME_WEIGHT = 0.3
@@ -50,6 +51,10 @@ class ReplicaRegistry:
         self._by_model: dict[tuple[str, str], dict[str, ReplicaView]] = defaultdict(dict)
         self._by_site: dict[str, dict[str, ReplicaView]] = defaultdict(dict)
         self._live: dict[str, int] = defaultdict(int)  # kept current: placement reads it every time
+        r = replicas_table.c
+        self._served = update(replicas_table).where(r.replica_id == bindparam("rid")).values(
+            state=bindparam("state"), last_used=bindparam("now"), service_s=bindparam("service_s"),
+            worker=bindparam("worker"), served_requests=r.served_requests + bindparam("requests"))
         self._load()
 
     def _load(self) -> None:
@@ -119,10 +124,13 @@ class ReplicaRegistry:
         with self._lock:
             self._replicas[replica_id].queue_depth += count
 
-    def served(self, replica_id: str, requests: int, batch_s: float, worker: str | None) -> None:
+    def served(
+        self, replica_id: str, requests: int, batch_s: float, worker: str | None, db: Connection | None = None
+    ) -> None:
         """A batch finished on the replica: it is warm, and its service time is updated.
 
         A replica stopped while the batch ran (its slot given away) stays stopped.
+        The row is written in ``db``'s transaction, if given.
         """
         now = time.time()
         with self._lock:
@@ -133,10 +141,9 @@ class ReplicaRegistry:
                 replica.state = "warm"
             replica.last_used = now
             state, service_s = replica.state, replica.service_s
-        with self.engine.begin() as db:
-            db.execute(update(replicas_table).where(replicas_table.c.replica_id == replica_id).values(
-                state=state, last_used=now, service_s=service_s, worker=worker,
-                served_requests=replicas_table.c.served_requests + requests))
+        with transaction(self.engine, db) as db:
+            db.execute(self._served, {"rid": replica_id, "state": state, "now": now, "service_s": service_s,
+                                      "worker": worker, "requests": requests})
 
     def failed(self, replica_id: str, requests: int) -> None:
         with self._lock:

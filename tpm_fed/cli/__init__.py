@@ -33,12 +33,14 @@ def _register() -> None:
     from tpm_fed.cli.admin import projects, sites
     from tpm_fed.cli.globus import functions, login, logout
     from tpm_fed.cli.models import models
+    from tpm_fed.cli.service import service
     from tpm_fed.cli.status import status
     from tpm_fed.cli.submit import submit
     from tpm_fed.cli.trace import trace
+    from tpm_fed.service.cli import serve
 
     for command in (submit, trace, status, models, adapters, allocations, usage, projects, sites,
-                    functions, login, logout):
+                    functions, login, logout, serve, service):
         main.add_command(command)
 
 

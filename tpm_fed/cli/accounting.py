@@ -7,6 +7,7 @@ import datetime as dt
 import click
 
 from tpm_fed.cli.context import open_ledger
+from tpm_fed.cli.tables import print_table
 from tpm_fed.ledger.ledger import format_su
 
 
@@ -19,10 +20,12 @@ def allocations(project: str | None) -> None:
     if not rows:
         click.echo("no allocations")
         return
-    click.echo(f"{'project':<16} {'site':<16} {'granted':>16} {'spent':>16} {'reserved':>16} {'available':>16}")
-    for b in rows:
-        click.echo(f"{b.project:<16} {b.site:<16} {format_su(b.granted_usu):>16} {format_su(b.spent_usu):>16} "
-                   f"{format_su(b.reserved_usu):>16} {format_su(b.available_usu):>16}")
+    print_table(
+        ["project", "site", "granted", "spent", "reserved", "available"],
+        [(b.project, b.site, format_su(b.granted_usu), format_su(b.spent_usu), format_su(b.reserved_usu),
+          format_su(b.available_usu)) for b in rows],
+        right={"granted", "spent", "reserved", "available"},
+    )
 
 
 @click.command()
@@ -39,10 +42,10 @@ def usage(project: str | None, since: str | None) -> None:
     ledger, _ = open_ledger()
     lines = ledger.statement(project, since_ts)
     total = sum(c.charged_usu for c in lines)
-    click.echo(f"{'request':<34} {'project':<12} {'site':<10} {'model@version':<36} {'kind':<8} "
-               f"{'in':>6} {'out':>6} {'state':<9} {'SU':>12}")
-    for c in lines:
-        su = "free" if c.free else format_su(c.charged_usu)
-        click.echo(f"{c.request_id:<34} {c.project:<12} {c.site:<10} {c.model + '@' + c.version:<36} {c.kind:<8} "
-                   f"{c.prompt_tokens:>6} {c.completion_tokens:>6} {c.state:<9} {su:>12}")
+    print_table(
+        ["request", "project", "site", "model@version", "kind", "in", "out", "state", "SU"],
+        [(c.request_id, c.project, c.site, f"{c.model}@{c.version}", c.kind, c.prompt_tokens, c.completion_tokens,
+          c.state, "free" if c.free else format_su(c.charged_usu)) for c in lines],
+        right={"in", "out", "SU"},
+    )
     click.echo(f"{len(lines)} requests, {format_su(total)} SU charged")

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from tpm_fed.adapters import AdapterRegistry, Architecture
 from tpm_fed.cli.context import open_home
+from tpm_fed.cli.tables import print_table
 from tpm_fed.protocol.errors import AdapterMismatch
 from tpm_fed.protocol.requests import describe_validation_error
 
@@ -50,7 +51,10 @@ def list_adapters() -> None:
     records = _registry().all()
     if not records:
         click.echo("no adapters registered (tpm adapters add NAME --architecture A.json --weights W.safetensors)")
-    for record in records:
-        arch = record.architecture
-        layers = "+".join(layer.type for layer in arch.layers)
-        click.echo(f"{record.ref:40} {arch.in_features:>6} -> {arch.out_features:<6} {layers}  {record.description}")
+        return
+    print_table(
+        ["adapter", "in", "out", "layers", "description"],
+        [(r.ref, r.architecture.in_features, r.architecture.out_features,
+          "+".join(layer.type for layer in r.architecture.layers), r.description) for r in records],
+        right={"in", "out"},
+    )

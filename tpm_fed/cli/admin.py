@@ -8,21 +8,33 @@ the field named and the file is never left half-written.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import click
 
 from tpm_fed.cli.context import open_home
+from tpm_fed.cli.tables import print_table
 from tpm_fed.protocol.errors import FederationConfigError
 from tpm_fed.federation import Federation, ProjectConfig, SiteConfig
 from tpm_fed.protocol.requests import describe_validation_error
 
 
-def save_federation(home, federation: Federation, change: dict) -> None:
-    """Apply ``change`` (top-level keys) to the federation, validate it whole, write it atomically."""
+def add_entry(home, federation: Federation, collection: str, entry: dict) -> None:
+    """Append ``entry`` to ``collection`` (``sites``, ``models`` or ``projects``); validate, write."""
+    _save(home, federation, collection, lambda entries: [*entries, entry])
+
+
+def change_entry(home, federation: Federation, collection: str, name: str, change: Callable[[dict], dict]) -> None:
+    """Replace the entry ``name`` of ``collection`` with ``change(entry)``; validate, write."""
+    _save(home, federation, collection, lambda entries: [change(e) if e["name"] == name else e for e in entries])
+
+
+def _save(home, federation: Federation, collection: str, edit: Callable[[list[dict]], list[dict]]) -> None:
+    """Edit one list of the federation, validate the whole again, write it atomically."""
     from pydantic import ValidationError
 
     raw = federation.model_dump(mode="json")
-    raw.update(change)
+    raw[collection] = edit(raw[collection])
     try:
         updated = Federation.model_validate(raw)
     except ValidationError as error:
@@ -38,9 +50,11 @@ def projects() -> None:
 @projects.command("list")
 def list_projects() -> None:
     _, federation = open_home()
-    for p in federation.projects:
-        grants = ", ".join(f"{site}={su:g}" for site, su in p.allocations.items()) or "none"
-        click.echo(f"{p.name:<16} members: {', '.join(p.members) or 'none'}  grants: {grants}")
+    print_table(
+        ["project", "members", "grants"],
+        [(p.name, ", ".join(p.members) or "none",
+          ", ".join(f"{site}={su:g}" for site, su in p.allocations.items()) or "none") for p in federation.projects],
+    )
 
 
 @projects.command("add")
@@ -50,7 +64,7 @@ def add_project(name: str, members: tuple[str, ...]) -> None:
     """Create project NAME."""
     home, federation = open_home()
     project = ProjectConfig(name=name, members=list(members))
-    save_federation(home, federation, {"projects": [*federation.model_dump(mode="json")["projects"], project.model_dump(mode="json")]})
+    add_entry(home, federation, "projects", project.model_dump(mode="json"))
     click.echo(f"project {name!r} added")
 
 
@@ -61,11 +75,7 @@ def add_member(project: str, identity: str) -> None:
     """Add IDENTITY to PROJECT."""
     home, federation = open_home()
     federation.project(project)
-    updated = [
-        {**p, "members": sorted({*p["members"], identity})} if p["name"] == project else p
-        for p in federation.model_dump(mode="json")["projects"]
-    ]
-    save_federation(home, federation, {"projects": updated})
+    change_entry(home, federation, "projects", project, lambda p: {**p, "members": sorted({*p["members"], identity})})
     click.echo(f"{identity!r} is now a member of {project!r}")
 
 
@@ -78,14 +88,11 @@ def grant(project: str, site: str, service_units: float) -> None:
     home, federation = open_home()
     federation.project(project)
     federation.site(site)
-    updated = []
-    for p in federation.model_dump(mode="json")["projects"]:
-        if p["name"] == project:
-            allocations = dict(p["allocations"])
-            allocations[site] = allocations.get(site, 0.0) + service_units
-            p = {**p, "allocations": allocations}
-        updated.append(p)
-    save_federation(home, federation, {"projects": updated})
+
+    def add_units(p: dict) -> dict:
+        return {**p, "allocations": {**p["allocations"], site: p["allocations"].get(site, 0.0) + service_units}}
+
+    change_entry(home, federation, "projects", project, add_units)
     click.echo(f"{project!r} at {site!r}: granted {service_units:+g} SU")
 
 
@@ -97,10 +104,12 @@ def sites() -> None:
 @sites.command("list")
 def list_sites() -> None:
     _, federation = open_home()
-    for s in federation.sites:
-        owner = f" owner={s.owner}" if s.owner else ""
-        click.echo(f"{s.name:<16} {s.billing}{owner} access={s.access} location={s.location} "
-                   f"max_replicas={s.capacity.max_replicas} keep_alive={s.keep_alive_s:g}s")
+    print_table(
+        ["site", "billing", "owner", "access", "location", "max replicas", "keep alive"],
+        [(s.name, s.billing, s.owner, s.access, s.location, s.capacity.max_replicas, f"{s.keep_alive_s:g} s")
+         for s in federation.sites],
+        right={"max replicas", "keep alive"},
+    )
 
 
 def _json_option(text: str | None, option: str) -> dict | None:
@@ -160,7 +169,7 @@ def add_site(name, byo, project, location, max_replicas, keep_alive_s, endpoint_
         from tpm_fed.sites.parsl_engine import load_engine_config
 
         load_engine_config(Path(engine_config)).engine.shutdown()  # the endpoint loader's verdict, now
-    save_federation(home, federation, {"sites": [*federation.model_dump(mode="json")["sites"], site.model_dump(mode="json")]})
+    add_entry(home, federation, "sites", site.model_dump(mode="json"))
     click.echo(f"site {name!r} added ({site.billing}{', owned by ' + project if project else ''}, "
                f"access {access})")
     if access == "globus-compute":

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from tpm_fed.cli.admin import save_federation
+from tpm_fed.cli.admin import change_entry
 from tpm_fed.cli.context import open_home
+from tpm_fed.cli.tables import print_table
 
 
 @click.command()
@@ -57,12 +58,8 @@ def register_functions(site_name: str, force: bool) -> None:
         click.echo(f"{site_name}: up to date (serving code {serving_code_version()})")
         return
     table, registered_now = registration.register(compute_client(), site, force=force)
-    sites = [
-        {**entry, "functions": {name: f.model_dump(mode="json") for name, f in table.items()}}
-        if entry["name"] == site_name else entry
-        for entry in federation.model_dump(mode="json")["sites"]
-    ]
-    save_federation(home, federation, {"sites": sites})
+    recorded = {name: f.model_dump(mode="json") for name, f in table.items()}
+    change_entry(home, federation, "sites", site_name, lambda entry: {**entry, "functions": recorded})
     for name, registered in table.items():
         fresh = "registered" if name in registered_now else "kept"
         click.echo(f"{site_name}: {name} {fresh} as {registered.function_id} "
@@ -73,18 +70,20 @@ def register_functions(site_name: str, force: bool) -> None:
 @functions.command("list")
 def list_functions() -> None:
     """The recorded function ids of every Globus Compute site, and whether they are current."""
+    from tpm_fed.protocol.entrypoints import SERVING_FUNCTIONS
     from tpm_fed.sites import registration
 
     _, federation = open_home()
+    rows = []
     for site in federation.sites:
         if site.access != "globus-compute":
             continue
         stale = set(registration.stale_functions(site))
-        for name in registration.serving_functions():
+        for name in SERVING_FUNCTIONS:
             recorded = site.functions.get(name)
             if recorded is None:
-                click.echo(f"{site.name:<16} {name:<12} not registered")
+                rows.append((site.name, name, None, None, "not registered"))
             else:
                 state = "stale: register again" if name in stale else "current"
-                click.echo(f"{site.name:<16} {name:<12} {recorded.function_id}  "
-                           f"code {recorded.code_version} ({state})")
+                rows.append((site.name, name, recorded.function_id, recorded.code_version, state))
+    print_table(["site", "function", "function id", "code", "state"], rows)

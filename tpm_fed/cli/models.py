@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from tpm_fed.catalog import ModelCatalog
+from tpm_fed.cli.context import open_home
+from tpm_fed.cli.tables import print_table
 from tpm_fed.protocol.errors import TpmError
-from tpm_fed.federation import Federation
-from tpm_fed.home import TpmHome
 from tpm_fed.protocol.requests import ModelRef
 
 
@@ -20,21 +20,21 @@ def models(ctx: click.Context) -> None:
     """List models with their current version id, backend and context length."""
     if ctx.invoked_subcommand is not None:
         return
-    home = TpmHome.default()
-    home.ensure_embedded_default()
-    catalog = ModelCatalog(Federation.load(home.federation_file))
+    _, federation = open_home()
+    catalog = ModelCatalog(federation)
+    rows = []
     for config in catalog.federation.models:
         try:
             resolved = catalog.resolve(ModelRef(name=config.name))
-            detail = f"{resolved.spec.version}  context={resolved.context_length}"
+            version, context = resolved.spec.version, resolved.context_length
         except TpmError as error:
-            detail = f"unavailable: {error}"
-        where = "store" if config.store else config.path
-        click.echo(f"{config.name:<20} {detail}  backend={config.backend} dtype={config.dtype}  {where}")
+            version, context = f"unavailable: {error}", None
+        rows.append((config.name, version, context, config.backend, config.dtype,
+                     "store" if config.store else config.path))
+    print_table(["model", "version", "context", "backend", "dtype", "source"], rows, right={"context"})
 
 
 def _store():
-    from tpm_fed.cli.context import open_home
     from tpm_fed.store import ModelStore
 
     home, federation = open_home()
@@ -55,10 +55,9 @@ def add(model_dir: Path, name: str, tag: str | None) -> None:
     store, home, federation = _store()
     version = store.import_dir(model_dir, name, tag, progress=True)
     if name not in {m.name for m in federation.models}:
-        from tpm_fed.cli.admin import save_federation
+        from tpm_fed.cli.admin import add_entry
 
-        entry = {"name": name, "store": True}
-        save_federation(home, federation, {"models": [*federation.model_dump(mode="json")["models"], entry]})
+        add_entry(home, federation, "models", {"name": name, "store": True})
         click.echo(f"model {name!r} added to the federation (served from the store)", err=True)
     click.echo(f"{name}@{version}")
 
@@ -68,10 +67,12 @@ def add(model_dir: Path, name: str, tag: str | None) -> None:
 def versions(name: str) -> None:
     """Versions of NAME in the store, oldest first, with tags and sizes."""
     store, _, _ = _store()
-    for info in store.versions(name):
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
-        parent = f"parent {info.parent[:16]}" if info.parent else "first"
-        click.echo(f"{info.version}  {when}  {info.nbytes:>14,} B  {parent}  {' '.join(info.tags)}")
+    print_table(
+        ["version", "imported", "bytes", "parent", "tags"],
+        [(info.version, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created)), f"{info.nbytes:,}",
+          info.parent[:16] if info.parent else "first", " ".join(info.tags)) for info in store.versions(name)],
+        right={"bytes"},
+    )
 
 
 @models.command("tag")
@@ -93,9 +94,12 @@ def diff(first: str, second: str) -> None:
     store, _, _ = _store()
     a, b = (store.resolve(*_split(ref)) for ref in (first, second))
     changes = store.diff(a, b)
-    for change in changes:
-        delta = f"  max |diff| {change.max_abs_diff:.3g}" if change.max_abs_diff is not None else ""
-        click.echo(f"{change.status:<8} {change.name}  {change.nbytes:,} B{delta}")
+    print_table(
+        ["change", "tensor", "bytes", "max |diff|"],
+        [(c.status, c.name, f"{c.nbytes:,}", None if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}")
+         for c in changes],
+        right={"bytes", "max |diff|"},
+    )
     total = store.manifest(b).nbytes
     changed = sum(c.nbytes for c in changes)
     click.echo(f"{len(changes)} tensors differ: {changed:,} of {total:,} bytes ({changed / max(total, 1):.1%})")
@@ -147,14 +151,12 @@ def inspect(ref: str, pattern: str | None) -> None:
     Shapes leave out the batch and sequence dimensions. Read from the model's
     config alone (probed on the meta device), so no weights are loaded.
     """
-    from tpm_fed.cli.context import open_home
-
     _, federation = open_home()
     catalog = ModelCatalog(federation)
     points = catalog.points(catalog.resolve(ModelRef.parse(ref)).spec)
     click.echo(f"layers: {len(points.layers)} ({points.layers[0]} .. {points.layers[-1]}); hidden size "
                f"{points.hidden_size}; vocabulary {points.vocab_size}; final norm {points.final_norm}; "
                f"unembedding {points.unembedding}")
-    for point, module_type, features in points.describe():
-        if pattern is None or pattern in point:
-            click.echo(f"{point:<48} {module_type:<24} [{features}]")
+    print_table(["point", "module", "features"],
+                [(point, module_type, f"[{features}]") for point, module_type, features in points.describe()
+                 if pattern is None or pattern in point])

@@ -48,21 +48,27 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
             project=project,
             location=location,
             site=site,
-        )
+        )  # bad input is refused here, before anything is sent
+        if not _hot(client, request.model.name):
+            click.echo(f"tpm: no warm replica of {request.model.name} yet (a cold start takes seconds)...", err=True)
         try:
-            pending = client.submit(request)  # refuses bad input before any site starts
+            result = client.submit(request).result()
         except PlacementRefused as refused:
             if explain:
                 click.echo(refused.explanation, err=True)
             raise
-        click.echo(f"tpm: starting site and replica for {request.model} (a cold start takes seconds)...", err=True)
-        result = pending.result()
     if as_json:
         click.echo(json.dumps(result.to_wire(), indent=2))
     else:
         _print_text(result)
     if explain and not as_json:
         click.echo(result.placement, err=True)
+
+
+def _hot(client: Client, model: str) -> bool:
+    """Whether any site holds a warm replica of ``model`` (so the answer comes in milliseconds)."""
+    cards = {card["id"]: card for card in client.models()}
+    return "hot" in cards.get(model, {}).get("tpm", {}).get("sites", {}).values()
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

@@ -4,10 +4,19 @@ Every operation is one database transaction whose conditions are checked by
 the database itself, so concurrent callers (threads or processes, on SQLite
 or PostgreSQL) can neither overspend nor charge a request twice:
 
-* ``reserve`` moves the estimate into ``reserved`` only ``WHERE granted -
+* a reservation moves the estimate into ``reserved`` only ``WHERE granted -
   spent - reserved >= estimate``;
-* ``settle`` and ``release`` act only on a charge still ``reserved``: a
-  retried or duplicated completion finds it settled and changes nothing.
+* settling and releasing are state transitions of the charge row
+  (``reserved -> settled``, ``reserved -> released``) made by one conditional
+  ``UPDATE ... WHERE state = 'reserved'``; the balance moves only for the rows
+  that statement actually changed (its ``RETURNING`` rows), so a duplicated
+  completion, two concurrent releases, or a release racing a settle move the
+  money exactly once, also under PostgreSQL's READ COMMITTED.
+
+The ``*_many`` forms take a whole batch in one transaction (a batch's
+reservations when it leaves, its charges when it comes back), and accept the
+caller's connection so the request log and the replica registry can be
+written in that same transaction.
 
 A request on its project's own (byo) site is recorded with the same usage,
 at zero SUs, and touches no allocation.
@@ -16,13 +25,15 @@ at zero SUs, and touches no allocation.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest
+from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest, TpmError
 from tpm_fed.ledger.pricing import Metered
+from tpm_fed.state.database import transaction
 from tpm_fed.state.schema import MICRO, allocations_table, charges_table
 
 
@@ -66,29 +77,60 @@ def format_su(usu: int) -> str:
     return f"{usu / MICRO:,.6f}"
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A reservation to make: ``estimate_usu`` for one request at one (project, site)."""
+
+    request_id: str
+    project: str
+    site: str
+    identity: str
+    model: str
+    version: str
+    kind: str
+    estimate_usu: int
+    free: bool = False
+
+
 class Ledger:
     """Allocations and charges in the federation's database."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # Reserving is on every request's path: build its statements once.
-        a = allocations_table.c
+        # On every batch's path: build the statements once.
+        a, c = allocations_table.c, charges_table.c
         self._hold = (
             update(allocations_table)
             .where(a.project == bindparam("p"), a.site == bindparam("s"),
                    a.granted_usu - a.spent_usu - a.reserved_usu >= bindparam("amount"))
             .values(reserved_usu=a.reserved_usu + bindparam("amount"))
         )
-        self._open_charge = insert(charges_table)
-        c = charges_table.c
-        self._find_charge = select(charges_table).where(c.request_id == bindparam("rid"))
-        self._close_charge = (
+        self._open_charges = insert(charges_table)
+        self._known = select(c.request_id).where(c.request_id.in_(bindparam("ids", expanding=True)))
+        self._returning = engine.dialect.update_returning
+        # One conditional transition for the whole batch; RETURNING names the rows it changed.
+        self._claim = (
+            update(charges_table)
+            .where(c.request_id.in_(bindparam("ids", expanding=True)), c.state == "reserved")
+            .values(state=bindparam("state"), settled_at=bindparam("at"))
+        )
+        if self._returning:
+            self._claim = self._claim.returning(c.request_id, c.project, c.site, c.free, c.estimate_usu)
+        self._claim_one = (
             update(charges_table)
             .where(c.request_id == bindparam("rid"), c.state == "reserved")
-            .values(state=bindparam("state"), charged_usu=bindparam("charged"), settled_at=bindparam("at"),
-                    prompt_tokens=bindparam("prompt"), completion_tokens=bindparam("completion"),
-                    activation_bytes=bindparam("activations"), cold_start=bindparam("cold"), note=bindparam("note"))
+            .values(state=bindparam("state"), settled_at=bindparam("at"))
         )
+        self._find = select(c.request_id, c.project, c.site, c.free, c.estimate_usu).where(
+            c.request_id.in_(bindparam("ids", expanding=True)))
+        self._usage = (
+            update(charges_table)
+            .where(c.request_id == bindparam("rid"))
+            .values(charged_usu=bindparam("charged"), prompt_tokens=bindparam("prompt"),
+                    completion_tokens=bindparam("completion"), activation_bytes=bindparam("activations"),
+                    cold_start=bindparam("cold"), note=bindparam("note"))
+        )
+        self._note = update(charges_table).where(c.request_id == bindparam("rid")).values(note=bindparam("note"))
         self._spend = (
             update(allocations_table)
             .where(a.project == bindparam("p"), a.site == bindparam("s"))
@@ -129,23 +171,67 @@ class Ledger:
             InsufficientBalance: The project's allocation at ``site`` cannot cover it.
             InvalidRequest: The request id already has a charge.
         """
-        row = dict(
-            request_id=request_id, project=project, site=site, identity=identity, model=model,
-            version=version, kind=kind, free=free, state="reserved",
-            estimate_usu=0 if free else estimate_usu, charged_usu=0, created_at=time.time(),
-        )
+        hold = Hold(request_id, project, site, identity, model, version, kind, estimate_usu, free)
+        refused = self.reserve_many([hold])
+        if request_id in refused:
+            raise refused[request_id]
+
+    def reserve_many(self, holds: list[Hold], db: Connection | None = None) -> dict[str, TpmError]:
+        """Reserve for a batch of requests in one transaction; each is held or refused on its own.
+
+        Args:
+            db: Run inside this transaction (its caller commits) instead of a new one.
+
+        Returns:
+            The refused requests, with why: :class:`InsufficientBalance` (the
+            allocation cannot cover it) or :class:`InvalidRequest` (the id has a charge).
+        """
+        if not holds:
+            return {}
+        if db is not None:
+            return self._reserve_many(db, holds)
         try:
             with self.engine.begin() as db:
-                if not free:
-                    held = db.execute(self._hold, {"p": project, "s": site, "amount": estimate_usu})
-                    if held.rowcount == 0:
-                        raise InsufficientBalance(
-                            f"project {project!r} has {format_su(self._available(db, project, site))} SUs "
-                            f"available at site {site!r}; this request may cost up to {format_su(estimate_usu)}"
-                        )
-                db.execute(self._open_charge, row)
-        except IntegrityError:
-            raise InvalidRequest(f"request {request_id} was already charged") from None
+                return self._reserve_many(db, holds)
+        except IntegrityError:  # a concurrent process inserted one of these ids: once more, seeing it
+            with self.engine.begin() as db:
+                return self._reserve_many(db, holds)
+
+    def _reserve_many(self, db: Connection, holds: list[Hold]) -> dict[str, TpmError]:
+        refused: dict[str, TpmError] = {}
+        ids = Counter(h.request_id for h in holds)
+        for request_id in set(db.scalars(self._known, {"ids": list(ids)})):
+            refused[request_id] = InvalidRequest(f"request {request_id} was already charged")
+        for request_id, count in ids.items():
+            if count > 1:
+                refused[request_id] = InvalidRequest(f"request {request_id} appears {count} times in one batch")
+        accepted = [h for h in holds if h.request_id not in refused]
+        # One conditional statement per (project, site) when the whole group fits
+        # (the usual case); request by request, in order, when it does not.
+        groups: dict[tuple[str, str], list[Hold]] = {}
+        for hold in accepted:
+            if not hold.free:
+                groups.setdefault((hold.project, hold.site), []).append(hold)
+        for (project, site), group in sorted(groups.items()):
+            total = sum(h.estimate_usu for h in group)
+            if len(group) > 1 and db.execute(self._hold, {"p": project, "s": site, "amount": total}).rowcount:
+                continue
+            for hold in group:
+                if db.execute(self._hold, {"p": project, "s": site, "amount": hold.estimate_usu}).rowcount == 0:
+                    refused[hold.request_id] = InsufficientBalance(
+                        f"project {project!r} has {format_su(self._available(db, project, site))} SUs "
+                        f"available at site {site!r}; this request may cost up to {format_su(hold.estimate_usu)}"
+                    )
+        now = time.time()
+        rows = [
+            dict(request_id=h.request_id, project=h.project, site=h.site, identity=h.identity, model=h.model,
+                 version=h.version, kind=h.kind, free=h.free, state="reserved",
+                 estimate_usu=0 if h.free else h.estimate_usu, charged_usu=0, created_at=now)
+            for h in accepted if h.request_id not in refused
+        ]
+        if rows:
+            db.execute(self._open_charges, rows)
+        return refused
 
     def settle(self, request_id: str, used: Metered, cost_usu: int) -> int:
         """Charge what the request used (at most its estimate); once only.
@@ -155,56 +241,86 @@ class Ledger:
         """
         return self.settle_many([(request_id, used, cost_usu)])[request_id]
 
-    def settle_many(self, entries: list[tuple[str, Metered, int]]) -> dict[str, int]:
-        """:meth:`settle` for a batch of requests, in one transaction."""
-        with self.engine.begin() as db:
-            return {request_id: self._settle(db, request_id, used, cost) for request_id, used, cost in entries}
-
-    def _settle(self, db, request_id: str, used: Metered, cost_usu: int) -> int:
-        charge = db.execute(self._find_charge, {"rid": request_id}).one_or_none()
-        if charge is None or charge.state != "reserved":
-            return 0
-        charged = 0 if charge.free else min(cost_usu, charge.estimate_usu)
-        capped = not charge.free and cost_usu > charge.estimate_usu
-        closed = db.execute(self._close_charge, {
-            "rid": request_id, "state": "settled", "charged": charged, "at": time.time(),
-            "prompt": used.prompt_tokens, "completion": used.completion_tokens,
-            "activations": used.activation_bytes, "cold": used.cold_start,
-            "note": f"capped at the estimate; priced at {format_su(cost_usu)}" if capped else None,
-        })
-        if closed.rowcount == 0 or charge.free:
-            return 0
-        db.execute(self._spend, {"p": charge.project, "s": charge.site, "charged": charged,
-                                 "estimate": charge.estimate_usu})
+    def settle_many(self, entries: list[tuple[str, Metered, int]], db: Connection | None = None) -> dict[str, int]:
+        """:meth:`settle` for a batch of requests, in one transaction (``db``'s, if given)."""
+        charged = dict.fromkeys((request_id for request_id, _, _ in entries), 0)
+        if not entries:
+            return charged
+        with transaction(self.engine, db) as db:
+            claimed = self._transition(db, list(charged), "settled")
+            usage, spend = [], {}
+            for request_id, used, cost in entries:
+                charge = claimed.pop(request_id, None)
+                if charge is None:
+                    continue
+                amount = 0 if charge.free else min(cost, charge.estimate_usu)
+                capped = not charge.free and cost > charge.estimate_usu
+                usage.append({
+                    "rid": request_id, "charged": amount, "prompt": used.prompt_tokens,
+                    "completion": used.completion_tokens, "activations": used.activation_bytes,
+                    "cold": used.cold_start,
+                    "note": f"capped at the estimate; priced at {format_su(cost)}" if capped else None,
+                })
+                if not charge.free:
+                    total = spend.setdefault((charge.project, charge.site), [0, 0])
+                    total[0] += amount
+                    total[1] += charge.estimate_usu
+                charged[request_id] = amount
+            if usage:
+                db.execute(self._usage, usage)
+            self._move(db, spend)
         return charged
 
     def release(self, request_id: str, reason: str) -> bool:
         """Give a failed request's reservation back; once only. True if released now."""
         return self.release_many([(request_id, reason)])[request_id]
 
-    def release_many(self, entries: list[tuple[str, str]]) -> dict[str, bool]:
-        """:meth:`release` for a batch of requests, in one transaction."""
-        with self.engine.begin() as db:
-            return {request_id: self._release(db, request_id, reason) for request_id, reason in entries}
+    def release_many(self, entries: list[tuple[str, str]], db: Connection | None = None) -> dict[str, bool]:
+        """:meth:`release` for a batch of requests, in one transaction (``db``'s, if given)."""
+        released = dict.fromkeys((request_id for request_id, _ in entries), False)
+        if not entries:
+            return released
+        with transaction(self.engine, db) as db:
+            claimed = self._transition(db, list(released), "released")
+            notes, spend = [], {}
+            for request_id, reason in entries:
+                charge = claimed.pop(request_id, None)
+                if charge is None:
+                    continue
+                notes.append({"rid": request_id, "note": reason[:500]})
+                if not charge.free:
+                    spend.setdefault((charge.project, charge.site), [0, 0])[1] += charge.estimate_usu
+                released[request_id] = True
+            if notes:
+                db.execute(self._note, notes)
+            self._move(db, spend)
+        return released
 
-    def _release(self, db, request_id: str, reason: str) -> bool:
-        charge = db.execute(
-            select(charges_table).where(charges_table.c.request_id == request_id)
-        ).one_or_none()
-        if charge is None or charge.state != "reserved":
-            return False
-        db.execute(
-            update(charges_table)
-            .where(charges_table.c.request_id == request_id, charges_table.c.state == "reserved")
-            .values(state="released", settled_at=time.time(), note=reason[:500])
-        )
-        if not charge.free:
-            db.execute(
-                update(allocations_table)
-                .where(allocations_table.c.project == charge.project, allocations_table.c.site == charge.site)
-                .values(reserved_usu=allocations_table.c.reserved_usu - charge.estimate_usu)
-            )
-        return True
+    def _transition(self, db: Connection, request_ids: list[str], state: str) -> dict:
+        """Move the charges still ``reserved`` to ``state``; the rows this call changed, by id.
+
+        The condition is checked by the ``UPDATE`` itself: a row another
+        transaction moved first (even one committed while this one waited for
+        its lock) is not changed here, and not returned.
+        """
+        now = time.time()
+        if self._returning:
+            rows = db.execute(self._claim, {"ids": request_ids, "state": state, "at": now}).all()
+            return {row.request_id: row for row in rows}
+        # Without UPDATE ... RETURNING: one conditional UPDATE per row, its rowcount says who moved it.
+        rows = {row.request_id: row for row in db.execute(self._find, {"ids": request_ids})}
+        return {
+            request_id: row for request_id, row in rows.items()
+            if db.execute(self._claim_one, {"rid": request_id, "state": state, "at": now}).rowcount == 1
+        }
+
+    def _move(self, db: Connection, spend: dict[tuple[str, str], list[int]]) -> None:
+        """Per (project, site): ``spent += charged``, ``reserved -= estimates`` (in a fixed order)."""
+        if spend:
+            db.execute(self._spend, [
+                {"p": project, "s": site, "charged": charged, "estimate": estimate}
+                for (project, site), (charged, estimate) in sorted(spend.items())
+            ])
 
     def balances(self, project: str | None = None) -> list[Balance]:
         query = select(allocations_table).order_by(allocations_table.c.project, allocations_table.c.site)

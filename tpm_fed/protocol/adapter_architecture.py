@@ -1,7 +1,9 @@
 """The allow-listed architectures user adapters may have on shared replicas.
 
 An adapter is a stack of layers from this short list, so a replica builds
-it from our code and loads only its weights (safetensors), never a pickle.
+it from our code (:mod:`functions.adapters.build`) and loads only its
+weights (safetensors), never a pickle. This module describes the layers and
+the tensors each holds without importing torch.
 The stack's parameters are named as ``torch.nn.Sequential`` names them
 (``0.weight``, ``2.bias``...), so weights saved from an equal
 ``nn.Sequential`` load as they are.
@@ -19,12 +21,19 @@ from tpm_fed.protocol.errors import AdapterMismatch
 class _Layer(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """This layer's weights: name inside the layer -> shape (none for most layers)."""
+        return {}
+
 
 class Linear(_Layer):
     type: Literal["linear"] = "linear"
     in_features: int = Field(gt=0)
     out_features: int = Field(gt=0)
     bias: bool = True
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.out_features, self.in_features), **({"bias": (self.out_features,)} if self.bias else {})}
 
 
 class Conv1d(_Layer):
@@ -35,11 +44,17 @@ class Conv1d(_Layer):
     out_channels: int = Field(gt=0)
     kernel_size: int = Field(gt=0)
 
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        return {"conv.weight": (self.out_channels, self.in_channels, self.kernel_size), "conv.bias": (self.out_channels,)}
+
 
 class LayerNorm(_Layer):
     type: Literal["layer_norm"] = "layer_norm"
     features: int = Field(gt=0)
     eps: float = Field(default=1e-5, gt=0)
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.features,), "bias": (self.features,)}
 
 
 class Activation(_Layer):
@@ -105,32 +120,14 @@ class Architecture(BaseModel):
         """True when the adapter turns one vector into several tokens (it unflattens)."""
         return any(layer.type == "unflatten" for layer in self.layers)
 
-    def build(self):
-        """The torch module (imports torch)."""
-        import torch
-
-        modules = []
-        for layer in self.layers:
-            if layer.type == "linear":
-                modules.append(torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias))
-            elif layer.type == "conv1d":
-                modules.append(_SequenceConv1d(layer.in_channels, layer.out_channels, layer.kernel_size))
-            elif layer.type == "layer_norm":
-                modules.append(torch.nn.LayerNorm(layer.features, eps=layer.eps))
-            elif layer.type == "activation":
-                modules.append({"gelu": torch.nn.GELU, "relu": torch.nn.ReLU, "silu": torch.nn.SiLU,
-                                "tanh": torch.nn.Tanh}[layer.function]())
-            elif layer.type == "unflatten":
-                modules.append(torch.nn.Unflatten(-1, (layer.tokens, -1)))
-        return torch.nn.Sequential(*modules)
-
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
-        """Parameter name -> shape, as the weights file must hold them."""
-        import torch
+        """Parameter name -> shape, as the weights file must hold them (``nn.Sequential`` names).
 
-        with torch.device("meta"):
-            module = self.build()
-        return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+        Read off the layer descriptions, without torch; the worker builds the
+        modules (:func:`functions.adapters.build.build_module`).
+        """
+        return {f"{index}.{name}": shape for index, layer in enumerate(self.layers)
+                for name, shape in layer.tensors().items()}
 
     def check_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Refuse weights that do not fit this architecture, naming every difference.
@@ -149,21 +146,3 @@ class Architecture(BaseModel):
             raise AdapterMismatch("adapter weights do not fit the architecture: " + "; ".join(problems))
 
 
-def _conv_module():
-    import torch
-
-    class SequenceConv1d(torch.nn.Module):
-        """Conv1d over a (sequence, channels) input; 'same' padding keeps the length."""
-
-        def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv1d(in_channels, out_channels, kernel_size, padding="same")
-
-        def forward(self, x):
-            return self.conv(x.transpose(-1, -2)).transpose(-1, -2)
-
-    return SequenceConv1d
-
-
-def _SequenceConv1d(*args):  # noqa: N802 - a class made on first use: torch is imported lazily
-    return _conv_module()(*args)

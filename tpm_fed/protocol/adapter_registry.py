@@ -20,6 +20,7 @@ from tpm_fed.protocol.adapter_architecture import Architecture
 from tpm_fed.protocol.errors import AdapterMismatch, UnknownAdapter
 from tpm_fed.protocol.versions import VERSION_ID_LENGTH
 from tpm_fed.protocol.chunks import sha256, write_atomically
+from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, parse_header
 
 NAME_PATTERN = r"^[A-Za-z0-9][\w.-]{0,63}$"
 
@@ -143,7 +144,7 @@ def _weights_blob(weights: dict[str, Any] | Path) -> bytes:
         data = path.read_bytes()
         try:
             _shapes(data)
-        except Exception:
+        except SafetensorsFormatError:
             raise AdapterMismatch(f"{path} is not a safetensors file (pickled weights are not accepted)") from None
         return data
     import torch
@@ -155,7 +156,6 @@ def _weights_blob(weights: dict[str, Any] | Path) -> bytes:
 
 
 def _shapes(blob: bytes) -> dict[str, tuple[int, ...]]:
-    from tpm_fed.protocol.tensors import describe_tensors
-
-    return {name: tuple(info["shape"]) for name, info in describe_tensors(blob).items()}
+    entries, _ = parse_header(blob, "adapter weights")
+    return {entry.name: entry.shape for entry in entries}
 

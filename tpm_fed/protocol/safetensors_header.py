@@ -1,9 +1,10 @@
-"""Where each tensor's bytes lie in a safetensors file, read from its header.
+"""Where each tensor's bytes lie in a safetensors file or blob, read from its header.
 
 The format is an 8-byte little-endian header length, a JSON header (tensor
 name -> dtype, shape, data_offsets), then the data. Reading the header
 ourselves lets an import stream tensor bytes straight from disk, in any
-dtype (bfloat16 included), without loading a framework.
+dtype (bfloat16 included), without loading a framework; the same parser
+checks an adapter's weights and describes a result's tensors.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
+from tpm_fed.protocol.dtypes import BY_CODE
 
 
 class SafetensorsFormatError(ValueError):
@@ -27,7 +26,7 @@ class SafetensorsFormatError(ValueError):
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
-    dtype: str
+    dtype: str  # the safetensors code: F32, BF16...
     shape: tuple[int, ...]
     start: int  # absolute offset in the file
     end: int
@@ -37,30 +36,51 @@ class TensorEntry:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
-    """The tensors of a safetensors file (in file order) and its metadata."""
-    size = path.stat().st_size
+Header = tuple[list[TensorEntry], dict[str, str]]
+"""The tensors (in file order) and the metadata."""
+
+
+def read_header(path: Path) -> Header:
+    """The tensors of a safetensors file (in file order) and its metadata, reading only the header."""
     with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise SafetensorsFormatError(f"{path.name}: too short to be safetensors")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8:
-            raise SafetensorsFormatError(f"{path.name}: header length {length} runs past the end of the file")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise SafetensorsFormatError(f"{path.name}: header is not JSON: {error}") from None
+        def read(offset: int, length: int) -> bytes:
+            handle.seek(offset)
+            return handle.read(length)
+
+        return _parse(read, path.stat().st_size, path.name)
+
+
+def parse_header(blob: bytes | memoryview, source: str = "safetensors data") -> Header:
+    """The same, for safetensors bytes in memory; ``source`` names them in errors."""
+    return _parse(lambda offset, length: bytes(blob[offset : offset + length]), len(blob), source)
+
+
+def _parse(read: Callable[[int, int], bytes], size: int, source: str) -> Header:
+    prefix = read(0, 8)
+    if len(prefix) < 8:
+        raise SafetensorsFormatError(f"{source}: too short to be safetensors")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > size - 8:
+        raise SafetensorsFormatError(f"{source}: header length {length} runs past the end of the file")
+    try:
+        header = json.loads(read(8, length))
+    except ValueError as error:
+        raise SafetensorsFormatError(f"{source}: header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError(f"{source}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + length
     entries = []
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype, shape = info["dtype"], tuple(info["shape"])
-        expected = math.prod(shape) * DTYPE_BYTES.get(dtype, 0)
-        if dtype not in DTYPE_BYTES or end - begin != expected:
-            raise SafetensorsFormatError(f"{path.name}: tensor {name!r} ({dtype} {list(shape)}) has {end - begin} bytes")
+        try:
+            begin, end = (int(n) for n in info["data_offsets"])
+            dtype, shape = info["dtype"], tuple(int(n) for n in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsFormatError(f"{source}: tensor {name!r} has no dtype, shape and data_offsets") from None
+        expected = math.prod(shape) * BY_CODE[dtype].itemsize if dtype in BY_CODE else None
+        if begin < 0 or end - begin != expected:
+            raise SafetensorsFormatError(f"{source}: tensor {name!r} ({dtype} {list(shape)}) has {end - begin} bytes")
         if base + end > size:
-            raise SafetensorsFormatError(f"{path.name}: tensor {name!r} runs past the end of the file (truncated?)")
+            raise SafetensorsFormatError(f"{source}: tensor {name!r} runs past the end of the file (truncated?)")
         entries.append(TensorEntry(name, dtype, shape, base + begin, base + end))
     return sorted(entries, key=lambda e: e.start), metadata

@@ -13,9 +13,10 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FloatDType = Literal["float32", "float16", "bfloat16"]
+from tpm_fed.protocol.dtypes import ITEM_BYTES, numpy_array, torch_dtype
+from tpm_fed.protocol.safetensors_header import parse_header
 
-_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+FloatDType = Literal["float32", "float16", "bfloat16"]
 
 TENSOR_HEADER_BYTES = 160
 """A generous share of the safetensors header per tensor in a result (for size bounds)."""
@@ -38,7 +39,7 @@ class TensorData(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        expected = _ITEM_BYTES[self.dtype]
+        expected = ITEM_BYTES[self.dtype]
         for size in self.shape:
             if size <= 0:
                 raise ValueError(f"tensor shape {list(self.shape)} has an empty dimension")
@@ -68,21 +69,13 @@ class TensorData(BaseModel):
 
     def numpy(self):
         """As a numpy array (bfloat16 is widened to float32: numpy has no bfloat16)."""
-        import numpy as np
-
-        if self.dtype == "bfloat16":
-            halves = np.frombuffer(self.data, dtype="<u2").astype(np.uint32) << 16
-            return halves.view(np.float32).reshape(self.shape)
-        return np.frombuffer(self.data, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape)
+        return numpy_array(self.data, self.dtype).reshape(self.shape)
 
     def torch(self):
         """As a torch tensor in its own dtype (imports torch)."""
         import torch
 
-        if self.dtype == "bfloat16":
-            flat = torch.frombuffer(bytearray(self.data), dtype=torch.bfloat16)
-            return flat.reshape(self.shape)
-        return torch.from_numpy(self.numpy().copy())
+        return torch.frombuffer(bytearray(self.data), dtype=torch_dtype(self.dtype)).reshape(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -128,13 +121,13 @@ def unpack_tensors(blob: bytes) -> dict[str, Any]:
 
 
 def describe_tensors(blob: bytes) -> dict[str, dict[str, Any]]:
-    """Name -> dtype and shape of a blob, read from its header alone."""
-    import json
-    import struct
+    """Name -> dtype (safetensors code) and shape of a blob, read from its header alone.
 
+    Raises:
+        SafetensorsFormatError: Not a well-formed safetensors blob.
+    """
     if not blob:
         return {}
-    (length,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + length])
-    return {name: {"dtype": info["dtype"], "shape": info["shape"]} for name, info in header.items() if name != "__metadata__"}
+    entries, _ = parse_header(blob)
+    return {e.name: {"dtype": e.dtype, "shape": list(e.shape)} for e in entries}
 

@@ -1,33 +1,40 @@
-"""Check a trace request against the model's points before it goes anywhere.
+"""The checks both sides run: one function each, so client and worker refuse alike.
 
-Everything that needs only the model's architecture is checked here, on
-the client: points, heads, layers, the shape of every given tensor. Token
-positions depend on tokenization and are checked on the replica, before
-its forward pass (still at no charge).
+A trace spec is checked against a model's point catalog by
+:func:`check_spec`: on the client against the catalog probed from
+``config.json`` on the ``meta`` device (:func:`check_trace`, before anything
+is sent or reserved), and on the worker against the loaded model's own
+catalog (before its forward pass). Only the worker resolves token
+positions, which depend on tokenization. :func:`check_context` is the
+context-length check: on the client before tokenizing, on the worker after.
 """
 
 from __future__ import annotations
 
-from tpm_fed.protocol.errors import InvalidRequest
-from tpm_fed.protocol.points import PointCatalog
-from tpm_fed.protocol.requests import TraceRequest
+from collections.abc import Sequence
+
+from tpm_fed.protocol.dtypes import ITEM_BYTES
+from tpm_fed.protocol.errors import ContextLengthExceeded, InvalidRequest
+from tpm_fed.protocol.interventions import Point
 from tpm_fed.protocol.limits import MAX_RESULT_BYTES
-from tpm_fed.protocol.requests import SPECIAL_TOKENS_ALLOWANCE, UsageBound
+from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.requests import SPECIAL_TOKENS_ALLOWANCE, TraceRequest, UsageBound
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+def check_spec(request: TraceRequest, points: PointCatalog) -> None:
+    """Check everything in ``request`` that depends only on the model's architecture.
 
-
-def check_trace(request: TraceRequest, points: PointCatalog, dtype: str) -> UsageBound:
-    """Validate ``request`` for a model with these points; return what it may use at most.
+    Points and heads exist; ``set``/``add`` values are one position's features,
+    or one row per named position; an injection acts at a point of the hidden
+    size; python hooks name real points; lens layers and heads are in range.
 
     Raises:
         UnknownPoint: A point, or a head, the model does not have (closest names suggested).
-        InvalidRequest: A layer out of range, a tensor of the wrong shape, an injection
-            at a point that is not the hidden size.
+        InvalidRequest: A layer or head out of range, a value of the wrong shape, an
+            injection at a point that is not the hidden size.
     """
     for index, step in enumerate(request.steps):
         features = points.features(step.address)
-        where = f"step {index} ({step.op} at {step.point})"
+        where = step_label(index, step)
         if step.op in ("set", "add"):
             shape = tuple(step.value.shape)
             per_position = len(step.positions) if step.positions else None
@@ -38,8 +45,6 @@ def check_trace(request: TraceRequest, points: PointCatalog, dtype: str) -> Usag
             raise InvalidRequest(f"{where}: memory injection needs a point of the hidden size "
                                  f"{points.hidden_size}; this one has {list(features)}")
     for hook in request.python_hooks:
-        from tpm_fed.protocol.interventions import Point
-
         points.features(Point.parse(hook.point))
     for lens in (request.logit_lens, request.attention_lens, request.attention_patterns):
         for layer in (lens.layers or []) if lens is not None else []:
@@ -50,9 +55,53 @@ def check_trace(request: TraceRequest, points: PointCatalog, dtype: str) -> Usag
             for head in request.attention_lens.heads or []:
                 if not 0 <= head < info.heads:
                     raise InvalidRequest(f"attention_lens: head {head} is out of range; {name} has heads 0..{info.heads - 1}")
+
+
+def step_label(index: int, step) -> str:
+    """How messages name a step: ``step 2 (add at model.layers.1.output)``."""
+    return f"step {index} ({step.op} at {step.point})"
+
+
+def check_trace(request: TraceRequest, points: PointCatalog, dtype: str) -> UsageBound:
+    """Validate ``request`` for a model with these points (on the client); return what it may use at most.
+
+    Raises:
+        UnknownPoint, InvalidRequest: As :func:`check_spec`.
+    """
+    check_spec(request, points)
     bound = request.usage_bound()
     token_bounds = [len(p.encode()) + SPECIAL_TOKENS_ALLOWANCE for p in request.prompts]
-    result_bound = request.result_bytes(points, token_bounds, DTYPE_BYTES[dtype])
+    result_bound = request.result_bytes(points, token_bounds, ITEM_BYTES[dtype])
     # The replica refuses anything over the limit, so no charge can exceed it.
     return UsageBound(bound.prompt_tokens, bound.completion_tokens, min(result_bound, MAX_RESULT_BYTES))
 
+
+def check_context(
+    max_new_tokens: int, context_length: int, prompt_tokens: Sequence[int] | None = None, model: str | None = None
+) -> None:
+    """Refuse a request whose prompts plus ``max_new_tokens`` cannot fit in the model's context.
+
+    Args:
+        max_new_tokens: Tokens the request may generate per prompt.
+        context_length: The model's context (0: unknown, nothing is refused).
+        prompt_tokens: Each prompt's token count, once tokenized (on the worker). Before
+            tokenizing (on the client) leave it out: a prompt counts as at least one token.
+        model: The model's name, for the message.
+
+    Raises:
+        ContextLengthExceeded: It cannot fit.
+    """
+    if not context_length:
+        return
+    of_model = f" of model {model!r}" if model else ""
+    if prompt_tokens is None:
+        if max_new_tokens >= context_length:
+            raise ContextLengthExceeded(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                                        f"the context of {context_length} tokens{of_model}")
+        return
+    for index, count in enumerate(prompt_tokens):
+        if count + max_new_tokens > context_length:
+            raise ContextLengthExceeded(
+                f"prompt {index} has {count} tokens; with max_new_tokens={max_new_tokens} "
+                f"that exceeds the model's context of {context_length} tokens"
+            )

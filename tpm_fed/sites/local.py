@@ -1,7 +1,17 @@
-"""A site on this machine: the endpoint engine with Parsl's ``LocalProvider``."""
+"""A site on this machine: the endpoint engine with Parsl's ``LocalProvider``.
+
+Its workers get their policy (may callers' code run? where is the adapter
+registry?) exactly as a real endpoint's do: from the provider's
+``worker_init``, which this site writes from the federation file's
+``worker`` settings for the site. The worker reads it from its environment
+(``functions/policy.py``); nothing in a task can change it. Every policy
+variable is set or unset explicitly, so nothing leaks in from the
+environment of the process that starts the site.
+"""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Self
 
@@ -22,24 +32,42 @@ class LocalSite(EngineSite):
         name: Site name.
         run_dir: Where the engine keeps logs and task folders.
         workers: Worker processes; each is one replica slot.
+        allow_caller_code: The workers run callers' own Python (python hooks, input/head code).
+        adapter_registry: The adapter registry the workers read (None: no registered adapters).
     """
 
     access = "local"
 
-    def __init__(self, name: str, run_dir: Path, workers: int = 1) -> None:
+    def __init__(self, name: str, run_dir: Path, workers: int = 1, *, allow_caller_code: bool = False,
+                 adapter_registry: Path | str | None = None) -> None:
         super().__init__(name, run_dir)
         self._workers = workers
+        self.allow_caller_code = allow_caller_code
+        self.adapter_registry = Path(adapter_registry).resolve() if adapter_registry is not None else None
 
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path) -> Self:
-        return cls(name=config.name, run_dir=run_dir, workers=config.capacity.max_replicas)
+        return cls(name=config.name, run_dir=run_dir, workers=config.capacity.max_replicas,
+                   allow_caller_code=config.allows_caller_code, adapter_registry=config.worker.adapter_registry)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers}
+        return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers,
+                "allow_caller_code": self.allow_caller_code,
+                "adapter_registry": str(self.adapter_registry) if self.adapter_registry else None}
 
     @property
     def workers(self) -> int:
         return self._workers
+
+    def worker_init(self) -> str:
+        """The shell lines that set the workers' policy, as an endpoint config's ``worker_init`` would."""
+        lines = [f"export TPM_ALLOW_CALLER_CODE={int(self.allow_caller_code)}",
+                 "unset TPM_WORKER_POLICY TPM_MAX_RESULT_BYTES"]
+        if self.adapter_registry is None:
+            lines.append("unset TPM_ADAPTER_REGISTRY")
+        else:
+            lines.append(f"export TPM_ADAPTER_REGISTRY={shlex.quote(str(self.adapter_registry))}")
+        return "\n".join(lines)
 
     def _make_engine(self) -> Any:
         from globus_compute_endpoint.engines import GlobusComputeEngine
@@ -49,7 +77,7 @@ class LocalSite(EngineSite):
             label=f"tpm-{self.name}",
             address="127.0.0.1",
             max_workers_per_node=self.workers,
-            provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
+            provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1, worker_init=self.worker_init()),
             job_status_kwargs={"strategy_period": STRATEGY_PERIOD_S},
             encrypted=False,  # loopback only; CurveZMQ buys nothing here
         )

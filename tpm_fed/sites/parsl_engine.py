@@ -6,6 +6,10 @@ reach the cluster: the same endpoint config an operator would give
 or ``PBSProProvider``, launcher, ``worker_init``) is loaded by the endpoint
 package's own loader, and its engine is started here. Blocks are then
 submitted to the batch scheduler by Parsl, exactly as the endpoint would.
+The workers' policy (may callers' code run, where the adapter registry is)
+is the config's own: its ``worker_init`` sets ``TPM_ALLOW_CALLER_CODE``,
+``TPM_ADAPTER_REGISTRY``... (see ``endpoint_configs/`` and
+``functions/policy.py``); the federation file has no say, and tasks none.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ queue instead of failing. Any other SQLAlchemy URL (PostgreSQL) is used as is.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from contextlib import AbstractContextManager, nullcontext
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 
 from tpm_fed.state.schema import metadata
 
@@ -28,6 +30,15 @@ def open_database(url: str) -> Engine:
     metadata.create_all(engine)
     _rename_tier_column(engine)
     return engine
+
+
+def transaction(engine: Engine, db: Connection | None) -> AbstractContextManager[Connection]:
+    """``db`` itself when the caller passes its transaction (it commits), else a new transaction.
+
+    How the request log, the ledger and the replica registry write one batch
+    in one transaction.
+    """
+    return nullcontext(db) if db is not None else engine.begin()
 
 
 def _rename_tier_column(engine: Engine) -> None:

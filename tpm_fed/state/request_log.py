@@ -1,6 +1,7 @@
 """The request log: every request, written when its batch leaves and when it ends.
 
-A batch at a time, one transaction each, so ``tpm status`` can show the
+A batch at a time, in the transaction that reserves (or settles) the batch's
+service units when the caller passes its connection, so ``tpm status`` can show the
 queue from another process, and an interrupted run leaves a trace of what
 was in flight.
 """
@@ -9,50 +10,67 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ServedResult
+from tpm_fed.state.database import transaction
 from tpm_fed.state.schema import requests_table
 
 
 class RequestLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        r = requests_table.c
+        self._insert = requests_table.insert()
+        self._done = (
+            update(requests_table)
+            .where(r.request_id == bindparam("rid"))
+            .values(status="done", replica_id=bindparam("replica"), prompt_tokens=bindparam("prompt"),
+                    completion_tokens=bindparam("completion"), finished_at=bindparam("at"))
+        )
+        self._failed = (
+            update(requests_table)
+            .where(r.request_id == bindparam("rid"))
+            .values(status="failed", finished_at=bindparam("at"), error=bindparam("why"))
+        )
 
-    def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> None:
+    def record_sent(
+        self, site: str, version: str, requests: list[ServingRequest], db: Connection | None = None
+    ) -> None:
+        """Log a batch as queued (in ``db``'s transaction, if given)."""
+        if not requests:
+            return
         now = time.time()
-        with self.engine.begin() as db:
-            db.execute(
-                requests_table.insert(),
-                [
-                    {"request_id": r.request_id, "model": r.model.name, "version": version, "site": site,
-                     "status": "queued", "prompts": r.item_count, "submitted_at": now}
-                    for r in requests
-                ],
-            )
+        rows = [
+            {"request_id": r.request_id, "model": r.model.name, "version": version, "site": site,
+             "status": "queued", "prompts": r.item_count, "submitted_at": now}
+            for r in requests
+        ]
+        with transaction(self.engine, db) as db:
+            db.execute(self._insert, rows)
 
-    def record_outcomes(self, outcomes: dict[str, ServedResult | BaseException]) -> None:
+    def record_outcomes(
+        self, outcomes: dict[str, ServedResult | BaseException], db: Connection | None = None
+    ) -> None:
+        """Log a batch's outcomes (in ``db``'s transaction, if given)."""
         now = time.time()
-        done = [r for r in outcomes.values() if isinstance(r, ServedResult)]
-        failed = {rid: e for rid, e in outcomes.items() if isinstance(e, BaseException)}
-        with self.engine.begin() as db:
+        done = [
+            {"rid": r.request_id, "replica": r.replica.replica_id, "prompt": r.usage.prompt_tokens,
+             "completion": r.usage.completion_tokens, "at": now}
+            for r in outcomes.values() if isinstance(r, ServedResult)
+        ]
+        failed = [
+            {"rid": rid, "why": f"{type(e).__name__}: {e}", "at": now}
+            for rid, e in outcomes.items() if isinstance(e, BaseException)
+        ]
+        if not (done or failed):
+            return
+        with transaction(self.engine, db) as db:
             if done:
-                db.execute(
-                    update(requests_table)
-                    .where(requests_table.c.request_id == bindparam("rid"))
-                    .values(status="done", replica_id=bindparam("replica"), prompt_tokens=bindparam("prompt"),
-                            completion_tokens=bindparam("completion"), finished_at=now),
-                    [{"rid": r.request_id, "replica": r.replica.replica_id, "prompt": r.usage.prompt_tokens,
-                      "completion": r.usage.completion_tokens} for r in done],
-                )
+                db.execute(self._done, done)
             if failed:
-                db.execute(
-                    update(requests_table)
-                    .where(requests_table.c.request_id == bindparam("rid"))
-                    .values(status="failed", finished_at=now, error=bindparam("why")),
-                    [{"rid": rid, "why": f"{type(e).__name__}: {e}"} for rid, e in failed.items()],
-                )
+                db.execute(self._failed, failed)
 
     def site_stopped(self, site: str) -> None:
         with self.engine.begin() as db:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tpm_fed.protocol.errors import InvalidRequest, ModelLoadError, UnknownModel, UnknownVersion
 from tpm_fed.protocol.chunks import write_atomically
+from tpm_fed.protocol.dtypes import numpy_array, torch_dtype
 from tpm_fed.protocol.manifest import Manifest, TensorRecord
 from tpm_fed.protocol.store_reader import StoreReader
 from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, read_header
@@ -286,17 +287,11 @@ class ModelStore(StoreReader):
             return None
         import numpy as np
 
-        dtypes = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
-        if left.dtype == "BF16":  # numpy has no bfloat16: widen the bits to float32
-            def load(record):
-                raw = np.frombuffer(b"".join(self.chunks.read(c) for c in record.chunks), dtype=np.uint16)
-                return (raw.astype(np.uint32) << 16).view(np.float32)
-        elif left.dtype in dtypes:
-            def load(record):
-                return np.frombuffer(b"".join(self.chunks.read(c) for c in record.chunks), dtype=dtypes[left.dtype])
-        else:
+        try:
+            first, second = (numpy_array(b"".join(self.chunks.read(c) for c in r.chunks), r.dtype) for r in (left, right))
+        except KeyError:  # a dtype numpy cannot hold (float8)
             return None
-        return float(np.max(np.abs(load(left).astype(np.float64) - load(right).astype(np.float64))))
+        return float(np.max(np.abs(first.astype(np.float64) - second.astype(np.float64))))
 
     def export(self, version: str, out_dir: Path, *, progress: bool = False) -> Path:
         """Write a plain Hugging Face directory back, tensors byte-identical."""
@@ -315,28 +310,11 @@ class ModelStore(StoreReader):
             for name, record in manifest.tensors.items():
                 raw = bytearray(b"".join(self.chunks.read(c) for c in record.chunks))
                 tensor = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-                by_file.setdefault(record.file, {})[name] = tensor.view(_TORCH_DTYPES[record.dtype]).reshape(record.shape)
+                by_file.setdefault(record.file, {})[name] = tensor.view(torch_dtype(record.dtype)).reshape(record.shape)
                 bar.update(record.nbytes)
         for file_name, tensors in by_file.items():
             save_file(tensors, out_dir / file_name, metadata=manifest.metadata.get(file_name) or None)
         return out_dir
 
-
-class _TorchDtypes(dict):
-    def __missing__(self, key: str):
-        import torch
-
-        table = {
-            "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-            "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
-            "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
-            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-        }
-        self.update(table)
-        return table[key]
-
-
-_TORCH_DTYPES = _TorchDtypes()
-"""Safetensors dtype names -> torch dtypes, built on first use (torch is imported lazily)."""
 
 __all__ = ["CHUNK_BYTES", "ModelStore", "Problem", "StoreError", "TensorChange", "VersionInfo"]

@@ -1,0 +1,160 @@
+"""What this worker permits, read from its endpoint's own configuration and never from a task.
+
+Anyone who may submit to an endpoint can call the registered serving
+function by id with arguments of their choosing (docs/globus-compute.md
+shows how), so nothing in a task may grant a permission. What a worker
+allows comes from the side of the endpoint's operator: the environment the
+endpoint config sets for its workers (the provider's ``worker_init``), or a
+policy file on the endpoint host named there.
+
+==========================  ====================================================
+``TPM_ALLOW_CALLER_CODE``   ``1``: a caller's own Python may run here (python
+                            hooks in traces, ``input_code``/``head_code`` in
+                            embeddings). Unset or ``0``: refused (``NotPermitted``).
+``TPM_ADAPTER_REGISTRY``    The adapter registry's folder (an absolute path).
+                            Unset: this worker serves no registered adapters.
+``TPM_MAX_RESULT_BYTES``    The largest result one request may get back
+                            (at most, and by default, the protocol's limit).
+``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
+                            (``allow_caller_code``, ``adapter_registry``,
+                            ``max_result_bytes``) instead of the variables.
+==========================  ====================================================
+
+A policy that does not validate refuses every request with a
+:class:`~tpm_fed.protocol.errors.SiteError` naming the variable (or the file
+and key) at fault: a typo must not quietly run code, or quietly refuse it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tpm_fed.protocol.errors import NotPermitted, SiteError
+from tpm_fed.protocol.limits import MAX_RESULT_BYTES
+
+VARIABLES = {
+    "allow_caller_code": "TPM_ALLOW_CALLER_CODE",
+    "adapter_registry": "TPM_ADAPTER_REGISTRY",
+    "max_result_bytes": "TPM_MAX_RESULT_BYTES",
+}
+"""Policy field -> the environment variable that sets it."""
+
+POLICY_FILE = "TPM_WORKER_POLICY"
+"""The environment variable naming a policy file (instead of the variables above)."""
+
+
+class WorkerPolicy(BaseModel):
+    """What a worker permits.
+
+    Attributes:
+        allow_caller_code: Callers' own Python may be deserialized and run here.
+        adapter_registry: The adapter registry's folder, or None (no registered adapters).
+        max_result_bytes: The largest result (tensor bytes) one request may get back.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allow_caller_code: bool = False
+    adapter_registry: Path | None = None
+    max_result_bytes: int = Field(default=MAX_RESULT_BYTES, ge=1, le=MAX_RESULT_BYTES)
+
+    @field_validator("adapter_registry")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_absolute():
+            raise ValueError(f"{str(path)!r} is not an absolute path")
+        return path
+
+    def check_caller_code(self, what: str) -> None:
+        """Refuse a request carrying the caller's own code, unless this endpoint runs it.
+
+        Raises:
+            NotPermitted: This endpoint's policy does not run callers' code.
+        """
+        if not self.allow_caller_code:
+            raise NotPermitted(
+                f"{what} run only on a site your project owns (byo); this endpoint runs no caller code "
+                f"(its operator allows it with {VARIABLES['allow_caller_code']}=1 in the endpoint's worker_init)"
+            )
+
+    def load_caller_code(self, code: str, what: str) -> Any:
+        """The caller's function, deserialized: the one place caller code enters a worker.
+
+        The permission is checked first, so a refused request's code is never unpacked
+        (unpickling alone can run code).
+
+        Raises:
+            NotPermitted: This endpoint's policy does not run callers' code.
+        """
+        self.check_caller_code(what)
+        from globus_compute_sdk.serialize import ComputeSerializer
+
+        return ComputeSerializer().deserialize(code)
+
+
+def load_policy(environ: Mapping[str, str]) -> WorkerPolicy:
+    """The policy an environment describes (empty variables count as unset).
+
+    Raises:
+        SiteError: A value does not validate, the policy file cannot be read, or both a
+            policy file and variables are given (which would win is not obvious: refuse).
+    """
+    given = {field: environ[name] for field, name in VARIABLES.items() if environ.get(name)}
+    policy_file = environ.get(POLICY_FILE)
+    if policy_file:
+        if given:
+            names = ", ".join(VARIABLES[field] for field in given)
+            raise SiteError(f"endpoint policy: {POLICY_FILE} names a policy file and {names} is set too; "
+                            "set one or the other")
+        return _from_file(Path(policy_file))
+    try:
+        return WorkerPolicy.model_validate(given)
+    except ValidationError as error:
+        raise SiteError("endpoint policy: " + _describe(error, lambda field: VARIABLES.get(field, field))) from None
+
+
+def current_policy() -> WorkerPolicy:
+    """This worker's policy, from its process environment (validated once per distinct setting).
+
+    Raises:
+        SiteError: The endpoint's policy does not validate.
+    """
+    return _policy_for(tuple(os.environ.get(name, "") for name in (*VARIABLES.values(), POLICY_FILE)))
+
+
+@functools.lru_cache(maxsize=8)
+def _policy_for(values: tuple[str, ...]) -> WorkerPolicy:
+    return load_policy(dict(zip((*VARIABLES.values(), POLICY_FILE), values, strict=True)))
+
+
+def _from_file(path: Path) -> WorkerPolicy:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML reads JSON too
+    except OSError as error:
+        raise SiteError(f"endpoint policy: {POLICY_FILE}={path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SiteError(f"endpoint policy: {POLICY_FILE}={path}: not YAML or JSON: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SiteError(f"endpoint policy: {POLICY_FILE}={path}: expected a mapping of settings")
+    try:
+        return WorkerPolicy.model_validate(data)
+    except ValidationError as error:
+        raise SiteError(f"endpoint policy: {POLICY_FILE}={path}: " + _describe(error, str)) from None
+
+
+def _describe(error: ValidationError, name_of) -> str:
+    problems = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "policy"
+        problems.append(f"{name_of(field)}={item.get('input')!r}: {item['msg']}")
+    return "; ".join(problems)

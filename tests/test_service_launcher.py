@@ -1,0 +1,118 @@
+"""The embedded default keeps its two commands: ``tpm submit`` finds or starts the home's service."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
+from tpm_fed.identity import LocalUser
+
+TPM = str(Path(sys.executable).with_name("tpm"))
+
+
+def _home(root: Path, demo_model_dir: Path) -> TpmHome:
+    """A home like the embedded default's, with the session's demo model copied in (no training)."""
+    home = TpmHome(root)
+    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
+    Federation(
+        name="embedded",
+        sites=[SiteConfig(name="local")],
+        models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
+        projects=[ProjectConfig(name="local", members=[LocalUser().current()], allocations={"local": 100.0})],
+    ).dump(home.federation_file)
+    return home
+
+
+def _tpm(home: TpmHome, *args: str, idle_s: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TPM_HOME": str(home.root), "TPM_SERVICE_IDLE_TIMEOUT": str(idle_s)}
+    env.pop("TPM_URL", None)
+    return subprocess.run([TPM, *args], capture_output=True, text=True, env=env, timeout=240)
+
+
+def _submit(home: TpmHome, **options) -> dict:
+    done = _tpm(home, "submit", "The cell", "--max-tokens", "8", "--json", **options)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _service_pid(home: TpmHome) -> int:
+    return json.loads((home.root / "service.json").read_text())["pid"]
+
+
+def _stop(home: TpmHome) -> None:
+    _tpm(home, "service", "stop")
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_the_second_submit_finds_a_warm_replica(tmp_path, demo_model_dir):
+    home = _home(tmp_path / "home", demo_model_dir)
+    try:
+        first, second = _submit(home), _submit(home)
+        assert not first["replica"]["warm"]
+        assert second["replica"]["warm"] and second["timings"]["load_s"] == 0
+        assert second["replica"]["replica_id"] == first["replica"]["replica_id"]
+        assert oct((home.root / "service.json").stat().st_mode & 0o777) == "0o600"
+        status = _tpm(home, "service", "status")
+        assert status.returncode == 0 and json.loads((home.root / "service.json").read_text())["token"] in status.stdout
+    finally:
+        _stop(home)
+
+
+@pytest.mark.slow
+def test_a_killed_service_is_replaced_on_the_next_submit(tmp_path, demo_model_dir):
+    home = _home(tmp_path / "home", demo_model_dir)
+    try:
+        _submit(home)
+        old = _service_pid(home)
+        os.kill(old, signal.SIGKILL)
+        assert _gone(old, 10)
+        assert (home.root / "service.json").exists()  # stale: its process is gone
+        assert _submit(home)["usage"]["completion_tokens"] > 0
+        assert _service_pid(home) != old
+    finally:
+        _stop(home)
+
+
+@pytest.mark.slow
+def test_two_concurrent_first_calls_start_one_service(tmp_path, demo_model_dir):
+    home = _home(tmp_path / "home", demo_model_dir)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda _: _submit(home), range(2)))
+        assert all(r["usage"]["completion_tokens"] > 0 for r in results)
+        log = (home.root / "service.log").read_text()
+        assert log.count("tpm: serving") == 1, log
+    finally:
+        _stop(home)
+
+
+@pytest.mark.slow
+def test_an_idle_service_stops_itself(tmp_path, demo_model_dir):
+    home = _home(tmp_path / "home", demo_model_dir)
+    _tpm(home, "submit", "The", "--max-tokens", "1", idle_s=2)
+    pid = _service_pid(home)
+    assert _gone(pid, 30)
+    assert not (home.root / "service.json").exists()
+    assert "no request for" in (home.root / "service.log").read_text()

@@ -1,0 +1,129 @@
+"""Where a caller's service is: ``TPM_URL``/``TPM_TOKEN``, or the home's own, started on first use.
+
+The embedded default keeps its two commands: the first ``tpm submit`` for a
+home finds no running service, starts one in the background (``tpm serve``
+with an idle timeout, logs in ``$TPM_HOME/service.log``), waits until it
+answers, and goes on over HTTP; later calls find it warm. A lock file makes
+two concurrent first calls start exactly one service; a ``service.json``
+left by a dead process is replaced.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tpm_fed.home import TpmHome
+from tpm_fed.protocol.errors import SiteError
+
+START_TIMEOUT_S = 180.0
+"""The first start of a home also makes the demo model (~15 s); a slow machine gets room."""
+
+DEFAULT_IDLE_TIMEOUT_S = 1800.0
+"""A service started for a home stops after this long without requests."""
+
+
+@dataclass(frozen=True)
+class ServiceAddress:
+    url: str
+    token: str | None
+    pid: int | None = None
+
+
+def from_environment() -> ServiceAddress | None:
+    """``TPM_URL`` (and ``TPM_TOKEN``) name a service, e.g. a research center's shared one."""
+    url = os.environ.get("TPM_URL")
+    return ServiceAddress(url.rstrip("/"), os.environ.get("TPM_TOKEN")) if url else None
+
+
+def running_service(home: TpmHome) -> ServiceAddress | None:
+    """The home's service if its process is alive and answers ``/health``."""
+    path = home.root / "service.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return None
+    address = ServiceAddress(str(info["url"]), info.get("token"), pid)
+    return address if healthy(address.url) else None
+
+
+def healthy(url: str, timeout_s: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ensure_service(home: TpmHome, *, announce: bool = False, idle_timeout_s: float | None = None) -> ServiceAddress:
+    """The home's running service, started in the background if there is none.
+
+    A service started here stops after ``idle_timeout_s`` without requests
+    (``TPM_SERVICE_IDLE_TIMEOUT``, else :data:`DEFAULT_IDLE_TIMEOUT_S`).
+
+    Raises:
+        SiteError: The service did not come up (the end of its log is in the message).
+    """
+    address = running_service(home)
+    if address is not None:
+        return address
+    home.root.mkdir(parents=True, exist_ok=True)
+    with open(home.root / "service.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent first call waits here, then finds the service
+        address = running_service(home)
+        if address is not None:
+            return address
+        if idle_timeout_s is None:
+            idle_timeout_s = float(os.environ.get("TPM_SERVICE_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S))
+        return _start(home, announce=announce, idle_timeout_s=idle_timeout_s)
+
+
+def _start(home: TpmHome, *, announce: bool, idle_timeout_s: float) -> ServiceAddress:
+    log = home.root / "service.log"
+    if announce:
+        print(f"tpm: starting the service for {home.root} (first call: seconds; log: {log})", file=sys.stderr)
+    (home.root / "service.json").unlink(missing_ok=True)  # stale: its process is gone
+    with open(log, "ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tpm_fed.service", "--home", str(home.root),
+             "--idle-timeout", str(idle_timeout_s)],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SiteError(f"the service for {home.root} exited with status {process.returncode}:\n"
+                            f"{_tail(log)}")
+        address = running_service(home)
+        if address is not None and address.pid == process.pid:
+            return address
+        time.sleep(0.1)
+    process.terminate()
+    raise SiteError(f"the service for {home.root} did not answer within {START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,90 @@
+"""The service's ASGI application: routes, identity, and errors in OpenAI's shape.
+
+``build_app(runtime, auth)`` wires the OpenAI-compatible routes
+(:mod:`tpm_fed.service.routes_openai`) and tpm-fed's native ones
+(:mod:`tpm_fed.service.routes_native`) to one federation runtime. Every
+route but ``/health`` needs a bearer token; every refusal is an OpenAI error
+body with the status OpenAI's clients expect (:mod:`tpm_fed.service.errors`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tpm_fed.protocol.errors import TpmError
+from tpm_fed.service.auth import Authenticator
+from tpm_fed.service.errors import http_error
+from tpm_fed.service.limits import BodyLimits
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = frozenset()) -> Any:
+    """The ASGI app serving ``runtime`` to callers ``auth`` accepts.
+
+    Args:
+        runtime: The federation runtime (broker, ledger, sites); see :class:`tpm_fed.service.runtime.Runtime`.
+        auth: Turns bearer tokens into identities.
+        operators: Identities that may read every project and use the operator routes.
+    """
+    from tpm_fed.service.routes_native import router as native
+    from tpm_fed.service.routes_openai import router as openai
+
+    app = FastAPI(title="tpm-fed", summary="Federated access to large AI models",
+                  description="OpenAI-compatible routes under /v1; tpm-fed's own under /tpm/v1.")
+    app.state.runtime = runtime
+    app.state.auth = auth
+    app.state.operators = operators
+    app.include_router(openai)
+    app.include_router(native)
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.exception_handler(TpmError)
+    async def _tpm_error(_: Request, error: TpmError) -> JSONResponse:
+        answer = http_error(error)
+        return JSONResponse(answer.body(), status_code=answer.status, headers=answer.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_openai_error(describe_errors(error.errors()), "invalid_request_error",
+                                          "InvalidRequest"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(_openai_error(str(error.detail), "invalid_request_error", f"HTTP{error.status_code}"),
+                            status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        return JSONResponse(_openai_error(f"{type(error).__name__}: {error}", "server_error", "InternalError"),
+                            status_code=500)
+
+    return BodyLimits(app)
+
+
+def describe_errors(problems: list[dict]) -> str:
+    """One line per problem, naming the field, as OpenAI's clients show ``message``."""
+    lines = []
+    for problem in problems:
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        if problem.get("type") == "extra_forbidden":
+            message = "unknown parameter"
+        if problem.get("type") == "json_invalid":
+            where, message = "body", f"not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})"
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+def _openai_error(message: str, kind: str, code: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -1,0 +1,132 @@
+"""Who is calling: a bearer token in, an identity (the name project member lists use) out.
+
+Two modes, one small protocol:
+
+- ``local``: the embedded default. The service makes a random token and
+  writes it to ``$TPM_HOME/service.json`` (mode 0600, listening on loopback),
+  so whoever can read the home is its owner, as Jupyter does.
+- ``globus``: a shared deployment. Callers send Globus Auth access tokens
+  issued for the service's scope; the service introspects each with its own
+  confidential client (globus-sdk), checks it is active, unexpired and meant
+  for this service (audience), and caches the answer until the token expires.
+  The identity is the token's Globus username (``ana@uchicago.edu``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.requests import Request
+
+from tpm_fed.protocol.errors import Unauthenticated
+
+
+class Authenticator(Protocol):
+    """Turns the ``Authorization`` header's bearer token into an identity."""
+
+    mode: str
+
+    def authenticate(self, token: str | None) -> str:
+        """The caller's identity.
+
+        Raises:
+            Unauthenticated: No token, or one this service does not accept.
+        """
+        ...
+
+
+def identity_of(request: Request) -> str:
+    """The caller of an HTTP request, from its bearer token (the routes' FastAPI dependency)."""
+    return request.app.state.auth.authenticate(bearer_token(request.headers.get("authorization")))
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header (None when absent or malformed)."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+@dataclass(frozen=True)
+class LocalToken:
+    """One token, one identity: the home's owner."""
+
+    token: str
+    identity: str
+    mode: str = "local"
+
+    def authenticate(self, token: str | None) -> str:
+        if token is None:
+            raise Unauthenticated("no bearer token: send the token from $TPM_HOME/service.json "
+                                  "(tpm service status prints it)")
+        if not hmac.compare_digest(token.encode(), self.token.encode()):
+            raise Unauthenticated("the bearer token is not this service's token")
+        return self.identity
+
+
+class GlobusTokens:
+    """Globus Auth access tokens, introspected by the service's own confidential client.
+
+    Args:
+        client_id: The service's Globus Auth client id (also the audience tokens must name).
+        client_secret: Its secret.
+        auth_client: A ``globus_sdk.ConfidentialAppAuthClient`` (made from the two above by default).
+        audience: The resource server tokens must be issued for (the client id by default).
+    """
+
+    mode = "globus"
+
+    def __init__(self, client_id: str, client_secret: str | None = None, *, auth_client: Any = None,
+                 audience: str | None = None) -> None:
+        if auth_client is None:
+            import globus_sdk
+
+            auth_client = globus_sdk.ConfidentialAppAuthClient(client_id, client_secret)
+        self.auth_client = auth_client
+        self.audience = audience or client_id
+        self._cache: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, token: str | None) -> str:
+        if token is None:
+            raise Unauthenticated("no bearer token: run `tpm login` for a Globus Auth token for this service")
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.time()
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        identity, expires = self._introspect(token, now)
+        with self._lock:
+            self._cache[key] = (identity, expires)
+            for stale in [k for k, (_, until) in self._cache.items() if until <= now]:
+                del self._cache[stale]
+        return identity
+
+    def _introspect(self, token: str, now: float) -> tuple[str, float]:
+        import globus_sdk
+
+        try:
+            answer = self.auth_client.oauth2_token_introspect(token).data
+        except globus_sdk.GlobusAPIError as error:
+            raise Unauthenticated(f"Globus Auth refused to introspect the token ({error.http_status})") from None
+        except globus_sdk.NetworkError as error:
+            raise Unauthenticated(f"Globus Auth could not be reached to check the token: {error}") from None
+        if not answer.get("active"):
+            raise Unauthenticated("the token is not active (expired or revoked): run `tpm login`")
+        expires = float(answer.get("exp") or 0)
+        if expires <= now:
+            raise Unauthenticated("the token has expired: run `tpm login`")
+        audiences = answer.get("aud") or []
+        if self.audience not in audiences:
+            raise Unauthenticated("the token was issued for another service, not this one")
+        username = answer.get("username")
+        if not username:
+            raise Unauthenticated("the token names no identity")
+        return str(username), expires

@@ -1,0 +1,78 @@
+"""Our typed errors as HTTP answers, in OpenAI's error body.
+
+Every refusal the service gives has the shape OpenAI's clients parse
+(``{"error": {"message", "type", "param", "code"}}``) and the status they
+act on: 400 invalid, 401 no or bad token, 403 not permitted, 404 unknown
+model, 413 too large, 429 no balance (``insufficient_quota``) or overloaded
+(with ``Retry-After``), 503 no site can serve now. The error's own type name
+travels in ``code``, so :func:`tpm_fed.protocol.errors.error_from_wire`
+rebuilds the same exception in our HTTP client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tpm_fed.protocol import errors
+from tpm_fed.protocol.errors import Overloaded, Unauthenticated
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    type: str
+    code: str
+    message: str
+    retry_after_s: int | None = None
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+# Most specific first: the first class an error is an instance of decides.
+_STATUS: list[tuple[type[errors.TpmError], int, str]] = [
+    (Unauthenticated, 401, "authentication_error"),
+    (errors.PayloadTooLarge, 413, "invalid_request_error"),
+    (errors.InvalidRequest, 400, "invalid_request_error"),
+    (errors.NotPermitted, 403, "permission_error"),
+    (errors.UnknownModel, 404, "not_found_error"),
+    (errors.UnknownVersion, 404, "not_found_error"),
+    (errors.UnknownAdapter, 404, "not_found_error"),
+    (errors.InsufficientBalance, 429, "insufficient_quota"),
+    (Overloaded, 429, "rate_limit_error"),
+    (errors.PlacementRefused, 503, "service_unavailable"),
+    (errors.SiteError, 503, "service_unavailable"),
+    (errors.NotLoggedIn, 503, "service_unavailable"),
+    (errors.FunctionNotRegistered, 503, "service_unavailable"),
+    (errors.CodeVersionMismatch, 503, "service_unavailable"),
+    (errors.BackendUnavailable, 503, "service_unavailable"),
+    (errors.ModelLoadError, 503, "service_unavailable"),
+]
+
+
+def http_error(error: errors.TpmError) -> HttpError:
+    """The status, type and body for one of our errors (500 for one we did not foresee)."""
+    for cls, status, kind in _STATUS:
+        if isinstance(error, cls):
+            code = "insufficient_quota" if status == 429 and kind == "insufficient_quota" else type(error).__name__
+            retry = 1 if isinstance(error, Overloaded) else None
+            return HttpError(status, kind, code, str(error), retry)
+    return HttpError(500, "server_error", type(error).__name__, str(error))
+
+
+def error_from_body(status: int, body: dict) -> errors.TpmError:
+    """Rebuild the typed error an HTTP answer carries (what our client raises)."""
+    detail = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(detail, dict):
+        return errors.RemoteExecutionError(f"HTTP {status}: {body!r}"[:2000])
+    code, message = str(detail.get("code") or ""), str(detail.get("message") or "")
+    if status == 401:
+        return Unauthenticated(message)
+    if code == "insufficient_quota":
+        return errors.InsufficientBalance(message)
+    if code == "Overloaded":
+        return Overloaded(message)
+    return errors.error_from_wire({"type": code, "message": message})

@@ -1,0 +1,79 @@
+"""Request bodies the service takes: at most so big, and arriving at a reasonable pace.
+
+A pure ASGI middleware, so a body over the limit is refused from its
+``Content-Length`` before a byte of it is read (or, sent chunked, as soon as
+it passes the limit), and a client that stops sending its body mid-way is
+answered 408 instead of holding a connection and a worker thread forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
+
+MAX_BODY_BYTES = MAX_PAYLOAD_BYTES
+"""A request must fit in one Globus Compute task; a bigger body could never run."""
+
+BODY_TIMEOUT_S = 30.0
+"""Most seconds between two pieces of a request body."""
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = status, message
+
+
+class BodyLimits:
+    """Refuse bodies over ``max_bytes`` (413) and bodies that stall for ``timeout_s`` (408)."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _answer(send, 413, f"the request body is {int(declared):,} bytes; the most is {self.max_bytes:,}")
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.timeout_s)
+            except TimeoutError:
+                raise _Refused(408, f"the request body stalled for {self.timeout_s:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _Refused(413, f"the request body passed {self.max_bytes:,} bytes")
+            return message
+
+        async def watched_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except _Refused as refused:
+            if not started:
+                await _answer(send, refused.status, refused.message)
+
+
+async def _answer(send: Any, status: int, message: str) -> None:
+    kind = "request_timeout" if status == 408 else "invalid_request_error"
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                 "code": "PayloadTooLarge" if status == 413 else "RequestTimeout"}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

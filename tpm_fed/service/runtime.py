@@ -1,0 +1,283 @@
+"""The federation runtime the service owns: broker, ledger, replica registry, dispatchers, sites.
+
+For each request it checks the request at the edge, pins it to an exact
+model version, resolves who pays (the caller's identity, from the service's
+authentication, and their project), asks the broker for a replica, and hands
+the request to the dispatcher for that replica. When the batch comes back,
+the bookkeeper settles the charges, updates the replica and logs the
+outcomes. Sites start on first use and stay up, with their warm replicas,
+until the runtime closes. One runtime serves every caller of a service.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from tpm_fed.bookkeeping import Bookkeeper
+from tpm_fed.broker import Broker, Decision, PlacementRequest, ReplicaRegistry
+from tpm_fed.catalog import ModelCatalog
+from tpm_fed.dispatch import BatchingDispatcher
+from tpm_fed.federation import Federation, SiteConfig
+from tpm_fed.home import TpmHome
+from tpm_fed.identity import LocalUser
+from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
+from tpm_fed.protocol.adapter_registry import AdapterRegistry
+from tpm_fed.protocol.code_version import serving_code_version
+from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, UnknownModel
+from tpm_fed.protocol.kinds import KINDS
+from tpm_fed.protocol.limits import check_request_size
+from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.requests import (
+    EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest, UsageBound,
+)
+from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
+from tpm_fed.service import reports
+from tpm_fed.sites import Site, SiteStatus, build_site
+from tpm_fed.state import RequestLog, open_database
+
+
+class Runtime:
+    """One federation, running: what ``tpm serve`` serves.
+
+    Args:
+        home: The tpm home (federation file, models, site run folders).
+        database_url: The one ledger's database; the home's SQLite by default.
+        owner: The identity in-process calls run as when they name none (the home's owner).
+
+    Example (in-process, as tests and benchmarks use it):
+        >>> with Runtime(home) as runtime:
+        ...     result = runtime.generate("The telescope", max_new_tokens=16).result()
+    """
+
+    def __init__(self, home: TpmHome, *, database_url: str | None = None, owner: str | None = None) -> None:
+        self.home = home
+        self.federation = Federation.load(self.home.federation_file)
+        self.catalog = ModelCatalog(self.federation)
+        self.owner = owner or LocalUser().current()
+        database = open_database(database_url or self.home.database_url)
+        self.log = RequestLog(database)
+        self.ledger = Ledger(database)
+        self.broker = Broker(self.federation, self.ledger, ReplicaRegistry(database))
+        self._bookkeeper = Bookkeeper(self.log, self.broker)
+        self._sites: dict[str, Site] = {}
+        self._dispatchers: dict[str, BatchingDispatcher] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        for config in self.federation.sites:
+            # An offline endpoint is skipped before a request is placed there.
+            self.broker.health.watch(config.name, lambda name=config.name: self.site(name).problem())
+
+    # ----- in-process conveniences (the service's routes call submit) -------------
+    def generate(self, prompts: str | list[str], model: str | None = None, *, identity: str | None = None,
+                 **params: Any) -> Future[GenerationResult]:
+        """Generate text (see :class:`~tpm_fed.protocol.requests.GenerationRequest` for ``params``)."""
+        request = GenerationRequest.create(prompts, model or self.default_model(), **params)
+        return self.submit(request, identity)
+
+    def trace(self, prompts: str | list[str], model: str | None = None, *, identity: str | None = None,
+              **params: Any) -> Future[TraceResult]:
+        """Run prompts while reading and writing activations (see :class:`TraceRequest`)."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return self.submit(TraceRequest.create(model or self.default_model(), prompts=prompts, **params), identity)
+
+    def embed(self, inputs: list[Any], model: str | None = None, *, identity: str | None = None,
+              **params: Any) -> Future[EmbeddingResult]:
+        """Run data through adapters and the shared core (see :class:`EmbeddingRequest`)."""
+        from tpm_fed.protocol.tensors import TensorData
+
+        try:
+            tensors = [value if isinstance(value, TensorData) else TensorData.of(value) for value in inputs]
+        except ValueError as error:
+            raise InvalidRequest(f"inputs: {error}") from None
+        return self.submit(EmbeddingRequest.create(model or self.default_model(), inputs=tensors, **params), identity)
+
+    # ----- serving ---------------------------------------------------------------
+    def submit(self, request: ServingRequest, identity: str | None = None) -> Future[ServedResult]:
+        """Admit a request of any kind for ``identity`` (the owner by default).
+
+        Edge checks and placement raise here (nothing charged); what happens at
+        the site fails the future.
+        """
+        if self._closed:
+            raise RuntimeError("this runtime is closed")
+        identity = identity or self.owner
+        if not isinstance(request, ServingRequest):
+            raise InvalidRequest(f"expected a tpm-fed request (generate, trace or embed), got {type(request).__name__}")
+        nbytes = check_request_size(request)
+        resolved = self.catalog.resolve(request.model)
+        request, spec, bound = self._check(request, resolved)
+        price = getattr(self.federation.prices, request.kind)
+        # Placed here, reserved with its batch when the batch leaves (one transaction per batch).
+        admission = self.broker.place(request.request_id, self._placement(request, spec, price, bound, identity))
+        self._bookkeeper.admitted(admission, price)
+        try:
+            self._forget_dispatchers([admission.replaced] if admission.replaced else [])
+            self._reap_idle()
+            dispatcher = self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec)
+        except BaseException:
+            self._bookkeeper.forget(admission)
+            raise
+        # A batch must fit in one task both ways: count what the answer may carry too.
+        return dispatcher.submit(request, nbytes + bound.result_bytes)
+
+    def explain(self, request: ServingRequest, identity: str | None = None) -> Decision:
+        """What the broker would decide for ``request`` (nothing is reserved or run)."""
+        request, spec, bound = self._check(request, self.catalog.resolve(request.model))
+        price = getattr(self.federation.prices, request.kind)
+        return self.broker.decide(self._placement(request, spec, price, bound, identity or self.owner))
+
+    # ----- what callers may read (views in tpm_fed.service.reports) ----------------
+    def model_cards(self) -> list[dict[str, Any]]:
+        return reports.model_cards(self)
+
+    def request_record(self, request_id: str) -> dict[str, Any] | None:
+        return reports.request_record(self, request_id)
+
+    def statement(self, project: str, since: float | None = None) -> list[dict[str, Any]]:
+        return reports.statement(self, project, since)
+
+    def balances(self, project: str) -> list[dict[str, Any]]:
+        return reports.balances(self, project)
+
+    def sites_report(self) -> dict[str, Any]:
+        return reports.sites_report(self)
+
+    def points(self, model: str | None = None) -> PointCatalog:
+        """Every hookable point of ``model`` with its shape (read from its config alone)."""
+        return self.catalog.points(self.catalog.resolve(ModelRef.parse(model) if model else self.default_model()).spec)
+
+    @property
+    def adapters(self) -> AdapterRegistry:
+        """The federation's adapter registry (input modules and heads for mode 2)."""
+        return AdapterRegistry(self.federation.store / "adapters")
+
+    def _check(self, request: ServingRequest, resolved) -> tuple[ServingRequest, ModelSpec, UsageBound]:
+        """Kind-specific edge checks: the request (adapters pinned), the spec to run, its usage bound."""
+        spec = resolved.spec
+        if isinstance(request, GenerationRequest):
+            self.catalog.check(request, resolved)
+            if request.backend is not None and request.backend != spec.backend:
+                spec = spec.model_copy(update={"backend": request.backend})
+            return request, spec, request.usage_bound()
+        served_by = KINDS[request.kind].backends  # the backends with the capability this kind needs
+        if spec.backend not in served_by:
+            spec = spec.model_copy(update={"backend": served_by[0]})
+        if request.kind == "trace":
+            from tpm_fed.protocol.validation import check_trace
+
+            return request, spec, check_trace(request, self.catalog.points(spec), spec.dtype)
+        from tpm_fed.adapters.check import pin_adapters
+
+        pinned, bound = pin_adapters(request, self.adapters, self.catalog.hidden_size(spec))
+        return pinned, spec, bound
+
+    def _placement(self, request: ServingRequest, spec: ModelSpec, price, bound: UsageBound,
+                   identity: str) -> PlacementRequest:
+        location = request.location or self.federation.default_location
+        if location not in self.federation.latency_ms and location != self.federation.default_location:
+            known = sorted(set(self.federation.latency_ms) | {self.federation.default_location})
+            raise InvalidRequest(f"location: unknown location {location!r}; known: {', '.join(known)}")
+        return PlacementRequest(
+            identity=identity,
+            project=self.project_for(identity, request.project),
+            model=spec.name,
+            version=spec.version,
+            kind=request.kind,
+            location=location,
+            estimate_usu=estimate_usu(price, bound, cold_start=False),
+            cold_start_usu=price_usu(price, Metered(cold_start=True)),
+            site=request.site,
+            backend=spec.backend,
+            own_site_only=request.runs_user_code,
+        )
+
+    def project_for(self, identity: str, asked: str | None) -> str:
+        """The project ``identity`` charges (``asked``, or their only project)."""
+        mine = self.projects_of(identity)
+        if asked is not None:
+            if asked not in mine:
+                raise NotPermitted(f"{identity!r} is not a member of project {asked!r}")
+            return asked
+        if not mine:
+            raise NotPermitted(f"{identity!r} is not a member of any project of this federation")
+        if len(mine) > 1:
+            raise InvalidRequest(f"project: {identity!r} is in several projects ({', '.join(mine)}); name one")
+        return mine[0]
+
+    def projects_of(self, identity: str) -> list[str]:
+        return [project.name for project in self.federation.projects_of(identity)]
+
+    def all_projects(self) -> list[str]:
+        return [project.name for project in self.federation.projects]
+
+    def default_model(self) -> ModelRef:
+        if not self.federation.models:
+            raise UnknownModel(f"the federation in {self.home.federation_file} serves no models")
+        return ModelRef(name=self.federation.models[0].name)
+
+    def _dispatcher(self, replica_id: str, site_config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
+        with self._lock:
+            if replica_id not in self._dispatchers:
+                self._dispatchers[replica_id] = BatchingDispatcher(
+                    self._site(site_config),
+                    spec,
+                    max_batch=site_config.max_batch_requests,
+                    max_in_flight=site_config.capacity.max_replicas,
+                    linger_s=site_config.batch_linger_ms / 1000,
+                    task_timeout_s=site_config.task_timeout_s,
+                    listener=self._bookkeeper,
+                    # Only what the worker checks: permissions are its endpoint's policy, never a task's.
+                    context={"code_version": serving_code_version()},
+                )
+            return self._dispatchers[replica_id]
+
+    def _reap_idle(self) -> None:
+        self._forget_dispatchers(self.broker.reap_idle())
+
+    def _forget_dispatchers(self, replica_ids: list[str]) -> None:
+        """Stopped replicas get no more work; their worker frees them on its next load."""
+        with self._lock:
+            for replica_id in replica_ids:
+                self._dispatchers.pop(replica_id, None)
+
+    def _site(self, config: SiteConfig) -> Site:
+        if config.name not in self._sites:
+            self._sites[config.name] = build_site(config, self.home.sites_dir)
+        return self._sites[config.name]
+
+    def site(self, name: str | None = None) -> Site:
+        """A site of the federation (started on first submit)."""
+        config = self.federation.site(name) if name else self.federation.sites[0]
+        with self._lock:
+            return self._site(config)
+
+    def status(self) -> list[SiteStatus]:
+        with self._lock:
+            started = dict(self._sites)
+        return [
+            started[c.name].status() if c.name in started
+            else SiteStatus(c.name, c.access, "stopped", c.capacity.max_replicas, 0)
+            for c in self.federation.sites
+        ]
+
+    def close(self) -> None:
+        """Stop every site this runtime started; their replicas go with them."""
+        with self._lock:
+            self._closed = True
+            sites, self._sites = self._sites, {}
+            self._dispatchers.clear()
+        for name, site in sites.items():
+            site.shutdown()
+            self.log.site_stopped(name)
+            self.broker.registry.set_state(
+                [r.replica_id for r in self.broker.registry.all() if r.site == name and r.live], "stopped"
+            )
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
