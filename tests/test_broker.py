@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tpm_fed.broker import Broker, PlacementRequest, ReplicaRegistry, SiteHealth
-from tpm_fed.protocol.errors import NotPermitted, PlacementRefused
+from tpm_fed.protocol.errors import InsufficientBalance, NotPermitted, PlacementRefused
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Ledger
 from tpm_fed.state import open_database
@@ -125,7 +125,7 @@ def test_full_and_busy_site_refuses_with_reasons(broker):
 
 
 def test_insufficient_balance_refuses_and_charges_nothing(broker):
-    with pytest.raises(PlacementRefused, match="lacks the SUs"):
+    with pytest.raises(InsufficientBalance, match="lacks the SUs"):
         admit(broker, ask(project="poor", identity="pat", estimate=SU))
     assert [c for c in broker.ledger.statement() if c.project == "poor"] == []
 
@@ -145,7 +145,7 @@ def test_every_allocation_exhausted_raises_insufficient_balance(tmp_path):
     broker = Broker(fed, Ledger(engine), ReplicaRegistry(engine))
     broker.ledger.reserve("x", project="bio", site="far", identity="bo", model="llm", version="v1",
                           kind="generate", estimate_usu=SU - 10)
-    with pytest.raises(PlacementRefused, match="lacks the SUs"):
+    with pytest.raises(InsufficientBalance, match="lacks the SUs"):
         admit(broker, ask(estimate=SU // 100))
 
 
@@ -239,7 +239,7 @@ def test_placing_holds_the_estimate_until_the_batch_reservation_says_how_it_went
     placed = [broker.place(f"p{i}", ask(estimate=30 * SU)) for i in range(3)]
     assert {a.site for a in placed} == {"far"} and not any(a.reserved for a in placed)
     assert broker.ledger.statement() == [] and broker.ledger.balances("bio")[0].reserved_usu == 0
-    with pytest.raises(PlacementRefused, match="lacks the SUs"):  # 10 left after three holds of 30
+    with pytest.raises(InsufficientBalance, match="lacks the SUs"):  # 10 left after three holds of 30
         broker.place("p3", ask(estimate=30 * SU))
     replica = broker.registry.get(placed[0].replica_id)
     assert replica.queue_depth == 3

@@ -58,10 +58,14 @@ class Bookkeeper:
             raise InvalidRequest(f"request {admission.request_id} is in flight already")
 
     def forget(self, admission: Admission) -> None:
-        """A placed request that will not be sent after all (nothing was reserved for it yet)."""
+        """A placed request that will not be sent after all: its hold (or reservation) goes back."""
         with self._lock:
             self._admissions.pop(admission.request_id, None)
-        self.broker.reserved([admission], refused={admission.request_id})
+        if admission.reserved:
+            self.broker.ledger.release(admission.request_id, "not sent")
+            self.broker.registry.failed(admission.replica_id, 1)
+        else:
+            self.broker.reserved([admission], refused={admission.request_id})
 
     def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> dict[str, BaseException]:
         """Reserve the batch's service units and log it as queued, in one transaction.

@@ -24,11 +24,18 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from tpm_fed.broker.health import SiteHealth
-from tpm_fed.broker.placement import Candidate, Decision, Placer, PlacementRequest
+from tpm_fed.broker.placement import NO_BALANCE, Candidate, Decision, Placer, PlacementRequest
 from tpm_fed.broker.registry import ReplicaRegistry
 from tpm_fed.protocol.errors import InsufficientBalance, NotPermitted, PlacementRefused
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Hold, Ledger
+
+
+def _refusal(decision: Decision) -> PlacementRefused | InsufficientBalance:
+    """The typed error for a decision that chose nothing: no balance anywhere is the caller's to fix (429)."""
+    if decision.refusal and decision.refusal.startswith(NO_BALANCE):
+        return InsufficientBalance(f"{decision.refusal}\n{decision.explain()}")
+    return PlacementRefused(decision.refusal or "no candidate", decision.explain())
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ class Broker:
         """
         decision = self.decide(request)
         if decision.chosen is None:
-            raise PlacementRefused(decision.refusal or "no candidate", decision.explain())
+            raise _refusal(decision)
         last_error: InsufficientBalance | None = None
         for candidate in decision.ranked:
             try:
@@ -186,7 +193,7 @@ class Broker:
         """
         decision = self.decide(request)
         if decision.chosen is None:
-            raise PlacementRefused(decision.refusal or "no candidate", decision.explain())
+            raise _refusal(decision)
         candidate = decision.chosen
         self.balances.hold(request.project, candidate.site, candidate.cost_usu)
         return self._take(request_id, request, candidate, decision, reserved=False)

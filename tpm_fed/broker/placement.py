@@ -131,6 +131,10 @@ def _rank(candidate: Candidate) -> tuple:
     return (candidate.score_s, not candidate.free, candidate.cost_usu, candidate.site, candidate.replica_id or "")
 
 
+NO_BALANCE = "insufficient balance"
+"""How a refusal for lack of service units begins (the broker raises InsufficientBalance for it)."""
+
+
 class Placer:
     """Indexes a federation once; places many requests against snapshots."""
 
@@ -272,5 +276,5 @@ class Placer:
         if all(r and r.startswith(("project", "byo site")) for r in reasons):
             return f"project {request.project!r} may not spend at any site that serves {request.model!r}"
         if all(r and (r.startswith(("balance", "project", "byo"))) for r in reasons):
-            return f"project {request.project!r} lacks the SUs for this request at every eligible site"
+            return f"{NO_BALANCE}: project {request.project!r} lacks the SUs for this request at every eligible site"
         return f"no replica of {request.model}@{request.version} can take the request now"

@@ -21,11 +21,6 @@ BODY_TIMEOUT_S = 30.0
 """Most seconds between two pieces of a request body."""
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-
-
 class BodyLimits:
     """Refuse bodies over ``max_bytes`` (413) and bodies that stall for ``timeout_s`` (408)."""
 
@@ -43,30 +38,36 @@ class BodyLimits:
             await _answer(send, 413, f"the request body is {int(declared):,} bytes; the most is {self.max_bytes:,}")
             return
         received = 0
-        started = False
+        started = answered = False
+
+        async def refuse(status: int, message: str) -> dict:
+            """Answer for the app (once, if it has not begun its own answer), and tell it the client left."""
+            nonlocal answered
+            if not started and not answered:
+                answered = True
+                await _answer(send, status, message)
+            return {"type": "http.disconnect"}
 
         async def limited_receive() -> dict:
             nonlocal received
             try:
                 message = await asyncio.wait_for(receive(), timeout=self.timeout_s)
             except TimeoutError:
-                raise _Refused(408, f"the request body stalled for {self.timeout_s:g} s") from None
+                return await refuse(408, f"the request body stalled for {self.timeout_s:g} s")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _Refused(413, f"the request body passed {self.max_bytes:,} bytes")
+                    return await refuse(413, f"the request body passed {self.max_bytes:,} bytes")
             return message
 
         async def watched_send(message: dict) -> None:
             nonlocal started
+            if answered:  # the refusal above is the answer; the app's own is dropped
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, watched_send)
-        except _Refused as refused:
-            if not started:
-                await _answer(send, refused.status, refused.message)
+        await self.app(scope, limited_receive, watched_send)
 
 
 async def _answer(send: Any, status: int, message: str) -> None:
