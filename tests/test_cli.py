@@ -25,7 +25,8 @@ def cli_home(tmp_path_factory, demo_model_dir) -> TpmHome:
     home = TpmHome(tmp_path_factory.mktemp("cli-home"))
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
     home.ensure_embedded_default(progress=False)
-    return home
+    yield home
+    tpm(home, "service", "stop")  # the first submit started the home's service
 
 
 def tpm(home: TpmHome, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -49,7 +50,7 @@ def test_submit_prints_text_then_usage_and_version(cli_home):
     assert text.strip()
     assert "completion tokens" in usage and f"{DEMO_MODEL_NAME}@" in usage
     assert re.search(r"\| (torch|vllm) on local \|", usage)  # the embedded default is backend: auto
-    assert "starting site" in done.stderr  # progress goes to stderr, not into the answer
+    assert "starting the service" in done.stderr  # progress goes to stderr, not into the answer
 
 
 def test_submit_file_as_json(cli_home, tmp_path):
@@ -64,9 +65,9 @@ def test_submit_file_as_json(cli_home, tmp_path):
 
     status = tpm(cli_home, "status")
     assert status.returncode == 0
-    # The submit's process is gone, and its replica with it.
+    # The submit's process is gone; the home's service keeps its replica warm for the next call.
     replica = f"local/{DEMO_MODEL_NAME}@{result['version']}/auto/0"
-    assert [line.split()[:2] for line in status.stdout.splitlines() if replica in line] == [["stopped", replica]]
+    assert [line.split()[:2] for line in status.stdout.splitlines() if replica in line] == [["warm", replica]]
     models = tpm(cli_home, "models")
     header, *rows = models.stdout.splitlines()
     assert header.split()[:3] == ["model", "version", "context"]

@@ -40,6 +40,20 @@ def _save(home, federation: Federation, collection: str, edit: Callable[[list[di
     except ValidationError as error:
         raise FederationConfigError(describe_validation_error(error)) from None
     updated.dump(home.federation_file)
+    _restart_service(home)
+
+
+def _restart_service(home) -> None:
+    """The home's service read the old file: stop it (requests in flight finish); the next call starts anew."""
+    import os
+    import signal
+
+    from tpm_fed.connection import running_service
+
+    address = running_service(home)
+    if address is not None and address.pid is not None:
+        os.kill(address.pid, signal.SIGTERM)
+        click.echo("tpm: the home's service stops to take the change; the next request starts it again", err=True)
 
 
 @click.group()
