@@ -131,10 +131,10 @@ class Federated:
         self.site = HeldSite()
         self.dispatcher = BatchingDispatcher(self.site, SPEC, max_batch=64, max_in_flight=1, listener=self.keeper)
 
-    def send(self, estimate_usu: int):
+    def send(self, estimate_usu: int, r=None):
         from tpm_fed.broker import PlacementRequest
 
-        r = request()
+        r = r or request()
         admission = self.broker.place(r.request_id, PlacementRequest(
             "u", "p", "m", "v", "generate", "here", estimate_usu, 0, backend="auto"))
         self.keeper.admitted(admission, self.federation.prices.generate)
@@ -208,3 +208,29 @@ def test_a_request_in_flight_cannot_be_submitted_again(tmp_path):
     with pytest.raises(InvalidRequest, match="in flight already"):
         world.keeper.admitted(world.broker.place(r.request_id, ask), world.federation.prices.generate)
     assert world.broker.balances._held == {("p", "held"): world.SU // 4}  # the second placement was undone
+    first = world.broker.registry.all()[0]
+    assert first.queue_depth == 1
+    world.keeper.forget(world.broker.place("unsent", ask))  # placed, then its dispatcher could not be made
+    assert world.broker.balances._held == {("p", "held"): world.SU // 4} and first.queue_depth == 1
+
+
+def test_a_request_sent_again_after_it_ran_is_refused_and_charged_once(tmp_path):
+    from tpm_fed.protocol.errors import InvalidRequest
+
+    world = Federated(tmp_path)
+    again = request()
+    _, first = world.send(world.SU // 4, again)
+    world.answer(0)
+    first.result(timeout=5)
+    _, other = world.send(world.SU // 4)  # leaves at once
+    _, repeat = world.send(world.SU // 4, again)  # waits for the worker, then is refused when it would leave
+    world.answer(1)
+    assert other.result(timeout=5).charge.charged_su == 0.003
+    with pytest.raises(InvalidRequest, match="already charged"):
+        repeat.result(timeout=5)
+    assert len(world.site.tasks) == 2
+    lines = world.broker.ledger.statement()
+    assert [c.request_id for c in lines].count(again.request_id) == 1
+    (balance,) = world.broker.ledger.balances()
+    assert (balance.spent_usu, balance.reserved_usu) == (2 * 3000, 0)
+    assert world.broker.balances._held == {("p", "held"): 0}

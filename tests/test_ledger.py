@@ -123,19 +123,27 @@ def test_a_batch_is_reserved_in_one_transaction_and_each_request_refused_on_its_
     begins = []
     event.listen(ledger.engine, "begin", begins.append)
     refused = ledger.reserve_many([
-        hold("a", 4 * MICRO), hold("earlier", MICRO), hold("b", 4 * MICRO), hold("c", 4 * MICRO),
-        hold("d", MICRO), hold("twice", MICRO), hold("mine", 50 * MICRO, free=True), hold("x", 1, site="elsewhere"),
-        hold("twice", MICRO),
+        hold("a", 4 * MICRO), hold("b", 4 * MICRO), hold("c", 4 * MICRO), hold("d", MICRO), hold("twice", MICRO),
+        hold("mine", 50 * MICRO, free=True), hold("x", 1, site="elsewhere"), hold("twice", MICRO),
     ])
     assert len(begins) == 1
     # The group does not fit as a whole (14 > 9 available): request by request, in order.
     assert {rid: type(e).__name__ for rid, e in refused.items()} == {
-        "earlier": "InvalidRequest", "twice": "InvalidRequest", "c": "InsufficientBalance", "x": "InsufficientBalance"}
+        "twice": "InvalidRequest", "c": "InsufficientBalance", "x": "InsufficientBalance"}
     assert "0.000000 SUs available at site 'elsewhere'" in str(refused["x"])
     assert "1.000000 SUs available at site 's'; this request may cost up to 4.000000" in str(refused["c"])
     (balance,) = ledger.balances()
     assert balance.reserved_usu == (1 + 4 + 4 + 1) * MICRO and balance.available_usu == 0
     assert sorted(c.request_id for c in ledger.statement()) == ["a", "b", "d", "earlier", "mine"]
+
+
+def test_an_id_already_charged_is_refused_in_a_batch_and_the_rest_reserved_once(ledger):
+    reserve(ledger, "earlier", MICRO)
+    refused = ledger.reserve_many([hold("new", 2 * MICRO), hold("earlier", 3 * MICRO)])
+    assert {rid: str(e) for rid, e in refused.items()} == {"earlier": "request earlier was already charged"}
+    (balance,) = ledger.balances()
+    assert balance.reserved_usu == 3 * MICRO  # 1 (earlier, once) + 2 (new); the insert that failed was rolled back
+    assert sorted(c.request_id for c in ledger.statement()) == ["earlier", "new"]
 
 
 def test_a_batch_settles_and_releases_in_one_transaction_each_request_once(ledger):

@@ -90,16 +90,16 @@ class Bookkeeper:
         return refused
 
     def _reserve_and_log(self, site, version, requests, to_reserve) -> dict[str, BaseException]:
-        def once() -> dict[str, BaseException]:
+        def once(look_first: bool) -> dict[str, BaseException]:
             with self.log.engine.begin() as db:
-                refused = self.broker.ledger.reserve_many([a.hold() for a in to_reserve], db)
+                refused = self.broker.ledger.reserve_many([a.hold() for a in to_reserve], db, look_first=look_first)
                 self.log.record_sent(site, version, [r for r in requests if r.request_id not in refused], db)
             return refused
 
         try:
-            return once()
-        except IntegrityError:  # another process took one of these ids meanwhile: again, seeing it
-            return once()
+            return once(look_first=False)
+        except IntegrityError:  # an id was charged or logged already: again, looking first
+            return once(look_first=True)
 
     def record_outcomes(
         self, outcomes: dict[str, ServedResult | BaseException]

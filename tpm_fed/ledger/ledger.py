@@ -121,6 +121,9 @@ class Ledger:
             .where(c.request_id == bindparam("rid"), c.state == "reserved")
             .values(state=bindparam("state"), settled_at=bindparam("at"))
         )
+        if self._returning:  # one request (the common single call): no expanding IN to render
+            self._claim_one_returning = self._claim_one.returning(
+                c.request_id, c.project, c.site, c.free, c.estimate_usu)
         self._find = select(c.request_id, c.project, c.site, c.free, c.estimate_usu).where(
             c.request_id.in_(bindparam("ids", expanding=True)))
         self._usage = (
@@ -176,11 +179,18 @@ class Ledger:
         if request_id in refused:
             raise refused[request_id]
 
-    def reserve_many(self, holds: list[Hold], db: Connection | None = None) -> dict[str, TpmError]:
+    def reserve_many(
+        self, holds: list[Hold], db: Connection | None = None, *, look_first: bool = False
+    ) -> dict[str, TpmError]:
         """Reserve for a batch of requests in one transaction; each is held or refused on its own.
 
         Args:
             db: Run inside this transaction (its caller commits) instead of a new one.
+            look_first: Look up ids already charged before inserting. Without it (the
+                fast path: ids are fresh UUIDs) an id already charged makes the insert
+                raise ``IntegrityError``; in its own transaction this method then tries
+                again looking first, and a caller that passed ``db`` rolls back and calls
+                again with ``look_first=True``.
 
         Returns:
             The refused requests, with why: :class:`InsufficientBalance` (the
@@ -189,19 +199,20 @@ class Ledger:
         if not holds:
             return {}
         if db is not None:
-            return self._reserve_many(db, holds)
+            return self._reserve_many(db, holds, look_first)
         try:
             with self.engine.begin() as db:
-                return self._reserve_many(db, holds)
-        except IntegrityError:  # a concurrent process inserted one of these ids: once more, seeing it
+                return self._reserve_many(db, holds, look_first)
+        except IntegrityError:
             with self.engine.begin() as db:
-                return self._reserve_many(db, holds)
+                return self._reserve_many(db, holds, look_first=True)
 
-    def _reserve_many(self, db: Connection, holds: list[Hold]) -> dict[str, TpmError]:
+    def _reserve_many(self, db: Connection, holds: list[Hold], look_first: bool) -> dict[str, TpmError]:
         refused: dict[str, TpmError] = {}
         ids = Counter(h.request_id for h in holds)
-        for request_id in set(db.scalars(self._known, {"ids": list(ids)})):
-            refused[request_id] = InvalidRequest(f"request {request_id} was already charged")
+        if look_first:
+            for request_id in set(db.scalars(self._known, {"ids": list(ids)})):
+                refused[request_id] = InvalidRequest(f"request {request_id} was already charged")
         for request_id, count in ids.items():
             if count > 1:
                 refused[request_id] = InvalidRequest(f"request {request_id} appears {count} times in one batch")
@@ -305,7 +316,10 @@ class Ledger:
         """
         now = time.time()
         if self._returning:
-            rows = db.execute(self._claim, {"ids": request_ids, "state": state, "at": now}).all()
+            if len(request_ids) == 1:
+                rows = db.execute(self._claim_one_returning, {"rid": request_ids[0], "state": state, "at": now})
+            else:
+                rows = db.execute(self._claim, {"ids": request_ids, "state": state, "at": now})
             return {row.request_id: row for row in rows}
         # Without UPDATE ... RETURNING: one conditional UPDATE per row, its rowcount says who moved it.
         rows = {row.request_id: row for row in db.execute(self._find, {"ids": request_ids})}
