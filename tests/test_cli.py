@@ -95,7 +95,10 @@ def test_bad_input_exits_nonzero_with_one_readable_line(cli_home, args, message)
 
 
 def test_importing_tpm_fed_does_not_import_torch_or_vllm():
-    code = "import sys, tpm_fed, tpm_fed.cli; print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
+    code = ("import sys, tpm_fed, tpm_fed.cli\n"
+            "commands = [tpm_fed.cli.main.get_command(None, n) for n in tpm_fed.cli.main.list_commands(None)]\n"
+            "assert all(commands), commands\n"
+            "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 

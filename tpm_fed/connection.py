@@ -57,12 +57,25 @@ def running_service(home: TpmHome) -> ServiceAddress | None:
 
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
-    import httpx
+    """Whether ``url`` answers ``GET /health`` with 200.
 
+    The standard library's client, not httpx: a warm ``tpm submit`` checks
+    this on every call, and a fresh httpx client costs tens of milliseconds
+    (it loads the CA bundle even for plain http).
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout_s)
     try:
-        return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
+        connection.request("GET", f"{parts.path.rstrip('/')}/health")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
         return False
+    finally:
+        connection.close()
 
 
 def ensure_service(home: TpmHome, *, announce: bool = False, idle_timeout_s: float | None = None) -> ServiceAddress:

@@ -36,9 +36,12 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
     """Answer PROMPT (or every line of --file) and print the text, usage and model version."""
     prompts = _prompts(prompt, prompt_file)
     with Client(progress=True) as client:
+        cards = {card["id"]: card for card in client.models()}  # one call: the default model and its warmth
+        if not cards:
+            raise click.ClickException(f"the service at {client.url} serves no models")
         request = GenerationRequest.create(
             prompts,
-            model or client.default_model(),
+            model or next(iter(cards)),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -49,7 +52,7 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
             location=location,
             site=site,
         )  # bad input is refused here, before anything is sent
-        if not _hot(client, request.model.name):
+        if not _hot(cards, request.model.name):
             click.echo(f"tpm: no warm replica of {request.model.name} yet (a cold start takes seconds)...", err=True)
         try:
             result = client.submit(request).result()
@@ -65,9 +68,8 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
         click.echo(result.placement, err=True)
 
 
-def _hot(client: Client, model: str) -> bool:
+def _hot(cards: dict[str, dict], model: str) -> bool:
     """Whether any site holds a warm replica of ``model`` (so the answer comes in milliseconds)."""
-    cards = {card["id"]: card for card in client.models()}
     return "hot" in cards.get(model, {}).get("tpm", {}).get("sites", {}).values()
 
 
