@@ -15,11 +15,22 @@ transaction for the whole batch:
   charge and placement.
 
 Nothing is written per request on the submitting thread.
+
+A reservation's deadline is its site's task timeout twice over (a first try
+and a retry) plus a margin. When the outcomes' transaction fails, the
+outcomes are logged on their own where the database allows, and the
+reservations are left to the sweeper (:mod:`tpm_fed.ledger.sweeper`), which
+settles each from what the log says the work used, or releases it. A request
+placed again after its task was lost (:meth:`Bookkeeper.replaced`) keeps its
+reservation, and its log row is marked queued again instead of inserted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
+import time
 
 from sqlalchemy.exc import IntegrityError
 
@@ -32,6 +43,11 @@ from tpm_fed.protocol.results import ChargeInfo, ServedResult
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
 
+logger = logging.getLogger(__name__)
+
+RETRY_MARGIN_S = 60.0
+"""Added to twice a site's task timeout to make a reservation's deadline."""
+
 
 class Bookkeeper:
     def __init__(self, log: RequestLog, broker: Broker) -> None:
@@ -40,6 +56,7 @@ class Bookkeeper:
         self.log = log
         self.broker = broker
         self._admissions: dict[str, tuple[Admission, Price]] = {}
+        self._resent: set[str] = set()  # placed again after a lost task: logged already
         self._lock = threading.Lock()
 
     def admitted(self, admission: Admission, price: Price) -> None:
@@ -56,6 +73,23 @@ class Bookkeeper:
             if not admission.reserved:
                 self.broker.reserved([admission], refused={admission.request_id})
             raise InvalidRequest(f"request {admission.request_id} is in flight already")
+
+    def in_flight(self) -> set[str]:
+        """Requests placed here whose outcome is not recorded yet (the sweeper leaves them alone)."""
+        with self._lock:
+            return set(self._admissions)
+
+    def admission_of(self, request_id: str) -> Admission | None:
+        with self._lock:
+            entry = self._admissions.get(request_id)
+        return entry[0] if entry is not None else None
+
+    def replaced(self, admission: Admission) -> None:
+        """A request whose task was lost is placed again (``admission``, reserved already)."""
+        with self._lock:
+            _, price = self._admissions[admission.request_id]
+            self._admissions[admission.request_id] = (admission, price)
+            self._resent.add(admission.request_id)
 
     def forget(self, admission: Admission) -> None:
         """A placed request that will not be sent after all: its hold (or reservation) goes back."""
@@ -90,10 +124,18 @@ class Bookkeeper:
         return refused
 
     def _reserve_and_log(self, site, version, requests, to_reserve) -> dict[str, BaseException]:
+        deadline = time.time() + 2 * self.broker.federation.site(site).task_timeout_s + RETRY_MARGIN_S
+        holds = [dataclasses.replace(a.hold(), deadline=deadline) for a in to_reserve]
+        with self._lock:
+            resent = [r for r in requests if r.request_id in self._resent]
+            self._resent.difference_update(r.request_id for r in resent)
+        fresh = [r for r in requests if r.request_id not in {x.request_id for x in resent}]
+
         def once(look_first: bool) -> dict[str, BaseException]:
             with self.log.engine.begin() as db:
-                refused = self.broker.ledger.reserve_many([a.hold() for a in to_reserve], db, look_first=look_first)
-                self.log.record_sent(site, version, [r for r in requests if r.request_id not in refused], db)
+                refused = self.broker.ledger.reserve_many(holds, db, look_first=look_first)
+                self.log.record_sent(site, version, [r for r in fresh if r.request_id not in refused], db)
+                self.log.record_resent(site, version, resent, db)
             return refused
 
         try:
@@ -118,11 +160,15 @@ class Bookkeeper:
                 settle.append((request_id, used, price_usu(price, used)))
             else:
                 release.append((request_id, f"{type(outcome).__name__}: {outcome}"))
-        with self.log.engine.begin() as db:
-            self.log.record_outcomes(outcomes, db)
-            charged = self.broker.ledger.settle_many(settle, db)
-            self.broker.ledger.release_many(release, db)
-            self._update_replicas(outcomes, admitted, db)
+        try:
+            with self.log.engine.begin() as db:
+                self.log.record_outcomes(outcomes, db)
+                charged = self.broker.ledger.settle_many(settle, db)
+                self.broker.ledger.release_many(release, db)
+                self._update_replicas(outcomes, admitted, db)
+        except Exception:
+            self._outcomes_unsettled(outcomes, admitted)
+            raise
 
         annotated: dict[str, ServedResult | BaseException] = {}
         for request_id, outcome in outcomes.items():
@@ -137,6 +183,26 @@ class Bookkeeper:
                 })
             annotated[request_id] = outcome
         return annotated
+
+    def _outcomes_unsettled(self, outcomes, admitted) -> None:
+        """The batch's transaction failed: keep what the work used, and the replicas' queues right.
+
+        The outcomes are logged on their own (a failure in the ledger's part
+        leaves the log writable); the reservations stay held until the
+        sweeper settles them from that log, or releases them.
+        """
+        try:
+            self.log.record_outcomes(outcomes)
+        except Exception:
+            logger.exception("could not log the outcomes of %d requests either; the sweeper will release them",
+                             len(outcomes))
+        by_replica: dict[str, int] = {}
+        for request_id in outcomes:
+            if request_id in admitted:
+                replica_id = admitted[request_id][0].replica_id
+                by_replica[replica_id] = by_replica.get(replica_id, 0) + 1
+        for replica_id, count in by_replica.items():
+            self.broker.registry.failed(replica_id, count)
 
     def _update_replicas(self, outcomes, admitted, db) -> None:
         by_replica: dict[str, tuple[str, list]] = {}

@@ -18,6 +18,14 @@ A batch that gets no answer within ``task_timeout_s`` fails with
 :class:`~tpm_fed.errors.SiteError` (its service units are released and the
 site is marked unhealthy), so a lost task never leaves a caller waiting
 forever; an answer that arrives after that is dropped.
+
+A batch lost to its site (the task failed with a ``SiteError``: worker lost,
+endpoint gone, no answer in time) may be given to a ``rerouter``, which
+places each request again elsewhere and returns the future of that second
+try; what it does not take fails as above. A reply is read defensively: a
+malformed, truncated or mismatched one fails the requests it does not answer
+properly with :class:`~tpm_fed.errors.RemoteExecutionError`, and the
+dispatcher goes on serving.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from tpm_fed.protocol.errors import SiteError, error_from_wire
+from tpm_fed.protocol.errors import RemoteExecutionError, SiteError, error_from_wire
 from tpm_fed.protocol.limits import ENVELOPE_BYTES, MAX_PAYLOAD_BYTES, request_bytes
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import ServingRequest
@@ -61,6 +69,11 @@ class Listener(Protocol):
     ) -> dict[str, ServedResult | BaseException]:
         """Record the outcomes; return them, results annotated (e.g. with their charge)."""
         ...
+
+
+Rerouter = Callable[[ServingRequest, BaseException, ModelSpec], "Future[ServedResult] | None"]
+"""Given a request whose task was lost, why, and the model version it was to run on:
+the future of its second try, or None (it fails)."""
 
 
 class _Timed:
@@ -162,6 +175,7 @@ class BatchingDispatcher:
         linger_s: Quiet time that ends a linger when a worker is free (0 sends at once).
         task_timeout_s: A task unanswered for this long fails its requests (None: wait forever).
         listener: Told of each outcome before its future resolves.
+        rerouter: Offered each request of a batch lost to its site (see :data:`Rerouter`).
         context: What the site allows, passed to the serving function (see
             :func:`functions.serve.serve_batch`).
     """
@@ -177,6 +191,7 @@ class BatchingDispatcher:
         task_timeout_s: float | None = None,
         listener: Listener | None = None,
         context: dict[str, Any] | None = None,
+        rerouter: Rerouter | None = None,
     ) -> None:
         self.site = site
         self.spec = spec
@@ -185,6 +200,7 @@ class BatchingDispatcher:
         self.linger_s = linger_s
         self.task_timeout_s = task_timeout_s
         self.listener = listener
+        self.rerouter = rerouter
         self.context = context or {}
         self._waiting: deque[_Pending] = deque()
         self._in_flight = 0
@@ -319,42 +335,95 @@ class BatchingDispatcher:
         self._finish(batch.pending, outcomes)
 
     def _finish(self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]) -> None:
-        outcomes = self._record(batch, outcomes)
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
-        with self._lock:
-            self._in_flight -= 1
-            follow_up = self._take_batch()
-        if follow_up:
-            self._send(follow_up)
+        # Whatever goes wrong below, the worker slot comes back: a lost slot stalls the replica for good.
+        try:
+            batch, outcomes = self._reroute(batch, outcomes)
+            outcomes = self._record(batch, outcomes)
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                follow_up = self._take_batch()
+            if follow_up:
+                self._send(follow_up)
 
-    def _read_reply(self, batch: list[_Pending], reply: dict[str, Any]) -> list[ServedResult | BaseException]:
+    def _reroute(
+        self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]
+    ) -> tuple[list[_Pending], list[ServedResult | BaseException]]:
+        """Offer the requests lost with their task to the rerouter; the rest, with their outcomes."""
+        if self.rerouter is None:
+            return batch, outcomes
+        kept: list[tuple[_Pending, ServedResult | BaseException]] = []
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            second_try = None
+            if isinstance(outcome, SiteError):
+                try:
+                    second_try = self.rerouter(pending.request, outcome, self.spec)
+                except Exception:  # the first failure stands
+                    logger.exception("could not retry request %s", pending.request.request_id)
+            if second_try is None:
+                kept.append((pending, outcome))
+            else:
+                second_try.add_done_callback(lambda done, caller=pending.future: _pass_on(done, caller))
+        return [p for p, _ in kept], [o for _, o in kept]
+
+    def _read_reply(self, batch: list[_Pending], reply: Any) -> list[ServedResult | BaseException]:
+        """One outcome per request; what the reply does not answer properly fails typed, alone."""
         finished = time.perf_counter()
+        try:
+            answers = reply["outcomes"]
+            if not isinstance(answers, list):
+                raise TypeError(f"outcomes is a {type(answers).__name__}, not a list")
+            if len(answers) != len(batch):
+                raise ValueError(f"{len(answers)} outcomes for a batch of {len(batch)} requests")
+        except Exception as error:  # nothing in it can be matched to a request
+            failure = self._malformed(f"{type(error).__name__}: {error}")
+            return [failure] * len(batch)
+        try:  # a batch refused whole (e.g. a code version mismatch) has no replica: only results need it
+            shared: dict[str, Any] | Exception = {
+                "backend": reply["backend"], "replica": ReplicaInfo.from_wire(reply["replica"]),
+                "load_s": float(reply["load_s"]), "run_s": float(reply["run_s"]), "notes": reply.get("notes", [])}
+        except Exception as error:
+            shared = error
         outcomes: list[ServedResult | BaseException] = []
-        for pending, outcome in zip(batch, reply["outcomes"], strict=True):
-            if "error" in outcome:
-                outcomes.append(error_from_wire(outcome["error"]))
-                continue
-            elapsed = finished - pending.submitted
-            load_s, run_s = reply["load_s"], reply["run_s"]
-            payload = outcome["result"]
-            outcomes.append(
-                KINDS[pending.request.kind].result.model_validate({
-                    **payload,
-                    "request_id": pending.request.request_id,
-                    "model": self.spec.name,
-                    "version": self.spec.version,
-                    "backend": reply["backend"],
-                    "site": self.site.name,
-                    "replica": ReplicaInfo.from_wire(reply["replica"]),
-                    "timings": Timings(queue_s=max(0.0, elapsed - load_s - run_s), load_s=load_s, run_s=run_s),
-                    "notes": reply.get("notes", []),
-                })
-            )
+        for pending, answer in zip(batch, answers):
+            try:
+                outcomes.append(self._outcome(pending, answer, shared, finished))
+            except Exception as error:
+                outcomes.append(self._malformed(f"the answer to request {pending.request.request_id}: "
+                                                f"{type(error).__name__}: {error}"))
         return outcomes
+
+    def _outcome(self, pending: _Pending, answer: Any, shared: dict[str, Any] | Exception, finished: float
+                 ) -> ServedResult | BaseException:
+        if "error" in answer:
+            error = answer["error"]
+            if not isinstance(error, dict):
+                raise TypeError(f"error is a {type(error).__name__}, not an object")
+            return error_from_wire(error)
+        if isinstance(shared, Exception):
+            raise shared
+        load_s, run_s = shared["load_s"], shared["run_s"]
+        elapsed = finished - pending.submitted
+        return KINDS[pending.request.kind].result.model_validate({
+            **answer["result"],
+            "request_id": pending.request.request_id,
+            "model": self.spec.name,
+            "version": self.spec.version,
+            "backend": shared["backend"],
+            "site": self.site.name,
+            "replica": shared["replica"],
+            "timings": Timings(queue_s=max(0.0, elapsed - load_s - run_s), load_s=load_s, run_s=run_s),
+            "notes": shared["notes"],
+        })
+
+    def _malformed(self, what: str) -> RemoteExecutionError:
+        return RemoteExecutionError(f"site {self.site.name!r} sent a malformed reply ({what[:500]}); "
+                                    "the request was not charged")
 
     def _record(
         self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]
@@ -369,3 +438,12 @@ class BatchingDispatcher:
         except Exception:  # a bookkeeping failure must not hang or drop the answers
             logger.exception("could not record the outcomes of %d requests", len(batch))
             return outcomes
+
+
+def _pass_on(done: Future, caller: Future) -> None:
+    """The second try's outcome becomes the caller's."""
+    error = done.exception()
+    if error is not None:
+        caller.set_exception(error)
+    else:
+        caller.set_result(done.result())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tpm_fed.broker.health import SiteHealth
 from tpm_fed.broker.placement import NO_BALANCE, Candidate, Decision, Placer, PlacementRequest
@@ -224,6 +224,42 @@ class Broker:
             existing = self.registry.get(candidate.replica_id)
             if existing is not None and existing.live:
                 return existing
+    def replace_lost(self, lost: Admission) -> Admission:
+        """Place again a request whose task was lost with its replica; its reservation goes with it.
+
+        The lost replica is stopped (its worker, and the model it held, are
+        gone), so the request goes to another replica or a new one. On the same
+        site the reservation stays as it is; on another it moves there (one
+        transaction: :meth:`Ledger.move_reservation`). The estimate stays the
+        first placement's, so the caller never pays for the restart.
+
+        Raises:
+            PlacementRefused: No candidate is eligible (with the explanation).
+            InsufficientBalance: No other site's allocation covers the estimate.
+        """
+        self.registry.failed(lost.replica_id, 1)
+        replica = self.registry.get(lost.replica_id)
+        if replica is not None and replica.live:
+            self.registry.set_state([lost.replica_id], "stopped")
+        decision = self.decide(lost.request)
+        if decision.chosen is None:
+            raise _refusal(decision)
+        last_error: InsufficientBalance | None = None
+        for candidate in decision.ranked:
+            estimate = 0 if candidate.free else (candidate.cost_usu if lost.free else lost.estimate_usu)
+            if candidate.site != lost.site:
+                try:
+                    self.ledger.move_reservation(lost.request_id, lost.site, candidate.site, estimate, candidate.free)
+                except InsufficientBalance as error:
+                    last_error = error
+                    continue
+            else:
+                estimate = lost.estimate_usu
+            candidate = replace(candidate, cost_usu=estimate)
+            return self._take(lost.request_id, lost.request, candidate, decision, reserved=True)
+        assert last_error is not None
+        raise last_error
+
         return self.registry.start(candidate.site, request.model, request.version, request.backend)
 
     def reap_idle(self, now: float | None = None) -> list[str]:

@@ -2,7 +2,10 @@
 
 A site can also be watched: its probe (for a Globus Compute site, the
 endpoint's online status) is asked before a request is placed there, so an
-offline endpoint is skipped and the request goes to the next best site.
+offline endpoint is skipped and the request goes to the next best site. A
+probe that raises (``NotLoggedIn``: no Globus credentials here) excludes
+its site the same way, with the error as the reason in the placement's
+explanation, rather than failing the placement everywhere.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ class SiteHealth:
         if retry_at is not None and time.monotonic() < retry_at:
             return "failed recently; probed again later"
         probe = self._probes.get(site)
-        return probe() if probe is not None else None
+        if probe is None:
+            return None
+        try:
+            return probe()
+        except Exception as error:  # e.g. NotLoggedIn: this site is out for this request, the others are not
+            return f"{type(error).__name__}: {error}"
 
     def failed(self, site: str) -> None:
         with self._lock:

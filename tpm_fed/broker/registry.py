@@ -9,8 +9,6 @@ when that process is gone, so are they, and they are marked stopped.
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections import defaultdict
@@ -19,27 +17,11 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from tpm_fed.broker.placement import DEFAULT_SERVICE_S, ReplicaView
 from tpm_fed.state.database import transaction
+from tpm_fed.state.holders import process_alive, this_process
 from tpm_fed.state.schema import replicas_table
 
 SERVICE_TIME_WEIGHT = 0.3
 """Weight of the newest batch in a replica's moving-average service time."""
-
-
-def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _process_alive(holder: str) -> bool:
-    host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname():
-        return True  # another machine's process: not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ReplicaRegistry:
@@ -61,7 +43,7 @@ class ReplicaRegistry:
         with self.engine.begin() as db:
             rows = db.execute(select(replicas_table).where(replicas_table.c.state != "stopped")).all()
             for row in rows:
-                if not _process_alive(row.holder):
+                if not process_alive(row.holder):
                     db.execute(update(replicas_table).where(replicas_table.c.replica_id == row.replica_id)
                                .values(state="stopped"))
                     continue

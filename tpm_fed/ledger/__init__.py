@@ -1,6 +1,6 @@
 """Service units: prices, and the ledger that reserves and settles them exactly once."""
 
-from tpm_fed.ledger.ledger import Balance, Charge, Hold, Ledger
+from tpm_fed.ledger.ledger import Balance, Charge, Hold, Ledger, LedgerConflict
 from tpm_fed.ledger.pricing import Metered, estimate_usu, price_usu
 
-__all__ = ["Balance", "Charge", "Hold", "Ledger", "Metered", "estimate_usu", "price_usu"]
+__all__ = ["Balance", "Charge", "Hold", "Ledger", "LedgerConflict", "Metered", "estimate_usu", "price_usu"]

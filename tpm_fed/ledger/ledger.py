@@ -20,6 +20,13 @@ written in that same transaction.
 
 A request on its project's own (byo) site is recorded with the same usage,
 at zero SUs, and touches no allocation.
+
+Every other conditional statement checks how many rows it changed (a
+missing allocation or charge row raises :class:`LedgerConflict` and rolls the
+transaction back instead of moving money nowhere). A reservation carries a
+deadline and the process that holds it: one still held past its deadline,
+or whose holder is gone, is in doubt (:meth:`Ledger.in_doubt`), and the
+sweeper (:mod:`tpm_fed.ledger.sweeper`) settles or releases it.
 """
 
 from __future__ import annotations
@@ -34,7 +41,15 @@ from sqlalchemy.exc import IntegrityError
 from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest, TpmError
 from tpm_fed.ledger.pricing import Metered
 from tpm_fed.state.database import transaction
+from tpm_fed.state.holders import this_process
 from tpm_fed.state.schema import MICRO, allocations_table, charges_table
+
+DEFAULT_HOLD_S = 3600.0
+"""How long a reservation made without a deadline of its own may stay unsettled."""
+
+
+class LedgerConflict(TpmError):
+    """A ledger statement changed other rows than it must have (a missing allocation or charge row)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,8 @@ class Charge:
     cold_start: bool
     created_at: float
     note: str | None
+    deadline: float | None = None
+    holder: str | None = None
 
 
 def format_su(usu: int) -> str:
@@ -90,13 +107,23 @@ class Hold:
     kind: str
     estimate_usu: int
     free: bool = False
+    deadline: float | None = None
+    """When the reservation falls in doubt (``time.time()``); None: the ledger's ``hold_s`` from now."""
 
 
 class Ledger:
-    """Allocations and charges in the federation's database."""
+    """Allocations and charges in the federation's database.
 
-    def __init__(self, engine: Engine) -> None:
+    Args:
+        hold_s: How long a reservation with no deadline of its own stays unsettled before it is in doubt.
+        holder: The process the reservations made here belong to (``host:pid``).
+    """
+
+    def __init__(self, engine: Engine, *, hold_s: float = DEFAULT_HOLD_S, holder: str | None = None) -> None:
         self.engine = engine
+        self.hold_s = hold_s
+        self.holder = holder or this_process()
+        self._sane_many = engine.dialect.supports_sane_multi_rowcount
         # On every batch's path: build the statements once.
         a, c = allocations_table.c, charges_table.c
         self._hold = (
@@ -237,7 +264,8 @@ class Ledger:
         rows = [
             dict(request_id=h.request_id, project=h.project, site=h.site, identity=h.identity, model=h.model,
                  version=h.version, kind=h.kind, free=h.free, state="reserved",
-                 estimate_usu=0 if h.free else h.estimate_usu, charged_usu=0, created_at=now)
+                 estimate_usu=0 if h.free else h.estimate_usu, charged_usu=0, created_at=now,
+                 deadline=h.deadline if h.deadline is not None else now + self.hold_s, holder=self.holder)
             for h in accepted if h.request_id not in refused
         ]
         if rows:
@@ -278,7 +306,7 @@ class Ledger:
                     total[1] += charge.estimate_usu
                 charged[request_id] = amount
             if usage:
-                db.execute(self._usage, usage)
+                self._expect(db.execute(self._usage, usage), len(usage), "charges to settle")
             self._move(db, spend)
         return charged
 
@@ -303,7 +331,7 @@ class Ledger:
                     spend.setdefault((charge.project, charge.site), [0, 0])[1] += charge.estimate_usu
                 released[request_id] = True
             if notes:
-                db.execute(self._note, notes)
+                self._expect(db.execute(self._note, notes), len(notes), "charges to release")
             self._move(db, spend)
         return released
 
@@ -331,10 +359,76 @@ class Ledger:
     def _move(self, db: Connection, spend: dict[tuple[str, str], list[int]]) -> None:
         """Per (project, site): ``spent += charged``, ``reserved -= estimates`` (in a fixed order)."""
         if spend:
-            db.execute(self._spend, [
+            self._expect(db.execute(self._spend, [
                 {"p": project, "s": site, "charged": charged, "estimate": estimate}
                 for (project, site), (charged, estimate) in sorted(spend.items())
-            ])
+            ]), len(spend), "allocations")
+
+    def _expect(self, result, rows: int, what: str) -> None:
+        """Raise (rolling the transaction back) unless a statement changed exactly ``rows`` rows.
+
+        A driver that cannot count the rows of an executemany (no sane multi
+        rowcount) is trusted for those; single statements are always checked.
+        """
+        if rows > 1 and not self._sane_many:
+            return
+        if result.rowcount != rows:
+            raise LedgerConflict(f"expected to change {rows} {what}, changed {result.rowcount}")
+
+    def move_reservation(self, request_id: str, from_site: str, to_site: str, estimate_usu: int,
+                         free: bool) -> None:
+        """Move a reservation still held at ``from_site`` to ``to_site`` (a request placed again there).
+
+        One transaction: the charge row moves (only while ``reserved`` at
+        ``from_site``), the new site's allocation holds ``estimate_usu`` (only
+        if it covers it), the old one gives its estimate back.
+
+        Raises:
+            InsufficientBalance: ``to_site``'s allocation cannot cover the estimate (nothing moved).
+            LedgerConflict: The reservation is no longer held at ``from_site`` (settled, released, moved).
+        """
+        c, a = charges_table.c, allocations_table.c
+        with self.engine.begin() as db:
+            row = db.execute(select(c.project, c.estimate_usu, c.free)
+                             .where(c.request_id == request_id, c.state == "reserved", c.site == from_site)).one_or_none()
+            if row is None:
+                raise LedgerConflict(f"request {request_id} holds no reservation at site {from_site!r}")
+            moved = db.execute(
+                update(charges_table)
+                .where(c.request_id == request_id, c.state == "reserved", c.site == from_site,
+                       c.estimate_usu == row.estimate_usu)
+                .values(site=to_site, estimate_usu=0 if free else estimate_usu, free=free))
+            self._expect(moved, 1, "reservations to move")
+            if not free and db.execute(self._hold, {"p": row.project, "s": to_site, "amount": estimate_usu}
+                                       ).rowcount == 0:
+                raise InsufficientBalance(
+                    f"project {row.project!r} has {format_su(self._available(db, row.project, to_site))} SUs "
+                    f"available at site {to_site!r}; this request may cost up to {format_su(estimate_usu)}")
+            if not row.free:
+                self._move(db, {(row.project, from_site): [0, row.estimate_usu]})
+
+    def in_doubt(self, now: float | None = None) -> list[Charge]:
+        """Reservations still held past their deadline, or held by a process of this machine that is gone."""
+        from tpm_fed.state.holders import process_alive
+
+        now = time.time() if now is None else now
+        c = charges_table.c
+        query = select(charges_table).where(c.state == "reserved").order_by(c.created_at)
+        with self.engine.connect() as db:
+            rows = db.execute(query).all()
+        return [
+            self._charge(r) for r in rows
+            if (r.deadline if r.deadline is not None else r.created_at + self.hold_s) < now
+            or not process_alive(r.holder)
+        ]
+
+    @staticmethod
+    def _charge(r) -> Charge:
+        return Charge(
+            r.request_id, r.project, r.site, r.identity, r.model, r.version, r.kind, r.free, r.state,
+            r.estimate_usu, r.charged_usu, r.prompt_tokens, r.completion_tokens, r.activation_bytes,
+            r.cold_start, r.created_at, r.note, r.deadline, r.holder,
+        )
 
     def balances(self, project: str | None = None) -> list[Balance]:
         query = select(allocations_table).order_by(allocations_table.c.project, allocations_table.c.site)
@@ -357,11 +451,4 @@ class Ledger:
         if since is not None:
             query = query.where(charges_table.c.created_at >= since)
         with self.engine.connect() as db:
-            return [
-                Charge(
-                    r.request_id, r.project, r.site, r.identity, r.model, r.version, r.kind, r.free, r.state,
-                    r.estimate_usu, r.charged_usu, r.prompt_tokens, r.completion_tokens, r.activation_bytes,
-                    r.cold_start, r.created_at, r.note,
-                )
-                for r in db.execute(query)
-            ]
+            return [self._charge(r) for r in db.execute(query)]

@@ -21,6 +21,15 @@ from tpm_fed.sites.engine import EngineSite
 STRATEGY_PERIOD_S = 0.5
 """How often Parsl's scaling loop runs; its first pass starts the worker block."""
 
+HEARTBEAT_PERIOD_S = 1
+"""How often a worker pool checks its worker processes (and heartbeats its interchange).
+Parsl's default, 30 s, is how long a task stays with a dead worker before it fails
+with ``WorkerLost`` and can be tried again elsewhere; on one machine a check a second costs nothing."""
+
+HEARTBEAT_THRESHOLD_S = 30
+"""A worker pool silent this long is lost, with its tasks (Parsl's default: 120 s; not less, so a
+busy machine that starves the pool for a few seconds does not lose it)."""
+
 
 class LocalSite(EngineSite):
     """One machine's worker pool behind the Globus Compute endpoint engine.
@@ -79,5 +88,7 @@ class LocalSite(EngineSite):
             max_workers_per_node=self.workers,
             provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1, worker_init=self.worker_init()),
             job_status_kwargs={"strategy_period": STRATEGY_PERIOD_S},
+            heartbeat_period=HEARTBEAT_PERIOD_S,
+            heartbeat_threshold=HEARTBEAT_THRESHOLD_S,
             encrypted=False,  # loopback only; CurveZMQ buys nothing here
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from tpm_fed.state.schema import metadata
 
@@ -29,6 +30,7 @@ def open_database(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
     _rename_tier_column(engine)
+    _add_missing_columns(engine)
     return engine
 
 
@@ -50,6 +52,23 @@ def _rename_tier_column(engine: Engine) -> None:
         connection.execute(text("ALTER TABLE charges RENAME COLUMN tier TO kind"))
         for old, new in RENAMED_KINDS.items():
             connection.execute(text("UPDATE charges SET kind = :new WHERE kind = :old"), {"new": new, "old": old})
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns a table gained since the database was made (create_all adds only tables)."""
+    inspector = inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present or not column.nullable:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+            except (OperationalError, ProgrammingError):  # another process added it first
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 def _sqlite_connect(connection, _record) -> None:

@@ -9,6 +9,7 @@ was in flight.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
@@ -27,7 +28,14 @@ class RequestLog:
             update(requests_table)
             .where(r.request_id == bindparam("rid"))
             .values(status="done", replica_id=bindparam("replica"), prompt_tokens=bindparam("prompt"),
-                    completion_tokens=bindparam("completion"), finished_at=bindparam("at"))
+                    completion_tokens=bindparam("completion"), activation_bytes=bindparam("activations"),
+                    cold_start=bindparam("cold"), finished_at=bindparam("at"))
+        )
+        self._resent = (
+            update(requests_table)
+            .where(r.request_id == bindparam("rid"))
+            .values(status="queued", site=bindparam("site"), version=bindparam("version"), error=None,
+                    finished_at=None)
         )
         self._failed = (
             update(requests_table)
@@ -50,6 +58,14 @@ class RequestLog:
         with transaction(self.engine, db) as db:
             db.execute(self._insert, rows)
 
+    def record_resent(
+        self, site: str, version: str, requests: list[ServingRequest], db: Connection | None = None
+    ) -> None:
+        """Log requests sent a second time (their first task was lost) as queued again, at ``site``."""
+        if requests:
+            with transaction(self.engine, db) as db:
+                db.execute(self._resent, [{"rid": r.request_id, "site": site, "version": version} for r in requests])
+
     def record_outcomes(
         self, outcomes: dict[str, ServedResult | BaseException], db: Connection | None = None
     ) -> None:
@@ -57,7 +73,8 @@ class RequestLog:
         now = time.time()
         done = [
             {"rid": r.request_id, "replica": r.replica.replica_id, "prompt": r.usage.prompt_tokens,
-             "completion": r.usage.completion_tokens, "at": now}
+             "completion": r.usage.completion_tokens, "activations": r.usage.activation_bytes,
+             "cold": not r.replica.warm, "at": now}
             for r in outcomes.values() if isinstance(r, ServedResult)
         ]
         failed = [
@@ -89,6 +106,14 @@ class RequestLog:
                 .group_by(requests_table.c.site)
             )
             return {site: count for site, count in rows}
+
+    def outcomes_of(self, request_ids: list[str]) -> dict[str, Any]:
+        """The logged rows of these requests (status, usage), by id; ids never logged are absent."""
+        if not request_ids:
+            return {}
+        with self.engine.connect() as db:
+            rows = db.execute(select(requests_table).where(requests_table.c.request_id.in_(request_ids)))
+            return {row.request_id: row for row in rows}
 
     def status_of(self, request_id: str) -> str | None:
         with self.engine.connect() as db:

@@ -28,6 +28,10 @@ requests_table = Table(
     Column("submitted_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("error", Text),
+    # What the work used, written with its outcome: what a reservation is settled
+    # from when the ledger write of its batch failed (see tpm_fed.ledger.sweeper).
+    Column("activation_bytes", BigInteger),
+    Column("cold_start", Boolean),
 )
 
 replicas_table = Table(
@@ -78,4 +82,8 @@ charges_table = Table(
     Column("created_at", Float, nullable=False),
     Column("settled_at", Float),
     Column("note", Text),
+    # A reservation still held after its deadline, or whose holder (host:pid) is gone,
+    # is in doubt: the sweeper settles it from the request log, or releases it.
+    Column("deadline", Float),
+    Column("holder", String(200)),
 )
