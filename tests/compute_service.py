@@ -10,7 +10,9 @@ answered the way the service answers them:
   runs it on a real ``GlobusComputeEngine`` (Parsl HTEX workers on this
   machine), honouring the endpoint's ``allowed_functions``;
 - ``POST /v2/oauth2/token`` (Globus Auth) grants tokens for a service
-  identity or for a pasted authorization code, with an ``id_token`` signed
+  identity, for a pasted authorization code, or dependent tokens for a
+  caller's token (:attr:`ComputeService.dependent_grants`: a service acting
+  for its callers), with an ``id_token`` signed
   by a key made here (its JWKS is served too), so the SDK's own login flow
   and token validation run unmodified; ``/v2/oauth2/token/revoke`` takes
   the tokens back on logout;
@@ -20,8 +22,9 @@ answered the way the service answers them:
   SDK's own ``_ResultWatcher._on_message`` and ``_match_results_to_futures``,
   which deserialize it and resolve (or fail) the caller's future.
 
-Every request body is kept in :attr:`ComputeService.submissions` so tests can
-assert the endpoint id, function id, arguments, ``user_endpoint_config`` and
+Every request body is kept in :attr:`ComputeService.submissions`, with the
+``Authorization`` header it came with, so tests can assert who submitted,
+the endpoint id, function id, arguments, ``user_endpoint_config`` and
 ``resource_specification`` the SDK put on the wire.
 """
 
@@ -62,6 +65,7 @@ class ComputeService:
     endpoints: dict[str, EndpointState] = field(default_factory=dict)
     submissions: list[dict[str, Any]] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
+    dependent_grants: dict[str, str] = field(default_factory=dict)  # caller's token -> Compute token granted for it
     result_queues: dict[str, queue.Queue] = field(default_factory=dict)
     _engine: Any = None
 
@@ -126,6 +130,11 @@ class ComputeService:
         }
         if form["grant_type"] == "client_credentials":
             return self._reply(200, {**compute, "other_tokens": []})
+        if form["grant_type"] == "urn:globus:auth:grant_type:dependent_token":
+            granted = self.dependent_grants.get(form.get("token", ""))
+            if granted is None:
+                return self._error(400, "invalid_grant", "the token cannot be exchanged")
+            return self._reply(200, [{**compute, "access_token": granted, "refresh_token": None}])
         if form["grant_type"] != "authorization_code" or not form.get("code"):
             return self._error(400, "invalid_grant", "no authorization code")
         return self._reply(200, {
@@ -142,7 +151,8 @@ class ComputeService:
         return self._reply(200, {"active": False})
 
     def _authorized(self, request) -> bool:
-        return request.headers.get("Authorization") == f"Bearer {ACCESS_TOKEN}"
+        accepted = {ACCESS_TOKEN, *self.dependent_grants.values()}
+        return request.headers.get("Authorization") in {f"Bearer {token}" for token in accepted}
 
     def _version(self, request):
         return self._reply(200, {"api": "1.0", "min_sdk_version": "1.0.0", "min_ep_version": "1.0.0"})
@@ -170,7 +180,8 @@ class ComputeService:
             return self._error(401, "UNAUTHORIZED", "no valid token")
         endpoint_id = request.url.rstrip("/").split("/")[-2]
         body = json.loads(request.body)
-        self.submissions.append({"endpoint_id": endpoint_id, **body})
+        self.submissions.append({"endpoint_id": endpoint_id, "authorization": request.headers.get("Authorization"),
+                                 **body})
         endpoint = self.endpoints.get(endpoint_id)
         if endpoint is None:
             return self._error(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} not found")

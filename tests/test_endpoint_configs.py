@@ -46,6 +46,19 @@ def test_gpu_configs_keep_replicas_warm_and_pin_gpus():
     assert pbs.executor.provider.launcher.__class__.__name__ == "MpiExecLauncher"
 
 
+@pytest.mark.parametrize("name", ["slurm-gpu-vllm.yaml", "pbs-gpu.yaml"])
+def test_shared_endpoints_run_only_the_registered_serving_functions(name):
+    """A shared endpoint names the functions it runs: a task of any other function is refused by Globus Compute."""
+    text = (CONFIGS / name).read_text()
+    config = load(text)
+    assert len(config.allowed_functions) >= 1
+    assert "GLOBUS_COMPUTE_CLIENT_ID" in text  # the comment says which identity starts it: the service's
+    from click import ClickException
+
+    with pytest.raises(ClickException, match="UUID"):  # a mistyped id stops the endpoint, not a task
+        load(text.replace(config.allowed_functions[0], "not-a-function-id", 1))
+
+
 def test_a_broken_config_is_rejected_with_the_loaders_message():
     from click import ClickException
 

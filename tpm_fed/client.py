@@ -7,7 +7,9 @@ resolves with the typed result, or fails with the same typed error the
 service raised (``InsufficientBalance``, ``PlacementRefused``...).
 
 Which service: ``Client(url=..., token=...)``, else ``TPM_URL``/``TPM_TOKEN``,
-else the home's own service, started in the background on first use.
+else the home's own service, started in the background on first use. A
+service given without a token is called with the login ``tpm login`` stored
+for it, if any (refreshed when it expires; :mod:`tpm_fed.service_login`).
 """
 
 from __future__ import annotations
@@ -52,8 +54,13 @@ class Client:
             url, token = address.url, token or address.token
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        login = None
+        if not token:
+            from tpm_fed.service_login import stored_login_auth
+
+            login = stored_login_auth(home or TpmHome.default(), self.url)
         self._http = httpx.Client(
-            base_url=self.url, headers=headers,
+            base_url=self.url, headers=headers, auth=login,
             timeout=httpx.Timeout(10.0, read=None),  # a request may queue for a cold start
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         )

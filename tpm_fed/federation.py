@@ -9,6 +9,7 @@ file, so a federation folder can be moved.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -216,11 +217,19 @@ class ProjectConfig(_Strict):
         name: Unique project name.
         members: Identities (the OS user name in the embedded default).
         allocations: Service units granted per site name.
+        globus_group: A Globus Group (its UUID) whose members are members too, on a
+            service with Globus Auth identities (the group's own managers then keep the
+            list, not the federation file). Ignored with local identities.
     """
 
     name: str = Name
     members: list[str] = Field(default_factory=list)
     allocations: dict[str, float] = Field(default_factory=dict)
+    globus_group: UUID | None = None
+
+    def admits(self, identity: str, groups: Collection[str] = ()) -> bool:
+        """Whether ``identity`` is a member: listed, or in this project's group (``groups``: theirs)."""
+        return identity in self.members or (self.globus_group is not None and str(self.globus_group) in groups)
 
     @model_validator(mode="after")
     def _grants_not_negative(self) -> Self:
@@ -354,8 +363,14 @@ class Federation(_Strict):
         """The project ``name``; :class:`FederationConfigError`, listing the known ones, if there is none."""
         return _named(self.projects, name, "project", FederationConfigError)
 
-    def projects_of(self, identity: str) -> list[ProjectConfig]:
-        return [p for p in self.projects if identity in p.members]
+    def projects_of(self, identity: str, groups: Collection[str] = ()) -> list[ProjectConfig]:
+        """The projects ``identity`` is a member of (``groups``: the Globus Groups they belong to)."""
+        return [p for p in self.projects if p.admits(identity, groups)]
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether any project admits members by Globus Group (else nobody needs to ask Groups)."""
+        return any(p.globus_group is not None for p in self.projects)
 
 
 _Entry = TypeVar("_Entry", SiteConfig, ModelConfig, ProjectConfig)

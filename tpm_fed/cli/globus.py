@@ -1,6 +1,16 @@
-"""``tpm login``, ``tpm logout`` and ``tpm functions``: Globus Compute credentials and function ids."""
+"""``tpm login``, ``tpm logout`` and ``tpm functions``: Globus credentials and function ids.
+
+``tpm login`` logs in to the tpm service the client targets when that
+service takes Globus Auth identities (``--service URL``, else ``TPM_URL``):
+a token for the service's own scope (see :mod:`tpm_fed.service_login`).
+``tpm login --compute`` (and plain ``tpm login`` with no service to target)
+logs in to Globus Compute itself, with the SDK's own flow: for sites a user
+brings (byo) and for operators registering the serving function.
+"""
 
 from __future__ import annotations
+
+import os
 
 import click
 
@@ -9,10 +19,34 @@ from tpm_fed.cli.context import open_home
 from tpm_fed.cli.tables import print_table
 
 
+_SERVICE = click.option("--service", "service_url", metavar="URL",
+                        help="The tpm service to log in to (default: TPM_URL).")
+_COMPUTE = click.option("--compute", is_flag=True,
+                        help="Globus Compute itself (byo sites, registering functions), not a tpm service.")
+
+
 @click.command()
+@_SERVICE
+@_COMPUTE
 @click.option("--force", is_flag=True, help="Log in again even if the stored tokens are still good.")
-def login(force: bool) -> None:
-    """Log in to Globus Compute (the SDK's own flow; tokens are shared with it)."""
+def login(service_url: str | None, compute: bool, force: bool) -> None:
+    """Log in to a tpm service with Globus Auth (its own scope), or to Globus Compute (--compute)."""
+    url = None if compute else service_url or os.environ.get("TPM_URL")
+    if url is None:
+        _compute_login(force)
+        return
+    from tpm_fed.home import TpmHome
+    from tpm_fed.service_login import ServiceLogin, discover, login_folder
+
+    service = ServiceLogin(discover(url), login_folder(TpmHome.default(), url))
+    if not force and service.logged_in():
+        click.echo(f"already logged in to {service.settings.url} (use --force to log in again)")
+        return
+    service.login(force=force)
+    click.echo(f"logged in to {service.settings.url}")
+
+
+def _compute_login(force: bool) -> None:
     from tpm_fed import globus_auth
 
     if not force and globus_auth.logged_in():
@@ -23,12 +57,26 @@ def login(force: bool) -> None:
 
 
 @click.command()
-def logout() -> None:
-    """Revoke and forget this machine's Globus Compute tokens."""
-    from tpm_fed import globus_auth
+@_SERVICE
+@_COMPUTE
+def logout(service_url: str | None, compute: bool) -> None:
+    """Revoke and forget the tokens for a tpm service (default: TPM_URL), or for Globus Compute (--compute)."""
+    url = None if compute else service_url or os.environ.get("TPM_URL")
+    if url is None:
+        from tpm_fed import globus_auth
 
-    globus_auth.logout()
-    click.echo("logged out of Globus Compute")
+        globus_auth.logout()
+        click.echo("logged out of Globus Compute")
+        return
+    from tpm_fed.home import TpmHome
+    from tpm_fed.service_login import ServiceLogin
+
+    service = ServiceLogin.stored(TpmHome.default(), url)
+    if service is None:
+        click.echo(f"not logged in to {url.rstrip('/')}")
+        return
+    service.logout()
+    click.echo(f"logged out of {service.settings.url}")
 
 
 @click.group()

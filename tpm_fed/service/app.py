@@ -3,8 +3,9 @@
 ``build_app(runtime, auth)`` wires the OpenAI-compatible routes
 (:mod:`tpm_fed.service.routes_openai`) and tpm-fed's native ones
 (:mod:`tpm_fed.service.routes_native`) to one federation runtime. Every
-route but ``/health`` needs a bearer token; every refusal is an OpenAI error
-body with the status OpenAI's clients expect (:mod:`tpm_fed.service.errors`).
+route but ``/health`` and ``/tpm/v1/auth`` (how to log in) needs a bearer
+token; every refusal is an OpenAI error body with the status OpenAI's
+clients expect (:mod:`tpm_fed.service.errors`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
         auth: Turns bearer tokens into identities.
         operators: Identities that may read every project and use the operator routes.
     """
+    from tpm_fed.service.routes_auth import router as login
     from tpm_fed.service.routes_native import router as native
     from tpm_fed.service.routes_openai import router as openai
 
@@ -43,6 +45,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.state.operators = operators
     app.include_router(openai)
     app.include_router(native)
+    app.include_router(login)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:

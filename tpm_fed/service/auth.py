@@ -10,6 +10,13 @@ Two modes, one small protocol:
   confidential client (globus-sdk), checks it is active, unexpired and meant
   for this service (audience), and caches the answer until the token expires.
   The identity is the token's Globus username (``ana@uchicago.edu``).
+  Each accepted token is remembered for its identity, so the service can
+  act for the caller elsewhere (their Globus Groups, a bring-your-own
+  Globus Compute site) with dependent tokens; see
+  :mod:`tpm_fed.service.callers`.
+
+Either mode tells, unauthenticated, how to log in to it
+(:meth:`Authenticator.login_info`, served at ``GET /tpm/v1/auth``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ class Authenticator(Protocol):
         Raises:
             Unauthenticated: No token, or one this service does not accept.
         """
+        ...
+
+    def login_info(self) -> dict[str, Any]:
+        """What a client needs to log in to this service (public: no secret in it)."""
         ...
 
 
@@ -69,6 +80,9 @@ class LocalToken:
             raise Unauthenticated("the bearer token is not this service's token")
         return self.identity
 
+    def login_info(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
 
 class GlobusTokens:
     """Globus Auth access tokens, introspected by the service's own confidential client.
@@ -78,20 +92,33 @@ class GlobusTokens:
         client_secret: Its secret.
         auth_client: A ``globus_sdk.ConfidentialAppAuthClient`` (made from the two above by default).
         audience: The resource server tokens must be issued for (the client id by default).
+        login_client_id: The native app client users log in with (``tpm login``); the
+            service only advertises it.
+        scope: The scope users log in for (``https://auth.globus.org/scopes/CLIENT_ID/all`` by default).
     """
 
     mode = "globus"
 
     def __init__(self, client_id: str, client_secret: str | None = None, *, auth_client: Any = None,
-                 audience: str | None = None) -> None:
+                 audience: str | None = None, login_client_id: str | None = None,
+                 scope: str | None = None) -> None:
+        from tpm_fed.service.dependent_tokens import DependentTokens
+
         if auth_client is None:
             import globus_sdk
 
             auth_client = globus_sdk.ConfidentialAppAuthClient(client_id, client_secret)
         self.auth_client = auth_client
         self.audience = audience or client_id
+        self.login_client_id = login_client_id
+        self.scope = scope or f"https://auth.globus.org/scopes/{self.audience}/all"
+        self.dependent_tokens = DependentTokens(auth_client)
         self._cache: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
+
+    def login_info(self) -> dict[str, Any]:
+        return {"mode": self.mode, "client_id": self.login_client_id, "scope": self.scope,
+                "resource_server": self.audience}
 
     def authenticate(self, token: str | None) -> str:
         if token is None:
@@ -101,12 +128,14 @@ class GlobusTokens:
         with self._lock:
             cached = self._cache.get(key)
         if cached is not None and cached[1] > now:
+            self.dependent_tokens.remember(cached[0], token, cached[1])
             return cached[0]
         identity, expires = self._introspect(token, now)
         with self._lock:
             self._cache[key] = (identity, expires)
             for stale in [k for k, (_, until) in self._cache.items() if until <= now]:
                 del self._cache[stale]
+        self.dependent_tokens.remember(identity, token, expires)
         return identity
 
     def _introspect(self, token: str, now: float) -> tuple[str, float]:

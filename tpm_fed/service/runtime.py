@@ -12,6 +12,7 @@ until the runtime closes. One runtime serves every caller of a service.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -35,6 +36,7 @@ from tpm_fed.protocol.requests import (
 )
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
 from tpm_fed.service import reports
+from tpm_fed.service.callers import Callers, LocalCallers
 from tpm_fed.sites import Site, SiteStatus, build_site
 from tpm_fed.state import RequestLog, open_database
 
@@ -46,14 +48,19 @@ class Runtime:
         home: The tpm home (federation file, models, site run folders).
         database_url: The one ledger's database; the home's SQLite by default.
         owner: The identity in-process calls run as when they name none (the home's owner).
+        callers: What the runtime asks about a caller besides their name: their Globus
+            Groups, and a Globus Compute client acting as them for bring-your-own sites
+            (:class:`~tpm_fed.service.callers.LocalCallers` by default: neither).
 
     Example (in-process, as tests and benchmarks use it):
         >>> with Runtime(home) as runtime:
         ...     result = runtime.generate("The telescope", max_new_tokens=16).result()
     """
 
-    def __init__(self, home: TpmHome, *, database_url: str | None = None, owner: str | None = None) -> None:
+    def __init__(self, home: TpmHome, *, database_url: str | None = None, owner: str | None = None,
+                 callers: Callers | None = None) -> None:
         self.home = home
+        self.callers: Callers = callers or LocalCallers()
         self.federation = Federation.load(self.home.federation_file)
         self.catalog = ModelCatalog(self.federation)
         self.owner = owner or LocalUser().current()
@@ -64,11 +71,23 @@ class Runtime:
         self._bookkeeper = Bookkeeper(self.log, self.broker)
         self._sites: dict[str, Site] = {}
         self._dispatchers: dict[str, BatchingDispatcher] = {}
+        # Sites reached as the caller (byo Globus Compute): one site and dispatcher per caller.
+        self._sites_as_caller: dict[tuple[str, str], tuple[SiteConfig, Site]] = {}  # (site, identity) -> made from
+        self._dispatchers_as_caller: dict[tuple[str, str], BatchingDispatcher] = {}
+        self._replaced_as_caller: list[Site] = []
         self._lock = threading.Lock()
         self._closed = False
         for config in self.federation.sites:
             # An offline endpoint is skipped before a request is placed there.
-            self.broker.health.watch(config.name, lambda name=config.name: self.site(name).problem())
+            self.broker.health.watch(config.name, lambda name=config.name: self._probe(name))
+
+    def _probe(self, name: str) -> str | None:
+        """Why site ``name`` should take no work now (None: go ahead)."""
+        if self._client_as_caller(self.federation.site(name), self.owner) is not None:
+            # Reached as each caller: the service's own identity may not even see the endpoint;
+            # a caller's submission names an offline endpoint in its own error.
+            return None
+        return self.site(name).problem()
 
     # ----- in-process conveniences (the service's routes call submit) -------------
     def generate(self, prompts: str | list[str], model: str | None = None, *, identity: str | None = None,
@@ -116,7 +135,8 @@ class Runtime:
         try:
             self._forget_dispatchers([admission.replaced] if admission.replaced else [])
             self._reap_idle()
-            dispatcher = self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec)
+            dispatcher = self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec,
+                                          identity)
         except BaseException:
             self._bookkeeper.forget(admission)
             raise
@@ -196,11 +216,11 @@ class Runtime:
 
     def project_for(self, identity: str, asked: str | None) -> str:
         """The project ``identity`` charges (``asked``, or their only project)."""
-        mine = self.projects_of(identity)
         if asked is not None:
-            if asked not in mine:
+            if not self._member_of(identity, asked):
                 raise NotPermitted(f"{identity!r} is not a member of project {asked!r}")
             return asked
+        mine = self.projects_of(identity)
         if not mine:
             raise NotPermitted(f"{identity!r} is not a member of any project of this federation")
         if len(mine) > 1:
@@ -208,7 +228,18 @@ class Runtime:
         return mine[0]
 
     def projects_of(self, identity: str) -> list[str]:
-        return [project.name for project in self.federation.projects_of(identity)]
+        """The projects ``identity`` is a member of: listed, or by Globus Group (asked only if a project has one)."""
+        groups = self.callers.groups_of(identity) if self.federation.uses_groups else frozenset()
+        return [project.name for project in self.federation.projects_of(identity, groups)]
+
+    def _member_of(self, identity: str, name: str) -> bool:
+        """Whether ``identity`` may charge project ``name`` (Groups is asked only when the list does not say)."""
+        project = next((p for p in self.federation.projects if p.name == name), None)
+        if project is None:
+            return False
+        if identity in project.members or project.globus_group is None:
+            return identity in project.members
+        return project.admits(identity, self.callers.groups_of(identity))
 
     def all_projects(self) -> list[str]:
         return [project.name for project in self.federation.projects]
@@ -218,21 +249,58 @@ class Runtime:
             raise UnknownModel(f"the federation in {self.home.federation_file} serves no models")
         return ModelRef(name=self.federation.models[0].name)
 
-    def _dispatcher(self, replica_id: str, site_config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
+    def _dispatcher(self, replica_id: str, site_config: SiteConfig, spec: ModelSpec,
+                    identity: str | None = None) -> BatchingDispatcher:
+        as_caller = self._client_as_caller(site_config, identity)
         with self._lock:
+            if as_caller is not None and identity is not None:
+                # Reached as the caller: a batch is one caller's, so their tasks run under their account.
+                key = (replica_id, identity)
+                if key not in self._dispatchers_as_caller:
+                    site = self._site_as_caller(site_config, identity, as_caller)
+                    self._dispatchers_as_caller[key] = self._new_dispatcher(site, site_config, spec)
+                return self._dispatchers_as_caller[key]
             if replica_id not in self._dispatchers:
-                self._dispatchers[replica_id] = BatchingDispatcher(
-                    self._site(site_config),
-                    spec,
-                    max_batch=site_config.max_batch_requests,
-                    max_in_flight=site_config.capacity.max_replicas,
-                    linger_s=site_config.batch_linger_ms / 1000,
-                    task_timeout_s=site_config.task_timeout_s,
-                    listener=self._bookkeeper,
-                    # Only what the worker checks: permissions are its endpoint's policy, never a task's.
-                    context={"code_version": serving_code_version()},
-                )
+                self._dispatchers[replica_id] = self._new_dispatcher(self._site(site_config), site_config, spec)
             return self._dispatchers[replica_id]
+
+    def _client_as_caller(self, site_config: SiteConfig, identity: str | None) -> Callable[[], Any] | None:
+        """A Globus Compute client factory acting as ``identity``, for a byo site reached through Globus Compute.
+
+        A byo endpoint maps the submitting identity to an account on the owner's
+        allocation, so the caller's own identity must submit there. Shared (rcc)
+        sites, and callers with local identities, use the service's own credentials.
+        """
+        if identity is None or site_config.billing != "byo" or site_config.access != "globus-compute":
+            return None
+        return self.callers.compute_client_factory(identity)
+
+    def _site_as_caller(self, config: SiteConfig, identity: str, client_factory: Callable[[], Any]) -> Site:
+        """Called under the lock: ``identity``'s own connection to a byo Globus Compute site."""
+        from tpm_fed.sites.globus_compute import GlobusComputeSite
+
+        key = (config.name, identity)
+        made = self._sites_as_caller.get(key)
+        if made is not None and made[0] == config:
+            return made[1]
+        if made is not None:
+            self._replaced_as_caller.append(made[1])  # its entry changed: its tasks finish, close() stops it
+        site = GlobusComputeSite(config, client_factory=client_factory)
+        self._sites_as_caller[key] = (config, site)
+        return site
+
+    def _new_dispatcher(self, site: Site, site_config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
+        return BatchingDispatcher(
+            site,
+            spec,
+            max_batch=site_config.max_batch_requests,
+            max_in_flight=site_config.capacity.max_replicas,
+            linger_s=site_config.batch_linger_ms / 1000,
+            task_timeout_s=site_config.task_timeout_s,
+            listener=self._bookkeeper,
+            # Only what the worker checks: permissions are its endpoint's policy, never a task's.
+            context={"code_version": serving_code_version()},
+        )
 
     def _reap_idle(self) -> None:
         self._forget_dispatchers(self.broker.reap_idle())
@@ -242,6 +310,8 @@ class Runtime:
         with self._lock:
             for replica_id in replica_ids:
                 self._dispatchers.pop(replica_id, None)
+            for key in [k for k in self._dispatchers_as_caller if k[0] in replica_ids]:
+                del self._dispatchers_as_caller[key]
 
     def _site(self, config: SiteConfig) -> Site:
         if config.name not in self._sites:
@@ -269,6 +339,11 @@ class Runtime:
             self._closed = True
             sites, self._sites = self._sites, {}
             self._dispatchers.clear()
+            as_caller = [site for _, site in self._sites_as_caller.values()] + self._replaced_as_caller
+            self._sites_as_caller.clear()
+            self._dispatchers_as_caller.clear()
+        for site in as_caller:
+            site.shutdown()
         for name, site in sites.items():
             site.shutdown()
             self.log.site_stopped(name)

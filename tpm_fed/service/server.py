@@ -57,8 +57,8 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     from tpm_fed.service.runtime import Runtime
 
     home.ensure_embedded_default(progress=True)
-    runtime = Runtime(home, database_url=options.database_url)
     auth, token = _authenticator(options)
+    runtime = Runtime(home, database_url=options.database_url, callers=_callers(auth))
     activity = Activity(build_app(runtime, auth, operators=frozenset(options.operators)))
     listener = socket.create_server((options.host, options.port), reuse_port=False)
     host, port = listener.getsockname()[:2]
@@ -94,8 +94,17 @@ def _authenticator(options: ServiceOptions) -> tuple[Any, str | None]:
         if not client_id or not secret:
             raise SystemExit("tpm serve --auth globus needs TPM_SERVICE_CLIENT_ID and TPM_SERVICE_CLIENT_SECRET "
                              "(the service's Globus Auth confidential client)")
-        return GlobusTokens(client_id, secret), None
+        # What `tpm login` is told (GET /tpm/v1/auth): the native app users log in with, and the scope.
+        return GlobusTokens(client_id, secret, login_client_id=os.environ.get("TPM_SERVICE_LOGIN_CLIENT_ID"),
+                            scope=os.environ.get("TPM_SERVICE_SCOPE")), None
     raise SystemExit(f"unknown auth mode {options.auth!r}; use local or globus")
+
+
+def _callers(auth: Any) -> Any:
+    """How the runtime learns a caller's groups and submits as them (dependent tokens with Globus Auth)."""
+    from tpm_fed.service.callers import GlobusCallers, LocalCallers
+
+    return GlobusCallers(auth.dependent_tokens) if auth.mode == "globus" else LocalCallers()
 
 
 class Activity:
