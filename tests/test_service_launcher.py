@@ -76,8 +76,39 @@ def test_the_second_submit_finds_a_warm_replica(tmp_path, demo_model_dir):
         assert oct((home.root / "service.json").stat().st_mode & 0o777) == "0o600"
         status = _tpm(home, "service", "status")
         assert status.returncode == 0 and json.loads((home.root / "service.json").read_text())["token"] in status.stdout
+        workers = _descendants(_service_pid(home))
+        assert workers, "the service runs its site's engine in child processes"
     finally:
         _stop(home)
+    # Stopped gracefully: its site's processes stopped with it and its file is gone.
+    assert "tpm: service stopped" in (home.root / "service.log").read_text()
+    assert not (home.root / "service.json").exists()
+    assert not [p for p in workers if _alive_within(p, 20)]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process started, directly or not, by ``pid`` (from /proc: children of each task)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            frontier += children
+    return found
+
+
+def _alive_within(pid: int, seconds: float) -> bool:
+    """Whether ``pid`` still runs after ``seconds`` (and is not a zombie waiting to be reaped)."""
+    if _gone(pid, seconds):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -38,7 +39,9 @@ class ServiceOptions:
         database_url: SQLAlchemy URL of the one ledger (the home's SQLite by default).
         auth: ``local`` (a token in service.json) or ``globus`` (Globus Auth access tokens).
         idle_timeout_s: Stop after this long with no request (None: never).
-        operators: Identities that may read every project.
+        operators: Identities that may read every project and use the operator routes
+            (``/tpm/v1/admin``). With ``local`` auth the home's owner is one too: the
+            home, and so its federation file, is theirs already.
     """
 
     host: str = "127.0.0.1"
@@ -59,7 +62,8 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     home.ensure_embedded_default(progress=True)
     auth, token = _authenticator(options)
     runtime = Runtime(home, database_url=options.database_url, callers=_callers(auth))
-    activity = Activity(build_app(runtime, auth, operators=frozenset(options.operators)))
+    operators = frozenset(options.operators) | ({runtime.owner} if auth.mode == "local" else set())
+    activity = Activity(build_app(runtime, auth, operators=operators))
     listener = socket.create_server((options.host, options.port), reuse_port=False)
     host, port = listener.getsockname()[:2]
     url = f"http://{_url_host(host)}:{port}"
@@ -73,12 +77,21 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     print(f"tpm: serving {home.root} at {url} (auth: {auth.mode})", flush=True)
     if token:
         print(f"tpm: the bearer token is in {service_file(home)} (tpm service status prints it)", flush=True)
+    # uvicorn re-raises the stop signal after its own graceful shutdown; with the
+    # default SIGTERM action that kills the process before the sites below stop
+    # (their worker processes would outlive it). Raising SystemExit instead lets
+    # the ``finally`` run.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         server.run(sockets=[listener])
     finally:
         runtime.close()
         remove_service_file(home, os.getpid())
         print("tpm: service stopped", flush=True)
+
+
+def _exit_on_signal(number: int, _frame: Any) -> None:
+    raise SystemExit(128 + number)
 
 
 def _authenticator(options: ServiceOptions) -> tuple[Any, str | None]:
