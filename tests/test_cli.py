@@ -128,6 +128,24 @@ def test_accounting_and_own_compute(cli_home, tmp_path):
     local_row = next(line for line in balances.splitlines() if line.startswith("local "))
     assert float(local_row.split()[3].replace(",", "")) > 0  # spent by the earlier submits
 
+    # The same service, as a remote one: TPM_URL/TPM_TOKEN, no home of its own.
+    service = json.loads((cli_home.root / "service.json").read_text())
+    remote = subprocess.run([TPM, "allocations"], capture_output=True, text=True, timeout=60, env={
+        **os.environ, "TPM_HOME": str(tmp_path / "no-home"), "TPM_URL": service["url"], "TPM_TOKEN": service["token"]})
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == balances and not (tmp_path / "no-home").exists()
+
+    listed = tpm(cli_home, "projects", "list").stdout
+    assert re.search(r"^astro +ana +local=5$", listed, re.MULTILINE)
+    assert tpm(cli_home, "projects", "remove-member", "astro", "ana").returncode == 0
+    assert re.search(r"^astro +none +local=5$", tpm(cli_home, "projects", "list").stdout, re.MULTILINE)
+    assert tpm(cli_home, "sites", "remove", "mylab").returncode == 0
+    assert [line.split()[0] for line in tpm(cli_home, "sites", "list").stdout.splitlines()[1:]] == ["local"]
+    # The service took every change while running: the same process, its replica still warm.
+    assert json.loads((cli_home.root / "service.json").read_text())["pid"] == service["pid"]
+    warm = tpm(cli_home, "submit", "The cell", "--max-tokens", "2")
+    assert warm.returncode == 0 and "| replica warm |" in warm.stdout, warm.stdout
+
     bad = tpm(cli_home, "sites", "add", "x", "--byo")
     assert bad.returncode == 2 and "--byo needs --project" in bad.stderr
     bad = tpm(cli_home, "projects", "grant", "astro", "moon", "5")

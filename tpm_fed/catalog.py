@@ -31,6 +31,13 @@ class ModelCatalog:
         self._versions = VersionCache()
         self._points: dict[str, PointCatalog] = {}
 
+    def for_federation(self, federation: Federation) -> ModelCatalog:
+        """The same catalog over a changed federation, keeping what it learned (versions are content
+        hashes and points are per version, so neither goes stale when the file changes)."""
+        catalog = ModelCatalog(federation)
+        catalog._versions, catalog._points = self._versions, self._points
+        return catalog
+
     def resolve(self, ref: ModelRef) -> ResolvedModel:
         """Pin ``ref`` to a version.
 

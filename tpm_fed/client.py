@@ -15,7 +15,7 @@ for it, if any (refreshed when it expires; :mod:`tpm_fed.service_login`).
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tpm_fed.connection import ensure_service, from_environment
 from tpm_fed.home import TpmHome
@@ -24,6 +24,9 @@ from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
+
+if TYPE_CHECKING:
+    from tpm_fed.admin_client import Admin
 
 DEFAULT_CONNECTIONS = 64
 """Requests one client keeps in flight at once (each holds a pooled connection while it waits)."""
@@ -145,6 +148,13 @@ class Client:
 
     def whoami(self) -> dict[str, Any]:
         return self._call("GET", "/tpm/v1/whoami")
+
+    @property
+    def admin(self) -> Admin:
+        """The operator routes: projects, sites, models, adapters (``NotPermitted`` unless an operator)."""
+        from tpm_fed.admin_client import Admin
+
+        return Admin(self)
 
     def _call(self, method: str, path: str, **options: Any) -> Any:
         import httpx

@@ -31,6 +31,12 @@ from tpm_fed.federation import Federation
 from tpm_fed.ledger import Hold, Ledger
 
 
+def _grants(federation: Federation) -> dict[tuple[str, str], float]:
+    """Service units granted per (project, site), as the federation file says."""
+    return {(project.name, site): amount for project in federation.projects
+            for site, amount in project.allocations.items()}
+
+
 def _refusal(decision: Decision) -> PlacementRefused | InsufficientBalance:
     """The typed error for a decision that chose nothing: no balance anywhere is the caller's to fix (429)."""
     if decision.refusal and decision.refusal.startswith(NO_BALANCE):
@@ -128,12 +134,21 @@ class Broker:
         self.registry = registry
         self.health = health or SiteHealth()
         self.placer = Placer(federation)
-        ledger.sync_grants({
-            (project.name, site): amount
-            for project in federation.projects
-            for site, amount in project.allocations.items()
-        })
+        ledger.sync_grants(_grants(federation))
         self.balances = BalanceSnapshot(ledger)
+
+    def use(self, federation: Federation) -> None:
+        """Place against ``federation`` from now on (a changed federation file, applied while running).
+
+        Its grants become the ledger's; a grant it no longer has becomes 0, so
+        nothing more is spent there. Balances are read again at once, so a
+        project granted SUs just now can spend them on its next request.
+        """
+        dropped = {key: 0.0 for key in _grants(self.federation)}
+        self.ledger.sync_grants({**dropped, **_grants(federation)})
+        self.placer = Placer(federation)
+        self.federation = federation
+        self.balances.refresh()
 
     def decide(self, request: PlacementRequest) -> Decision:
         """Rank the candidates for ``request`` (nothing is reserved or started)."""

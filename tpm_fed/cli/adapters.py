@@ -1,4 +1,9 @@
-"""``tpm adapters``: the registry of input modules and output heads (mode 2)."""
+"""``tpm adapters``: the service's registry of input modules and output heads (mode 2).
+
+The architecture file and the weights are read here and uploaded; the
+service checks that the weights are safetensors and fit the architecture
+before registering them.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,10 @@ import json
 from pathlib import Path
 
 import click
-from pydantic import ValidationError
 
-from tpm_fed.adapters import AdapterRegistry, Architecture
-from tpm_fed.cli.context import open_home
+from tpm_fed.cli.context import connect
 from tpm_fed.cli.tables import print_table
-from tpm_fed.protocol.errors import AdapterMismatch
-from tpm_fed.protocol.requests import describe_validation_error
-
-
-def _registry() -> AdapterRegistry:
-    _, federation = open_home()
-    return AdapterRegistry(federation.store / "adapters")
+from tpm_fed.protocol.adapter_architecture import Architecture
 
 
 @click.group()
@@ -36,25 +33,26 @@ def adapters() -> None:
 def add(name: str, architecture_file: Path, weights: Path, description: str) -> None:
     """Register WEIGHTS under NAME; prints the version id."""
     try:
-        architecture = Architecture.model_validate(json.loads(architecture_file.read_text()))
-    except ValidationError as error:
-        raise AdapterMismatch(f"{architecture_file}: {describe_validation_error(error)}") from None
+        architecture = json.loads(architecture_file.read_text())
     except ValueError as error:
-        raise AdapterMismatch(f"{architecture_file}: not JSON: {error}") from None
-    record = _registry().register(name, architecture, weights, description)
-    click.echo(f"{record.ref}  {architecture.in_features} -> {architecture.out_features}")
+        raise click.ClickException(f"AdapterMismatch: {architecture_file}: not JSON: {error}") from None
+    with connect() as client:
+        record = client.admin.register_adapter(name, architecture, weights.read_bytes(), description)
+    layers = Architecture.model_validate(record["architecture"])
+    click.echo(f"{record['ref']}  {layers.in_features} -> {layers.out_features}")
 
 
 @adapters.command("list")
 def list_adapters() -> None:
     """Every registered adapter version, oldest first per name."""
-    records = _registry().all()
+    with connect() as client:
+        records = client.admin.adapters()
     if not records:
         click.echo("no adapters registered (tpm adapters add NAME --architecture A.json --weights W.safetensors)")
         return
-    print_table(
-        ["adapter", "in", "out", "layers", "description"],
-        [(r.ref, r.architecture.in_features, r.architecture.out_features,
-          "+".join(layer.type for layer in r.architecture.layers), r.description) for r in records],
-        right={"in", "out"},
-    )
+    rows = []
+    for record in records:
+        architecture = Architecture.model_validate(record["architecture"])
+        rows.append((record["ref"], architecture.in_features, architecture.out_features,
+                     "+".join(layer.type for layer in architecture.layers), record["description"]))
+    print_table(["adapter", "in", "out", "layers", "description"], rows, right={"in", "out"})

@@ -1,59 +1,39 @@
-"""``tpm projects ...`` and ``tpm sites ...``: operator changes to the federation file.
+"""``tpm projects ...`` and ``tpm sites ...``: operator changes, made by the service while it serves.
 
-Each change loads the file, applies the change, validates the whole
-federation again and writes it atomically, so a mistake is refused with
-the field named and the file is never left half-written.
+Each command calls the service's operator routes (``/tpm/v1/admin``), so it
+works the same on the home's own service and on a shared one (``TPM_URL``).
+The service validates the whole federation again, writes its file
+atomically and adopts the change at once: running sites keep their warm
+replicas, and a new member can spend on their next request. A mistake is
+refused with the field named, and nothing changes.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
-from tpm_fed.cli.context import open_home
+from tpm_fed.cli.context import connect
 from tpm_fed.cli.tables import print_table
-from tpm_fed.protocol.errors import FederationConfigError
-from tpm_fed.federation import Federation, ProjectConfig, SiteConfig
-from tpm_fed.protocol.requests import describe_validation_error
 
 
-def add_entry(home, federation: Federation, collection: str, entry: dict) -> None:
-    """Append ``entry`` to ``collection`` (``sites``, ``models`` or ``projects``); validate, write."""
-    _save(home, federation, collection, lambda entries: [*entries, entry])
+def change_entry(home: Any, federation: Any, collection: str, name: str,
+                 change: Callable[[dict], dict]) -> None:
+    """Replace site ``name`` with ``change(its entry)`` through the service (``tpm functions register``).
 
-
-def change_entry(home, federation: Federation, collection: str, name: str, change: Callable[[dict], dict]) -> None:
-    """Replace the entry ``name`` of ``collection`` with ``change(entry)``; validate, write."""
-    _save(home, federation, collection, lambda entries: [change(e) if e["name"] == name else e for e in entries])
-
-
-def _save(home, federation: Federation, collection: str, edit: Callable[[list[dict]], list[dict]]) -> None:
-    """Edit one list of the federation, validate the whole again, write it atomically."""
-    from pydantic import ValidationError
-
-    raw = federation.model_dump(mode="json")
-    raw[collection] = edit(raw[collection])
-    try:
-        updated = Federation.model_validate(raw)
-    except ValidationError as error:
-        raise FederationConfigError(describe_validation_error(error)) from None
-    updated.dump(home.federation_file)
-    _restart_service(home)
-
-
-def _restart_service(home) -> None:
-    """The home's service read the old file: stop it (requests in flight finish); the next call starts anew."""
-    import os
-    import signal
-
-    from tpm_fed.connection import running_service
-
-    address = running_service(home)
-    if address is not None and address.pid is not None:
-        os.kill(address.pid, signal.SIGTERM)
-        click.echo("tpm: the home's service stops to take the change; the next request starts it again", err=True)
+    ``home`` and ``federation`` are not read: the service's federation is the record.
+    """
+    if collection != "sites":
+        raise ValueError(f"only sites are changed this way, not {collection}")
+    with connect() as client:
+        current = next((site for site in client.admin.sites() if site["name"] == name), None)
+        if current is None:
+            raise click.ClickException(f"the service has no site {name!r}")
+        client.admin.replace_site(name, change(current))
 
 
 @click.group()
@@ -63,11 +43,12 @@ def projects() -> None:
 
 @projects.command("list")
 def list_projects() -> None:
-    _, federation = open_home()
+    with connect() as client:
+        listed = client.admin.projects()
     print_table(
         ["project", "members", "grants"],
-        [(p.name, ", ".join(p.members) or "none",
-          ", ".join(f"{site}={su:g}" for site, su in p.allocations.items()) or "none") for p in federation.projects],
+        [(p["name"], ", ".join(p["members"]) or "none",
+          ", ".join(f"{site}={su:g}" for site, su in p["allocations"].items()) or "none") for p in listed],
     )
 
 
@@ -76,9 +57,8 @@ def list_projects() -> None:
 @click.option("--member", "members", multiple=True, help="An identity (repeatable).")
 def add_project(name: str, members: tuple[str, ...]) -> None:
     """Create project NAME."""
-    home, federation = open_home()
-    project = ProjectConfig(name=name, members=list(members))
-    add_entry(home, federation, "projects", project.model_dump(mode="json"))
+    with connect() as client:
+        client.admin.add_project(name, members)
     click.echo(f"project {name!r} added")
 
 
@@ -86,11 +66,20 @@ def add_project(name: str, members: tuple[str, ...]) -> None:
 @click.argument("project")
 @click.argument("identity")
 def add_member(project: str, identity: str) -> None:
-    """Add IDENTITY to PROJECT."""
-    home, federation = open_home()
-    federation.project(project)
-    change_entry(home, federation, "projects", project, lambda p: {**p, "members": sorted({*p["members"], identity})})
+    """Add IDENTITY to PROJECT (they can spend its SUs on their next request)."""
+    with connect() as client:
+        client.admin.add_member(project, identity)
     click.echo(f"{identity!r} is now a member of {project!r}")
+
+
+@projects.command("remove-member")
+@click.argument("project")
+@click.argument("identity")
+def remove_member(project: str, identity: str) -> None:
+    """Remove IDENTITY from PROJECT (requests already placed still finish)."""
+    with connect() as client:
+        client.admin.remove_member(project, identity)
+    click.echo(f"{identity!r} is no longer a member of {project!r}")
 
 
 @projects.command("grant")
@@ -99,29 +88,24 @@ def add_member(project: str, identity: str) -> None:
 @click.argument("service_units", type=float)
 def grant(project: str, site: str, service_units: float) -> None:
     """Add SERVICE_UNITS to PROJECT's allocation at SITE (negative to take back)."""
-    home, federation = open_home()
-    federation.project(project)
-    federation.site(site)
-
-    def add_units(p: dict) -> dict:
-        return {**p, "allocations": {**p["allocations"], site: p["allocations"].get(site, 0.0) + service_units}}
-
-    change_entry(home, federation, "projects", project, add_units)
+    with connect() as client:
+        client.admin.grant(project, site, service_units)
     click.echo(f"{project!r} at {site!r}: granted {service_units:+g} SU")
 
 
 @click.group()
 def sites() -> None:
-    """List sites, or add one (local, a Globus Compute endpoint, or an endpoint config run here)."""
+    """List sites, or add or remove one (local, a Globus Compute endpoint, or an endpoint config run there)."""
 
 
 @sites.command("list")
 def list_sites() -> None:
-    _, federation = open_home()
+    with connect() as client:
+        report = client.sites()
     print_table(
-        ["site", "billing", "owner", "access", "location", "max replicas", "keep alive"],
-        [(s.name, s.billing, s.owner, s.access, s.location, s.capacity.max_replicas, f"{s.keep_alive_s:g} s")
-         for s in federation.sites],
+        ["site", "billing", "owner", "access", "location", "max replicas", "keep alive", "state"],
+        [(s["name"], s.get("billing"), s.get("owner"), s["access"], s.get("location"), s.get("max_replicas"),
+          f"{s.get('keep_alive_s', 0):g} s", s["state"]) for s in report["sites"]],
         right={"max replicas", "keep alive"},
     )
 
@@ -150,16 +134,12 @@ def _json_option(text: str | None, option: str) -> dict | None:
 @click.option("--user-endpoint-config", default=None,
               help="JSON for a multi-user endpoint's template (account, partition, walltime...).")
 @click.option("--resource-specification", default=None, help="JSON resources for each task.")
-@click.option("--engine-config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="An endpoint config YAML whose engine this process runs (Slurm, PBS...), no cloud hop.")
+@click.option("--engine-config", default=None,
+              help="An endpoint config YAML (on the service's machine) whose engine the service runs "
+                   "(Slurm, PBS...), no cloud hop.")
 def add_site(name, byo, project, location, max_replicas, keep_alive_s, endpoint_id, user_endpoint_config,
              resource_specification, engine_config) -> None:
     """Add site NAME: the local engine, a Globus Compute endpoint, or an endpoint config's engine."""
-    from pathlib import Path
-
-    from pydantic import ValidationError
-
-    home, federation = open_home()
     if byo and project is None:
         raise click.UsageError("--byo needs --project (the project that owns the compute)")
     if project is not None and not byo:
@@ -167,24 +147,29 @@ def add_site(name, byo, project, location, max_replicas, keep_alive_s, endpoint_
     if endpoint_id is not None and engine_config is not None:
         raise click.UsageError("--endpoint and --engine-config are two ways to reach a site: choose one")
     access = "globus-compute" if endpoint_id else "parsl" if engine_config else "local"
-    remote = {
+    config = {
+        "name": name, "billing": "byo" if byo else "rcc", "owner": project, "location": location, "access": access,
+        "capacity": {"max_replicas": max_replicas}, "keep_alive_s": keep_alive_s,
         "endpoint_id": endpoint_id,
         "user_endpoint_config": _json_option(user_endpoint_config, "--user-endpoint-config"),
         "resource_specification": _json_option(resource_specification, "--resource-specification"),
-        "engine_config": Path(engine_config).resolve() if engine_config else None,
+        "engine_config": str(Path(engine_config).resolve()) if engine_config else None,
     }
-    try:
-        site = SiteConfig(name=name, billing="byo" if byo else "rcc", owner=project, location=location, access=access,
-                          capacity={"max_replicas": max_replicas}, keep_alive_s=keep_alive_s,
-                          **{k: v for k, v in remote.items() if v is not None})
-    except ValidationError as error:
-        raise FederationConfigError(describe_validation_error(error)) from None
-    if engine_config:
-        from tpm_fed.sites.parsl_engine import load_engine_config
-
-        load_engine_config(Path(engine_config)).engine.shutdown()  # the endpoint loader's verdict, now
-    add_entry(home, federation, "sites", site.model_dump(mode="json"))
-    click.echo(f"site {name!r} added ({site.billing}{', owned by ' + project if project else ''}, "
+    with connect() as client:  # the service checks it as the federation file's loader does, and an engine config loads
+        client.admin.add_site({key: value for key, value in config.items() if value is not None})
+    click.echo(f"site {name!r} added ({config['billing']}{', owned by ' + project if project else ''}, "
                f"access {access})")
     if access == "globus-compute":
         click.echo(f"next: `tpm functions register --site {name}` (after `tpm login`)")
+
+
+@sites.command("remove")
+@click.argument("name")
+def remove_site(name: str) -> None:
+    """Remove site NAME: it drains (the requests it has finish, no new ones reach it), then stops.
+
+    Refused while a grant or a model's site list names it: take those back first.
+    """
+    with connect() as client:
+        client.admin.remove_site(name)
+    click.echo(f"site {name!r} removed (its replicas stop once their requests are done)")

@@ -1,4 +1,11 @@
-"""``tpm models``: the models a federation serves."""
+"""``tpm models``: the models a federation serves.
+
+Listing and inspecting ask the service (``TPM_URL``, or the home's own).
+The model store's commands (``add``, ``versions``, ``tag``, ``diff``,
+``verify``, ``gc``, ``export``) work on the home's own store, on this
+machine: they copy and hash local files. A model added to the store is then
+added to the federation through the home's service, which serves it at once.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,8 @@ from pathlib import Path
 
 import click
 
-from tpm_fed.catalog import ModelCatalog
-from tpm_fed.cli.context import open_home
+from tpm_fed.cli.context import connect, connect_home, open_home
 from tpm_fed.cli.tables import print_table
-from tpm_fed.protocol.errors import TpmError
-from tpm_fed.protocol.requests import ModelRef
 
 
 @click.group(invoke_without_command=True)
@@ -20,17 +24,14 @@ def models(ctx: click.Context) -> None:
     """List models with their current version id, backend and context length."""
     if ctx.invoked_subcommand is not None:
         return
-    _, federation = open_home()
-    catalog = ModelCatalog(federation)
+    with connect() as client:
+        cards = client.models()
     rows = []
-    for config in catalog.federation.models:
-        try:
-            resolved = catalog.resolve(ModelRef(name=config.name))
-            version, context = resolved.spec.version, resolved.context_length
-        except TpmError as error:
-            version, context = f"unavailable: {error}", None
-        rows.append((config.name, version, context, config.backend, config.dtype,
-                     "store" if config.store else config.path))
+    for card in cards:
+        about = card["tpm"]
+        version = about["version"] or f"unavailable: {about.get('problem', 'unknown')}"
+        rows.append((card["id"], version, about.get("context_length"), about["backend"], about["dtype"],
+                     about.get("source")))
     print_table(["model", "version", "context", "backend", "dtype", "source"], rows, right={"context"})
 
 
@@ -55,9 +56,8 @@ def add(model_dir: Path, name: str, tag: str | None) -> None:
     store, home, federation = _store()
     version = store.import_dir(model_dir, name, tag, progress=True)
     if name not in {m.name for m in federation.models}:
-        from tpm_fed.cli.admin import add_entry
-
-        add_entry(home, federation, "models", {"name": name, "store": True})
+        with connect_home(home) as client:
+            client.admin.add_model({"name": name, "store": True})
         click.echo(f"model {name!r} added to the federation (served from the store)", err=True)
     click.echo(f"{name}@{version}")
 
@@ -151,9 +151,8 @@ def inspect(ref: str, pattern: str | None) -> None:
     Shapes leave out the batch and sequence dimensions. Read from the model's
     config alone (probed on the meta device), so no weights are loaded.
     """
-    _, federation = open_home()
-    catalog = ModelCatalog(federation)
-    points = catalog.points(catalog.resolve(ModelRef.parse(ref)).spec)
+    with connect() as client:
+        points = client.points(ref)
     click.echo(f"layers: {len(points.layers)} ({points.layers[0]} .. {points.layers[-1]}); hidden size "
                f"{points.hidden_size}; vocabulary {points.vocab_size}; final norm {points.final_norm}; "
                f"unembedding {points.unembedding}")

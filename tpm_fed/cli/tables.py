@@ -39,3 +39,8 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, right:
     with console.capture() as captured:
         console.print(Padding(table, (0, 0, 0, indent), expand=False) if indent else table)
     click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
+def format_su(service_units: float | None) -> str:
+    """Service units as the ledger counts them (to the micro-SU)."""
+    return "" if service_units is None else f"{service_units:,.6f}"

@@ -2,7 +2,8 @@
 
 ``build_app(runtime, auth)`` wires the OpenAI-compatible routes
 (:mod:`tpm_fed.service.routes_openai`) and tpm-fed's native ones
-(:mod:`tpm_fed.service.routes_native`) to one federation runtime. Every
+(:mod:`tpm_fed.service.routes_native`) and the operators' ones
+(:mod:`tpm_fed.service.routes_admin`) to one federation runtime. Every
 route but ``/health`` and ``/tpm/v1/auth`` (how to log in) needs a bearer
 token; every refusal is an OpenAI error body with the status OpenAI's
 clients expect (:mod:`tpm_fed.service.errors`).
@@ -32,9 +33,10 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     Args:
         runtime: The federation runtime (broker, ledger, sites); see :class:`tpm_fed.service.runtime.Runtime`.
         auth: Turns bearer tokens into identities.
-        operators: Identities that may read every project and use the operator routes.
+        operators: Identities that may read every project and use the operator routes (``/tpm/v1/admin``).
     """
     from tpm_fed.service.routes_auth import router as login
+    from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
     from tpm_fed.service.routes_openai import router as openai
 
@@ -45,6 +47,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.state.operators = operators
     app.include_router(openai)
     app.include_router(native)
+    app.include_router(admin)
     app.include_router(login)
 
     @app.get("/health", include_in_schema=False)

@@ -19,7 +19,8 @@ import click
                    "(TPM_SERVICE_CLIENT_ID and TPM_SERVICE_CLIENT_SECRET name the service's client).")
 @click.option("--idle-timeout", type=float, default=None,
               help="Stop after this many seconds without a request (default: never).")
-@click.option("--operator", "operators", multiple=True, help="An identity that may read every project (repeatable).")
+@click.option("--operator", "operators", multiple=True, help="An identity that may read every project and use /tpm/v1/admin "
+              "(repeatable; with --auth local the home's owner is one).")
 def serve(home, host, port, database_url, auth, idle_timeout, operators) -> None:
     """Run the federation as a service: OpenAI-compatible HTTP under /v1, tpm-fed's own under /tpm/v1."""
     from tpm_fed.home import TpmHome

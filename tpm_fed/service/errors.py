@@ -37,6 +37,7 @@ _STATUS: list[tuple[type[errors.TpmError], int, str]] = [
     (Unauthenticated, 401, "authentication_error"),
     (errors.PayloadTooLarge, 413, "invalid_request_error"),
     (errors.InvalidRequest, 400, "invalid_request_error"),
+    (errors.FederationConfigError, 400, "invalid_request_error"),  # an operator's change or a site name
     (errors.NotPermitted, 403, "permission_error"),
     (errors.UnknownModel, 404, "not_found_error"),
     (errors.UnknownVersion, 404, "not_found_error"),

@@ -21,11 +21,11 @@ def model_cards(runtime: Any) -> list[dict[str, Any]]:
     cards = []
     for config in runtime.federation.models:
         try:
-            version: str | None = runtime.catalog.resolve_name(config.name).spec.version
+            resolved = runtime.catalog.resolve_name(config.name)
         except Exception as error:  # a broken model is listed, with why it cannot serve
-            version, problem = None, f"{type(error).__name__}: {error}"
+            version, context, problem = None, None, f"{type(error).__name__}: {error}"
         else:
-            problem = None
+            version, context, problem = resolved.spec.version, resolved.context_length, None
         sites = {}
         for site in config.sites or [s.name for s in runtime.federation.sites]:
             states = {r.state for r in replicas if r.site == site and r.model == config.name and r.version == version}
@@ -36,7 +36,8 @@ def model_cards(runtime: Any) -> list[dict[str, Any]]:
             "created": 0,
             "owned_by": runtime.federation.name,
             "tpm": {"version": version, "versions": _stored_versions(runtime, config), "kinds": list(config.kinds),
-                    "backend": config.backend, "dtype": config.dtype, "sites": sites,
+                    "backend": config.backend, "dtype": config.dtype, "sites": sites, "context_length": context,
+                    "source": "store" if config.store else "directory",
                     **({"problem": problem} if problem else {})},
         })
     return cards
@@ -93,8 +94,17 @@ def balances(runtime: Any, project: str) -> list[dict[str, Any]]:
 
 
 def sites_report(runtime: Any) -> dict[str, Any]:
-    """Sites as their runtime sees them, and every live replica."""
+    """Sites as their runtime sees them (with what callers choose by: billing, owner, location), and
+    every live replica."""
+    configs = {site.name: site for site in runtime.federation.sites}
     return {
-        "sites": [dataclasses.asdict(status) for status in runtime.status()],
+        "sites": [{**dataclasses.asdict(status), **_site_facts(configs.get(status.name))}
+                  for status in runtime.status()],
         "replicas": [dataclasses.asdict(replica) for replica in runtime.broker.registry.all() if replica.live],
     }
+
+def _site_facts(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    return {"billing": config.billing, "owner": config.owner, "location": config.location,
+            "max_replicas": config.capacity.max_replicas, "keep_alive_s": config.keep_alive_s}

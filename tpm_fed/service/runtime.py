@@ -12,6 +12,7 @@ until the runtime closes. One runtime serves every caller of a service.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -36,6 +37,7 @@ from tpm_fed.protocol.requests import (
 )
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
 from tpm_fed.service import reports
+from tpm_fed.service.federation_change import FederationEdit, plan_change
 from tpm_fed.service.callers import Callers, LocalCallers
 from tpm_fed.sites import Site, SiteStatus, build_site
 from tpm_fed.state import RequestLog, open_database
@@ -76,8 +78,13 @@ class Runtime:
         self._dispatchers_as_caller: dict[tuple[str, str], BatchingDispatcher] = {}
         self._replaced_as_caller: list[Site] = []
         self._lock = threading.Lock()
+        self._change_lock = threading.Lock()  # one federation change at a time (read, edit, write the file)
+        self._retiring: list[Site] = []  # stopped sites finishing the work they had
         self._closed = False
-        for config in self.federation.sites:
+        self._watch(self.federation.sites)
+
+    def _watch(self, sites: list[SiteConfig]) -> None:
+        for config in sites:
             # An offline endpoint is skipped before a request is placed there.
             self.broker.health.watch(config.name, lambda name=config.name: self._probe(name))
 
@@ -148,6 +155,59 @@ class Runtime:
         request, spec, bound = self._check(request, self.catalog.resolve(request.model))
         price = getattr(self.federation.prices, request.kind)
         return self.broker.decide(self._placement(request, spec, price, bound, identity or self.owner))
+
+    # ----- changing the federation while it runs ------------------------------------
+    def change_federation(self, edit: FederationEdit) -> Federation:
+        """Apply an operator's change to the federation without stopping what it leaves alone.
+
+        ``edit`` changes the federation file's plain data; the whole is
+        validated again, written atomically, and adopted: the catalog and the
+        broker see the new federation and the ledger its grants. A site that is
+        unchanged keeps its engine and warm replicas. A site that changed or is
+        gone is stopped: its replicas are marked stopped at once (no new work
+        reaches them), and its engine shuts down once the work it already has
+        is done, so requests in flight finish. Returns the federation now served.
+
+        Raises:
+            FederationConfigError: The change makes an invalid federation (nothing is written or changed).
+        """
+        with self._change_lock:
+            change = plan_change(self.home.federation_file, self.federation, edit)
+            change.write(self.home.federation_file)
+            with self._lock:
+                self.federation = change.loaded
+                self.catalog = self.catalog.for_federation(change.loaded)
+                self.broker.use(change.loaded)
+                stopping = [r.replica_id for r in self.broker.registry.all()
+                            if r.live and r.site in change.stopped_sites]
+                for replica_id in stopping:
+                    self._dispatchers.pop(replica_id, None)
+                for key in [k for k in self._dispatchers_as_caller if k[0] in stopping]:
+                    del self._dispatchers_as_caller[key]  # their sites are rebuilt when their config changed
+                retired = [self._sites.pop(name) for name in sorted(change.stopped_sites) if name in self._sites]
+                self._retiring.extend(retired)
+            self.broker.registry.set_state(stopping, "stopped")
+            self._watch(change.loaded.sites)  # new sites get a probe (watching one again replaces it)
+        for site in retired:
+            threading.Thread(target=self._retire, args=(site, stopping), name=f"tpm-retire-{site.name}",
+                             daemon=True).start()
+        return change.loaded
+
+    def _retire(self, site: Site, replica_ids: list[str], grace_s: float = 900.0) -> None:
+        """Stop ``site`` once its tasks and its replicas' queued requests are done (or after ``grace_s``)."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and not self._closed:
+            queued = sum(r.queue_depth for r in map(self.broker.registry.get, replica_ids)
+                         if r is not None and r.site == site.name)
+            if not queued and not site.status().outstanding_tasks:
+                break
+            time.sleep(0.1)
+        with self._lock:
+            if site not in self._retiring:  # close() stopped it already
+                return
+            self._retiring.remove(site)
+        site.shutdown()
+        self.log.site_stopped(site.name)
 
     # ----- what callers may read (views in tpm_fed.service.reports) ----------------
     def model_cards(self) -> list[dict[str, Any]]:
@@ -338,11 +398,14 @@ class Runtime:
         with self._lock:
             self._closed = True
             sites, self._sites = self._sites, {}
+            retiring, self._retiring = self._retiring, []
             self._dispatchers.clear()
             as_caller = [site for _, site in self._sites_as_caller.values()] + self._replaced_as_caller
             self._sites_as_caller.clear()
             self._dispatchers_as_caller.clear()
         for site in as_caller:
+            site.shutdown()
+        for site in retiring:
             site.shutdown()
         for name, site in sites.items():
             site.shutdown()

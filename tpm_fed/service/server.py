@@ -77,6 +77,8 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     print(f"tpm: serving {home.root} at {url} (auth: {auth.mode})", flush=True)
     if token:
         print(f"tpm: the bearer token is in {service_file(home)} (tpm service status prints it)", flush=True)
+        # As Jupyter does: the token rides in the fragment, which browsers never send to the server.
+        print(f"tpm: web page (this link signs you in): {url}/#token={token}", flush=True)
     # uvicorn re-raises the stop signal after its own graceful shutdown; with the
     # default SIGTERM action that kills the process before the sites below stop
     # (their worker processes would outlive it). Raising SystemExit instead lets
