@@ -132,8 +132,28 @@ def _through_parsl(executor, spec, request, context, expected, timeout) -> tuple
 
     with parsl.load(Config(executors=[GlobusComputeExecutor(executor=executor)])):
         reply = serve(spec, [request], context).result(timeout=timeout)
-    tokens = reply["outcomes"][0].get("result", {}).get("token_ids")
-    return ("Parsl GlobusComputeExecutor", tokens == expected.get("result", {}).get("token_ids"), f"token ids {tokens}")
+    same, detail = same_tokens(expected, reply["outcomes"][0])
+    return ("Parsl GlobusComputeExecutor", same, detail)
+
+
+def served_token_ids(outcome: dict) -> list[list[int]] | None:
+    """The token ids of each completion of a served outcome; None when it has none (an error, a bad reply)."""
+    completions = outcome.get("result", {}).get("completions") if isinstance(outcome, dict) else None
+    if not completions or not isinstance(completions, list):
+        return None
+    try:
+        ids = [list(completion["token_ids"]) for completion in completions]
+    except (KeyError, TypeError):
+        return None
+    return ids if all(ids) else None
+
+
+def same_tokens(expected: dict, got: dict) -> tuple[bool, str]:
+    """Whether two outcomes carry the same, real token ids (never true of two outcomes without any)."""
+    want, have = served_token_ids(expected), served_token_ids(got)
+    if want is None or have is None:
+        return False, f"no token ids to compare (expected {want}, got {have})"
+    return want == have, f"token ids {have}" + ("" if want == have else f", expected {want}")
 
 
 if __name__ == "__main__":

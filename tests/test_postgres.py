@@ -155,3 +155,49 @@ def _check_each_moved_once(ledger, ids, moves) -> None:
     assert balance.reserved_usu == 0
     assert balance.spent_usu == sum(lines[rid].charged_usu for rid in settled) == len(settled) * (SU // 20)
     assert balance.available_usu == 10 * SU - balance.spent_usu
+
+
+def _workers(args_list, cwd_root):
+    import sys
+
+    worker = Path(__file__).with_name("ledger_worker.py")
+    env = {"PYTHONPATH": cwd_root, "PATH": os.environ.get("PATH", "")}
+    return [subprocess.Popen([sys.executable, str(worker), *args], stdout=subprocess.PIPE, text=True,
+                             cwd=cwd_root, env=env) for args in args_list]
+
+
+def test_several_processes_settling_and_releasing_the_same_reservations_move_each_once_on_postgres(
+        ledger, postgres_url, tmp_path):
+    ids = [f"proc-race{i}" for i in range(60)]
+    for request_id in ids:
+        ledger.reserve(request_id, project="p", site="s", identity="u", model="m", version="v",
+                       kind="generate", estimate_usu=SU // 10)
+    ids_file, go = tmp_path / "ids", tmp_path / "go"
+    ids_file.write_text("\n".join(ids))
+    root = str(Path(__file__).parent.parent)
+    modes = ["settle", "release", "settle", "release"]
+    processes = _workers([["race", postgres_url, mode, str(ids_file), str(go)] for mode in modes], root)
+    go.touch()
+    moves = []
+    for process in processes:
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0
+        moves += [(rid, int(moved)) for rid, moved in (line.split() for line in out.splitlines())]
+    assert len(moves) == 4 * len(ids)
+    _check_each_moved_once(ledger, ids, moves)
+
+
+def test_several_processes_reserving_against_one_allocation_cannot_overspend_on_postgres(ledger, postgres_url):
+    ledger.sync_grants({("p", "s"): 3.0})
+    root = str(Path(__file__).parent.parent)
+    processes = _workers([[postgres_url, f"proc{n}", "20", str(SU // 4), str(SU // 10)] for n in range(4)], root)
+    counts = []
+    for process in processes:
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0
+        counts.append(tuple(map(int, out.split())))
+    settled = [c for c in ledger.statement() if c.state == "settled"]
+    assert sum(s for s, _ in counts) == len(settled) and sum(r for _, r in counts) > 0  # some were refused
+    (balance,) = ledger.balances()
+    assert balance.spent_usu == len(settled) * (SU // 10) == sum(c.charged_usu for c in settled)
+    assert balance.reserved_usu == 0 and balance.available_usu >= 0
