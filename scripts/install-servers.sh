@@ -7,6 +7,8 @@
 # own server (initdb + pg_ctl in a temporary folder) and never skip it, so a
 # machine without the binaries gets Debian's package here. Debian puts them
 # under /usr/lib/postgresql/NN/bin; the tests look there too.
+#
+# Chromium and chromium-driver: the web page's browser tests (never skipped either).
 set -euo pipefail
 have_postgres() {
   command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
@@ -19,3 +21,14 @@ if ! have_postgres; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq postgresql >/dev/null
 fi
 have_postgres && echo "install-servers: PostgreSQL ready"
+
+# Chromium and its driver: the web page's tests drive a real headless browser
+# with Selenium (Debian's packages; Playwright's browser download needs internet).
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+  echo "install-servers: chromium not found; installing Debian's chromium and chromium-driver" >&2
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+echo "install-servers: chromium ready"

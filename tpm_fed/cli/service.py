@@ -28,6 +28,7 @@ def status() -> None:
     click.echo(f"running for {home.root}: {address.url} (pid {address.pid})")
     if address.token:
         click.echo(f"token: {address.token}")
+        click.echo(f"web page (this link signs you in): {address.url}/#token={address.token}")
         click.echo(f"e.g. OpenAI(base_url=\"{address.url}/v1\", api_key=\"{address.token}\")")
 
 

@@ -39,6 +39,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
     from tpm_fed.service.routes_openai import router as openai
+    from tpm_fed.service.routes_web import router as page
 
     app = FastAPI(title="tpm-fed", summary="Federated access to large AI models",
                   description="OpenAI-compatible routes under /v1; tpm-fed's own under /tpm/v1.")
@@ -49,6 +50,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.include_router(native)
     app.include_router(admin)
     app.include_router(login)
+    app.include_router(page)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:

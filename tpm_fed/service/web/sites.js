@@ -12,7 +12,7 @@ export async function loadSites() {
     el("td", {}, el("strong", {}, site.name)),
     cell(site.access),
     el("td", {}, el("span", { class: `badge ${site.state}` }, site.state)),
-    cell(`${site.workers} workers` + (site.max_replicas !== undefined ? `, at most ${site.max_replicas} replicas` : "")),
+    cell(`${site.workers} worker${site.workers === 1 ? "" : "s"}` + (site.max_replicas !== undefined ? `, at most ${site.max_replicas} replicas` : "")),
     cell(`${site.outstanding_tasks}`),
     cell(formatSeconds(site.keep_alive_s)),
     cell(site.billing), cell(site.owner), cell(site.location), cell(site.detail || ""),
