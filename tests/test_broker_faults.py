@@ -38,6 +38,7 @@ def test_a_request_pinned_to_a_site_that_needs_a_login_is_refused_with_why(broke
 def test_a_lost_request_goes_to_a_new_replica_on_its_site_keeping_its_reservation(broker):
     first = broker.admit("r1", ask(project="astro", identity="ana", location="berkeley"))
     assert first.site == "far" and not first.free
+    broker.replica_lost(first.replica_id, 1)
     again = broker.replace_lost(first)
     assert again.site == first.site and again.reserved and again.estimate_usu == first.estimate_usu
     assert broker.registry.get(first.replica_id).state == "starting"  # the slot's new replica
@@ -53,6 +54,7 @@ def test_a_lost_request_moves_its_reservation_to_another_site_when_its_own_is_ou
     assert first.site == "far"
     broker.health.failed("far")
     broker.health.failed("lab")
+    broker.replica_lost(first.replica_id, 1)
     again = broker.replace_lost(first)
     assert again.site == "near" and again.estimate_usu == first.estimate_usu
     (charge,) = broker.ledger.statement()

@@ -124,7 +124,9 @@ class Bookkeeper:
         return refused
 
     def _reserve_and_log(self, site, version, requests, to_reserve) -> dict[str, BaseException]:
-        deadline = time.time() + 2 * self.broker.federation.site(site).task_timeout_s + RETRY_MARGIN_S
+        timeout_s = next((s.task_timeout_s for s in self.broker.federation.sites if s.name == site), None)
+        # A site gone from the federation since placement: the ledger's own hold time.
+        deadline = time.time() + 2 * timeout_s + RETRY_MARGIN_S if timeout_s is not None else None
         holds = [dataclasses.replace(a.hold(), deadline=deadline) for a in to_reserve]
         with self._lock:
             resent = [r for r in requests if r.request_id in self._resent]

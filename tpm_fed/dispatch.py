@@ -71,9 +71,9 @@ class Listener(Protocol):
         ...
 
 
-Rerouter = Callable[[ServingRequest, BaseException, ModelSpec], "Future[ServedResult] | None"]
-"""Given a request whose task was lost, why, and the model version it was to run on:
-the future of its second try, or None (it fails)."""
+Rerouter = Callable[[list[tuple[ServingRequest, BaseException]], ModelSpec], "dict[str, Future[ServedResult]]"]
+"""Given the requests of a lost task (each with why) and the model version they were to run
+on: the future of a second try for each request it places again, by request id (the others fail)."""
 
 
 class _Timed:
@@ -355,16 +355,17 @@ class BatchingDispatcher:
         self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]
     ) -> tuple[list[_Pending], list[ServedResult | BaseException]]:
         """Offer the requests lost with their task to the rerouter; the rest, with their outcomes."""
-        if self.rerouter is None:
+        lost = [(p.request, o) for p, o in zip(batch, outcomes, strict=True) if isinstance(o, SiteError)]
+        if self.rerouter is None or not lost:
             return batch, outcomes
+        try:
+            second_tries = self.rerouter(lost, self.spec)
+        except Exception:  # the first failure stands
+            logger.exception("could not place %d lost requests again", len(lost))
+            second_tries = {}
         kept: list[tuple[_Pending, ServedResult | BaseException]] = []
         for pending, outcome in zip(batch, outcomes, strict=True):
-            second_try = None
-            if isinstance(outcome, SiteError):
-                try:
-                    second_try = self.rerouter(pending.request, outcome, self.spec)
-                except Exception:  # the first failure stands
-                    logger.exception("could not retry request %s", pending.request.request_id)
+            second_try = second_tries.get(pending.request.request_id)
             if second_try is None:
                 kept.append((pending, outcome))
             else:

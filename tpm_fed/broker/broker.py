@@ -224,27 +224,22 @@ class Broker:
             if not ok:
                 self.registry.failed(admission.replica_id, 1)
 
-    def _take(self, request_id: str, request: PlacementRequest, candidate: Candidate, decision: Decision,
-              *, reserved: bool) -> Admission:
-        if candidate.replaces is not None:
-            self.registry.set_state([candidate.replaces], "stopped")
-        replica = self._replica_for(candidate, request)
-        self.registry.queued(replica.replica_id)
-        return Admission(request_id, request.project, candidate.site, replica.replica_id,
-                         candidate.replica_id is None, candidate.free, candidate.cost_usu,
-                         Decision(candidate, decision.candidates), request, reserved)
+    def replica_lost(self, replica_id: str, requests: int) -> None:
+        """A task of ``replica_id`` was lost with ``requests`` that will be placed again: it is stopped.
 
-    def _replica_for(self, candidate: Candidate, request: PlacementRequest):
-        if candidate.replica_id is not None:
-            existing = self.registry.get(candidate.replica_id)
-            if existing is not None and existing.live:
-                return existing
+        Its worker, and the model it held, are gone; call this once per lost
+        task, before :meth:`replace_lost` places its requests again.
+        """
+        self.registry.failed(replica_id, requests)
+        replica = self.registry.get(replica_id)
+        if replica is not None and replica.live:
+            self.registry.set_state([replica_id], "stopped")
+
     def replace_lost(self, lost: Admission) -> Admission:
-        """Place again a request whose task was lost with its replica; its reservation goes with it.
+        """Place again a request whose task was lost (see :meth:`replica_lost`); its reservation goes with it.
 
-        The lost replica is stopped (its worker, and the model it held, are
-        gone), so the request goes to another replica or a new one. On the same
-        site the reservation stays as it is; on another it moves there (one
+        The request goes to another replica or a new one. On the same site the
+        reservation stays as it is; on another it moves there (one
         transaction: :meth:`Ledger.move_reservation`). The estimate stays the
         first placement's, so the caller never pays for the restart.
 
@@ -252,10 +247,6 @@ class Broker:
             PlacementRefused: No candidate is eligible (with the explanation).
             InsufficientBalance: No other site's allocation covers the estimate.
         """
-        self.registry.failed(lost.replica_id, 1)
-        replica = self.registry.get(lost.replica_id)
-        if replica is not None and replica.live:
-            self.registry.set_state([lost.replica_id], "stopped")
         decision = self.decide(lost.request)
         if decision.chosen is None:
             raise _refusal(decision)
@@ -275,6 +266,21 @@ class Broker:
         assert last_error is not None
         raise last_error
 
+    def _take(self, request_id: str, request: PlacementRequest, candidate: Candidate, decision: Decision,
+              *, reserved: bool) -> Admission:
+        if candidate.replaces is not None:
+            self.registry.set_state([candidate.replaces], "stopped")
+        replica = self._replica_for(candidate, request)
+        self.registry.queued(replica.replica_id)
+        return Admission(request_id, request.project, candidate.site, replica.replica_id,
+                         candidate.replica_id is None, candidate.free, candidate.cost_usu,
+                         Decision(candidate, decision.candidates), request, reserved)
+
+    def _replica_for(self, candidate: Candidate, request: PlacementRequest):
+        if candidate.replica_id is not None:
+            existing = self.registry.get(candidate.replica_id)
+            if existing is not None and existing.live:
+                return existing
         return self.registry.start(candidate.site, request.model, request.version, request.backend)
 
     def reap_idle(self, now: float | None = None) -> list[str]:
