@@ -72,6 +72,10 @@ def test_submit_file_as_json(cli_home, tmp_path):
     header, *rows = models.stdout.splitlines()
     assert header.split()[:3] == ["model", "version", "context"]
     assert [row.split()[:3] for row in rows] == [[DEMO_MODEL_NAME, result["version"], "256"]]
+    slo = tpm(cli_home, "slo")  # the service counted the submit above; the embedded default sets no target
+    assert slo.returncode == 0, slo.stderr
+    (generate,) = [line.split() for line in slo.stdout.splitlines() if line.startswith("generate")]
+    assert int(generate[1]) >= 1 and generate[-2:] == ["no", "target"]
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ class Client:
             login = stored_login_auth(home or TpmHome.default(), self.url)
         self._http = httpx.Client(
             base_url=self.url, headers=headers, auth=login,
+            verify=self.url.startswith("https:"),  # plain http needs no CA bundle (loading it costs ~40 ms)
             timeout=httpx.Timeout(10.0, read=None),  # a request may queue for a cold start
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         )
@@ -145,6 +146,10 @@ class Client:
 
     def sites(self) -> dict[str, Any]:
         return self._call("GET", "/tpm/v1/sites")
+
+    def slo(self) -> dict[str, Any]:
+        """Per request kind: p50/p95 latency and availability over the SLO window, against the targets."""
+        return self._call("GET", "/tpm/v1/slo")
 
     def whoami(self) -> dict[str, Any]:
         return self._call("GET", "/tpm/v1/whoami")

@@ -210,6 +210,11 @@ class BatchingDispatcher:
         self._last_arrival = 0.0
         self._lock = threading.Lock()
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued here that no task carries yet."""
+        return len(self._waiting)
+
     def submit(self, request: ServingRequest, nbytes: int | None = None) -> Future[ServedResult]:
         """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already."""
         pending = _Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)

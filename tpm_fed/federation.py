@@ -258,6 +258,27 @@ class Prices(_Strict):
     )
 
 
+class SloTarget(_Strict):
+    """What the operator promises for one request kind, over the SLO window."""
+
+    p95_latency_s: float = Field(gt=0)
+    availability: float = Field(default=0.99, gt=0, le=1)
+
+
+class Slos(_Strict):
+    """Service level objectives: targets per request kind, judged over a sliding window.
+
+    Attributes:
+        window_s: The window the service reports p50/p95 and availability over.
+        generate, embed, trace: The target for that kind (none: reported, not judged).
+    """
+
+    window_s: float = Field(default=3600.0, gt=0, le=30 * 86400)
+    generate: SloTarget | None = None
+    embed: SloTarget | None = None
+    trace: SloTarget | None = None
+
+
 class Federation(_Strict):
     """Sites, models, projects, prices and network latencies, as the operator wrote them.
 
@@ -276,6 +297,7 @@ class Federation(_Strict):
     latency_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
     default_location: str = "local"
     store: Path = Path("store")
+    slos: Slos = Slos()
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -29,6 +29,7 @@ COMMANDS = {
     "logout": "tpm_fed.cli.globus:logout",
     "serve": "tpm_fed.service.cli:serve",
     "service": "tpm_fed.cli.service:service",
+    "slo": "tpm_fed.cli.slo:slo",
 }
 """Command name -> ``module:object``; a new command is one line here."""
 

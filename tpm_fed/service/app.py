@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tpm_fed.protocol.errors import TpmError
+from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.service.auth import Authenticator
 from tpm_fed.service.errors import http_error
 from tpm_fed.service.limits import BodyLimits
@@ -35,7 +35,10 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
         auth: Turns bearer tokens into identities.
         operators: Identities that may read every project and use the operator routes (``/tpm/v1/admin``).
     """
+    from tpm_fed.service.metrics import ServiceMetrics
     from tpm_fed.service.routes_auth import router as login
+    from tpm_fed.service.routes_metrics import router as watching
+    from tpm_fed.service.slo import SloTracker
     from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
     from tpm_fed.service.routes_openai import router as openai
@@ -46,10 +49,13 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.state.runtime = runtime
     app.state.auth = auth
     app.state.operators = operators
+    app.state.slo = SloTracker(lambda: runtime.federation.slos)
+    app.state.metrics = ServiceMetrics(runtime, app.state.slo)
     app.include_router(openai)
     app.include_router(native)
     app.include_router(admin)
     app.include_router(login)
+    app.include_router(watching)
     app.include_router(page)
 
     @app.get("/health", include_in_schema=False)
@@ -58,11 +64,13 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
 
     @app.exception_handler(TpmError)
     async def _tpm_error(_: Request, error: TpmError) -> JSONResponse:
+        app.state.metrics.error(error)
         answer = http_error(error)
         return JSONResponse(answer.body(), status_code=answer.status, headers=answer.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        app.state.metrics.error(InvalidRequest(describe_errors(error.errors())))
         return JSONResponse(_openai_error(describe_errors(error.errors()), "invalid_request_error",
                                           "InvalidRequest"), status_code=400)
 
@@ -74,6 +82,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error")
+        app.state.metrics.error(error)
         return JSONResponse(_openai_error(f"{type(error).__name__}: {error}", "server_error", "InternalError"),
                             status_code=500)
 

@@ -29,7 +29,7 @@ router = APIRouter(prefix="/tpm/v1")
 @router.post("/requests")
 async def submit(request: Request, wire: dict[str, Any] = Body(...), identity: str = Depends(identity_of)) -> Any:
     """Serve one request of any kind; the body is its wire form (``kind`` says which)."""
-    served = await serve(request.app.state.runtime, request_from_wire(wire), identity)
+    served = await serve(request.app.state.runtime, request_from_wire(wire), identity, request.app.state.metrics)
     return served.to_wire()
 
 

@@ -384,6 +384,15 @@ class Runtime:
         with self._lock:
             return self._site(config)
 
+    def waiting_per_replica(self) -> dict[str, int]:
+        """Requests admitted to each replica that no task carries yet (the rest of its queue runs)."""
+        with self._lock:
+            dispatchers = [*self._dispatchers.items(), *((key[0], d) for key, d in self._dispatchers_as_caller.items())]
+        waiting: dict[str, int] = {}
+        for replica_id, dispatcher in dispatchers:
+            waiting[replica_id] = waiting.get(replica_id, 0) + dispatcher.waiting
+        return waiting
+
     def status(self) -> list[SiteStatus]:
         with self._lock:
             started = dict(self._sites)

@@ -9,14 +9,15 @@ from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, ChatCompletionBody, tpm_object
 from tpm_fed.service.chat_template import ChatTemplate
-from tpm_fed.service.serving import serve
+from tpm_fed.service.serving import Observer, serve
 from tpm_fed.service.serving_completions import usage_of
 from tpm_fed.service.streaming import EventStream
 
 
 class ServingChat:
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, observer: Observer | None = None) -> None:
         self.runtime = runtime
+        self.observer = observer
 
     async def create(self, body: ChatCompletionBody, identity: str) -> dict[str, Any] | EventStream:
         spec = self.runtime.catalog.resolve_name(body.model).spec
@@ -24,7 +25,7 @@ class ServingChat:
         prompt = template.render([message.model_dump(exclude_none=True) for message in body.messages])
         request = GenerationRequest.create(prompt, body.model, add_special_tokens=False,
                                            **body.generation_fields(body.max_new_tokens()))
-        result: GenerationResult = await serve(self.runtime, request, identity)
+        result: GenerationResult = await serve(self.runtime, request, identity, self.observer)
         completion = result.completions[0]
         head = {"id": f"chatcmpl-{request.request_id}", "created": int(time.time()), "model": body.model}
         finish = FINISH_REASONS[completion.finish_reason]

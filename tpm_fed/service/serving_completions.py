@@ -8,17 +8,18 @@ from typing import Any
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, CompletionBody, tpm_object
-from tpm_fed.service.serving import Runtime, serve
+from tpm_fed.service.serving import Observer, Runtime, serve
 from tpm_fed.service.streaming import EventStream
 
 
 class ServingCompletions:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, observer: Observer | None = None) -> None:
         self.runtime = runtime
+        self.observer = observer
 
     async def create(self, body: CompletionBody, identity: str) -> dict[str, Any] | EventStream:
         request = GenerationRequest.create(body.prompts(), body.model, **body.generation_fields(body.max_tokens))
-        result: GenerationResult = await serve(self.runtime, request, identity)
+        result: GenerationResult = await serve(self.runtime, request, identity, self.observer)
         created = int(time.time())
         head = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": created,
                 "model": body.model}

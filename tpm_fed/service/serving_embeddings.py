@@ -15,19 +15,20 @@ from typing import Any
 from tpm_fed.protocol.requests import EmbeddingRequest
 from tpm_fed.protocol.results import EmbeddingResult
 from tpm_fed.service.api_models import EmbeddingBody, tpm_object
-from tpm_fed.service.serving import serve
+from tpm_fed.service.serving import Observer, serve
 
 POOLING = "mean"
 
 
 class ServingEmbeddings:
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, observer: Observer | None = None) -> None:
         self.runtime = runtime
+        self.observer = observer
 
     async def create(self, body: EmbeddingBody, identity: str) -> dict[str, Any]:
         request = EmbeddingRequest.create(body.model, texts=body.inputs(), pool=POOLING, project=body.project,
                                           location=body.location, site=body.site)
-        result: EmbeddingResult = await serve(self.runtime, request, identity)
+        result: EmbeddingResult = await serve(self.runtime, request, identity, self.observer)
         data = []
         for index, vector in enumerate(result.outputs):
             row = vector.reshape(-1).astype("<f4")
