@@ -92,6 +92,29 @@ def test_a_task_that_never_answers_fails_with_a_site_error_and_frees_the_worker(
     assert after.result(timeout=5).texts == ["ok"]
 
 
+def test_queue_position_decreases_as_requests_ahead_leave():
+    site = HeldSite()
+    dispatcher = BatchingDispatcher(site, SPEC, max_batch=2, max_in_flight=1)
+    running = dispatcher.submit(request())
+    queued = [request() for _ in range(5)]
+    futures = [dispatcher.submit(r) for r in queued]
+    assert dispatcher.position(running_id := site.tasks[0][1][0]["request_id"]) is None  # sent: not waiting
+    assert running_id not in {r.request_id for r in queued}
+    assert [dispatcher.position(r.request_id) for r in queued] == [1, 2, 3, 4, 5]
+    # Batches of two, one at a time, behind the running one: 1-2 wait one batch, 3-4 two, 5 three.
+    assert [dispatcher.estimated_start_s(dispatcher.position(r.request_id), 2.0) for r in queued] == [2, 2, 4, 4, 6]
+
+    site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # the first answer: two more leave
+    running.result(timeout=5)
+    assert [dispatcher.position(r.request_id) for r in queued] == [None, None, 1, 2, 3]
+    site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
+    assert [dispatcher.position(r.request_id) for r in queued] == [None] * 4 + [1]
+    site.tasks[2][0].set_result(reply_for(site.tasks[2][1]))
+    site.tasks[3][0].set_result(reply_for(site.tasks[3][1]))
+    assert all(f.result(timeout=5).texts == ["ok"] for f in futures)
+    assert dispatcher.position(queued[-1].request_id) is None and dispatcher.waiting == 0
+
+
 def test_batches_are_capped_by_bytes_as_well_as_by_count():
     from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
 

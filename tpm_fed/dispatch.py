@@ -215,6 +215,26 @@ class BatchingDispatcher:
         """Requests queued here that no task carries yet."""
         return len(self._waiting)
 
+    def position(self, request_id: str) -> int | None:
+        """Where a waiting request stands in this queue (1: next to leave), or None if not waiting here."""
+        with self._lock:
+            for index, pending in enumerate(self._waiting):
+                if pending.request.request_id == request_id:
+                    return index + 1
+        return None
+
+    def estimated_start_s(self, position: int, service_s: float) -> float:
+        """Seconds until the request at ``position`` leaves, for batches taking ``service_s`` each.
+
+        Batches ahead of its own run ``max_in_flight`` at a time; while every
+        slot is busy, it also waits for a running batch (counted whole: an
+        upper bound, since that batch started some time ago).
+        """
+        with self._lock:
+            busy = self._in_flight >= self.max_in_flight
+        batches_ahead = (position - 1) // self.max_batch
+        return service_s * (batches_ahead + (1 if busy else 0)) / self.max_in_flight
+
     def submit(self, request: ServingRequest, nbytes: int | None = None) -> Future[ServedResult]:
         """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already."""
         pending = _Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)

@@ -11,8 +11,16 @@ from tpm_fed.cli.tables import print_table
 
 
 @click.command()
-def status() -> None:
-    """Show sites (state, billing, running tasks) and their live replicas (warm, starting) with queues."""
+@click.argument("request_id", required=False)
+def status(request_id: str | None) -> None:
+    """Show sites (state, billing, running tasks) and their live replicas (warm, starting) with queues.
+
+    With REQUEST_ID: that request's status; while it waits, its place in the
+    queue and when it should start.
+    """
+    if request_id is not None:
+        _request_status(request_id)
+        return
     with connect() as client:
         report = client.sites()
         url = client.url
@@ -33,3 +41,16 @@ def status() -> None:
          for r in sorted(replicas, key=lambda r: -r["last_used"])],
         right={"queue", "service", "last used"}, indent=2,
     )
+
+
+def _request_status(request_id: str) -> None:
+    with connect() as client:
+        record = client.request(request_id)
+    if record["status"] == "waiting":
+        click.echo(f"{request_id}: waiting for replica {record['replica']} on {record['site']}, "
+                   f"place {record['queue_position']} in its queue, "
+                   f"starts in about {record['estimated_start_s']:.1f} s")
+        return
+    line = f"{request_id}: {record['status']} | {record['model']}@{record['version']} | {record['kind']} on " \
+           f"{record['site']} | charge {record['charge_state']}: {record['charged_su']:.6f} SU to {record['project']}"
+    click.echo(line + (f" | error: {record['error']}" if record.get("error") else ""))

@@ -45,7 +45,8 @@ async def explain(request: Request, wire: dict[str, Any] = Body(...), identity: 
 @router.get("/requests/{request_id}")
 def request_status(request_id: str, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
     runtime = request.app.state.runtime
-    record = runtime.request_record(request_id)
+    # Still queued for its replica: where it stands; otherwise what the log and the ledger say.
+    record = runtime.queue_place(request_id) or runtime.request_record(request_id)
     if record is None or not _may_read(request, identity, record["identity"]):
         # The same answer for "absent" and "someone else's": ids are not an oracle.
         raise NotPermitted(f"no request {request_id!r} of yours")

@@ -384,6 +384,29 @@ class Runtime:
         with self._lock:
             return self._site(config)
 
+    def queue_place(self, request_id: str) -> dict[str, Any] | None:
+        """A request still waiting for its replica: its place in the queue and estimated start.
+
+        None when it is not waiting (unknown, or already sent: the request log has it then).
+        """
+        admission = self._bookkeeper.admission_of(request_id)
+        if admission is None:
+            return None
+        with self._lock:
+            dispatcher = self._dispatchers.get(admission.replica_id) or self._dispatchers_as_caller.get(
+                (admission.replica_id, admission.request.identity))
+        position = dispatcher.position(request_id) if dispatcher is not None else None
+        if position is None:
+            return None
+        replica = self.broker.registry.get(admission.replica_id)
+        service_s = replica.service_s if replica is not None else self.federation.site(admission.site).cold_start_s
+        return {
+            "request_id": request_id, "identity": admission.request.identity, "project": admission.project,
+            "model": admission.request.model, "version": admission.request.version, "kind": admission.request.kind,
+            "site": admission.site, "replica": admission.replica_id, "status": "waiting",
+            "queue_position": position, "estimated_start_s": dispatcher.estimated_start_s(position, service_s),
+        }
+
     def waiting_per_replica(self) -> dict[str, int]:
         """Requests admitted to each replica that no task carries yet (the rest of its queue runs)."""
         with self._lock:
