@@ -81,10 +81,20 @@ class TorchBackend:
         store = StoreReader(Path(spec.path))
         files = materialize_files(store, spec.version)
         tensors = load_state_dict(store, spec.version)
+        dtype = getattr(torch, spec.dtype)
+        # Served in the dtype asked for, as from_pretrained does from a folder (a bfloat16
+        # version served as float32, or the reverse), not in the dtype it was stored in.
+        tensors = {name: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+                   for name, t in tensors.items()}
         try:
             with no_init_weights():
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(files), dtype=getattr(torch, spec.dtype))
-            model.load_state_dict(tensors, strict=True, assign=True)
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(files), dtype=dtype)
+            # A tied output embedding (tie_word_embeddings) is not saved, so not stored:
+            # only those keys may be missing; tie_weights() then points them at their source.
+            missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+            untied = sorted(set(missing) - set(getattr(model, "all_tied_weights_keys", None) or {}))
+            if untied or unexpected:
+                raise RuntimeError(f"missing tensors {untied}, unexpected tensors {sorted(unexpected)}")
             model.tie_weights()
             tokenizer = AutoTokenizer.from_pretrained(files)
         except Exception as error:
