@@ -78,11 +78,15 @@ def request_record(runtime: Any, request_id: str) -> dict[str, Any] | None:
 
 
 def statement(runtime: Any, project: str, since: float | None) -> list[dict[str, Any]]:
+    """A project's charges; ``in_doubt`` marks a reservation the sweeper will settle or release
+    (held past its deadline, or by a process that is gone)."""
+    doubtful = {c.request_id for c in runtime.ledger.in_doubt()}
     rows = []
     for charge in runtime.ledger.statement(project, since):
         row = dataclasses.asdict(charge)
         row["charged_su"] = row.pop("charged_usu") / MICRO
         row["estimate_su"] = row.pop("estimate_usu") / MICRO
+        row["in_doubt"] = charge.request_id in doubtful
         rows.append(row)
     return rows
 

@@ -11,6 +11,7 @@ until the runtime closes. One runtime serves every caller of a service.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +26,10 @@ from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
 from tpm_fed.identity import LocalUser
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
+from tpm_fed.ledger.sweeper import SWEEP_PERIOD_S, ReservationSweeper
 from tpm_fed.protocol.adapter_registry import AdapterRegistry
 from tpm_fed.protocol.code_version import serving_code_version
-from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, UnknownModel
+from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, TpmError, UnknownModel
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.limits import check_request_size
 from tpm_fed.protocol.model import ModelSpec
@@ -41,6 +43,8 @@ from tpm_fed.service.federation_change import FederationEdit, plan_change
 from tpm_fed.service.callers import Callers, LocalCallers
 from tpm_fed.sites import Site, SiteStatus, build_site
 from tpm_fed.state import RequestLog, open_database
+
+logger = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -82,6 +86,14 @@ class Runtime:
         self._retiring: list[Site] = []  # stopped sites finishing the work they had
         self._closed = False
         self._watch(self.federation.sites)
+        self._retried: set[str] = set()  # requests on their second try after a lost task
+        # Reservations a predecessor left held (it stopped mid-request) are settled or released
+        # now; later ones that outlive their deadline, every SWEEP_PERIOD_S.
+        self.sweeper = ReservationSweeper(self.ledger, self.log, lambda: self.federation.prices,
+                                          self._bookkeeper.in_flight)
+        self.sweeper.sweep()
+        self._stop_sweeping = threading.Event()
+        threading.Thread(target=self._sweep_periodically, name="tpm-sweeper", daemon=True).start()
 
     def _watch(self, sites: list[SiteConfig]) -> None:
         for config in sites:
@@ -155,6 +167,54 @@ class Runtime:
         request, spec, bound = self._check(request, self.catalog.resolve(request.model))
         price = getattr(self.federation.prices, request.kind)
         return self.broker.decide(self._placement(request, spec, price, bound, identity or self.owner))
+
+    def _reroute(self, lost: list[tuple[ServingRequest, BaseException]], spec: ModelSpec
+                 ) -> dict[str, Future[ServedResult]]:
+        """Place the requests of a task lost with its worker or site once more; those not returned fail.
+
+        Not a request whose caller named the site (placement may not choose
+        another), nor one on its second try already. Each keeps its reservation
+        (charged once, at most its first estimate); see :meth:`Broker.replace_lost`.
+        """
+        movable = []
+        with self._lock:
+            for request, error in lost:
+                admission = self._bookkeeper.admission_of(request.request_id)
+                if admission is None or request.site is not None or self._closed \
+                        or request.request_id in self._retried:
+                    continue
+                self._retried.add(request.request_id)
+                movable.append((request, error, admission))
+        per_replica: dict[str, int] = {}
+        for _, _, admission in movable:
+            per_replica[admission.replica_id] = per_replica.get(admission.replica_id, 0) + 1
+        for replica_id, count in per_replica.items():
+            self.broker.replica_lost(replica_id, count)
+        second_tries: dict[str, Future[ServedResult]] = {}
+        for request, error, first in movable:
+            try:
+                admission = self.broker.replace_lost(first)
+            except TpmError as why:
+                logger.warning("request %s, lost with its task (%s), could not be placed again: %s",
+                               request.request_id, error, why)
+                with self._lock:
+                    self._retried.discard(request.request_id)
+                continue
+            self._bookkeeper.replaced(admission)
+            self._forget_dispatchers([admission.replaced] if admission.replaced else [])
+            dispatcher = self._dispatcher(admission.replica_id, self.federation.site(admission.site), spec,
+                                          first.request.identity)
+            second_try = dispatcher.submit(request)
+            second_try.add_done_callback(lambda _, rid=request.request_id: self._retried.discard(rid))
+            second_tries[request.request_id] = second_try
+        return second_tries
+
+    def _sweep_periodically(self) -> None:
+        while not self._stop_sweeping.wait(SWEEP_PERIOD_S):
+            try:
+                self.sweeper.sweep()
+            except Exception:  # the database may be away for a while: the next pass tries again
+                logger.exception("the reservation sweep failed")
 
     # ----- changing the federation while it runs ------------------------------------
     def change_federation(self, edit: FederationEdit) -> Federation:
@@ -360,6 +420,7 @@ class Runtime:
             listener=self._bookkeeper,
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
+            rerouter=self._reroute,
         )
 
     def _reap_idle(self) -> None:
@@ -427,6 +488,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop every site this runtime started; their replicas go with them."""
+        self._stop_sweeping.set()
         with self._lock:
             self._closed = True
             sites, self._sites = self._sites, {}
