@@ -1,11 +1,14 @@
 """The web page at ``/``, in a real headless browser: Debian's chromium and chromedriver, driven by Selenium.
 
-The browser talks to the session's service over loopback exactly as a
+The browser talks to the session's runtime over loopback exactly as a
 person's would: it opens the sign-in link ``tpm service status`` prints,
 sends a prompt from the playground, watches the streamed answer and its
 charge appear, and finds that request and charge on the projects tab. The
 service's own answers (HTTP, the ledger) are the oracle for what the page
-shows. Screenshots go to the test's temporary folder (``screenshots/``).
+shows. To see streaming without timing anything, the service's first event
+stream is held open after its first text (:class:`StreamGate`): that text
+must be on the page while the charge, in the last chunk, is not. Screenshots
+go to each test's temporary folder (``screenshots/``).
 
 Chromium missing is a failure, not a skip: ``scripts/install-servers.sh``
 installs it.
@@ -13,10 +16,12 @@ installs it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,75 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
+class StreamGate:
+    """An ASGI wrapper that holds the first event stream back once some text has gone out, until released.
+
+    So the test sees, without timing anything, that the page shows text that
+    has arrived while its stream is still open (and its last chunk, with the
+    charge, has not).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.text_sent = ""
+        self._used = False
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self._used:
+            await self.app(scope, receive, send)
+            return
+        streaming = False
+
+        async def gated_send(message: dict) -> None:
+            nonlocal streaming
+            if message["type"] == "http.response.start":
+                streaming = dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream")
+                self._used = self._used or streaming
+            await send(message)
+            if streaming and message["type"] == "http.response.body" and not self.holding.is_set():
+                self.text_sent += _texts(message.get("body", b""))
+                if self.text_sent:
+                    self.holding.set()
+                    await asyncio.to_thread(self.release.wait, COLD_START_WAIT_S)
+
+        await self.app(scope, receive, gated_send)
+
+
+def _texts(body: bytes) -> str:
+    """The completion text carried by the server-sent events in ``body``."""
+    text = ""
+    for line in body.decode().splitlines():
+        if line.startswith("data: {"):
+            text += "".join(choice.get("text") or "" for choice in json.loads(line[6:]).get("choices", []))
+    return text
+
+
+@dataclass(frozen=True)
+class GatedService:
+    url: str
+    token: str
+    gate: StreamGate
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def gated_service(runtime) -> Iterator[GatedService]:
+    """The session's runtime behind a service whose first event stream the test holds open."""
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+
+    token = secrets.token_urlsafe(16)
+    gate = StreamGate(build_app(runtime, LocalToken(token, runtime.owner)))
+    with ServiceThread(gate) as url:
+        yield GatedService(url, token, gate)
+    gate.release.set()
+
+
 def wait_for(driver: Any, condition: Any, timeout_s: float = 60, message: str = "") -> Any:
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -83,11 +157,12 @@ def click(driver: Any, css: str) -> None:
 
 
 def open_tab(driver: Any, name: str) -> None:
-    """Click a tab and wait until its data has loaded (the page stamps the panel)."""
+    """Click a tab, wait until it has loaded (the page stamps the panel), and check it shows no error."""
     before = driver.execute_script(f"return document.getElementById('{name}').dataset.loaded || ''")
     click(driver, f"nav button[data-tab='{name}']")
     wait_for(driver, lambda d: d.execute_script(f"return document.getElementById('{name}').dataset.loaded || ''")
              not in ("", before), message=f"the {name} tab did not load")
+    assert text_of(driver, f"#{name} .load-error") == ""
 
 
 def responses(driver: Any) -> list[tuple[str, int]]:
@@ -131,9 +206,12 @@ def sign_in_link(service: Any, tmp_path: Path) -> str:
     return found.group(1)
 
 
-def test_sign_in_by_link_then_a_streamed_answer_its_charge_and_that_charge_in_usage(service, tmp_path, browser):
+def test_sign_in_by_link_then_a_streamed_answer_its_charge_and_that_charge_in_usage(gated_service, tmp_path,
+                                                                                    browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
+
+    service = gated_service
 
     browser.get(sign_in_link(service, tmp_path))
     wait_for(browser, lambda d: text_of(d, "#who"), message="the token link did not sign in")
@@ -157,10 +235,17 @@ def test_sign_in_by_link_then_a_streamed_answer_its_charge_and_that_charge_in_us
         element.clear()
         element.send_keys(value)
     click(browser, "#pg-send")
+    # The stream is held open after its first text: that text is on the page, the charge not yet.
+    answer_js = "return document.getElementById('pg-answer').textContent"
+    wait_for(browser, lambda d: d.execute_script(answer_js), COLD_START_WAIT_S, "no streamed text appeared")
+    assert browser.execute_script(answer_js) == service.gate.text_sent
+    assert browser.find_element(By.ID, "pg-answer").get_attribute("data-state") == "streaming"
+    assert text_of(browser, "#pg-charge") == ""
+    service.gate.release.set()
     wait_for(browser, lambda d: text_of(d, "#pg-charge"), COLD_START_WAIT_S, "no charge appeared")
     screenshot(browser, "playground")
 
-    answer = browser.execute_script("return document.getElementById('pg-answer').textContent")
+    answer = browser.execute_script(answer_js)
     request_id = text_of(browser, "#pg-request-id")
     record = httpx.get(f"{service.url}/tpm/v1/requests/{request_id}", headers=service.headers).json()
     assert record["status"] == "done" and record["model"] == DEMO_MODEL_NAME
@@ -185,6 +270,11 @@ def test_sign_in_by_link_then_a_streamed_answer_its_charge_and_that_charge_in_us
     site_row = browser.find_element(By.CSS_SELECTOR, f"tr[data-site='{record['site']}']")
     assert site_row.find_element(By.CSS_SELECTOR, ".badge").text == "running"
     assert record["site"] in text_of(browser, "#replicas-rows") and "warm" in text_of(browser, "#replicas-rows")
+    slo = {row["kind"]: row for row in httpx.get(f"{service.url}/tpm/v1/slo", headers=service.headers).json()["kinds"]}
+    generate = slo["generate"]
+    assert generate["requests"] >= 2  # the page's and the test's own
+    assert text_of(browser, "#slo-rows tr[data-kind='generate'] td:nth-child(2)") == (
+        f"{generate['requests']} ({generate['refused']} refused, {generate['failed']} failed)")
     screenshot(browser, "sites")
 
 

@@ -31,6 +31,7 @@ ASSETS = {
     "models.js": "text/javascript",
     "playground.js": "text/javascript",
     "sites.js": "text/javascript",
+    "slo.js": "text/javascript",
     "projects.js": "text/javascript",
     "spending_chart.js": "text/javascript",
 }

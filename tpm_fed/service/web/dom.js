@@ -20,7 +20,8 @@ export function cell(text, full) {
 }
 
 export function replaceRows(tbody, rows, columns) {
-  tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: columns, class: "empty" }, "none"))]));
+  const nothing = el("tr", {}, el("td", { colspan: columns, class: "empty" }, "none"));
+  tbody.replaceChildren(...(rows.length ? rows : [nothing]));
 }
 
 /** Service units with six decimals, as the ledger counts them (micro-SU). */

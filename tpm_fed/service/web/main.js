@@ -8,11 +8,12 @@ import { offerModels, setUpPlayground } from "./playground.js";
 import { loadProjects } from "./projects.js";
 import { hideSignIn, showSignIn } from "./sign_in.js";
 import { loadSites } from "./sites.js";
+import { loadSlo } from "./slo.js";
 
 const LOADERS = {
   models: loadModels,
   playground: async () => offerModels(await loadModels()),
-  sites: loadSites,
+  sites: () => Promise.all([loadSites(), loadSlo()]),
   projects: loadProjects,
 };
 
@@ -29,9 +30,10 @@ async function showTab(name) {
   try {
     await LOADERS[name]();
     showError(problem, null);
-    where.dataset.loaded = String(Date.now());
   } catch (error) {
     showError(problem, error);
+  } finally {
+    where.dataset.loaded = String(Date.now()); // loaded or failed: either way, the tab says so
   }
 }
 

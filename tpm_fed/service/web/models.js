@@ -29,5 +29,7 @@ function otherVersions(tpm) {
   const versions = tpm.versions ?? [];
   if (!versions.length) return tpm.source === "directory" ? "one folder (no store versions)" : "—";
   return versions.map((v) => el("div", { title: v.version },
-    shortVersion(v.version), v.tags?.length ? ` [${v.tags.join(", ")}]` : "", v.version === tpm.version ? " (serving)" : ""));
+    shortVersion(v.version),
+    v.tags?.length ? ` [${v.tags.join(", ")}]` : "",
+    v.version === tpm.version ? " (serving)" : ""));
 }

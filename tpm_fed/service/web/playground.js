@@ -73,7 +73,8 @@ function showReceipt({ usage, tpm }) {
   $("pg-charge").dataset.su = charge ? formatSu(charge.charged_su) : "";
   $("pg-version").textContent = tpm?.version ?? "—";
   $("pg-where").textContent = tpm
-    ? `${tpm.site}, replica ${tpm.replica} (${tpm.backend}, ${tpm.warm ? "warm" : `cold start, loaded in ${formatSeconds(tpm.load_s)}`})`
+    ? `${tpm.site}, replica ${tpm.replica} (${tpm.backend}, `
+      + `${tpm.warm ? "warm" : `cold start, loaded in ${formatSeconds(tpm.load_s)}`})`
     : "—";
   $("pg-receipt").hidden = false;
 }

@@ -3,7 +3,7 @@
 // member sees their projects, an operator every project.
 
 import { api } from "./api.js";
-import { cell, el, formatSu, formatTime, replaceRows, shortVersion } from "./dom.js";
+import { cell, el, formatSeconds, formatSu, formatTime, replaceRows, shortVersion } from "./dom.js";
 import { drawSpendingChart } from "./spending_chart.js";
 
 const RECENT = 20;
@@ -43,8 +43,9 @@ export async function loadProjects() {
 
 function status(charge, record) {
   const parts = [record?.status ?? "unknown"];
-  if (record?.queue_position !== undefined && record?.queue_position !== null) {
-    parts.push(`#${record.queue_position} in queue`);
+  if (typeof record?.queue_position === "number") {
+    const start = formatSeconds(record.estimated_start_s);
+    parts.push(`(place ${record.queue_position} in its queue, starts in about ${start})`);
   }
   if (charge.state !== "settled") parts.push(`(charge ${charge.state})`);
   if (record?.error) parts.push(`: ${record.error}`);

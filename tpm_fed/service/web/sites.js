@@ -12,7 +12,7 @@ export async function loadSites() {
     el("td", {}, el("strong", {}, site.name)),
     cell(site.access),
     el("td", {}, el("span", { class: `badge ${site.state}` }, site.state)),
-    cell(`${site.workers} worker${site.workers === 1 ? "" : "s"}` + (site.max_replicas !== undefined ? `, at most ${site.max_replicas} replicas` : "")),
+    cell(capacity(site)),
     cell(`${site.outstanding_tasks}`),
     cell(formatSeconds(site.keep_alive_s)),
     cell(site.billing), cell(site.owner), cell(site.location), cell(site.detail || ""),
@@ -29,6 +29,11 @@ export async function loadSites() {
     cell(formatTime(replica.last_used)),
     cell(idleStop(replica, keepAlive[replica.site], now)),
   )), 9);
+}
+
+function capacity(site) {
+  const workers = `${site.workers} worker${site.workers === 1 ? "" : "s"}`;
+  return site.max_replicas === undefined ? workers : `${workers}, at most ${site.max_replicas} replicas`;
 }
 
 function idleStop(replica, keepAliveS, now) {
