@@ -9,6 +9,10 @@
 # under /usr/lib/postgresql/NN/bin; the tests look there too.
 #
 # Chromium and chromium-driver: the web page's browser tests (never skipped either).
+#
+# RabbitMQ: the Globus Compute SDK takes task results over AMQP; the tests run
+# its own result watcher against a real broker they start on loopback
+# (tests/rabbitmq.py), and never skip it.
 set -euo pipefail
 have_postgres() {
   command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
@@ -32,3 +36,14 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 echo "install-servers: chromium ready"
+
+# RabbitMQ: Debian's rabbitmq-server. The package's own service is not wanted
+# (the tests start a private node); in containers policy-rc.d keeps it stopped.
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  echo "install-servers: rabbitmq-server not found; installing Debian's rabbitmq-server" >&2
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq rabbitmq-server >/dev/null
+fi
+echo "install-servers: rabbitmq-server ready"

@@ -16,11 +16,17 @@ answered the way the service answers them:
   by a key made here (its JWKS is served too), so the SDK's own login flow
   and token validation run unmodified; ``/v2/oauth2/token/revoke`` takes
   the tokens back on logout;
-- results go back as the engine packed them. RabbitMQ is not installed
-  here, so the AMQP socket is the one part replaced: a result watcher that
-  reads a per-task-group queue in this process hands each message to the
-  SDK's own ``_ResultWatcher._on_message`` and ``_match_results_to_futures``,
-  which deserialize it and resolve (or fail) the caller's future.
+- results go back as the engine packed them. With ``amqp_publish_url`` set,
+  they are published to a real RabbitMQ queue per task group
+  (``GET /v2/get_amqp_result_connection_url`` tells the SDK where), and the
+  SDK's own ``_ResultWatcher`` consumes them over a real socket
+  (tests/test_globus_compute_amqp.py); ``duplicate_results`` publishes each
+  result twice and ``hold_results`` keeps them back until
+  :meth:`ComputeService.release_results`. Without it, the AMQP socket is the
+  one part replaced: a result watcher that reads a per-task-group queue in
+  this process hands each message to the SDK's own
+  ``_ResultWatcher._on_message`` and ``_match_results_to_futures``, which
+  deserialize it and resolve (or fail) the caller's future.
 
 Every request body is kept in :attr:`ComputeService.submissions`, with the
 ``Authorization`` header it came with, so tests can assert who submitted,
@@ -67,6 +73,13 @@ class ComputeService:
     revoked: list[str] = field(default_factory=list)
     dependent_grants: dict[str, str] = field(default_factory=dict)  # caller's token -> Compute token granted for it
     result_queues: dict[str, queue.Queue] = field(default_factory=dict)
+    amqp_publish_url: str | None = None  # where results are published (the broker itself)
+    amqp_consumer_url: str | None = None  # what the SDK is told to consume from (default: the same)
+    duplicate_results: bool = False
+    hold_results: bool = False
+    results_published: int = 0
+    _held: list[tuple[str, bytes]] = field(default_factory=list)
+    _publish_lock: threading.Lock = field(default_factory=threading.Lock)
     _engine: Any = None
 
     # -- the engine ---------------------------------------------------------
@@ -111,6 +124,11 @@ class ComputeService:
         mock.add_callback("POST", f"{COMPUTE}/v3/functions", callback=self._register)
         mock.add_callback("GET", re.compile(rf"{COMPUTE}/v2/endpoints/[^/]+/status"), callback=self._status)
         mock.add_callback("POST", re.compile(rf"{COMPUTE}/v3/endpoints/[^/]+/submit"), callback=self._submit)
+        if self.amqp_publish_url is not None:
+            mock.add("GET", f"{COMPUTE}/v2/get_amqp_result_connection_url", json={
+                "connection_url": self.amqp_consumer_url or self.amqp_publish_url,
+                "queue_prefix": RESULT_QUEUE_PREFIX,
+            })
 
     @staticmethod
     def _reply(status: int, body: dict[str, Any]) -> tuple[int, dict[str, str], str]:
@@ -193,6 +211,8 @@ class ComputeService:
                                    f"Function {function_id} not permitted on endpoint {endpoint_id}")
         task_group_id = body.get("task_group_id") or str(uuid.uuid4())
         results = self.result_queues.setdefault(task_group_id, queue.Queue())
+        if self.amqp_publish_url is not None:
+            self._declare_result_queue(task_group_id)
         task_ids: dict[str, list[str]] = {}
         for function_id, payloads in body["tasks"].items():
             code = self.functions[function_id]["function_code"]
@@ -200,7 +220,11 @@ class ComputeService:
                 task_id = uuid.uuid4()
                 task_ids.setdefault(function_id, []).append(str(task_id))
                 engine_future = GCFuture(task_id)
-                engine_future.add_done_callback(lambda done, q=results: q.put(done.result()))
+                if self.amqp_publish_url is None:
+                    engine_future.add_done_callback(lambda done, q=results: q.put(done.result()))
+                else:
+                    engine_future.add_done_callback(
+                        lambda done, group=task_group_id: self._result_ready(group, done.result()))
                 self._engine.submit(
                     engine_future,
                     messagepack.pack(Task(task_id=task_id, task_buffer=code + payload)),
@@ -210,6 +234,58 @@ class ComputeService:
             "request_id": str(uuid.uuid4()), "task_group_id": task_group_id,
             "endpoint_id": endpoint_id, "tasks": task_ids,
         })
+
+
+    # -- results over AMQP ------------------------------------------------------
+
+    def _amqp(self):
+        import pika
+
+        return pika.BlockingConnection(pika.URLParameters(self.amqp_publish_url))
+
+    def _declare_result_queue(self, task_group_id: str) -> None:
+        # The service makes the task group's queue when the group is created;
+        # the SDK only consumes from it.
+        connection = self._amqp()
+        try:
+            connection.channel().queue_declare(RESULT_QUEUE_PREFIX + task_group_id)
+        finally:
+            connection.close()
+
+    def _result_ready(self, task_group_id: str, packed: bytes) -> None:
+        with self._publish_lock:
+            if self.hold_results:
+                self._held.append((task_group_id, packed))
+                return
+        self._publish([(task_group_id, packed)])
+
+    def held_results(self) -> int:
+        with self._publish_lock:
+            return len(self._held)
+
+    def release_results(self) -> None:
+        with self._publish_lock:
+            held, self._held, self.hold_results = self._held, [], False
+        self._publish(held)
+
+    def _publish(self, results: list[tuple[str, bytes]]) -> None:
+        import pika
+
+        # A connection per batch: the broker may have dropped an older one on purpose.
+        connection = self._amqp()
+        try:
+            channel = connection.channel()
+            for task_group_id, packed in results:
+                for _ in range(2 if self.duplicate_results else 1):
+                    channel.basic_publish("", RESULT_QUEUE_PREFIX + task_group_id, packed,
+                                          pika.BasicProperties(timestamp=int(time.time()), headers={}))
+                    with self._publish_lock:
+                        self.results_published += 1
+        finally:
+            connection.close()
+
+
+RESULT_QUEUE_PREFIX = "tpm-test-results."
 
 
 @dataclass

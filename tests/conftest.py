@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -166,6 +167,29 @@ def postgres_url():
     finally:
         subprocess.run(_as_postgres_user([pg_ctl, "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq():
+    """A real RabbitMQ server for this session (never skipped: scripts/install-servers.sh installs it)."""
+    from tests.rabbitmq import RabbitMQ, rabbitmq_installed
+
+    if not rabbitmq_installed():
+        pytest.fail("rabbitmq-server not found under /usr/lib/rabbitmq/bin: run scripts/install-servers.sh")
+    broker = RabbitMQ.start()
+
+    def stop_then_interrupt(signum, frame):
+        # `timeout` ends a stuck run with SIGTERM, which skips fixture teardown:
+        # stop the broker first, then unwind as Ctrl-C does.
+        broker.stop()
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGTERM, stop_then_interrupt)
+    try:
+        yield broker
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        broker.stop()
 
 
 @pytest.fixture(scope="session")
