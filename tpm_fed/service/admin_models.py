@@ -15,7 +15,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tpm_fed.federation import Name, ModelConfig, SiteConfig
+from tpm_fed.federation import ModelConfig, Name, SiteConfig
 from tpm_fed.protocol.adapter_architecture import Architecture
 
 

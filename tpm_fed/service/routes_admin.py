@@ -27,8 +27,21 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from tpm_fed.protocol.errors import AdapterMismatch, FederationConfigError, InvalidRequest, NotPermitted
-from tpm_fed.service.admin_models import AdapterBody, GrantBody, MemberBody, ModelConfig, ProjectBody, SiteConfig, TagBody
+from tpm_fed.protocol.errors import (
+    AdapterMismatch,
+    FederationConfigError,
+    InvalidRequest,
+    NotPermitted,
+)
+from tpm_fed.service.admin_models import (
+    AdapterBody,
+    GrantBody,
+    MemberBody,
+    ModelConfig,
+    ProjectBody,
+    SiteConfig,
+    TagBody,
+)
 from tpm_fed.service.auth import identity_of
 
 
