@@ -114,6 +114,8 @@ def amqp_cloud(rabbitmq, tmp_path_factory):
             patch.setattr(sdk_executor, "_ResultWatcher", recording_watcher(deliveries))
             service.install(mock)
             registered = CliRunner().invoke(main, ["functions", "register", "--site", "gc"], catch_exceptions=False)
+            # The id is recorded through the home's background service: stop it, the tests use a Runtime.
+            CliRunner().invoke(main, ["service", "stop"], catch_exceptions=False)
             assert registered.exit_code == 0, registered.output
             yield Cloud(service, rabbitmq, proxy, home, deliveries)
             # Watchers whose executors were shut down may still be reconnecting after a cut:
