@@ -120,3 +120,17 @@ def test_the_sweeper_leaves_the_requests_this_process_still_waits_on(tmp_path):
     assert future.result(timeout=5).charge.charged_su == 0.003
     (charge,) = world.broker.ledger.statement()
     assert charge.state == "settled"
+
+
+def test_a_caller_who_cancelled_does_not_keep_the_others_of_its_batch_from_their_answers(tmp_path):
+    world = Federated(tmp_path, grant_su=10)
+    _, first = world.send(world.SU // 4)
+    batch = [world.send(world.SU // 4) for _ in range(3)]
+    assert batch[0][1].cancel()  # still waiting for the worker: its caller gave up
+    world.answer(0)
+    first.result(timeout=5)
+    world.answer(1)
+    assert [f.result(timeout=5).texts for _, f in batch[1:]] == [["ok"], ["ok"]]
+    _, after = world.send(world.SU // 4)
+    world.answer(2)
+    assert after.result(timeout=5).texts == ["ok"]

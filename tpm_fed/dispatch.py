@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -365,10 +365,7 @@ class BatchingDispatcher:
             batch, outcomes = self._reroute(batch, outcomes)
             outcomes = self._record(batch, outcomes)
             for pending, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
+                _resolve(pending.future, outcome)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -468,8 +465,21 @@ class BatchingDispatcher:
 
 def _pass_on(done: Future, caller: Future) -> None:
     """The second try's outcome becomes the caller's."""
+    if done.cancelled():
+        caller.cancel()
+        return
     error = done.exception()
-    if error is not None:
-        caller.set_exception(error)
-    else:
-        caller.set_result(done.result())
+    _resolve(caller, error if error is not None else done.result())
+
+
+def _resolve(future: Future, outcome: Any) -> None:
+    """Give a caller its outcome; one who cancelled meanwhile does not keep the others from theirs."""
+    if future.done():  # cancelled by its caller while the batch ran
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:  # cancelled between the check and now
+        pass
