@@ -15,9 +15,15 @@ policy file on the endpoint host named there.
                             Unset: this worker serves no registered adapters.
 ``TPM_MAX_RESULT_BYTES``    The largest result one request may get back
                             (at most, and by default, the protocol's limit).
+``TPM_STREAM_HOSTS``        Hosts (comma-separated) this worker may send
+                            streamed tokens to: the service's back channel.
+                            Loopback is always allowed; any other host only
+                            if listed (a task names where to stream, so an
+                            unlisted host gets nothing).
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
-                            ``max_result_bytes``) instead of the variables.
+                            ``max_result_bytes``, ``stream_hosts``) instead of
+                            the variables.
 ==========================  ====================================================
 
 A policy that does not validate refuses every request with a
@@ -42,8 +48,11 @@ VARIABLES = {
     "allow_caller_code": "TPM_ALLOW_CALLER_CODE",
     "adapter_registry": "TPM_ADAPTER_REGISTRY",
     "max_result_bytes": "TPM_MAX_RESULT_BYTES",
+    "stream_hosts": "TPM_STREAM_HOSTS",
 }
 """Policy field -> the environment variable that sets it."""
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 POLICY_FILE = "TPM_WORKER_POLICY"
 """The environment variable naming a policy file (instead of the variables above)."""
@@ -56,6 +65,7 @@ class WorkerPolicy(BaseModel):
         allow_caller_code: Callers' own Python may be deserialized and run here.
         adapter_registry: The adapter registry's folder, or None (no registered adapters).
         max_result_bytes: The largest result (tensor bytes) one request may get back.
+        stream_hosts: Hosts besides loopback that streamed tokens may be sent to.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -63,6 +73,16 @@ class WorkerPolicy(BaseModel):
     allow_caller_code: bool = False
     adapter_registry: Path | None = None
     max_result_bytes: int = Field(default=MAX_RESULT_BYTES, ge=1, le=MAX_RESULT_BYTES)
+    stream_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("stream_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [host.strip() for host in value.split(",") if host.strip()] if isinstance(value, str) else value
+
+    def may_stream_to(self, host: str | None) -> bool:
+        """Whether streamed tokens may go to ``host`` (loopback, or a host the operator listed)."""
+        return host in LOOPBACK or host in self.stream_hosts
 
     @field_validator("adapter_registry")
     @classmethod

@@ -34,7 +34,9 @@ def serve_batch(
             :data:`tpm_fed.protocol.kinds.KINDS`.
         context: ``code_version``, the serving code the client expects (see
             :mod:`tpm_fed.protocol.code_version`): a worker with other code refuses
-            the batch. Any other key is ignored (older clients sent ``user_code``
+            the batch. ``stream``: where to send streamed requests' text as it is
+            made (:mod:`functions.streaming`; only to hosts the policy allows). Any
+            other key is ignored (older clients sent ``user_code``
             and ``adapters``; a worker never took permissions from a task since).
 
     Returns:
@@ -57,8 +59,15 @@ def serve_batch(
         reply["outcomes"] = [refused(error)] * len(requests)
         return reply
 
+    from functions.streaming import BackChannel
+
     started = time.perf_counter()
-    outcomes = answer(replica.backend, requests, policy)
+    channel = BackChannel.for_task(context, policy)
+    try:
+        outcomes = answer(replica.backend, requests, policy, channel)
+    finally:
+        if channel is not None:
+            channel.close()  # streamed chunks reach the service before the result does
     served = sum(1 for outcome in outcomes if "result" in outcome)
     reply.update(
         backend=replica.backend.name,
@@ -77,7 +86,7 @@ def serve_batch(
     return reply
 
 
-def answer(backend: Any, requests: list[dict[str, Any]], policy: Any) -> list[dict[str, Any]]:
+def answer(backend: Any, requests: list[dict[str, Any]], policy: Any, channel: Any = None) -> list[dict[str, Any]]:
     """One outcome per request dict, in order.
 
     Requests are parsed, grouped by kind, and each group goes to its kind's
@@ -108,7 +117,9 @@ def answer(backend: Any, requests: list[dict[str, Any]], policy: Any) -> list[di
         except TpmError as error:
             answers = [refused(error)] * len(items)
         else:
-            answers = HANDLERS[name](able, [request for _, request in items], policy)
+            # Only generated text streams (see functions.streaming).
+            streaming = {"channel": channel} if name == "generate" and channel is not None else {}
+            answers = HANDLERS[name](able, [request for _, request in items], policy, **streaming)
         for (index, _), outcome in zip(items, answers, strict=True):
             outcomes[index] = outcome
     return outcomes  # type: ignore[return-value]

@@ -26,6 +26,7 @@ from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, Model
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
 
 if TYPE_CHECKING:
+    from tpm_fed.completion_stream import CompletionStream
     from tpm_fed.admin_client import Admin
 
 DEFAULT_CONNECTIONS = 64
@@ -84,6 +85,20 @@ class Client:
             InvalidRequest: A parameter is malformed (raised here; the service's refusals fail the future).
         """
         return self.submit(GenerationRequest.create(prompts, model or self.default_model(), **params))
+
+    def stream(self, prompt: str, model: str | None = None, **params: Any) -> CompletionStream:
+        """Generate for one prompt, its text arriving piece by piece as the replica makes it.
+
+        Iterate the returned :class:`~tpm_fed.completion_stream.CompletionStream` for the
+        text; then its ``usage``, ``finish_reason`` and ``tpm`` (version, charge...) are set.
+
+        Raises:
+            InvalidRequest: A parameter is malformed (raised here, before anything is sent).
+        """
+        from tpm_fed.completion_stream import CompletionStream, completion_body
+
+        request = GenerationRequest.create(prompt, model or self.default_model(), **params)
+        return CompletionStream(self._http, completion_body(request), self.url)
 
     def trace(self, prompts: str | list[str], model: str | None = None, **params: Any) -> Future[TraceResult]:
         """Run prompts while reading and writing activations (mode 3); see :class:`TraceRequest`."""

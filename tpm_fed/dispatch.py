@@ -178,6 +178,9 @@ class BatchingDispatcher:
         rerouter: Offered each request of a batch lost to its site (see :data:`Rerouter`).
         context: What the site allows, passed to the serving function (see
             :func:`functions.serve.serve_batch`).
+        streams: Returns the hub that gives a task a back channel for its streamed requests
+            and closes it when the task ends (:class:`tpm_fed.service.stream_hub.StreamHub`;
+            None while no service listens).
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class BatchingDispatcher:
         listener: Listener | None = None,
         context: dict[str, Any] | None = None,
         rerouter: Rerouter | None = None,
+        streams: Callable[[], Any] | None = None,
     ) -> None:
         self.site = site
         self.spec = spec
@@ -201,6 +205,7 @@ class BatchingDispatcher:
         self.task_timeout_s = task_timeout_s
         self.listener = listener
         self.rerouter = rerouter
+        self.streams = streams
         self.context = context or {}
         self._waiting: deque[_Pending] = deque()
         self._in_flight = 0
@@ -320,12 +325,18 @@ class BatchingDispatcher:
         if failed is not None:
             task.set_exception(failed)
         else:
+            context = self.context
+            hub = self.streams() if self.streams is not None else None
+            stream = hub.open([p.request.request_id for p in pending]) if hub is not None else None
+            if stream is not None:
+                context = {**context, "stream": stream}
             try:
-                task = self.site.submit(
-                    SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending], self.context
-                )
+                task = self.site.submit(SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending],
+                                        context)
             except Exception as error:  # the site could not take the batch
                 task.set_exception(error)
+            if stream is not None:
+                task.add_done_callback(lambda _: hub.close(stream["token"]))
         task.add_done_callback(lambda done: self._on_done(batch, done))
 
     def _close(self, batch: _Batch) -> bool:

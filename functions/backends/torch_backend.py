@@ -106,21 +106,50 @@ class TorchBackend:
     def encode(self, request: GenerationRequest) -> EncodedRequest:
         return encode_request(self.tokenizer, request, self.context_length)
 
-    def generate(self, batch: list[EncodedRequest]) -> list[list[Completion]]:
+    def generate(self, batch: list[EncodedRequest], channel: Any = None) -> list[list[Completion]]:
         completions: dict[int, list[Completion]] = {}
         for group in _compatible_groups(batch).values():
             rows = [(index, ids) for index, item in group for ids in item.prompt_ids]
             finished: list[Completion] = []
             request_of_row = [batch[index].request for index, item in group for _ in item.prompt_ids]
+            prompt_of_row = [prompt for _, item in group for prompt in range(len(item.prompt_ids))]
             for start in range(0, len(rows), MAX_ROWS_PER_CALL):
                 chunk = rows[start : start + MAX_ROWS_PER_CALL]
                 requests = request_of_row[start : start + MAX_ROWS_PER_CALL]
-                finished.extend(self._generate_rows([ids for _, ids in chunk], requests))
+                streamer = self._streamer(requests, prompt_of_row[start : start + MAX_ROWS_PER_CALL], channel)
+                finished.extend(self._generate_rows([ids for _, ids in chunk], requests, streamer))
             for (index, _), completion in zip(rows, finished, strict=True):
                 completions.setdefault(index, []).append(completion)
         return [completions[index] for index in range(len(batch))]
 
-    def _generate_rows(self, rows: list[list[int]], requests: list[GenerationRequest]) -> list[Completion]:
+    def _streamer(self, requests: list[GenerationRequest], prompts: list[int], channel: Any) -> Any:
+        """A transformers streamer sending the streamed rows' new text to ``channel`` (None: nothing streams)."""
+        if channel is None or not any(request.stream for request in requests):
+            return None
+        from transformers.generation.streamers import BaseStreamer
+
+        from functions.streaming import TextDeltas
+
+        deltas = TextDeltas([(r.request_id, prompt, r.max_new_tokens, r.stop) if r.stream else None
+                             for r, prompt in zip(requests, prompts, strict=True)],
+                            self._decode, self.eos_token_ids)
+
+        class Streamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() hands over the prompt first
+                    self.prompt_seen = True
+                    return
+                channel.send(deltas.step(value.reshape(-1).tolist()))
+
+            def end(self) -> None:
+                pass
+
+        return Streamer()
+
+    def _generate_rows(self, rows: list[list[int]], requests: list[GenerationRequest],
+                       streamer: Any = None) -> list[Completion]:
         import torch
 
         first = requests[0]  # the group shares its sampling settings and min_new_tokens
@@ -142,6 +171,7 @@ class TorchBackend:
                 max_new_tokens=max(r.max_new_tokens for r in requests),
                 min_new_tokens=first.min_new_tokens,
                 pad_token_id=self.pad_token_id,
+                streamer=streamer,
                 **sampling,
             )
         return [

@@ -91,7 +91,9 @@ class VllmBackend:
     def encode(self, request: GenerationRequest) -> EncodedRequest:
         return encode_request(self.tokenizer, request, self.context_length)
 
-    def generate(self, batch: list[EncodedRequest]) -> list[list[Completion]]:
+    def generate(self, batch: list[EncodedRequest], channel: Any = None) -> list[list[Completion]]:
+        # ``channel`` is not used yet: LLM.generate answers a batch at its end, so a
+        # streamed request's text arrives with the result, in one chunk.
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -12,8 +12,13 @@ from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import Usage
 
 
-def handle(backend: Generates, requests: list[GenerationRequest], policy: WorkerPolicy) -> list[dict[str, Any]]:
-    """Tokenize each request (refusing one alone if it does not fit), then generate for all at once."""
+def handle(backend: Generates, requests: list[GenerationRequest], policy: WorkerPolicy,
+           channel: Any = None) -> list[dict[str, Any]]:
+    """Tokenize each request (refusing one alone if it does not fit), then generate for all at once.
+
+    With a back channel (:class:`functions.streaming.BackChannel`), requests that
+    ask to stream send their text as it is made, if the backend can.
+    """
     outcomes: list[dict[str, Any] | None] = [None] * len(requests)
     encoded = []
     for index, request in enumerate(requests):
@@ -22,7 +27,9 @@ def handle(backend: Generates, requests: list[GenerationRequest], policy: Worker
         except TpmError as error:
             outcomes[index] = refused(error)
     if encoded:
-        answers = backend.generate([item for _, item in encoded])
+        batch = [item for _, item in encoded]
+        streams = channel is not None and any(item.request.stream for item in batch)
+        answers = backend.generate(batch, channel) if streams else backend.generate(batch)
         for (index, item), completions in zip(encoded, answers, strict=True):
             usage = Usage(prompt_tokens=item.prompt_tokens,
                           completion_tokens=sum(len(c.token_ids) for c in completions))

@@ -31,8 +31,10 @@ from tpm_fed.protocol.results import GenerationResult
 @click.option("--site", default=None, help="Run only on this site.")
 @click.option("--explain", is_flag=True, help="Print the broker's candidates and why the winner won.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print one prompt's text as it is made (not with --file, --json or --explain).")
 def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed, stop, backend,
-           project, location, site, explain, as_json) -> None:
+           project, location, site, explain, as_json, stream) -> None:
     """Answer PROMPT (or every line of --file) and print the text, usage and model version."""
     prompts = _prompts(prompt, prompt_file)
     with Client(progress=True) as client:
@@ -54,6 +56,9 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
         )  # bad input is refused here, before anything is sent
         if not _hot(cards, request.model.name):
             click.echo(f"tpm: no warm replica of {request.model.name} yet (a cold start takes seconds)...", err=True)
+        if stream and len(prompts) == 1 and not (as_json or explain):
+            _print_stream(client, request)
+            return
         try:
             result = client.submit(request).result()
         except PlacementRefused as refused:
@@ -71,6 +76,27 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
 def _hot(cards: dict[str, dict], model: str) -> bool:
     """Whether any site holds a warm replica of ``model`` (so the answer comes in milliseconds)."""
     return "hot" in cards.get(model, {}).get("tpm", {}).get("sites", {}).values()
+
+
+def _print_stream(client: Client, request: GenerationRequest) -> None:
+    from tpm_fed.completion_stream import CompletionStream, completion_body
+
+    stream = CompletionStream(client._http, completion_body(request), client.url)
+    for piece in stream:
+        click.echo(piece, nl=False)
+    click.echo()
+    tpm, usage = stream.tpm, stream.usage or {}
+    charge = tpm.get("charge")
+    warmth = "warm" if tpm.get("warm") else f"cold, loaded in {tpm.get('load_s', 0):.2f} s"
+    paid = ("free on " + charge["project"] + "'s own site" if charge["free"]
+            else f"{charge['charged_su']:.6f} SU to {charge['project']}") if charge else None
+    click.echo(f"[{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens"
+               f" | {request.model.name}@{tpm.get('version')} | {tpm.get('backend')} on {tpm.get('site')}"
+               f" | replica {warmth}" + (f" | {paid}]" if paid else "]"))
+    if tpm.get("streamed") is False:
+        click.echo("note: the site could not stream back to the service; the text came at the end", err=True)
+    for note in tpm.get("notes", []):
+        click.echo(f"note: {note}", err=True)
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

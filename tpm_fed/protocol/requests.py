@@ -146,6 +146,8 @@ class GenerationRequest(ServingRequest):
         backend: Pin a backend (``torch`` or ``vllm``); the model's setting by default.
         add_special_tokens: Let the tokenizer add its special tokens (BOS...) around each
             prompt; off for a prompt rendered from a chat template, which holds them already.
+        stream: Send the text back as it is made, where the site can reach the service
+            (the service's back channel; see :mod:`functions.streaming`).
     """
 
     kind: Literal["generate"] = "generate"
@@ -158,6 +160,7 @@ class GenerationRequest(ServingRequest):
     stop: list[str] = Field(default_factory=list)
     backend: Literal["auto", "torch", "vllm"] | None = None
     add_special_tokens: bool = True
+    stream: bool = False
 
     _prompts_not_empty = field_validator("prompts")(classmethod(lambda cls, prompts: check_prompts(prompts)))
 

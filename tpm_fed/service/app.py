@@ -38,6 +38,8 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     from tpm_fed.service.metrics import ServiceMetrics
     from tpm_fed.service.routes_auth import router as login
     from tpm_fed.service.routes_metrics import router as watching
+    from tpm_fed.service.routes_stream import router as back_channel
+    from tpm_fed.service.stream_hub import StreamHub
     from tpm_fed.service.slo import SloTracker
     from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
@@ -51,11 +53,15 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.state.operators = operators
     app.state.slo = SloTracker(lambda: runtime.federation.slos)
     app.state.metrics = ServiceMetrics(runtime, app.state.slo)
+    if runtime.streams is None:  # one hub per runtime: every app serving it feeds the same listeners
+        runtime.streams = StreamHub()
+    app.state.streams = runtime.streams
     app.include_router(openai)
     app.include_router(native)
     app.include_router(admin)
     app.include_router(login)
     app.include_router(watching)
+    app.include_router(back_channel)
     app.include_router(page)
 
     @app.get("/health", include_in_schema=False)

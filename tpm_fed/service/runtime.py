@@ -85,6 +85,8 @@ class Runtime:
         self._change_lock = threading.Lock()  # one federation change at a time (read, edit, write the file)
         self._retiring: list[Site] = []  # stopped sites finishing the work they had
         self._closed = False
+        self.streams: Any = None
+        """The service's back channel for streamed text (:class:`tpm_fed.service.stream_hub.StreamHub`)."""
         self._watch(self.federation.sites)
         self._retried: set[str] = set()  # requests on their second try after a lost task
         # Reservations a predecessor left held (it stopped mid-request) are settled or released
@@ -421,6 +423,7 @@ class Runtime:
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
             rerouter=self._reroute,
+            streams=lambda: self.streams,  # set by the service once it serves (build_app)
         )
 
     def _reap_idle(self) -> None:

@@ -25,21 +25,39 @@ class Observer(Protocol):
                 error: BaseException | None = None) -> None: ...
 
 
-async def serve(runtime: Runtime, request: ServingRequest, identity: str,
-                observer: Observer | None = None) -> ServedResult:
-    """Admit ``request`` (edge checks and the reservation run in a worker thread) and await its result.
+async def admit(runtime: Runtime, request: ServingRequest, identity: str,
+                observer: Observer | None = None) -> asyncio.Task[ServedResult]:
+    """Admit ``request`` (edge checks and placement run in a worker thread and raise here,
+    as HTTP errors) and return the task that resolves with its result.
 
     A caller that disconnects does not cancel the batch its request rode in:
     the request finishes and is charged once, for what ran.
     """
     started = time.perf_counter()
+
+    def observe(result: Any = None, error: BaseException | None = None) -> None:
+        if observer is not None:
+            observer.observe(request.kind, request.model.name, time.perf_counter() - started, result, error)
+
     try:
         future = await run_in_threadpool(runtime.submit, request, identity)
-        result = await asyncio.wrap_future(future)
     except Exception as error:
-        if observer is not None:
-            observer.observe(request.kind, request.model.name, time.perf_counter() - started, error=error)
+        observe(error=error)
         raise
-    if observer is not None:
-        observer.observe(request.kind, request.model.name, time.perf_counter() - started, result=result)
-    return result
+
+    async def outcome() -> ServedResult:
+        try:
+            result = await asyncio.wrap_future(future)
+        except Exception as error:
+            observe(error=error)
+            raise
+        observe(result)
+        return result
+
+    return asyncio.ensure_future(outcome())  # runs to its end even if nobody awaits it
+
+
+async def serve(runtime: Runtime, request: ServingRequest, identity: str,
+                observer: Observer | None = None) -> ServedResult:
+    """Admit ``request`` and await its result (see :func:`admit`)."""
+    return await (await admit(runtime, request, identity, observer))

@@ -9,44 +9,68 @@ from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, ChatCompletionBody, tpm_object
 from tpm_fed.service.chat_template import ChatTemplate
-from tpm_fed.service.serving import Observer, serve
+from tpm_fed.service.serving import Observer, admit, serve
 from tpm_fed.service.serving_completions import usage_of
-from tpm_fed.service.streaming import EventStream
+from tpm_fed.service.streaming import LiveStream, live_events, remainder
 
 
 class ServingChat:
-    def __init__(self, runtime: Any, observer: Observer | None = None) -> None:
+    """Args: ``streams`` is the back channel's hub; ``base_url`` is how workers reach this service."""
+
+    def __init__(self, runtime: Any, observer: Observer | None = None, streams: Any = None,
+                 base_url: str = "") -> None:
         self.runtime = runtime
         self.observer = observer
+        self.streams = streams
+        self.base_url = base_url
 
-    async def create(self, body: ChatCompletionBody, identity: str) -> dict[str, Any] | EventStream:
+    async def create(self, body: ChatCompletionBody, identity: str) -> dict[str, Any] | LiveStream:
         spec = self.runtime.catalog.resolve_name(body.model).spec
         template = ChatTemplate.of(spec.name, lambda name: self.runtime.catalog.model_file(spec, name))
         prompt = template.render([message.model_dump(exclude_none=True) for message in body.messages])
-        request = GenerationRequest.create(prompt, body.model, add_special_tokens=False,
+        request = GenerationRequest.create(prompt, body.model, add_special_tokens=False, stream=bool(body.stream),
                                            **body.generation_fields(body.max_new_tokens()))
+        head = {"id": f"chatcmpl-{request.request_id}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            return await self._stream(body, request, identity, head)
         result: GenerationResult = await serve(self.runtime, request, identity, self.observer)
         completion = result.completions[0]
-        head = {"id": f"chatcmpl-{request.request_id}", "created": int(time.time()), "model": body.model}
-        finish = FINISH_REASONS[completion.finish_reason]
-        if body.stream:
-            chunks = [
-                {**head, "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": completion.text},
-                              "logprobs": None, "finish_reason": None}]},
-                {**head, "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]},
-            ]
-            usage_chunk = None
-            if body.stream_options and body.stream_options.include_usage:
-                usage_chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(result),
-                               "tpm": tpm_object(result, explain=body.explain)}
-            return EventStream(chunks, usage_chunk)
         return {
             **head,
             "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "logprobs": None, "finish_reason": finish}],
+                         "logprobs": None, "finish_reason": FINISH_REASONS[completion.finish_reason]}],
             "usage": usage_of(result),
             "tpm": tpm_object(result, explain=body.explain),
         }
+
+    async def _stream(self, body: ChatCompletionBody, request: GenerationRequest, identity: str,
+                      head: dict[str, Any]) -> LiveStream:
+        listener = self.streams.listen(request.request_id, self.base_url)
+        try:
+            outcome = await admit(self.runtime, request, identity, self.observer)  # refusals: an HTTP error
+        except BaseException:
+            self.streams.forget(request.request_id)
+            raise
+        head = {**head, "object": "chat.completion.chunk"}
+        first = [True]
+
+        def delta(_: int, text: str) -> dict[str, Any]:
+            message = {"role": "assistant", "content": text} if first[0] else {"content": text}
+            first[0] = False
+            return {**head, "choices": [{"index": 0, "delta": message, "logprobs": None, "finish_reason": None}]}
+
+        def ending(result: GenerationResult, sent: dict[int, str], streamed: bool) -> list[dict[str, Any]]:
+            completion = result.completions[0]
+            rest = remainder(completion.text, sent.get(0, ""))
+            chunks = [delta(0, rest)] if rest or first[0] else []
+            chunks.append({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                "finish_reason": FINISH_REASONS[completion.finish_reason]}],
+                           "tpm": {"streamed": streamed}})
+            if body.stream_options and body.stream_options.include_usage:
+                chunks.append({**head, "choices": [], "usage": usage_of(result),
+                               "tpm": {**tpm_object(result, explain=body.explain), "streamed": streamed}})
+            return chunks
+
+        return LiveStream(live_events(listener, outcome, delta, ending,
+                                      lambda: self.streams.forget(request.request_id)))

@@ -8,37 +8,61 @@ from typing import Any
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, CompletionBody, tpm_object
-from tpm_fed.service.serving import Observer, Runtime, serve
-from tpm_fed.service.streaming import EventStream
+from tpm_fed.service.serving import Observer, Runtime, admit, serve
+from tpm_fed.service.streaming import LiveStream, live_events, remainder
 
 
 class ServingCompletions:
-    def __init__(self, runtime: Runtime, observer: Observer | None = None) -> None:
+    """Args: ``streams`` is the back channel's hub; ``base_url`` is how workers reach this service."""
+
+    def __init__(self, runtime: Runtime, observer: Observer | None = None, streams: Any = None,
+                 base_url: str = "") -> None:
         self.runtime = runtime
         self.observer = observer
+        self.streams = streams
+        self.base_url = base_url
 
-    async def create(self, body: CompletionBody, identity: str) -> dict[str, Any] | EventStream:
-        request = GenerationRequest.create(body.prompts(), body.model, **body.generation_fields(body.max_tokens))
-        result: GenerationResult = await serve(self.runtime, request, identity, self.observer)
-        created = int(time.time())
-        head = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": created,
+    async def create(self, body: CompletionBody, identity: str) -> dict[str, Any] | LiveStream:
+        request = GenerationRequest.create(body.prompts(), body.model, stream=bool(body.stream),
+                                           **body.generation_fields(body.max_tokens))
+        head = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
-        usage = usage_of(result)
         if body.stream:
-            # The replica answers whole batches, so the stream carries each choice in one chunk.
-            chunks = [{**head, "choices": [{"index": i, "text": c.text, "logprobs": None,
-                                            "finish_reason": FINISH_REASONS[c.finish_reason]}]}
-                      for i, c in enumerate(result.completions)]
-            return EventStream(chunks, usage_chunk={**head, "choices": [], "usage": usage,
-                                                    "tpm": tpm_object(result, explain=body.explain)}
-                               if body.stream_options and body.stream_options.include_usage else None)
+            return await self._stream(body, request, identity, head)
+        result: GenerationResult = await serve(self.runtime, request, identity, self.observer)
         return {
             **head,
             "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
                         for i, c in enumerate(result.completions)],
-            "usage": usage,
+            "usage": usage_of(result),
             "tpm": tpm_object(result, explain=body.explain),
         }
+
+    async def _stream(self, body: CompletionBody, request: GenerationRequest, identity: str,
+                      head: dict[str, Any]) -> LiveStream:
+        listener = self.streams.listen(request.request_id, self.base_url)
+        try:
+            outcome = await admit(self.runtime, request, identity, self.observer)  # refusals: an HTTP error
+        except BaseException:
+            self.streams.forget(request.request_id)
+            raise
+
+        def delta(index: int, text: str) -> dict[str, Any]:
+            return {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]}
+
+        def ending(result: GenerationResult, sent: dict[int, str], streamed: bool) -> list[dict[str, Any]]:
+            last = len(result.completions) - 1
+            chunks = [{**head, "choices": [{"index": i, "text": remainder(c.text, sent.get(i, "")), "logprobs": None,
+                                            "finish_reason": FINISH_REASONS[c.finish_reason]}],
+                       **({"tpm": {"streamed": streamed}} if i == last else {})}
+                      for i, c in enumerate(result.completions)]
+            if body.stream_options and body.stream_options.include_usage:
+                chunks.append({**head, "choices": [], "usage": usage_of(result),
+                               "tpm": {**tpm_object(result, explain=body.explain), "streamed": streamed}})
+            return chunks
+
+        return LiveStream(live_events(listener, outcome, delta, ending,
+                                      lambda: self.streams.forget(request.request_id)))
 
 
 def usage_of(result: Any) -> dict[str, int]:

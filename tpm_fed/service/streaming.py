@@ -1,23 +1,86 @@
-"""Server-sent events in OpenAI's shape: ``data: {chunk}`` lines, then ``data: [DONE]``."""
+"""Server-sent events in OpenAI's shape: ``data: {chunk}`` lines, then ``data: [DONE]``.
+
+:func:`live_events` sends text as the replica makes it. Chunks from the back
+channel (:mod:`tpm_fed.service.stream_hub`) are sent as they arrive; when the
+request's result comes, whatever the chunks did not cover is sent, so the
+stream always adds up to the completion (also where the worker could not
+reach the service: then everything comes in that last chunk, and its
+``tpm.streamed`` says false). An error after the stream began is sent as an
+``error`` event, as OpenAI's clients expect.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from tpm_fed.protocol.errors import TpmError
+from tpm_fed.service.errors import http_error
 
-class EventStream(StreamingResponse):
-    """A finished answer sent as OpenAI stream chunks (with the usage chunk when asked for)."""
-
-    def __init__(self, chunks: list[dict[str, Any]], usage_chunk: dict[str, Any] | None = None) -> None:
-        super().__init__(_events(chunks, usage_chunk), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _events(chunks: list[dict[str, Any]], usage_chunk: dict[str, Any] | None) -> AsyncIterator[bytes]:
-    for chunk in chunks + ([usage_chunk] if usage_chunk is not None else []):
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-    yield b"data: [DONE]\n\n"
+class LiveStream(StreamingResponse):
+    """An event stream of OpenAI chunks (see :func:`live_events`)."""
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=HEADERS)
+
+
+def event(chunk: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+async def live_events(
+    listener: Any,
+    outcome: asyncio.Task,
+    delta: Callable[[int, str], dict[str, Any]],
+    ending: Callable[[Any, dict[int, str], bool], list[dict[str, Any]]],
+    forget: Callable[[], None],
+) -> AsyncIterator[bytes]:
+    """Chunks as they come, then the ending.
+
+    Args:
+        listener: Where the back channel puts this request's chunks (``queue``, ``received``).
+        outcome: Resolves with the request's result.
+        delta: (prompt index, new text) -> the chunk to send.
+        ending: (result, text sent per prompt index, whether anything streamed) -> the last chunks.
+        forget: Stop listening (called however the stream ends, also when the caller goes).
+    """
+    sent: dict[int, str] = {}
+    try:
+        while True:
+            arrival = asyncio.ensure_future(listener.queue.get())
+            done, _ = await asyncio.wait({arrival, outcome}, return_when=asyncio.FIRST_COMPLETED)
+            if arrival not in done:
+                arrival.cancel()
+                break
+            chunk = arrival.result()
+            sent[chunk["index"]] = sent.get(chunk["index"], "") + chunk["text"]
+            yield event(delta(chunk["index"], chunk["text"]))
+        while not listener.queue.empty():  # chunks that came with the result
+            chunk = listener.queue.get_nowait()
+            sent[chunk["index"]] = sent.get(chunk["index"], "") + chunk["text"]
+            yield event(delta(chunk["index"], chunk["text"]))
+        try:
+            result = outcome.result()
+        except TpmError as error:
+            yield event(http_error(error).body())
+        except Exception as error:  # noqa: BLE001 - the caller hears of it in OpenAI's shape
+            yield event({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error",
+                                   "param": None, "code": "InternalError"}})
+        else:
+            for chunk in ending(result, sent, listener.received > 0):
+                yield event(chunk)
+        yield b"data: [DONE]\n\n"
+    finally:
+        forget()
+
+
+def remainder(text: str, sent: str) -> str:
+    """What the final text adds to what was streamed (the final text is the authority)."""
+    return text[len(sent):] if text.startswith(sent) else text

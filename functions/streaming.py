@@ -1,0 +1,162 @@
+"""Tokens sent back to the service while a batch generates: the worker's end of the back channel.
+
+The endpoint engine returns a task's result only when the task ends, so a
+streamed request's text travels another way: the service names, in the
+task's context, a URL and a secret token made for this one task
+(``{"url", "token"}``); the worker POSTs what each streamed request has
+produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
+"text"}]}``, where ``text`` is new text since the last chunk of that prompt.
+
+- Sending never slows generation: a background thread sends whatever has
+  piled up, one POST per round trip, on one kept-alive connection.
+- Where the service cannot be reached (no route back from a remote
+  endpoint, or a host this endpoint's policy does not list), streaming is
+  off for the task and the final result carries everything, as before.
+- The final result stays the authority: the service sends whatever the
+  chunks did not cover when the task ends, so the stream always adds up to
+  the completion.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Callable, Collection
+from typing import Any
+from urllib.parse import urlsplit
+
+from functions.policy import WorkerPolicy
+
+
+class BackChannel:
+    """Sends chunks to the service from a background thread; gives up for good on the first failure.
+
+    Args:
+        url: The service's back-channel route (``.../tpm/v1/stream``).
+        token: The task's secret, checked by the service.
+    """
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = urlsplit(url)
+        self.token = token
+        self.delivered = False
+        self.failed: str | None = None
+        self._pending: list[dict[str, Any]] = []
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="tpm-stream", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_task(cls, context: dict[str, Any] | None, policy: WorkerPolicy) -> BackChannel | None:
+        """The task's back channel, if it names one this endpoint may send to."""
+        stream = (context or {}).get("stream")
+        if not isinstance(stream, dict) or not isinstance(stream.get("url"), str) \
+                or not isinstance(stream.get("token"), str):
+            return None
+        parts = urlsplit(stream["url"])
+        if parts.scheme not in ("http", "https") or not policy.may_stream_to(parts.hostname):
+            return None
+        return cls(stream["url"], stream["token"])
+
+    def send(self, chunks: list[dict[str, Any]]) -> None:
+        """Queue chunks (returns at once)."""
+        if self.failed is None and chunks:
+            with self._wake:
+                self._pending.extend(chunks)
+                self._wake.notify()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued, then stop (before the task's result leaves, so chunks come first)."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        connection = None
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                batch, self._pending = self._pending, []
+                closing = self._closing
+            if batch and self.failed is None:
+                try:
+                    connection = connection or self._connect()
+                    self._post(connection, batch)
+                    self.delivered = True
+                except (OSError, http.client.HTTPException, ValueError) as error:
+                    self.failed = f"{type(error).__name__}: {error}"
+                    connection = None
+            if closing:
+                break
+        if connection is not None:
+            connection.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        kind = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
+        return kind(self.url.hostname, self.url.port, timeout=10)
+
+    def _post(self, connection: http.client.HTTPConnection, chunks: list[dict[str, Any]]) -> None:
+        body = json.dumps({"token": self.token, "chunks": chunks}).encode()
+        connection.request("POST", self.url.path, body=body, headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        answer.read()
+        if answer.status != 200:
+            raise ValueError(f"the service answered {answer.status}")
+
+
+class TextDeltas:
+    """Turns each row's tokens so far into the new text a caller may see now.
+
+    Text is held back where it could still change: at an end of a word piece
+    decoded half (the replacement character), and the last characters that
+    could begin one of the request's stop strings. A row stops streaming at
+    its own end: end-of-sequence, its ``max_new_tokens``, or a stop string.
+
+    Args:
+        rows: Per row of the batch: (request_id, prompt index, max_new_tokens, stop strings),
+            or None for a row that does not stream.
+        decode: Token ids to text (special tokens skipped), as the final result decodes them.
+        eos_token_ids: Ends of sequence.
+    """
+
+    def __init__(self, rows: list[tuple[str, int, int, list[str]] | None], decode: Callable[[list[int]], str],
+                 eos_token_ids: Collection[int]) -> None:
+        self.rows = rows
+        self.decode = decode
+        self.eos = set(eos_token_ids)
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.sent: list[int] = [0] * len(rows)
+        self.done: list[bool] = [row is None for row in rows]
+
+    def step(self, tokens: list[int]) -> list[dict[str, Any]]:
+        """One new token per row; the chunks that are ready now."""
+        chunks = []
+        for row, token in enumerate(tokens):
+            if self.done[row]:
+                continue
+            request_id, index, max_new_tokens, stop = self.rows[row]  # type: ignore[misc]
+            if token in self.eos:
+                self.done[row] = True
+                continue
+            self.ids[row].append(token)
+            finished = len(self.ids[row]) >= max_new_tokens
+            text = self.decode(self.ids[row])
+            hits = [text.find(s) for s in stop if s in text]
+            if hits:
+                text, finished = text[: min(hits)], True
+            ready = len(text) if finished else self._safe_length(text, stop)
+            if ready > self.sent[row]:
+                chunks.append({"request_id": request_id, "index": index, "text": text[self.sent[row]:ready]})
+                self.sent[row] = ready
+            self.done[row] = finished
+        return chunks
+
+    @staticmethod
+    def _safe_length(text: str, stop: list[str]) -> int:
+        length = len(text.rstrip("\ufffd"))
+        hold = max((len(s) - 1 for s in stop), default=0)
+        return max(0, length - hold)
