@@ -148,15 +148,19 @@ class TextDeltas:
             hits = [text.find(s) for s in stop if s in text]
             if hits:
                 text, finished = text[: min(hits)], True
-            ready = len(text) if finished else self._safe_length(text, stop)
+            ready = ready_length(text, stop, finished)
             if ready > self.sent[row]:
                 chunks.append({"request_id": request_id, "index": index, "text": text[self.sent[row]:ready]})
                 self.sent[row] = ready
             self.done[row] = finished
         return chunks
 
-    @staticmethod
-    def _safe_length(text: str, stop: list[str]) -> int:
-        length = len(text.rstrip("\ufffd"))
-        hold = max((len(s) - 1 for s in stop), default=0)
-        return max(0, length - hold)
+
+def ready_length(text: str, stop: list[str], finished: bool) -> int:
+    """How much of a row's text so far a caller may see: all of it once the row ended; before,
+    not a half-decoded character at its end, nor the last characters that could begin a stop string."""
+    if finished:
+        return len(text)
+    length = len(text.rstrip("\ufffd"))
+    hold = max((len(s) - 1 for s in stop), default=0)
+    return max(0, length - hold)

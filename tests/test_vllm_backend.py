@@ -154,3 +154,34 @@ def test_pinning_vllm_on_an_unsupported_architecture_is_refused(vllm_runtime):
     pending = vllm_runtime.generate("The cell", model="helium", backend="vllm", max_new_tokens=4)
     with pytest.raises(BackendUnavailable, match="HeliumForCausalLM"):
         pending.result(timeout=300)
+
+
+class Collected:
+    """A back channel that keeps what it is sent, step by step."""
+
+    def __init__(self) -> None:
+        self.sends: list[list[dict]] = []
+
+    def send(self, chunks: list[dict]) -> None:
+        self.sends.append(chunks)
+
+
+def test_streamed_rows_send_their_text_step_by_step_and_equal_the_batch_answer(direct_llm):
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    backend = VllmBackend(direct_llm, 256, torch_threads_before=1)
+    streamed = GenerationRequest.create(["The river carries", "The cell"], DEMO_MODEL_NAME, max_new_tokens=16,
+                                        min_new_tokens=16, stream=True, stop=["zzz"])
+    quiet = GenerationRequest.create("A star", DEMO_MODEL_NAME, max_new_tokens=16, min_new_tokens=16)
+    batch = [backend.encode(streamed), backend.encode(quiet)]
+    channel = Collected()
+    answers = backend.generate(batch, channel)
+    assert answers == backend.generate(batch)  # the same tokens and text as the whole-batch call
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    for chunks in channel.sends:
+        for chunk in chunks:
+            assert chunk["request_id"] == streamed.request_id  # the quiet request sends nothing
+            pieces[chunk["index"]].append(chunk["text"])
+    assert len([send for send in channel.sends if send]) > 2  # step by step, not once at the end
+    assert ["".join(pieces[i]) for i in (0, 1)] == [c.text for c in answers[0]]

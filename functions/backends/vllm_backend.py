@@ -92,19 +92,64 @@ class VllmBackend:
         return encode_request(self.tokenizer, request, self.context_length)
 
     def generate(self, batch: list[EncodedRequest], channel: Any = None) -> list[list[Completion]]:
-        # ``channel`` is not used yet: LLM.generate answers a batch at its end, so a
-        # streamed request's text arrives with the result, in one chunk.
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, params = [], []
+        prompts, params, rows = [], [], []
         for item in batch:
             sampling = _sampling_params(SamplingParams, item.request)
-            for ids in item.prompt_ids:
+            for index, ids in enumerate(item.prompt_ids):
                 prompts.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(sampling)
-        outputs = iter(self.llm.generate(prompts, sampling_params=params, use_tqdm=False))
+                rows.append((item.request, index))
+        if channel is not None and any(request.stream for request, _ in rows):
+            finished = self._generate_streaming(prompts, params, rows, channel)
+        else:
+            finished = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        outputs = iter(finished)
         return [[self._completion(next(outputs)) for _ in item.prompt_ids] for item in batch]
+
+    def _generate_streaming(self, prompts: list[Any], params: list[Any], rows: list[tuple[GenerationRequest, int]],
+                            channel: Any) -> list[Any]:
+        """Run the batch step by step, sending streamed rows' new text after each step.
+
+        The same engine, prompts and sampling as ``LLM.generate`` (so the same
+        tokens); streamed rows ask for cumulative outputs at every step.
+        """
+        from vllm.sampling_params import RequestOutputKind
+
+        from functions.streaming import ready_length
+
+        # LLM.generate asks for final outputs only; the engine itself hands out every
+        # step's text when asked for cumulative outputs. Our own ids: unique per row.
+        engine = self.llm.llm_engine
+        engine_ids, streamed = [], {}
+        for prompt, sampling, (request, index) in zip(prompts, params, rows, strict=True):
+            engine_id = f"tpm-{request.request_id}-{index}"
+            sampling = sampling.clone()
+            sampling.output_kind = RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY
+            engine.add_request(engine_id, prompt, sampling)
+            engine_ids.append(engine_id)
+            if request.stream:
+                streamed[engine_id] = (request, index)
+        sent: dict[str, int] = {}
+        finals: dict[str, Any] = {}
+        while engine.has_unfinished_requests():
+            chunks = []
+            for output in engine.step():
+                if output.finished:
+                    finals[output.request_id] = output
+                if output.request_id not in streamed:
+                    continue
+                request, index = streamed[output.request_id]
+                text = output.outputs[0].text
+                ready = ready_length(text, request.stop, output.finished)
+                if ready > sent.get(output.request_id, 0):
+                    chunks.append({"request_id": request.request_id, "index": index,
+                                   "text": text[sent.get(output.request_id, 0):ready]})
+                    sent[output.request_id] = ready
+            channel.send(chunks)
+        return [finals[eid] for eid in engine_ids]
 
     def _completion(self, output: Any) -> Completion:
         generated = output.outputs[0]
