@@ -13,9 +13,13 @@
 * ``submit``: ``tpm submit "..." --max-tokens 8`` wall time with the home's
   service warm vs the first call (service start + cold replica) (target:
   warm <= 0.5 s, >= 15x faster than a cold call).
+* ``streaming``: time to first token, 16 concurrent streams of T tokens,
+  through the service vs vLLM's own server on the same model (target: <=
+  1.2x); and streamed vs non-streamed throughput through the service, 32
+  concurrent clients (target: >= 0.95x).
 
 Usage:
-    python scripts/bench_service.py [--only throughput,latency,submit] [--concurrent 32]
+    python scripts/bench_service.py [--only throughput,latency,submit,streaming] [--concurrent 32]
         [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200]
 """
 
@@ -55,18 +59,44 @@ def bench_home(root: Path, model_dir: Path, backend: str):
     return home
 
 
-async def drive(url: str, model: str, clients: int, each: int, tokens: int, headers: dict) -> tuple[float, int]:
-    """``clients`` concurrent loops, each sending ``each`` completions back to back; (seconds, tokens)."""
+async def drive(url: str, model: str, clients: int, each: int, tokens: int, headers: dict,
+                stream: bool = False, first_tokens: list[float] | None = None) -> tuple[float, int]:
+    """``clients`` concurrent loops, each sending ``each`` completions back to back; (seconds, tokens).
+
+    With ``stream``, each completion is read as server-sent events, and the
+    seconds from sending to its first non-empty text go to ``first_tokens``.
+    """
+    import json
+
     import httpx
+
+    async def one(body: dict, http: httpx.AsyncClient) -> int:
+        if not stream:
+            answer = await http.post(f"{url}/v1/completions", json=body, headers=headers)
+            answer.raise_for_status()
+            return answer.json()["usage"]["completion_tokens"]
+        sent, first, used = time.perf_counter(), None, 0
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with http.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as answer:
+            answer.raise_for_status()
+            async for line in answer.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    first = time.perf_counter() - sent
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+        if first_tokens is not None and first is not None:
+            first_tokens.append(first)
+        return used
 
     async def one_client(index: int, http: httpx.AsyncClient) -> int:
         total = 0
         for turn in range(each):
             body = {"model": model, "prompt": PROMPTS[(index + turn) % len(PROMPTS)], "max_tokens": tokens,
                     "temperature": 0, "min_tokens": tokens}  # min_tokens (vLLM's extension): equal work
-            answer = await http.post(f"{url}/v1/completions", json=body, headers=headers)
-            answer.raise_for_status()
-            total += answer.json()["usage"]["completion_tokens"]
+            total += await one(body, http)
         return total
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -166,7 +196,7 @@ def latency(args, model_dir: Path, scratch: Path) -> None:
 
     runtime = Runtime(bench_home(scratch / "latency", model_dir, "torch"))
     try:
-        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as url, httpx.Client() as http:
+        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as url, httpx.Client(timeout=300) as http:
             headers = {"Authorization": "Bearer bench"}
             body = {"model": "model", "prompt": "The cell", "max_tokens": 1, "temperature": 0}
 
@@ -218,9 +248,54 @@ def submit(args, model_dir: Path, scratch: Path) -> None:
           f"best {warm[0]:.2f} s)")
 
 
+def streaming(args, model_dir: Path, scratch: Path) -> None:
+    """Time to first token vs vLLM's own server; streamed vs whole answers through the service."""
+    from tests.service_helpers import ServiceThread
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.runtime import Runtime
+
+    log("starting vLLM's own OpenAI server...")
+    vllm_server, vllm_url = start_vllm_server(model_dir)
+    runtime = Runtime(bench_home(scratch / "streaming", model_dir, "vllm"))
+    headers = {"Authorization": "Bearer bench"}
+    first: dict[str, list[float]] = {"vllm": [], "service": []}
+    rates: dict[str, list[float]] = {"streamed": [], "whole": []}
+    try:
+        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as tpm_url:
+            def run(url, model, clients, stream, firsts=None, hdrs=headers):
+                seconds, tokens = asyncio.run(drive(url, model, clients, args.requests_each, args.new_tokens,
+                                                    hdrs, stream=stream, first_tokens=firsts))
+                return tokens / seconds
+
+            log("warming...")
+            run(tpm_url, "model", 16, True), run(vllm_url, "vllm-model", 16, True, hdrs={})
+            started_on = machine()
+            for repeat in range(args.repeats):
+                log(f"  repeat {repeat + 1}/{args.repeats}")
+                run(vllm_url, "vllm-model", 16, True, first["vllm"], hdrs={})
+                run(tpm_url, "model", 16, True, first["service"])
+                rates["whole"].append(run(tpm_url, "model", args.concurrent, False))
+                rates["streamed"].append(run(tpm_url, "model", args.concurrent, True))
+    finally:
+        runtime.close()
+        vllm_server.terminate()
+        vllm_server.wait(timeout=60)
+    p50 = {name: statistics.median(values) for name, values in first.items()}
+    best = {name: max(values) for name, values in rates.items()}
+    print(f"started {started_on}; ended {machine()}")
+    print(f"time to first token, 16 concurrent streams x {args.requests_each} x {args.new_tokens} tokens, "
+          f"median of {len(first['service'])}:")
+    print(f"vLLM's own OpenAI server:     {p50['vllm'] * 1000:8.1f} ms")
+    print(f"tpm serve (vLLM replica):     {p50['service'] * 1000:8.1f} ms  {p50['service'] / p50['vllm']:5.2f}x")
+    print(f"throughput through the service, {args.concurrent} concurrent, best of {args.repeats}:")
+    print(f"whole answers:                {best['whole']:8.0f} tok/s")
+    print(f"streamed:                     {best['streamed']:8.0f} tok/s  {best['streamed'] / best['whole']:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="throughput,latency,submit")
+    parser.add_argument("--only", default="throughput,latency,submit,streaming")
     parser.add_argument("--concurrent", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--requests-each", type=int, default=4)
@@ -235,7 +310,8 @@ def main() -> None:
         log("making the demo model...")
         model_dir = make_demo_model(scratch / "demo", progress=False)
         for name in args.only.split(","):
-            {"throughput": throughput, "latency": latency, "submit": submit}[name](args, model_dir, scratch)
+            {"throughput": throughput, "latency": latency, "submit": submit,
+             "streaming": streaming}[name](args, model_dir, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
