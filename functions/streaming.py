@@ -15,6 +15,9 @@ produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
 - The final result stays the authority: the service sends whatever the
   chunks did not cover when the task ends, so the stream always adds up to
   the completion.
+- The service's answer to a post names the requests whose callers left
+  (``cancelled``): the backend stops generating for them, their batch-mates
+  go on, and they are charged for the tokens made until then.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class BackChannel:
         self.token = token
         self.delivered = False
         self.failed: str | None = None
+        self.cancelled: set[str] = set()  # requests whose callers left: stop generating for them
         self._pending: list[dict[str, Any]] = []
         self._wake = threading.Condition()
         self._closing = False
@@ -103,9 +107,11 @@ class BackChannel:
         body = json.dumps({"token": self.token, "chunks": chunks}).encode()
         connection.request("POST", self.url.path, body=body, headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
-        answer.read()
+        reply = answer.read()
         if answer.status != 200:
             raise ValueError(f"the service answered {answer.status}")
+        cancelled = json.loads(reply or b"{}").get("cancelled") or []
+        self.cancelled.update(rid for rid in cancelled if isinstance(rid, str))
 
 
 class TextDeltas:

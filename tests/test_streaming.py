@@ -90,7 +90,7 @@ def test_forged_replayed_and_misdirected_stream_tokens_are_refused(service, runt
         channel = hub.open(["own"])
         with pytest.raises(NotPermitted):  # a task may feed only its own requests
             hub.deliver(channel["token"], [{"request_id": "victim", "index": 0, "text": "injected"}])
-        assert hub.deliver(channel["token"], [{"request_id": "own", "index": 0, "text": "mine"}]) == 1
+        assert hub.deliver(channel["token"], [{"request_id": "own", "index": 0, "text": "mine"}]) == (1, [])
         hub.close(channel["token"])
         with pytest.raises(Unauthenticated):  # replayed after its task ended
             hub.deliver(channel["token"], [{"request_id": "own", "index": 0, "text": "again"}])
@@ -138,3 +138,38 @@ def test_a_refused_stream_is_a_typed_error_before_any_text(http_client):
 
     with pytest.raises(UnknownModel):
         list(http_client.stream("The river", "no-such-model", max_new_tokens=4))
+
+
+def test_a_caller_who_leaves_mid_stream_stops_its_generation_and_pays_once_for_what_ran(service, runtime):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": "demo-llama", "prompt": "The river carries", "max_tokens": 200, "min_tokens": 200,
+            "temperature": 0, "stream": True}
+
+    def leave_after_first_text() -> str:
+        with httpx.stream("POST", f"{service.url}/v1/completions", json=body, headers=service.headers,
+                          timeout=300) as answer:
+            for line in answer.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                    return json.loads(line[6:])["id"].removeprefix("cmpl-")  # then the connection closes
+        raise AssertionError("no text came")
+
+    def stay() -> str:
+        return "".join(chunk["choices"][0]["text"] for _, chunk in events(service, {**body, "max_tokens": 40,
+                                                                                    "min_tokens": 40}))
+
+    with ThreadPoolExecutor(2) as pool:
+        left, stayed = pool.submit(leave_after_first_text), pool.submit(stay)
+        request_id, text = left.result(timeout=300), stayed.result(timeout=300)
+    whole = httpx.post(f"{service.url}/v1/completions", headers=service.headers, timeout=300,
+                       json={**body, "stream": False, "max_tokens": 40, "min_tokens": 40}).json()
+    assert text == whole["choices"][0]["text"]  # the one who stayed got all of it
+
+    deadline = time.monotonic() + 120
+    while (record := runtime.request_record(request_id)) is None or record["charge_state"] == "reserved":
+        assert time.monotonic() < deadline, record
+        time.sleep(0.2)
+    assert record["charge_state"] == "settled"
+    assert 0 < record["completion_tokens"] < 200  # stopped early, charged for what ran
+    lines = [c for c in runtime.ledger.statement("tests") if c.request_id == request_id]
+    assert len(lines) == 1 and lines[0].charged_usu > 0

@@ -159,11 +159,15 @@ def test_pinning_vllm_on_an_unsupported_architecture_is_refused(vllm_runtime):
 class Collected:
     """A back channel that keeps what it is sent, step by step."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel_after: int | None = None, cancel: str | None = None) -> None:
         self.sends: list[list[dict]] = []
+        self.cancelled: set[str] = set()
+        self.cancel_after, self.cancel = cancel_after, cancel
 
     def send(self, chunks: list[dict]) -> None:
         self.sends.append(chunks)
+        if self.cancel and len(self.sends) == self.cancel_after:  # as the service answers a post
+            self.cancelled.add(self.cancel)
 
 
 def test_streamed_rows_send_their_text_step_by_step_and_equal_the_batch_answer(direct_llm):
@@ -185,3 +189,19 @@ def test_streamed_rows_send_their_text_step_by_step_and_equal_the_batch_answer(d
             pieces[chunk["index"]].append(chunk["text"])
     assert len([send for send in channel.sends if send]) > 2  # step by step, not once at the end
     assert ["".join(pieces[i]) for i in (0, 1)] == [c.text for c in answers[0]]
+
+
+def test_a_streamed_request_whose_caller_left_stops_and_its_batch_mates_go_on(direct_llm):
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    backend = VllmBackend(direct_llm, 256, torch_threads_before=1)
+    left = GenerationRequest.create("The river carries", DEMO_MODEL_NAME, max_new_tokens=64, min_new_tokens=64,
+                                    stream=True)
+    stays = GenerationRequest.create("A star", DEMO_MODEL_NAME, max_new_tokens=64, min_new_tokens=64, stream=True)
+    batch = [backend.encode(left), backend.encode(stays)]
+    answers = backend.generate(batch, Collected(cancel_after=3, cancel=left.request_id))
+    whole = backend.generate(batch)
+    assert 0 < len(answers[0][0].token_ids) < 64  # stopped a few steps in, keeping what it made
+    assert answers[0][0].token_ids == whole[0][0].token_ids[: len(answers[0][0].token_ids)]
+    assert answers[1] == whole[1]  # its batch-mate ran to the end, unchanged

@@ -116,16 +116,19 @@ class TorchBackend:
             for start in range(0, len(rows), MAX_ROWS_PER_CALL):
                 chunk = rows[start : start + MAX_ROWS_PER_CALL]
                 requests = request_of_row[start : start + MAX_ROWS_PER_CALL]
-                streamer = self._streamer(requests, prompt_of_row[start : start + MAX_ROWS_PER_CALL], channel)
-                finished.extend(self._generate_rows([ids for _, ids in chunk], requests, streamer))
+                stream = self._streamer(requests, prompt_of_row[start : start + MAX_ROWS_PER_CALL], channel)
+                finished.extend(self._generate_rows([ids for _, ids in chunk], requests, stream))
             for (index, _), completion in zip(rows, finished, strict=True):
                 completions.setdefault(index, []).append(completion)
         return [completions[index] for index in range(len(batch))]
 
     def _streamer(self, requests: list[GenerationRequest], prompts: list[int], channel: Any) -> Any:
-        """A transformers streamer sending the streamed rows' new text to ``channel`` (None: nothing streams)."""
+        """The rows' stream (None: nothing streams): a transformers streamer that sends the streamed
+        rows' new text to ``channel``, and a stopping criterion that ends the rows whose callers left."""
         if channel is None or not any(request.stream for request in requests):
             return None
+        import torch
+        from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
 
         from functions.streaming import TextDeltas
@@ -133,24 +136,45 @@ class TorchBackend:
         deltas = TextDeltas([(r.request_id, prompt, r.max_new_tokens, r.stop) if r.stream else None
                              for r, prompt in zip(requests, prompts, strict=True)],
                             self._decode, self.eos_token_ids)
+        row_ids = [r.request_id for r in requests]
 
         class Streamer(BaseStreamer):
             prompt_seen = False
+            width = 0
 
             def put(self, value: Any) -> None:
                 if not self.prompt_seen:  # generate() hands over the prompt first
-                    self.prompt_seen = True
+                    self.prompt_seen, self.width = True, value.shape[-1]
                     return
                 channel.send(deltas.step(value.reshape(-1).tolist()))
 
             def end(self) -> None:
                 pass
 
-        return Streamer()
+        class CallerLeft(StoppingCriteria):
+            """Ends the rows of requests the service says were abandoned (their batch-mates go on)."""
+
+            def __init__(self) -> None:
+                self.stopped_at: dict[int, int] = {}  # row -> tokens generated when it was stopped
+
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                generated = input_ids.shape[1] - streamer.width
+                for row, request_id in enumerate(row_ids):
+                    if row not in self.stopped_at and request_id in channel.cancelled:
+                        self.stopped_at[row] = generated
+                        deltas.done[row] = True
+                return torch.tensor([row in self.stopped_at for row in range(len(row_ids))],
+                                    dtype=torch.bool, device=input_ids.device)
+
+        streamer = Streamer()
+        return streamer, CallerLeft()
 
     def _generate_rows(self, rows: list[list[int]], requests: list[GenerationRequest],
-                       streamer: Any = None) -> list[Completion]:
+                       stream: Any = None) -> list[Completion]:
         import torch
+        from transformers import StoppingCriteriaList
+
+        streamer, caller_left = stream if stream is not None else (None, None)
 
         first = requests[0]  # the group shares its sampling settings and min_new_tokens
         width = max(len(ids) for ids in rows)
@@ -172,12 +196,15 @@ class TorchBackend:
                 min_new_tokens=first.min_new_tokens,
                 pad_token_id=self.pad_token_id,
                 streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([caller_left]) if caller_left else None,
                 **sampling,
             )
+        stopped_at = caller_left.stopped_at if caller_left else {}
         return [
             finish_row(
                 output[row, width:].tolist(),
-                max_new_tokens=request.max_new_tokens,
+                # A row whose caller left keeps the tokens made until then (and is charged for them).
+                max_new_tokens=min(request.max_new_tokens, stopped_at.get(row, request.max_new_tokens)),
                 eos_token_ids=self.eos_token_ids,
                 stop=request.stop,
                 decode=self._decode,

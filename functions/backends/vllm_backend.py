@@ -133,14 +133,24 @@ class VllmBackend:
             if request.stream:
                 streamed[engine_id] = (request, index)
         sent: dict[str, int] = {}
+        latest: dict[str, Any] = {}  # streamed rows' last cumulative output
         finals: dict[str, Any] = {}
         while engine.has_unfinished_requests():
+            # Rows whose callers left stop here, with what they made so far (charged for it).
+            left = [eid for eid, (request, _) in streamed.items()
+                    if request.request_id in channel.cancelled and eid not in finals and eid in latest]
+            if left:
+                engine.abort_request(left)
+                finals.update((eid, latest[eid]) for eid in left)
             chunks = []
             for output in engine.step():
+                if output.request_id in finals:  # stopped above: its caller left
+                    continue
                 if output.finished:
                     finals[output.request_id] = output
                 if output.request_id not in streamed:
                     continue
+                latest[output.request_id] = output
                 request, index = streamed[output.request_id]
                 text = output.outputs[0].text
                 ready = ready_length(text, request.stop, output.finished)
@@ -154,7 +164,7 @@ class VllmBackend:
     def _completion(self, output: Any) -> Completion:
         generated = output.outputs[0]
         ids = list(generated.token_ids)
-        if generated.finish_reason == "length":
+        if generated.finish_reason in ("length", None):  # None: stopped because its caller left
             return Completion(text=generated.text, token_ids=ids, finish_reason="length")
         if isinstance(generated.stop_reason, str):
             return Completion(text=generated.text, token_ids=ids, finish_reason="stop")

@@ -31,5 +31,5 @@ class StreamedChunks(BaseModel):
 
 @router.post("/tpm/v1/stream", include_in_schema=False)
 def receive(body: StreamedChunks, request: Request) -> dict[str, Any]:
-    delivered = request.app.state.streams.deliver(body.token, [chunk.model_dump() for chunk in body.chunks])
-    return {"delivered": delivered}
+    delivered, cancelled = request.app.state.streams.deliver(body.token, [c.model_dump() for c in body.chunks])
+    return {"delivered": delivered, "cancelled": cancelled}

@@ -73,4 +73,4 @@ class ServingChat:
             return chunks
 
         return LiveStream(live_events(listener, outcome, delta, ending,
-                                      lambda: self.streams.forget(request.request_id)))
+                                      lambda left: self.streams.forget(request.request_id, abandoned=left)))

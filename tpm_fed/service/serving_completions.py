@@ -62,7 +62,7 @@ class ServingCompletions:
             return chunks
 
         return LiveStream(live_events(listener, outcome, delta, ending,
-                                      lambda: self.streams.forget(request.request_id)))
+                                      lambda left: self.streams.forget(request.request_id, abandoned=left)))
 
 
 def usage_of(result: Any) -> dict[str, int]:

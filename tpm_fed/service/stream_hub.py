@@ -9,6 +9,10 @@ the listened-for requests it carries. The worker POSTs chunks to
 is still running and every chunk names a request of that task, so a forged
 or replayed secret injects nothing into anyone's stream. The secret dies
 with its task.
+
+A caller that goes away mid-stream *abandons* its request: the answer to
+the worker's next post names it under ``cancelled``, and the worker stops
+generating for it (its batch-mates go on); it is charged for what ran.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class StreamHub:
     def __init__(self) -> None:
         self._listeners: dict[str, Listener] = {}
         self._tasks: dict[str, frozenset[str]] = {}
+        self._abandoned: set[str] = set()
         self._lock = threading.Lock()
 
     def listen(self, request_id: str, base_url: str) -> Listener:
@@ -54,9 +59,12 @@ class StreamHub:
             self._listeners[request_id] = listener
         return listener
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str, *, abandoned: bool = False) -> None:
+        """Stop listening; ``abandoned``: the caller left before the end (its generation may stop)."""
         with self._lock:
             self._listeners.pop(request_id, None)
+            if abandoned and any(request_id in ids for ids in self._tasks.values()):
+                self._abandoned.add(request_id)
 
     def open(self, request_ids: list[str]) -> dict[str, str] | None:
         """A batch leaves: its back channel, if any of its requests is listened for (None otherwise)."""
@@ -72,10 +80,13 @@ class StreamHub:
     def close(self, token: str) -> None:
         """The task ended: its secret is no longer accepted."""
         with self._lock:
-            self._tasks.pop(token, None)
+            self._abandoned -= self._tasks.pop(token, frozenset())
 
-    def deliver(self, token: str, chunks: list[dict[str, Any]]) -> int:
-        """Hand a worker's chunks to their listeners; the number delivered.
+    def deliver(self, token: str, chunks: list[dict[str, Any]]) -> tuple[int, list[str]]:
+        """Hand a worker's chunks to their listeners.
+
+        Returns:
+            The number delivered, and the task's requests whose callers left (to stop generating).
 
         Raises:
             Unauthenticated: No running task has this secret (forged, or its task ended).
@@ -88,9 +99,10 @@ class StreamHub:
             if any(chunk.get("request_id") not in allowed for chunk in chunks):
                 raise NotPermitted("a chunk names a request that is not this task's")
             listeners = [(self._listeners.get(chunk["request_id"]), chunk) for chunk in chunks]
+            cancelled = sorted(allowed & self._abandoned)
         delivered = 0
         for listener, chunk in listeners:
             if listener is not None:  # its caller may have gone
                 listener.put(chunk)
                 delivered += 1
-        return delivered
+        return delivered, cancelled

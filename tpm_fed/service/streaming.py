@@ -40,7 +40,7 @@ async def live_events(
     outcome: asyncio.Task,
     delta: Callable[[int, str], dict[str, Any]],
     ending: Callable[[Any, dict[int, str], bool], list[dict[str, Any]]],
-    forget: Callable[[], None],
+    forget: Callable[[bool], None],
 ) -> AsyncIterator[bytes]:
     """Chunks as they come, then the ending.
 
@@ -49,9 +49,11 @@ async def live_events(
         outcome: Resolves with the request's result.
         delta: (prompt index, new text) -> the chunk to send.
         ending: (result, text sent per prompt index, whether anything streamed) -> the last chunks.
-        forget: Stop listening (called however the stream ends, also when the caller goes).
+        forget: Stop listening (called however the stream ends); its argument says whether the
+            caller left before the end (then the worker may stop generating for it).
     """
     sent: dict[int, str] = {}
+    ended = False
     try:
         while True:
             arrival = asyncio.ensure_future(listener.queue.get())
@@ -76,9 +78,10 @@ async def live_events(
         else:
             for chunk in ending(result, sent, listener.received > 0):
                 yield event(chunk)
+        ended = True
         yield b"data: [DONE]\n\n"
     finally:
-        forget()
+        forget(not ended)
 
 
 def remainder(text: str, sent: str) -> str:
