@@ -107,6 +107,7 @@ def sites_report(runtime: Any) -> dict[str, Any]:
         "replicas": [dataclasses.asdict(replica) for replica in runtime.broker.registry.all() if replica.live],
     }
 
+
 def _site_facts(config: Any) -> dict[str, Any]:
     if config is None:
         return {}

@@ -39,8 +39,8 @@ from tpm_fed.protocol.requests import (
 )
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
 from tpm_fed.service import reports
-from tpm_fed.service.federation_change import FederationEdit, plan_change
 from tpm_fed.service.callers import Callers, LocalCallers
+from tpm_fed.service.federation_change import FederationEdit, plan_change
 from tpm_fed.sites import Site, SiteStatus, build_site
 from tpm_fed.state import RequestLog, open_database
 
