@@ -197,8 +197,6 @@ def test_federation_files_load_or_refuse_typed(text, tmp_path_factory):
 NOT_UTF8 = b"\x80federation"
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="known bug: Federation.load reads the file as UTF-8 without catching UnicodeDecodeError")
 def test_a_federation_file_that_is_not_utf8_is_refused_typed(tmp_path):
     from tpm_fed.federation import Federation
 
@@ -207,9 +205,6 @@ def test_a_federation_file_that_is_not_utf8_is_refused_typed(tmp_path):
         Federation.load(tmp_path / "federation.yaml")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: PyYAML reads a JSON escape pair (\\ud83d\\ude00) as two lone surrogates, "
-                          "so Federation.load returns text no UTF-8 writer can dump")
 def test_a_federation_file_with_an_escaped_emoji_reads_the_emoji(tmp_path):
     from tpm_fed.federation import Federation
 

@@ -279,6 +279,23 @@ class Slos(_Strict):
     trace: SloTarget | None = None
 
 
+def _join_surrogates(value: Any) -> Any:
+    """Strings as Python means them: PyYAML reads a JSON escape pair (``\\ud83d\\ude00``) as two
+    lone surrogates, which no UTF-8 writer can dump again; join each pair into its character.
+
+    Raises:
+        UnicodeError: A surrogate with no partner (not text).
+    """
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16") if any(
+            "\ud800" <= ch <= "\udfff" for ch in value) else value
+    if isinstance(value, dict):
+        return {_join_surrogates(k): _join_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_surrogates(item) for item in value]
+    return value
+
+
 class Federation(_Strict):
     """Sites, models, projects, prices and network latencies, as the operator wrote them.
 
@@ -343,9 +360,11 @@ class Federation(_Strict):
     def load(cls, path: Path) -> Self:
         """Read and validate a federation file; model paths become absolute."""
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = _join_surrogates(yaml.safe_load(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise FederationConfigError(f"federation file not found: {path}") from None
+        except UnicodeError as error:
+            raise FederationConfigError(f"{path}: not UTF-8 text: {error}") from None
         except yaml.YAMLError as error:
             raise FederationConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(raw, dict):
