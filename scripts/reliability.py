@@ -589,7 +589,7 @@ def write_report(rows: list[Row], out: Path, seconds: float) -> None:
         "within 10 s (`channel_close_window_limit`), failing its open futures; when it reconnects fast enough",
         "to see three closes in that window, the request in flight fails typed (tpm-fed: `SiteError`, and the",
         "retry can be refused with `PlacementRefused` while the site counts as failed recently), nothing is",
-        "charged, and that row shows 0 survived (seen on one run here). Spaced faults are always survived.",
+        "charged, and that row shows 0 survived (seen on one run here). Spaced faults were survived on every run here.",
         "",
     ]
     out.write_text("\n".join(lines))
