@@ -250,3 +250,24 @@ def test_placing_holds_the_estimate_until_the_batch_reservation_says_how_it_went
     assert broker.ledger.balances("bio")[0].reserved_usu == reserved
     assert broker.balances.available("bio", "far") == 100 * SU - reserved
     assert broker.place("p4", ask(estimate=39 * SU)).site == "far"
+
+
+def test_concurrent_placements_at_a_cold_start_never_refuse_nor_start_past_capacity(broker):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate = threading.Barrier(32)
+
+    def slow_probe() -> None:  # widens the window between reading the registry and changing it
+        time.sleep(0.002)
+
+    broker.health.watch("far", slow_probe)
+
+    def place(index: int) -> str:
+        gate.wait()
+        return broker.place(f"c{index}", ask()).replica_id
+
+    with ThreadPoolExecutor(32) as pool:
+        placed = list(pool.map(place, range(32)))
+    assert len(placed) == 32  # none refused while a replica was starting
+    assert len(set(placed)) <= 2 and broker.registry.live_per_site()["far"] <= 2  # the site holds 2

@@ -18,10 +18,12 @@ Two ways in:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tpm_fed.broker.health import SiteHealth
 from tpm_fed.broker.placement import NO_BALANCE, Candidate, Decision, Placer, PlacementRequest
@@ -126,9 +128,23 @@ class BalanceSnapshot:
                 self._available[key] -= amount
 
 
+def _one_at_a_time(method: Callable[..., Admission]) -> Callable[..., Admission]:
+    """Placements one after another: each reads the registry, then changes it. Two at once could
+    both see a free slot (two cold starts on a one-replica site), or one could miss the replica
+    the other just started and find the site full (a refusal with a replica starting)."""
+
+    @functools.wraps(method)
+    def serialized(self: Broker, *args: Any, **kwargs: Any) -> Admission:
+        with self._placing:
+            return method(self, *args, **kwargs)
+
+    return serialized
+
+
 class Broker:
     def __init__(self, federation: Federation, ledger: Ledger, registry: ReplicaRegistry,
                  health: SiteHealth | None = None) -> None:
+        self._placing = threading.RLock()
         self.federation = federation
         self.ledger = ledger
         self.registry = registry
@@ -168,6 +184,7 @@ class Broker:
             self.health.problem,
         )
 
+    @_one_at_a_time
     def admit(self, request_id: str, request: PlacementRequest) -> Admission:
         """Place ``request`` and reserve its SUs; start a replica if the best is new.
 
@@ -196,6 +213,7 @@ class Broker:
         assert last_error is not None
         raise last_error
 
+    @_one_at_a_time
     def place(self, request_id: str, request: PlacementRequest) -> Admission:
         """Place ``request`` without writing to the ledger: its caller reserves it with its batch.
 
@@ -235,6 +253,7 @@ class Broker:
         if replica is not None and replica.live:
             self.registry.set_state([replica_id], "stopped")
 
+    @_one_at_a_time
     def replace_lost(self, lost: Admission) -> Admission:
         """Place again a request whose task was lost (see :meth:`replica_lost`); its reservation goes with it.
 
