@@ -7,8 +7,9 @@ task's context, a URL and a secret token made for this one task
 produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
 "text"}]}``, where ``text`` is new text since the last chunk of that prompt.
 
-- Sending never slows generation: a background thread sends whatever has
-  piled up, one POST per round trip, on one kept-alive connection.
+- Sending barely slows generation: a background thread sends whatever has
+  piled up, merged per prompt, at most one POST every ``SEND_INTERVAL_S``,
+  on one kept-alive connection.
 - Where the service cannot be reached (no route back from a remote
   endpoint, or a host this endpoint's policy does not list), streaming is
   off for the task and the final result carries everything, as before.
@@ -25,11 +26,28 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
 from functions.policy import WorkerPolicy
+
+
+SEND_INTERVAL_S = 0.02
+"""Shortest time between two posts of one task (text piles up meanwhile, merged per prompt)."""
+
+
+def merged(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One chunk per (request, prompt): their texts joined, in order."""
+    joined: dict[tuple[str, int], dict[str, Any]] = {}
+    for chunk in chunks:
+        key = (chunk["request_id"], chunk["index"])
+        if key in joined:
+            joined[key]["text"] += chunk["text"]
+        else:
+            joined[key] = dict(chunk)
+    return list(joined.values())
 
 
 class BackChannel:
@@ -80,16 +98,22 @@ class BackChannel:
 
     def _run(self) -> None:
         connection = None
+        posted_at = float("-inf")
         while True:
             with self._wake:
                 while not self._pending and not self._closing:
                     self._wake.wait()
+                # At most one post per SEND_INTERVAL_S: a step takes milliseconds, and a post per step
+                # per batch costs the generating process more than the caller gains.
+                while not self._closing and (wait := posted_at + SEND_INTERVAL_S - time.monotonic()) > 0:
+                    self._wake.wait(wait)
                 batch, self._pending = self._pending, []
                 closing = self._closing
             if batch and self.failed is None:
                 try:
                     connection = connection or self._connect()
-                    self._post(connection, batch)
+                    self._post(connection, merged(batch))
+                    posted_at = time.monotonic()
                     self.delivered = True
                 except (OSError, http.client.HTTPException, ValueError) as error:
                     self.failed = f"{type(error).__name__}: {error}"

@@ -5,10 +5,10 @@
   tpm-fed's service (its replica on the vLLM backend) vs vLLM's own
   OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``)
   on the same model, driven by the same asyncio ``httpx`` load generator
-  (target >= 0.9x); and the service vs the same runtime called in-process
+  (target >= 0.9x); and the service vs a runtime called in-process
   (what the HTTP layer costs).
 * ``latency``: 1-token requests one at a time, p50 over many: through
-  ``/v1/completions`` vs the same runtime in-process (target: the HTTP hop
+  ``/v1/completions`` vs a runtime in-process (target: the HTTP hop
   adds <= 3 ms at p50).
 * ``submit``: ``tpm submit "..." --max-tokens 8`` wall time with the home's
   service warm vs the first call (service start + cold replica) (target:
@@ -21,12 +21,16 @@
 Usage:
     python scripts/bench_service.py [--only throughput,latency,submit,streaming] [--concurrent 32]
         [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200]
+
+Each server (vLLM's, ``tpm serve``) runs in its own process; the load
+generator runs in this one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchlib import PROMPTS, log, machine
@@ -111,37 +116,57 @@ def start_vllm_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log_file = open(model_dir.parent / "vllm-server.log", "wb")  # noqa: SIM115 - the server writes it while it runs
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
          "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--served-model-name", "vllm-model",
-         "--disable-log-requests", "--seed", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+         "--seed", "0"],  # request logging is off by default
+        stdout=log_file, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     from tpm_fed.connection import healthy
 
     deadline = time.monotonic() + 240
     while not healthy(url):
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("vLLM's server did not start")
+            process.kill()
+            tail = "\n".join(Path(log_file.name).read_text(errors="replace").splitlines()[-20:])
+            raise SystemExit(f"vLLM's server did not start:\n{tail}")
         time.sleep(0.5)
     return process, url
+
+
+@contextlib.contextmanager
+def tpm_serve(home) -> Iterator[tuple[str, dict[str, str]]]:
+    """``tpm serve`` for ``home`` in its own process (as vLLM's server runs in its own): URL, auth header."""
+    from tpm_fed.connection import running_service
+
+    log_file = open(home.root / "bench-service.log", "wb")  # noqa: SIM115 - the service writes it while it runs
+    process = subprocess.Popen([sys.executable, "-m", "tpm_fed.service", "--home", str(home.root)],
+                               stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while (address := running_service(home)) is None or address.pid != process.pid:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit("tpm serve did not start:\n" + (home.root / "bench-service.log").read_text()[-2000:])
+        time.sleep(0.2)
+    try:
+        yield address.url, {"Authorization": f"Bearer {address.token}"}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def throughput(args, model_dir: Path, scratch: Path) -> None:
     from concurrent.futures import wait
 
-    from tests.service_helpers import ServiceThread
     from tpm_fed.protocol.requests import GenerationRequest
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
-    log("starting vLLM's own OpenAI server...")
+    log("starting vLLM's own OpenAI server and tpm serve...")
     vllm_server, vllm_url = start_vllm_server(model_dir)
     runtime = Runtime(bench_home(scratch / "throughput", model_dir, "vllm"))
-    headers = {"Authorization": "Bearer bench"}
     try:
-        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as tpm_url:
+        with tpm_serve(bench_home(scratch / "throughput-service", model_dir, "vllm")) as (tpm_url, headers):
             def through_service() -> tuple[float, int]:
                 return asyncio.run(drive(tpm_url, "model", args.concurrent, args.requests_each,
                                          args.new_tokens, headers))
@@ -182,22 +207,19 @@ def throughput(args, model_dir: Path, scratch: Path) -> None:
     print(f"vLLM's own OpenAI server, /v1/completions:      {rates['vllm']:8.0f} tok/s")
     print(f"tpm serve (vLLM replica), /v1/completions:      {rates['service']:8.0f} tok/s  "
           f"{rates['service'] / rates['vllm']:5.2f}x vLLM's server")
-    print(f"the same runtime in-process (no HTTP):          {rates['in-process']:8.0f} tok/s  "
+    print(f"a runtime in this process (no HTTP):            {rates['in-process']:8.0f} tok/s  "
           f"HTTP costs {1 - rates['service'] / rates['in-process']:+.1%}")
 
 
 def latency(args, model_dir: Path, scratch: Path) -> None:
     import httpx
 
-    from tests.service_helpers import ServiceThread
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     runtime = Runtime(bench_home(scratch / "latency", model_dir, "torch"))
     try:
-        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as url, httpx.Client(timeout=300) as http:
-            headers = {"Authorization": "Bearer bench"}
+        with tpm_serve(bench_home(scratch / "latency-service", model_dir, "torch")) as (url, headers), \
+                httpx.Client(timeout=300) as http:
             body = {"model": "model", "prompt": "The cell", "max_tokens": 1, "temperature": 0}
 
             def over_http() -> float:
@@ -250,19 +272,12 @@ def submit(args, model_dir: Path, scratch: Path) -> None:
 
 def streaming(args, model_dir: Path, scratch: Path) -> None:
     """Time to first token vs vLLM's own server; streamed vs whole answers through the service."""
-    from tests.service_helpers import ServiceThread
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
-    from tpm_fed.service.runtime import Runtime
-
     log("starting vLLM's own OpenAI server...")
     vllm_server, vllm_url = start_vllm_server(model_dir)
-    runtime = Runtime(bench_home(scratch / "streaming", model_dir, "vllm"))
-    headers = {"Authorization": "Bearer bench"}
     first: dict[str, list[float]] = {"vllm": [], "service": []}
     rates: dict[str, list[float]] = {"streamed": [], "whole": []}
     try:
-        with ServiceThread(build_app(runtime, LocalToken("bench", runtime.owner))) as tpm_url:
+        with tpm_serve(bench_home(scratch / "streaming", model_dir, "vllm")) as (tpm_url, headers):
             def run(url, model, clients, stream, firsts=None, hdrs=headers):
                 seconds, tokens = asyncio.run(drive(url, model, clients, args.requests_each, args.new_tokens,
                                                     hdrs, stream=stream, first_tokens=firsts))
@@ -278,7 +293,6 @@ def streaming(args, model_dir: Path, scratch: Path) -> None:
                 rates["whole"].append(run(tpm_url, "model", args.concurrent, False))
                 rates["streamed"].append(run(tpm_url, "model", args.concurrent, True))
     finally:
-        runtime.close()
         vllm_server.terminate()
         vllm_server.wait(timeout=60)
     p50 = {name: statistics.median(values) for name, values in first.items()}
