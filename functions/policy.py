@@ -157,9 +157,11 @@ def _from_file(path: Path) -> WorkerPolicy:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())  # YAML reads JSON too
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML reads JSON too
     except OSError as error:
         raise SiteError(f"endpoint policy: {POLICY_FILE}={path}: {error.strerror}") from None
+    except UnicodeError as error:
+        raise SiteError(f"endpoint policy: {POLICY_FILE}={path}: not UTF-8 text: {error}") from None
     except yaml.YAMLError as error:
         raise SiteError(f"endpoint policy: {POLICY_FILE}={path}: not YAML or JSON: {error}") from None
     if data is None:

@@ -157,7 +157,7 @@ def tpm_serve(home) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def throughput(args, model_dir: Path, scratch: Path) -> None:
-    from concurrent.futures import wait
+    from concurrent.futures import ThreadPoolExecutor
 
     from tpm_fed.protocol.requests import GenerationRequest
     from tpm_fed.service.runtime import Runtime
@@ -176,15 +176,16 @@ def throughput(args, model_dir: Path, scratch: Path) -> None:
                                          args.new_tokens, {}))
 
             def in_process() -> tuple[float, int]:
+                def one_client(index: int) -> int:  # the same load: each client waits for its answer
+                    return sum(runtime.submit(GenerationRequest.create(
+                        PROMPTS[(index + turn) % len(PROMPTS)], "model", max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens)).result().usage.completion_tokens
+                        for turn in range(args.requests_each))
+
                 started = time.perf_counter()
-                futures = []
-                for turn in range(args.requests_each):
-                    futures += [runtime.submit(GenerationRequest.create(
-                        PROMPTS[(i + turn) % len(PROMPTS)], "model", max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens))
-                        for i in range(args.concurrent)]
-                wait(futures)
-                return time.perf_counter() - started, sum(f.result().usage.completion_tokens for f in futures)
+                with ThreadPoolExecutor(args.concurrent) as clients:
+                    tokens = sum(clients.map(one_client, range(args.concurrent)))
+                return time.perf_counter() - started, tokens
 
             log("warming...")
             through_service(), through_vllm(), in_process()

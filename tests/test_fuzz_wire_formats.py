@@ -103,9 +103,6 @@ def test_requests_of_every_kind_parse_or_refuse_typed(document, demo_points):
         assert checked is None or checked.result_bytes >= 0
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="known bug: request_from_wire calls data.get on whatever it is given; a worker's "
-                          "serve_batch then fails the whole batch instead of refusing the one request")
 @pytest.mark.parametrize("document", [None, ["generate"], "generate", 7])
 def test_a_request_that_is_not_a_mapping_is_refused_typed(document):
     from tpm_fed.protocol.errors import InvalidRequest
@@ -258,8 +255,6 @@ def test_endpoint_policy_files_are_a_policy_or_refused_typed(content, tmp_path_f
         assert 1 <= policy.max_result_bytes and not math.isnan(policy.max_result_bytes)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="known bug: functions/policy.py reads the policy file without catching UnicodeDecodeError")
 def test_a_policy_file_that_is_not_utf8_is_refused_typed(tmp_path):
     from functions.policy import load_policy
 

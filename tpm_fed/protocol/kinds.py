@@ -66,10 +66,12 @@ def kind_of(name: str) -> Kind:
     return KINDS[name]
 
 
-def request_from_wire(data: dict[str, Any]) -> ServingRequest:
+def request_from_wire(data: Any) -> ServingRequest:
     """Rebuild any kind of request from its wire form (its ``kind`` says which).
 
     Raises:
-        InvalidRequest: Unknown kind, or the fields do not validate.
+        InvalidRequest: Not a mapping, an unknown kind, or fields that do not validate.
     """
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"a request is a JSON object of fields, not {type(data).__name__}")
     return kind_of(str(data.get("kind", "generate"))).request.from_wire(data)
