@@ -91,11 +91,39 @@ def write_federation(home: TpmHome, endpoint_id: str, **gc_fields) -> None:
 
 
 def tpm(home: TpmHome, monkeypatch, *args: str):
-    """Run ``tpm`` in this process, so ``responses`` sees the SDK's requests."""
+    """Run ``tpm`` in this process, so ``responses`` sees the SDK's requests.
+
+    A federation change goes through the home's service, which the command
+    starts; it is stopped after, so no service outlives its test holding the
+    home's database and an older federation (each test writes its own).
+    """
     from tpm_fed.cli import main
 
     monkeypatch.setenv("TPM_HOME", str(home.root))
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    try:
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    finally:
+        _stop_service(home)
+
+
+def _stop_service(home: TpmHome) -> None:
+    import os
+    import signal
+    import time
+
+    from tpm_fed.connection import running_service
+
+    address = running_service(home)
+    if address is None or address.pid is None:
+        return
+    os.kill(address.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(address.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def test_registered_function_serves_through_the_sdk_executor(cloud, gc_home, monkeypatch):

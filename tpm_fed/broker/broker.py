@@ -28,7 +28,7 @@ from typing import Any
 from tpm_fed.broker.health import SiteHealth
 from tpm_fed.broker.placement import NO_BALANCE, Candidate, Decision, Placer, PlacementRequest
 from tpm_fed.broker.registry import ReplicaRegistry
-from tpm_fed.protocol.errors import InsufficientBalance, NotPermitted, PlacementRefused
+from tpm_fed.protocol.errors import InsufficientBalance, NotLoggedIn, NotPermitted, PlacementRefused
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Hold, Ledger
 
@@ -39,10 +39,15 @@ def _grants(federation: Federation) -> dict[tuple[str, str], float]:
             for site, amount in project.allocations.items()}
 
 
-def _refusal(decision: Decision) -> PlacementRefused | InsufficientBalance:
-    """The typed error for a decision that chose nothing: no balance anywhere is the caller's to fix (429)."""
+def _refusal(decision: Decision) -> PlacementRefused | InsufficientBalance | NotLoggedIn:
+    """The typed error for a decision that chose nothing: no balance anywhere is the caller's to fix (429);
+    so are missing Globus credentials, when they were all that kept every site out."""
     if decision.refusal and decision.refusal.startswith(NO_BALANCE):
         return InsufficientBalance(f"{decision.refusal}\n{decision.explain()}")
+    reasons = [c.excluded for c in decision.candidates if c.excluded]
+    if reasons and all(NotLoggedIn.__name__ in reason for reason in reasons):
+        why = reasons[0].split(f"{NotLoggedIn.__name__}: ", 1)[-1]
+        return NotLoggedIn(f"{why}\n{decision.explain()}")
     return PlacementRefused(decision.refusal or "no candidate", decision.explain())
 
 
