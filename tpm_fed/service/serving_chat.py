@@ -9,9 +9,9 @@ from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, ChatCompletionBody, tpm_object
 from tpm_fed.service.chat_template import ChatTemplate
-from tpm_fed.service.serving import Observer, admit, serve
+from tpm_fed.service.serving import Observer, serve
 from tpm_fed.service.serving_completions import usage_of
-from tpm_fed.service.streaming import LiveStream, live_events, remainder
+from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
 
 class ServingChat:
@@ -46,12 +46,6 @@ class ServingChat:
 
     async def _stream(self, body: ChatCompletionBody, request: GenerationRequest, identity: str,
                       head: dict[str, Any]) -> LiveStream:
-        listener = self.streams.listen(request.request_id, self.base_url)
-        try:
-            outcome = await admit(self.runtime, request, identity, self.observer)  # refusals: an HTTP error
-        except BaseException:
-            self.streams.forget(request.request_id)
-            raise
         head = {**head, "object": "chat.completion.chunk"}
         first = [True]
 
@@ -72,5 +66,4 @@ class ServingChat:
                                "tpm": {**tpm_object(result, explain=body.explain), "streamed": streamed}})
             return chunks
 
-        return LiveStream(live_events(listener, outcome, delta, ending,
-                                      lambda left: self.streams.forget(request.request_id, abandoned=left)))
+        return await stream_answer(self, request, identity, delta, ending)

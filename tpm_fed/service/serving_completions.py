@@ -8,8 +8,8 @@ from typing import Any
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, CompletionBody, tpm_object
-from tpm_fed.service.serving import Observer, Runtime, admit, serve
-from tpm_fed.service.streaming import LiveStream, live_events, remainder
+from tpm_fed.service.serving import Observer, Runtime, serve
+from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
 
 class ServingCompletions:
@@ -40,13 +40,6 @@ class ServingCompletions:
 
     async def _stream(self, body: CompletionBody, request: GenerationRequest, identity: str,
                       head: dict[str, Any]) -> LiveStream:
-        listener = self.streams.listen(request.request_id, self.base_url)
-        try:
-            outcome = await admit(self.runtime, request, identity, self.observer)  # refusals: an HTTP error
-        except BaseException:
-            self.streams.forget(request.request_id)
-            raise
-
         def delta(index: int, text: str) -> dict[str, Any]:
             return {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]}
 
@@ -61,8 +54,7 @@ class ServingCompletions:
                                "tpm": {**tpm_object(result, explain=body.explain), "streamed": streamed}})
             return chunks
 
-        return LiveStream(live_events(listener, outcome, delta, ending,
-                                      lambda left: self.streams.forget(request.request_id, abandoned=left)))
+        return await stream_answer(self, request, identity, delta, ending)
 
 
 def usage_of(result: Any) -> dict[str, int]:

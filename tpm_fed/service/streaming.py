@@ -84,6 +84,31 @@ async def live_events(
         forget(not ended)
 
 
+async def stream_answer(
+    serving: Any,
+    request: Any,
+    identity: str,
+    delta: Callable[[int, str], dict[str, Any]],
+    ending: Callable[[Any, dict[int, str], bool], list[dict[str, Any]]],
+) -> LiveStream:
+    """Listen for ``request``'s text, admit it (a refusal is an HTTP error, not a stream), then stream.
+
+    Args:
+        serving: A serving class with ``runtime``, ``observer``, ``streams`` (the hub) and ``base_url``.
+        delta, ending: As :func:`live_events` takes them.
+    """
+    from tpm_fed.service.serving import admit
+
+    listener = serving.streams.listen(request.request_id, serving.base_url)
+    try:
+        outcome = await admit(serving.runtime, request, identity, serving.observer)
+    except BaseException:
+        serving.streams.forget(request.request_id)
+        raise
+    return LiveStream(live_events(listener, outcome, delta, ending,
+                                  lambda left: serving.streams.forget(request.request_id, abandoned=left)))
+
+
 def remainder(text: str, sent: str) -> str:
     """What the final text adds to what was streamed (the final text is the authority)."""
     return text[len(sent):] if text.startswith(sent) else text
