@@ -2,6 +2,9 @@
 
 - :class:`ServiceThread` runs the service's ASGI app under uvicorn in a thread
   of the test process (sharing the session's runtime and its warm replica).
+- :func:`tpm_in_process` runs a ``tpm`` command in the test process (so
+  ``responses`` sees the SDK's requests) and then stops the home's service the
+  command may have started, so no service outlives its test.
 - :class:`GlobusAuthStandIn` answers Globus Auth's token introspection route
   (``POST /v2/oauth2/token/introspect``, HTTP basic auth with the service's
   client id and secret) from a table of tokens, so globus-sdk's real
@@ -100,3 +103,22 @@ def token_answer(username: str, audience: str, *, lifetime_s: float = 3600, acti
     now = time.time()
     return {"active": active, "username": username, "sub": f"sub-{username}", "aud": [audience],
             "exp": int(now + lifetime_s), "iat": int(now), "scope": f"https://auth.globus.org/scopes/{audience}/all"}
+
+
+def tpm_in_process(home_root: Any, monkeypatch: Any, *args: str) -> Any:
+    """Run ``tpm *args`` against the home at ``home_root`` in this process; stop its service after.
+
+    A federation change (``tpm functions register``) goes through the home's
+    service, which the command starts and which would otherwise idle for 30
+    minutes holding the home's database and an older federation.
+    """
+    from click.testing import CliRunner
+
+    from tpm_fed.cli import main
+
+    monkeypatch.setenv("TPM_HOME", str(home_root))
+    try:
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    finally:
+        stopped = CliRunner().invoke(main, ["service", "stop"], catch_exceptions=False)
+        assert stopped.exit_code == 0, stopped.output

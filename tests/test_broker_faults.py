@@ -7,7 +7,7 @@ import pytest
 from tests.test_broker import SU, ask, federation
 from tpm_fed.broker import Broker, ReplicaRegistry, SiteHealth
 from tpm_fed.ledger import Ledger, Metered
-from tpm_fed.protocol.errors import NotLoggedIn, PlacementRefused
+from tpm_fed.protocol.errors import NotLoggedIn
 from tpm_fed.state import open_database
 
 
@@ -30,9 +30,11 @@ def test_a_site_that_needs_a_login_is_out_for_the_request_with_why_and_the_other
 
 
 def test_a_request_pinned_to_a_site_that_needs_a_login_is_refused_with_why(broker):
+    # The login is all that keeps the request out, so the refusal says what to do and why.
     broker.health.watch("near", not_logged_in)
-    with pytest.raises(PlacementRefused, match="NotLoggedIn"):
+    with pytest.raises(NotLoggedIn, match=r"(?s)tpm login.*near: .*NotLoggedIn"):
         broker.admit("r1", ask(project="astro", identity="ana", site="near"))
+    assert broker.ledger.statement() == []
 
 
 def test_a_lost_request_goes_to_a_new_replica_on_its_site_keeping_its_reservation(broker):

@@ -21,11 +21,10 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 import responses
-from click.testing import CliRunner
 
 from tests.compute_service import ACCESS_TOKEN, AUTH, ComputeService, in_process_result_watcher, \
     use_service_credentials
-from tests.service_helpers import ServiceThread, token_answer
+from tests.service_helpers import ServiceThread, token_answer, tpm_in_process
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 
@@ -72,7 +71,6 @@ def served(cloud, tmp_path, demo_model_dir, monkeypatch):
     """A federation with lab's own endpoint (byo) and a shared one (rcc), both Globus Compute, served."""
     import globus_sdk
 
-    from tpm_fed.cli import main
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import GlobusTokens
     from tpm_fed.service.callers import GlobusCallers
@@ -93,9 +91,8 @@ def served(cloud, tmp_path, demo_model_dir, monkeypatch):
         projects=[ProjectConfig(name="lab", members=[ANA, BO]),
                   ProjectConfig(name="astro", members=[ANA], allocations={"rcc": 100.0})],
     ).dump(home.federation_file)
-    monkeypatch.setenv("TPM_HOME", str(home.root))
     for site in ("lab-cluster", "rcc"):  # an operator registers the serving function, with the service's login
-        registered = CliRunner().invoke(main, ["functions", "register", "--site", site], catch_exceptions=False)
+        registered = tpm_in_process(home.root, monkeypatch, "functions", "register", "--site", site)
         assert registered.exit_code == 0, registered.output
     auth = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(CLIENT_ID, SECRET))
     runtime = Runtime(home, callers=GlobusCallers(auth.dependent_tokens))
@@ -140,12 +137,14 @@ def test_byo_tasks_go_out_as_each_caller_and_shared_ones_as_the_service(cloud, s
     assert sorted(s["authorization"] for s in to_lab) == sorted(as_whom)  # one submission each, as themselves
     for submission in to_lab:
         assert _prompts_of(submission) == as_whom[submission["authorization"]]  # never another caller's task
+        assert submission.get("task_group_id") is None  # a task group of its own, never another caller's
 
     shared = _complete(url, "ana-token", "A shared question", project="astro", site="rcc")
     assert shared.status_code == 200, shared.text
     [to_rcc] = [s for s in cloud.submissions if s["endpoint_id"] == shared_endpoint]
     assert to_rcc["authorization"] == f"Bearer {ACCESS_TOKEN}"  # the service's own client credentials
     assert _prompts_of(to_rcc) == ["A shared question"]
+    assert to_rcc.get("task_group_id") is None
 
 
 def test_a_caller_the_service_cannot_act_for_is_refused_and_nothing_is_submitted(cloud, served):

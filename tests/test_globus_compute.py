@@ -24,6 +24,7 @@ from tests.compute_service import (
     use_service_credentials,
     use_user_login,
 )
+from tests.service_helpers import tpm_in_process
 from tpm_fed.service.runtime import Runtime
 from tpm_fed.protocol.code_version import serving_code_version
 from tpm_fed.protocol.errors import (
@@ -91,39 +92,8 @@ def write_federation(home: TpmHome, endpoint_id: str, **gc_fields) -> None:
 
 
 def tpm(home: TpmHome, monkeypatch, *args: str):
-    """Run ``tpm`` in this process, so ``responses`` sees the SDK's requests.
-
-    A federation change goes through the home's service, which the command
-    starts; it is stopped after, so no service outlives its test holding the
-    home's database and an older federation (each test writes its own).
-    """
-    from tpm_fed.cli import main
-
-    monkeypatch.setenv("TPM_HOME", str(home.root))
-    try:
-        return CliRunner().invoke(main, list(args), catch_exceptions=False)
-    finally:
-        _stop_service(home)
-
-
-def _stop_service(home: TpmHome) -> None:
-    import os
-    import signal
-    import time
-
-    from tpm_fed.connection import running_service
-
-    address = running_service(home)
-    if address is None or address.pid is None:
-        return
-    os.kill(address.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            os.kill(address.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
+    """Run ``tpm`` in this process, so ``responses`` sees the SDK's requests (its service stopped after)."""
+    return tpm_in_process(home.root, monkeypatch, *args)
 
 
 def test_registered_function_serves_through_the_sdk_executor(cloud, gc_home, monkeypatch):

@@ -104,6 +104,12 @@ class GlobusComputeSite:
                 resource_specification=self.site_config.resource_specification,
                 label=f"tpm-{self.name}",
             )
+            # The SDK gives a new Executor the last task group any Executor in the process used
+            # (a class-wide default), so every site and every caller would share one task group
+            # and one result watcher: a caller's tasks would join another identity's group, and a
+            # watcher bound to a stopped executor's client would hold every later result. Each
+            # executor starts its own group; the web service names it on the first submission.
+            self._executor.task_group_id = None
         return self._executor
 
     def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]:
