@@ -118,25 +118,36 @@ def amqp_cloud(rabbitmq, tmp_path_factory):
             CliRunner().invoke(main, ["service", "stop"], catch_exceptions=False)
             assert registered.exit_code == 0, registered.output
             yield Cloud(service, rabbitmq, proxy, home, deliveries)
-            # Watchers whose executors were shut down may still be reconnecting after a cut:
-            # end them while the web service still answers them.
-            for watcher in list(sdk_executor._RESULT_WATCHERS.values()):
-                watcher.shutdown(wait=False, cancel_futures=True)
-                watcher.join(timeout=60)
+            end_result_watchers()
     finally:
         service.stop()
         proxy.close()
 
 
+def end_result_watchers() -> None:
+    """End the SDK's result watchers while the web service still answers them.
+
+    The SDK keeps a task group's watcher (and its AMQP connection) after its
+    executor shuts down; one left by an earlier test would also be cut by the
+    broker and reconnect through the proxy, and be counted as this test's.
+    """
+    import globus_compute_sdk.sdk.executor as sdk_executor
+
+    for watcher in list(sdk_executor._RESULT_WATCHERS.values()):
+        watcher.shutdown(wait=False, cancel_futures=True)
+        watcher.join(timeout=60)
+
+
 @pytest.fixture
 def cloud(amqp_cloud):
-    """Each test starts from a clean link, no held or doubled results, no task groups seen."""
+    """Each test starts from a clean link, no held or doubled results, no task groups or watchers."""
     amqp_cloud.proxy.cut()
     amqp_cloud.service.duplicate_results = False
     amqp_cloud.service.hold_results = False
     amqp_cloud.service.result_queues.clear()
     amqp_cloud.deliveries.clear()
-    return amqp_cloud
+    yield amqp_cloud
+    end_result_watchers()
 
 
 def assert_charged_once(runtime: Runtime, result) -> None:

@@ -97,6 +97,7 @@ class GlobusComputeSite:
         from globus_compute_sdk import Executor
 
         if self._executor is None or self._executor._stopped:
+            task_group = None if self._executor is None else self._executor.task_group_id
             self._executor = Executor(
                 endpoint_id=self.endpoint_id,
                 client=self._client_now(),
@@ -108,8 +109,10 @@ class GlobusComputeSite:
             # (a class-wide default), so every site and every caller would share one task group
             # and one result watcher: a caller's tasks would join another identity's group, and a
             # watcher bound to a stopped executor's client would hold every later result. Each
-            # executor starts its own group; the web service names it on the first submission.
-            self._executor.task_group_id = None
+            # site (one identity) keeps its own group, named by the web service on the first
+            # submission and kept when the executor is replaced, so its result watcher (one
+            # AMQP connection) is reused rather than left behind.
+            self._executor.task_group_id = task_group
         return self._executor
 
     def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]:
