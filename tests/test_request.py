@@ -29,6 +29,8 @@ def test_request_ids_are_unique():
         ("x", {"max_new_tokens": 0}, "max_new_tokens"),
         ("x", {"max_new_tokens": -3}, "max_new_tokens"),
         ("x", {"temperature": -0.1}, "temperature"),
+        ("x", {"temperature": float("inf")}, "temperature"),  # sampling would divide by it
+        ("x", {"temperature": float("nan")}, "temperature"),
         ("x", {"top_p": 0.0}, "top_p"),
         ("x", {"top_p": 1.5}, "top_p"),
         ("x", {"seed": -1}, "seed"),
@@ -55,3 +57,12 @@ def test_model_ref_round_trips_as_text():
 def test_min_new_tokens_cannot_exceed_max():
     with pytest.raises(InvalidRequest, match="min_new_tokens"):
         GenerationRequest.create("x", "m", max_new_tokens=4, min_new_tokens=5)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("-inf"), float("nan")])
+def test_an_injection_scale_that_is_not_finite_is_refused(scale):
+    from tpm_fed.protocol.requests import TraceRequest
+
+    inject = {"op": "inject", "point": "model.layers.1.self_attn", "text": " stars", "scale": scale}
+    with pytest.raises(InvalidRequest, match="scale"):
+        TraceRequest.create("m", prompts=["The cell"], steps=[inject])

@@ -71,7 +71,7 @@ class Point:
 
 
 class _Step(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     point: str
     positions: list[int] | None = Field(default=None, min_length=1)
@@ -179,7 +179,7 @@ class LogitLens(BaseModel):
         top_k: Tokens kept per layer and position.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     layers: list[int] | None = Field(default=None, min_length=1)
     positions: list[int] | None = Field(default=None, min_length=1)
@@ -196,7 +196,7 @@ class AttentionLens(BaseModel):
         top_k: Tokens kept per layer, head and position.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     layers: list[int] | None = Field(default=None, min_length=1)
     heads: list[int] | None = Field(default=None, min_length=1)
@@ -207,6 +207,6 @@ class AttentionLens(BaseModel):
 class AttentionPatterns(BaseModel):
     """Attention weights (heads x query x key) of the chosen layers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     layers: list[int] | None = Field(default=None, min_length=1)

@@ -33,7 +33,7 @@ def describe_validation_error(error: ValidationError) -> str:
 class ModelRef(BaseModel):
     """A model name with an optional version (a version id prefix or a tag)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     version: str | None = None
@@ -89,7 +89,7 @@ class ServingRequest(BaseModel):
         request_id: Unique id, used for the request log and billing.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model: ModelRef
     project: str | None = None
@@ -204,7 +204,7 @@ class PythonHook(BaseModel):
     function as Globus Compute's serializer packs it.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     point: str
     code: str = Field(min_length=1)
