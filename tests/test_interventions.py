@@ -16,8 +16,8 @@ import torch
 
 from tpm_fed.protocol.errors import InvalidRequest, PayloadTooLarge, PlacementRefused, UnknownPoint
 from tpm_fed.interventions import (
-    Ablate, Add, AttentionLens, AttentionPatterns, Inject, LogitLens, Patch, PythonHook, Save, Scale, Set,
-    TraceRequest,
+    Ablate, Add, AttentionLens, AttentionPatterns, Inject, LogitLens, Patch, PythonHook, Reduce, Save, Scale,
+    Set, TraceRequest,
 )
 from tpm_fed.protocol.tensors import TensorData
 
@@ -210,6 +210,9 @@ def test_spec_is_plain_json_both_ways():
     ([Ablate(point="model.layers.1.self_attn.heads[4]")], UnknownPoint, "heads 0..3"),
     ([Add(point="model.layers.1", value=TensorData.of(np.ones(64, np.float32)))], InvalidRequest, r"expected \[128\]"),
     ([Inject(point="model.layers.1.mlp.gate_proj", text="x")], InvalidRequest, "hidden size"),
+    ([Save(point="model.layers.1", reduce=Reduce(op="mean", over="heads"))], InvalidRequest, "no heads axis"),
+    ([Save(point="model.layers.1", reduce=Reduce(op="project", vectors=TensorData.of(np.ones((2, 64), np.float32))))],
+     InvalidRequest, "vectors have 64 features; the point has 128"),
 ])
 def test_bad_specs_are_refused_at_the_edge_listing_valid_names(runtime, steps, error, message):
     before = runtime.ledger.balances(runtime.project_for(runtime.owner, None))
@@ -225,7 +228,8 @@ def test_bad_specs_are_refused_at_the_edge_listing_valid_names(runtime, steps, e
     {"steps": [Ablate(point="model.layers.1.self_attn.heads[4]")]},
     {"attention_lens": AttentionLens(heads=[7])},
     {"logit_lens": LogitLens(layers=[9])},
-], ids=["add-shape", "set-rows", "inject-width", "head", "lens-head", "lens-layer"])
+    {"steps": [Save(point="model.layers.1", reduce=Reduce(op="max", over="heads"))]},
+], ids=["add-shape", "set-rows", "inject-width", "head", "lens-head", "lens-layer", "reduce-axis"])
 def test_the_worker_refuses_a_bad_spec_with_the_clients_own_words(runtime, reference_model, request_fields):
     """One check in the contract: the worker, handed a spec the runtime would refuse, refuses it alike."""
     from functions.interventions.tracer import Tracer
@@ -238,6 +242,39 @@ def test_the_worker_refuses_a_bad_spec_with_the_clients_own_words(runtime, refer
         Tracer(model, tokenizer, 256, {2}, 0).run(TraceRequest.create("demo-llama", prompts=[PROMPT], **request_fields),
                                                   policy=WorkerPolicy())
     assert type(at_worker.value) is type(at_client.value) and str(at_worker.value) == str(at_client.value)
+
+
+PROJECTION = TensorData.of(np.random.default_rng(7).standard_normal((3, 128)).astype(np.float32))
+
+
+@pytest.mark.parametrize(("point", "reduce", "by_hand"), [
+    ("model.layers.1", Reduce(op="mean"), lambda t: t.mean(dim=0)),
+    ("model.layers.1", Reduce(op="max"), lambda t: t.amax(dim=0)),
+    ("model.layers.2.mlp", Reduce(op="norm"), lambda t: torch.linalg.vector_norm(t, dim=-1)),
+    ("model.layers.1.self_attn.heads[*]", Reduce(op="mean", over="heads"), lambda t: t.mean(dim=1)),
+    ("model.layers.1.self_attn.heads[2]", Reduce(op="max", over="features"), lambda t: t.amax(dim=-1)),
+    ("model.layers.1", Reduce(op="project", vectors=PROJECTION), lambda t: t @ PROJECTION.torch().T),
+], ids=["mean-positions", "max-positions", "norm", "mean-heads", "max-features", "project"])
+def test_a_worker_side_reduction_equals_the_reduction_by_hand(runtime, point, reduce, by_hand):
+    """The replica reduces the tensor it saved; by hand, the same reduction of the whole tensor."""
+    whole = runtime.trace(PROMPT, steps=[Save(point=point, name="whole")]).result()
+    reduced = runtime.trace(PROMPT, steps=[Save(point=point, name="reduced", reduce=reduce)]).result()
+    full = torch.from_numpy(whole.saved("whole"))
+    expected = by_hand(full)
+    assert reduced.saved("reduced").shape == tuple(expected.shape) == reduce.shape(tuple(full.shape))
+    torch.testing.assert_close(torch.from_numpy(reduced.saved("reduced")), expected, rtol=1e-6, atol=1e-6)
+    assert reduced.usage.activation_bytes < whole.usage.activation_bytes  # only the reduction moved, and was charged
+
+
+def test_a_reduction_is_refused_when_its_parts_do_not_fit_together():
+    for spec, message in [({"op": "project"}, "needs vectors"),
+                          ({"op": "mean", "vectors": PROJECTION.model_dump()}, "only 'project' takes them"),
+                          ({"op": "project", "over": "positions", "vectors": PROJECTION.model_dump()}, "contracts"),
+                          ({"op": "mean", "over": "tokens"}, "over"),
+                          ({"op": "median"}, "op")]:
+        with pytest.raises(InvalidRequest, match=message):
+            TraceRequest.create("demo-llama", prompts=["x"], steps=[{"op": "save", "point": "model.layers.1",
+                                                                     "reduce": spec}])
 
 
 def test_bad_tensors_and_indexes_are_refused():

@@ -300,7 +300,12 @@ class _Run:
 
         from tpm_fed.protocol.tensors import pack_tensors
 
-        tensors: dict[str, Any] = {name: torch.cat(parts, dim=0) for name, parts in self.saved.items()}
+        reductions = {step.key: step.reduce for step in self.request.steps if step.op == "save" and step.reduce}
+        tensors: dict[str, Any] = {}
+        for name, parts in self.saved.items():
+            saved = torch.cat(parts, dim=0)
+            reduce = reductions.get(name.split(":", 1)[1])
+            tensors[name] = saved if reduce is None else _reduced(saved, reduce)
         vocab_ids: set[int] = set()
         if self.request.logit_lens is not None:
             vocab_ids |= self._logit_lens(tensors)
@@ -394,3 +399,21 @@ class _Run:
     def _attention_layers(self) -> list[int]:
         lens = self.request.attention_lens
         return sorted({self._layer_index(i) for i in lens.layers or range(len(self.catalog.layers))})
+
+
+def _reduced(saved, reduce):
+    """``saved`` reduced as the caller asked, computed in float32 and returned in the model's dtype."""
+    import torch
+
+    values = saved.float()
+    if reduce.op == "project":
+        vectors = reduce.vectors.torch().float()
+        return (values @ vectors.T).to(saved.dtype)
+    dim = reduce.dim(values.dim())
+    if reduce.op == "mean":
+        out = values.mean(dim=dim)
+    elif reduce.op == "max":
+        out = values.amax(dim=dim)
+    else:
+        out = torch.linalg.vector_norm(values, dim=dim)
+    return out.to(saved.dtype)

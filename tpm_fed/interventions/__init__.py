@@ -10,6 +10,7 @@ from tpm_fed.protocol.interventions import (
     LogitLens,
     Patch,
     Point,
+    Reduce,
     Save,
     Scale,
     Set,
@@ -17,5 +18,5 @@ from tpm_fed.protocol.interventions import (
 
 __all__ = [
     "Ablate", "Add", "AttentionLens", "AttentionPatterns", "Inject", "LogitLens", "Patch", "Point",
-    "PythonHook", "Save", "Scale", "Set", "TraceRequest",
+    "PythonHook", "Reduce", "Save", "Scale", "Set", "TraceRequest",
 ]

@@ -95,11 +95,60 @@ class _Step(BaseModel):
         return Point.parse(self.point)
 
 
+Axis = Literal["positions", "heads", "features"]
+
+
+class Reduce(BaseModel):
+    """A reduction the worker applies to a saved tensor, so only what is needed moves.
+
+    A saved tensor is ``[positions, *features]`` (``heads[*]``: ``[positions,
+    heads, head width]``). ``mean``, ``max`` and ``norm`` (L2) remove one axis:
+    ``over`` positions by default (``norm``: features); ``heads`` exists only
+    at a ``heads[*]`` point. ``project`` contracts the feature axis with the
+    rows of ``vectors`` (``[k, features]``): ``[positions, ..., k]``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    op: Literal["mean", "max", "norm", "project"]
+    over: Axis | None = None
+    vectors: TensorData | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Reduce:
+        if (self.op == "project") != (self.vectors is not None):
+            raise ValueError("reduce: 'project' needs vectors, and only 'project' takes them")
+        if self.op == "project" and self.over not in (None, "features"):
+            raise ValueError(f"reduce: 'project' contracts the features; it cannot be over {self.over}")
+        if self.vectors is not None and len(self.vectors.shape) != 2:
+            raise ValueError(f"reduce: vectors must be [k, features]; got shape {list(self.vectors.shape)}")
+        return self
+
+    @property
+    def axis(self) -> Axis:
+        return self.over or ("positions" if self.op in ("mean", "max") else "features")
+
+    def dim(self, ndim: int) -> int:
+        """Which dimension of a ``ndim``-dimensional saved tensor the reduction acts on."""
+        return {"positions": 0, "heads": 1, "features": ndim - 1}[self.axis]
+
+    def shape(self, saved: tuple[int, ...]) -> tuple[int, ...]:
+        """The reduced shape of a saved tensor of shape ``saved``."""
+        if self.op == "project":
+            return (*saved[:-1], self.vectors.shape[0])
+        dim = self.dim(len(saved))
+        return saved[:dim] + saved[dim + 1:]
+
+
 class Save(_Step):
-    """Return the tensor at the point (``name`` keys it in the result; the point by default)."""
+    """Return the tensor at the point (``name`` keys it in the result; the point by default).
+
+    With ``reduce``, the worker returns the reduction instead of the tensor.
+    """
 
     op: Literal["save"] = "save"
     name: str | None = Field(default=None, pattern=r"^[\w.\[\]*:-]+$")
+    reduce: Reduce | None = None
 
     @property
     def key(self) -> str:

@@ -278,12 +278,12 @@ class TraceRequest(ServingRequest):
         for step in self.steps:
             if not isinstance(step, Save):
                 continue
-            point = step.address
-            width = math.prod(catalog.features(point))
+            features = catalog.features(step.address)
             for prompt in step.prompts or range(len(self.prompts)):
                 rows = len(step.positions) if step.positions else prompt_tokens[prompt]
                 rows += self.max_new_tokens if step.generated else 0
-                total += rows * width * item_bytes + TENSOR_HEADER_BYTES
+                shape = (rows, *features) if step.reduce is None else step.reduce.shape((rows, *features))
+                total += math.prod(shape) * item_bytes + TENSOR_HEADER_BYTES
         for prompt_len in prompt_tokens:
             if self.logit_lens is not None:
                 positions = len(self.logit_lens.positions or []) or prompt_len

@@ -41,6 +41,8 @@ def check_spec(request: TraceRequest, points: PointCatalog) -> None:
             if shape != features and not (per_position and shape == (per_position, *features)):
                 rows = f"[{per_position}, {', '.join(map(str, features))}]" if per_position else "[positions, ...]"
                 raise InvalidRequest(f"{where}: value has shape {list(shape)}; expected {list(features)} or {rows}")
+        if step.op == "save" and step.reduce is not None:
+            check_reduce(where, step.reduce, features)
         if step.op == "inject" and features != (points.hidden_size,):
             raise InvalidRequest(f"{where}: memory injection needs a point of the hidden size "
                                  f"{points.hidden_size}; this one has {list(features)}")
@@ -55,6 +57,16 @@ def check_spec(request: TraceRequest, points: PointCatalog) -> None:
             for head in request.attention_lens.heads or []:
                 if not 0 <= head < info.heads:
                     raise InvalidRequest(f"attention_lens: head {head} is out of range; {name} has heads 0..{info.heads - 1}")
+
+
+def check_reduce(where: str, reduce, features: tuple[int, ...]) -> None:
+    """A reduction names an axis the saved tensor has; projection vectors match its features."""
+    if reduce.axis == "heads" and len(features) != 2:
+        raise InvalidRequest(f"{where}: there is no heads axis to reduce over here; "
+                             f"only a heads[*] point has one (this one is [positions, {features[0]}])")
+    if reduce.op == "project" and reduce.vectors.shape[1] != features[-1]:
+        raise InvalidRequest(f"{where}: projection vectors have {reduce.vectors.shape[1]} features; "
+                             f"the point has {features[-1]}")
 
 
 def step_label(index: int, step) -> str:
