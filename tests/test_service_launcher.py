@@ -147,3 +147,18 @@ def test_an_idle_service_stops_itself(tmp_path, demo_model_dir):
     assert _gone(pid, 30)
     assert not (home.root / "service.json").exists()
     assert "no request for" in (home.root / "service.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_service_started_by_a_long_lived_caller_stops_promptly(tmp_path, demo_model_dir, monkeypatch):
+    """A notebook's Client starts the service as its own child; `tpm service stop` elsewhere still ends it."""
+    from tpm_fed.connection import ensure_service
+
+    home = _home(tmp_path / "home", demo_model_dir)
+    monkeypatch.delenv("TPM_URL", raising=False)
+    address = ensure_service(home, idle_timeout_s=120)  # started from this process: its parent
+    started = time.monotonic()
+    stopped = _tpm(home, "service", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped the service (pid {address.pid})" in stopped.stdout
+    assert time.monotonic() - started < 30  # not the 40 s a zombie would hold it for

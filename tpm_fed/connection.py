@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,10 @@ def _start(home: TpmHome, *, announce: bool, idle_timeout_s: float) -> ServiceAd
                             f"{_tail(log)}")
         address = running_service(home)
         if address is not None and address.pid == process.pid:
+            # A long-lived caller (a notebook's Client, a test) is the service's parent: reap it
+            # when it exits, or it stays a zombie, which `tpm service stop` and running_service
+            # (both probe the pid) would take for a service still running.
+            threading.Thread(target=process.wait, name="tpm-service-reaper", daemon=True).start()
             return address
         time.sleep(0.1)
     process.terminate()
