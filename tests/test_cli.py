@@ -107,6 +107,22 @@ def test_importing_tpm_fed_does_not_import_torch_or_vllm():
     assert done.stdout.strip() == "[]"
 
 
+def test_submit_quote_prints_the_bound_and_runs_nothing(cli_home):
+    before = tpm(cli_home, "usage", "--project", "local").stdout
+    quoted = tpm(cli_home, "submit", "The cell divides", "--max-tokens", "12", "--quote", "--json")
+    assert quoted.returncode == 0, quoted.stderr
+    quote = json.loads(quoted.stdout)
+    assert quote["site"] == "local" and quote["project"] == "local" and 0 < quote["expected_su"] <= quote["max_su"]
+    said = tpm(cli_home, "submit", "The cell divides", "--max-tokens", "12", "--quote")
+    assert said.returncode == 0 and said.stdout.startswith("quote: ") and "Nothing was run or charged" in said.stdout
+    assert tpm(cli_home, "usage", "--project", "local").stdout == before
+
+    ran = tpm(cli_home, "submit", "The cell divides", "--max-tokens", "12", "--json")
+    assert 0 < json.loads(ran.stdout)["charge"]["charged_su"] <= quote["max_su"]
+    refused = tpm(cli_home, "submit", "x", "--quote", "--model", "no-such-model")
+    assert refused.returncode == 1 and "UnknownModel" in refused.stderr
+
+
 def test_accounting_and_own_compute(cli_home, tmp_path):
     me = LocalUser().current()
     assert tpm(cli_home, "sites", "add", "mylab", "--byo", "--project", "local").returncode == 0

@@ -22,6 +22,7 @@ from tpm_fed.home import TpmHome
 from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.quotes import Quote
 from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
 
@@ -131,6 +132,10 @@ class Client:
     def explain(self, request: ServingRequest) -> dict[str, Any]:
         """Where the broker would place ``request`` and why (nothing is reserved or run)."""
         return self._call("POST", "/tpm/v1/explain", json=request.to_wire())
+
+    def quote(self, request: ServingRequest) -> Quote:
+        """The most ``request`` would be charged and when it would be done (nothing is reserved or run)."""
+        return Quote.from_wire(self._call("POST", "/tpm/v1/quotes", json=request.to_wire()))
 
     def points(self, model: str | None = None) -> PointCatalog:
         """Every hookable point of ``model`` with its shape."""

@@ -29,6 +29,7 @@ from tpm_fed.broker.health import SiteHealth
 from tpm_fed.broker.placement import NO_BALANCE, Candidate, Decision, Placer, PlacementRequest
 from tpm_fed.broker.registry import ReplicaRegistry
 from tpm_fed.protocol.errors import InsufficientBalance, NotLoggedIn, NotPermitted, PlacementRefused
+from tpm_fed.protocol.quotes import Quote
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Hold, Ledger
 
@@ -187,6 +188,24 @@ class Broker:
             self.registry.evictable,
             self.balances.available,
             self.health.problem,
+        )
+
+    def quote(self, request: PlacementRequest) -> Quote:
+        """Price ``request`` where it would be placed now (nothing is reserved or started).
+
+        Raises:
+            PlacementRefused, InsufficientBalance, NotLoggedIn, NotPermitted: As :meth:`admit` would.
+        """
+        decision = self.decide(request)
+        chosen = decision.chosen
+        if chosen is None:
+            raise _refusal(decision)
+        worst = 0 if chosen.free else request.estimate_usu + request.cold_start_usu
+        return Quote(
+            project=request.project, model=request.model, version=request.version, kind=request.kind,
+            site=chosen.site, replica=chosen.replica_id, cold=chosen.replica_id is None, free=chosen.free,
+            max_su=worst / 1e6, expected_su=chosen.cost_usu / 1e6, estimated_s=round(chosen.score_s, 3),
+            explanation=decision.explain(),
         )
 
     @_one_at_a_time

@@ -30,11 +30,13 @@ from tpm_fed.protocol.results import GenerationResult
 @click.option("--location", default=None, help="Where you or your data are (a location in the federation).")
 @click.option("--site", default=None, help="Run only on this site.")
 @click.option("--explain", is_flag=True, help="Print the broker's candidates and why the winner won.")
+@click.option("--quote", is_flag=True,
+              help="Print the most it would cost and when it would be done; run nothing, charge nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
 @click.option("--stream/--no-stream", default=True, show_default=True,
               help="Print one prompt's text as it is made (not with --file, --json or --explain).")
 def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed, stop, backend,
-           project, location, site, explain, as_json, stream) -> None:
+           project, location, site, explain, quote, as_json, stream) -> None:
     """Answer PROMPT (or every line of --file) and print the text, usage and model version."""
     prompts = _prompts(prompt, prompt_file)
     with Client(progress=True) as client:
@@ -54,6 +56,9 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
             location=location,
             site=site,
         )  # bad input is refused here, before anything is sent
+        if quote:
+            _print_quote(client.quote(request), as_json, explain)
+            return
         if not _hot(cards, request.model.name):
             click.echo(f"tpm: no warm replica of {request.model.name} yet (a cold start takes seconds)...", err=True)
         if stream and len(prompts) == 1 and not (as_json or explain):
@@ -71,6 +76,19 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
         _print_text(result)
     if explain and not as_json:
         click.echo(result.placement, err=True)
+
+
+def _print_quote(quote, as_json: bool, explain: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(quote.to_wire(), indent=2))
+        return
+    where = f"replica {quote.replica}" if quote.replica else "a new replica (cold start)"
+    cost = (f"free on {quote.project}'s own site" if quote.free
+            else f"at most {quote.max_su:.6f} SU to {quote.project} ({quote.expected_su:.6f} SU as placed now)")
+    click.echo(f"quote: {quote.model}@{quote.version} on {quote.site}, {where}: {cost}; "
+               f"done in about {quote.estimated_s:.1f} s. Nothing was run or charged.")
+    if explain:
+        click.echo(quote.explanation, err=True)
 
 
 def _hot(cards: dict[str, dict], model: str) -> bool:

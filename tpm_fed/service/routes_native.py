@@ -4,6 +4,8 @@
   trace, embed); the answer is the result's wire form (tensors as one
   safetensors blob, base64 in JSON; never a pickle).
 - ``POST /tpm/v1/explain``: where the broker would place a request, and why.
+- ``POST /tpm/v1/quotes``: the most a request would be charged and when it
+  would be done, before anything runs (:class:`~tpm_fed.protocol.quotes.Quote`).
 - ``GET /tpm/v1/requests/{id}``: a request's status (its owner only).
 - ``GET /tpm/v1/usage``, ``GET /tpm/v1/allocations``: the caller's projects only.
 - ``GET /tpm/v1/sites``: sites and replicas.
@@ -40,6 +42,13 @@ async def explain(request: Request, wire: dict[str, Any] = Body(...), identity: 
     chosen = decision.chosen
     return {"site": chosen.site if chosen else None, "replica": chosen.replica_id if chosen else None,
             "refusal": decision.refusal, "explanation": decision.explain()}
+
+
+@router.post("/quotes")
+async def quote(request: Request, wire: dict[str, Any] = Body(...), identity: str = Depends(identity_of)) -> Any:
+    """Price a request of any kind where it would be placed now (nothing is reserved or run)."""
+    priced = await run_in_threadpool(request.app.state.runtime.quote, request_from_wire(wire), identity)
+    return priced.to_wire()
 
 
 @router.get("/requests/{request_id}")

@@ -34,6 +34,7 @@ from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.limits import check_request_size
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.quotes import Quote
 from tpm_fed.protocol.requests import (
     EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest, UsageBound,
 )
@@ -166,9 +167,22 @@ class Runtime:
 
     def explain(self, request: ServingRequest, identity: str | None = None) -> Decision:
         """What the broker would decide for ``request`` (nothing is reserved or run)."""
+        return self.broker.decide(self._priced(request, identity))
+
+    def quote(self, request: ServingRequest, identity: str | None = None) -> Quote:
+        """The most ``request`` would be charged, and when it would be done (nothing is reserved or run).
+
+        Raises:
+            InvalidRequest, PlacementRefused, InsufficientBalance, ...: As :meth:`submit` would.
+        """
+        check_request_size(request)
+        return self.broker.quote(self._priced(request, identity))
+
+    def _priced(self, request: ServingRequest, identity: str | None) -> PlacementRequest:
+        """The edge checks of :meth:`submit`, then what placement needs to know, priced."""
         request, spec, bound = self._check(request, self.catalog.resolve(request.model))
         price = getattr(self.federation.prices, request.kind)
-        return self.broker.decide(self._placement(request, spec, price, bound, identity or self.owner))
+        return self._placement(request, spec, price, bound, identity or self.owner)
 
     def _reroute(self, lost: list[tuple[ServingRequest, BaseException]], spec: ModelSpec
                  ) -> dict[str, Future[ServedResult]]:

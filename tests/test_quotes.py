@@ -1,0 +1,76 @@
+"""Quotes: the most a request would cost and when it would be done, before anything runs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tpm_fed.interventions import LogitLens, Save, TraceRequest
+from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, UnknownModel
+from tpm_fed.protocol.requests import GenerationRequest
+
+
+def _books(runtime, project: str = "tests"):
+    """Everything a quote must leave alone: balances (spent and reserved) and the statement."""
+    return runtime.ledger.balances(project), len(runtime.ledger.statement(project))
+
+
+@pytest.mark.parametrize("request_for", [
+    lambda model: GenerationRequest.create(["The cell", "A star is"], model, max_new_tokens=16),
+    lambda model: TraceRequest.create(model, prompts=["The river carries"], max_new_tokens=4,
+                                      steps=[Save(point="model.layers.1")], logit_lens=LogitLens(top_k=3)),
+], ids=["generate", "trace"])
+def test_a_quote_bounds_the_charge_and_reserves_nothing(http_client, runtime, request_for):
+    request = request_for(str(runtime.default_model()))
+    http_client.submit(request_for(str(runtime.default_model()))).result(120)  # a warm replica to quote
+    before = _books(runtime)
+    quote = http_client.quote(request)
+    assert _books(runtime) == before  # nothing reserved, nothing charged
+    assert quote.project == "tests" and quote.kind == request.kind and not quote.cold and not quote.free
+    assert 0 < quote.expected_su < quote.max_su  # a cold start is in the bound, not in the placement
+    assert quote.estimated_s > 0 and quote.site in quote.explanation
+
+    result = http_client.submit(request).result(120)
+    assert (result.site, result.version) == (quote.site, quote.version)
+    assert 0 < result.charge.charged_su <= quote.expected_su <= quote.max_su
+
+
+def test_a_quote_where_a_replica_must_start_counts_the_cold_start(tmp_path, demo_model_dir):
+    """A fresh home: the quote names a new replica and its cold start; the charge stays under it."""
+    from pathlib import Path
+
+    from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+    from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
+    from tpm_fed.identity import LocalUser
+    from tpm_fed.service.runtime import Runtime
+
+    fresh = TpmHome(tmp_path / "home")
+    shutil.copytree(demo_model_dir, fresh.models_dir / DEMO_MODEL_NAME)
+    Federation(
+        name="quotes",
+        sites=[SiteConfig(name="local", cold_start_s=20.0)],
+        models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
+        projects=[ProjectConfig(name="quotes", members=[LocalUser().current()], allocations={"local": 100.0})],
+    ).dump(fresh.federation_file)
+    with Runtime(fresh) as runtime:
+        request = GenerationRequest.create("The cell", DEMO_MODEL_NAME, max_new_tokens=8)
+        quote = runtime.quote(request)
+        assert quote.cold and quote.replica is None
+        assert quote.expected_su == quote.max_su > 0
+        assert quote.estimated_s >= 20.0  # the site's cold start is in the estimate
+        assert runtime.ledger.statement() == [] and runtime.broker.registry.all() == []  # nothing started
+        result = runtime.submit(request).result(300)
+    assert result.charge.charged_su <= quote.max_su
+
+
+def test_a_bad_request_is_refused_as_submit_would_and_costs_nothing(http_client, runtime):
+    model = str(runtime.default_model())
+    before = _books(runtime)
+    with pytest.raises(UnknownModel):
+        http_client.quote(GenerationRequest.create("x", "no-such-model"))
+    with pytest.raises(NotPermitted):
+        http_client.quote(GenerationRequest.create("x", model, project="not-mine"))
+    with pytest.raises(InvalidRequest, match="location"):
+        http_client.quote(GenerationRequest.create("x", model, location="the-moon"))
+    assert _books(runtime) == before
