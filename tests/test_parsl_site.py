@@ -70,7 +70,7 @@ def test_slurm_config_builds_its_provider_and_launcher_without_starting(tmp_path
         site.shutdown()
 
 
-def test_a_broken_engine_config_is_refused_with_the_loaders_message(tmp_path, monkeypatch):
+def test_a_broken_engine_config_is_refused_with_the_loaders_message(tmp_path, monkeypatch, demo_model_dir):
     broken = tmp_path / "broken.yaml"
     broken.write_text((CONFIGS / "workstation.yaml").read_text().replace("LocalProvider", "LocalProvidr"))
     with pytest.raises(FederationConfigError, match="LocalProvidr"):
@@ -78,10 +78,16 @@ def test_a_broken_engine_config_is_refused_with_the_loaders_message(tmp_path, mo
 
     from tpm_fed.cli import main
 
-    monkeypatch.setenv("TPM_HOME", str(tmp_path / "home"))
-    result = CliRunner().invoke(main, ["sites", "add", "typo", "--engine-config", str(broken)])
+    home = TpmHome(tmp_path / "home")
+    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)  # the embedded default, without training
+    home.ensure_embedded_default(progress=False)
+    monkeypatch.setenv("TPM_HOME", str(home.root))
+    try:
+        result = CliRunner().invoke(main, ["sites", "add", "typo", "--engine-config", str(broken)])
+    finally:
+        CliRunner().invoke(main, ["service", "stop"])
     assert result.exit_code == 1 and "LocalProvidr" in result.output
-    assert "typo" not in {s.name for s in Federation.load(tmp_path / "home" / "federation.yaml").sites}
+    assert "typo" not in {s.name for s in Federation.load(home.federation_file).sites}
 
 
 def test_site_fields_must_match_the_access():

@@ -80,11 +80,13 @@ LOST = SiteError("site 'local': the worker running the task was lost (WorkerLost
 def test_a_batch_lost_with_its_worker_is_sent_again_and_charged_once(held):
     runtime, site = held
     futures = [runtime.generate(f"prompt {i}", max_new_tokens=1) for i in range(3)]
-    first = site.task(0)[1]
+    first = {r["request_id"] for r in site.task(0)[1]}
     site.fail(0, LOST)
-    again = site.task(1)[1]
-    assert sorted(r["request_id"] for r in again) == sorted(r["request_id"] for r in first)
+    again = {r["request_id"] for r in site.task(1)[1]}
+    assert first <= again  # every request of the lost batch goes again (ones that came after may join it)
     site.answer(1)
+    if len(first | again) < len(futures):  # on a busy machine a request missed both: it has its own task
+        site.answer(2)
     results = [f.result(timeout=30) for f in futures]
     assert all(r.texts == ["ok"] and r.charge.charged_su > 0 for r in results)
     lines = charges(runtime)
@@ -92,7 +94,7 @@ def test_a_batch_lost_with_its_worker_is_sent_again_and_charged_once(held):
     assert sum(c.charged_usu for c in lines.values()) == sum(b.spent_usu for b in runtime.ledger.balances())
     assert nothing_reserved(runtime)
     assert all(runtime.log.status_of(r.request_id) == "done" for r in results)
-    assert len(site.tasks) == 2
+    assert len(site.tasks) == (2 if len(first | again) == len(futures) else 3)
 
 
 def test_a_request_lost_twice_fails_typed_and_its_reservation_is_released(held):

@@ -24,7 +24,10 @@ from tpm_fed.home import TpmHome
 from tpm_fed.protocol.errors import SiteError
 
 START_TIMEOUT_S = 180.0
-"""The first start of a home also makes the demo model (~15 s); a slow machine gets room."""
+"""How long a starting service may go without a word in its log before it is given up on.
+
+The first start of a home also trains the demo model, which prints its
+progress: on a slow or busy machine that takes minutes, and is not a hang."""
 
 DEFAULT_IDLE_TIMEOUT_S = 1800.0
 """A service started for a home stops after this long without requests."""
@@ -113,8 +116,10 @@ def _start(home: TpmHome, *, announce: bool, idle_timeout_s: float) -> ServiceAd
              "--idle-timeout", str(idle_timeout_s)],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline, logged = time.monotonic() + START_TIMEOUT_S, _size(log)
     while time.monotonic() < deadline:
+        if _size(log) != logged:  # still making progress (the demo model's training prints it)
+            deadline, logged = time.monotonic() + START_TIMEOUT_S, _size(log)
         if process.poll() is not None:
             raise SiteError(f"the service for {home.root} exited with status {process.returncode}:\n"
                             f"{_tail(log)}")
@@ -127,7 +132,15 @@ def _start(home: TpmHome, *, announce: bool, idle_timeout_s: float) -> ServiceAd
             return address
         time.sleep(0.1)
     process.terminate()
-    raise SiteError(f"the service for {home.root} did not answer within {START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+    raise SiteError(f"the service for {home.root} did not answer, nor log progress, for {START_TIMEOUT_S:.0f} s:\n"
+                    f"{_tail(log)}")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _alive(pid: int) -> bool:
