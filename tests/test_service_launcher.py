@@ -54,6 +54,18 @@ def _stop(home: TpmHome) -> None:
     _tpm(home, "service", "stop")
 
 
+def _session(leader: int) -> list[int]:
+    """Every other process in ``leader``'s session (Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) != leader and os.getsid(int(entry.name)) == leader:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _gone(pid: int, within_s: float) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -117,11 +129,15 @@ def test_a_killed_service_is_replaced_on_the_next_submit(tmp_path, demo_model_di
     try:
         _submit(home)
         old = _service_pid(home)
+        left = _session(old)  # its site's interchange and workers (they hold the replica)
+        assert left
         os.kill(old, signal.SIGKILL)
         assert _gone(old, 10)
         assert (home.root / "service.json").exists()  # stale: its process is gone
+        assert all(not _gone(pid, 0.1) for pid in left)  # orphaned, still holding the replica's memory
         assert _submit(home)["usage"]["completion_tokens"] > 0
         assert _service_pid(home) != old
+        assert all(_gone(pid, 10) for pid in left)  # the new service's start ended them
     finally:
         _stop(home)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -109,6 +110,7 @@ def _start(home: TpmHome, *, announce: bool, idle_timeout_s: float) -> ServiceAd
     log = home.root / "service.log"
     if announce:
         print(f"tpm: starting the service for {home.root} (first call: seconds; log: {log})", file=sys.stderr)
+    _end_leftovers(home)
     (home.root / "service.json").unlink(missing_ok=True)  # stale: its process is gone
     with open(log, "ab") as output:
         process = subprocess.Popen(
@@ -141,6 +143,29 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _end_leftovers(home: TpmHome) -> None:
+    """Stop what a killed service left running: its sites' interchanges and workers.
+
+    A service stopped any other way stops them itself. Killed, it leaves them
+    holding their replicas' memory with nothing to serve; they are in its
+    session (it starts as a session leader), so they are found by that. Only
+    the caller's own processes are touched, and only on Linux (``/proc``).
+    """
+    try:
+        old = json.loads((home.root / "service.json").read_text()).get("pid")
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, int) or _alive(old):
+        return
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(entry.name)
+            if os.getsid(pid) == old and entry.stat().st_uid == os.getuid():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours
 
 
 def _alive(pid: int) -> bool:
