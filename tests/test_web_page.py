@@ -347,3 +347,39 @@ def test_an_operator_sees_every_project_and_a_stranger_none(runtime, service, br
         assert text_of(browser, "#projects-scope") == "stranger@elsewhere is a member of no project."
         assert not browser.find_elements(By.CSS_SELECTOR, "tr[data-request-id]")
         assert text_of(browser, "#allocations-rows") == "none"
+
+
+def test_the_playground_chats_with_the_models_template_and_shows_a_refusal_clearly(service, browser):
+    """Chat mode streams the same text as the chat route answers whole; a model with no template is refused."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(f"{service.url}/#token={service.token}")
+    wait_for(browser, lambda d: text_of(d, "#who"), message="the token link did not sign in")
+    open_tab(browser, "playground")
+    message = "Which way does the river run?"
+
+    def ask(model: str) -> None:
+        Select(browser.find_element(By.ID, "pg-mode")).select_by_value("chat")
+        Select(browser.find_element(By.ID, "pg-model")).select_by_value(model)
+        for field, value in (("pg-prompt", message), ("pg-max-tokens", "10"), ("pg-temperature", "0")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        click(browser, "#pg-send")
+
+    ask("demo-chat")
+    assert text_of(browser, "#pg-prompt-label") == "Message"
+    wait_for(browser, lambda d: text_of(d, "#pg-charge"), COLD_START_WAIT_S, "no chat answer finished")
+    answer = browser.execute_script("return document.getElementById('pg-answer').textContent")
+    whole = httpx.post(f"{service.url}/v1/chat/completions", headers=service.headers, timeout=COLD_START_WAIT_S,
+                       json={"model": "demo-chat", "messages": [{"role": "user", "content": message}],
+                             "max_tokens": 10, "temperature": 0}).json()
+    assert answer and answer == whole["choices"][0]["message"]["content"]  # greedy: the same turn
+    assert text_of(browser, "#pg-error") == ""
+
+    ask(DEMO_MODEL_NAME)  # no chat template: refused before anything runs, and the page says why
+    wait_for(browser, lambda d: text_of(d, "#pg-error"), COLD_START_WAIT_S, "the refusal was not shown")
+    assert "chat template" in text_of(browser, "#pg-error")
+    assert text_of(browser, "#pg-state") == "failed"
+    screenshot(browser, "playground-chat")

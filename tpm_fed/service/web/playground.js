@@ -1,6 +1,8 @@
-// The playground: one completion, streamed. The answer grows as chunks
-// arrive (POST /v1/completions with `stream: true`); the last chunk carries
-// the usage and the `tpm` object (charge, exact version, where it ran).
+// The playground: one completion, or one chat turn, streamed. The answer
+// grows as chunks arrive (POST /v1/completions or /v1/chat/completions with
+// `stream: true`); the last chunk carries the usage and the `tpm` object
+// (charge, exact version, where it ran). Chat formats the message with the
+// model's own chat template; a model without one is refused with a clear error.
 
 import { ApiError, stream } from "./api.js";
 import { el, formatSeconds, formatSu, showError } from "./dom.js";
@@ -16,7 +18,24 @@ export function offerModels(cards) {
   if (usable.some((card) => card.id === chosen)) select.value = chosen;
 }
 
+/** What each mode sends, and where the text is in its chunks. */
+const MODES = {
+  completion: {
+    route: "/v1/completions",
+    ask: (text) => ({ prompt: text }),
+    text: (choice) => choice.text ?? "",
+  },
+  chat: {
+    route: "/v1/chat/completions",
+    ask: (text) => ({ messages: [{ role: "user", content: text }] }),
+    text: (choice) => choice.delta?.content ?? "",
+  },
+};
+
 export function setUpPlayground(onAnswered) {
+  $("pg-mode").onchange = () => {
+    $("pg-prompt-label").textContent = $("pg-mode").value === "chat" ? "Message" : "Prompt";
+  };
   $("playground-form").onsubmit = async (event) => {
     event.preventDefault();
     const send = $("pg-send");
@@ -40,21 +59,22 @@ async function complete() {
   $("pg-receipt").hidden = true;
   showError($("pg-error"), null);
   $("pg-state").textContent = "waiting for a replica…";
+  const mode = MODES[$("pg-mode").value];
   const body = {
     model: $("pg-model").value,
-    prompt: $("pg-prompt").value,
+    ...mode.ask($("pg-prompt").value),
     max_tokens: Number($("pg-max-tokens").value),
     temperature: Number($("pg-temperature").value),
     stream: true,
     stream_options: { include_usage: true },
   };
   let last = null;
-  for await (const chunk of stream("/v1/completions", body)) {
+  for await (const chunk of stream(mode.route, body)) {
     if (chunk.error) throw new ApiError(500, chunk.error.message ?? "the stream failed");
     for (const choice of chunk.choices ?? []) {
       answer.dataset.state = "streaming";
       $("pg-state").textContent = "streaming…";
-      answer.append(choice.text ?? "");
+      answer.append(mode.text(choice));
     }
     if (chunk.usage) last = chunk;
   }
