@@ -157,12 +157,17 @@ def _end_leftovers(home: TpmHome) -> None:
         old = json.loads((home.root / "service.json").read_text()).get("pid")
     except (OSError, ValueError):
         return
-    if not isinstance(old, int) or _alive(old):
+    if not isinstance(old, int) or _alive(old) or old == os.getsid(0):
         return
+    # The pid may have been reused as another session's id since: only what a site
+    # starts (Parsl's interchange, job scripts, worker pool and its children) is ended.
+    ours = (b"parsl", b"multiprocessing", str(home.root).encode())
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             pid = int(entry.name)
-            if os.getsid(pid) == old and entry.stat().st_uid == os.getuid():
+            if os.getsid(pid) != old or entry.stat().st_uid != os.getuid():
+                continue
+            if any(mark in (entry / "cmdline").read_bytes() for mark in ours):
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours
