@@ -90,6 +90,7 @@ def operated(tmp_path_factory, demo_model_dir) -> Operated:
 ADMIN_CALLS = [
     ("GET", "/tpm/v1/admin/projects", None),
     ("POST", "/tpm/v1/admin/projects", {"name": "mine", "members": [EVE], "allocations": {"local": 1e6}}),
+    ("DELETE", "/tpm/v1/admin/projects/ops", None),
     ("POST", "/tpm/v1/admin/projects/ops/members", {"identity": EVE}),
     ("DELETE", f"/tpm/v1/admin/projects/ops/members/{OPERATOR}", None),
     ("POST", "/tpm/v1/admin/projects/ops/grants", {"site": "local", "service_units": 1e6}),
@@ -165,6 +166,7 @@ BAD_CHANGES = [
     ("POST", "/tpm/v1/admin/projects", {"name": "bad name"}, "name"),
     ("POST", "/tpm/v1/admin/projects", {"name": "x", "allocations": {"moon": 1}}, "unknown site 'moon'"),
     ("POST", "/tpm/v1/admin/projects/ops/members", {}, "identity: Field required"),
+    ("DELETE", "/tpm/v1/admin/projects/nope", None, "unknown project 'nope'"),
     ("DELETE", f"/tpm/v1/admin/projects/ops/members/{EVE}", None, "is not a member of project 'ops'"),
     ("POST", "/tpm/v1/admin/sites", {"name": "mylab", "billing": "byo"}, "a byo site needs an owner project"),
     ("POST", "/tpm/v1/admin/sites", {"name": "gc", "access": "globus-compute"}, "needs endpoint_id"),
@@ -202,6 +204,24 @@ def test_a_body_that_is_not_json_is_400(operated):
 def test_the_client_raises_the_typed_error(operated):
     with Client(operated.url, "olga-token") as client, pytest.raises(FederationConfigError, match="unknown site"):
         client.admin.grant("ops", "moon", 1)
+
+
+def test_a_removed_project_spends_no_more_and_keeps_its_statement(operated):
+    with Client(operated.url, "olga-token") as client:
+        client.admin.add_project("short-lived", [ANA])
+        client.admin.grant("short-lived", "local", 3)
+        served = operated.complete("ana-token", project="short-lived")
+        assert served.status_code == 200, served.text
+        request_id = served.json()["tpm"]["request_id"]
+        assert client.admin.remove_project("short-lived") == {"removed": "short-lived"}
+        assert "short-lived" not in {p["name"] for p in client.admin.projects()}
+    refused = operated.complete("ana-token", project="short-lived")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "NotPermitted"
+    [charge] = [c for c in operated.runtime.ledger.statement("short-lived") if c.request_id == request_id]
+    assert charge.state == "settled" and charge.charged_usu > 0  # history stays
+    [balance] = operated.runtime.ledger.balances("short-lived")
+    assert balance.granted_usu == 0 and balance.reserved_usu == 0  # nothing left to spend
+    assert "short-lived" not in operated.home.federation_file.read_text()
 
 
 def test_a_site_added_over_http_is_listed_then_removed(operated):

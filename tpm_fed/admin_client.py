@@ -42,6 +42,10 @@ class Admin:
         return self._call("POST", "/projects", json={"name": name, "members": list(members),
                                                       "allocations": allocations or {}})
 
+    def remove_project(self, name: str) -> dict[str, Any]:
+        """Remove a project (requests it placed finish; its statement stays)."""
+        return self._call("DELETE", f"/projects/{_part(name)}")
+
     def add_member(self, project: str, identity: str) -> dict[str, Any]:
         return self._call("POST", f"/projects/{_part(project)}/members", json={"identity": identity})
 

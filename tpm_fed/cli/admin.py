@@ -62,6 +62,15 @@ def add_project(name: str, members: tuple[str, ...]) -> None:
     click.echo(f"project {name!r} added")
 
 
+@projects.command("remove")
+@click.argument("name")
+def remove_project(name: str) -> None:
+    """Remove project NAME: its members can no longer spend; requests it placed finish, its statement stays."""
+    with connect() as client:
+        client.admin.remove_project(name)
+    click.echo(f"project {name!r} removed")
+
+
 @projects.command("add-member")
 @click.argument("project")
 @click.argument("identity")

@@ -71,6 +71,22 @@ def add_project(body: ProjectBody, request: Request) -> Entry:
     return federation.project(body.name).model_dump(mode="json")
 
 
+@router.delete("/projects/{project}")
+def remove_project(project: str, request: Request) -> dict[str, Any]:
+    """Remove a project: its members can no longer spend, its grants go to 0.
+
+    Requests it already placed finish and are charged; its statement stays in
+    the ledger. Refused while a byo site names it as owner: remove that first.
+    """
+
+    def edit(raw: Entry) -> Entry:
+        _named(raw["projects"], project, "project")
+        return {**raw, "projects": [p for p in raw["projects"] if p["name"] != project]}
+
+    _runtime(request).change_federation(edit)
+    return {"removed": project}
+
+
 @router.post("/projects/{project}/members")
 def add_member(project: str, body: MemberBody, request: Request) -> Entry:
     def add(entry: Entry) -> Entry:
