@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import responses
-from click.testing import CliRunner
 
 from tests.compute_service import RESULT_QUEUE_PREFIX, ComputeService, use_service_credentials
+from tests.service_helpers import tpm_in_process
 from tests.tcp_proxy import TcpProxy
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
@@ -85,7 +85,6 @@ class Cloud:
 @pytest.fixture(scope="module")
 def amqp_cloud(rabbitmq, tmp_path_factory):
     import globus_compute_sdk.sdk.executor as sdk_executor
-    from tpm_fed.cli import main
 
     proxy = TcpProxy(rabbitmq.port)
     service = ComputeService(run_dir=tmp_path_factory.mktemp("endpoint"), amqp_publish_url=rabbitmq.url,
@@ -113,9 +112,8 @@ def amqp_cloud(rabbitmq, tmp_path_factory):
             patch.setenv("TPM_HOME", str(home.root))
             patch.setattr(sdk_executor, "_ResultWatcher", recording_watcher(deliveries))
             service.install(mock)
-            registered = CliRunner().invoke(main, ["functions", "register", "--site", "gc"], catch_exceptions=False)
-            # The id is recorded through the home's background service: stop it, the tests use a Runtime.
-            CliRunner().invoke(main, ["service", "stop"], catch_exceptions=False)
+            # The id is recorded through the home's service, which is stopped after: the tests use a Runtime.
+            registered = tpm_in_process(home.root, patch, "functions", "register", "--site", "gc")
             assert registered.exit_code == 0, registered.output
             yield Cloud(service, rabbitmq, proxy, home, deliveries)
             end_result_watchers()

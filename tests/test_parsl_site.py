@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from tests.service_helpers import tpm_in_process
 from tpm_fed.service.runtime import Runtime
 from tpm_fed.protocol.errors import FederationConfigError
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
@@ -76,16 +76,10 @@ def test_a_broken_engine_config_is_refused_with_the_loaders_message(tmp_path, mo
     with pytest.raises(FederationConfigError, match="LocalProvidr"):
         build_site(SiteConfig(name="typo", access="parsl", engine_config=broken), tmp_path)
 
-    from tpm_fed.cli import main
-
     home = TpmHome(tmp_path / "home")
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)  # the embedded default, without training
     home.ensure_embedded_default(progress=False)
-    monkeypatch.setenv("TPM_HOME", str(home.root))
-    try:
-        result = CliRunner().invoke(main, ["sites", "add", "typo", "--engine-config", str(broken)])
-    finally:
-        CliRunner().invoke(main, ["service", "stop"])
+    result = tpm_in_process(home.root, monkeypatch, "sites", "add", "typo", "--engine-config", str(broken))
     assert result.exit_code == 1 and "LocalProvidr" in result.output
     assert "typo" not in {s.name for s in Federation.load(home.federation_file).sites}
 

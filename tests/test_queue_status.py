@@ -7,16 +7,13 @@ with one request per batch, so a queue forms and drains step by step.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 from click.testing import CliRunner
 
+from tests.homes import demo_home
 from tests.service_helpers import ServiceThread
 from tests.test_retry import HeldSite
-from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
-from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
-from tpm_fed.identity import LocalUser
+from tpm_fed.federation import SiteConfig
+from tpm_fed.home import DEMO_MODEL_NAME
 from tpm_fed.protocol.requests import GenerationRequest
 
 
@@ -27,14 +24,8 @@ def test_queue_position_decreases_as_requests_ahead_finish(tmp_path, demo_model_
     from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
-    home = TpmHome(tmp_path / "home")
-    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
-    Federation(
-        name="queue",
-        sites=[SiteConfig(name="local", max_batch_requests=1)],
-        models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
-        projects=[ProjectConfig(name="queue", members=[LocalUser().current()], allocations={"local": 100.0})],
-    ).dump(home.federation_file)
+    home = demo_home(tmp_path / "home", demo_model_dir, site=SiteConfig(name="local", max_batch_requests=1),
+                     project="queue")
     with Runtime(home) as runtime:
         site = HeldSite()
         runtime._sites["local"] = site

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
+from tests.homes import demo_home
+from tpm_fed.federation import SiteConfig
 from tpm_fed.interventions import LogitLens, Save, TraceRequest
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, UnknownModel
 from tpm_fed.protocol.requests import GenerationRequest
@@ -38,21 +38,11 @@ def test_a_quote_bounds_the_charge_and_reserves_nothing(http_client, runtime, re
 
 def test_a_quote_where_a_replica_must_start_counts_the_cold_start(tmp_path, demo_model_dir):
     """A fresh home: the quote names a new replica and its cold start; the charge stays under it."""
-    from pathlib import Path
-
-    from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
-    from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
-    from tpm_fed.identity import LocalUser
+    from tpm_fed.home import DEMO_MODEL_NAME
     from tpm_fed.service.runtime import Runtime
 
-    fresh = TpmHome(tmp_path / "home")
-    shutil.copytree(demo_model_dir, fresh.models_dir / DEMO_MODEL_NAME)
-    Federation(
-        name="quotes",
-        sites=[SiteConfig(name="local", cold_start_s=20.0)],
-        models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
-        projects=[ProjectConfig(name="quotes", members=[LocalUser().current()], allocations={"local": 100.0})],
-    ).dump(fresh.federation_file)
+    fresh = demo_home(tmp_path / "home", demo_model_dir, site=SiteConfig(name="local", cold_start_s=20.0),
+                      project="quotes")
     with Runtime(fresh) as runtime:
         request = GenerationRequest.create("The cell", DEMO_MODEL_NAME, max_new_tokens=8)
         quote = runtime.quote(request)

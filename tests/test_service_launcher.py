@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,24 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
-from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
-from tpm_fed.identity import LocalUser
+from tests.homes import demo_home
+from tpm_fed.home import TpmHome
 
 TPM = str(Path(sys.executable).with_name("tpm"))
-
-
-def _home(root: Path, demo_model_dir: Path) -> TpmHome:
-    """A home like the embedded default's, with the session's demo model copied in (no training)."""
-    home = TpmHome(root)
-    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
-    Federation(
-        name="embedded",
-        sites=[SiteConfig(name="local")],
-        models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
-        projects=[ProjectConfig(name="local", members=[LocalUser().current()], allocations={"local": 100.0})],
-    ).dump(home.federation_file)
-    return home
 
 
 def _tpm(home: TpmHome, *args: str, idle_s: float = 120) -> subprocess.CompletedProcess:
@@ -79,7 +64,7 @@ def _gone(pid: int, within_s: float) -> bool:
 
 @pytest.mark.slow
 def test_the_second_submit_finds_a_warm_replica(tmp_path, demo_model_dir):
-    home = _home(tmp_path / "home", demo_model_dir)
+    home = demo_home(tmp_path / "home", demo_model_dir)
     try:
         first, second = _submit(home), _submit(home)
         assert not first["replica"]["warm"]
@@ -125,7 +110,7 @@ def _alive_within(pid: int, seconds: float) -> bool:
 
 @pytest.mark.slow
 def test_a_killed_service_is_replaced_on_the_next_submit(tmp_path, demo_model_dir):
-    home = _home(tmp_path / "home", demo_model_dir)
+    home = demo_home(tmp_path / "home", demo_model_dir)
     try:
         _submit(home)
         old = _service_pid(home)
@@ -144,7 +129,7 @@ def test_a_killed_service_is_replaced_on_the_next_submit(tmp_path, demo_model_di
 
 @pytest.mark.slow
 def test_two_concurrent_first_calls_start_one_service(tmp_path, demo_model_dir):
-    home = _home(tmp_path / "home", demo_model_dir)
+    home = demo_home(tmp_path / "home", demo_model_dir)
     try:
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda _: _submit(home), range(2)))
@@ -157,7 +142,7 @@ def test_two_concurrent_first_calls_start_one_service(tmp_path, demo_model_dir):
 
 @pytest.mark.slow
 def test_an_idle_service_stops_itself(tmp_path, demo_model_dir):
-    home = _home(tmp_path / "home", demo_model_dir)
+    home = demo_home(tmp_path / "home", demo_model_dir)
     _tpm(home, "submit", "The", "--max-tokens", "1", idle_s=2)
     pid = _service_pid(home)
     assert _gone(pid, 30)
@@ -170,7 +155,7 @@ def test_a_service_started_by_a_long_lived_caller_stops_promptly(tmp_path, demo_
     """A notebook's Client starts the service as its own child; `tpm service stop` elsewhere still ends it."""
     from tpm_fed.connection import ensure_service
 
-    home = _home(tmp_path / "home", demo_model_dir)
+    home = demo_home(tmp_path / "home", demo_model_dir)
     monkeypatch.delenv("TPM_URL", raising=False)
     address = ensure_service(home, idle_timeout_s=120)  # started from this process: its parent
     started = time.monotonic()

@@ -120,8 +120,8 @@ def _start(home: TpmHome, *, announce: bool, idle_timeout_s: float) -> ServiceAd
         )
     deadline, logged = time.monotonic() + START_TIMEOUT_S, _size(log)
     while time.monotonic() < deadline:
-        if _size(log) != logged:  # still making progress (the demo model's training prints it)
-            deadline, logged = time.monotonic() + START_TIMEOUT_S, _size(log)
+        if (size := _size(log)) != logged:  # still making progress (the demo model's training prints it)
+            deadline, logged = time.monotonic() + START_TIMEOUT_S, size
         if process.poll() is not None:
             raise SiteError(f"the service for {home.root} exited with status {process.returncode}:\n"
                             f"{_tail(log)}")
