@@ -15,6 +15,16 @@ policy file on the endpoint host named there.
                             Unset: this worker serves no registered adapters.
 ``TPM_MAX_RESULT_BYTES``    The largest result one request may get back
                             (at most, and by default, the protocol's limit).
+``TPM_RESULT_STORE``        Where results too large to travel inline are
+                            written (a ProxyStore connector spec:
+                            ``file:///path`` on a file system the service can
+                            read, or ``redis://host:port``). Unset: every
+                            result travels inline, up to the limit above.
+``TPM_INLINE_RESULT_BYTES`` Results larger than this go to the result store
+                            (default 1 MiB).
+``TPM_MAX_REFERENCE_BYTES`` The largest result one request may leave in the
+                            store (default 1 GiB).
+``TPM_RESULT_RETENTION_S``  How long the store keeps a result (default a day).
 ``TPM_STREAM_HOSTS``        Hosts (comma-separated) this worker may send
                             streamed tokens to: the service's back channel.
                             Loopback is always allowed; any other host only
@@ -22,7 +32,8 @@ policy file on the endpoint host named there.
                             unlisted host gets nothing).
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
-                            ``max_result_bytes``, ``stream_hosts``) instead of
+                            ``max_result_bytes``, ``result_store``... the
+                            fields of :class:`WorkerPolicy`) instead of
                             the variables.
 ==========================  ====================================================
 
@@ -43,12 +54,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tpm_fed.protocol.errors import NotPermitted, SiteError
 from tpm_fed.protocol.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.references import MAX_REFERENCE_BYTES
+
+INLINE_RESULT_BYTES = 1024 * 1024
+"""Results above this go to the endpoint's result store, when it has one."""
 
 VARIABLES = {
     "allow_caller_code": "TPM_ALLOW_CALLER_CODE",
     "adapter_registry": "TPM_ADAPTER_REGISTRY",
     "max_result_bytes": "TPM_MAX_RESULT_BYTES",
     "stream_hosts": "TPM_STREAM_HOSTS",
+    "result_store": "TPM_RESULT_STORE",
+    "inline_result_bytes": "TPM_INLINE_RESULT_BYTES",
+    "max_reference_bytes": "TPM_MAX_REFERENCE_BYTES",
+    "result_retention_s": "TPM_RESULT_RETENTION_S",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -66,6 +85,11 @@ class WorkerPolicy(BaseModel):
         adapter_registry: The adapter registry's folder, or None (no registered adapters).
         max_result_bytes: The largest result (tensor bytes) one request may get back.
         stream_hosts: Hosts besides loopback that streamed tokens may be sent to.
+        result_store: Where large results are left for the caller (a connector spec,
+            :mod:`tpm_fed.references.connectors`), or None: every result travels inline.
+        inline_result_bytes: Results larger than this are left in the store.
+        max_reference_bytes: The largest result one request may leave in the store.
+        result_retention_s: How long a stored result is kept.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -74,6 +98,22 @@ class WorkerPolicy(BaseModel):
     adapter_registry: Path | None = None
     max_result_bytes: int = Field(default=MAX_RESULT_BYTES, ge=1, le=MAX_RESULT_BYTES)
     stream_hosts: list[str] = Field(default_factory=list)
+    result_store: str | None = None
+    inline_result_bytes: int = Field(default=INLINE_RESULT_BYTES, ge=0, le=MAX_RESULT_BYTES)
+    max_reference_bytes: int = Field(default=1024 ** 3, ge=1, le=MAX_REFERENCE_BYTES)
+    result_retention_s: float = Field(default=86400.0, gt=0)
+
+    @field_validator("result_store")
+    @classmethod
+    def _store_spec(cls, spec: str | None) -> str | None:
+        from tpm_fed.references.connectors import check_spec
+
+        return None if spec is None else check_spec(spec)
+
+    @property
+    def result_limit(self) -> int:
+        """The largest result one request may get: by reference where there is a store, else inline."""
+        return self.max_reference_bytes if self.result_store else self.max_result_bytes
 
     @field_validator("stream_hosts", mode="before")
     @classmethod

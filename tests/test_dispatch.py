@@ -138,6 +138,7 @@ class Federated:
 
     def __init__(self, tmp_path, grant_su: float = 1.0) -> None:
         from tpm_fed.bookkeeping import Bookkeeper
+        from tpm_fed.references.records import ReferenceRecords
         from tpm_fed.broker import Broker, ReplicaRegistry
         from tpm_fed.federation import Federation
         from tpm_fed.ledger import Ledger
@@ -150,7 +151,7 @@ class Federated:
         engine = open_database(f"sqlite:///{tmp_path / 'tpm.db'}")
         self.broker = Broker(self.federation, Ledger(engine), ReplicaRegistry(engine))
         self.log = RequestLog(engine)
-        self.keeper = Bookkeeper(self.log, self.broker)
+        self.keeper = Bookkeeper(self.log, self.broker, ReferenceRecords(engine, lambda site: None))
         self.site = HeldSite()
         self.dispatcher = BatchingDispatcher(self.site, SPEC, max_batch=64, max_in_flight=1, listener=self.keeper)
 

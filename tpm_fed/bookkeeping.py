@@ -10,7 +10,8 @@ transaction for the whole batch:
   snapshot) is left out of the task and fails, charged nothing;
 * when it comes back (:meth:`Bookkeeper.record_outcomes`, before any
   caller's future resolves): the request log, the ledger (settle what
-  succeeded, release what failed) and the replica's row; then the replica
+  succeeded, release what failed), results left by reference
+  (:mod:`tpm_fed.references.records`) and the replica's row; then the replica
   registry and site health in memory. Results come back annotated with their
   charge and placement.
 
@@ -40,6 +41,7 @@ from tpm_fed.federation import Price
 from tpm_fed.ledger import Metered, price_usu
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ChargeInfo, ServedResult
+from tpm_fed.references.records import ReferenceRecords
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
 
@@ -50,11 +52,12 @@ RETRY_MARGIN_S = 60.0
 
 
 class Bookkeeper:
-    def __init__(self, log: RequestLog, broker: Broker) -> None:
-        if log.engine is not broker.ledger.engine:
+    def __init__(self, log: RequestLog, broker: Broker, references: ReferenceRecords) -> None:
+        if not (log.engine is broker.ledger.engine is references.engine):
             raise ValueError("the request log and the ledger must share one database (one transaction per batch)")
         self.log = log
         self.broker = broker
+        self.references = references
         self._admissions: dict[str, tuple[Admission, Price]] = {}
         self._resent: set[str] = set()  # placed again after a lost task: logged already
         self._lock = threading.Lock()
@@ -151,11 +154,15 @@ class Bookkeeper:
         """Log, settle or release, and update the replica: one transaction for the batch."""
         with self._lock:
             admitted = {rid: self._admissions.pop(rid) for rid in outcomes if rid in self._admissions}
-        settle, release = [], []
+        settle, release, references = [], [], []
         for request_id, outcome in outcomes.items():
             if request_id not in admitted:
                 continue
             admission, price = admitted[request_id]
+            if getattr(outcome, "tensors_ref", None) is not None:
+                adopted = self.references.adopt(admission.site, outcome.tensors_ref)
+                outcomes[request_id] = outcome = outcome.model_copy(update={"tensors_ref": adopted})
+                references.append((request_id, admission.site, adopted))
             if isinstance(outcome, ServedResult):
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
                                outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)
@@ -165,6 +172,7 @@ class Bookkeeper:
         try:
             with self.log.engine.begin() as db:
                 self.log.record_outcomes(outcomes, db)
+                self.references.record(references, db)
                 charged = self.broker.ledger.settle_many(settle, db)
                 self.broker.ledger.release_many(release, db)
                 self._update_replicas(outcomes, admitted, db)

@@ -126,7 +126,13 @@ class Client:
 
     def _serve(self, request: ServingRequest) -> ServedResult:
         answer = self._call("POST", "/tpm/v1/requests", json=request.to_wire())
-        return KINDS[request.kind].result.from_wire(answer)
+        result = KINDS[request.kind].result.from_wire(answer)
+        if getattr(result, "tensors_ref", None) is not None:
+            from tpm_fed.references.reader import ServiceReader
+
+            # Read lazily, on first use: from the site's store if this machine reaches it, else through us.
+            result._reader = ServiceReader(self._http)
+        return result
 
     # ----- what the service knows ---------------------------------------------
     def explain(self, request: ServingRequest) -> dict[str, Any]:

@@ -69,10 +69,15 @@ class WorkerSettings(_Strict):
             there. Unset: only on ``byo`` sites (the broker sends caller code nowhere else).
         adapter_registry: The adapter registry the workers read (relative to the
             federation file). Unset: the federation's ``store/adapters``.
+        inline_result_bytes: Results larger than this are left in the site's result
+            store (``results``) and come back by reference (``TPM_INLINE_RESULT_BYTES``).
+        result_retention_s: How long the result store keeps a result (``TPM_RESULT_RETENTION_S``).
     """
 
     allow_caller_code: bool | None = None
     adapter_registry: Path | None = None
+    inline_result_bytes: int | None = Field(default=None, ge=0, le=10 * 1024 * 1024 - 64 * 1024)
+    result_retention_s: float | None = Field(default=None, gt=0)
 
 
 class SiteConfig(_Strict):
@@ -106,6 +111,13 @@ class SiteConfig(_Strict):
         task_timeout_s: A task with no answer after this long fails with a site
             error (long enough for the largest model's cold start here).
         worker: What the workers permit (``local`` sites; other sites' endpoint configs say).
+        results: The site's result store, where its workers leave results too large
+            to travel inline and where the service reads them (a ProxyStore connector
+            spec: ``file:///path`` or ``redis://host:port``; a plain path is relative
+            to the federation file). Local sites: the federation's ``store/results/SITE``
+            unless set. Other sites: the store their endpoint config's
+            ``TPM_RESULT_STORE`` names, as the service reaches it; unset, only a
+            caller who can reach that store reads their results by reference.
     """
 
     name: str = Name
@@ -126,6 +138,7 @@ class SiteConfig(_Strict):
     batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
     task_timeout_s: float = Field(default=900.0, gt=0)
     worker: WorkerSettings = WorkerSettings()
+    results: str | None = Field(default=None, min_length=1, max_length=1024)
 
     @property
     def allows_caller_code(self) -> bool:
@@ -140,6 +153,27 @@ class SiteConfig(_Strict):
             return self
         registry = (folder / (self.worker.adapter_registry or default)).resolve()
         return self.model_copy(update={"worker": self.worker.model_copy(update={"adapter_registry": registry})})
+
+    def with_results_in(self, folder: Path, default: Path) -> Self:
+        """The site with its result store as a connector spec: a plain path made absolute
+        against ``folder`` (the federation file's); a local site's ``default/NAME`` when unset."""
+        spec = self.results
+        if spec is None and self.access == "local":
+            spec = str(default / self.name)
+        if spec is None or "://" in spec:
+            return self
+        return self.model_copy(update={"results": "file://" + str((folder / spec).resolve())})
+
+    @model_validator(mode="after")
+    def _results_is_a_store(self) -> Self:
+        if self.results is not None and "://" in self.results:
+            from tpm_fed.references.connectors import check_spec
+
+            try:
+                check_spec(self.results)
+            except TpmError as error:
+                raise ValueError(f"site {self.name!r}: {error}") from None
+        return self
 
     @model_validator(mode="after")
     def _worker_settings_are_for_local_sites(self) -> Self:
@@ -385,7 +419,8 @@ class Federation(_Strict):
             if s.engine_config is not None else s
             for s in self.sites
         ]
-        sites = [s.with_adapter_registry_in(folder, default=self.store / "adapters") for s in sites]
+        sites = [s.with_adapter_registry_in(folder, default=self.store / "adapters")
+                 .with_results_in(folder, default=self.store / "results") for s in sites]
         return self.model_copy(update={"models": models, "sites": sites, "store": (folder / self.store).resolve()})
 
     def dump(self, path: Path) -> None:

@@ -19,7 +19,7 @@ from functions.adapters.loader import ADAPTERS
 from functions.backends.base import HiddenStates
 from functions.outcomes import refused
 from functions.policy import WorkerPolicy
-from tpm_fed.protocol.errors import AdapterMismatch, InvalidRequest, PayloadTooLarge, TpmError
+from tpm_fed.protocol.errors import AdapterMismatch, InvalidRequest, TpmError
 from tpm_fed.protocol.requests import EmbeddingRequest
 from tpm_fed.protocol.validation import check_context
 
@@ -55,7 +55,7 @@ def run_embeddings(core: HiddenStates, requests: list[EmbeddingRequest], *, poli
             for index, item in prepared:
                 count = len(item.sequences)
                 try:
-                    outcomes[index] = _finish(item, states[cursor:cursor + count], policy.max_result_bytes)
+                    outcomes[index] = _finish(item, states[cursor:cursor + count], policy)
                 except TpmError as error:
                     outcomes[index] = refused(error)
                 cursor += count
@@ -137,9 +137,10 @@ def _core(model, sequences: list[Any]) -> list[Any]:
     return [states[row, : sequence.shape[0]] for row, sequence in enumerate(sequences)]
 
 
-def _finish(item: _Prepared, states: list[Any], max_result_bytes: int) -> dict[str, Any]:
+def _finish(item: _Prepared, states: list[Any], policy: WorkerPolicy) -> dict[str, Any]:
     import torch
 
+    from functions.references import deliver
     from tpm_fed.protocol.tensors import pack_tensors
 
     request = item.request
@@ -153,10 +154,8 @@ def _finish(item: _Prepared, states: list[Any], max_result_bytes: int) -> dict[s
         if not torch.is_tensor(outputs[str(index)]):
             raise InvalidRequest(f"the head returned {type(outputs[str(index)]).__name__}, not a tensor")
     blob = pack_tensors(outputs)
-    if len(blob) > max_result_bytes:
-        raise PayloadTooLarge(f"the result would be {len(blob):,} bytes; a result holds at most {max_result_bytes:,}")
     return {"result": {
-        "tensors_blob": blob,
+        **deliver(blob, policy),
         "usage": {"prompt_tokens": sum(s.shape[0] for s in states), "completion_tokens": 0,
                   "activation_bytes": len(blob)},
     }}

@@ -7,6 +7,7 @@ from typing import Any
 from functions.backends.base import Traces
 from functions.outcomes import refused
 from functions.policy import WorkerPolicy
+from functions.references import deliver
 from tpm_fed.protocol.errors import TpmError
 from tpm_fed.protocol.requests import TraceRequest
 
@@ -16,7 +17,8 @@ def handle(backend: Traces, requests: list[TraceRequest], policy: WorkerPolicy) 
     outcomes = []
     for request in requests:
         try:
-            outcomes.append({"result": backend.tracer.run(request, policy=policy)})
+            result = backend.tracer.run(request, policy=policy)
+            outcomes.append({"result": {**result, **deliver(result.pop("tensors_blob"), policy)}})
         except TpmError as error:
             outcomes.append(refused(error))
     return outcomes

@@ -50,12 +50,12 @@ class Tracer:
         self.catalog: PointCatalog = probe_points(model)
 
     def run(self, request: TraceRequest, *, policy: WorkerPolicy) -> dict[str, Any]:
-        """Answer ``request``: ``{"tensors": safetensors bytes, "prompt_tokens", "vocab", "completions", "usage"}``.
+        """Answer ``request``: ``{"tensors_blob": safetensors bytes, "prompt_tokens", "vocab", "completions", "usage"}``.
 
         Args:
             request: The trace.
             policy: This endpoint's policy: whether the caller's python hooks may run,
-                and the largest result.
+                and the largest result (inline, or by reference where the endpoint has a store).
 
         Raises:
             NotPermitted: The request carries Python code and this endpoint does not run callers' code.
@@ -73,13 +73,14 @@ class Tracer:
         bound = [self._bind(index, step, request, lengths) for index, step in enumerate(request.steps)]
         item_bytes = torch.finfo(self.model.dtype).bits // 8
         expected = request.result_bytes(self.catalog, lengths, item_bytes)
-        if expected > policy.max_result_bytes:
+        if expected > policy.result_limit:
+            by_reference = "" if policy.result_store else " (this endpoint has no store for results by reference)"
             raise PayloadTooLarge(
-                f"the result would be {expected:,} bytes; a result holds at most {policy.max_result_bytes:,} "
-                "(save fewer points or positions, or split the prompts; results by reference come later)"
+                f"the result would be {expected:,} bytes; this endpoint returns at most {policy.result_limit:,}"
+                f"{by_reference}: save fewer points or positions, reduce them on the worker, or split the prompts"
             )
         bound += [self._bind_hook(hook, policy) for hook in request.python_hooks]
-        run = _Run(self, request, prompt_ids, bound, policy.max_result_bytes)
+        run = _Run(self, request, prompt_ids, bound)
         with torch.no_grad():
             outputs = run.forward()
         return run.reply(outputs)
@@ -126,10 +127,8 @@ class _CallerHook:
 class _Run:
     """One forward pass (or one generation) with the hooks in place."""
 
-    def __init__(self, tracer: Tracer, request: TraceRequest, prompt_ids: list[list[int]], bound: list[_Bound],
-                 max_result_bytes: int):
+    def __init__(self, tracer: Tracer, request: TraceRequest, prompt_ids: list[list[int]], bound: list[_Bound]):
         self.tracer = tracer
-        self.max_result_bytes = max_result_bytes
         self.model = tracer.model
         self.catalog = tracer.catalog
         self.request = request
@@ -317,9 +316,7 @@ class _Run:
                 tensors[f"{prompt}:attention_patterns"] = torch.stack(
                     [outputs["attentions"][layer][prompt, :, pad:, pad:].float() for layer in layers]
                 )
-        blob = pack_tensors(tensors)
-        if len(blob) > self.max_result_bytes:  # the estimate bounds it; this guards the estimate
-            raise PayloadTooLarge(f"the result is {len(blob):,} bytes; a result holds at most {self.max_result_bytes:,}")
+        blob = pack_tensors(tensors)  # its size is checked where it is delivered (functions.references)
         completions = self._completions(outputs["sequences"])
         decode = self.tracer.tokenizer.convert_ids_to_tokens
         return {

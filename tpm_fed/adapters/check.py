@@ -5,7 +5,7 @@ from __future__ import annotations
 from tpm_fed.protocol.adapter_registry import AdapterRegistry
 from tpm_fed.protocol.requests import EmbeddingRequest
 from tpm_fed.protocol.errors import AdapterMismatch, InvalidRequest
-from tpm_fed.protocol.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.references import MAX_REFERENCE_BYTES
 from tpm_fed.protocol.requests import UsageBound
 from tpm_fed.protocol.tensors import TENSOR_HEADER_BYTES
 
@@ -45,4 +45,4 @@ def pin_adapters(request: EmbeddingRequest, registry: AdapterRegistry, hidden_si
     pinned = request.model_copy(update=updates)
     bound = pinned.usage_bound(tokens_per_row)
     result = bound.prompt_tokens * output_width * 4 + TENSOR_HEADER_BYTES * request.item_count
-    return pinned, UsageBound(bound.prompt_tokens, 0, min(result, MAX_RESULT_BYTES))
+    return pinned, UsageBound(bound.prompt_tokens, 0, min(result, MAX_REFERENCE_BYTES))

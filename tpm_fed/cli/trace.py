@@ -43,11 +43,15 @@ def trace(prompts, model, spec_file, saves, logit_lens, top_k, max_new_tokens, o
         pending = client.submit(request)
         click.echo("tpm: running the trace (a cold start takes seconds)...", err=True)
         result = pending.result()
+    where = " (by reference)" if result.tensors_ref is not None else ""
     click.echo(f"model {result.model}@{result.version} on {result.site}; "
-               f"{result.usage.activation_bytes:,} bytes of tensors; charged {result.charge.charged_su:.6f} SU")
-    for name, tensor in result.tensors.items():
+               f"{result.usage.activation_bytes:,} bytes of tensors{where}; charged {result.charge.charged_su:.6f} SU")
+    if out is not None:  # first, and chunk by chunk: a large result is never held in memory whole
+        written = result.save_tensors(out)
+        click.echo(f"tensors written to {out} ({written:,} bytes)")
+    for name, described in _described(result, out).items():
         if ".ids" not in name and ".probs" not in name:
-            click.echo(f"  {name}: {tensor.dtype} {list(tensor.shape)}")
+            click.echo(f"  {name}: {described}")
     for prompt, tokens in enumerate(result.prompt_tokens):
         if result.completions:
             click.echo(f"[{prompt}] generated: {result.completions[prompt].text!r}")
@@ -57,9 +61,17 @@ def trace(prompts, model, spec_file, saves, logit_lens, top_k, max_new_tokens, o
             for layer, row in enumerate(lens.tokens):
                 shown = ", ".join(f"{t!r} {p:.2f}" for t, p in zip(row[-1], lens.probs[layer][-1].tolist(), strict=True))
                 click.echo(f"  layer {layer}: {shown}")
-    if out is not None:
-        out.write_bytes(result.tensors_blob)
-        click.echo(f"tensors written to {out}")
+
+
+def _described(result, out: Path | None) -> dict[str, str]:
+    """Each tensor's dtype and shape: from the written file's header alone when there is one."""
+    if out is None:
+        return {name: f"{tensor.dtype} {list(tensor.shape)}" for name, tensor in result.tensors.items()}
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="numpy") as tensors:
+        return {name: f"{tensors.get_slice(name).get_dtype()} {tensors.get_slice(name).get_shape()}"
+                for name in tensors.keys()}
 
 
 def _read_spec(path: Path) -> dict:

@@ -49,6 +49,18 @@ class UnknownVersion(TpmError, LookupError):
     """The model exists but not at the version asked for."""
 
 
+class ReferenceNotFound(TpmError, LookupError):
+    """A result reference names nothing its store holds (never written, evicted, or altered)."""
+
+
+class ReferenceExpired(ReferenceNotFound):
+    """A result reference is past its site's retention: its tensors are (or will shortly be) gone."""
+
+
+class ReferenceCorrupt(TpmError):
+    """The bytes a result reference led to do not match the digest the worker recorded."""
+
+
 class ModelLoadError(TpmError):
     """A replica could not load the model (missing or corrupt files)."""
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+from tpm_fed.protocol.references import TensorsReference
 
 
 class _Record(BaseModel):
@@ -159,14 +161,46 @@ class _TensorResult(ServedResult):
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
     tensors_blob: bytes = b""
-    """Every returned tensor, as one safetensors blob (names are ``PROMPT:NAME``)."""
+    """Every returned tensor, as one safetensors blob (names are ``PROMPT:NAME``), when it came inline."""
+
+    tensors_ref: TensorsReference | None = None
+    """Where the blob waits instead, when it was too large to come inline (results by reference)."""
+
+    _reader: Any = PrivateAttr(default=None)
+    # How to read tensors_ref: the Client that got this result sets its own reader
+    # (the store directly, else the service); without one, only a store this process can open.
 
     @cached_property
     def tensors(self) -> dict[str, Any]:
-        """Every returned tensor by name, as numpy arrays."""
+        """Every returned tensor by name, as numpy arrays (a reference is read on first use).
+
+        Raises:
+            ReferenceExpired, ReferenceNotFound, ReferenceCorrupt: A reference could not be read.
+        """
         from tpm_fed.protocol.tensors import unpack_tensors
 
-        return unpack_tensors(self.tensors_blob)
+        if self.tensors_ref is None:
+            return unpack_tensors(self.tensors_blob)
+        return unpack_tensors(b"".join(self.tensor_chunks()))
+
+    def tensor_chunks(self):
+        """The safetensors blob piece by piece (one chunk in memory at a time), inline or by reference."""
+        if self.tensors_ref is None:
+            return iter([self.tensors_blob])
+        from tpm_fed.references.reader import StoreReader
+
+        reader = self._reader or StoreReader()
+        return reader.chunks(self.request_id, self.tensors_ref)
+
+    def save_tensors(self, path) -> int:
+        """Write the returned tensors to ``path`` as one ``.safetensors`` file, chunk by chunk; its size.
+
+        A large result by reference is never held in memory whole. The file
+        appears complete or not at all (written beside it, then renamed).
+        """
+        from tpm_fed.references.reader import write_atomically
+
+        return write_atomically(path, self.tensor_chunks())
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from tpm_fed.protocol.dtypes import ITEM_BYTES
 from tpm_fed.protocol.errors import ContextLengthExceeded, InvalidRequest
 from tpm_fed.protocol.interventions import Point
-from tpm_fed.protocol.limits import MAX_RESULT_BYTES
+from tpm_fed.protocol.references import MAX_REFERENCE_BYTES
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.requests import SPECIAL_TOKENS_ALLOWANCE, TraceRequest, UsageBound
 
@@ -84,8 +84,8 @@ def check_trace(request: TraceRequest, points: PointCatalog, dtype: str) -> Usag
     bound = request.usage_bound()
     token_bounds = [len(p.encode()) + SPECIAL_TOKENS_ALLOWANCE for p in request.prompts]
     result_bound = request.result_bytes(points, token_bounds, ITEM_BYTES[dtype])
-    # The replica refuses anything over the limit, so no charge can exceed it.
-    return UsageBound(bound.prompt_tokens, bound.completion_tokens, min(result_bound, MAX_RESULT_BYTES))
+    # The replica refuses anything over its limit (by reference at most), so no charge can exceed it.
+    return UsageBound(bound.prompt_tokens, bound.completion_tokens, min(result_bound, MAX_REFERENCE_BYTES))
 
 
 def check_context(

@@ -3,7 +3,7 @@
 Every refusal the service gives has the shape OpenAI's clients parse
 (``{"error": {"message", "type", "param", "code"}}``) and the status they
 act on: 400 invalid, 401 no or bad token, 403 not permitted, 404 unknown
-model, 413 too large, 429 no balance (``insufficient_quota``) or overloaded
+model or reference, 410 an expired reference, 413 too large, 429 no balance (``insufficient_quota``) or overloaded
 (with ``Retry-After``), 503 no site can serve now. The error's own type name
 travels in ``code``, so :func:`tpm_fed.protocol.errors.error_from_wire`
 rebuilds the same exception in our HTTP client.
@@ -39,6 +39,9 @@ _STATUS: list[tuple[type[errors.TpmError], int, str]] = [
     (errors.InvalidRequest, 400, "invalid_request_error"),
     (errors.FederationConfigError, 400, "invalid_request_error"),  # an operator's change or a site name
     (errors.NotPermitted, 403, "permission_error"),
+    (errors.ReferenceExpired, 410, "not_found_error"),  # before its base class: gone, not absent
+    (errors.ReferenceNotFound, 404, "not_found_error"),
+    (errors.ReferenceCorrupt, 502, "server_error"),
     (errors.UnknownModel, 404, "not_found_error"),
     (errors.UnknownVersion, 404, "not_found_error"),
     (errors.UnknownAdapter, 404, "not_found_error"),

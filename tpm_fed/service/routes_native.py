@@ -7,6 +7,8 @@
 - ``POST /tpm/v1/quotes``: the most a request would be charged and when it
   would be done, before anything runs (:class:`~tpm_fed.protocol.quotes.Quote`).
 - ``GET /tpm/v1/requests/{id}``: a request's status (its owner only).
+- ``GET /tpm/v1/requests/{id}/tensors``: a result left by reference, streamed
+  as its safetensors bytes (its owner only; 404 gone, 410 expired).
 - ``GET /tpm/v1/usage``, ``GET /tpm/v1/allocations``: the caller's projects only.
 - ``GET /tpm/v1/sites``: sites and replicas.
 - ``GET /tpm/v1/models/{model}/points``: the points a trace may name.
@@ -15,9 +17,11 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tpm_fed.protocol.errors import NotPermitted
@@ -60,6 +64,20 @@ def request_status(request_id: str, request: Request, identity: str = Depends(id
         # The same answer for "absent" and "someone else's": ids are not an oracle.
         raise NotPermitted(f"no request {request_id!r} of yours")
     return record
+
+
+@router.get("/requests/{request_id}/tensors")
+def tensors(request_id: str, request: Request, identity: str = Depends(identity_of)) -> StreamingResponse:
+    """The safetensors bytes of a result left by reference, streamed from its site's store."""
+    runtime = request.app.state.runtime
+    record = runtime.request_record(request_id)
+    if record is None or not _may_read(request, identity, record["identity"]):
+        raise NotPermitted(f"no request {request_id!r} of yours")
+    chunks = runtime.references.chunks(request_id)
+    first = next(chunks, b"")  # an expired or missing result is refused here, before the answer starts
+    _, reference = runtime.references.find(request_id)
+    return StreamingResponse(itertools.chain([first], chunks), media_type="application/octet-stream",
+                             headers={"Content-Length": str(reference.nbytes), "X-Tpm-Sha256": reference.sha256})
 
 
 @router.get("/usage")

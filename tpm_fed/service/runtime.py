@@ -31,7 +31,7 @@ from tpm_fed.protocol.adapter_registry import AdapterRegistry
 from tpm_fed.protocol.code_version import serving_code_version
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, TpmError, UnknownModel
 from tpm_fed.protocol.kinds import KINDS
-from tpm_fed.protocol.limits import check_request_size
+from tpm_fed.protocol.limits import MAX_RESULT_BYTES, check_request_size
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.quotes import Quote
@@ -39,6 +39,7 @@ from tpm_fed.protocol.requests import (
     EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest, UsageBound,
 )
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
+from tpm_fed.references.records import ReferenceRecords
 from tpm_fed.service import reports
 from tpm_fed.service.callers import Callers, LocalCallers
 from tpm_fed.service.federation_change import FederationEdit, plan_change
@@ -75,7 +76,8 @@ class Runtime:
         self.log = RequestLog(database)
         self.ledger = Ledger(database)
         self.broker = Broker(self.federation, self.ledger, ReplicaRegistry(database))
-        self._bookkeeper = Bookkeeper(self.log, self.broker)
+        self.references = ReferenceRecords(database, self._result_store_of)
+        self._bookkeeper = Bookkeeper(self.log, self.broker, self.references)
         self._sites: dict[str, Site] = {}
         self._dispatchers: dict[str, BatchingDispatcher] = {}
         # Sites reached as the caller (byo Globus Compute): one site and dispatcher per caller.
@@ -162,8 +164,9 @@ class Runtime:
         except BaseException:
             self._bookkeeper.forget(admission)
             raise
-        # A batch must fit in one task both ways: count what the answer may carry too.
-        return dispatcher.submit(request, nbytes + bound.result_bytes)
+        # A batch must fit in one task both ways: count what the answer may carry too (a result
+        # too large for a task comes by reference, but then it travels alone).
+        return dispatcher.submit(request, nbytes + min(bound.result_bytes, MAX_RESULT_BYTES))
 
     def explain(self, request: ServingRequest, identity: str | None = None) -> Decision:
         """What the broker would decide for ``request`` (nothing is reserved or run)."""
@@ -229,8 +232,13 @@ class Runtime:
         while not self._stop_sweeping.wait(SWEEP_PERIOD_S):
             try:
                 self.sweeper.sweep()
+                self.references.evict_expired()
             except Exception:  # the database may be away for a while: the next pass tries again
-                logger.exception("the reservation sweep failed")
+                logger.exception("the periodic sweep failed")
+
+    def _result_store_of(self, site: str) -> str | None:
+        """The result store the federation file names for ``site`` (None: none, or no such site now)."""
+        return next((config.results for config in self.federation.sites if config.name == site), None)
 
     # ----- changing the federation while it runs ------------------------------------
     def change_federation(self, edit: FederationEdit) -> Federation:

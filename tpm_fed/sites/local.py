@@ -43,26 +43,37 @@ class LocalSite(EngineSite):
         workers: Worker processes; each is one replica slot.
         allow_caller_code: The workers run callers' own Python (python hooks, input/head code).
         adapter_registry: The adapter registry the workers read (None: no registered adapters).
+        result_store: Where the workers leave large results (a connector spec; None: all inline).
+        inline_result_bytes: Results over this go to the store (None: the workers' default).
+        result_retention_s: How long the store keeps them (None: the workers' default).
     """
 
     access = "local"
 
     def __init__(self, name: str, run_dir: Path, workers: int = 1, *, allow_caller_code: bool = False,
-                 adapter_registry: Path | str | None = None) -> None:
+                 adapter_registry: Path | str | None = None, result_store: str | None = None,
+                 inline_result_bytes: int | None = None, result_retention_s: float | None = None) -> None:
         super().__init__(name, run_dir)
         self._workers = workers
         self.allow_caller_code = allow_caller_code
         self.adapter_registry = Path(adapter_registry).resolve() if adapter_registry is not None else None
+        self.result_store = result_store
+        self.inline_result_bytes = inline_result_bytes
+        self.result_retention_s = result_retention_s
 
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path) -> Self:
         return cls(name=config.name, run_dir=run_dir, workers=config.capacity.max_replicas,
-                   allow_caller_code=config.allows_caller_code, adapter_registry=config.worker.adapter_registry)
+                   allow_caller_code=config.allows_caller_code, adapter_registry=config.worker.adapter_registry,
+                   result_store=config.results, inline_result_bytes=config.worker.inline_result_bytes,
+                   result_retention_s=config.worker.result_retention_s)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers,
                 "allow_caller_code": self.allow_caller_code,
-                "adapter_registry": str(self.adapter_registry) if self.adapter_registry else None}
+                "adapter_registry": str(self.adapter_registry) if self.adapter_registry else None,
+                "result_store": self.result_store, "inline_result_bytes": self.inline_result_bytes,
+                "result_retention_s": self.result_retention_s}
 
     @property
     def workers(self) -> int:
@@ -71,11 +82,12 @@ class LocalSite(EngineSite):
     def worker_init(self) -> str:
         """The shell lines that set the workers' policy, as an endpoint config's ``worker_init`` would."""
         lines = [f"export TPM_ALLOW_CALLER_CODE={int(self.allow_caller_code)}",
-                 "unset TPM_WORKER_POLICY TPM_MAX_RESULT_BYTES"]
-        if self.adapter_registry is None:
-            lines.append("unset TPM_ADAPTER_REGISTRY")
-        else:
-            lines.append(f"export TPM_ADAPTER_REGISTRY={shlex.quote(str(self.adapter_registry))}")
+                 "unset TPM_WORKER_POLICY TPM_MAX_RESULT_BYTES TPM_MAX_REFERENCE_BYTES"]
+        for variable, value in (("TPM_ADAPTER_REGISTRY", self.adapter_registry),
+                                ("TPM_RESULT_STORE", self.result_store),
+                                ("TPM_INLINE_RESULT_BYTES", self.inline_result_bytes),
+                                ("TPM_RESULT_RETENTION_S", self.result_retention_s)):
+            lines.append(f"unset {variable}" if value is None else f"export {variable}={shlex.quote(str(value))}")
         return "\n".join(lines)
 
     def _make_engine(self) -> Any:

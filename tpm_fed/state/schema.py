@@ -1,4 +1,4 @@
-"""Tables: the request log, the replica registry and the service-unit ledger.
+"""Tables: the request log, the replica registry, the service-unit ledger and results left by reference.
 
 Service units are stored as integers of micro-SUs (1 SU = 1,000,000), so
 sums and balances are exact.
@@ -86,4 +86,16 @@ charges_table = Table(
     # is in doubt: the sweeper settles it from the request log, or releases it.
     Column("deadline", Float),
     Column("holder", String(200)),
+)
+
+references_table = Table(
+    "result_references",
+    metadata,
+    # A result left in its site's store (results by reference): its owner is the
+    # request's (the charges table); the service reads and evicts it from here.
+    Column("request_id", String(64), primary_key=True),
+    Column("site", String(200), nullable=False),
+    Column("reference", Text, nullable=False),  # TensorsReference JSON, with the store the federation names
+    Column("expires_at", Float, nullable=False, index=True),
+    Column("evicted_at", Float),
 )

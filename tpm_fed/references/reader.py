@@ -1,0 +1,98 @@
+"""Reading a result's tensors by reference: from the site's store when this process can reach it, else the service.
+
+A file store on a shared file system (the embedded default: a folder under
+the home) is read directly, with no hop through the service. Anything else,
+or a store this machine cannot see, is read through the service's
+``GET /tpm/v1/requests/{id}/tensors``, which checks that the caller owns the
+request. Either way the bytes are checked against the reference's digest as
+they pass, one chunk in memory at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tpm_fed.protocol.errors import ReferenceCorrupt, ReferenceNotFound
+from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
+from tpm_fed.references.chunks import check_current, get_chunks
+from tpm_fed.references.connectors import connector_for, local_folder
+
+
+def reachable(reference: TensorsReference) -> bool:
+    """Whether this process can open the reference's store itself (a file store it can read)."""
+    folder = local_folder(reference.store)
+    return folder is not None and os.access(folder, os.R_OK | os.X_OK)
+
+
+class StoreReader:
+    """Reads a reference straight from its store (what a result uses when no client gave it a reader)."""
+
+    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
+        if not reachable(reference):
+            raise ReferenceNotFound(f"request {request_id}: its tensors are in {reference.store}, which this "
+                                    "process cannot read; read them with the Client that got the result")
+        return get_chunks(connector_for(reference.store), reference)
+
+
+class ServiceReader:
+    """Reads a reference from its store when reachable, else streams it from the service.
+
+    Args:
+        http: The client's ``httpx.Client`` (base URL and token set).
+    """
+
+    def __init__(self, http: Any) -> None:
+        self._http = http
+
+    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
+        if reachable(reference):
+            return get_chunks(connector_for(reference.store), reference)
+        check_current(reference)
+        return self._download(request_id, reference)
+
+    def _download(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
+        from tpm_fed.service.errors import error_from_body
+
+        with self._http.stream("GET", f"/tpm/v1/requests/{request_id}/tensors") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from_body(response.status_code, _json_or_text(response))
+            digest, seen = hashlib.sha256(), 0
+            for chunk in response.iter_bytes(CHUNK_BYTES // 4):
+                digest.update(chunk)
+                seen += len(chunk)
+                yield chunk
+        if seen != reference.nbytes or digest.hexdigest() != reference.sha256:
+            raise ReferenceCorrupt(f"request {request_id}: the service sent {seen:,} bytes that do not match "
+                                   f"the reference ({reference.nbytes:,} bytes, {reference.sha256[:12]}...)")
+
+
+def write_atomically(path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
+    """Write ``chunks`` to ``path`` through a temporary file beside it; the bytes written.
+
+    A failed read (expired, corrupt) leaves no partial file behind.
+    """
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial")
+    written = 0
+    try:
+        with open(partial, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                written += len(chunk)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _json_or_text(response: Any) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return {"error": {"message": response.text[:2000], "code": f"HTTP{response.status_code}"}}
