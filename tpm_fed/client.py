@@ -24,7 +24,8 @@ from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.quotes import Quote
 from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest
-from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
+from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
+from tpm_fed.protocol.sessions import SessionRequest
 
 if TYPE_CHECKING:
     from tpm_fed.completion_stream import CompletionStream
@@ -105,6 +106,11 @@ class Client:
         """Run prompts while reading and writing activations (mode 3); see :class:`TraceRequest`."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return self.submit(TraceRequest.create(model or self.default_model(), prompts=prompts, **params))
+
+    def session(self, steps: list[Any], model: str | None = None, **params: Any) -> Future[SessionResult]:
+        """Run traces in order on one replica, in one placement; a step's ``set``/``add`` may take
+        ``value_from`` what earlier steps saved (see :class:`~tpm_fed.protocol.sessions.SessionRequest`)."""
+        return self.submit(SessionRequest.create(model or self.default_model(), steps=steps, **params))
 
     def embed(self, inputs: list[Any], model: str | None = None, **params: Any) -> Future[EmbeddingResult]:
         """Run the caller's data through their adapters and the shared core (mode 2)."""

@@ -283,7 +283,7 @@ class Price(_Strict):
 
 
 class Prices(_Strict):
-    """The price of each request kind (the rows of :data:`tpm_fed.protocol.kinds.KINDS`)."""
+    """The price of each request kind (the rows of :data:`tpm_fed.protocol.kinds.KINDS`; a session pays as traces)."""
 
     generate: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
     embed: Price = Price(per_1k_prompt_tokens=1.0, per_1k_completion_tokens=2.0, per_cold_start=0.5)
@@ -304,13 +304,14 @@ class Slos(_Strict):
 
     Attributes:
         window_s: The window the service reports p50/p95 and availability over.
-        generate, embed, trace: The target for that kind (none: reported, not judged).
+        generate, embed, trace, session: The target for that kind (none: reported, not judged).
     """
 
     window_s: float = Field(default=3600.0, gt=0, le=30 * 86400)
     generate: SloTarget | None = None
     embed: SloTarget | None = None
     trace: SloTarget | None = None
+    session: SloTarget | None = None
 
 
 def _join_surrogates(value: Any) -> Any:

@@ -62,30 +62,56 @@ class Tracer:
             InvalidRequest: A point, head, position, tensor or index does not fit this model.
             PayloadTooLarge: The result would be over the endpoint's limit.
         """
-        import torch
+        from tpm_fed.protocol.tensors import pack_tensors
 
         if request.python_hooks:  # first, so a refused request's code is never unpacked
             policy.check_caller_code("python_hooks")
         check_spec(request, self.catalog)  # what the client checked too, against this model
+        prompt_ids = self.tokenize(request)
+        self.check_size(request.result_bytes(self.catalog, [len(ids) for ids in prompt_ids], self.item_bytes), policy)
+        tensors, reply = self.execute(request, prompt_ids, policy=policy)
+        blob = pack_tensors(tensors)  # its size is checked where it is delivered (functions.references)
+        return {"tensors_blob": blob, **reply, "usage": {**reply["usage"], "activation_bytes": len(blob)}}
+
+    def tokenize(self, request: TraceRequest) -> list[list[int]]:
+        """Each prompt's token ids; refuses prompts that leave no room for ``max_new_tokens``."""
         prompt_ids = [self.tokenizer(p)["input_ids"] for p in request.prompts]
-        lengths = [len(ids) for ids in prompt_ids]
-        check_context(request.max_new_tokens, self.context_length, lengths)
-        bound = [self._bind(index, step, request, lengths) for index, step in enumerate(request.steps)]
-        item_bytes = torch.finfo(self.model.dtype).bits // 8
-        expected = request.result_bytes(self.catalog, lengths, item_bytes)
+        check_context(request.max_new_tokens, self.context_length, [len(ids) for ids in prompt_ids])
+        return prompt_ids
+
+    @property
+    def item_bytes(self) -> int:
+        import torch
+
+        return torch.finfo(self.model.dtype).bits // 8
+
+    def check_size(self, expected: int, policy: WorkerPolicy) -> None:
+        """Refuse, before anything runs, a result larger than this endpoint returns."""
         if expected > policy.result_limit:
             by_reference = "" if policy.result_store else " (this endpoint has no store for results by reference)"
             raise PayloadTooLarge(
                 f"the result would be {expected:,} bytes; this endpoint returns at most {policy.result_limit:,}"
                 f"{by_reference}: save fewer points or positions, reduce them on the worker, or split the prompts"
             )
+
+    def execute(self, request: TraceRequest, prompt_ids: list[list[int]], *, policy: WorkerPolicy,
+                values: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run a checked trace: its tensors by name (torch), and the rest of its reply.
+
+        Args:
+            values: In a session, ``value_from -> tensor``: what earlier steps saved.
+        """
+        import torch
+
+        lengths = [len(ids) for ids in prompt_ids]
+        bound = [self._bind(index, step, request, lengths, values) for index, step in enumerate(request.steps)]
         bound += [self._bind_hook(hook, policy) for hook in request.python_hooks]
         run = _Run(self, request, prompt_ids, bound)
         with torch.no_grad():
             outputs = run.forward()
         return run.reply(outputs)
 
-    def _bind(self, index: int, step, request: TraceRequest, lengths: list[int]) -> _Bound:
+    def _bind(self, index: int, step, request: TraceRequest, lengths: list[int], values: Any = None) -> _Bound:
         """Tie a step (already checked by :func:`check_spec`) to the token indexes it acts on."""
         import torch
 
@@ -101,7 +127,8 @@ class Tracer:
                                          f"source prompt {step.source} gives {len(source)}; name the positions")
                 bound.sources[target] = (step.source, source)
         if step.op in ("set", "add"):
-            bound.value = step.value.torch().to(self.model.dtype)
+            value = step.value.torch() if step.value is not None else values(step.value_from)
+            bound.value = value.to(self.model.dtype)
         if isinstance(step, Inject):
             ids = self.tokenizer(step.text, add_special_tokens=False)["input_ids"]
             if not ids:
@@ -294,10 +321,8 @@ class _Run:
 
     # -- the reply -----------------------------------------------------------------------------
 
-    def reply(self, outputs: dict[str, Any]) -> dict[str, Any]:
+    def reply(self, outputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         import torch
-
-        from tpm_fed.protocol.tensors import pack_tensors
 
         reductions = {step.key: step.reduce for step in self.request.steps if step.op == "save" and step.reduce}
         tensors: dict[str, Any] = {}
@@ -316,18 +341,16 @@ class _Run:
                 tensors[f"{prompt}:attention_patterns"] = torch.stack(
                     [outputs["attentions"][layer][prompt, :, pad:, pad:].float() for layer in layers]
                 )
-        blob = pack_tensors(tensors)  # its size is checked where it is delivered (functions.references)
         completions = self._completions(outputs["sequences"])
         decode = self.tracer.tokenizer.convert_ids_to_tokens
-        return {
-            "tensors_blob": blob,
+        return tensors, {
             "prompt_tokens": [decode(ids) for ids in self.prompt_ids],
             "vocab": {str(i): decode(i) for i in sorted(vocab_ids)},
             "completions": [c.to_wire() for c in completions],
             "usage": {
                 "prompt_tokens": sum(self.lengths),
                 "completion_tokens": sum(len(c.token_ids) for c in completions),
-                "activation_bytes": len(blob),
+                "activation_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             },
         }
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tpm_fed.federation import Federation, SiteConfig
+from tpm_fed.protocol.kinds import KINDS
 
 USER_CODE_EXCLUSION = "shared site: runs no caller Python code"
 
@@ -185,7 +186,7 @@ class Placer:
             available_usu: SUs the project may still spend at a site (None: no allocation there).
             site_problem: Why a site may not take work now (``None``: it may).
         """
-        if request.kind not in self._kinds.get(request.model, {request.kind}):
+        if KINDS[request.kind].family not in self._kinds.get(request.model, {KINDS[request.kind].family}):
             served = ", ".join(sorted(self._kinds[request.model]))
             return Decision(None, [], refusal=f"model {request.model!r} does not serve {request.kind!r} "
                                               f"requests (it serves: {served})")

@@ -155,18 +155,51 @@ class Save(_Step):
         return self.name or self.point
 
 
-class Set(_Step):
+class SavedTerm(BaseModel):
+    """``weight`` times what save ``save`` of session step ``step`` kept for ``prompt``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    step: str = Field(pattern=r"^[\w-]{1,64}$")
+    save: str = Field(pattern=r"^[\w.\[\]*:-]+$")
+    prompt: int = Field(default=0, ge=0)
+    weight: float = 1.0
+
+
+class FromSaved(BaseModel):
+    """A value computed on the replica from earlier session steps: the weighted sum of saved tensors.
+
+    A steering vector from two prompts is ``[{step, save, prompt: 0}, {step, save,
+    prompt: 1, weight: -1}]``; a patch from another step is one term. Only a
+    session (:class:`~tpm_fed.protocol.sessions.SessionRequest`) has earlier steps.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    terms: list[SavedTerm] = Field(min_length=1, max_length=16)
+
+
+class _Valued(_Step):
+    value: TensorData | None = None
+    value_from: FromSaved | None = None
+
+    @model_validator(mode="after")
+    def _one_value(self) -> _Valued:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError(f"{self.op}: give value (a tensor) or value_from (saved by an earlier session step)")
+        return self
+
+
+class Set(_Valued):
     """Replace the tensor: ``value`` is one position's features, or one row per position."""
 
     op: Literal["set"] = "set"
-    value: TensorData
 
 
-class Add(_Step):
+class Add(_Valued):
     """Add ``value`` (e.g. a steering vector), shaped as for :class:`Set`."""
 
     op: Literal["add"] = "add"
-    value: TensorData
 
 
 class Scale(_Step):

@@ -8,7 +8,9 @@ handler in :mod:`functions.handlers`.
 
 The paper's three inference modes are kinds: ``generate`` (mode 1, query
 only), ``embed`` (mode 2, customized embeddings) and ``trace`` (mode 3,
-intermediary access).
+intermediary access). A ``session`` is several traces on one replica
+(:mod:`tpm_fed.protocol.sessions`): priced as traces, and served by every
+model that serves traces.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any, Literal
 
 from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ServingRequest, TraceRequest
-from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
+from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
+from tpm_fed.protocol.sessions import SessionRequest
 
 KindName = Literal["generate", "embed", "trace"]
+"""The kinds a model lists and a price is set for (a session is a run of traces)."""
 Capability = Literal["generate", "trace", "hidden_states"]
 
 
@@ -35,22 +39,25 @@ class Kind:
         result: The result class.
         capability: What a backend must be able to do to serve it.
         backends: Backends with that capability, preferred first.
+        family: The kind whose price it pays and that a model must list to serve it.
     """
 
-    name: KindName
+    name: str
     mode: int
     request: type[ServingRequest]
     result: type[ServedResult]
     capability: Capability
     backends: tuple[str, ...]
+    family: KindName
 
 
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
-        Kind("generate", 1, GenerationRequest, GenerationResult, "generate", ("vllm", "torch")),
-        Kind("embed", 2, EmbeddingRequest, EmbeddingResult, "hidden_states", ("torch",)),
-        Kind("trace", 3, TraceRequest, TraceResult, "trace", ("torch",)),
+        Kind("generate", 1, GenerationRequest, GenerationResult, "generate", ("vllm", "torch"), "generate"),
+        Kind("embed", 2, EmbeddingRequest, EmbeddingResult, "hidden_states", ("torch",), "embed"),
+        Kind("trace", 3, TraceRequest, TraceResult, "trace", ("torch",), "trace"),
+        Kind("session", 3, SessionRequest, SessionResult, "trace", ("torch",), "trace"),
     )
 }
 

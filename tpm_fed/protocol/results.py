@@ -260,3 +260,44 @@ class EmbeddingResult(_TensorResult):
     def outputs(self) -> list:
         """The head's output (or the final hidden states) for each input, in order."""
         return [self.tensors[str(index)] for index in range(len(self.tensors))]
+
+
+class SessionStepResult(_Record):
+    """One step of a session: its tokens, generated text and usage (its tensors are in the session's blob).
+
+    Attributes:
+        name: The step's name.
+        prompt_tokens: Each prompt's tokens as text.
+        vocab: Token id -> text for every id a lens returned.
+        completions: Generated text, when the step generated.
+        usage: What this step used (the session's charge covers the sum).
+    """
+
+    name: str
+    prompt_tokens: list[list[str]]
+    vocab: dict[str, str] = {}
+    completions: list[Completion] = []
+    usage: Usage
+
+
+class SessionResult(_TensorResult):
+    """The answer to a :class:`~tpm_fed.protocol.sessions.SessionRequest`: one line per step.
+
+    Tensors are named ``STEP/PROMPT:NAME`` in one blob (inline or by reference).
+    """
+
+    steps: list[SessionStepResult]
+
+    def step(self, name: str) -> SessionStepResult:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(f"no step {name!r}; steps: {', '.join(s.name for s in self.steps)}")
+
+    def saved(self, step: str, name: str, prompt: int = 0):
+        """The tensor save ``name`` of step ``step`` returned for ``prompt``."""
+        key = f"{step}/{prompt}:{name}"
+        if key not in self.tensors:
+            raise KeyError(f"no tensor {name!r} of step {step!r} for prompt {prompt}; returned: "
+                           f"{', '.join(sorted(self.tensors))}")
+        return self.tensors[key]

@@ -11,7 +11,7 @@ context-length check: on the client before tokenizing, on the worker after.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tpm_fed.protocol.dtypes import ITEM_BYTES
 from tpm_fed.protocol.errors import ContextLengthExceeded, InvalidRequest
@@ -20,12 +20,22 @@ from tpm_fed.protocol.references import MAX_REFERENCE_BYTES
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.requests import SPECIAL_TOKENS_ALLOWANCE, TraceRequest, UsageBound
 
-def check_spec(request: TraceRequest, points: PointCatalog) -> None:
+ValueShape = Callable[..., "tuple | None"]
+"""``(value_from, where) -> shape or None``: what a session's saved values make (see :func:`check_session`)."""
+
+def check_spec(request: TraceRequest, points: PointCatalog, value_shape: ValueShape | None = None,
+               prompt_tokens: Sequence[int] | None = None) -> None:
     """Check everything in ``request`` that depends only on the model's architecture.
 
     Points and heads exist; ``set``/``add`` values are one position's features,
     or one row per named position; an injection acts at a point of the hidden
     size; python hooks name real points; lens layers and heads are in range.
+
+    Args:
+        value_shape: In a session, the shape of a ``value_from`` (None while it
+            awaits tokenizing); outside one, ``value_from`` is refused.
+        prompt_tokens: Each prompt's token count, once known: a value taken from
+            an earlier step may then be one row per token of a step without positions.
 
     Raises:
         UnknownPoint: A point, or a head, the model does not have (closest names suggested).
@@ -36,8 +46,20 @@ def check_spec(request: TraceRequest, points: PointCatalog) -> None:
         features = points.features(step.address)
         where = step_label(index, step)
         if step.op in ("set", "add"):
-            shape = tuple(step.value.shape)
             per_position = len(step.positions) if step.positions else None
+            if step.value_from is None:
+                shape = tuple(step.value.shape)
+            elif value_shape is None:
+                raise InvalidRequest(f"{where}: value_from takes values saved by earlier steps of a session; "
+                                     "send this trace as a step of a session")
+            else:
+                shape = value_shape(step.value_from, where)
+                if shape is None or (per_position is None and prompt_tokens is None and len(shape) > len(features)):
+                    continue  # rows known only once the prompts are tokenized: the worker checks
+                if per_position is None and prompt_tokens is not None:
+                    targets = step.prompts or range(len(prompt_tokens))
+                    if len({prompt_tokens[p] for p in targets}) == 1:
+                        per_position = prompt_tokens[next(iter(targets))]
             if shape != features and not (per_position and shape == (per_position, *features)):
                 rows = f"[{per_position}, {', '.join(map(str, features))}]" if per_position else "[positions, ...]"
                 raise InvalidRequest(f"{where}: value has shape {list(shape)}; expected {list(features)} or {rows}")
@@ -86,6 +108,48 @@ def check_trace(request: TraceRequest, points: PointCatalog, dtype: str) -> Usag
     result_bound = request.result_bytes(points, token_bounds, ITEM_BYTES[dtype])
     # The replica refuses anything over its limit (by reference at most), so no charge can exceed it.
     return UsageBound(bound.prompt_tokens, bound.completion_tokens, min(result_bound, MAX_REFERENCE_BYTES))
+
+
+def check_session(session, points: PointCatalog, dtype: str,
+                  prompt_tokens: list[list[int]] | None = None) -> UsageBound:
+    """Validate a session for a model with these points; return what it may use at most.
+
+    Every step is checked as a trace (:func:`check_spec`), and every ``value_from``
+    against what the steps it names save: terms of one shape, which fits where it
+    is written. On the client row counts that depend on tokenizing are left to the
+    worker, which calls this again with ``prompt_tokens`` (per step, per prompt)
+    before any step runs.
+
+    Raises:
+        UnknownPoint, InvalidRequest: As :func:`check_spec`, naming the step.
+    """
+    from tpm_fed.protocol.sessions import saved_shape
+
+    names = [step.name for step in session.steps]
+    bound, result_bytes = session.usage_bound(), 0
+    for index, (step, trace) in enumerate(zip(session.steps, session.traces(), strict=True)):
+
+        def value_shape(value_from, where: str) -> tuple | None:
+            shapes = []
+            for term in value_from.terms:
+                earlier = session.steps[names.index(term.step)]
+                save = earlier.saves()[term.save]
+                tokens = prompt_tokens[names.index(term.step)][term.prompt] if prompt_tokens else None
+                shapes.append(saved_shape(earlier, save, points.features(save.address), tokens))
+            if any(None in shape for shape in shapes):
+                return None
+            if len(set(shapes)) > 1:
+                listed = ", ".join(f"{t.step}.{t.save}[{t.prompt}] {list(s)}" for t, s in zip(value_from.terms, shapes))
+                raise InvalidRequest(f"{where}: value_from adds tensors of different shapes: {listed}")
+            return shapes[0]
+
+        try:
+            check_spec(trace, points, value_shape, prompt_tokens[index] if prompt_tokens else None)
+        except InvalidRequest as error:
+            raise type(error)(f"session step {step.name!r}: {error}") from None
+        token_bounds = [len(p.encode()) + SPECIAL_TOKENS_ALLOWANCE for p in step.prompts]
+        result_bytes += trace.result_bytes(points, token_bounds, ITEM_BYTES[dtype])
+    return UsageBound(bound.prompt_tokens, bound.completion_tokens, min(result_bytes, MAX_REFERENCE_BYTES))
 
 
 def check_context(

@@ -38,7 +38,8 @@ from tpm_fed.protocol.quotes import Quote
 from tpm_fed.protocol.requests import (
     EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest, UsageBound,
 )
-from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, TraceResult
+from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
+from tpm_fed.protocol.sessions import SessionRequest
 from tpm_fed.references.records import ReferenceRecords
 from tpm_fed.service import reports
 from tpm_fed.service.callers import Callers, LocalCallers
@@ -137,6 +138,11 @@ class Runtime:
             raise InvalidRequest(f"inputs: {error}") from None
         return self.submit(EmbeddingRequest.create(model or self.default_model(), inputs=tensors, **params), identity)
 
+    def session(self, steps: list[Any], model: str | None = None, *, identity: str | None = None,
+                **params: Any) -> Future[SessionResult]:
+        """Run traces in order on one replica, later ones using what earlier ones saved (see :class:`SessionRequest`)."""
+        return self.submit(SessionRequest.create(model or self.default_model(), steps=steps, **params), identity)
+
     # ----- serving ---------------------------------------------------------------
     def submit(self, request: ServingRequest, identity: str | None = None) -> Future[ServedResult]:
         """Admit a request of any kind for ``identity`` (the owner by default).
@@ -152,7 +158,7 @@ class Runtime:
         nbytes = check_request_size(request)
         resolved = self.catalog.resolve(request.model)
         request, spec, bound = self._check(request, resolved)
-        price = getattr(self.federation.prices, request.kind)
+        price = getattr(self.federation.prices, KINDS[request.kind].family)
         # Placed here, reserved with its batch when the batch leaves (one transaction per batch).
         admission = self.broker.place(request.request_id, self._placement(request, spec, price, bound, identity))
         self._bookkeeper.admitted(admission, price)
@@ -184,7 +190,7 @@ class Runtime:
     def _priced(self, request: ServingRequest, identity: str | None) -> PlacementRequest:
         """The edge checks of :meth:`submit`, then what placement needs to know, priced."""
         request, spec, bound = self._check(request, self.catalog.resolve(request.model))
-        price = getattr(self.federation.prices, request.kind)
+        price = getattr(self.federation.prices, KINDS[request.kind].family)
         return self._placement(request, spec, price, bound, identity or self.owner)
 
     def _reroute(self, lost: list[tuple[ServingRequest, BaseException]], spec: ModelSpec
@@ -329,6 +335,10 @@ class Runtime:
         served_by = KINDS[request.kind].backends  # the backends with the capability this kind needs
         if spec.backend not in served_by:
             spec = spec.model_copy(update={"backend": served_by[0]})
+        if request.kind == "session":
+            from tpm_fed.protocol.validation import check_session
+
+            return request, spec, check_session(request, self.catalog.points(spec), spec.dtype)
         if request.kind == "trace":
             from tpm_fed.protocol.validation import check_trace
 
