@@ -25,6 +25,8 @@ policy file on the endpoint host named there.
 ``TPM_MAX_REFERENCE_BYTES`` The largest result one request may leave in the
                             store (default 1 GiB).
 ``TPM_RESULT_RETENTION_S``  How long the store keeps a result (default a day).
+``TPM_MAX_SESSION_STEPS``   The most steps one session may run here
+                            (default, and at most, 16).
 ``TPM_STREAM_HOSTS``        Hosts (comma-separated) this worker may send
                             streamed tokens to: the service's back channel.
                             Loopback is always allowed; any other host only
@@ -55,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tpm_fed.protocol.errors import NotPermitted, SiteError
 from tpm_fed.protocol.limits import MAX_RESULT_BYTES
 from tpm_fed.protocol.references import MAX_REFERENCE_BYTES
+from tpm_fed.protocol.sessions import MAX_SESSION_STEPS
 
 INLINE_RESULT_BYTES = 1024 * 1024
 """Results above this go to the endpoint's result store, when it has one."""
@@ -68,6 +71,7 @@ VARIABLES = {
     "inline_result_bytes": "TPM_INLINE_RESULT_BYTES",
     "max_reference_bytes": "TPM_MAX_REFERENCE_BYTES",
     "result_retention_s": "TPM_RESULT_RETENTION_S",
+    "max_session_steps": "TPM_MAX_SESSION_STEPS",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -90,6 +94,7 @@ class WorkerPolicy(BaseModel):
         inline_result_bytes: Results larger than this are left in the store.
         max_reference_bytes: The largest result one request may leave in the store.
         result_retention_s: How long a stored result is kept.
+        max_session_steps: The most steps one session may run here.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -102,6 +107,7 @@ class WorkerPolicy(BaseModel):
     inline_result_bytes: int = Field(default=INLINE_RESULT_BYTES, ge=0, le=MAX_RESULT_BYTES)
     max_reference_bytes: int = Field(default=1024 ** 3, ge=1, le=MAX_REFERENCE_BYTES)
     result_retention_s: float = Field(default=86400.0, gt=0)
+    max_session_steps: int = Field(default=MAX_SESSION_STEPS, ge=1, le=MAX_SESSION_STEPS)
 
     @field_validator("result_store")
     @classmethod

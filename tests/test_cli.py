@@ -231,6 +231,33 @@ def test_trace_saves_points_and_prints_the_logit_lens(cli_home, tmp_path):
     assert load_file(out)["0:model.layers.2.output"].shape == (11, 128)
 
 
+def test_trace_runs_a_session_file(cli_home, tmp_path):
+    session = tmp_path / "session.json"
+    session.write_text(json.dumps({"steps": [
+        {"name": "read", "prompts": ["the bright sky", "the dark sky"],
+         "steps": [{"op": "save", "point": "model.layers.1", "name": "h", "reduce": {"op": "mean"}}]},
+        {"name": "steer", "prompts": ["The telescope observed the"], "max_new_tokens": 4,
+         "steps": [{"op": "add", "point": "model.layers.1", "generated": True, "value_from": {"terms": [
+             {"step": "read", "save": "h", "prompt": 0, "weight": 4},
+             {"step": "read", "save": "h", "prompt": 1, "weight": -4}]}}]},
+    ]}))
+    out = tmp_path / "session.safetensors"
+    done = tpm(cli_home, "trace", "--session", str(session), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "2 steps" in done.stdout and "step steer: " in done.stdout and "4 generated" in done.stdout
+    assert "0:h: float32 [128]" in done.stdout
+    from safetensors.numpy import load_file
+
+    assert set(load_file(out)) == {"read/0:h", "read/1:h"}
+
+    session.write_text(json.dumps({"steps": [{"name": "a", "prompts": ["x"], "steps": [
+        {"op": "add", "point": "model.layers.1", "value_from": {"terms": [{"step": "b", "save": "h"}]}}]}]}))
+    refused = tpm(cli_home, "trace", "--session", str(session))
+    assert refused.returncode == 1 and "not an earlier step" in refused.stderr and "Traceback" not in refused.stderr
+    both = tpm(cli_home, "trace", "x", "--session", str(session))
+    assert both.returncode == 2 and "give no PROMPTS" in both.stderr
+
+
 def test_trace_with_an_unknown_point_names_the_closest_and_exits_1(cli_home):
     done = tpm(cli_home, "trace", "x", "--save", "model.layers.7")
     assert done.returncode == 1

@@ -67,6 +67,9 @@ def test_one_placement_one_charge_and_a_usage_line_per_step(runtime):
     charges = [c for c in runtime.statement(project) if c["request_id"] == result.request_id]
     assert len(charges) == 1 and charges[0]["kind"] == "session"
     assert charges[0]["charged_su"] == pytest.approx(result.charge.charged_su) and result.charge.charged_su > 0
+    # A charge line per step, adding up to the session's one charge exactly (micro-SUs).
+    assert all(step.charged_su > 0 for step in result.steps)
+    assert sum(round(step.charged_su * 1e6) for step in result.steps) == round(result.charge.charged_su * 1e6)
 
 
 def test_a_session_through_the_service_gives_the_same_answer(http_client, runtime):
@@ -153,3 +156,27 @@ def test_a_plain_tensor_value_still_works_in_a_session(runtime):
     result = runtime.session([SessionStep(name="only", prompts=[PROMPT], steps=[
         Add(point=LAYER, value=value), Save(point=LAYER, name="after")])]).result()
     assert result.saved("only", "after").shape[1] == 128
+
+
+def test_a_session_over_the_sites_limits_is_refused_before_any_step_runs(reference_model, tmp_path):
+    from functions.interventions.session import run_session
+    from functions.interventions.tracer import Tracer
+    from functions.policy import WorkerPolicy
+    from tpm_fed.protocol.errors import PayloadTooLarge
+
+    model, tokenizer = reference_model
+    tracer = Tracer(model, tokenizer, 256, {2}, 0)
+    session = SessionRequest.create("demo-llama", steps=steering_session())
+    ran = []
+    handle = model.register_forward_pre_hook(lambda m, a: ran.append(1))
+    try:
+        with pytest.raises(InvalidRequest, match="runs at most 1 in one session"):
+            run_session(tracer, session, policy=WorkerPolicy(max_session_steps=1))
+        with pytest.raises(PayloadTooLarge, match="returns at most 100"):
+            run_session(tracer, session, policy=WorkerPolicy(max_result_bytes=100))
+        assert ran == []  # refused before the first step's forward pass
+        tensors, reply = run_session(tracer, session, policy=WorkerPolicy())
+    finally:
+        handle.remove()
+    assert ran and [step["name"] for step in reply["steps"]] == ["read", "steer"]
+    assert set(tensors) == {"read/0:h", "read/1:h"}

@@ -40,7 +40,7 @@ from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Metered, price_usu
 from tpm_fed.protocol.requests import ServingRequest
-from tpm_fed.protocol.results import ChargeInfo, ServedResult
+from tpm_fed.protocol.results import ChargeInfo, ServedResult, SessionResult
 from tpm_fed.references.records import ReferenceRecords
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
@@ -166,7 +166,7 @@ class Bookkeeper:
             if isinstance(outcome, ServedResult):
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
                                outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)
-                settle.append((request_id, used, price_usu(price, used)))
+                settle.append((request_id, used, sum(step_prices(outcome, price, used))))
             else:
                 release.append((request_id, f"{type(outcome).__name__}: {outcome}"))
         try:
@@ -191,6 +191,11 @@ class Bookkeeper:
                     ),
                     "placement": admission.decision.explain(),
                 })
+                if isinstance(outcome, SessionResult):  # its charge line per step, adding up to the charge
+                    prices = step_prices(outcome, admitted[request_id][1], None)
+                    outcome = outcome.model_copy(update={"steps": [
+                        step.model_copy(update={"charged_su": usu / MICRO}) for step, usu in zip(outcome.steps, prices)
+                    ]})
             annotated[request_id] = outcome
         return annotated
 
@@ -231,3 +236,14 @@ class Bookkeeper:
                 self.broker.registry.failed(replica_id, len(batch))
             if any(isinstance(o, SiteError) for o in batch):
                 self.broker.health.failed(site)
+
+
+def step_prices(outcome: ServedResult, price: Price, used: Metered | None) -> list[int]:
+    """Micro-SUs per charge line: one for most results, one per step of a session (the first
+    carries a cold start), each rounded up on its own so the lines add up to the charge exactly."""
+    if not isinstance(outcome, SessionResult):
+        return [price_usu(price, used)]
+    cold = not outcome.replica.warm
+    return [price_usu(price, Metered(step.usage.prompt_tokens, step.usage.completion_tokens,
+                                     step.usage.activation_bytes, cold_start=cold and index == 0))
+            for index, step in enumerate(outcome.steps)]

@@ -21,9 +21,8 @@ def handle(backend: Traces, requests: list[SessionRequest], policy: WorkerPolicy
     for session in requests:
         try:
             tensors, reply = run_session(backend.tracer, session, policy=policy)
-            blob = pack_tensors(tensors)
-            reply["usage"]["activation_bytes"] = len(blob)  # charged as the bytes that leave, as for a trace
-            outcomes.append({"result": {**reply, **deliver(blob, policy)}})
+            # Usage counts the steps' tensor bytes (not the blob's framing): the session is charged line by line.
+            outcomes.append({"result": {**reply, **deliver(pack_tensors(tensors), policy)}})
         except TpmError as error:
             outcomes.append(refused(error))
     return outcomes

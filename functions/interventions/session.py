@@ -13,6 +13,7 @@ from typing import Any
 
 from functions.interventions.tracer import Tracer
 from functions.policy import WorkerPolicy
+from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.sessions import SessionRequest
 from tpm_fed.protocol.validation import check_session
 
@@ -21,9 +22,13 @@ def run_session(tracer: Tracer, session: SessionRequest, *, policy: WorkerPolicy
     """The session's tensors (``STEP/PROMPT:NAME`` -> torch) and the rest of its reply (``steps``, ``usage``).
 
     Raises:
-        InvalidRequest, UnknownPoint, ContextLengthExceeded: A step does not fit this model (nothing ran).
+        InvalidRequest, UnknownPoint, ContextLengthExceeded: A step does not fit this model, or the
+            session has more steps than this endpoint runs (nothing ran).
         PayloadTooLarge: All steps' tensors together would be over what this endpoint returns.
     """
+    if len(session.steps) > policy.max_session_steps:
+        raise InvalidRequest(f"the session has {len(session.steps)} steps; this endpoint runs at most "
+                             f"{policy.max_session_steps} in one session (split it)")
     traces = session.traces()
     prompt_ids = [tracer.tokenize(trace) for trace in traces]
     lengths = [[len(ids) for ids in step_ids] for step_ids in prompt_ids]

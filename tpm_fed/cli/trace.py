@@ -9,14 +9,17 @@ import click
 
 from tpm_fed.client import Client
 from tpm_fed.protocol.errors import InvalidRequest
-from tpm_fed.interventions import LogitLens, Save, TraceRequest
+from tpm_fed.interventions import LogitLens, Save, SessionRequest, TraceRequest
 
 
 @click.command()
-@click.argument("prompts", nargs=-1, required=True)
+@click.argument("prompts", nargs=-1)
 @click.option("--model", default=None, help="NAME or NAME@VERSION (default: the federation's first model).")
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A JSON intervention spec: steps, logit_lens, attention_lens, attention_patterns.")
+@click.option("--session", "session_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A JSON session: {\"steps\": [{\"name\", \"prompts\", \"steps\", ...}, ...]} run on one "
+                   "replica, later steps taking value_from earlier saves (instead of PROMPTS).")
 @click.option("--save", "saves", multiple=True, metavar="POINT", help="Save this point (repeatable).")
 @click.option("--logit-lens", is_flag=True, help="Decode every layer's residual stream.")
 @click.option("--top-k", type=int, default=3, show_default=True, help="Tokens per layer for --logit-lens.")
@@ -26,12 +29,21 @@ from tpm_fed.interventions import LogitLens, Save, TraceRequest
               help="Write every returned tensor to this .safetensors file.")
 @click.option("--project", default=None, help="Project to charge (needed if you are in several).")
 @click.option("--site", default=None, help="Run only on this site.")
-def trace(prompts, model, spec_file, saves, logit_lens, top_k, max_new_tokens, out, project, site) -> None:
+def trace(prompts, model, spec_file, session_file, saves, logit_lens, top_k, max_new_tokens, out, project,
+          site) -> None:
     """Run PROMPTS through the model, applying and returning what the spec asks for.
 
     Points are module paths of the model (see `tpm models inspect`), e.g.
     model.layers.2, model.layers.2.mlp.input, model.layers.2.self_attn.heads[1].
     """
+    if session_file is not None:
+        if prompts or spec_file or saves or logit_lens or max_new_tokens:
+            raise click.UsageError("--session runs the file's own steps: give no PROMPTS, --spec, --save, "
+                                   "--logit-lens or --max-tokens with it")
+        _session(_read_spec(session_file), model, out, project, site)
+        return
+    if not prompts:
+        raise click.UsageError("give PROMPTS to trace (or --session FILE)")
     fields = _read_spec(spec_file) if spec_file else {}
     fields.setdefault("steps", [])
     fields["steps"] = [*fields["steps"], *(Save(point=p).model_dump() for p in saves)]
@@ -63,15 +75,39 @@ def trace(prompts, model, spec_file, saves, logit_lens, top_k, max_new_tokens, o
                 click.echo(f"  layer {layer}: {shown}")
 
 
+def _session(fields: dict, model: str | None, out: Path | None, project: str | None, site: str | None) -> None:
+    with Client(progress=True) as client:
+        request = SessionRequest.create(model or client.default_model(), project=project, site=site, **fields)
+        pending = client.submit(request)
+        click.echo(f"tpm: running a session of {len(request.steps)} steps on one replica...", err=True)
+        result = pending.result()
+    where = " (by reference)" if result.tensors_ref is not None else ""
+    click.echo(f"model {result.model}@{result.version} on {result.site}; {len(result.steps)} steps; "
+               f"{result.usage.activation_bytes:,} bytes of tensors{where}; charged {result.charge.charged_su:.6f} SU")
+    if out is not None:
+        click.echo(f"tensors written to {out} ({result.save_tensors(out):,} bytes)")
+    described = _described(result, out)
+    for step in result.steps:
+        click.echo(f"step {step.name}: {step.usage.prompt_tokens} prompt tokens, "
+                   f"{step.usage.completion_tokens} generated; charged {step.charged_su:.6f} SU")
+        for prompt, completion in enumerate(step.completions):
+            click.echo(f"  [{prompt}] generated: {completion.text!r}")
+        for name, text in described.items():
+            if name.startswith(f"{step.name}/"):
+                click.echo(f"  {name.split('/', 1)[1]}: {text}")
+
+
 def _described(result, out: Path | None) -> dict[str, str]:
     """Each tensor's dtype and shape: from the written file's header alone when there is one."""
     if out is None:
         return {name: f"{tensor.dtype} {list(tensor.shape)}" for name, tensor in result.tensors.items()}
     from safetensors import safe_open
 
+    from tpm_fed.protocol.dtypes import BY_CODE
+
     with safe_open(str(out), framework="numpy") as tensors:
-        return {name: f"{tensors.get_slice(name).get_dtype()} {tensors.get_slice(name).get_shape()}"
-                for name in tensors.keys()}
+        slices = {name: tensors.get_slice(name) for name in tensors.keys()}
+        return {name: f"{BY_CODE[part.get_dtype()].name} {part.get_shape()}" for name, part in slices.items()}
 
 
 def _read_spec(path: Path) -> dict:
@@ -80,5 +116,5 @@ def _read_spec(path: Path) -> dict:
     except ValueError as error:
         raise InvalidRequest(f"{path}: not JSON: {error}") from None
     if not isinstance(spec, dict):
-        raise InvalidRequest(f"{path}: the spec must be a JSON object with steps, logit_lens, ...")
+        raise InvalidRequest(f"{path}: expected a JSON object (a spec's steps, logit_lens...; a session's steps)")
     return spec

@@ -270,7 +270,8 @@ class SessionStepResult(_Record):
         prompt_tokens: Each prompt's tokens as text.
         vocab: Token id -> text for every id a lens returned.
         completions: Generated text, when the step generated.
-        usage: What this step used (the session's charge covers the sum).
+        usage: What this step used.
+        charged_su: This step's line of the session's charge (the lines add up to it).
     """
 
     name: str
@@ -278,6 +279,7 @@ class SessionStepResult(_Record):
     vocab: dict[str, str] = {}
     completions: list[Completion] = []
     usage: Usage
+    charged_su: float = 0.0
 
 
 class SessionResult(_TensorResult):
