@@ -47,8 +47,8 @@ from benchlib import PROMPTS, log, machine
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def bench_home(root: Path, model_dir: Path, backend: str):
-    """A one-site home serving ``model_dir`` as ``model`` on ``backend``, with a generous grant."""
+def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...] = ("generate",)):
+    """A one-site home serving ``model_dir`` as ``model`` (for ``kinds``) on ``backend``, with a generous grant."""
     from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
     from tpm_fed.home import TpmHome
     from tpm_fed.identity import LocalUser
@@ -58,7 +58,7 @@ def bench_home(root: Path, model_dir: Path, backend: str):
     Federation(
         name=f"bench-{backend}",
         sites=[SiteConfig(name="local", max_batch_requests=256)],
-        models=[ModelConfig(name="model", path=Path("models/model"), backend=backend)],
+        models=[ModelConfig(name="model", path=Path("models/model"), backend=backend, kinds=list(kinds))],
         projects=[ProjectConfig(name="bench", members=[LocalUser().current()], allocations={"local": 1e9})],
     ).dump(home.federation_file)
     return home
