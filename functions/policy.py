@@ -90,7 +90,7 @@ class WorkerPolicy(BaseModel):
         max_result_bytes: The largest result (tensor bytes) one request may get back.
         stream_hosts: Hosts besides loopback that streamed tokens may be sent to.
         result_store: Where large results are left for the caller (a connector spec,
-            :mod:`tpm_fed.references.connectors`), or None: every result travels inline.
+            :mod:`tpm_fed.protocol.result_stores`), or None: every result travels inline.
         inline_result_bytes: Results larger than this are left in the store.
         max_reference_bytes: The largest result one request may leave in the store.
         result_retention_s: How long a stored result is kept.
@@ -112,7 +112,7 @@ class WorkerPolicy(BaseModel):
     @field_validator("result_store")
     @classmethod
     def _store_spec(cls, spec: str | None) -> str | None:
-        from tpm_fed.references.connectors import check_spec
+        from tpm_fed.protocol.result_stores import check_spec
 
         return None if spec is None else check_spec(spec)
 

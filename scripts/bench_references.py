@@ -69,7 +69,7 @@ def fetch(client, result, scratch: Path, repeats: int) -> None:
         return sum(len(chunk) for chunk in StoreReader().chunks(result.request_id, reference))
 
     def read_store_unchecked() -> int:  # the same reads with no digest: what the check costs
-        from tpm_fed.references.connectors import connector_for, key_for
+        from tpm_fed.protocol.result_stores import connector_for, key_for
 
         connector = connector_for(reference.store)
         return sum(len(connector.get(key_for(connector, name))) for name in reference.keys)

@@ -24,8 +24,8 @@ from tpm_fed.protocol.errors import (
 )
 from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.references.chunks import get_chunks, put_chunks
-from tpm_fed.references.connectors import connector_for
+from tpm_fed.protocol.reference_chunks import get_chunks, put_chunks
+from tpm_fed.protocol.result_stores import connector_for
 from tpm_fed.references.reader import ServiceReader
 from tpm_fed.state.schema import references_table
 

@@ -167,7 +167,7 @@ class SiteConfig(_Strict):
     @model_validator(mode="after")
     def _results_is_a_store(self) -> Self:
         if self.results is not None and "://" in self.results:
-            from tpm_fed.references.connectors import check_spec
+            from tpm_fed.protocol.result_stores import check_spec
 
             try:
                 check_spec(self.results)

@@ -1,9 +1,10 @@
-"""Results by reference: the stores a worker writes large results to, and how callers read them back.
+"""Results by reference, on the caller's and the service's side.
 
-- :mod:`tpm_fed.references.connectors`: a store spec (``file:///path``,
-  ``redis://host:port``) as a ProxyStore connector.
-- :mod:`tpm_fed.references.chunks`: writing a blob as chunks, reading it back
-  chunk by chunk with its digest checked.
+What a worker writes is contract (:mod:`tpm_fed.protocol.references`, the
+reference; :mod:`tpm_fed.protocol.result_stores`, a store spec as a
+ProxyStore connector; :mod:`tpm_fed.protocol.reference_chunks`, chunks
+written and read back with their digest checked). Here:
+
 - :mod:`tpm_fed.references.reader`: what a caller's result uses to resolve a
   reference: the store directly when it can reach it, else the service.
 - :mod:`tpm_fed.references.records`: the service's record of every reference

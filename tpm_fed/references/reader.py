@@ -18,8 +18,8 @@ from typing import Any
 
 from tpm_fed.protocol.errors import ReferenceCorrupt, ReferenceNotFound
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.references.chunks import check_current, get_chunks
-from tpm_fed.references.connectors import connector_for, local_folder
+from tpm_fed.protocol.reference_chunks import check_current, get_chunks
+from tpm_fed.protocol.result_stores import connector_for, local_folder
 
 
 def reachable(reference: TensorsReference) -> bool:

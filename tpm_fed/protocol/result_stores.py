@@ -1,4 +1,4 @@
-"""A result store spec as a ProxyStore connector.
+"""A result store spec as a ProxyStore connector (results by reference, :mod:`tpm_fed.protocol.references`).
 
 A spec is one string, so an endpoint operator can set it in a worker's
 environment (``TPM_RESULT_STORE``) and the federation file can name the same
