@@ -42,16 +42,27 @@ def get_chunks(connector: Any, reference: TensorsReference) -> Iterator[bytes]:
     if missing:
         raise ReferenceNotFound(f"the result store holds no chunk {missing[0]!r} of this result "
                                 f"({len(missing)} of {len(reference.keys)} missing)")
+
+    def stored() -> Iterator[bytes]:
+        for name in reference.keys:
+            chunk = connector.get(key_for(connector, name))
+            if chunk is None:  # evicted between the check and the read
+                raise ReferenceNotFound(f"chunk {name!r} of this result left the store while it was read")
+            yield chunk
+
+    return checked(stored(), reference, "the stored result")
+
+
+def checked(chunks: Iterator[bytes], reference: TensorsReference, what: str) -> Iterator[bytes]:
+    """``chunks`` passed through, hashed as they pass; :class:`ReferenceCorrupt` at the end if they are
+    not the bytes the reference describes."""
     digest, seen = hashlib.sha256(), 0
-    for name in reference.keys:
-        chunk = connector.get(key_for(connector, name))
-        if chunk is None:  # evicted between the check and the read
-            raise ReferenceNotFound(f"chunk {name!r} of this result left the store while it was read")
+    for chunk in chunks:
         digest.update(chunk)
         seen += len(chunk)
         yield chunk
     if seen != reference.nbytes or digest.hexdigest() != reference.sha256:
-        raise ReferenceCorrupt(f"the stored result is {seen:,} bytes with digest {digest.hexdigest()[:12]}...; "
+        raise ReferenceCorrupt(f"{what} is {seen:,} bytes with digest {digest.hexdigest()[:12]}...; "
                                f"its reference says {reference.nbytes:,} bytes, {reference.sha256[:12]}...")
 
 

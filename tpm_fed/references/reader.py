@@ -10,15 +10,14 @@ they pass, one chunk in memory at a time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tpm_fed.protocol.errors import ReferenceCorrupt, ReferenceNotFound
+from tpm_fed.protocol.errors import ReferenceNotFound
+from tpm_fed.protocol.reference_chunks import check_current, checked, get_chunks
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.protocol.reference_chunks import check_current, get_chunks
 from tpm_fed.protocol.result_stores import connector_for, local_folder
 
 
@@ -55,20 +54,16 @@ class ServiceReader:
         return self._download(request_id, reference)
 
     def _download(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
+        return checked(self._stream(request_id), reference, f"what the service sent for request {request_id}")
+
+    def _stream(self, request_id: str) -> Iterator[bytes]:
         from tpm_fed.service.errors import error_from_body
 
         with self._http.stream("GET", f"/tpm/v1/requests/{request_id}/tensors") as response:
             if response.status_code >= 400:
                 response.read()
                 raise error_from_body(response.status_code, _json_or_text(response))
-            digest, seen = hashlib.sha256(), 0
-            for chunk in response.iter_bytes(CHUNK_BYTES // 4):
-                digest.update(chunk)
-                seen += len(chunk)
-                yield chunk
-        if seen != reference.nbytes or digest.hexdigest() != reference.sha256:
-            raise ReferenceCorrupt(f"request {request_id}: the service sent {seen:,} bytes that do not match "
-                                   f"the reference ({reference.nbytes:,} bytes, {reference.sha256[:12]}...)")
+            yield from response.iter_bytes(CHUNK_BYTES // 4)
 
 
 def write_atomically(path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
