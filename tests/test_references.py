@@ -231,3 +231,18 @@ def test_deliver_leaves_large_blobs_in_the_store_and_small_ones_inline(tmp_path)
     assert store.stat().st_mode & 0o777 == 0o700  # other users on the host read nothing
     with pytest.raises(PayloadTooLarge, match="at most 10,000"):
         deliver(b"z" * 10_001, policy)
+
+
+def test_a_large_embedding_result_comes_by_reference_too(runtime, reference_model):
+    from tpm_fed.protocol.requests import EmbeddingRequest
+
+    model, tokenizer = reference_model
+    texts = [LONG] * 12  # 12 x ~240 positions x 128 floats: ~1.5 MB, over the 1 MiB inline threshold
+    result = runtime.submit(EmbeddingRequest.create("demo-llama", texts=texts, pool="none")).result()
+    assert result.tensors_ref is not None and result.tensors_blob == b""
+    assert result.usage.activation_bytes == result.tensors_ref.nbytes
+    ids = torch.tensor([tokenizer(LONG)["input_ids"]])
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state[0]
+    assert len(result.outputs) == 12
+    assert torch.allclose(torch.from_numpy(result.outputs[11]), hidden, atol=1e-5)
