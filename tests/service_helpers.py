@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import socket
 import threading
 import time
@@ -50,30 +51,66 @@ class ServiceThread:
 
 
 class GlobusAuthStandIn:
-    """Globus Auth's introspection route over a token table.
+    """Globus Auth's routes the service calls, over a token table.
+
+    - ``POST /v2/oauth2/token/introspect``: the table's answer for a token.
+    - ``GET /v2/oauth2/authorize``: a browser sent to log in, as if ``login_as``
+      had logged in and consented: back to ``redirect_uri`` with a code and the state.
+    - ``POST /v2/oauth2/token`` (``authorization_code``): a code, once, for a new
+      access token for the client's own scope, added to the table.
 
     Args:
         client_id, client_secret: The only credentials it accepts (the service's confidential client).
         tokens: Access token -> the introspection answer (``active``, ``exp``, ``aud``, ``username``...).
+        login_as: The username a browser login gets.
     """
 
-    def __init__(self, client_id: str, client_secret: str, tokens: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, client_id: str, client_secret: str, tokens: dict[str, dict[str, Any]],
+                 login_as: str = "ana@uchicago.edu") -> None:
         self.client_id, self.client_secret, self.tokens = client_id, client_secret, tokens
+        self.login_as = login_as
         self.introspections = 0
+        self.codes: dict[str, str] = {}  # code -> the redirect_uri it was issued for
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                path, _, query = self.path.partition("?")
+                if path.rstrip("/") != "/v2/oauth2/authorize":
+                    return self._reply(404, {"errors": [{"code": "NOT_FOUND"}]})
+                asked = {k: v[0] for k, v in parse_qs(query).items()}
+                if asked.get("client_id") != stand_in.client_id or asked.get("response_type") != "code":
+                    return self._reply(400, {"errors": [{"code": "BAD_REQUEST"}]})
+                code = secrets.token_urlsafe(12)
+                stand_in.codes[code] = asked["redirect_uri"]
+                self.send_response(302)
+                self.send_header("Location", f"{asked['redirect_uri']}?code={code}&state={asked['state']}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
-                if self.path.rstrip("/") != "/v2/oauth2/token/introspect":
+                path = self.path.rstrip("/")
+                if path not in ("/v2/oauth2/token/introspect", "/v2/oauth2/token"):
                     return self._reply(404, {"errors": [{"code": "NOT_FOUND"}]})
                 expected = base64.b64encode(f"{stand_in.client_id}:{stand_in.client_secret}".encode()).decode()
                 if self.headers.get("Authorization") != f"Basic {expected}":
                     return self._reply(401, {"errors": [{"code": "UNAUTHORIZED"}]})
                 length = int(self.headers.get("Content-Length") or 0)
-                form = parse_qs(self.rfile.read(length).decode())
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                if path.endswith("/token"):
+                    return self._exchange(form)
                 stand_in.introspections += 1
-                token = (form.get("token") or [""])[0]
-                self._reply(200, stand_in.tokens.get(token, {"active": False}))
+                self._reply(200, stand_in.tokens.get(form.get("token", ""), {"active": False}))
+
+            def _exchange(self, form: dict[str, str]) -> None:
+                redirect_uri = stand_in.codes.pop(form.get("code", ""), None)  # a code works once
+                if form.get("grant_type") != "authorization_code" or redirect_uri != form.get("redirect_uri"):
+                    return self._reply(401, {"error": "invalid_grant"})
+                token = "browser-" + secrets.token_urlsafe(12)
+                stand_in.tokens[token] = token_answer(stand_in.login_as, stand_in.client_id)
+                self._reply(200, {"access_token": token, "token_type": "Bearer", "expires_in": 3600,
+                                  "scope": f"https://auth.globus.org/scopes/{stand_in.client_id}/all",
+                                  "resource_server": stand_in.client_id, "other_tokens": []})
 
             def _reply(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode()

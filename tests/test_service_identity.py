@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.service_helpers import GlobusAuthStandIn, ServiceThread, token_answer
+from tests.test_web_page import browser  # noqa: F401 - the headless browser fixture
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 
@@ -130,3 +131,60 @@ def test_a_token_is_introspected_once_until_it_expires(shared):
     for _ in range(3):
         assert _get(url, "ana-token", "/tpm/v1/whoami").json()["identity"] == ANA
     assert auth_server.introspections == seen
+
+
+def _log_in_with_globus(url: str) -> tuple[httpx.Client, httpx.Response]:
+    """A browser's round trip: the page's login link, Globus Auth, back to the service's callback."""
+    browser = httpx.Client(timeout=30)
+    start = browser.get(f"{url}/tpm/v1/auth/login")
+    assert start.status_code == 302 and "/v2/oauth2/authorize?" in start.headers["location"]
+    at_globus = browser.get(start.headers["location"])
+    assert at_globus.status_code == 302 and at_globus.headers["location"].startswith(f"{url}/tpm/v1/auth/callback?")
+    return browser, browser.get(at_globus.headers["location"])
+
+
+def test_the_page_logs_in_with_globus_and_gets_a_token_for_this_service(shared):
+    url, _, auth_server = shared
+    browser, back = _log_in_with_globus(url)
+    assert back.status_code == 302 and back.headers["location"].startswith("/#token=")
+    token = back.headers["location"].removeprefix("/#token=")
+    assert token in auth_server.tokens  # a token Globus Auth issued, for this service's audience
+    me = httpx.get(f"{url}/tpm/v1/whoami", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 200 and me.json()["identity"] == ANA
+
+    # The same answer again (a replay, or someone else's stolen redirect) gets nothing.
+    replay = browser.get(back.request.url)
+    assert replay.status_code == 400 and "not one this browser started" in replay.text
+    assert "#token=" not in replay.headers.get("location", "")
+
+
+def test_a_globus_login_answer_must_come_back_to_the_browser_that_asked(shared):
+    url, _, _ = shared
+    asker = httpx.Client(timeout=30)
+    start = asker.get(f"{url}/tpm/v1/auth/login")
+    callback = httpx.get(start.headers["location"]).headers["location"]  # followed by someone else
+    other_browser = httpx.get(callback)  # no state cookie: not the browser that started it
+    assert other_browser.status_code == 400 and "#token=" not in other_browser.headers.get("location", "")
+    denied = asker.get(f"{url}/tpm/v1/auth/callback", params={"error": "access_denied", "state": "x"})
+    assert denied.status_code == 400 and "access_denied" in denied.text
+
+
+def test_a_local_service_has_no_globus_login(service):
+    refused = httpx.get(f"{service.url}/tpm/v1/auth/login")
+    assert refused.status_code == 400 and "local mode" in refused.json()["error"]["message"]
+
+
+def test_the_page_in_a_browser_logs_in_with_globus(shared, browser):
+    from selenium.webdriver.common.by import By
+
+    from tests.test_web_page import click, text_of, wait_for
+
+    url, _, _ = shared
+    browser.get(f"{url}/")
+    link = browser.find_element(By.ID, "globus-login")
+    wait_for(browser, lambda d: link.is_displayed(), message="no 'Log in with Globus' on a Globus-mode page")
+    click(browser, "#globus-login-link")
+    wait_for(browser, lambda d: text_of(d, "#who") == ANA, message="the Globus login did not sign the page in")
+    assert browser.find_element(By.ID, "tabs").is_displayed()
+    assert "token=" not in browser.current_url  # the page took the token out of the address bar
+    browser.save_screenshot(str(browser.screenshots / "globus-login.png"))

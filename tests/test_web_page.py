@@ -289,6 +289,7 @@ def test_without_a_token_the_page_shows_sign_in_and_gets_no_data(service, browse
     sign_in = browser.find_element(By.ID, "sign-in")
     wait_for(browser, lambda d: sign_in.is_displayed(), message="the sign-in form never showed")  # drawn by the script
     assert not browser.find_element(By.ID, "tabs").is_displayed()
+    assert not browser.find_element(By.ID, "globus-login").is_displayed()  # local mode: the token link signs in
     assert browser.find_element(By.ID, "models-rows").text == ""
     assert data_calls(browser) == []
 

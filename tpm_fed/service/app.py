@@ -4,7 +4,7 @@
 (:mod:`tpm_fed.service.routes_openai`) and tpm-fed's native ones
 (:mod:`tpm_fed.service.routes_native`) and the operators' ones
 (:mod:`tpm_fed.service.routes_admin`) to one federation runtime. Every
-route but ``/health`` and ``/tpm/v1/auth`` (how to log in) needs a bearer
+route but ``/health``, the page and ``/tpm/v1/auth...`` (how to log in) needs a bearer
 token; every refusal is an OpenAI error body with the status OpenAI's
 clients expect (:mod:`tpm_fed.service.errors`).
 """
@@ -50,6 +50,10 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
                   description="OpenAI-compatible routes under /v1; tpm-fed's own under /tpm/v1.")
     app.state.runtime = runtime
     app.state.auth = auth
+    if auth.mode == "globus":  # the page's "Log in with Globus" runs the code flow with the service's client
+        from tpm_fed.service.browser_login import BrowserLogins
+
+        app.state.browser_logins = BrowserLogins(auth.auth_client, auth.scope, auth.audience)
     app.state.operators = operators
     app.state.slo = SloTracker(lambda: runtime.federation.slos)
     app.state.metrics = ServiceMetrics(runtime, app.state.slo)

@@ -1,5 +1,6 @@
-// The sign-in form: paste a token; it is checked with `GET /tpm/v1/whoami`
-// before the page shows anything.
+// Signing in: "Log in with Globus" (a shared service: the service runs the
+// login and sends the browser back with its token in the fragment), or paste a
+// token; either is checked with `GET /tpm/v1/whoami` before the page shows anything.
 
 import { api, forgetToken, loginInfo, rememberToken } from "./api.js";
 import { showError } from "./dom.js";
@@ -34,9 +35,10 @@ export function hideSignIn() {
 async function describeLogin() {
   const info = await loginInfo();
   const help = document.getElementById("login-help");
+  document.getElementById("globus-login").hidden = info.mode !== "globus";
   if (info.mode === "globus") {
-    help.textContent = `This service takes Globus Auth access tokens for the scope ${info.scope}: `
-      + "log in with `tpm login`, then paste an access token for that scope.";
+    help.textContent = `Or paste a Globus Auth access token for the scope ${info.scope} `
+      + "(`tpm login` obtains one).";
   } else {
     help.textContent = "";
   }
