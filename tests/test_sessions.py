@@ -180,3 +180,14 @@ def test_a_session_over_the_sites_limits_is_refused_before_any_step_runs(referen
         handle.remove()
     assert ran and [step["name"] for step in reply["steps"]] == ["read", "steer"]
     assert set(tensors) == {"read/0:h", "read/1:h"}
+
+
+def test_a_value_with_a_row_per_position_cannot_edit_generated_tokens(runtime):
+    per_row = Add(point=LAYER, positions=[0, 1], generated=True, value=TensorData.of(torch.ones(2, 128)))
+    with pytest.raises(InvalidRequest, match="cannot also edit generated tokens"):
+        runtime.trace(PROMPT, max_new_tokens=2, steps=[per_row]).result()
+    from_step = Set(point=LAYER, positions=[0, 1], generated=True, value_from=FromSaved(
+        terms=[SavedTerm(step="a", save="h")]))
+    with pytest.raises(InvalidRequest, match="cannot also edit generated tokens"):
+        runtime.session([SessionStep(name="a", prompts=[PROMPT], steps=[Save(point=LAYER, name="h", positions=[2, 3])]),
+                         SessionStep(name="b", prompts=[PROMPT], max_new_tokens=2, steps=[from_step])]).result()

@@ -23,6 +23,7 @@ from tpm_fed.protocol.requests import SPECIAL_TOKENS_ALLOWANCE, TraceRequest, Us
 ValueShape = Callable[..., "tuple | None"]
 """``(value_from, where) -> shape or None``: what a session's saved values make (see :func:`check_session`)."""
 
+
 def check_spec(request: TraceRequest, points: PointCatalog, value_shape: ValueShape | None = None,
                prompt_tokens: Sequence[int] | None = None) -> None:
     """Check everything in ``request`` that depends only on the model's architecture.
@@ -63,6 +64,9 @@ def check_spec(request: TraceRequest, points: PointCatalog, value_shape: ValueSh
             if shape != features and not (per_position and shape == (per_position, *features)):
                 rows = f"[{per_position}, {', '.join(map(str, features))}]" if per_position else "[positions, ...]"
                 raise InvalidRequest(f"{where}: value has shape {list(shape)}; expected {list(features)} or {rows}")
+            if step.generated and shape != features:  # a generated token is one position
+                raise InvalidRequest(f"{where}: a value with a row per position cannot also edit generated tokens; "
+                                     f"give one position's features {list(features)}, or generated=false")
         if step.op == "save" and step.reduce is not None:
             check_reduce(where, step.reduce, features)
         if step.op == "inject" and features != (points.hidden_size,):
