@@ -63,6 +63,9 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.include_router(watching)
     app.include_router(back_channel)
     app.include_router(page)
+    from tpm_fed.service.routes_batches import attach_batches
+
+    attach_batches(app, runtime)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
@@ -92,7 +95,14 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
         return JSONResponse(_openai_error(f"{type(error).__name__}: {error}", "server_error", "InternalError"),
                             status_code=500)
 
-    return BodyLimits(app)
+    from tpm_fed.batches.protocol import MAX_FILE_BYTES
+
+    # A batch file may be bigger than one request: it is never sent to a site whole.
+    return BodyLimits(app, larger={"/v1/files": MAX_FILE_BYTES + UPLOAD_OVERHEAD_BYTES})
+
+
+UPLOAD_OVERHEAD_BYTES = 1024 * 1024
+"""What multipart framing may add around an uploaded file's bytes."""
 
 
 def describe_errors(problems: list[dict]) -> str:

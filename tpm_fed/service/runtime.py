@@ -88,6 +88,8 @@ class Runtime:
         self._closed = False
         self.streams: Any = None
         """The service's back channel for streamed text (:class:`tpm_fed.service.stream_hub.StreamHub`)."""
+        self.batches: Any = None
+        """The service's batch runner (:class:`tpm_fed.batches.runner.BatchRunner`), once it serves."""
         self._watch(self.federation.sites)
         self._retried: set[str] = set()  # requests on their second try after a lost task
         # Reservations a predecessor left held (it stopped mid-request) are settled or released
@@ -505,6 +507,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop every site this runtime started; their replicas go with them."""
+        if self.batches is not None:
+            self.batches.stop()  # batch lines in flight finish (and are recorded) before the sites stop
         self._stop_sweeping.set()
         with self._lock:
             self._closed = True
