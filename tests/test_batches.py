@@ -8,6 +8,7 @@ ledger's own rows.
 from __future__ import annotations
 
 import io
+import json
 import secrets
 
 import httpx
@@ -110,3 +111,48 @@ def test_the_native_route_runs_traces_in_a_batch(openai_client, batch_service):
             alone = http.post("/tpm/v1/requests", json=line["body"]).json()
             body = answer["response"]["body"]
             assert body["completions"] == alone["completions"] and body["version"] == alone["version"]
+
+
+def test_the_python_client_and_the_cli_run_a_batch(batch_service, batch_runtime, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tpm_fed.batches.jsonl import BatchFileInvalid
+    from tpm_fed.cli import main
+    from tpm_fed.client import Client
+
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(jsonl(mixed_lines(6)))
+    with Client(batch_service.url, batch_service.token) as client:
+        quote = client.batches.quote(path)
+        batch = client.batches.submit(path, project="batches", metadata={"run": "1"})
+        ended = client.batches.wait(batch["id"], poll_s=0.2, timeout_s=300)
+        assert ended["status"] == "completed" and ended["request_counts"]["completed"] == 6
+        assert 0 < ended["tpm"]["charged_su"] <= quote["max_su"]
+        everything = client.batches.results(batch["id"])
+        assert [line["custom_id"] for line in everything] == [f"line-{i}" for i in range(6)]
+        assert client.batches.file_content(ended["output_file_id"]) == client.batches.results_jsonl(batch["id"])
+        assert batch["id"] in {b["id"] for b in client.batches.list()}
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"custom_id": "x"}\nnot json\n')
+        with pytest.raises(BatchFileInvalid, match="line 1: .*line 2: not valid JSON"):
+            client.batches.upload(bad)
+
+    monkeypatch.setenv("TPM_URL", batch_service.url)
+    monkeypatch.setenv("TPM_TOKEN", batch_service.token)
+    cli = CliRunner()
+    quoted = cli.invoke(main, ["batch", "submit", str(path), "--quote"])
+    assert quoted.exit_code == 0 and "quote: 6 lines for batches: at most" in quoted.output
+    assert "Nothing was run or charged" in quoted.output
+    waited = cli.invoke(main, ["batch", "submit", str(path), "--project", "batches", "--wait"])
+    assert waited.exit_code == 0, waited.output
+    batch_id = waited.output.split(":")[0].strip().splitlines()[-1]
+    assert "completed" in waited.output and "6 done, 0 failed" in waited.output
+    assert batch_id in cli.invoke(main, ["batch", "list"]).output
+    assert "charged:" in cli.invoke(main, ["batch", "status", batch_id]).output
+    out = tmp_path / "results.jsonl"
+    assert cli.invoke(main, ["batch", "results", batch_id, "--out", str(out)]).exit_code == 0
+    assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == [f"line-{i}" for i in range(6)]
+    finished = cli.invoke(main, ["batch", "cancel", batch_id])
+    assert finished.exit_code == 1 and "is completed; only a batch in progress can be cancelled" in finished.output
+    refused = cli.invoke(main, ["batch", "submit", str(bad)])
+    assert refused.exit_code == 1 and "BatchFileInvalid" in refused.output and "line 2: not valid JSON" in refused.output

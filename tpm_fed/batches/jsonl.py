@@ -24,7 +24,11 @@ SHOWN_PROBLEMS = 50
 class BatchFileInvalid(InvalidRequest):
     """A batch file with bad lines; ``problems`` holds ``(line number, what is wrong)`` for each (1-based)."""
 
-    def __init__(self, problems: list[tuple[int, str]]) -> None:
+    def __init__(self, problems: list[tuple[int, str]] | str) -> None:
+        if isinstance(problems, str):  # rebuilt from its message by a client (error_from_wire)
+            self.problems = []
+            super().__init__(problems)
+            return
         self.problems = problems
         shown = "; ".join(f"line {number}: {why}" for number, why in problems[:SHOWN_PROBLEMS])
         more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
@@ -85,7 +89,7 @@ def _read_line(raw: str) -> BatchInputLine:
     try:
         line = BatchInputLine.model_validate(data)
     except ValidationError as error:
-        from tpm_fed.service.app import describe_errors
+        from tpm_fed.service.errors import describe_errors
 
         raise _BadLine(describe_errors(error.errors())) from None
     try:

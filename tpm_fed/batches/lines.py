@@ -45,7 +45,7 @@ def parse_body(url: str, body: dict[str, Any]) -> LineBody:
     try:
         parsed = BODIES[url].model_validate(body)
     except ValidationError as error:
-        from tpm_fed.service.app import describe_errors
+        from tpm_fed.service.errors import describe_errors
 
         raise InvalidRequest(describe_errors(error.errors())) from None
     if getattr(parsed, "stream", False):

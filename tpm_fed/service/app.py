@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.service.auth import Authenticator
-from tpm_fed.service.errors import http_error
+from tpm_fed.service.errors import describe_errors, http_error  # describe_errors: read here by others too
 from tpm_fed.service.limits import BodyLimits
 
 logger = logging.getLogger(__name__)
@@ -103,20 +103,6 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
 
 UPLOAD_OVERHEAD_BYTES = 1024 * 1024
 """What multipart framing may add around an uploaded file's bytes."""
-
-
-def describe_errors(problems: list[dict]) -> str:
-    """One line per problem, naming the field, as OpenAI's clients show ``message``."""
-    lines = []
-    for problem in problems:
-        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
-        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
-        if problem.get("type") == "extra_forbidden":
-            message = "unknown parameter"
-        if problem.get("type") == "json_invalid":
-            where, message = "body", f"not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})"
-        lines.append(f"{where}: {message}")
-    return "; ".join(lines)
 
 
 def _openai_error(message: str, kind: str, code: str) -> dict:
