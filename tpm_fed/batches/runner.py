@@ -42,7 +42,7 @@ MAX_DEFERRALS = 120
 """Times a line may wait for the broker to find it a replica ("none can take it now") before that counts as a
 failure: with :func:`deferral_s`, about an hour."""
 
-STOP_GRACE_S = 60.0
+STOP_GRACE_S = 20.0
 """How long a stopping runner waits for the lines in flight (then they run again after the restart)."""
 
 
