@@ -18,11 +18,19 @@ PROMPTS = ["The cell", "A star is", "The river carries", "Data from the telescop
 
 
 def batch_home(root: Path, demo_model_dir: Path, *, project: str = "batches", grant_su: float = 1000.0,
-               max_batch_requests: int = 64, batch_linger_ms: float | None = None) -> TpmHome:
+               max_batch_requests: int = 64, batch_linger_ms: float | None = None,
+               truncated: bool = False) -> TpmHome:
     """One local site with two replica slots (the demo model and its chat twin may both be warm),
-    and the current user's ``project`` holding ``grant_su`` there."""
+    and the current user's ``project`` holding ``grant_su`` there. With ``truncated``, a third model
+    whose weights file is cut in half (it passes every check at the edge and fails to load)."""
     home = TpmHome(root)
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
+    broken = []
+    if truncated:
+        weights = home.models_dir / "truncated" / "model.safetensors"
+        shutil.copytree(demo_model_dir, weights.parent)
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        broken = [ModelConfig(name="truncated", path=Path("models/truncated"), backend="torch")]
     chat = home.models_dir / "demo-chat"
     shutil.copytree(demo_model_dir, chat)
     config = json.loads((chat / "tokenizer_config.json").read_text())
@@ -35,7 +43,7 @@ def batch_home(root: Path, demo_model_dir: Path, *, project: str = "batches", gr
         sites=[site],
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch",
                             kinds=["generate", "embed", "trace"]),
-                ModelConfig(name="demo-chat", path=Path("models/demo-chat"), backend="torch")],
+                ModelConfig(name="demo-chat", path=Path("models/demo-chat"), backend="torch"), *broken],
         projects=[ProjectConfig(name=project, members=[LocalUser().current()], allocations={"local": grant_su})],
     ).dump(home.federation_file)
     return home

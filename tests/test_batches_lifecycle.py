@@ -7,6 +7,7 @@ ids (written before each run went out) against the ledger's rows for them.
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import signal
@@ -94,6 +95,83 @@ def test_cancel_halfway_charges_the_finished_lines_only(tmp_path, demo_model_dir
             client.batches.cancel(finished.id)
 
 
+def test_a_line_that_fails_twice_gets_its_error_and_the_rest_go_on(tmp_path, demo_model_dir):
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.runtime import Runtime
+
+    home = batch_home(tmp_path / "home", demo_model_dir, truncated=True)
+    token = secrets.token_urlsafe(16)
+    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        lines = mixed_lines(6, routes=("/v1/completions",))
+        lines[2]["body"]["model"] = "truncated"  # valid, quoted, placed: its replica cannot load
+        file_id = client.files.create(file=("f.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
+        ended = wait_for(client, client.batches.create(input_file_id=file_id, endpoint="/v1/completions",
+                                                       completion_window="24h").id)
+        assert ended.status == "completed"
+        assert (ended.request_counts.completed, ended.request_counts.failed) == (5, 1)
+        (failed,) = read_jsonl(client.files.content(ended.error_file_id).content)
+        assert failed["custom_id"] == "line-2" and failed["error"] is None
+        assert failed["response"]["status_code"] == 503
+        assert failed["response"]["body"]["error"]["code"] == "ModelLoadError"
+        output = read_jsonl(client.files.content(ended.output_file_id).content)
+        assert [o["custom_id"] for o in output] == ["line-0", "line-1", "line-3", "line-4", "line-5"]
+        rows, charges = _lines_and_charges(home.database_url, ended.id)
+        assert len(rows[2].request_ids.split()) == 2 and rows[2].attempts == 2  # tried twice
+        _assert_each_line_charged_once(rows, charges)
+
+
+def test_a_line_charged_before_a_kill_is_answered_from_its_kept_result_not_run_again(tmp_path, demo_model_dir):
+    """The predecessor is simulated where it matters (as tests/test_restart.py does): a line whose run was
+    settled in the ledger, its result kept in that same transaction, but whose answer was never recorded."""
+    from sqlalchemy import insert, update
+
+    from tpm_fed.batches.tables import batch_results_table, batches_table
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.runtime import Runtime
+
+    home = batch_home(tmp_path / "home", demo_model_dir)
+    lines = [{"custom_id": f"n-{i}", "method": "POST", "url": "/tpm/v1/requests",
+              "body": {"kind": "generate", "model": {"name": "demo-llama"}, "prompts": [f"The cell {i}"],
+                       "max_new_tokens": 6}} for i in range(3)]
+    token = secrets.token_urlsafe(16)
+    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        file_id = client.files.create(file=("n.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
+        first = wait_for(client, client.batches.create(input_file_id=file_id, endpoint="/v1/completions",
+                                                       completion_window="24h").id)
+        answers = read_jsonl(client.files.content(first.output_file_id).content)
+    rows, charges = _lines_and_charges(home.database_url, first.id)
+    # Back to the moment before line 1's answer was written: charged, result kept (the native route's answer
+    # is the result's wire form), the line still running, the batch in progress.
+    engine = open_database(home.database_url)
+    with engine.begin() as db:
+        rid = answers[1]["response"]["request_id"]
+        db.execute(insert(batch_results_table).values(request_id=rid, kind="generate",
+                                                      result=json.dumps(answers[1]["response"]["body"]),
+                                                      created_at=time.time()))
+        db.execute(update(batch_lines_table).where(batch_lines_table.c.batch_id == first.id,
+                                                   batch_lines_table.c.line_index == 1)
+                   .values(state="running", response=None, status_code=None, charged_usu=0))
+        db.execute(update(batches_table).where(batches_table.c.batch_id == first.id)
+                   .values(status="in_progress", completed_at=None, finalizing_at=None))
+    engine.dispose()
+
+    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        again = wait_for(client, first.id)
+        replayed = read_jsonl(client.files.content(again.output_file_id).content)
+        assert runtime.status()[0].state == "stopped"  # nothing was run: the site never started
+    assert again.status == "completed" and again.request_counts.completed == 3
+    assert replayed[1]["response"] == answers[1]["response"]  # the same answer, the same request id
+    rows_after, charges_after = _lines_and_charges(home.database_url, first.id)
+    assert charges_after == charges  # not charged again
+    assert [r.request_ids for r in rows_after] == [r.request_ids for r in rows]  # not sent again
+    assert rows_after[1].charged_usu == rows[1].charged_usu > 0
+
+
 def test_a_killed_service_resumes_its_batch_and_runs_every_line_once(tmp_path, demo_model_dir):
     from tpm_fed.connection import ensure_service
 
@@ -125,7 +203,12 @@ def test_a_killed_service_resumes_its_batch_and_runs_every_line_once(tmp_path, d
         assert ended.model_extra["tpm"]["charged_su"] == pytest.approx(total / MICRO)
         # The project paid exactly the lines: nothing for the runs the kill cut off.
         assert sum(usu for state, usu in charges.values() if state == "settled") == total
-        assert all(o["response"]["request_id"] in rows[i].request_ids.split() for i, o in enumerate(output))
+        for row, answer in zip(rows, output, strict=True):
+            # The answer is its charged run's: from the run itself, or from the result the killed service
+            # kept beside that run's charge (then it names the earlier id, and nothing ran again).
+            rid = answer["response"]["request_id"]
+            assert rid in row.request_ids.split() and charges[rid][0] == "settled"
+            assert answer["response"]["body"]["tpm"]["charge"]["charged_su"] == pytest.approx(charges[rid][1] / MICRO)
     finally:
         for address in (first, second):
             if address is not None:

@@ -73,14 +73,16 @@ def request_for(runtime: Any, url: str, body: LineBody) -> ServingRequest:
     return _serving(url, runtime).request_for(body)
 
 
-async def answer(runtime: Any, url: str, body: LineBody, identity: str, observer: Any = None) -> dict[str, Any]:
-    """Serve one line as its route would serve the same body alone, and return that route's answer."""
+async def answer(runtime: Any, url: str, body: LineBody, identity: str, observer: Any = None,
+                 request: ServingRequest | None = None) -> dict[str, Any]:
+    """Serve one line as its route would serve the same body alone (as ``request``, when built already with
+    :func:`request_for`), and return that route's answer."""
     if url == NATIVE_URL:
         from tpm_fed.service.serving import serve
 
-        served = await serve(runtime, request_for(runtime, url, body), identity, observer)
+        served = await serve(runtime, request or request_for(runtime, url, body), identity, observer)
         return served.to_wire()
-    return await _serving(url, runtime, observer).create(body, identity)
+    return await _serving(url, runtime, observer).create(body, identity, request)
 
 
 def _serving(url: str, runtime: Any, observer: Any = None) -> Any:

@@ -1,22 +1,23 @@
 """The service's batch runner: feeds pending lines to the runtime and records each line's end once.
 
 One thread with its own event loop. It claims pending lines (oldest batch
-first, input order) up to a window, serves each through its route's own
-serving class on the runtime the HTTP routes use (so placement, batching and
-charging are identical), and records the answer and the ledger's charge in
+first, input order) up to a window, serves each on the runtime's ``submit``,
+the HTTP routes' path (so placement, batching and charging are identical),
+its answer formatted by its route's own serving class, and records the answer and the ledger's charge in
 the database. The window is a couple of full replica batches per site, so
 the dispatcher always has a whole batch to send while another runs, and a
 huge file never floods the queues other callers share.
 
 Exactly once: before a line's request goes out its id is written on the
-line; a finished line is never claimed again. A service that stops gracefully
-lets the lines in flight finish first (``stop``); one that is killed leaves
-them ``running``, and the next runner puts them back in the queue, where
-they run again: their first request had no recorded outcome, so the ledger's
-sweeper released it, and only the second is charged. (Killed in the
-milliseconds between the ledger settling a line and its answer being
-written, a line would be charged for both runs: the line's charge then shows
-both, as the ledger has them.)
+line, and its result is written in the very transaction that settles its
+charge (the bookkeeper's); a finished line is never claimed again. A service
+that stops gracefully lets the lines in flight finish first (``stop``); one
+that is killed leaves them ``running``, and the next runner puts them back
+in the queue. A line whose earlier request was settled is answered from its
+kept result (not run, not charged again); one whose request had no recorded
+outcome was released by the ledger's sweeper, and runs again. (Only if the
+outcomes' transaction itself failed, and the sweeper settled the charge from
+the request log, does a line run twice and carry both charges.)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 from tpm_fed.batches import lines
@@ -71,6 +73,16 @@ class BatchRunner:
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="tpm-batches", daemon=True)
+        self._sent_ids: set[str] = set()  # batch requests out now: their results are kept with their charges
+        runtime.add_outcome_writer(self._keep_results)
+
+    def _keep_results(self, outcomes: dict[str, Any], db: Any) -> None:
+        """In the bookkeeper's transaction: keep the results of batch lines beside their charges."""
+        from tpm_fed.protocol.results import ServedResult
+
+        ours = {rid: outcome for rid, outcome in outcomes.items()
+                if rid in self._sent_ids and isinstance(outcome, ServedResult)}
+        self.store.keep_results(db, ours)
 
     def start(self) -> BatchRunner:
         self._thread.start()
@@ -110,8 +122,9 @@ class BatchRunner:
         while not self._stopping:
             self._wake.clear()
             try:
-                for line in await asyncio.to_thread(self.store.claim, self.window - len(self._in_flight)):
-                    task = asyncio.create_task(self._serve(line))
+                claimed = await asyncio.to_thread(self.store.claim, self.window - len(self._in_flight))
+                for line, body, request, sent in await asyncio.to_thread(self._send, claimed):
+                    task = asyncio.create_task(self._serve(line, body, request, sent))
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
                 await asyncio.to_thread(self.store.settle_batches)
@@ -125,12 +138,48 @@ class BatchRunner:
             await asyncio.wait(set(self._in_flight), timeout=STOP_GRACE_S)
         await asyncio.to_thread(self.store.settle_batches)
 
-    async def _serve(self, line: ClaimedLine) -> None:
+    def _send(self, claimed: list[ClaimedLine]) -> list[tuple[ClaimedLine, Any, Any, Any]]:
+        """Build the claimed lines' requests, note their ids (one transaction), then submit them back to back.
+
+        Back to back, so a window of lines reaches the dispatcher inside its linger and leaves as full
+        replica batches, not one line and then the rest. Returns per line its body, request, and the
+        runtime's future, or the error that kept it from being built or placed (raised again in
+        :meth:`_serve`, where failures are handled).
+        """
+        kept = self.store.kept_results([rid for line in claimed for rid in line.request_ids])
+        built: list[tuple[ClaimedLine, Any, Any, Any]] = []
+        for line in claimed:
+            try:
+                body = lines.charging(lines.parse_body(line.url, line.body), line.project)
+                request = lines.request_for(self.runtime, line.url, body)
+                done = next((rid for rid in line.request_ids if rid in kept), None)
+                if done is not None:  # it ran and was charged before a stop: answer from its kept result
+                    built.append((line, body, request.model_copy(update={"request_id": done}),
+                                  _kept_future(*kept[done])))
+                else:
+                    built.append((line, body, request, None))
+            except Exception as error:
+                built.append((line, None, None, error))
+        to_send = [(line, request) for line, _, request, outcome in built if request is not None and outcome is None]
+        self.store.submitted([(line.batch_id, line.index, request.request_id) for line, request in to_send])
+        self._sent_ids.update(request.request_id for _, request in to_send)
+        sent = []
+        for line, body, request, outcome in built:
+            if request is not None and outcome is None:
+                try:
+                    outcome = self.runtime.submit(request, line.owner)  # the future, on success
+                except Exception as refused:
+                    outcome = refused
+            sent.append((line, body, request, outcome))
+        return sent
+
+    async def _serve(self, line: ClaimedLine, body: Any, request: Any, sent: Any) -> None:
+        """Await a sent line's answer, formatted by its route, and record how it ended."""
         try:
-            body = lines.charging(lines.parse_body(line.url, line.body), line.project)
-            recording = _Recording(self.runtime, lambda request_id: self.store.submitted(
-                line.batch_id, line.index, request_id))
-            answer = await lines.answer(recording, line.url, body, line.owner, self.observer)
+            if isinstance(sent, Exception):
+                raise sent
+            answer = await lines.answer(_Sent(self.runtime, request.request_id, sent), line.url, body,
+                                        line.owner, self.observer, request=request)
         except Exception as error:
             await asyncio.to_thread(self._failed, line, error)
         else:
@@ -139,6 +188,8 @@ class BatchRunner:
                                     response=answer, prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                     completion_tokens=int(usage.get("completion_tokens") or 0))
         finally:
+            if request is not None:
+                self._sent_ids.discard(request.request_id)
             self.wake()  # a slot is free
 
     def _failed(self, line: ClaimedLine, error: Exception) -> None:
@@ -166,16 +217,33 @@ def deferral_s(deferrals: int) -> float:
     return float(min(30, 2 ** deferrals))
 
 
-class _Recording:
-    """The runtime, but each request's id is written on its line before the request goes out."""
+def _kept_future(kind: str, wire: dict[str, Any], charge: Any) -> Future:
+    """A finished future of a kept result, with its charge as the ledger settled it."""
+    from tpm_fed.protocol.kinds import KINDS
+    from tpm_fed.protocol.results import ChargeInfo
+    from tpm_fed.state.schema import MICRO
 
-    def __init__(self, runtime: Any, before_submit: Any) -> None:
+    result = KINDS[kind].result.from_wire(wire).model_copy(update={"charge": ChargeInfo(
+        project=charge.project, charged_su=charge.charged_usu / MICRO, estimate_su=charge.estimate_usu / MICRO,
+        free=charge.free)})
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+class _Sent:
+    """The runtime, to a route's serving class, for a request the runner submitted already: ``submit``
+    hands back that request's future (the route formats its answer as it would its own)."""
+
+    def __init__(self, runtime: Any, request_id: str, future: Any) -> None:
         self._runtime = runtime
-        self._before_submit = before_submit
+        self._request_id = request_id
+        self._future = future
 
     def submit(self, request: Any, identity: str | None = None) -> Any:
-        self._before_submit(request.request_id)
-        return self._runtime.submit(request, identity)
+        if request.request_id != self._request_id:
+            raise RuntimeError(f"batch line sent as {self._request_id}, answered as {request.request_id}")
+        return self._future
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runtime, name)

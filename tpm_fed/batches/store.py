@@ -16,13 +16,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, update
 
 from tpm_fed.batches.protocol import (
     WINDOW_S, BatchCreateBody, BatchInputLine, BatchObject, BatchQuote, BatchTpm, BatchUsage, FileObject, LineError,
     LineResponse, OutputLine, RequestCounts,
 )
-from tpm_fed.batches.tables import batch_files_table, batch_lines_table, batch_metadata, batches_table
+from tpm_fed.batches.tables import (
+    batch_files_table, batch_lines_table, batch_metadata, batch_results_table, batches_table,
+)
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted
 from tpm_fed.state.schema import MICRO, charges_table
 
@@ -43,6 +45,8 @@ class ClaimedLine:
     deferrals: int
     owner: str
     project: str
+    request_ids: tuple[str, ...] = ()
+    """The ids earlier runs of the line went out under (a stopped service's)."""
 
 
 class BatchStore:
@@ -197,7 +201,9 @@ class BatchStore:
             metadata=json.loads(row.metadata_json) if row.metadata_json else None,
             tpm=BatchTpm(project=row.project, charged_su=total(1, *ran) / MICRO, prompt_tokens=prompt,
                          completion_tokens=completion, running=total(0, "running"), pending=total(0, "pending"),
-                         cancelled=total(0, "cancelled"), quote=quote),
+                         cancelled=total(0, "cancelled"), quote=quote,
+                         estimated_finish_at=_estimated_finish(row, quote, total(0, *ran),
+                                                               total(0, "pending", "running"))),
         )
 
     # ----- results --------------------------------------------------------------------
@@ -243,7 +249,7 @@ class BatchStore:
         with self.engine.begin() as db:
             rows = db.execute(
                 select(line.batch_id, line.line_index, line.custom_id, line.url, line.body, line.attempts,
-                       line.deferrals, b.owner, b.project)
+                       line.deferrals, b.owner, b.project, line.request_ids)
                 .join(batches_table, b.batch_id == line.batch_id)
                 .where(line.state == "pending", b.status == "in_progress",
                        (line.not_before.is_(None)) | (line.not_before <= time.time()))
@@ -253,16 +259,19 @@ class BatchStore:
                 update(batch_lines_table).where(line.batch_id == row.batch_id, line.line_index == row.line_index,
                                                 line.state == "pending").values(state="running")).rowcount == 1]
         return [ClaimedLine(r.batch_id, r.line_index, r.custom_id, r.url, json.loads(r.body), r.attempts,
-                            r.deferrals, r.owner, r.project) for r in claimed]
+                            r.deferrals, r.owner, r.project, tuple(r.request_ids.split())) for r in claimed]
 
-    def submitted(self, batch_id: str, index: int, request_id: str) -> None:
-        """Note the request id a run of the line goes out under, before it goes."""
+    def submitted(self, runs: list[tuple[str, int, str]]) -> None:
+        """Note the request id each run of a line goes out under (``(batch, line, request id)``), before it goes:
+        one transaction for all, so a window of lines reaches the dispatcher together."""
+        if not runs:
+            return
         line = batch_lines_table.c
         with self.engine.begin() as db:
-            known = db.execute(select(line.request_ids).where(line.batch_id == batch_id,
-                                                              line.line_index == index)).scalar_one()
-            db.execute(update(batch_lines_table).where(line.batch_id == batch_id, line.line_index == index)
-                       .values(request_ids=f"{known} {request_id}".strip()))
+            db.execute(update(batch_lines_table)
+                       .where(line.batch_id == bindparam("b"), line.line_index == bindparam("i"))
+                       .values(request_ids=line.request_ids + " " + bindparam("rid")),
+                       [{"b": batch_id, "i": index, "rid": request_id} for batch_id, index, request_id in runs])
 
     def finish(self, batch_id: str, index: int, *, state: str, status_code: int, response: dict[str, Any],
                prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
@@ -273,12 +282,38 @@ class BatchStore:
                                                                     line.line_index == index)).scalar_one().split()
             charged = db.execute(select(func.coalesce(func.sum(c.charged_usu), 0))
                                  .where(c.request_id.in_(request_ids or [""]), c.state == "settled")).scalar_one()
+            db.execute(delete(batch_results_table).where(batch_results_table.c.request_id.in_(request_ids or [""])))
             db.execute(update(batch_lines_table)
                        .where(line.batch_id == batch_id, line.line_index == index, line.state == "running")
                        .values(state=state, status_code=status_code, response=json.dumps(response),
                                charged_usu=int(charged), prompt_tokens=prompt_tokens,
                                completion_tokens=completion_tokens, finished_at=time.time(),
                                attempts=line.attempts + 1))
+
+    @staticmethod
+    def keep_results(db: Any, results: dict[str, Any]) -> None:
+        """Write lines' results (``request id -> ServedResult``) in the caller's transaction (the bookkeeper's)."""
+        if results:
+            from tpm_fed.protocol.kinds import KINDS
+
+            def kind_of(result: Any) -> str:
+                return next(name for name, kind in KINDS.items() if type(result) is kind.result)
+
+            now = time.time()
+            db.execute(insert(batch_results_table), [
+                {"request_id": rid, "kind": kind_of(result), "result": json.dumps(result.to_wire()),
+                 "created_at": now} for rid, result in results.items()])
+
+    def kept_results(self, request_ids: list[str]) -> dict[str, tuple[str, dict[str, Any], Any]]:
+        """Results kept for these request ids whose charges are settled: ``id -> (kind, wire form, charge row)``."""
+        if not request_ids:
+            return {}
+        r, c = batch_results_table.c, charges_table.c
+        with self.engine.connect() as db:
+            rows = db.execute(select(r.request_id, r.kind, r.result, c.project, c.charged_usu, c.estimate_usu, c.free)
+                              .join(charges_table, c.request_id == r.request_id)
+                              .where(r.request_id.in_(request_ids), c.state == "settled")).all()
+        return {row.request_id: (row.kind, json.loads(row.result), row) for row in rows}
 
     def retry_later(self, batch_id: str, index: int) -> None:
         """A run failed once: the line goes back to the queue (its next failure is final)."""
@@ -327,6 +362,16 @@ class BatchStore:
         with self.engine.connect() as db:
             return [rid for (ids,) in db.execute(select(line.request_ids).where(line.batch_id == batch_id))
                     for rid in ids.split()]
+
+
+def _estimated_finish(row: Any, quote: BatchQuote | None, ended: int, left: int) -> float | None:
+    """When a batch in progress should end: at the pace its lines have ended so far, else as quoted."""
+    if row.status != "in_progress" or not left:
+        return None
+    now = time.time()
+    if ended:
+        return now + left * (now - row.in_progress_at) / ended
+    return row.in_progress_at + quote.estimated_s if quote is not None else None
 
 
 def _second(at: float | None) -> int | None:

@@ -69,3 +69,15 @@ batch_lines_table = Table(
     Column("deferrals", Integer, nullable=False, default=0),
     Index("batch_lines_by_state", "state", "batch_id"),
 )
+
+batch_results_table = Table(
+    "batch_results",
+    batch_metadata,
+    # A batch line's result, written in the very transaction that settles its charge (the bookkeeper's), so a
+    # service killed before the line's answer is recorded leaves the result beside the charge: the next
+    # service answers the line from it instead of running (and charging) it again. Deleted once the line ends.
+    Column("request_id", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("result", Text, nullable=False),  # the result's wire form (JSON)
+    Column("created_at", Float, nullable=False),
+)

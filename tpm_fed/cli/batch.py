@@ -114,7 +114,6 @@ def _watch(client: Any, batch: dict[str, Any]) -> dict[str, Any]:
     """A progress bar of lines, with tokens, SUs and the estimated finish, until the batch ends."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    started = time.monotonic()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[facts]}")]
     with Progress(*columns, transient=False, console=_stderr_console()) as progress:
@@ -124,9 +123,8 @@ def _watch(client: Any, batch: dict[str, Any]) -> dict[str, Any]:
             counts, tpm = now["request_counts"], now["tpm"]
             ended = counts["completed"] + counts["failed"]
             left = counts["total"] - ended - tpm["cancelled"]
-            elapsed = time.monotonic() - started
-            eta = (f"~{elapsed / ended * left:.0f} s left" if ended and left else
-                   f"quoted ~{tpm['quote']['estimated_s']:.0f} s" if tpm.get("quote") and left else "")
+            finish = tpm.get("estimated_finish_at")  # the service's: the pace so far, else the quote
+            eta = f"done in ~{max(0.0, finish - time.time()):.0f} s" if finish and left else ""
             facts = (f"{tpm['prompt_tokens'] + tpm['completion_tokens']:,} tokens | {tpm['charged_su']:.6f} SU"
                      f"{' | ' + str(counts['failed']) + ' failed' if counts['failed'] else ''} | {now['status']}"
                      f"{' | ' + eta if eta else ''}")

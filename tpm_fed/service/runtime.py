@@ -167,6 +167,11 @@ class Runtime:
         # A batch must fit in one task both ways: count what the answer may carry too.
         return dispatcher.submit(request, nbytes + bound.result_bytes)
 
+    def add_outcome_writer(self, writer: Callable[[dict[str, Any], Any], None]) -> None:
+        """Have ``writer(outcomes, db)`` write in each batch's outcomes transaction, with the charges
+        (the batch runner keeps its lines' results there: durable exactly when their charges are)."""
+        self._bookkeeper.outcome_writers.append(writer)
+
     def explain(self, request: ServingRequest, identity: str | None = None) -> Decision:
         """What the broker would decide for ``request`` (nothing is reserved or run)."""
         return self.broker.decide(self._priced(request, identity))

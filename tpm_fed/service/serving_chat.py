@@ -32,8 +32,10 @@ class ServingChat:
         return GenerationRequest.create(prompt, body.model, add_special_tokens=False, stream=bool(body.stream),
                                         **body.generation_fields(body.max_new_tokens()))
 
-    async def create(self, body: ChatCompletionBody, identity: str) -> dict[str, Any] | LiveStream:
-        request = self.request_for(body)
+    async def create(self, body: ChatCompletionBody, identity: str,
+                     request: GenerationRequest | None = None) -> dict[str, Any] | LiveStream:
+        """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
+        request = request or self.request_for(body)
         head = {"id": f"chatcmpl-{request.request_id}", "created": int(time.time()), "model": body.model}
         if body.stream:
             return await self._stream(body, request, identity, head)

@@ -27,8 +27,10 @@ class ServingCompletions:
         return GenerationRequest.create(body.prompts(), body.model, stream=bool(body.stream),
                                         **body.generation_fields(body.max_tokens))
 
-    async def create(self, body: CompletionBody, identity: str) -> dict[str, Any] | LiveStream:
-        request = self.request_for(body)
+    async def create(self, body: CompletionBody, identity: str,
+                     request: GenerationRequest | None = None) -> dict[str, Any] | LiveStream:
+        """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
+        request = request or self.request_for(body)
         head = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
