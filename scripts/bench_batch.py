@@ -96,6 +96,10 @@ def run_vllm(model_dir: Path, source: Path, scratch: Path) -> tuple[float, int]:
     return seconds, completion_tokens(lines)
 
 
+PHASES: list[tuple[float, float, float]] = []
+"""Per tpm-fed run: seconds to upload (every line checked), to create (every line quoted), to run."""
+
+
 def run_tpm(url: str, headers: dict[str, str], source: Path) -> tuple[float, int]:
     """tpm-fed's batch API on ``source``: (seconds from upload to the batch's end, completion tokens)."""
     import httpx
@@ -105,13 +109,16 @@ def run_tpm(url: str, headers: dict[str, str], source: Path) -> tuple[float, int
         uploaded = http.post("/v1/files", files={"file": (source.name, source.read_bytes())},
                              data={"purpose": "batch"})
         uploaded.raise_for_status()
+        checked = time.perf_counter()
         created = http.post("/v1/batches", json={"input_file_id": uploaded.json()["id"],
                                                  "endpoint": "/v1/chat/completions", "completion_window": "24h"})
         created.raise_for_status()
+        quoted = time.perf_counter()
         batch_id = created.json()["id"]
         while (batch := http.get(f"/v1/batches/{batch_id}").json())["status"] not in ("completed", "cancelled"):
             time.sleep(0.05)
         seconds = time.perf_counter() - started
+        PHASES.append((checked - started, quoted - checked, seconds - (quoted - started)))
         if batch["request_counts"]["failed"]:
             raise SystemExit(f"{batch['request_counts']['failed']} lines failed")
         output = http.get(f"/v1/files/{batch['output_file_id']}/content").content
@@ -154,6 +161,10 @@ def main() -> None:
     print(f"started {started_on}; ended {machine()}")
     print(f"batch: {args.lines} /v1/chat/completions lines, lengths {lengths} cycled, greedy, {tokens} completion "
           f"tokens; best of {args.repeats}")
+    print("runs (seconds): " + "; ".join(f"{name} " + ", ".join(f"{seconds:.2f}" for seconds, _ in samples)
+                                         for name, samples in runs.items()))
+    print("tpm-fed phases (upload+check, create+quote, run): " + "; ".join(
+        f"{up:.2f} + {create:.2f} + {run:.2f} s" for up, create, run in PHASES[1:]))
     print(f"vLLM run_batch, whole process (start, load, run): {vllm_wall:8.0f} tok/s")
     print(f"vLLM run_batch, running only (minus a 1-line run's {startup:.1f} s): {vllm_running:8.0f} tok/s")
     print(f"tpm-fed batch API (warm vLLM replica, upload to end): {tpm:8.0f} tok/s  "
