@@ -164,13 +164,14 @@ class BatchRunner:
         self.store.submitted([(line.batch_id, line.index, request.request_id) for line, request in to_send])
         self._sent_ids.update(request.request_id for _, request in to_send)
         sent = []
-        for line, body, request, outcome in built:
-            if request is not None and outcome is None:
-                try:
-                    outcome = self.runtime.submit(request, line.owner)  # the future, on success
-                except Exception as refused:
-                    outcome = refused
-            sent.append((line, body, request, outcome))
+        with self.runtime.burst():  # the window leaves in full tasks, not its first few lines alone
+            for line, body, request, outcome in built:
+                if request is not None and outcome is None:
+                    try:
+                        outcome = self.runtime.submit(request, line.owner)  # the future, on success
+                    except Exception as refused:
+                        outcome = refused
+                sent.append((line, body, request, outcome))
         return sent
 
     async def _serve(self, line: ClaimedLine, body: Any, request: Any, sent: Any) -> None:
