@@ -141,8 +141,8 @@ class BatchRunner:
     def _send(self, claimed: list[ClaimedLine]) -> list[tuple[ClaimedLine, Any, Any, Any]]:
         """Build the claimed lines' requests, note their ids (one transaction), then submit them back to back.
 
-        Back to back, so a window of lines reaches the dispatcher inside its linger and leaves as full
-        replica batches, not one line and then the rest. Returns per line its body, request, and the
+        Inside one ``Runtime.burst()``, so a window of lines leaves as full replica batches, not its first
+        few lines alone while the rest are still being placed. Returns per line its body, request, and the
         runtime's future, or the error that kept it from being built or placed (raised again in
         :meth:`_serve`, where failures are handled).
         """
