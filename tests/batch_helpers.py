@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import CHAT_TEMPLATE
-from tpm_fed.federation import Capacity, Federation, ModelConfig, ProjectConfig, SiteConfig
+from tpm_fed.federation import (
+    Capacity,
+    Federation,
+    ModelConfig,
+    ProjectConfig,
+    SiteConfig,
+)
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 from tpm_fed.identity import LocalUser
 

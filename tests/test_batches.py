@@ -21,6 +21,7 @@ from tests.service_helpers import ServiceThread
 from tpm_fed.home import DEMO_MODEL_NAME
 from tpm_fed.state.schema import MICRO
 
+
 @pytest.fixture(scope="module")
 def batch_runtime(tmp_path_factory, demo_model_dir):
     from tpm_fed.service.runtime import Runtime
@@ -155,4 +156,5 @@ def test_the_python_client_and_the_cli_run_a_batch(batch_service, batch_runtime,
     finished = cli.invoke(main, ["batch", "cancel", batch_id])
     assert finished.exit_code == 1 and "is completed; only a batch in progress can be cancelled" in finished.output
     refused = cli.invoke(main, ["batch", "submit", str(bad)])
-    assert refused.exit_code == 1 and "BatchFileInvalid" in refused.output and "line 2: not valid JSON" in refused.output
+    assert refused.exit_code == 1 and "BatchFileInvalid" in refused.output
+    assert "line 2: not valid JSON" in refused.output

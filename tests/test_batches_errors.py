@@ -17,7 +17,7 @@ import pytest
 from tests.batch_helpers import batch_home, jsonl, mixed_lines
 from tests.conftest import Service
 from tests.service_helpers import ServiceThread
-from tpm_fed.batches.jsonl import BatchFileInvalid, read_batch_file
+from tpm_fed.batches.jsonl import read_batch_file
 from tpm_fed.batches.protocol import MAX_FILE_BYTES
 from tpm_fed.home import DEMO_MODEL_NAME
 from tpm_fed.protocol.errors import PayloadTooLarge

@@ -14,7 +14,12 @@ import json
 from pydantic import ValidationError
 
 from tpm_fed.batches.lines import parse_body
-from tpm_fed.batches.protocol import BATCH_URLS, MAX_FILE_BYTES, MAX_FILE_LINES, BatchInputLine
+from tpm_fed.batches.protocol import (
+    BATCH_URLS,
+    MAX_FILE_BYTES,
+    MAX_FILE_LINES,
+    BatchInputLine,
+)
 from tpm_fed.protocol.errors import InvalidRequest, PayloadTooLarge, TpmError
 
 SHOWN_PROBLEMS = 50

@@ -199,7 +199,24 @@ class OutputLine(BaseModel):
 
 
 __all__ = [
-    "BATCH_URLS", "BatchCreateBody", "BatchInputLine", "BatchObject", "BatchQuote", "BatchStatus", "BatchTpm",
-    "BatchUrl", "BatchUsage", "COMPLETION_WINDOW", "FileObject", "LineError", "LineResponse", "LineState",
-    "MAX_FILE_BYTES", "MAX_FILE_LINES", "OutputLine", "QuoteBody", "RequestCounts", "WINDOW_S",
+    "BATCH_URLS",
+    "COMPLETION_WINDOW",
+    "MAX_FILE_BYTES",
+    "MAX_FILE_LINES",
+    "WINDOW_S",
+    "BatchCreateBody",
+    "BatchInputLine",
+    "BatchObject",
+    "BatchQuote",
+    "BatchStatus",
+    "BatchTpm",
+    "BatchUrl",
+    "BatchUsage",
+    "FileObject",
+    "LineError",
+    "LineResponse",
+    "LineState",
+    "OutputLine",
+    "QuoteBody",
+    "RequestCounts",
 ]

@@ -158,7 +158,7 @@ class BatchRunner:
                                   _kept_future(*kept[done])))
                 else:
                     built.append((line, body, request, None))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - the line's own failure, handled in _serve
                 built.append((line, None, None, error))
         to_send = [(line, request) for line, _, request, outcome in built if request is not None and outcome is None]
         self.store.submitted([(line.batch_id, line.index, request.request_id) for line, request in to_send])
@@ -169,7 +169,7 @@ class BatchRunner:
                 if request is not None and outcome is None:
                     try:
                         outcome = self.runtime.submit(request, line.owner)  # the future, on success
-                    except Exception as refused:
+                    except Exception as refused:  # noqa: BLE001 - the line's own failure, handled in _serve
                         outcome = refused
                 sent.append((line, body, request, outcome))
         return sent
@@ -181,7 +181,7 @@ class BatchRunner:
                 raise sent
             answer = await lines.answer(_Sent(self.runtime, request.request_id, sent), line.url, body,
                                         line.owner, self.observer, request=request)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any failure is the line's: retried once, then its error
             await asyncio.to_thread(self._failed, line, error)
         else:
             usage = answer.get("usage") or {}

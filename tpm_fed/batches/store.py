@@ -19,11 +19,25 @@ from typing import Any
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, update
 
 from tpm_fed.batches.protocol import (
-    WINDOW_S, BatchCreateBody, BatchInputLine, BatchObject, BatchQuote, BatchTpm, BatchUsage, FileObject, LineError,
-    LineResponse, OutputLine, RequestCounts,
+    WINDOW_S,
+    BatchCreateBody,
+    BatchInputLine,
+    BatchObject,
+    BatchQuote,
+    BatchTpm,
+    BatchUsage,
+    FileObject,
+    LineError,
+    LineResponse,
+    OutputLine,
+    RequestCounts,
 )
 from tpm_fed.batches.tables import (
-    batch_files_table, batch_lines_table, batch_metadata, batch_results_table, batches_table,
+    batch_files_table,
+    batch_lines_table,
+    batch_metadata,
+    batch_results_table,
+    batches_table,
 )
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted
 from tpm_fed.state.schema import MICRO, charges_table

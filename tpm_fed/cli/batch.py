@@ -112,7 +112,13 @@ def results(batch_id: str, out: Path | None) -> None:
 
 def _watch(client: Any, batch: dict[str, Any]) -> dict[str, Any]:
     """A progress bar of lines, with tokens, SUs and the estimated finish, until the batch ends."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[facts]}")]
@@ -143,8 +149,8 @@ def _summary(found: dict[str, Any]) -> str:
     counts, tpm, usage = found["request_counts"], found["tpm"], found.get("usage") or {}
     lines = [
         f"{found['id']}: {found['status']}",
-        f"  lines: {counts['completed']} done, {counts['failed']} failed, {tpm['cancelled']} cancelled, "
-        f"{tpm['running']} running, {tpm['pending']} waiting, of {counts['total']}",
+        (f"  lines: {counts['completed']} done, {counts['failed']} failed, {tpm['cancelled']} cancelled, "
+         f"{tpm['running']} running, {tpm['pending']} waiting, of {counts['total']}"),
         f"  tokens: {usage.get('input_tokens', 0):,} in, {usage.get('output_tokens', 0):,} out",
         f"  charged: {tpm['charged_su']:.6f} SU to {tpm['project']}",
     ]

@@ -46,7 +46,7 @@ def _runner(request: Request) -> BatchRunner:
 
 
 @router.post("/v1/files")
-async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...),
+async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...),  # noqa: B008
                       identity: str = Depends(identity_of)) -> dict[str, Any]:
     if purpose != "batch":
         raise InvalidRequest(f"purpose: this service takes files for batches only (purpose 'batch'), not {purpose!r}")
