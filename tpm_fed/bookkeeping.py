@@ -61,6 +61,9 @@ class Bookkeeper:
         self._admissions: dict[str, tuple[Admission, Price]] = {}
         self._resent: set[str] = set()  # placed again after a lost task: logged already
         self._lock = threading.Lock()
+        self.outcome_writers: list = []
+        """Called as ``writer(outcomes, db)`` inside each batch's outcomes transaction: what must be durable
+        exactly when the charges are (a batch line's result; :mod:`tpm_fed.batches.runner`)."""
 
     def admitted(self, admission: Admission, price: Price) -> None:
         """Remember a placed request until its outcome is recorded.
@@ -176,6 +179,8 @@ class Bookkeeper:
                 charged = self.broker.ledger.settle_many(settle, db)
                 self.broker.ledger.release_many(release, db)
                 self._update_replicas(outcomes, admitted, db)
+                for writer in self.outcome_writers:
+                    writer(outcomes, db)
         except Exception:
             self._outcomes_unsettled(outcomes, admitted)
             raise

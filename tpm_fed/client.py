@@ -30,6 +30,7 @@ from tpm_fed.protocol.sessions import SessionRequest
 if TYPE_CHECKING:
     from tpm_fed.completion_stream import CompletionStream
     from tpm_fed.admin_client import Admin
+    from tpm_fed.batches_client import Batches
 
 DEFAULT_CONNECTIONS = 64
 """Requests one client keeps in flight at once (each holds a pooled connection while it waits)."""
@@ -185,6 +186,13 @@ class Client:
 
     def whoami(self) -> dict[str, Any]:
         return self._call("GET", "/tpm/v1/whoami")
+
+    @property
+    def batches(self) -> Batches:
+        """Batches in OpenAI's format: upload a JSONL file, run it, read its results (:mod:`tpm_fed.batches_client`)."""
+        from tpm_fed.batches_client import Batches
+
+        return Batches(self)
 
     @property
     def admin(self) -> Admin:

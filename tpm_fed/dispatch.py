@@ -57,6 +57,10 @@ MAX_LINGER_FACTOR = 25
 leaves at once anyway)."""
 
 
+MAX_HOLD_S = 2.0
+"""The longest a burst being placed may hold a batch back (see ``held``)."""
+
+
 class Listener(Protocol):
     """Told when a batch leaves, and of its outcomes before the callers' futures resolve."""
 
@@ -181,6 +185,9 @@ class BatchingDispatcher:
         streams: Returns the hub that gives a task a back channel for its streamed requests
             and closes it when the task ends (:class:`tpm_fed.service.stream_hub.StreamHub`;
             None while no service listens).
+        held: True while a caller is placing a burst it wants to leave together (a batch's window
+            of lines): a linger then lasts until the burst is placed (at most :data:`MAX_HOLD_S`);
+            a full batch still leaves at once. See :meth:`nudge`.
     """
 
     def __init__(
@@ -196,6 +203,7 @@ class BatchingDispatcher:
         context: dict[str, Any] | None = None,
         rerouter: Rerouter | None = None,
         streams: Callable[[], Any] | None = None,
+        held: Callable[[], bool] | None = None,
     ) -> None:
         self.site = site
         self.spec = spec
@@ -206,6 +214,7 @@ class BatchingDispatcher:
         self.listener = listener
         self.rerouter = rerouter
         self.streams = streams
+        self.held = held
         self.context = context or {}
         self._waiting: deque[_Pending] = deque()
         self._in_flight = 0
@@ -270,12 +279,21 @@ class BatchingDispatcher:
             now = time.perf_counter()
             quiet_until = self._last_arrival + self.linger_s
             deadline = self._linger_started + MAX_LINGER_FACTOR * self.linger_s
+            if self.held is not None and self.held() and now < self._linger_started + MAX_HOLD_S:
+                deadline = self._linger_started + MAX_HOLD_S  # a burst is still being placed: wait for it
+                quiet_until = max(quiet_until, now + self.linger_s)
             if now < quiet_until and now < deadline:  # still arriving: wait a little more
                 self._arm_linger(min(quiet_until, deadline) - now)
                 return
             batch = self._take_batch()
         if batch:
             self._send(batch)
+
+    def nudge(self) -> None:
+        """A burst was placed: let what waits leave (after the usual short linger)."""
+        with self._lock:
+            if self._waiting:
+                self._arm_linger()
 
     def _take_batch(self) -> list[_Pending]:
         """Called under the lock: the next batch, if a worker is free."""

@@ -30,6 +30,7 @@ COMMANDS = {
     "serve": "tpm_fed.service.cli:serve",
     "service": "tpm_fed.cli.service:service",
     "slo": "tpm_fed.cli.slo:slo",
+    "batch": "tpm_fed.cli.batch:batch",
 }
 """Command name -> ``module:object``; a new command is one line here."""
 

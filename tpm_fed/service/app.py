@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.service.auth import Authenticator
-from tpm_fed.service.errors import http_error
+from tpm_fed.service.errors import describe_errors, http_error  # describe_errors: read here by others too
 from tpm_fed.service.limits import BodyLimits
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.include_router(watching)
     app.include_router(back_channel)
     app.include_router(page)
+    from tpm_fed.service.routes_batches import attach_batches
+
+    attach_batches(app, runtime)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
@@ -96,21 +99,14 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
         return JSONResponse(_openai_error(f"{type(error).__name__}: {error}", "server_error", "InternalError"),
                             status_code=500)
 
-    return BodyLimits(app)
+    from tpm_fed.batches.protocol import MAX_FILE_BYTES
+
+    # A batch file may be bigger than one request: it is never sent to a site whole.
+    return BodyLimits(app, larger={"/v1/files": MAX_FILE_BYTES + UPLOAD_OVERHEAD_BYTES})
 
 
-def describe_errors(problems: list[dict]) -> str:
-    """One line per problem, naming the field, as OpenAI's clients show ``message``."""
-    lines = []
-    for problem in problems:
-        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
-        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
-        if problem.get("type") == "extra_forbidden":
-            message = "unknown parameter"
-        if problem.get("type") == "json_invalid":
-            where, message = "body", f"not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})"
-        lines.append(f"{where}: {message}")
-    return "; ".join(lines)
+UPLOAD_OVERHEAD_BYTES = 1024 * 1024
+"""What multipart framing may add around an uploaded file's bytes."""
 
 
 def _openai_error(message: str, kind: str, code: str) -> dict:

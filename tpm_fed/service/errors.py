@@ -80,3 +80,17 @@ def error_from_body(status: int, body: dict) -> errors.TpmError:
     if code == "Overloaded":
         return Overloaded(message)
     return errors.error_from_wire({"type": code, "message": message})
+
+
+def describe_errors(problems: list[dict]) -> str:
+    """One line per problem, naming the field, as OpenAI's clients show ``message``."""
+    lines = []
+    for problem in problems:
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        if problem.get("type") == "extra_forbidden":
+            message = "unknown parameter"
+        if problem.get("type") == "json_invalid":
+            where, message = "body", f"not valid JSON ({problem.get('ctx', {}).get('error', 'parse error')})"
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)

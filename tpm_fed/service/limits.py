@@ -24,18 +24,22 @@ BODY_TIMEOUT_S = 30.0
 class BodyLimits:
     """Refuse bodies over ``max_bytes`` (413) and bodies that stall for ``timeout_s`` (408)."""
 
-    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> None:
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S,
+                 larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.larger = larger or {}
+        """Paths whose bodies may be bigger (a batch file upload), with their own limits."""
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.larger.get(scope.get("path", ""), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _answer(send, 413, f"the request body is {int(declared):,} bytes; the most is {self.max_bytes:,}")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await _answer(send, 413, f"the request body is {int(declared):,} bytes; the most is {max_bytes:,}")
             return
         received = 0
         started = answered = False
@@ -56,8 +60,8 @@ class BodyLimits:
                 return await refuse(408, f"the request body stalled for {self.timeout_s:g} s")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    return await refuse(413, f"the request body passed {self.max_bytes:,} bytes")
+                if received > max_bytes:
+                    return await refuse(413, f"the request body passed {max_bytes:,} bytes")
             return message
 
         async def watched_send(message: dict) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from typing import Any
 
@@ -91,6 +92,9 @@ class Runtime:
         self._closed = False
         self.streams: Any = None
         """The service's back channel for streamed text (:class:`tpm_fed.service.stream_hub.StreamHub`)."""
+        self.batches: Any = None
+        """The service's batch runner (:class:`tpm_fed.batches.runner.BatchRunner`), once it serves."""
+        self._bursts = 0  # callers placing a burst of requests that should leave together (see burst)
         self._watch(self.federation.sites)
         self._retried: set[str] = set()  # requests on their second try after a lost task
         # Reservations a predecessor left held (it stopped mid-request) are settled or released
@@ -173,6 +177,27 @@ class Runtime:
         # A batch must fit in one task both ways: count what the answer may carry too (a result
         # too large for a task comes by reference, but then it travels alone).
         return dispatcher.submit(request, nbytes + min(bound.result_bytes, MAX_RESULT_BYTES))
+
+    @contextmanager
+    def burst(self) -> Iterator[None]:
+        """Requests submitted inside leave for their replicas together, in full tasks, once the block ends
+        (a batch's window of lines), instead of the first few alone while the rest are still being placed.
+        A full task still leaves at once; nothing is held more than ``MAX_HOLD_S``."""
+        with self._lock:
+            self._bursts += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bursts -= 1
+                dispatchers = [*self._dispatchers.values(), *self._dispatchers_as_caller.values()]
+            for dispatcher in dispatchers:
+                dispatcher.nudge()
+
+    def add_outcome_writer(self, writer: Callable[[dict[str, Any], Any], None]) -> None:
+        """Have ``writer(outcomes, db)`` write in each batch's outcomes transaction, with the charges
+        (the batch runner keeps its lines' results there: durable exactly when their charges are)."""
+        self._bookkeeper.outcome_writers.append(writer)
 
     def explain(self, request: ServingRequest, identity: str | None = None) -> Decision:
         """What the broker would decide for ``request`` (nothing is reserved or run)."""
@@ -456,6 +481,7 @@ class Runtime:
             context={"code_version": serving_code_version()},
             rerouter=self._reroute,
             streams=lambda: self.streams,  # set by the service once it serves (build_app)
+            held=lambda: self._bursts > 0,
         )
 
     def _reap_idle(self) -> None:
@@ -523,6 +549,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop every site this runtime started; their replicas go with them."""
+        if self.batches is not None:
+            self.batches.stop()  # batch lines in flight finish (and are recorded) before the sites stop
         self._stop_sweeping.set()
         with self._lock:
             self._closed = True

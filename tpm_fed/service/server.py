@@ -73,6 +73,7 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     write_service_file(home, info)
     if options.idle_timeout_s:
         threading.Thread(target=_stop_when_idle, args=(server, activity, options.idle_timeout_s),
+                         kwargs={"busy": lambda: runtime.batches is not None and runtime.batches.busy},
                          name="tpm-idle", daemon=True).start()
     print(f"tpm: serving {home.root} at {url} (auth: {auth.mode})", flush=True)
     if token:
@@ -149,9 +150,12 @@ class Activity:
             return 0.0 if self.running else time.monotonic() - self.last_seen
 
 
-def _stop_when_idle(server: Any, activity: Activity, idle_timeout_s: float) -> None:
+def _stop_when_idle(server: Any, activity: Activity, idle_timeout_s: float, busy: Any = lambda: False) -> None:
     while not server.should_exit:
         idle = activity.idle_for()
+        if idle >= idle_timeout_s and busy():  # a batch in progress is work, with or without callers
+            idle = 0.0
+            activity.last_seen = time.monotonic()
         if idle >= idle_timeout_s:
             print(f"tpm: no request for {idle:.0f} s; stopping", flush=True)
             server.should_exit = True

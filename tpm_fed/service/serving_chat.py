@@ -24,12 +24,18 @@ class ServingChat:
         self.streams = streams
         self.base_url = base_url
 
-    async def create(self, body: ChatCompletionBody, identity: str) -> dict[str, Any] | LiveStream:
+    def request_for(self, body: ChatCompletionBody) -> GenerationRequest:
+        """The request ``body`` asks for: its messages through the model's template (batches use this too)."""
         spec = self.runtime.catalog.resolve_name(body.model).spec
         template = ChatTemplate.of(spec.name, lambda name: self.runtime.catalog.model_file(spec, name))
         prompt = template.render([message.model_dump(exclude_none=True) for message in body.messages])
-        request = GenerationRequest.create(prompt, body.model, add_special_tokens=False, stream=bool(body.stream),
-                                           **body.generation_fields(body.max_new_tokens()))
+        return GenerationRequest.create(prompt, body.model, add_special_tokens=False, stream=bool(body.stream),
+                                        **body.generation_fields(body.max_new_tokens()))
+
+    async def create(self, body: ChatCompletionBody, identity: str,
+                     request: GenerationRequest | None = None) -> dict[str, Any] | LiveStream:
+        """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
+        request = request or self.request_for(body)
         head = {"id": f"chatcmpl-{request.request_id}", "created": int(time.time()), "model": body.model}
         if body.stream:
             return await self._stream(body, request, identity, head)

@@ -22,9 +22,15 @@ class ServingCompletions:
         self.streams = streams
         self.base_url = base_url
 
-    async def create(self, body: CompletionBody, identity: str) -> dict[str, Any] | LiveStream:
-        request = GenerationRequest.create(body.prompts(), body.model, stream=bool(body.stream),
-                                           **body.generation_fields(body.max_tokens))
+    def request_for(self, body: CompletionBody) -> GenerationRequest:
+        """The request ``body`` asks for (a batch quotes and runs lines through this too)."""
+        return GenerationRequest.create(body.prompts(), body.model, stream=bool(body.stream),
+                                        **body.generation_fields(body.max_tokens))
+
+    async def create(self, body: CompletionBody, identity: str,
+                     request: GenerationRequest | None = None) -> dict[str, Any] | LiveStream:
+        """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
+        request = request or self.request_for(body)
         head = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:

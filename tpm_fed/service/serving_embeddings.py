@@ -25,9 +25,14 @@ class ServingEmbeddings:
         self.runtime = runtime
         self.observer = observer
 
-    async def create(self, body: EmbeddingBody, identity: str) -> dict[str, Any]:
-        request = EmbeddingRequest.create(body.model, texts=body.inputs(), pool=POOLING, project=body.project,
-                                          location=body.location, site=body.site)
+    def request_for(self, body: EmbeddingBody) -> EmbeddingRequest:
+        """The request ``body`` asks for (a batch quotes and runs lines through this too)."""
+        return EmbeddingRequest.create(body.model, texts=body.inputs(), pool=POOLING, project=body.project,
+                                       location=body.location, site=body.site)
+
+    async def create(self, body: EmbeddingBody, identity: str, request: EmbeddingRequest | None = None) -> dict[str, Any]:
+        """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
+        request = request or self.request_for(body)
         result: EmbeddingResult = await serve(self.runtime, request, identity, self.observer)
         data = []
         for index, vector in enumerate(result.outputs):

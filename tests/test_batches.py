@@ -1,0 +1,160 @@
+"""Batches in OpenAI's format, driven by the official ``openai`` client against the session's real service.
+
+Every line's answer is compared with the same body sent alone to its route
+(greedy, so the texts must be equal), and every line's charge with the
+ledger's own rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+
+import httpx
+import openai
+import pytest
+
+from tests.batch_helpers import batch_home, jsonl, mixed_lines, read_jsonl, wait_for
+from tests.conftest import Service
+from tests.service_helpers import ServiceThread
+from tpm_fed.home import DEMO_MODEL_NAME
+from tpm_fed.state.schema import MICRO
+
+
+@pytest.fixture(scope="module")
+def batch_runtime(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.runtime import Runtime
+
+    with Runtime(batch_home(tmp_path_factory.mktemp("batch-home"), demo_model_dir)) as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="module")
+def batch_service(batch_runtime):
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+
+    token = secrets.token_urlsafe(16)
+    with ServiceThread(build_app(batch_runtime, LocalToken(token, batch_runtime.owner))) as url:
+        yield Service(url, token, None)
+
+
+@pytest.fixture(scope="module")
+def openai_client(batch_service):
+    return openai.OpenAI(base_url=f"{batch_service.url}/v1", api_key=batch_service.token, max_retries=0)
+
+
+def same_answer(route: str, batched: dict, alone: dict) -> None:
+    """What must be equal between a line's answer and the same body's answer alone (ids and charges differ)."""
+    if route == "/v1/embeddings":
+        for mine, theirs in zip(batched["data"], alone["data"], strict=True):
+            assert mine["embedding"] == pytest.approx(theirs["embedding"], abs=1e-4)
+    else:
+        assert batched["choices"] == alone["choices"]
+    assert batched["usage"] == alone["usage"]
+    assert batched["model"] == alone["model"] and batched["tpm"]["version"] == alone["tpm"]["version"]
+
+
+def test_a_mixed_batch_answers_every_line_as_its_route_would_alone(openai_client, batch_service, batch_runtime):
+    lines = mixed_lines(24)
+    uploaded = openai_client.files.create(file=("mixed.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes == len(jsonl(lines))
+    assert openai_client.files.retrieve(uploaded.id).filename == "mixed.jsonl"
+    assert openai_client.files.content(uploaded.id).content == jsonl(lines)
+
+    created = openai_client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                           completion_window="24h", metadata={"purpose": "test"},
+                                           extra_body={"project": "batches"})
+    assert created.status == "in_progress" and created.request_counts.total == 24
+    assert created.metadata == {"purpose": "test"}
+    quote = created.model_extra["tpm"]["quote"]
+    assert quote["lines"] == 24 and quote["max_su"] > 0
+
+    batch = wait_for(openai_client, created.id)
+    assert batch.status == "completed"
+    assert batch.error_file_id is None, openai_client.files.content(batch.error_file_id).content[:3000]
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (24, 24, 0)
+    assert batch.id in {b.id for b in openai_client.batches.list(limit=100).data}
+
+    output = read_jsonl(openai_client.files.content(batch.output_file_id).content)
+    assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]  # input order
+    with httpx.Client(base_url=batch_service.url, headers=batch_service.headers, timeout=120) as http:
+        for line, answer in zip(lines, output, strict=True):
+            assert answer["error"] is None and answer["response"]["status_code"] == 200
+            alone = http.post(line["url"], json=line["body"])
+            assert alone.status_code == 200, alone.text
+            same_answer(line["url"], answer["response"]["body"], alone.json())
+            assert answer["response"]["request_id"] == answer["response"]["body"]["tpm"]["request_id"]
+
+    # Every line's charge is the ledger's: one settled row each, and the batch's total is their sum.
+    charges = {c.request_id: c for c in batch_runtime.ledger.statement("batches")}
+    ids = [answer["response"]["request_id"] for answer in output]
+    assert all(charges[rid].state == "settled" for rid in ids)
+    total_usu = sum(charges[rid].charged_usu for rid in ids)
+    assert batch.model_extra["tpm"]["charged_su"] == pytest.approx(total_usu / MICRO)
+    assert total_usu / MICRO <= quote["max_su"]  # the quote bounds the charge
+    assert batch.usage.input_tokens == sum(a["response"]["body"]["usage"]["prompt_tokens"] for a in output)
+
+
+def test_the_native_route_runs_traces_in_a_batch(openai_client, batch_service):
+    """``/tpm/v1/requests`` lines: any kind in its wire form; the answer is the result's wire form."""
+    lines = [{"custom_id": f"trace-{i}", "method": "POST", "url": "/tpm/v1/requests",
+              "body": {"kind": "trace", "model": {"name": DEMO_MODEL_NAME}, "prompts": [f"The cell {i}"],
+                       "max_new_tokens": 3, "logit_lens": {"top_k": 2}}} for i in range(3)]
+    uploaded = openai_client.files.create(file=("native.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = wait_for(openai_client, openai_client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h").id)
+    assert batch.request_counts.completed == 3
+    output = read_jsonl(openai_client.files.content(batch.output_file_id).content)
+    with httpx.Client(base_url=batch_service.url, headers=batch_service.headers, timeout=120) as http:
+        for line, answer in zip(lines, output, strict=True):
+            alone = http.post("/tpm/v1/requests", json=line["body"]).json()
+            body = answer["response"]["body"]
+            assert body["completions"] == alone["completions"] and body["version"] == alone["version"]
+
+
+def test_the_python_client_and_the_cli_run_a_batch(batch_service, batch_runtime, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tpm_fed.batches.jsonl import BatchFileInvalid
+    from tpm_fed.cli import main
+    from tpm_fed.client import Client
+
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(jsonl(mixed_lines(6)))
+    with Client(batch_service.url, batch_service.token) as client:
+        quote = client.batches.quote(path)
+        batch = client.batches.submit(path, project="batches", metadata={"run": "1"})
+        ended = client.batches.wait(batch["id"], poll_s=0.2, timeout_s=300)
+        assert ended["status"] == "completed" and ended["request_counts"]["completed"] == 6
+        assert 0 < ended["tpm"]["charged_su"] <= quote["max_su"]
+        everything = client.batches.results(batch["id"])
+        assert [line["custom_id"] for line in everything] == [f"line-{i}" for i in range(6)]
+        assert client.batches.file_content(ended["output_file_id"]) == client.batches.results_jsonl(batch["id"])
+        assert batch["id"] in {b["id"] for b in client.batches.list()}
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"custom_id": "x"}\nnot json\n')
+        with pytest.raises(BatchFileInvalid, match="line 1: .*line 2: not valid JSON"):
+            client.batches.upload(bad)
+
+    monkeypatch.setenv("TPM_URL", batch_service.url)
+    monkeypatch.setenv("TPM_TOKEN", batch_service.token)
+    cli = CliRunner()
+    quoted = cli.invoke(main, ["batch", "submit", str(path), "--quote"])
+    assert quoted.exit_code == 0 and "quote: 6 lines for batches: at most" in quoted.output
+    assert "Nothing was run or charged" in quoted.output
+    waited = cli.invoke(main, ["batch", "submit", str(path), "--project", "batches", "--wait"])
+    assert waited.exit_code == 0, waited.output
+    batch_id = waited.output.split(":")[0].strip().splitlines()[-1]
+    assert "completed" in waited.output and "6 done, 0 failed" in waited.output
+    assert batch_id in cli.invoke(main, ["batch", "list"]).output
+    assert "charged:" in cli.invoke(main, ["batch", "status", batch_id]).output
+    out = tmp_path / "results.jsonl"
+    assert cli.invoke(main, ["batch", "results", batch_id, "--out", str(out)]).exit_code == 0
+    assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == [f"line-{i}" for i in range(6)]
+    finished = cli.invoke(main, ["batch", "cancel", batch_id])
+    assert finished.exit_code == 1 and "is completed; only a batch in progress can be cancelled" in finished.output
+    refused = cli.invoke(main, ["batch", "submit", str(bad)])
+    assert refused.exit_code == 1 and "BatchFileInvalid" in refused.output
+    assert "line 2: not valid JSON" in refused.output

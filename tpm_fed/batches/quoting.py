@@ -1,0 +1,95 @@
+"""A batch's quote: the sum of its lines' quotes, and the check that the project can pay it.
+
+Each line is priced by the broker exactly as a request sent alone
+(:meth:`tpm_fed.service.runtime.Runtime.quote`), so the edge checks a line
+would meet when it runs (unknown model, a project the caller is not in, a
+prompt longer than the model) are met here, before the batch exists, and are
+reported by line. Nothing is reserved or run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tpm_fed.batches import lines
+from tpm_fed.batches.jsonl import BatchFileInvalid
+from tpm_fed.batches.protocol import BatchInputLine, BatchQuote
+from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest, TpmError
+from tpm_fed.protocol.quotes import Quote
+from tpm_fed.state.schema import MICRO
+
+
+def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[BatchInputLine],
+                window: int) -> BatchQuote:
+    """Price every line for ``project`` and add them up (see :class:`BatchQuote`).
+
+    Raises:
+        BatchFileInvalid: Lines the service would refuse (all named), when they are refused for different
+            reasons; the lines' own error type (``UnknownModel``, ``NotPermitted``...) when all share one.
+    """
+    quotes: list[Quote] = []
+    problems: list[tuple[int, str]] = []
+    kinds: set[type] = set()
+    for number, line in enumerate(batch_lines, start=1):
+        try:
+            quotes.append(quote_line(runtime, identity, project, line.url, line.body))
+        except TpmError as error:
+            problems.append((number, f"{line.custom_id}: {type(error).__name__}: {error}"))
+            kinds.add(type(error))
+    if problems:
+        refusal = BatchFileInvalid(problems)
+        if len(kinds) == 1 and not issubclass(only := kinds.pop(), InvalidRequest):
+            try:
+                same = only(str(refusal))  # one cause for all: its own status (403, 404, 429...)
+            except TypeError:  # an error type that needs more than a message
+                raise refusal from None
+            raise same
+        raise refusal
+    per_site: dict[str, float] = {}
+    for quote in quotes:
+        per_site[quote.site] = per_site.get(quote.site, 0.0) + quote.max_su
+    available = {b.site: b.available_usu / MICRO for b in runtime.ledger.balances(project) if b.site in per_site}
+    first_wave = max(q.estimated_s for q in quotes[:window])
+    warm_pace = min(q.estimated_s for q in quotes)
+    return BatchQuote(
+        project=project, lines=len(quotes), max_su=sum(q.max_su for q in quotes),
+        expected_su=sum(q.expected_su for q in quotes), max_su_per_site=per_site, available_su=available,
+        estimated_s=first_wave + (math.ceil(len(quotes) / window) - 1) * warm_pace,
+    )
+
+
+def quote_line(runtime: Any, identity: str, project: str | None, url: str, body: dict[str, Any]) -> Quote:
+    """One line's (or one request's) quote, as its route would build the request."""
+    request = lines.request_for(runtime, url, lines.charging(lines.parse_body(url, body), project))
+    return runtime.quote(request, identity)
+
+
+def check_balance(quote: BatchQuote) -> None:
+    """Refuse a batch its project cannot pay at its bound (per site, as the ledger reserves).
+
+    Raises:
+        InsufficientBalance: With the quote in the message (HTTP 429 ``insufficient_quota``).
+    """
+    short = {site: (need, quote.available_su.get(site, 0.0)) for site, need in quote.max_su_per_site.items()
+             if need > quote.available_su.get(site, 0.0) + 1e-9}
+    if short:
+        where = "; ".join(f"on {site} it needs up to {need:.6f} SU and {have:.6f} SU are available"
+                          for site, (need, have) in sorted(short.items()))
+        raise InsufficientBalance(
+            f"project {quote.project!r} cannot pay for this batch at its bound: {where} "
+            f"(quote: {quote.lines} lines, at most {quote.max_su:.6f} SU, {quote.expected_su:.6f} SU as placed now, "
+            f"done in about {quote.estimated_s:.0f} s). Nothing was run or charged.")
+
+
+def guess_url(body: dict[str, Any]) -> str:
+    """The route a lone request body is for, from its fields (``POST /v1/quotes`` without ``url``)."""
+    if "messages" in body:
+        return "/v1/chat/completions"
+    if "prompt" in body:
+        return "/v1/completions"
+    if "input" in body:
+        return "/v1/embeddings"
+    if "kind" in body or "prompts" in body:
+        return lines.NATIVE_URL
+    raise InvalidRequest("url: name the route the body is for (no messages, prompt, input or kind to tell by)")

@@ -1,0 +1,250 @@
+"""The service's batch runner: feeds pending lines to the runtime and records each line's end once.
+
+One thread with its own event loop. It claims pending lines (oldest batch
+first, input order) up to a window, serves each on the runtime's ``submit``,
+the HTTP routes' path (so placement, batching and charging are identical),
+its answer formatted by its route's own serving class, and records the answer and the ledger's charge in
+the database. The window is a couple of full replica batches per site, so
+the dispatcher always has a whole batch to send while another runs, and a
+huge file never floods the queues other callers share.
+
+Exactly once: before a line's request goes out its id is written on the
+line, and its result is written in the very transaction that settles its
+charge (the bookkeeper's); a finished line is never claimed again. A service
+that stops gracefully lets the lines in flight finish first (``stop``); one
+that is killed leaves them ``running``, and the next runner puts them back
+in the queue. A line whose earlier request was settled is answered from its
+kept result (not run, not charged again); one whose request had no recorded
+outcome was released by the ledger's sweeper, and runs again. (Only if the
+outcomes' transaction itself failed, and the sweeper settled the charge from
+the request log, does a line run twice and carry both charges.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from tpm_fed.batches import lines
+from tpm_fed.batches.store import BatchStore, ClaimedLine
+from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2
+"""A line that fails this many times ends with its error; the rest of its batch goes on."""
+
+BATCHES_PER_SITE = 2
+"""Lines in flight per site: this many full replica batches (one running, one gathered behind it)."""
+
+MAX_DEFERRALS = 120
+"""Times a line may wait for the broker to find it a replica ("none can take it now") before that counts as a
+failure: with :func:`deferral_s`, about an hour."""
+
+STOP_GRACE_S = 20.0
+"""How long a stopping runner waits for the lines in flight (then they run again after the restart)."""
+
+
+class BatchRunner:
+    """Runs every batch of ``store`` on ``runtime``.
+
+    Args:
+        runtime: The federation runtime (its ``submit`` is the routes' path).
+        store: The batches' tables.
+        observer: Told of every request (the service's metrics), as the routes tell it.
+        window: Lines in flight at once (default: :data:`BATCHES_PER_SITE` full batches per replica slot).
+        poll_s: How often to look for work nobody woke it for.
+    """
+
+    def __init__(self, runtime: Any, store: BatchStore, *, observer: Any = None, window: int | None = None,
+                 poll_s: float = 2.0) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.observer = observer
+        self.window = window or max(4, sum(site.max_batch_requests * site.capacity.max_replicas * BATCHES_PER_SITE
+                                           for site in runtime.federation.sites))
+        self.poll_s = poll_s
+        self._stopping = False
+        self._in_flight: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, name="tpm-batches", daemon=True)
+        self._sent_ids: set[str] = set()  # batch requests out now: their results are kept with their charges
+        runtime.add_outcome_writer(self._keep_results)
+
+    def _keep_results(self, outcomes: dict[str, Any], db: Any) -> None:
+        """In the bookkeeper's transaction: keep the results of batch lines beside their charges."""
+        from tpm_fed.protocol.results import ServedResult
+
+        ours = {rid: outcome for rid, outcome in outcomes.items()
+                if rid in self._sent_ids and isinstance(outcome, ServedResult)}
+        self.store.keep_results(db, ours)
+
+    def start(self) -> BatchRunner:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        return self
+
+    def wake(self) -> None:
+        """Look for work now (a batch was created or cancelled)."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is in progress (a service idle of callers must not stop under it)."""
+        return bool(self._in_flight) or self.store.has_work()
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Claim nothing more; let the lines in flight finish (up to ``grace_s``), then end the thread."""
+        self._stopping = True
+        self.wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=grace_s + 5)
+
+    def _run_loop(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:
+            logger.exception("the batch runner stopped")
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        recovered = await asyncio.to_thread(self.store.recover)
+        if recovered:
+            logger.info("batches: %d line(s) a stopped service left running go back to the queue", recovered)
+        self._ready.set()
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                claimed = await asyncio.to_thread(self.store.claim, self.window - len(self._in_flight))
+                for line, body, request, sent in await asyncio.to_thread(self._send, claimed):
+                    task = asyncio.create_task(self._serve(line, body, request, sent))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
+                await asyncio.to_thread(self.store.settle_batches)
+            except Exception:  # the database may be away a moment: the next pass tries again
+                logger.exception("batches: a pass of the runner failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except TimeoutError:
+                pass
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=STOP_GRACE_S)
+        await asyncio.to_thread(self.store.settle_batches)
+
+    def _send(self, claimed: list[ClaimedLine]) -> list[tuple[ClaimedLine, Any, Any, Any]]:
+        """Build the claimed lines' requests, note their ids (one transaction), then submit them back to back.
+
+        Inside one ``Runtime.burst()``, so a window of lines leaves as full replica batches, not its first
+        few lines alone while the rest are still being placed. Returns per line its body, request, and the
+        runtime's future, or the error that kept it from being built or placed (raised again in
+        :meth:`_serve`, where failures are handled).
+        """
+        kept = self.store.kept_results([rid for line in claimed for rid in line.request_ids])
+        built: list[tuple[ClaimedLine, Any, Any, Any]] = []
+        for line in claimed:
+            try:
+                body = lines.charging(lines.parse_body(line.url, line.body), line.project)
+                request = lines.request_for(self.runtime, line.url, body)
+                done = next((rid for rid in line.request_ids if rid in kept), None)
+                if done is not None:  # it ran and was charged before a stop: answer from its kept result
+                    built.append((line, body, request.model_copy(update={"request_id": done}),
+                                  _kept_future(*kept[done])))
+                else:
+                    built.append((line, body, request, None))
+            except Exception as error:  # noqa: BLE001 - the line's own failure, handled in _serve
+                built.append((line, None, None, error))
+        to_send = [(line, request) for line, _, request, outcome in built if request is not None and outcome is None]
+        self.store.submitted([(line.batch_id, line.index, request.request_id) for line, request in to_send])
+        self._sent_ids.update(request.request_id for _, request in to_send)
+        sent = []
+        with self.runtime.burst():  # the window leaves in full tasks, not its first few lines alone
+            for line, body, request, outcome in built:
+                if request is not None and outcome is None:
+                    try:
+                        outcome = self.runtime.submit(request, line.owner)  # the future, on success
+                    except Exception as refused:  # noqa: BLE001 - the line's own failure, handled in _serve
+                        outcome = refused
+                sent.append((line, body, request, outcome))
+        return sent
+
+    async def _serve(self, line: ClaimedLine, body: Any, request: Any, sent: Any) -> None:
+        """Await a sent line's answer, formatted by its route, and record how it ended."""
+        try:
+            if isinstance(sent, Exception):
+                raise sent
+            answer = await lines.answer(_Sent(self.runtime, request.request_id, sent), line.url, body,
+                                        line.owner, self.observer, request=request)
+        except Exception as error:  # noqa: BLE001 - any failure is the line's: retried once, then its error
+            await asyncio.to_thread(self._failed, line, error)
+        else:
+            usage = answer.get("usage") or {}
+            await asyncio.to_thread(self.store.finish, line.batch_id, line.index, state="done", status_code=200,
+                                    response=answer, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                    completion_tokens=int(usage.get("completion_tokens") or 0))
+        finally:
+            if request is not None:
+                self._sent_ids.discard(request.request_id)
+            self.wake()  # a slot is free
+
+    def _failed(self, line: ClaimedLine, error: Exception) -> None:
+        from tpm_fed.service.errors import HttpError, http_error
+
+        if not isinstance(error, TpmError):
+            logger.exception("batch %s line %d failed unexpectedly", line.batch_id, line.index, exc_info=error)
+        if isinstance(error, (PlacementRefused, Overloaded)) and line.deferrals < MAX_DEFERRALS:
+            # Busy, not wrong (every replica slot holds another model, say): wait, as a caller would on 503.
+            logger.info("batch %s line %d waits %.0f s: %s", line.batch_id, line.index,
+                        deferral_s(line.deferrals), error)
+            self.store.defer(line.batch_id, line.index, deferral_s(line.deferrals))
+            return
+        if line.attempts + 1 < MAX_ATTEMPTS:
+            self.store.retry_later(line.batch_id, line.index)
+            return
+        answer = (http_error(error) if isinstance(error, TpmError)
+                  else HttpError(500, "server_error", type(error).__name__, str(error)))
+        self.store.finish(line.batch_id, line.index, state="failed", status_code=answer.status,
+                          response=answer.body())
+
+
+def deferral_s(deferrals: int) -> float:
+    """Seconds a line waits after its ``deferrals``-th "not now" (1, 2, 4... up to 30)."""
+    return float(min(30, 2 ** deferrals))
+
+
+def _kept_future(kind: str, wire: dict[str, Any], charge: Any) -> Future:
+    """A finished future of a kept result, with its charge as the ledger settled it."""
+    from tpm_fed.protocol.kinds import KINDS
+    from tpm_fed.protocol.results import ChargeInfo
+    from tpm_fed.state.schema import MICRO
+
+    result = KINDS[kind].result.from_wire(wire).model_copy(update={"charge": ChargeInfo(
+        project=charge.project, charged_su=charge.charged_usu / MICRO, estimate_su=charge.estimate_usu / MICRO,
+        free=charge.free)})
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+class _Sent:
+    """The runtime, to a route's serving class, for a request the runner submitted already: ``submit``
+    hands back that request's future (the route formats its answer as it would its own)."""
+
+    def __init__(self, runtime: Any, request_id: str, future: Any) -> None:
+        self._runtime = runtime
+        self._request_id = request_id
+        self._future = future
+
+    def submit(self, request: Any, identity: str | None = None) -> Any:
+        if request.request_id != self._request_id:
+            raise RuntimeError(f"batch line sent as {self._request_id}, answered as {request.request_id}")
+        return self._future
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)

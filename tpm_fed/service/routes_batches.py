@@ -1,0 +1,126 @@
+"""The batch API: OpenAI's files and batches routes, quotes for a request or a batch, and tpm-fed's results route.
+
+- ``POST /v1/files`` (multipart: ``file``, ``purpose=batch``): upload a batch input file; every line is checked
+  here (:func:`~tpm_fed.batches.jsonl.read_batch_file`), and a file with bad lines is refused whole.
+- ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``: an input file, or a batch's output or error file.
+- ``POST /v1/batches``: run a file's lines (``project`` as an extra body field); quoted first, and refused
+  (429 ``insufficient_quota``, quote in the message) if the project cannot pay the bound.
+- ``GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``.
+- ``POST /v1/quotes``: the quote of one request body, or of a batch file (``input_file_id``).
+- ``GET /tpm/v1/batches/{id}/results``: every line that ended, output and errors together, in input order.
+
+Files and batches belong to the identity that made them; another's (or an unknown id) is answered 403
+``NotPermitted``, the same answer for both, as ``/tpm/v1/requests/{id}`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from tpm_fed.batches.jsonl import read_batch_file
+from tpm_fed.batches.protocol import BatchCreateBody, QuoteBody
+from tpm_fed.batches.quoting import check_balance, guess_url, quote_batch, quote_line
+from tpm_fed.batches.runner import BatchRunner
+from tpm_fed.batches.store import BatchStore
+from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.service.auth import identity_of
+
+router = APIRouter()
+
+
+def attach_batches(app: Any, runtime: Any) -> None:
+    """Give ``app`` the batch routes and the runtime's one batch runner (started here, once per runtime;
+    it resumes the batches a stopped service left in progress)."""
+    if getattr(runtime, "batches", None) is None:
+        runtime.batches = BatchRunner(runtime, BatchStore(runtime.ledger.engine), observer=app.state.metrics).start()
+    app.state.batches = runtime.batches
+    app.include_router(router)
+
+
+def _runner(request: Request) -> BatchRunner:
+    return request.app.state.batches
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...),  # noqa: B008
+                      identity: str = Depends(identity_of)) -> dict[str, Any]:
+    if purpose != "batch":
+        raise InvalidRequest(f"purpose: this service takes files for batches only (purpose 'batch'), not {purpose!r}")
+    content = await file.read()
+    checked = await run_in_threadpool(read_batch_file, content)
+    stored = await run_in_threadpool(_runner(request).store.add_file, identity, file.filename or "batch.jsonl",
+                                     content, len(checked))
+    return stored.model_dump(mode="json")
+
+
+@router.get("/v1/files/{file_id}")
+def file_object(file_id: str, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
+    return _runner(request).store.file(file_id, identity).model_dump(mode="json")
+
+
+@router.get("/v1/files/{file_id}/content")
+def file_content(file_id: str, request: Request, identity: str = Depends(identity_of)) -> Response:
+    return Response(b"".join(_runner(request).store.file_content(file_id, identity)), media_type="application/jsonl")
+
+
+@router.post("/v1/batches")
+def create_batch(body: BatchCreateBody, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
+    runtime, runner = request.app.state.runtime, _runner(request)
+    project = runtime.project_for(identity, body.project)
+    lines = read_batch_file(b"".join(runner.store.file_content(body.input_file_id, identity)))
+    # Unlike OpenAI's, a file may mix routes (completions, chat, embeddings): each line names its own.
+    quote = quote_batch(runtime, identity, project, lines, runner.window)
+    check_balance(quote)
+    batch_id = runner.store.create_batch(identity, project, body, lines, quote)
+    runner.wake()
+    return runner.store.batch(batch_id, identity).model_dump(mode="json")
+
+
+@router.get("/v1/batches")
+def list_batches(request: Request, after: str | None = None, limit: int = 20,
+                 identity: str = Depends(identity_of)) -> dict[str, Any]:
+    if not 1 <= limit <= 100:
+        raise InvalidRequest("limit: between 1 and 100")
+    batches, more = _runner(request).store.batches_of(identity, after, limit)
+    return {"object": "list", "data": [b.model_dump(mode="json") for b in batches],
+            "first_id": batches[0].id if batches else None, "last_id": batches[-1].id if batches else None,
+            "has_more": more}
+
+
+@router.get("/v1/batches/{batch_id}")
+def get_batch(batch_id: str, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
+    return _runner(request).store.batch(batch_id, identity).model_dump(mode="json")
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+def cancel_batch(batch_id: str, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
+    runner = _runner(request)
+    cancelled = runner.store.cancel(batch_id, identity)
+    runner.wake()
+    return cancelled.model_dump(mode="json")
+
+
+@router.get("/tpm/v1/batches/{batch_id}/results")
+def batch_results(batch_id: str, request: Request, identity: str = Depends(identity_of)) -> StreamingResponse:
+    store = _runner(request).store
+    store.batch(batch_id, identity)  # theirs
+    return StreamingResponse(store.output_lines(batch_id), media_type="application/jsonl")
+
+
+@router.post("/v1/quotes")
+def quote(body: QuoteBody, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
+    """A batch's quote (``input_file_id``), or one request's (``body``), as ``/tpm/v1/quotes`` prices it."""
+    runtime, runner = request.app.state.runtime, _runner(request)
+    if (body.input_file_id is None) == (body.body is None):
+        raise InvalidRequest("give input_file_id (a batch) or body (one request), not both and not neither")
+    if body.input_file_id is not None:
+        project = runtime.project_for(identity, body.project)
+        lines = read_batch_file(b"".join(runner.store.file_content(body.input_file_id, identity)))
+        return {"object": "batch.quote", **quote_batch(runtime, identity, project, lines,
+                                                       runner.window).model_dump(mode="json")}
+    url = body.url or guess_url(body.body)
+    return {"object": "quote", **quote_line(runtime, identity, body.project, url, body.body).to_wire()}
