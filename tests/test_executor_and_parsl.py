@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from tpm_fed import Executor
-from tpm_fed.interventions import LogitLens, TraceRequest
+from tpm_fed.interventions import LogitLens, Save, SessionRequest, SessionStep, TraceRequest
 from tpm_fed.protocol.requests import GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -58,6 +59,13 @@ def test_parsl_workflow_asks_analyses_and_aggregates(http_client, runtime):
                 tpm_parsl.trace(GenerationRequest.create("The cell", "demo-llama"))
             lens = tpm_parsl.trace(TraceRequest.create("demo-llama", prompts=["The cell"], logit_lens=LogitLens()))
             traced = lens.result(timeout=120)
+            batch_file = "\n".join(json.dumps({
+                "custom_id": f"q{i}", "method": "POST", "url": "/v1/completions",
+                "body": {"model": "demo-llama", "prompt": topic, "max_tokens": 4, "temperature": 0}})
+                for i, topic in enumerate(topics)).encode()
+            lines = tpm_parsl.batch(batch_file).result(timeout=300)
+            stepped = tpm_parsl.session(SessionRequest.create("demo-llama", steps=[
+                SessionStep(name="only", prompts=["The cell"], steps=[Save(point="model.layers.0")])])).result(120)
     finally:
         tpm_parsl.use_client(None)
     assert summary["answers"] == 3 and [r["topic"] for r in summary["rows"]] == topics
@@ -66,3 +74,7 @@ def test_parsl_workflow_asks_analyses_and_aggregates(http_client, runtime):
     assert summary["total_su"] > 0 and all(r["answer"] for r in summary["rows"])
     assert composed["topic"] == "The cell" and composed["version"] == version
     assert traced.logit_lens().ids.shape[0] == 4 and traced.version == version
+    assert [line["custom_id"] for line in lines] == ["q0", "q1", "q2"]
+    alone = http_client.generate(topics[1], max_new_tokens=4).result()
+    assert lines[1]["response"]["body"]["choices"][0]["text"] == alone.texts[0]
+    assert stepped.saved("only", "model.layers.0.output").shape[1] == 128

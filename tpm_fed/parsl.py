@@ -1,4 +1,6 @@
-"""Parsl apps for workflows: ``generate``, ``trace`` and ``embed`` return ``AppFuture``s that compose with other apps.
+"""Parsl apps for workflows: ``generate``, ``trace``, ``embed``, ``session`` and ``batch`` return ``AppFuture``s.
+
+They compose with other apps.
 
 The apps run on a small thread-pool executor labelled ``tpm`` (add
 :func:`tpm_executor` to your Parsl config); each call routes its request
@@ -28,6 +30,7 @@ from tpm_fed.protocol.requests import EmbeddingRequest
 from tpm_fed.protocol.requests import TraceRequest
 from tpm_fed.protocol.requests import GenerationRequest, ServingRequest
 from tpm_fed.protocol.results import ServedResult
+from tpm_fed.protocol.sessions import SessionRequest
 
 EXECUTOR_LABEL = "tpm"
 
@@ -81,3 +84,24 @@ def _app_for(kind: type[ServingRequest], name: str):
 generate = _app_for(GenerationRequest, "generate")
 trace = _app_for(TraceRequest, "trace")
 embed = _app_for(EmbeddingRequest, "embed")
+session = _app_for(SessionRequest, "session")
+
+
+@python_app(executors=[EXECUTOR_LABEL])
+def _batch_app(source: Any, project: str | None, metadata: dict[str, str] | None) -> list[dict[str, Any]]:
+    from tpm_fed.parsl import _shared_client
+
+    client = _shared_client()
+    created = client.batches.submit(source, project=project, metadata=metadata)
+    client.batches.wait(created["id"])
+    return client.batches.results(created["id"])
+
+
+def batch(source: Any, *, project: str | None = None, metadata: dict[str, str] | None = None, **app_options: Any):
+    """A Parsl app: run a batch file (a path, or its JSONL bytes) through the service's batch API.
+
+    The ``AppFuture`` resolves, once the batch has ended, with one line per input line in
+    input order (``custom_id``, ``response`` or ``error``), as ``tpm batch results`` prints them.
+    A file the service refuses (a bad line, over balance) fails the future with the typed error.
+    """
+    return _batch_app(source, project, metadata, **app_options)
