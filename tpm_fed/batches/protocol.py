@@ -116,8 +116,8 @@ class BatchQuote(BaseModel):
     """What a batch would cost at most and when it would be done, before anything runs.
 
     Attributes:
-        max_su: The sum of the lines' quotes (each line's bound includes a cold start, so this is loose
-            but never exceeded).
+        max_su: The charge never exceeds this: the lines' bounds without their cold starts, plus
+            as many cold starts as replicas may start at each site (never more than the lines).
         max_su_per_site: The same per site the lines would be placed on (what the balance check compares).
         available_su: The project's balance at those sites now.
         estimated_s: Seconds to the last line: the first wave's slowest quote, then the rest in waves of

@@ -46,17 +46,43 @@ def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[Bat
                 raise refusal from None
             raise same
         raise refusal
-    per_site: dict[str, float] = {}
-    for quote in quotes:
-        per_site[quote.site] = per_site.get(quote.site, 0.0) + quote.max_su
+    per_site = _bound_per_site(runtime, quotes)
     available = {b.site: b.available_usu / MICRO for b in runtime.ledger.balances(project) if b.site in per_site}
     first_wave = max(q.estimated_s for q in quotes[:window])
     warm_pace = min(q.estimated_s for q in quotes)
     return BatchQuote(
-        project=project, lines=len(quotes), max_su=sum(q.max_su for q in quotes),
+        project=project, lines=len(quotes), max_su=sum(per_site.values()),
         expected_su=sum(q.expected_su for q in quotes), max_su_per_site=per_site, available_su=available,
         estimated_s=first_wave + (math.ceil(len(quotes) / window) - 1) * warm_pace,
     )
+
+
+def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
+    """The most the lines can be charged, per site they would be placed on.
+
+    A line's own quote bounds it alone, a cold start included (its replica may be
+    gone when it is sent). Lines of one batch share replicas: at a site, at most
+    as many cold starts are charged as replicas may start there (the site's
+    ``max_replicas``, or the lines' count if fewer), so each line counts without
+    its cold start, and the site's possible cold starts are added once.
+    """
+    from tpm_fed.ledger import Metered, price_usu
+    from tpm_fed.protocol.kinds import KINDS
+
+    prices = runtime.federation.prices
+    per_site: dict[str, float] = {}
+    cold: dict[str, float] = {}  # site -> the dearest cold start of its lines
+    counts: dict[str, int] = {}
+    for quote in quotes:
+        cold_su = 0.0 if quote.free else price_usu(getattr(prices, KINDS[quote.kind].family),
+                                                   Metered(cold_start=True)) / MICRO
+        per_site[quote.site] = per_site.get(quote.site, 0.0) + quote.max_su - cold_su
+        cold[quote.site] = max(cold.get(quote.site, 0.0), cold_su)
+        counts[quote.site] = counts.get(quote.site, 0) + 1
+    for site, lines_there in counts.items():
+        starts = min(lines_there, runtime.federation.site(site).capacity.max_replicas)
+        per_site[site] += starts * cold[site]
+    return per_site
 
 
 def quote_line(runtime: Any, identity: str, project: str | None, url: str, body: dict[str, Any]) -> Quote:
