@@ -67,6 +67,9 @@ def mixed_lines(count: int, *, tokens: int = 4, routes: tuple[str, ...] = (
         elif route == "/v1/chat/completions":
             body = {"model": "demo-chat", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
                     "temperature": 0}
+        elif route == "/tpm/v1/requests":  # a trace, in its wire form
+            body = {"kind": "trace", "model": {"name": DEMO_MODEL_NAME}, "prompts": [prompt],
+                    "max_new_tokens": tokens, "logit_lens": {"top_k": 2}}
         else:
             body = {"model": DEMO_MODEL_NAME, "input": prompt}
         lines.append({"custom_id": f"line-{index}", "method": "POST", "url": route, "body": body})

@@ -50,6 +50,10 @@ def same_answer(route: str, batched: dict, alone: dict) -> None:
     if route == "/v1/embeddings":
         for mine, theirs in zip(batched["data"], alone["data"], strict=True):
             assert mine["embedding"] == pytest.approx(theirs["embedding"], abs=1e-4)
+    elif route == "/tpm/v1/requests":  # a trace: its generated text and its lens, bit for bit
+        assert batched["completions"] == alone["completions"] and batched["tensors_blob"] == alone["tensors_blob"]
+        assert batched["version"] == alone["version"] and batched["usage"] == alone["usage"]
+        return
     else:
         assert batched["choices"] == alone["choices"]
     assert batched["usage"] == alone["usage"]
@@ -57,7 +61,7 @@ def same_answer(route: str, batched: dict, alone: dict) -> None:
 
 
 def test_a_mixed_batch_answers_every_line_as_its_route_would_alone(openai_client, batch_service, batch_runtime):
-    lines = mixed_lines(24)
+    lines = mixed_lines(200, routes=("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tpm/v1/requests"))
     uploaded = openai_client.files.create(file=("mixed.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
     assert uploaded.purpose == "batch" and uploaded.bytes == len(jsonl(lines))
     assert openai_client.files.retrieve(uploaded.id).filename == "mixed.jsonl"
@@ -66,15 +70,15 @@ def test_a_mixed_batch_answers_every_line_as_its_route_would_alone(openai_client
     created = openai_client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
                                            completion_window="24h", metadata={"purpose": "test"},
                                            extra_body={"project": "batches"})
-    assert created.status == "in_progress" and created.request_counts.total == 24
+    assert created.status == "in_progress" and created.request_counts.total == 200
     assert created.metadata == {"purpose": "test"}
     quote = created.model_extra["tpm"]["quote"]
-    assert quote["lines"] == 24 and quote["max_su"] > 0
+    assert quote["lines"] == 200 and quote["max_su"] > 0
 
     batch = wait_for(openai_client, created.id)
     assert batch.status == "completed"
     assert batch.error_file_id is None, openai_client.files.content(batch.error_file_id).content[:3000]
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (24, 24, 0)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (200, 200, 0)
     assert batch.id in {b.id for b in openai_client.batches.list(limit=100).data}
 
     output = read_jsonl(openai_client.files.content(batch.output_file_id).content)
@@ -85,7 +89,9 @@ def test_a_mixed_batch_answers_every_line_as_its_route_would_alone(openai_client
             alone = http.post(line["url"], json=line["body"])
             assert alone.status_code == 200, alone.text
             same_answer(line["url"], answer["response"]["body"], alone.json())
-            assert answer["response"]["request_id"] == answer["response"]["body"]["tpm"]["request_id"]
+            body = answer["response"]["body"]
+            assert answer["response"]["request_id"] == (body["request_id"] if "kind" in line["body"]
+                                                        else body["tpm"]["request_id"])
 
     # Every line's charge is the ledger's: one settled row each, and the batch's total is their sum.
     charges = {c.request_id: c for c in batch_runtime.ledger.statement("batches")}
@@ -95,6 +101,7 @@ def test_a_mixed_batch_answers_every_line_as_its_route_would_alone(openai_client
     assert batch.model_extra["tpm"]["charged_su"] == pytest.approx(total_usu / MICRO)
     assert total_usu / MICRO <= quote["max_su"]  # the quote bounds the charge
     assert batch.usage.input_tokens == sum(a["response"]["body"]["usage"]["prompt_tokens"] for a in output)
+    assert sum(1 for line in lines if line["url"] == "/tpm/v1/requests") == 50  # traces are a quarter of it
 
 
 def test_the_native_route_runs_traces_in_a_batch(openai_client, batch_service):
