@@ -115,6 +115,26 @@ def test_queue_position_decreases_as_requests_ahead_leave():
     assert dispatcher.position(queued[-1].request_id) is None and dispatcher.waiting == 0
 
 
+def test_an_interactive_request_leaves_before_a_batchs_waiting_lines():
+    site = HeldSite()
+    dispatcher = BatchingDispatcher(site, SPEC, max_batch=2, max_in_flight=1)
+    lines = [request(f"line {i}") for i in range(6)]
+    line_futures = [dispatcher.submit(r, background=True) for r in lines]  # the first leaves at once
+    person = request("a person waiting")
+    asked = dispatcher.submit(person)
+    assert [dispatcher.position(r.request_id) for r in lines] == [None, 2, 3, 4, 5, 6]
+    assert dispatcher.position(person.request_id) == 1  # ahead of the five lines that came before it
+    site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # the running task ends
+    assert [r["request_id"] for r in site.tasks[1][1]] == [person.request_id, lines[1].request_id]
+    site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
+    assert asked.result(timeout=5).texts == ["ok"]
+    site.tasks[2][0].set_result(reply_for(site.tasks[2][1]))
+    site.tasks[3][0].set_result(reply_for(site.tasks[3][1]))
+    assert all(f.result(timeout=5).texts == ["ok"] for f in line_futures)
+    assert [r["request_id"] for _, task in site.tasks for r in task] == [
+        lines[0].request_id, person.request_id, *(r.request_id for r in lines[1:])]
+
+
 def test_batches_are_capped_by_bytes_as_well_as_by_count():
     from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
 

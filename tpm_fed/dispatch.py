@@ -217,6 +217,7 @@ class BatchingDispatcher:
         self.held = held
         self.context = context or {}
         self._waiting: deque[_Pending] = deque()
+        self._background: deque[_Pending] = deque()  # batch lines: they leave after every interactive request
         self._in_flight = 0
         self._linger: _Timed | None = None
         self._linger_started = 0.0
@@ -227,12 +228,12 @@ class BatchingDispatcher:
     @property
     def waiting(self) -> int:
         """Requests queued here that no task carries yet."""
-        return len(self._waiting)
+        return len(self._waiting) + len(self._background)
 
     def position(self, request_id: str) -> int | None:
         """Where a waiting request stands in this queue (1: next to leave), or None if not waiting here."""
         with self._lock:
-            for index, pending in enumerate(self._waiting):
+            for index, pending in enumerate([*self._waiting, *self._background]):
                 if pending.request.request_id == request_id:
                     return index + 1
         return None
@@ -249,13 +250,19 @@ class BatchingDispatcher:
         batches_ahead = (position - 1) // self.max_batch
         return service_s * (batches_ahead + (1 if busy else 0)) / self.max_in_flight
 
-    def submit(self, request: ServingRequest, nbytes: int | None = None) -> Future[ServedResult]:
-        """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already."""
+    def submit(self, request: ServingRequest, nbytes: int | None = None, *,
+               background: bool = False) -> Future[ServedResult]:
+        """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already.
+
+        A ``background`` request (a batch's line) leaves only when no interactive request
+        waits here, so a person's request waits at most for the task running now, not for a
+        batch's queue.
+        """
         pending = _Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)
         with self._lock:
-            self._waiting.append(pending)
+            (self._background if background else self._waiting).append(pending)
             self._last_arrival = pending.submitted
-            if self.linger_s > 0 and len(self._waiting) < self.max_batch:
+            if self.linger_s > 0 and self.waiting < self.max_batch:
                 self._arm_linger()
                 batch = []
             else:
@@ -292,25 +299,26 @@ class BatchingDispatcher:
     def nudge(self) -> None:
         """A burst was placed: let what waits leave (after the usual short linger)."""
         with self._lock:
-            if self._waiting:
+            if self.waiting:
                 self._arm_linger()
 
     def _take_batch(self) -> list[_Pending]:
         """Called under the lock: the next batch, if a worker is free."""
-        if self._in_flight >= self.max_in_flight or not self._waiting:
+        if self._in_flight >= self.max_in_flight or not self.waiting:
             return []
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
         self._in_flight += 1
-        batch = [self._waiting.popleft()]
+        queue = self._waiting or self._background  # interactive requests first
+        batch = [queue.popleft()]
         nbytes = batch[0].nbytes
-        # Fill up to max_batch requests, and to what one task may carry.
-        while self._waiting and len(batch) < self.max_batch:
-            if nbytes + self._waiting[0].nbytes > MAX_PAYLOAD_BYTES - ENVELOPE_BYTES:
+        # Fill up to max_batch requests, and to what one task may carry: interactive ones, then batch lines.
+        while (queue := self._waiting or self._background) and len(batch) < self.max_batch:
+            if nbytes + queue[0].nbytes > MAX_PAYLOAD_BYTES - ENVELOPE_BYTES:
                 break
-            nbytes += self._waiting[0].nbytes
-            batch.append(self._waiting.popleft())
+            nbytes += queue[0].nbytes
+            batch.append(queue.popleft())
         return batch
 
     def _send(self, pending: list[_Pending]) -> None:

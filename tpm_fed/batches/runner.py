@@ -168,7 +168,7 @@ class BatchRunner:
             for line, body, request, outcome in built:
                 if request is not None and outcome is None:
                     try:
-                        outcome = self.runtime.submit(request, line.owner)  # the future, on success
+                        outcome = self.runtime.submit(request, line.owner, background=True)  # the future, on success
                     except Exception as refused:  # noqa: BLE001 - the line's own failure, handled in _serve
                         outcome = refused
                 sent.append((line, body, request, outcome))

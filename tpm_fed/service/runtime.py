@@ -148,11 +148,13 @@ class Runtime:
         return self.submit(SessionRequest.create(model or self.default_model(), steps=steps, **params), identity)
 
     # ----- serving ---------------------------------------------------------------
-    def submit(self, request: ServingRequest, identity: str | None = None) -> Future[ServedResult]:
+    def submit(self, request: ServingRequest, identity: str | None = None, *,
+               background: bool = False) -> Future[ServedResult]:
         """Admit a request of any kind for ``identity`` (the owner by default).
 
         Edge checks and placement raise here (nothing charged); what happens at
-        the site fails the future.
+        the site fails the future. A ``background`` request (a batch's line) leaves
+        its replica's queue after every interactive one.
         """
         if self._closed:
             raise RuntimeError("this runtime is closed")
@@ -176,7 +178,7 @@ class Runtime:
             raise
         # A batch must fit in one task both ways: count what the answer may carry too (a result
         # too large for a task comes by reference, but then it travels alone).
-        return dispatcher.submit(request, nbytes + min(bound.result_bytes, MAX_RESULT_BYTES))
+        return dispatcher.submit(request, nbytes + min(bound.result_bytes, MAX_RESULT_BYTES), background=background)
 
     @contextmanager
     def burst(self) -> Iterator[None]:

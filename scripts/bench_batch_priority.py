@@ -1,0 +1,86 @@
+"""An interactive request while a batch runs: its latency against the same request on an idle replica.
+
+On ``tpm serve`` over the demo model (torch backend, one replica), the same
+short completion is timed on the idle replica, then again every
+``--every`` seconds while a batch of ``--lines`` completions runs. The batch's
+lines wait behind interactive requests in the replica's queue
+(``BatchingDispatcher``: batch lines are background), so an interactive
+request waits at most for the task running when it arrives (target: <= 1.5x
+the idle latency, median).
+
+Usage:
+    python scripts/bench_batch_priority.py [--lines 512] [--tokens 32] [--samples 20] [--every 0.25]
+        [--max-batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import log, machine
+from bench_quotes import batch_file
+from bench_service import bench_home, tpm_serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--every", type=float, default=0.25)
+    parser.add_argument("--max-batch", type=int, default=64, help="the site's max_batch_requests (task size)")
+    args = parser.parse_args()
+
+    from tpm_fed.client import Client
+    from tpm_fed.federation import Federation
+    from tpm_fed.models.demo import make_demo_model
+
+    print(f"bench_batch_priority: {machine()}")
+    with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-") as scratch:
+        scratch = Path(scratch)
+        log("making the demo model...")
+        home = bench_home(scratch / "home", make_demo_model(scratch / "demo", progress=False), backend="torch")
+        federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
+        sites = [site.model_copy(update={"max_batch_requests": args.max_batch}) for site in federation.sites]
+        federation.model_copy(update={"sites": sites}).dump(home.federation_file)
+        with tpm_serve(home) as (url, headers):
+            client = Client(url, headers["Authorization"].split()[1])
+
+            def one() -> float:
+                started = time.perf_counter()
+                client.generate("The telescope", max_new_tokens=8).result()
+                return time.perf_counter() - started
+
+            one()
+            idle = [one() for _ in range(args.samples)]
+            log(f"idle: median {statistics.median(idle) * 1000:.0f} ms; starting a batch of {args.lines} lines...")
+            batch = client.batches.submit(batch_file(args.lines, [args.tokens]))
+            while client.batches.retrieve(batch["id"])["status"] != "in_progress":
+                time.sleep(0.05)
+            during = []
+            while len(during) < args.samples and client.batches.retrieve(batch["id"])["status"] == "in_progress":
+                during.append(one())
+                time.sleep(args.every)
+            ended = client.batches.wait(batch["id"], poll_s=0.2)
+            client.close()
+    assert ended["status"] == "completed", ended
+    if not during:
+        raise SystemExit("the batch ended before any interactive request was timed: give more --lines")
+    ratio = statistics.median(during) / statistics.median(idle)
+    print(f"\ninteractive completion (8 tokens) while a batch of {args.lines} x {args.tokens} tokens runs "
+          f"(tasks of up to {args.max_batch})")
+    print(f"  idle replica:        median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
+    print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
+          f"max {max(during) * 1000:.0f} ms")
+    print(f"  ratio:               {ratio:8.2f}x   (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
