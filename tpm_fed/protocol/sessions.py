@@ -65,7 +65,7 @@ class SessionRequest(ServingRequest):
     @model_validator(mode="after")
     def _names_and_references(self) -> Self:
         seen: dict[str, SessionStep] = {}
-        for index, step in enumerate(self.steps):
+        for step in self.steps:
             if step.name in seen:
                 raise ValueError(f"steps: two steps are named {step.name!r}; give each a distinct name")
             trace = step.trace(self)  # the trace's own checks (prompt indexes, distinct save names)
