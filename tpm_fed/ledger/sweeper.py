@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from tpm_fed.federation import Prices
 from tpm_fed.ledger.ledger import Ledger
 from tpm_fed.ledger.pricing import Metered, price_usu
-from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.state.request_log import RequestLog
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ class ReservationSweeper:
             if row is not None and row.status == "done":
                 used = Metered(row.prompt_tokens or 0, row.completion_tokens or 0, row.activation_bytes or 0,
                                cold_start=bool(row.cold_start))
-                settle.append((charge.request_id, used, price_usu(getattr(prices, KINDS[charge.kind].family), used)))
+                settle.append((charge.request_id, used, price_usu(prices.of(charge.kind), used)))
             else:
                 why = row.error if row is not None and row.status == "failed" else "no outcome was recorded"
                 release.append((charge.request_id, f"released by the sweeper: {why}"))

@@ -49,7 +49,7 @@ class ServiceReader:
 
     def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
         if reachable(reference):
-            return get_chunks(connector_for(reference.store), reference)
+            return StoreReader().chunks(request_id, reference)
         check_current(reference)
         return self._download(request_id, reference)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from sqlalchemy import Connection, Engine, select, update
 
@@ -57,8 +57,9 @@ class ReferenceRecords:
             row = db.execute(select(references_table).where(references_table.c.request_id == request_id)).first()
         return None if row is None else (row.site, TensorsReference.model_validate_json(row.reference))
 
-    def chunks(self, request_id: str):
-        """The stored bytes of ``request_id``'s result, chunk by chunk (the caller checked who may read them).
+    def open(self, request_id: str) -> tuple[TensorsReference, Iterator[bytes]]:
+        """The reference of ``request_id``'s result, and its stored bytes chunk by chunk (the caller
+        checked who may read them).
 
         Raises:
             ReferenceNotFound: No result of that request was left by reference, its site's
@@ -72,7 +73,7 @@ class ReferenceRecords:
         if self._store_of(site) is None:
             raise ReferenceNotFound(f"site {site!r} names no result store in the federation file, so the service "
                                     f"cannot read its results; read {reference.store} where it is")
-        return get_chunks(connector_for(reference.store), reference)
+        return reference, get_chunks(connector_for(reference.store), reference)
 
     def evict_expired(self, now: float | None = None) -> int:
         """Drop every expired result from its store; how many were evicted."""

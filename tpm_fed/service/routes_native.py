@@ -73,9 +73,8 @@ def tensors(request_id: str, request: Request, identity: str = Depends(identity_
     record = runtime.request_record(request_id)
     if record is None or not _may_read(request, identity, record["identity"]):
         raise NotPermitted(f"no request {request_id!r} of yours")
-    chunks = runtime.references.chunks(request_id)
-    first = next(chunks, b"")  # an expired or missing result is refused here, before the answer starts
-    _, reference = runtime.references.find(request_id)
+    reference, chunks = runtime.references.open(request_id)  # expired or missing: refused here
+    first = next(chunks, b"")
     return StreamingResponse(itertools.chain([first], chunks), media_type="application/octet-stream",
                              headers={"Content-Length": str(reference.nbytes), "X-Tpm-Sha256": reference.sha256})
 

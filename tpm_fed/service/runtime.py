@@ -164,7 +164,7 @@ class Runtime:
         nbytes = check_request_size(request)
         resolved = self.catalog.resolve(request.model)
         request, spec, bound = self._check(request, resolved)
-        price = getattr(self.federation.prices, KINDS[request.kind].family)
+        price = self.federation.prices.of(request.kind)
         # Placed here, reserved with its batch when the batch leaves (one transaction per batch).
         admission = self.broker.place(request.request_id, self._placement(request, spec, price, bound, identity))
         self._bookkeeper.admitted(admission, price)
@@ -217,7 +217,7 @@ class Runtime:
     def _priced(self, request: ServingRequest, identity: str | None) -> PlacementRequest:
         """The edge checks of :meth:`submit`, then what placement needs to know, priced."""
         request, spec, bound = self._check(request, self.catalog.resolve(request.model))
-        price = getattr(self.federation.prices, KINDS[request.kind].family)
+        price = self.federation.prices.of(request.kind)
         return self._placement(request, spec, price, bound, identity or self.owner)
 
     def _reroute(self, lost: list[tuple[ServingRequest, BaseException]], spec: ModelSpec
