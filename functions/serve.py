@@ -41,7 +41,9 @@ def serve_batch(
 
     Returns:
         ``{"replica": ReplicaInfo dict or None, "backend", "load_s", "run_s",
-        "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``.
+        "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``,
+        and with a back channel ``"joined"``: the outcomes of requests that joined the
+        running batch, by request id.
     """
     from functions.outcomes import refused
     from functions.policy import current_policy
@@ -62,27 +64,26 @@ def serve_batch(
     from functions.streaming import BackChannel
 
     started = time.perf_counter()
+    served: dict[str, Any] = {
+        "backend": replica.backend.name,
+        "load_s": 0.0 if warm else replica.load_s,
+        "notes": replica.notes,
+        "replica": {"replica_id": replica.replica_id, "host": socket.gethostname(), "pid": os.getpid(),
+                    "warm": warm, "batch_size": len(requests)},
+    }
     channel = BackChannel.for_task(context, policy)
+    if channel is not None:
+        channel.served = served  # sent with the requests answered before the task ends
     try:
         outcomes = answer(replica.backend, requests, policy, channel)
     finally:
         if channel is not None:
-            channel.close()  # streamed chunks reach the service before the result does
-    served = sum(1 for outcome in outcomes if "result" in outcome)
-    reply.update(
-        backend=replica.backend.name,
-        load_s=0.0 if warm else replica.load_s,
-        run_s=time.perf_counter() - started,
-        notes=replica.notes,
-        outcomes=outcomes,
-        replica={
-            "replica_id": replica.replica_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "warm": warm,
-            "batch_size": served,
-        },
-    )
+            channel.close()  # streamed chunks and early answers reach the service before the result does
+    served["replica"]["batch_size"] = sum(1 for outcome in outcomes if "result" in outcome)
+    reply.update(served, run_s=time.perf_counter() - started, outcomes=outcomes)
+    if channel is not None:  # requests that joined the running batch (functions.admission), answered or not
+        own = {request.get("request_id") for request in requests if isinstance(request, dict)}
+        reply["joined"] = {rid: outcome for rid, outcome in channel.answers.items() if rid not in own}
     return reply
 
 

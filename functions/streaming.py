@@ -19,6 +19,12 @@ produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
 - The service's answer to a post names the requests whose callers left
   (``cancelled``): the backend stops generating for them, their batch-mates
   go on, and they are charged for the tokens made until then.
+- A request that finishes before its batch does is *answered* on the channel
+  at once (``outcomes``, with the replica's ``served`` facts), so its caller
+  need not wait for the slowest batch-mate; the task's result still carries
+  every answer, and the service settles each request once, whichever comes
+  first. Requests that joined the running batch (:mod:`functions.admission`)
+  are answered this way too.
 """
 
 from __future__ import annotations
@@ -64,7 +70,10 @@ class BackChannel:
         self.delivered = False
         self.failed: str | None = None
         self.cancelled: set[str] = set()  # requests whose callers left: stop generating for them
+        self.served: dict[str, Any] = {}  # the replica's facts, sent with answers (set by serve_batch)
+        self.answers: dict[str, dict[str, Any]] = {}  # every request answered here, by id
         self._pending: list[dict[str, Any]] = []
+        self._outcomes: list[dict[str, Any]] = []
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="tpm-stream", daemon=True)
@@ -89,6 +98,20 @@ class BackChannel:
                 self._pending.extend(chunks)
                 self._wake.notify()
 
+    @property
+    def admit_url(self) -> str:
+        """Where the worker asks for requests that may join its running batch."""
+        return self.url._replace(path=self.url.path.rstrip("/") + "/admit").geturl()
+
+    def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
+        """Send one request's outcome now (it finished before its task); kept for the task's result too."""
+        timed = {**outcome, "run_s": run_s}
+        self.answers[request_id] = timed
+        if self.failed is None:
+            with self._wake:
+                self._outcomes.append({"request_id": request_id, "outcome": timed})
+                self._wake.notify()
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued, then stop (before the task's result leaves, so chunks come first)."""
         with self._wake:
@@ -101,18 +124,19 @@ class BackChannel:
         posted_at = float("-inf")
         while True:
             with self._wake:
-                while not self._pending and not self._closing:
+                while not self._pending and not self._outcomes and not self._closing:
                     self._wake.wait()
                 # At most one post per SEND_INTERVAL_S: a step takes milliseconds, and a post per step
                 # per batch costs the generating process more than the caller gains.
                 while not self._closing and (wait := posted_at + SEND_INTERVAL_S - time.monotonic()) > 0:
                     self._wake.wait(wait)
                 batch, self._pending = self._pending, []
+                outcomes, self._outcomes = self._outcomes, []
                 closing = self._closing
-            if batch and self.failed is None:
+            if (batch or outcomes) and self.failed is None:
                 try:
                     connection = connection or self._connect()
-                    self._post(connection, merged(batch))
+                    self._post(connection, merged(batch), outcomes)
                     posted_at = time.monotonic()
                     self.delivered = True
                 except (OSError, http.client.HTTPException, ValueError) as error:
@@ -127,8 +151,12 @@ class BackChannel:
         kind = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
         return kind(self.url.hostname, self.url.port, timeout=10)
 
-    def _post(self, connection: http.client.HTTPConnection, chunks: list[dict[str, Any]]) -> None:
-        body = json.dumps({"token": self.token, "chunks": chunks}).encode()
+    def _post(self, connection: http.client.HTTPConnection, chunks: list[dict[str, Any]],
+              outcomes: list[dict[str, Any]]) -> None:
+        message: dict[str, Any] = {"token": self.token, "chunks": chunks}
+        if outcomes:  # chunks first: a request's text reaches its caller before its end does
+            message.update(outcomes=outcomes, served=self.served)
+        body = json.dumps(message).encode()
         connection.request("POST", self.url.path, body=body, headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
         reply = answer.read()

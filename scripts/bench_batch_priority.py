@@ -1,16 +1,18 @@
 """An interactive request while a batch runs: its latency against the same request on an idle replica.
 
-On ``tpm serve`` over the demo model (torch backend, one replica), the same
+On ``tpm serve`` over the demo model (``--backend``, one replica), the same
 short completion is timed on the idle replica, then again every
 ``--every`` seconds while a batch of ``--lines`` completions runs. The batch's
 lines wait behind interactive requests in the replica's queue
 (``BatchingDispatcher``: batch lines are background), so an interactive
-request waits at most for the task running when it arrives (target: <= 1.5x
-the idle latency, median).
+request waits at most for the task running when it arrives; on the vLLM
+backend it joins that task at its next step instead (continuous admission),
+sharing each step with the batch's lines (target: <= 1.5x the idle latency,
+median).
 
 Usage:
     python scripts/bench_batch_priority.py [--lines 512] [--tokens 32] [--samples 20] [--every 0.25]
-        [--max-batch 64]
+        [--max-batch 64] [--backend torch|vllm]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--every", type=float, default=0.25)
     parser.add_argument("--max-batch", type=int, default=64, help="the site's max_batch_requests (task size)")
+    parser.add_argument("--backend", choices=["torch", "vllm"], default="vllm")
     args = parser.parse_args()
 
     from tpm_fed.client import Client
@@ -46,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-") as scratch:
         scratch = Path(scratch)
         log("making the demo model...")
-        home = bench_home(scratch / "home", make_demo_model(scratch / "demo", progress=False), backend="torch")
+        home = bench_home(scratch / "home", make_demo_model(scratch / "demo", progress=False), backend=args.backend)
         federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
         sites = [site.model_copy(update={"max_batch_requests": args.max_batch}) for site in federation.sites]
         federation.model_copy(update={"sites": sites}).dump(home.federation_file)
@@ -75,7 +78,7 @@ def main() -> None:
         raise SystemExit("the batch ended before any interactive request was timed: give more --lines")
     ratio = statistics.median(during) / statistics.median(idle)
     print(f"\ninteractive completion (8 tokens) while a batch of {args.lines} x {args.tokens} tokens runs "
-          f"(tasks of up to {args.max_batch})")
+          f"(tasks of up to {args.max_batch}; {args.backend} backend)")
     print(f"  idle replica:        median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
     print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
           f"max {max(during) * 1000:.0f} ms")

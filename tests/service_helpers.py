@@ -34,6 +34,10 @@ class ServiceThread:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.socket = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        inner = app
+        while not hasattr(inner, "state"):  # the FastAPI app inside its ASGI wrappers (body limits)
+            inner = inner.app
+        inner.state.streams.worker_url = self.url  # as tpm serve tells its hub once it is bound
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> str:

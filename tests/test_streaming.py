@@ -66,8 +66,8 @@ def test_a_worker_that_cannot_reach_the_service_sends_it_all_at_the_end(service,
     hub = runtime.streams
     opened = hub.open
 
-    def unreachable(request_ids):
-        channel = opened(request_ids)
+    def unreachable(request_ids, admitting=None):
+        channel = opened(request_ids, admitting)
         return channel and {**channel, "url": "http://127.0.0.1:9/tpm/v1/stream"}  # the discard port: refused
 
     monkeypatch.setattr(hub, "open", unreachable)

@@ -157,17 +157,41 @@ def test_pinning_vllm_on_an_unsupported_architecture_is_refused(vllm_runtime):
 
 
 class Collected:
-    """A back channel that keeps what it is sent, step by step."""
+    """A live batch (functions.admission.LiveBatch's members) that keeps what it is sent, step by step,
+    and hands in ``joining`` requests after ``join_after`` steps."""
 
-    def __init__(self, cancel_after: int | None = None, cancel: str | None = None) -> None:
+    def __init__(self, cancel_after: int | None = None, cancel: str | None = None,
+                 joining: list | None = None, join_after: int = 0) -> None:
         self.sends: list[list[dict]] = []
         self.cancelled: set[str] = set()
         self.cancel_after, self.cancel = cancel_after, cancel
+        self.joining, self.join_after = list(joining or []), join_after
+        self.finished_at: dict[str, int] = {}  # request id -> the step it was answered at
+        self.answers: dict[str, list] = {}
+        self.closed = False
 
     def send(self, chunks: list[dict]) -> None:
         self.sends.append(chunks)
         if self.cancel and len(self.sends) == self.cancel_after:  # as the service answers a post
             self.cancelled.add(self.cancel)
+
+    def started(self, item) -> None:
+        pass
+
+    def admitted(self) -> list:
+        if self.joining and len(self.sends) >= self.join_after:
+            joined, self.joining = self.joining, []
+            return joined
+        return []
+
+    def close(self) -> list:
+        self.closed = True
+        joined, self.joining = self.joining, []
+        return joined
+
+    def finished(self, item, completions) -> None:
+        self.finished_at[item.request.request_id] = len(self.sends)
+        self.answers[item.request.request_id] = completions
 
 
 def test_streamed_rows_send_their_text_step_by_step_and_equal_the_batch_answer(direct_llm):
@@ -205,3 +229,24 @@ def test_a_streamed_request_whose_caller_left_stops_and_its_batch_mates_go_on(di
     assert 0 < len(answers[0][0].token_ids) < 64  # stopped a few steps in, keeping what it made
     assert answers[0][0].token_ids == whole[0][0].token_ids[: len(answers[0][0].token_ids)]
     assert answers[1] == whole[1]  # its batch-mate ran to the end, unchanged
+
+
+def test_requests_join_a_running_batch_and_each_is_answered_when_it_ends(direct_llm):
+    """Continuous admission on the engine: a request handed in mid-batch runs at once, token for token
+    what it would alone; a short request is answered long before its long batch-mate ends."""
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    backend = VllmBackend(direct_llm, 256, torch_threads_before=1)
+    long = GenerationRequest.create("The river carries", DEMO_MODEL_NAME, max_new_tokens=96, min_new_tokens=96)
+    short = GenerationRequest.create("A star", DEMO_MODEL_NAME, max_new_tokens=4, min_new_tokens=4)
+    joining = GenerationRequest.create(["The cell", "Water"], DEMO_MODEL_NAME, max_new_tokens=12,
+                                       min_new_tokens=12)
+    live = Collected(joining=[backend.encode(joining)], join_after=10)
+    answers = backend.generate([backend.encode(long), backend.encode(short)], live)
+    assert answers == backend.generate([backend.encode(long), backend.encode(short)])  # unchanged by the joiner
+    assert live.answers[joining.request_id] == backend.generate([backend.encode(joining)])[0]  # as if alone
+    last = len(live.sends) - 1  # the step the long request ended at
+    assert live.finished_at[short.request_id] <= 5 < last  # answered at its own end, not the batch's
+    assert 10 <= live.finished_at[joining.request_id] < last  # joined mid-batch and ended before it
+    assert live.finished_at[long.request_id] == last and live.closed

@@ -19,6 +19,15 @@ A batch that gets no answer within ``task_timeout_s`` fails with
 site is marked unhealthy), so a lost task never leaves a caller waiting
 forever; an answer that arrives after that is dropped.
 
+A task whose worker can take more in while it runs (a vLLM replica with a
+back channel to this service) *admits* requests: while it runs, the
+worker's asks for more (:meth:`tpm_fed.service.stream_hub.StreamHub.admit`)
+hand it requests waiting here, reserved as a batch would be: every
+interactive one, and batch lines while fewer than ``max_batch`` run, for
+``admit_for_s`` after the task began (so a busy replica's task still ends). Each of its requests, joined or not,
+is settled as soon as the worker answers it on the back channel, or when the
+task ends, whichever comes first: exactly once.
+
 A batch lost to its site (the task failed with a ``SiteError``: worker lost,
 endpoint gone, no answer in time) may be given to a ``rerouter``, which
 places each request again elsewhere and returns the future of that second
@@ -59,6 +68,13 @@ leaves at once anyway)."""
 
 MAX_HOLD_S = 2.0
 """The longest a burst being placed may hold a batch back (see ``held``)."""
+
+
+ADMIT_FOR_S = 30.0
+"""How long after it began a running task may take in requests (at most a quarter of the task timeout)."""
+
+JOINS = frozenset({"generate"})
+"""Request kinds that may join a running task (a vLLM engine takes them between steps)."""
 
 
 class Listener(Protocol):
@@ -161,11 +177,50 @@ class _Pending:
 
 @dataclass
 class _Batch:
-    """One task's requests; closed exactly once, by its answer or by its timeout."""
+    """One task's requests; closed exactly once, by its answer or by its timeout.
+
+    ``joined`` are the requests that joined it while it ran; ``answered`` those of either kind
+    already settled (by an early answer, or by whoever closed the batch).
+    """
 
     pending: list[_Pending]
     closed: bool = False
     timer: _Timed | None = None
+    admitting: bool = False
+    started: float = field(default_factory=time.monotonic)
+    joined: list[_Pending] = field(default_factory=list)
+    joining: int = 0  # handed over, being reserved
+    answered: set[str] = field(default_factory=set)
+
+    @property
+    def running(self) -> int:
+        return len(self.pending) + len(self.joined) + self.joining - len(self.answered)
+
+    def member(self, request_id: str) -> _Pending | None:
+        return next((p for p in (*self.pending, *self.joined) if p.request.request_id == request_id), None)
+
+    def claim_unanswered(self) -> tuple[list[_Pending], list[_Pending]]:
+        """Called under the dispatcher's lock: the requests not yet settled (its own, joined), now claimed."""
+        own = [p for p in self.pending if p.request.request_id not in self.answered]
+        joined = [p for p in self.joined if p.request.request_id not in self.answered]
+        self.answered.update(p.request.request_id for p in (*own, *joined))
+        return own, joined
+
+
+class _Admitting:
+    """A running task's hooks for the back channel (:class:`tpm_fed.service.stream_hub.Admitting`)."""
+
+    def __init__(self, dispatcher: BatchingDispatcher, batch: _Batch) -> None:
+        self.dispatcher, self.batch = dispatcher, batch
+
+    def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        return self.dispatcher._admit(self.batch, wait_s)
+
+    def stop_admitting(self) -> None:
+        self.dispatcher._stop_admitting(self.batch)
+
+    def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
+        self.dispatcher._answered(self.batch, served, outcomes)
 
 
 class BatchingDispatcher:
@@ -188,6 +243,8 @@ class BatchingDispatcher:
         held: True while a caller is placing a burst it wants to leave together (a batch's window
             of lines): a linger then lasts until the burst is placed (at most :data:`MAX_HOLD_S`);
             a full batch still leaves at once. See :meth:`nudge`.
+        admit_for_s: How long after it began a running task may take in waiting requests
+            (:data:`ADMIT_FOR_S` by default, at most a quarter of ``task_timeout_s``; 0: never).
     """
 
     def __init__(
@@ -204,6 +261,7 @@ class BatchingDispatcher:
         rerouter: Rerouter | None = None,
         streams: Callable[[], Any] | None = None,
         held: Callable[[], bool] | None = None,
+        admit_for_s: float | None = None,
     ) -> None:
         self.site = site
         self.spec = spec
@@ -216,6 +274,10 @@ class BatchingDispatcher:
         self.streams = streams
         self.held = held
         self.context = context or {}
+        if admit_for_s is None:
+            admit_for_s = ADMIT_FOR_S if task_timeout_s is None else min(ADMIT_FOR_S, task_timeout_s / 4)
+        # Only a vLLM engine takes requests in while it runs ("auto" may be vLLM; torch never asks).
+        self.admit_for_s = admit_for_s if spec.backend != "torch" else 0.0
         self._waiting: deque[_Pending] = deque()
         self._background: deque[_Pending] = deque()  # batch lines: they leave after every interactive request
         self._in_flight = 0
@@ -224,6 +286,7 @@ class BatchingDispatcher:
         self._clock = _Clock(f"tpm-dispatch-{site.name}")
         self._last_arrival = 0.0
         self._lock = threading.Lock()
+        self._arrival = threading.Condition(self._lock)  # a running task's ask for more waits on it
 
     @property
     def waiting(self) -> int:
@@ -262,6 +325,7 @@ class BatchingDispatcher:
         with self._lock:
             (self._background if background else self._waiting).append(pending)
             self._last_arrival = pending.submitted
+            self._arrival.notify_all()
             if self.linger_s > 0 and self.waiting < self.max_batch:
                 self._arm_linger()
                 batch = []
@@ -353,9 +417,11 @@ class BatchingDispatcher:
         else:
             context = self.context
             hub = self.streams() if self.streams is not None else None
-            stream = hub.open([p.request.request_id for p in pending]) if hub is not None else None
+            admitting = _Admitting(self, batch) if self.admit_for_s > 0 else None
+            stream = hub.open([p.request.request_id for p in pending], admitting) if hub is not None else None
             if stream is not None:
                 context = {**context, "stream": stream}
+                batch.admitting = admitting is not None
             try:
                 task = self.site.submit(SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending],
                                         context)
@@ -371,6 +437,8 @@ class BatchingDispatcher:
             if batch.closed:
                 return False
             batch.closed = True
+            batch.admitting = False
+            self._arrival.notify_all()  # an ask for more held open for it ends now
         if batch.timer is not None:
             batch.timer.cancel()
         return True
@@ -382,33 +450,135 @@ class BatchingDispatcher:
             f"site {self.site.name!r} gave no answer within {self.task_timeout_s:g} s "
             f"(task_timeout_s); the requests were not charged"
         )
-        self._finish(batch.pending, [error] * len(batch.pending))
+        with self._lock:
+            own, joined = batch.claim_unanswered()
+        self._finish(own + joined, [error] * (len(own) + len(joined)))
 
     def _on_done(self, batch: _Batch, done: Future) -> None:
         if not self._close(batch):
             logger.warning("a batch of %d requests answered after its timeout; dropped", len(batch.pending))
             return
+        with self._lock:
+            own, joined = batch.claim_unanswered()
         try:
             reply = done.result()
         except Exception as error:
-            outcomes: list[ServedResult | BaseException] = [error] * len(batch.pending)
+            outcomes: list[ServedResult | BaseException] = [error] * (len(own) + len(joined))
         else:
-            outcomes = self._read_reply(batch.pending, reply)
-        self._finish(batch.pending, outcomes)
+            everything = dict(zip([p.request.request_id for p in batch.pending],
+                                  self._read_reply(batch.pending, reply), strict=True))
+            outcomes = [everything[p.request.request_id] for p in own] + self._read_joined(joined, reply)
+        self._finish(own + joined, outcomes)
 
     def _finish(self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]) -> None:
+        """The task ended: settle what it had not answered yet, and free its worker slot."""
         # Whatever goes wrong below, the worker slot comes back: a lost slot stalls the replica for good.
         try:
-            batch, outcomes = self._reroute(batch, outcomes)
-            outcomes = self._record(batch, outcomes)
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                _resolve(pending.future, outcome)
+            self._settle(batch, outcomes)
         finally:
             with self._lock:
                 self._in_flight -= 1
                 follow_up = self._take_batch()
             if follow_up:
                 self._send(follow_up)
+
+    def _settle(self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]) -> None:
+        """Record outcomes and give them to their callers (a request lost with its site may be placed again)."""
+        if not batch:
+            return
+        batch, outcomes = self._reroute(batch, outcomes)
+        outcomes = self._record(batch, outcomes)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            _resolve(pending.future, outcome)
+
+    def _admit(self, batch: _Batch, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        """Requests waiting here that join the running ``batch`` (see :class:`_Admitting`)."""
+        deadline = time.monotonic() + wait_s
+        with self._arrival:
+            while True:
+                if not batch.admitting or time.monotonic() - batch.started > self.admit_for_s:
+                    return [], False
+                taken = self._take_joining(self.max_batch - batch.running)
+                if taken:
+                    batch.joining += len(taken)
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return [], True
+                self._arrival.wait(remaining)
+        try:  # reserved before the worker sees them, as a batch is before it leaves
+            refused = self.listener.record_sent(
+                self.site.name, self.spec.version, [p.request for p in taken]
+            ) if self.listener is not None else {}
+        except Exception as error:  # the log or the ledger could not take them
+            refused = {p.request.request_id: error for p in taken}
+        for pending in taken:
+            if pending.request.request_id in refused:
+                _resolve(pending.future, refused[pending.request.request_id])
+        kept = [p for p in taken if p.request.request_id not in refused]
+        with self._lock:
+            batch.joining -= len(taken)
+            ended = batch.closed  # it timed out meanwhile: these never reach it
+            if not ended:
+                batch.joined.extend(kept)
+        if ended:
+            self._settle(kept, [SiteError(f"the task on site {self.site.name!r} these requests were to join ended "
+                                          "first; they were not charged")] * len(kept))
+            return [], False
+        return [p.request.to_wire() for p in kept], True
+
+    def _take_joining(self, room: int) -> list[_Pending]:
+        """Called under the lock: the waiting requests that may join a running task. Every interactive
+        one (the engine's own scheduler bounds what runs at once, as in vLLM's server), then batch
+        lines up to ``room``; the rest keep their places."""
+        taken: list[_Pending] = []
+        for queue, limit in ((self._waiting, None), (self._background, room)):
+            if not any(p.request.kind in JOINS for p in queue):
+                continue
+            staying: deque[_Pending] = deque()
+            while queue:
+                pending = queue.popleft()
+                fits = limit is None or len(taken) < limit
+                (taken if fits and pending.request.kind in JOINS else staying).append(pending)
+            queue.extend(staying)
+        return taken
+
+    def _stop_admitting(self, batch: _Batch) -> None:
+        with self._arrival:
+            batch.admitting = False
+            self._arrival.notify_all()
+
+    def _answered(self, batch: _Batch, served: dict[str, Any], answers: dict[str, dict[str, Any]]) -> None:
+        """Settle the requests a running task answered early (each once; the task's end skips them)."""
+        finished = time.perf_counter()
+        with self._lock:
+            fresh = [(pending, answer) for rid, answer in answers.items()
+                     if rid not in batch.answered and (pending := batch.member(rid)) is not None]
+            batch.answered.update(p.request.request_id for p, _ in fresh)
+            if fresh:
+                self._arrival.notify_all()  # room for more to join
+        if not fresh:
+            return
+        shared = self._shared({**served, "run_s": 0.0})
+        joined = {id(p) for p in batch.joined}
+        outcomes = [self._guarded(pending, answer, shared, finished, id(pending) in joined)
+                    for pending, answer in fresh]
+        self._settle([p for p, _ in fresh], outcomes)
+
+    def _read_joined(self, joined: list[_Pending], reply: Any) -> list[ServedResult | BaseException]:
+        """Outcomes of requests that joined the task, from its reply's ``joined``; one the reply does not
+        name never reached the worker (lost with its site's answer to the ask): placed again."""
+        if not joined:
+            return []
+        answers = reply.get("joined") if isinstance(reply, dict) else None
+        answers = answers if isinstance(answers, dict) else {}
+        shared = self._shared(reply)
+        finished = time.perf_counter()
+        return [self._guarded(p, answers[p.request.request_id], shared, finished, True)
+                if p.request.request_id in answers else
+                SiteError(f"request {p.request.request_id} was handed to a running task on site "
+                          f"{self.site.name!r} but never reached its worker; it was not charged")
+                for p in joined]
 
     def _reroute(
         self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]
@@ -443,23 +613,30 @@ class BatchingDispatcher:
         except Exception as error:  # nothing in it can be matched to a request
             failure = self._malformed(f"{type(error).__name__}: {error}")
             return [failure] * len(batch)
-        try:  # a batch refused whole (e.g. a code version mismatch) has no replica: only results need it
-            shared: dict[str, Any] | Exception = {
-                "backend": reply["backend"], "replica": ReplicaInfo.from_wire(reply["replica"]),
-                "load_s": float(reply["load_s"]), "run_s": float(reply["run_s"]), "notes": reply.get("notes", [])}
-        except Exception as error:
-            shared = error
-        outcomes: list[ServedResult | BaseException] = []
-        for pending, answer in zip(batch, answers):
-            try:
-                outcomes.append(self._outcome(pending, answer, shared, finished))
-            except Exception as error:
-                outcomes.append(self._malformed(f"the answer to request {pending.request.request_id}: "
-                                                f"{type(error).__name__}: {error}"))
-        return outcomes
+        shared = self._shared(reply)
+        return [self._guarded(pending, answer, shared, finished) for pending, answer in zip(batch, answers)]
 
-    def _outcome(self, pending: _Pending, answer: Any, shared: dict[str, Any] | Exception, finished: float
-                 ) -> ServedResult | BaseException:
+    @staticmethod
+    def _shared(reply: dict[str, Any]) -> dict[str, Any] | Exception:
+        """What the replica reports for all its answers (an error if it is malformed)."""
+        try:  # a batch refused whole (e.g. a code version mismatch) has no replica: only results need it
+            return {"backend": reply["backend"], "replica": ReplicaInfo.from_wire(reply["replica"]),
+                    "load_s": float(reply["load_s"]), "run_s": float(reply["run_s"]),
+                    "notes": reply.get("notes", [])}
+        except Exception as error:
+            return error
+
+    def _guarded(self, pending: _Pending, answer: Any, shared: dict[str, Any] | Exception, finished: float,
+                 joined: bool = False) -> ServedResult | BaseException:
+        """The request's outcome; an answer that is not one fails it typed, alone."""
+        try:
+            return self._outcome(pending, answer, shared, finished, joined)
+        except Exception as error:
+            return self._malformed(f"the answer to request {pending.request.request_id}: "
+                                   f"{type(error).__name__}: {error}")
+
+    def _outcome(self, pending: _Pending, answer: Any, shared: dict[str, Any] | Exception, finished: float,
+                 joined: bool = False) -> ServedResult | BaseException:
         if "error" in answer:
             error = answer["error"]
             if not isinstance(error, dict):
@@ -467,7 +644,11 @@ class BatchingDispatcher:
             return error_from_wire(error)
         if isinstance(shared, Exception):
             raise shared
-        load_s, run_s = shared["load_s"], shared["run_s"]
+        replica, load_s, run_s = shared["replica"], shared["load_s"], shared["run_s"]
+        if "run_s" in answer:  # answered on its own: its own time in the engine
+            run_s = float(answer["run_s"])
+        if joined:  # it joined a replica already loaded: no cold start is its doing
+            replica, load_s = replica.model_copy(update={"warm": True}), 0.0
         elapsed = finished - pending.submitted
         return KINDS[pending.request.kind].result.model_validate({
             **answer["result"],
@@ -476,7 +657,7 @@ class BatchingDispatcher:
             "version": self.spec.version,
             "backend": shared["backend"],
             "site": self.site.name,
-            "replica": shared["replica"],
+            "replica": replica,
             "timings": Timings(queue_s=max(0.0, elapsed - load_s - run_s), load_s=load_s, run_s=run_s),
             "notes": shared["notes"],
         })

@@ -4,10 +4,12 @@ The engine runs inside the endpoint worker process (vLLM's in-process mode,
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, with the ``uni`` executor when one
 device serves the replica), so the worker's replica cache holds it like any
 other backend. With ``tensor_parallel_size > 1`` vLLM starts one process per
-GPU with its ``mp`` executor. A whole batch is handed to ``LLM.generate`` at
-once, each prompt with its own ``SamplingParams``; vLLM's scheduler does the
+GPU with its ``mp`` executor. A whole batch is handed to the engine at once,
+each prompt with its own ``SamplingParams``; vLLM's scheduler does the
 continuous batching and paged KV cache, and seeds are per request, so seeded
-requests need no batch of their own here.
+requests need no batch of their own here. While a task runs with a back
+channel, requests queued for the replica join the running engine
+(:mod:`functions.admission`), as they would in vLLM's own server.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
+from functions.streaming import ready_length
 from tpm_fed.protocol.errors import ModelLoadError
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import GenerationRequest
@@ -92,74 +95,95 @@ class VllmBackend:
         return encode_request(self.tokenizer, request, self.context_length)
 
     def generate(self, batch: list[EncodedRequest], channel: Any = None) -> list[list[Completion]]:
+        """The batch's completions. With ``channel`` (a :class:`functions.admission.LiveBatch`) the
+        engine is driven step by step: streamed text leaves as it is made, each request is
+        answered when it finishes, and requests may join the running batch."""
+        if channel is not None:
+            return self._generate_live(batch, channel)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, params, rows = [], [], []
+        prompts, params = [], []
         for item in batch:
             sampling = _sampling_params(SamplingParams, item.request)
-            for index, ids in enumerate(item.prompt_ids):
+            for ids in item.prompt_ids:
                 prompts.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(sampling)
-                rows.append((item.request, index))
-        if channel is not None and any(request.stream for request, _ in rows):
-            finished = self._generate_streaming(prompts, params, rows, channel)
-        else:
-            finished = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        outputs = iter(finished)
+        outputs = iter(self.llm.generate(prompts, sampling_params=params, use_tqdm=False))
         return [[self._completion(next(outputs)) for _ in item.prompt_ids] for item in batch]
 
-    def _generate_streaming(self, prompts: list[Any], params: list[Any], rows: list[tuple[GenerationRequest, int]],
-                            channel: Any) -> list[Any]:
-        """Run the batch step by step, sending streamed rows' new text after each step.
+    def _generate_live(self, batch: list[EncodedRequest], live: Any) -> list[list[Completion]]:
+        """The engine's own step loop, as ``LLM.generate`` runs it (so the same tokens), with three
+        additions: streamed rows ask for cumulative outputs and send their new text after each
+        step; a request whose rows are all done is answered at once; and before each step, the
+        requests that joined (``live.admitted()``) enter the engine, until it runs dry."""
+        from vllm.inputs import TokensPrompt
 
-        The same engine, prompts and sampling as ``LLM.generate`` (so the same
-        tokens); streamed rows ask for cumulative outputs at every step.
-        """
-        from vllm.sampling_params import RequestOutputKind
-
-        from functions.streaming import ready_length
-
-        # LLM.generate asks for final outputs only; the engine itself hands out every
-        # step's text when asked for cumulative outputs. Our own ids: unique per row.
         engine = self.llm.llm_engine
-        engine_ids, streamed = [], {}
-        for prompt, sampling, (request, index) in zip(prompts, params, rows, strict=True):
-            engine_id = f"tpm-{request.request_id}-{index}"
-            sampling = sampling.clone()
-            sampling.output_kind = RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY
-            engine.add_request(engine_id, prompt, sampling)
-            engine_ids.append(engine_id)
-            if request.stream:
-                streamed[engine_id] = (request, index)
+        rows: dict[str, tuple[_Running, int]] = {}  # engine request id -> (its request, prompt index)
+
+        def start(item: EncodedRequest) -> _Running:
+            running = _Running(item)
+            sampling = self._live_sampling(item.request)
+            for index, ids in enumerate(item.prompt_ids):
+                engine_id = f"tpm-{item.request.request_id}-{index}"  # unique per row
+                engine.add_request(engine_id, TokensPrompt(prompt_token_ids=ids), sampling.clone())
+                rows[engine_id] = (running, index)
+            live.started(item)
+            return running
+
+        def finish(running: _Running, index: int, output: Any) -> None:
+            running.outputs[index] = output
+            if running.done:
+                live.finished(running.item, [self._completion(o) for o in running.outputs])
+
+        originals = [start(item) for item in batch]
         sent: dict[str, int] = {}
         latest: dict[str, Any] = {}  # streamed rows' last cumulative output
-        finals: dict[str, Any] = {}
-        while engine.has_unfinished_requests():
+        while True:
+            for item in live.admitted():
+                start(item)
+            if not engine.has_unfinished_requests():
+                late = live.close()  # no more may join; what joined meanwhile still runs
+                if not late:
+                    break
+                for item in late:
+                    start(item)
             # Rows whose callers left stop here, with what they made so far (charged for it).
-            left = [eid for eid, (request, _) in streamed.items()
-                    if request.request_id in channel.cancelled and eid not in finals and eid in latest]
+            left = [eid for eid, (running, index) in rows.items() if running.outputs[index] is None
+                    and eid in latest and running.item.request.request_id in live.cancelled]
             if left:
                 engine.abort_request(left)
-                finals.update((eid, latest[eid]) for eid in left)
+                for eid in left:
+                    finish(*rows[eid], latest[eid])
             chunks = []
             for output in engine.step():
-                if output.request_id in finals:  # stopped above: its caller left
+                running, index = rows[output.request_id]
+                if running.outputs[index] is not None:  # stopped above: its caller left
                     continue
+                request = running.item.request
+                if request.stream:
+                    latest[output.request_id] = output
+                    text = output.outputs[0].text
+                    ready = ready_length(text, request.stop, output.finished)
+                    if ready > sent.get(output.request_id, 0):
+                        chunks.append({"request_id": request.request_id, "index": index,
+                                       "text": text[sent.get(output.request_id, 0):ready]})
+                        sent[output.request_id] = ready
                 if output.finished:
-                    finals[output.request_id] = output
-                if output.request_id not in streamed:
-                    continue
-                latest[output.request_id] = output
-                request, index = streamed[output.request_id]
-                text = output.outputs[0].text
-                ready = ready_length(text, request.stop, output.finished)
-                if ready > sent.get(output.request_id, 0):
-                    chunks.append({"request_id": request.request_id, "index": index,
-                                   "text": text[sent.get(output.request_id, 0):ready]})
-                    sent[output.request_id] = ready
-            channel.send(chunks)
-        return [finals[eid] for eid in engine_ids]
+                    finish(running, index, output)
+            live.send(chunks)
+        return [[self._completion(o) for o in running.outputs] for running in originals]
+
+    def _live_sampling(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # LLM.generate asks for final outputs only; the engine hands out every step's text when
+        # asked for cumulative outputs, which streamed rows need.
+        sampling = _sampling_params(SamplingParams, request)
+        sampling.output_kind = RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY
+        return sampling
 
     def _completion(self, output: Any) -> Completion:
         generated = output.outputs[0]
@@ -186,6 +210,20 @@ class VllmBackend:
         self.llm = None
         gc.collect()
         torch.set_num_threads(self._torch_threads_before)
+
+
+class _Running:
+    """A request in the engine: its rows' final outputs as they come."""
+
+    __slots__ = ("item", "outputs")
+
+    def __init__(self, item: EncodedRequest) -> None:
+        self.item = item
+        self.outputs: list[Any] = [None] * len(item.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return all(output is not None for output in self.outputs)
 
 
 def _sampling_params(factory: Any, request: GenerationRequest) -> Any:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from functions.backends.base import Generates
-from functions.outcomes import refused
+from functions.outcomes import generated, refused
 from functions.policy import WorkerPolicy
 from tpm_fed.protocol.errors import TpmError
 from tpm_fed.protocol.requests import GenerationRequest
-from tpm_fed.protocol.results import Usage
 
 
 def handle(backend: Generates, requests: list[GenerationRequest], policy: WorkerPolicy,
@@ -17,7 +16,9 @@ def handle(backend: Generates, requests: list[GenerationRequest], policy: Worker
     """Tokenize each request (refusing one alone if it does not fit), then generate for all at once.
 
     With a back channel (:class:`functions.streaming.BackChannel`), requests that
-    ask to stream send their text as it is made, if the backend can.
+    ask to stream send their text as it is made, and a backend that can (vLLM)
+    answers each request as it finishes and takes in requests that join the
+    running batch (:class:`functions.admission.LiveBatch`).
     """
     outcomes: list[dict[str, Any] | None] = [None] * len(requests)
     encoded = []
@@ -28,11 +29,12 @@ def handle(backend: Generates, requests: list[GenerationRequest], policy: Worker
             outcomes[index] = refused(error)
     if encoded:
         batch = [item for _, item in encoded]
-        streams = channel is not None and any(item.request.stream for item in batch)
-        answers = backend.generate(batch, channel) if streams else backend.generate(batch)
+        if channel is None:
+            answers = backend.generate(batch)
+        else:
+            from functions.admission import LiveBatch
+
+            answers = backend.generate(batch, LiveBatch(channel, backend.encode))
         for (index, item), completions in zip(encoded, answers, strict=True):
-            usage = Usage(prompt_tokens=item.prompt_tokens,
-                          completion_tokens=sum(len(c.token_ids) for c in completions))
-            outcomes[index] = {"result": {"completions": [c.to_wire() for c in completions],
-                                          "usage": usage.to_wire()}}
+            outcomes[index] = generated(item, completions)
     return outcomes  # type: ignore[return-value]

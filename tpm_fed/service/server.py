@@ -67,6 +67,9 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     listener = socket.create_server((options.host, options.port), reuse_port=False)
     host, port = listener.getsockname()[:2]
     url = f"http://{_url_host(host)}:{port}"
+    # Workers post streamed text and early answers here, and ask for requests that may join their
+    # batch; behind a reverse proxy, or bound to every interface, the operator names the route in.
+    runtime.streams.worker_url = os.environ.get("TPM_SERVICE_WORKER_URL") or url
     server = uvicorn.Server(uvicorn.Config(activity, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                                            timeout_keep_alive=30, lifespan="off"))
     info = {"url": url, "token": token, "pid": os.getpid(), "auth": auth.mode, "started_at": time.time()}

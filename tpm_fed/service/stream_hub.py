@@ -13,6 +13,14 @@ with its task.
 A caller that goes away mid-stream *abandons* its request: the answer to
 the worker's next post names it under ``cancelled``, and the worker stops
 generating for it (its batch-mates go on); it is charged for what ran.
+
+The same channel carries continuous admission (:mod:`functions.admission`):
+a task whose dispatcher lets requests join it (its :class:`Admitting` hooks)
+gets a channel even when nothing in it streams. The worker asks
+:meth:`StreamHub.admit` for requests queued for its replica, and posts each
+request's outcome when it finishes (:meth:`StreamHub.deliver`'s
+``outcomes``), which the dispatcher settles at once. A secret admits and
+answers only requests of its own task, and those it was handed.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import asyncio
 import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
 
@@ -43,12 +51,41 @@ class Listener:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
 
 
-class StreamHub:
-    """Listeners by request id, and the secrets of running tasks that may feed them."""
+class Admitting(Protocol):
+    """A running task's dispatcher, for the requests that join the task and their answers."""
 
-    def __init__(self) -> None:
+    def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        """Requests (wire dicts) that join the task now, reserved; and whether more may join later.
+        Waits up to ``wait_s`` for one to arrive."""
+        ...
+
+    def stop_admitting(self) -> None:
+        """The worker takes no more (its engine ran dry); a waiting :meth:`admit` returns now."""
+        ...
+
+    def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
+        """Outcomes of the task's requests that finished before it did, by request id."""
+        ...
+
+
+@dataclass
+class _Task:
+    requests: set[str]  # this task's requests: what its secret may feed and answer
+    admitting: Admitting | None = None
+
+
+class StreamHub:
+    """Listeners by request id, and the secrets of running tasks that may feed them.
+
+    Args:
+        worker_url: How workers reach this service, when no streamed request told us
+            (a task with nothing streamed still gets a channel, to admit and answer).
+    """
+
+    def __init__(self, worker_url: str | None = None) -> None:
+        self.worker_url = worker_url
         self._listeners: dict[str, Listener] = {}
-        self._tasks: dict[str, frozenset[str]] = {}
+        self._tasks: dict[str, _Task] = {}
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -63,46 +100,83 @@ class StreamHub:
         """Stop listening; ``abandoned``: the caller left before the end (its generation may stop)."""
         with self._lock:
             self._listeners.pop(request_id, None)
-            if abandoned and any(request_id in ids for ids in self._tasks.values()):
+            if abandoned and any(request_id in task.requests for task in self._tasks.values()):
                 self._abandoned.add(request_id)
 
-    def open(self, request_ids: list[str]) -> dict[str, str] | None:
-        """A batch leaves: its back channel, if any of its requests is listened for (None otherwise)."""
+    def open(self, request_ids: list[str], admitting: Admitting | None = None) -> dict[str, str] | None:
+        """A batch leaves: its back channel (None: nothing in it streams and nothing may join it, or
+        no worker could reach us)."""
         with self._lock:
-            listened = frozenset(rid for rid in request_ids if rid in self._listeners)
-            if not listened:
+            listened = [rid for rid in request_ids if rid in self._listeners]
+            base_url = self._listeners[listened[0]].base_url if listened else self.worker_url
+            if base_url is None or (not listened and admitting is None):
                 return None
-            base_url = self._listeners[next(iter(listened))].base_url
             token = secrets.token_urlsafe(32)
-            self._tasks[token] = listened
-        return {"url": base_url + STREAM_ROUTE, "token": token}
+            self._tasks[token] = _Task(set(request_ids), admitting)
+        return {"url": base_url.rstrip("/") + STREAM_ROUTE, "token": token}
 
     def close(self, token: str) -> None:
         """The task ended: its secret is no longer accepted."""
         with self._lock:
-            self._abandoned -= self._tasks.pop(token, frozenset())
+            task = self._tasks.pop(token, None)
+            if task is not None:
+                self._abandoned -= task.requests
 
-    def deliver(self, token: str, chunks: list[dict[str, Any]]) -> tuple[int, list[str]]:
-        """Hand a worker's chunks to their listeners.
+    def deliver(self, token: str, chunks: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]] | None = None,
+                served: dict[str, Any] | None = None) -> tuple[int, list[str]]:
+        """Hand a worker's chunks to their listeners, then its early answers to the task's dispatcher.
 
         Returns:
-            The number delivered, and the task's requests whose callers left (to stop generating).
+            The number of chunks delivered, and the task's requests whose callers left (to stop
+            generating).
 
         Raises:
             Unauthenticated: No running task has this secret (forged, or its task ended).
-            NotPermitted: A chunk names a request that is not that task's (nothing is delivered).
+            NotPermitted: A chunk or an answer names a request that is not that task's (nothing is
+                delivered).
         """
         with self._lock:
-            allowed = self._tasks.get(token)  # 256 random bits: a lookup reveals nothing usable
-            if allowed is None:
-                raise Unauthenticated("not a running task's stream token")
-            if any(chunk.get("request_id") not in allowed for chunk in chunks):
-                raise NotPermitted("a chunk names a request that is not this task's")
+            task = self._task(token)
+            named = [chunk.get("request_id") for chunk in chunks] + list(outcomes or ())
+            if any(rid not in task.requests for rid in named):
+                raise NotPermitted("a chunk or an answer names a request that is not this task's")
             listeners = [(self._listeners.get(chunk["request_id"]), chunk) for chunk in chunks]
-            cancelled = sorted(allowed & self._abandoned)
+            cancelled = sorted(task.requests & self._abandoned)
         delivered = 0
         for listener, chunk in listeners:
             if listener is not None:  # its caller may have gone
                 listener.put(chunk)
                 delivered += 1
+        if outcomes and task.admitting is not None:
+            task.admitting.answered(served or {}, outcomes)
         return delivered, cancelled
+
+    def admit(self, token: str, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        """Requests that join the task with this secret (waits up to ``wait_s`` for one), and whether
+        the worker may ask again. A task whose dispatcher takes none in answers ``[], False``.
+
+        Raises:
+            Unauthenticated: No running task has this secret.
+        """
+        with self._lock:
+            task = self._task(token)
+        if task.admitting is None:
+            return [], False
+        joined, more = task.admitting.admit(wait_s)
+        with self._lock:
+            task.requests.update(wire["request_id"] for wire in joined)  # its secret may answer these now
+        return joined, more
+
+    def stop_admitting(self, token: str) -> None:
+        """The worker with this secret takes no more requests."""
+        with self._lock:
+            task = self._task(token)
+        if task.admitting is not None:
+            task.admitting.stop_admitting()
+
+    def _task(self, token: str) -> _Task:
+        """Called under the lock."""
+        task = self._tasks.get(token)  # 256 random bits: a lookup reveals nothing usable
+        if task is None:
+            raise Unauthenticated("not a running task's stream token")
+        return task
