@@ -9,7 +9,7 @@ produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
 
 - Sending barely slows generation: a background thread sends whatever has
   piled up, merged per prompt, at most one POST every ``SEND_INTERVAL_S``,
-  on one kept-alive connection.
+  on one kept-alive connection; only a prompt's first text leaves at once.
 - Where the service cannot be reached (no route back from a remote
   endpoint, or a host this endpoint's policy does not list), streaming is
   off for the task and the final result carries everything, as before.
@@ -74,6 +74,8 @@ class BackChannel:
         self.answers: dict[str, dict[str, Any]] = {}  # every request answered here, by id
         self._pending: list[dict[str, Any]] = []
         self._outcomes: list[dict[str, Any]] = []
+        self._begun: set[tuple[str, int]] = set()  # (request, prompt) pairs that sent text already
+        self._urgent = False
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="tpm-stream", daemon=True)
@@ -96,6 +98,11 @@ class BackChannel:
         if self.failed is None and chunks:
             with self._wake:
                 self._pending.extend(chunks)
+                for chunk in chunks:  # a prompt's first text leaves at once: it is its caller's first token
+                    key = (chunk["request_id"], chunk["index"])
+                    if key not in self._begun:
+                        self._begun.add(key)
+                        self._urgent = True
                 self._wake.notify()
 
     @property
@@ -127,9 +134,12 @@ class BackChannel:
                 while not self._pending and not self._outcomes and not self._closing:
                     self._wake.wait()
                 # At most one post per SEND_INTERVAL_S: a step takes milliseconds, and a post per step
-                # per batch costs the generating process more than the caller gains.
-                while not self._closing and (wait := posted_at + SEND_INTERVAL_S - time.monotonic()) > 0:
+                # per batch costs the generating process more than the caller gains. A first token
+                # does not wait: time to first token is what a streaming caller feels most.
+                while not self._closing and not self._urgent \
+                        and (wait := posted_at + SEND_INTERVAL_S - time.monotonic()) > 0:
                     self._wake.wait(wait)
+                self._urgent = False
                 batch, self._pending = self._pending, []
                 outcomes, self._outcomes = self._outcomes, []
                 closing = self._closing

@@ -20,7 +20,7 @@
 
 Usage:
     python scripts/bench_service.py [--only throughput,latency,submit,streaming] [--concurrent 32]
-        [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200]
+        [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200] [--admit-for-s 30]
 
 Each server (vLLM's, ``tpm serve``) runs in its own process; the load
 generator runs in this one.
@@ -47,7 +47,8 @@ from benchlib import PROMPTS, log, machine
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...] = ("generate",)):
+def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...] = ("generate",),
+               admit_for_s: float = 30.0):
     """A one-site home serving ``model_dir`` as ``model`` (for ``kinds``) on ``backend``, with a generous grant."""
     from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
     from tpm_fed.home import TpmHome
@@ -57,7 +58,7 @@ def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...]
     shutil.copytree(model_dir, home.models_dir / "model")
     Federation(
         name=f"bench-{backend}",
-        sites=[SiteConfig(name="local", max_batch_requests=256)],
+        sites=[SiteConfig(name="local", max_batch_requests=256, admit_for_s=admit_for_s)],
         models=[ModelConfig(name="model", path=Path("models/model"), backend=backend, kinds=list(kinds))],
         projects=[ProjectConfig(name="bench", members=[LocalUser().current()], allocations={"local": 1e9})],
     ).dump(home.federation_file)
@@ -166,7 +167,8 @@ def throughput(args, model_dir: Path, scratch: Path) -> None:
     vllm_server, vllm_url = start_vllm_server(model_dir)
     runtime = Runtime(bench_home(scratch / "throughput", model_dir, "vllm"))
     try:
-        with tpm_serve(bench_home(scratch / "throughput-service", model_dir, "vllm")) as (tpm_url, headers):
+        with tpm_serve(bench_home(scratch / "throughput-service", model_dir, "vllm",
+                                  admit_for_s=args.admit_for_s)) as (tpm_url, headers):
             def through_service() -> tuple[float, int]:
                 return asyncio.run(drive(tpm_url, "model", args.concurrent, args.requests_each,
                                          args.new_tokens, headers))
@@ -280,7 +282,8 @@ def streaming(args, model_dir: Path, scratch: Path) -> None:
     # here: the load generator parses every event on the same 2 CPUs the engine uses.
     rates: dict[str, list[float]] = {"streamed": [], "whole": [], "vllm streamed": [], "vllm whole": []}
     try:
-        with tpm_serve(bench_home(scratch / "streaming", model_dir, "vllm")) as (tpm_url, headers):
+        home = bench_home(scratch / "streaming", model_dir, "vllm", admit_for_s=args.admit_for_s)
+        with tpm_serve(home) as (tpm_url, headers):
             def run(url, model, clients, stream, firsts=None, hdrs=headers):
                 seconds, tokens = asyncio.run(drive(url, model, clients, args.requests_each, args.new_tokens,
                                                     hdrs, stream=stream, first_tokens=firsts))
@@ -325,6 +328,8 @@ def main() -> None:
     parser.add_argument("--requests-each", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--admit-for-s", type=float, default=30.0,
+                        help="the service's site admits requests into running tasks this long (0: off)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from tpm_fed.models.demo import make_demo_model

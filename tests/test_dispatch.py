@@ -278,3 +278,95 @@ def test_a_request_sent_again_after_it_ran_is_refused_and_charged_once(tmp_path)
     (balance,) = world.broker.ledger.balances()
     assert (balance.spent_usu, balance.reserved_usu) == (2 * 3000, 0)
     assert world.broker.balances._held == {("p", "held"): 0}
+
+
+class Hub:
+    """A back-channel hub that keeps each task's admission hooks (as StreamHub.open would)."""
+
+    def __init__(self) -> None:
+        self.hooks: list = []
+
+    def open(self, request_ids, admitting=None):
+        self.hooks.append(admitting)
+        return {"url": "http://127.0.0.1:1/tpm/v1/stream", "token": f"t{len(self.hooks)}"}
+
+    def close(self, token) -> None:
+        pass
+
+
+class Ledger:
+    """A listener that counts what is reserved and settled, per request."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.settled: list[str] = []
+
+    def record_sent(self, site, version, requests):
+        self.sent.extend(r.request_id for r in requests)
+        return {}
+
+    def record_outcomes(self, outcomes):
+        self.settled.extend(outcomes)
+        return outcomes
+
+
+def answer_for(requests):
+    return {rid: outcome for rid, outcome in zip([r["request_id"] for r in requests],
+                                                 reply_for(requests)["outcomes"], strict=True)}
+
+
+VLLM_SPEC = ModelSpec(name="m", version="v", path="/nowhere", backend="vllm")
+
+
+def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
+    from tpm_fed.protocol.requests import TraceRequest
+
+    site, hub, ledger = HeldSite(), Hub(), Ledger()
+    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=3, max_in_flight=1, listener=ledger,
+                                    streams=lambda: hub)
+    first = dispatcher.submit(request("first"))
+    interactive = [dispatcher.submit(request(f"now {i}")) for i in range(2)]
+    lines = [dispatcher.submit(request(f"line {i}"), background=True) for i in range(2)]
+    trace = dispatcher.submit(TraceRequest.create("m", prompts=["t"]))
+    (hooks,) = hub.hooks
+    joined, more = hooks.admit(0.0)
+    # Every interactive request joins; batch lines only into room (max_batch 3: 1 + 2 running, none);
+    # a trace cannot join a generate engine.
+    assert more and [r["prompts"] for r in joined] == [["now 0"], ["now 1"]]
+    assert dispatcher.waiting == 3
+    hooks.answered(reply_for([]), answer_for(joined[:1]))  # one ends early, on the back channel
+    assert interactive[0].result(timeout=5).texts == ["ok"] and not interactive[1].done()
+    joined_more, _ = hooks.admit(0.0)  # that freed room for one line
+    assert [r["prompts"] for r in joined_more] == [["line 0"]]
+    reply = {**reply_for(site.tasks[0][1]), "joined": answer_for(joined + joined_more)}
+    site.tasks[0][0].set_result(reply)  # the task's result repeats the early answer: settled once
+    assert first.result(timeout=5).texts == interactive[1].result(timeout=5).texts == ["ok"]
+    assert lines[0].result(timeout=5).replica.warm
+    assert sorted(ledger.settled) == sorted(set(ledger.settled)) and len(ledger.settled) == 4
+    assert set(ledger.settled) <= set(ledger.sent[:4])  # each reserved before it joined
+    assert [len(requests) for _, requests in site.tasks] == [1, 2]  # the rest leave as the next task
+    assert {r["prompts"][0] for r in site.tasks[1][1]} == {"line 1", "t"}
+    assert not trace.done() and not lines[1].done()
+
+
+def test_a_joined_request_the_worker_never_got_fails_uncharged_and_a_torch_task_admits_nothing():
+    site, hub = HeldSite(), Hub()
+    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+    dispatcher.submit(request())
+    late = dispatcher.submit(request("late"))
+    joined, _ = hub.hooks[0].admit(0.0)
+    assert len(joined) == 1
+    site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # no "joined": the handover was lost
+    with pytest.raises(SiteError, match="never reached its worker"):
+        late.result(timeout=5)
+    assert hub.hooks[0].admit(0.0) == ([], False)  # an ended task takes nothing more
+
+    torch_site, torch_hub = HeldSite(), Hub()
+    torch_dispatcher = BatchingDispatcher(torch_site, SPEC.model_copy(update={"backend": "torch"}), max_batch=8,
+                                          max_in_flight=1, streams=lambda: torch_hub)
+    torch_dispatcher.submit(request())
+    assert torch_hub.hooks == [None]
+    off = BatchingDispatcher(HeldSite(), VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub,
+                             admit_for_s=0)
+    off.submit(request())
+    assert hub.hooks[-1] is None

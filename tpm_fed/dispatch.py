@@ -24,9 +24,10 @@ back channel to this service) *admits* requests: while it runs, the
 worker's asks for more (:meth:`tpm_fed.service.stream_hub.StreamHub.admit`)
 hand it requests waiting here, reserved as a batch would be: every
 interactive one, and batch lines while fewer than ``max_batch`` run, for
-``admit_for_s`` after the task began (so a busy replica's task still ends). Each of its requests, joined or not,
-is settled as soon as the worker answers it on the back channel, or when the
-task ends, whichever comes first: exactly once.
+``admit_for_s`` after the task began (so a busy replica's task still
+ends). Each of its requests, joined or not, is settled as soon as the
+worker answers it on the back channel, or when the task ends, whichever
+comes first: exactly once.
 
 A batch lost to its site (the task failed with a ``SiteError``: worker lost,
 endpoint gone, no answer in time) may be given to a ``rerouter``, which

@@ -110,6 +110,9 @@ class SiteConfig(_Strict):
         batch_linger_ms: Quiet time that ends a batch's linger when a worker is free.
         task_timeout_s: A task with no answer after this long fails with a site
             error (long enough for the largest model's cold start here).
+        admit_for_s: How long after a task began its vLLM replica may take in requests
+            that arrive meanwhile (continuous admission; at most a quarter of
+            ``task_timeout_s``; 0 turns it off: they wait for the next task).
         worker: What the workers permit (``local`` sites; other sites' endpoint configs say).
         results: The site's result store, where its workers leave results too large
             to travel inline and where the service reads them (a ProxyStore connector
@@ -137,6 +140,7 @@ class SiteConfig(_Strict):
     max_batch_requests: int = Field(default=64, ge=1, le=4096)
     batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
     task_timeout_s: float = Field(default=900.0, gt=0)
+    admit_for_s: float = Field(default=30.0, ge=0.0)
     worker: WorkerSettings = WorkerSettings()
     results: str | None = Field(default=None, min_length=1, max_length=1024)
 

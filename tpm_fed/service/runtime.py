@@ -478,6 +478,7 @@ class Runtime:
             max_in_flight=site_config.capacity.max_replicas,
             linger_s=site_config.batch_linger_ms / 1000,
             task_timeout_s=site_config.task_timeout_s,
+            admit_for_s=min(site_config.admit_for_s, site_config.task_timeout_s / 4),
             listener=self._bookkeeper,
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
