@@ -234,3 +234,70 @@ def _stop(pid: int) -> None:
     except ProcessLookupError:
         return
     _wait_gone(pid, timeout_s=90)
+
+
+def test_a_batch_past_its_window_expires_its_unrun_lines_and_charges_the_finished(tmp_path, demo_model_dir):
+    from sqlalchemy import update
+
+    from tpm_fed.batches.tables import batches_table
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.runtime import Runtime
+
+    home = batch_home(tmp_path / "home", demo_model_dir, max_batch_requests=2)
+    token = secrets.token_urlsafe(16)
+    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        lines = mixed_lines(30, routes=("/v1/completions",), tokens=24)
+        file_id = client.files.create(file=("e.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
+        wait_for(client, batch.id, done=lambda b: b.request_counts.completed >= 4)
+        with runtime.ledger.engine.begin() as db:  # its 24 hours are up
+            db.execute(update(batches_table).where(batches_table.c.batch_id == batch.id)
+                       .values(expires_at=time.time() - 1))
+        ended = wait_for(client, batch.id, done=lambda b: b.status not in ("in_progress", "finalizing"))
+        assert ended.status == "expired" and ended.expired_at is not None
+        tpm = ended.model_extra["tpm"]
+        assert 4 <= ended.request_counts.completed < 30 and tpm["running"] == tpm["pending"] == 0
+        output = read_jsonl(client.files.content(ended.output_file_id).content)
+        errors = read_jsonl(client.files.content(ended.error_file_id).content)
+        assert len(output) == ended.request_counts.completed and len(output) + len(errors) == 30
+        assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in errors)
+        rows, charges = _lines_and_charges(home.database_url, batch.id)
+        total = _assert_each_line_charged_once(rows, charges)
+        (balance,) = runtime.ledger.balances("batches")
+        assert (balance.spent_usu, balance.reserved_usu) == (total, 0)
+        with pytest.raises(openai.BadRequestError, match="is expired"):
+            client.batches.cancel(batch.id)
+
+
+def test_uploaded_files_are_listed_and_deleted_by_their_owner_only(tmp_path, demo_model_dir):
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.runtime import Runtime
+
+    home = batch_home(tmp_path / "home", demo_model_dir)
+    token = secrets.token_urlsafe(16)
+    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        lines = mixed_lines(2, routes=("/v1/completions",), tokens=4)
+        first, second = (client.files.create(file=(f"{n}.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
+                         for n in ("a", "b"))
+        assert [f.id for f in client.files.list()] == [second, first]  # newest first
+        page = client.files.list(limit=1)
+        assert [f.id for f in page.data] == [second] and page.has_more
+        batch = wait_for(client, client.batches.create(input_file_id=first, endpoint="/v1/completions",
+                                                       completion_window="24h").id)
+        assert client.files.delete(first).deleted is True
+        assert [f.id for f in client.files.list()] == [second]
+        with pytest.raises(openai.PermissionDeniedError):  # gone: the same answer as an unknown id
+            client.files.retrieve(first)
+        with pytest.raises(openai.PermissionDeniedError):
+            client.files.delete(first)
+        assert len(read_jsonl(client.files.content(batch.output_file_id).content)) == 2  # the batch keeps its lines
+        with pytest.raises(openai.BadRequestError, match="goes with the batch"):
+            client.files.delete(batch.output_file_id)
+        store = runtime.batches.store
+        with pytest.raises(Exception, match="no file"):  # another identity sees nothing of it
+            store.delete_file(second, "someone-else")
+        assert store.files_of("someone-else") == ([], False)

@@ -40,6 +40,7 @@ from tpm_fed.batches.tables import (
     batches_table,
 )
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted
+from tpm_fed.state.database import add_missing_columns
 from tpm_fed.state.schema import MICRO, charges_table
 
 OUTPUT_SUFFIX, ERRORS_SUFFIX = "-output", "-errors"
@@ -67,6 +68,7 @@ class BatchStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         batch_metadata.create_all(engine)
+        add_missing_columns(engine, batch_metadata)
 
     # ----- files ---------------------------------------------------------------------
     def add_file(self, owner: str, filename: str, content: bytes, lines: int) -> FileObject:
@@ -91,11 +93,44 @@ class BatchStore:
             if (batch.output_file_id if which == OUTPUT_SUFFIX else batch.error_file_id) != file_id:
                 raise NotPermitted(f"no file {file_id!r} of yours (the batch has no such file yet)")
             size = sum(len(line) for line in self.output_lines(batch_id, which))
-            return FileObject(id=file_id, bytes=size, created_at=batch.completed_at or batch.cancelled_at or 0,
-                              filename=f"{batch_id}{which}.jsonl", purpose="batch_output")
+            ended_at = batch.completed_at or batch.cancelled_at or batch.expired_at or 0
+            return FileObject(id=file_id, bytes=size, created_at=ended_at, filename=f"{batch_id}{which}.jsonl",
+                              purpose="batch_output")
         row = self._file_row(file_id, identity, content=False)
         return FileObject(id=row.file_id, bytes=row.bytes, created_at=int(row.created_at), filename=row.filename,
                           purpose=row.purpose)
+
+    def files_of(self, identity: str, after: str | None = None, limit: int = 20) -> tuple[list[FileObject], bool]:
+        """``identity``'s uploaded files, newest first (a page of ``limit`` after the file ``after``), and
+        whether more follow. Output and error files are reached through their batches."""
+        f = batch_files_table.c
+        with self.engine.connect() as db:
+            query = select(f.file_id, f.filename, f.purpose, f.bytes, f.created_at).where(f.owner == identity)
+            if after is not None:
+                cursor = db.execute(select(f.created_at).where(f.file_id == after, f.owner == identity)).first()
+                if cursor is None:
+                    raise InvalidRequest(f"after: no file {after!r} of yours")
+                query = query.where((f.created_at < cursor.created_at)
+                                    | and_(f.created_at == cursor.created_at, f.file_id < after))
+            rows = db.execute(query.order_by(f.created_at.desc(), f.file_id.desc()).limit(limit + 1)).all()
+        files = [FileObject(id=r.file_id, bytes=r.bytes, created_at=int(r.created_at), filename=r.filename,
+                            purpose=r.purpose) for r in rows[:limit]]
+        return files, len(rows) > limit
+
+    def delete_file(self, file_id: str, identity: str) -> None:
+        """Forget an uploaded file. Batches made from it keep their lines (copied when they were made).
+
+        Raises:
+            NotPermitted: No such file, or someone else's.
+            InvalidRequest: A batch's output or error file (it is read from the batch's lines).
+        """
+        if self._derived(file_id) is not None:
+            raise InvalidRequest(f"{file_id} is a batch's output or error file: it is read from the batch's "
+                                 "lines and goes with the batch; only uploaded files can be deleted")
+        f = batch_files_table.c
+        with self.engine.begin() as db:
+            if not db.execute(delete(batch_files_table).where(f.file_id == file_id, f.owner == identity)).rowcount:
+                raise NotPermitted(f"no file {file_id!r} of yours")
 
     def file_content(self, file_id: str, identity: str) -> Iterator[bytes]:
         derived = self._derived(file_id)
@@ -197,7 +232,7 @@ class BatchStore:
 
         ran = ("done", "failed")
         prompt, completion = total(2, *ran), total(3, *ran)
-        ended = row.status in ("completed", "cancelled")
+        ended = row.status in ("completed", "cancelled", "expired")
         hex_id = row.batch_id.removeprefix("batch_")
         quote = BatchQuote.model_validate_json(row.quote_json) if row.quote_json else None
         return BatchObject(
@@ -208,7 +243,7 @@ class BatchStore:
             created_at=int(row.created_at), in_progress_at=_second(row.in_progress_at),
             expires_at=_second(row.expires_at), finalizing_at=_second(row.finalizing_at),
             completed_at=_second(row.completed_at), cancelling_at=_second(row.cancelling_at),
-            cancelled_at=_second(row.cancelled_at),
+            cancelled_at=_second(row.cancelled_at), expired_at=_second(row.expired_at),
             request_counts=RequestCounts(total=total(0, *per_state), completed=total(0, "done"),
                                          failed=total(0, "failed")),
             usage=BatchUsage(input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion),
@@ -346,21 +381,36 @@ class BatchStore:
                        .values(state="pending", not_before=time.time() + delay_s, deferrals=line.deferrals + 1))
 
     def settle_batches(self) -> list[str]:
-        """Batches whose lines all ended become ``completed``; cancelling ones with none running, ``cancelled``."""
+        """Batches whose lines all ended become ``completed``; cancelling ones with none running, ``cancelled``.
+
+        A batch still in progress at the end of its completion window *expires*, as OpenAI's do: its lines
+        that never ran end with ``batch_expired`` (not charged), those running finish (and are charged),
+        and then it is ``expired``, its finished lines in the output file and the rest in the error file.
+        """
         b, line = batches_table.c, batch_lines_table.c
         now = time.time()
         ended = []
+        expired = LineError(code="batch_expired",
+                            message="the batch's completion window ended before this line ran; it was not charged")
         with self.engine.begin() as db:
-            open_batches = db.execute(select(b.batch_id, b.status).where(b.status.in_(["in_progress",
-                                                                                     "cancelling"]))).all()
-            for batch_id, status in open_batches:
+            open_batches = db.execute(select(b.batch_id, b.status, b.expires_at)
+                                      .where(b.status.in_(["in_progress", "cancelling"]))).all()
+            for batch_id, status, expires_at in open_batches:
+                expiring = status == "in_progress" and expires_at is not None and expires_at <= now
+                if expiring:
+                    db.execute(update(batch_lines_table).where(line.batch_id == batch_id, line.state == "pending")
+                               .values(state="cancelled", error=expired.model_dump_json(), finished_at=now))
                 unfinished = ["pending", "running"] if status == "in_progress" else ["running"]
                 left = db.execute(select(func.count()).where(line.batch_id == batch_id,
                                                              line.state.in_(unfinished))).scalar_one()
                 if left:
                     continue
-                values = ({"status": "completed", "finalizing_at": now, "completed_at": now}
-                          if status == "in_progress" else {"status": "cancelled", "cancelled_at": now})
+                if expiring:
+                    values = {"status": "expired", "expired_at": now}
+                elif status == "in_progress":
+                    values = {"status": "completed", "finalizing_at": now, "completed_at": now}
+                else:
+                    values = {"status": "cancelled", "cancelled_at": now}
                 db.execute(update(batches_table).where(b.batch_id == batch_id, b.status == status).values(**values))
                 ended.append(batch_id)
         return ended

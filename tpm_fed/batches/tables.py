@@ -53,6 +53,7 @@ batches_table = Table(
     Column("cancelling_at", Float),
     Column("cancelled_at", Float),
     Column("expires_at", Float),
+    Column("expired_at", Float),
 )
 
 batch_lines_table = Table(

@@ -2,6 +2,7 @@
 
 - ``POST /v1/files`` (multipart: ``file``, ``purpose=batch``): upload a batch input file; every line is checked
   here (:func:`~tpm_fed.batches.jsonl.read_batch_file`), and a file with bad lines is refused whole.
+- ``GET /v1/files`` (the caller's uploads, newest first), ``DELETE /v1/files/{id}`` (an upload).
 - ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``: an input file, or a batch's output or error file.
 - ``POST /v1/batches``: run a file's lines (``project`` as an extra body field); quoted first, and refused
   (429 ``insufficient_quota``, quote in the message) if the project cannot pay the bound.
@@ -55,6 +56,25 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
     stored = await run_in_threadpool(_runner(request).store.add_file, identity, file.filename or "batch.jsonl",
                                      content, len(checked))
     return stored.model_dump(mode="json")
+
+
+@router.get("/v1/files")
+def list_files(request: Request, after: str | None = None, limit: int = 20, purpose: str | None = None,
+               identity: str = Depends(identity_of)) -> dict[str, Any]:
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest("limit: between 1 and 10000")
+    if purpose not in (None, "batch"):  # uploads are batch inputs; outputs are reached through their batches
+        return {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    files, more = _runner(request).store.files_of(identity, after, limit)
+    return {"object": "list", "data": [f.model_dump(mode="json") for f in files],
+            "first_id": files[0].id if files else None, "last_id": files[-1].id if files else None,
+            "has_more": more}
+
+
+@router.delete("/v1/files/{file_id}")
+def delete_file(file_id: str, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
+    _runner(request).store.delete_file(file_id, identity)
+    return {"id": file_id, "object": "file", "deleted": True}
 
 
 @router.get("/v1/files/{file_id}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from tpm_fed.state.schema import metadata
@@ -30,7 +30,7 @@ def open_database(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
     _rename_tier_column(engine)
-    _add_missing_columns(engine)
+    add_missing_columns(engine)
     return engine
 
 
@@ -54,10 +54,10 @@ def _rename_tier_column(engine: Engine) -> None:
             connection.execute(text("UPDATE charges SET kind = :new WHERE kind = :old"), {"new": new, "old": old})
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def add_missing_columns(engine: Engine, tables: MetaData = metadata) -> None:
     """Add the nullable columns a table gained since the database was made (create_all adds only tables)."""
     inspector = inspect(engine)
-    for table in metadata.sorted_tables:
+    for table in tables.sorted_tables:
         present = {column["name"] for column in inspector.get_columns(table.name)}
         for column in table.columns:
             if column.name in present or not column.nullable:
