@@ -3,7 +3,8 @@
 For each size, a JSONL file of ``/v1/completions`` lines (greedy, lengths
 cycling through ``--lengths``) is quoted (``POST /v1/quotes``: nothing
 runs), then submitted and waited for, on ``tpm serve`` over the demo model
-(torch backend, warm replica). Printed per size: the quote's bound
+(torch backend, warm replica; its first batches of 2 and 16 lines let the
+broker measure its pace by task size, as any use would). Printed per size: the quote's bound
 (``max_su``) and expectation (``expected_su``) against the charge, and the
 estimated seconds against the measured ones (targets: charged / quoted <=
 1.0 always; actual / estimated within 0.7-1.3).
@@ -53,8 +54,9 @@ def main() -> None:
         home = bench_home(scratch / "home", make_demo_model(scratch / "demo", progress=False), backend="torch")
         with tpm_serve(home) as (url, headers):
             client = Client(url, headers["Authorization"].split()[1])
-            log("warming the replica...")
-            client.batches.wait(client.batches.submit(batch_file(2, lengths))["id"], poll_s=0.2)
+            log("warming the replica (and letting the broker measure its pace at two task sizes)...")
+            for lines in (2, 2, 16):
+                client.batches.wait(client.batches.submit(batch_file(lines, lengths))["id"], poll_s=0.2)
             rows = []
             for size in sizes:
                 source = batch_file(size, lengths)

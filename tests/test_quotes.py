@@ -64,3 +64,22 @@ def test_a_bad_request_is_refused_as_submit_would_and_costs_nothing(http_client,
     with pytest.raises(InvalidRequest, match="location"):
         http_client.quote(GenerationRequest.create("x", model, location="the-moon"))
     assert _books(runtime) == before
+
+
+def test_a_replicas_step_time_is_fit_by_rows_and_times_a_batch_in_waves():
+    from tpm_fed.broker.pace import StepModel
+
+    pace = StepModel()
+    assert not pace.known and pace.step_s(8) == 0.0
+    pace.observe(rows=8, steps=10, run_s=0.3)  # one size seen: 30 ms a step, half of it per row
+    assert pace.step_s(8) == pytest.approx(0.03) and pace.step_s(16) == pytest.approx(0.045)
+    pace.observe(rows=1, steps=10, run_s=0.1)  # 10 ms a step alone, 30 ms with 8 rows
+    pace.observe(rows=8, steps=20, run_s=0.6)
+    assert pace.step_s(1) == pytest.approx(0.01, rel=0.05) and pace.step_s(8) == pytest.approx(0.03, rel=0.05)
+    assert pace.step_s(15) > pace.step_s(8)  # a bigger task's steps take longer, not the small task's pace
+    # Three waves of up to 8 rows, each as long as its longest line.
+    lengths = [10] * 7 + [40] + [5] * 8 + [20, 20]
+    expected = 40 * pace.step_s(8) + 5 * pace.step_s(8) + 20 * pace.step_s(2)
+    assert pace.batch_s(lengths, rows=8) == pytest.approx(expected)
+    pace.observe(rows=0, steps=5, run_s=1.0)  # nothing to learn from: ignored
+    assert pace.step_s(8) == pytest.approx(0.03, rel=0.05)

@@ -238,6 +238,12 @@ class Bookkeeper:
                 first = results[0]
                 self.broker.registry.served(replica_id, len(batch), first.timings.load_s + first.timings.run_s,
                                             first.replica.replica_id, db)
+                # Generation's pace by task size, for batch quotes: the task's rows, its longest output
+                # (not a replica's first task: its first steps pay for warming up).
+                steps = max(getattr(r.usage, "completion_tokens", 0) for r in results)
+                if steps and first.replica.warm:
+                    self.broker.registry.pace(replica_id).observe(first.replica.batch_size, steps,
+                                                                  first.timings.run_s)
                 self.broker.health.succeeded(site)
             else:
                 self.broker.registry.failed(replica_id, len(batch))

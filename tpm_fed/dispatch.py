@@ -556,12 +556,12 @@ class BatchingDispatcher:
             fresh = [(pending, answer) for rid, answer in answers.items()
                      if rid not in batch.answered and (pending := batch.member(rid)) is not None]
             batch.answered.update(p.request.request_id for p, _ in fresh)
+            joined = {id(p) for p in batch.joined}
             if fresh:
                 self._arrival.notify_all()  # room for more to join
         if not fresh:
             return
         shared = self._shared({**served, "run_s": 0.0})
-        joined = {id(p) for p in batch.joined}
         outcomes = [self._guarded(pending, answer, shared, finished, id(pending) in joined)
                     for pending, answer in fresh]
         self._settle([p for p, _ in fresh], outcomes)

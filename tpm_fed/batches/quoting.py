@@ -29,11 +29,14 @@ def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[Bat
             reasons; the lines' own error type (``UnknownModel``, ``NotPermitted``...) when all share one.
     """
     quotes: list[Quote] = []
+    steps: list[int] = []  # generation steps per line (its max tokens; one forward pass for the rest)
     problems: list[tuple[int, str]] = []
     kinds: set[type] = set()
     for number, line in enumerate(batch_lines, start=1):
         try:
-            quotes.append(quote_line(runtime, identity, project, line.url, line.body))
+            request = _request(runtime, project, line.url, line.body)
+            quotes.append(runtime.quote(request, identity))
+            steps.append(max(1, getattr(request, "max_new_tokens", 0) or 1))
         except TpmError as error:
             problems.append((number, f"{line.custom_id}: {type(error).__name__}: {error}"))
             kinds.add(type(error))
@@ -48,13 +51,36 @@ def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[Bat
         raise refusal
     per_site = _bound_per_site(runtime, quotes)
     available = {b.site: b.available_usu / MICRO for b in runtime.ledger.balances(project) if b.site in per_site}
-    first_wave = max(q.estimated_s for q in quotes[:window])
-    warm_pace = min(q.estimated_s for q in quotes)
     return BatchQuote(
         project=project, lines=len(quotes), max_su=sum(per_site.values()),
         expected_su=sum(q.expected_su for q in quotes), max_su_per_site=per_site, available_su=available,
-        estimated_s=first_wave + (math.ceil(len(quotes) / window) - 1) * warm_pace,
+        estimated_s=_estimated_s(runtime, quotes, steps, window),
     )
+
+
+def _estimated_s(runtime: Any, quotes: list[Quote], steps: list[int], window: int) -> float:
+    """When the batch would end: its sites work at once, each through its lines in waves.
+
+    A site whose replica has a measured pace (:class:`tpm_fed.broker.pace.StepModel`) runs its lines
+    ``rows`` at a time (the runner's window, the site's task size), each wave as long as its longest
+    line at that replica's step time for that many rows, after a cold start if the replica must
+    start. A replica with no pace yet is estimated from the lines' own quotes: the first wave's
+    slowest, then the rest of the waves at the fastest line's pace.
+    """
+    by_site: dict[str, list[int]] = {}
+    for index, quote in enumerate(quotes):
+        by_site.setdefault(quote.site, []).append(index)
+    ends = []
+    for site, indexes in by_site.items():
+        chosen = quotes[indexes[0]]
+        pace = runtime.broker.registry.pace(chosen.replica) if chosen.replica is not None else None
+        rows = min(window, runtime.federation.site(site).max_batch_requests, len(indexes))
+        if pace is not None and pace.known:
+            ends.append(pace.batch_s([steps[i] for i in indexes], rows))
+            continue
+        estimates = [quotes[i].estimated_s for i in indexes]
+        ends.append(max(estimates[:rows]) + (math.ceil(len(indexes) / rows) - 1) * min(estimates))
+    return round(max(ends), 3)
 
 
 def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
@@ -85,8 +111,11 @@ def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
 
 def quote_line(runtime: Any, identity: str, project: str | None, url: str, body: dict[str, Any]) -> Quote:
     """One line's (or one request's) quote, as its route would build the request."""
-    request = lines.request_for(runtime, url, lines.charging(lines.parse_body(url, body), project))
-    return runtime.quote(request, identity)
+    return runtime.quote(_request(runtime, project, url, body), identity)
+
+
+def _request(runtime: Any, project: str | None, url: str, body: dict[str, Any]) -> Any:
+    return lines.request_for(runtime, url, lines.charging(lines.parse_body(url, body), project))
 
 
 def check_balance(quote: BatchQuote) -> None:

@@ -15,6 +15,7 @@ from collections import defaultdict
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
+from tpm_fed.broker.pace import StepModel
 from tpm_fed.broker.placement import DEFAULT_SERVICE_S, ReplicaView
 from tpm_fed.state.database import transaction
 from tpm_fed.state.holders import process_alive, this_process
@@ -33,6 +34,7 @@ class ReplicaRegistry:
         self._by_model: dict[tuple[str, str], dict[str, ReplicaView]] = defaultdict(dict)
         self._by_site: dict[str, dict[str, ReplicaView]] = defaultdict(dict)
         self._live: dict[str, int] = defaultdict(int)  # kept current: placement reads it every time
+        self._paces: dict[str, StepModel] = {}  # per replica: how its step time grows with rows (quotes)
         r = replicas_table.c
         self._served = update(replicas_table).where(r.replica_id == bindparam("rid")).values(
             state=bindparam("state"), last_used=bindparam("now"), service_s=bindparam("service_s"),
@@ -126,6 +128,11 @@ class ReplicaRegistry:
         with transaction(self.engine, db) as db:
             db.execute(self._served, {"rid": replica_id, "state": state, "now": now, "service_s": service_s,
                                       "worker": worker, "requests": requests})
+
+    def pace(self, replica_id: str) -> StepModel:
+        """How fast the replica generates by rows run together (empty until it served generation)."""
+        with self._lock:
+            return self._paces.setdefault(replica_id, StepModel())
 
     def failed(self, replica_id: str, requests: int) -> None:
         with self._lock:

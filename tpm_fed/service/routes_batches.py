@@ -46,6 +46,13 @@ def _runner(request: Request) -> BatchRunner:
     return request.app.state.batches
 
 
+def _page(items: list[Any], more: bool) -> dict[str, Any]:
+    """A page of a list, in OpenAI's shape (the cursor is the last id)."""
+    return {"object": "list", "data": [item.model_dump(mode="json") for item in items],
+            "first_id": items[0].id if items else None, "last_id": items[-1].id if items else None,
+            "has_more": more}
+
+
 @router.post("/v1/files")
 async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...),  # noqa: B008
                       identity: str = Depends(identity_of)) -> dict[str, Any]:
@@ -64,11 +71,8 @@ def list_files(request: Request, after: str | None = None, limit: int = 20, purp
     if not 1 <= limit <= 10_000:
         raise InvalidRequest("limit: between 1 and 10000")
     if purpose not in (None, "batch"):  # uploads are batch inputs; outputs are reached through their batches
-        return {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
-    files, more = _runner(request).store.files_of(identity, after, limit)
-    return {"object": "list", "data": [f.model_dump(mode="json") for f in files],
-            "first_id": files[0].id if files else None, "last_id": files[-1].id if files else None,
-            "has_more": more}
+        return _page([], False)
+    return _page(*_runner(request).store.files_of(identity, after, limit))
 
 
 @router.delete("/v1/files/{file_id}")
@@ -105,10 +109,7 @@ def list_batches(request: Request, after: str | None = None, limit: int = 20,
                  identity: str = Depends(identity_of)) -> dict[str, Any]:
     if not 1 <= limit <= 100:
         raise InvalidRequest("limit: between 1 and 100")
-    batches, more = _runner(request).store.batches_of(identity, after, limit)
-    return {"object": "list", "data": [b.model_dump(mode="json") for b in batches],
-            "first_id": batches[0].id if batches else None, "last_id": batches[-1].id if batches else None,
-            "has_more": more}
+    return _page(*_runner(request).store.batches_of(identity, after, limit))
 
 
 @router.get("/v1/batches/{batch_id}")
