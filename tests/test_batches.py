@@ -165,3 +165,25 @@ def test_the_python_client_and_the_cli_run_a_batch(batch_service, batch_runtime,
     refused = cli.invoke(main, ["batch", "submit", str(bad)])
     assert refused.exit_code == 1 and "BatchFileInvalid" in refused.output
     assert "line 2: not valid JSON" in refused.output
+
+
+def test_projects_take_turns_for_the_runners_lines_and_a_project_runs_its_oldest_batch_first(tmp_path):
+    from tpm_fed.batches.protocol import BatchCreateBody, BatchInputLine
+    from tpm_fed.batches.store import BatchStore
+    from tpm_fed.state import open_database
+
+    store = BatchStore(open_database(f"sqlite:///{tmp_path / 'batches.db'}"))
+
+    def batch(project: str, count: int) -> str:
+        lines = [BatchInputLine(custom_id=f"{project}-{i}", method="POST", url="/v1/completions",
+                                body={"model": "m", "prompt": "p"}) for i in range(count)]
+        body = BatchCreateBody(input_file_id="file-x", endpoint="/v1/completions")
+        return store.create_batch("someone", project, body, lines, None)
+
+    big, later_same, other = batch("alpha", 20), batch("alpha", 3), batch("beta", 4)
+    first = store.claim(6)
+    assert [(c.batch_id, c.index) for c in first] == [
+        (big, 0), (other, 0), (big, 1), (other, 1), (big, 2), (other, 2)]  # beta does not wait for alpha's 20
+    second = store.claim(4)
+    assert [(c.batch_id, c.index) for c in second] == [(big, 3), (other, 3), (big, 4), (big, 5)]
+    assert later_same not in {c.batch_id for c in first + second}  # alpha's own batches run oldest first

@@ -83,3 +83,34 @@ def test_a_replicas_step_time_is_fit_by_rows_and_times_a_batch_in_waves():
     assert pace.batch_s(lengths, rows=8) == pytest.approx(expected)
     pace.observe(rows=0, steps=5, run_s=1.0)  # nothing to learn from: ignored
     assert pace.step_s(8) == pytest.approx(0.03, rel=0.05)
+
+
+def test_a_batch_estimate_scales_out_to_free_replica_slots_only_when_that_ends_sooner():
+    from types import SimpleNamespace
+
+    from tpm_fed.batches.quoting import _estimated_s
+    from tpm_fed.broker.pace import StepModel
+    from tpm_fed.broker.placement import ReplicaView
+    from tpm_fed.federation import Capacity, SiteConfig
+    from tpm_fed.protocol.quotes import Quote
+
+    pace = StepModel()
+    pace.observe(rows=1, steps=10, run_s=0.1)
+    pace.observe(rows=8, steps=10, run_s=0.1)  # a step takes 10 ms whatever the rows: 8 rows are free
+    warm = ReplicaView(replica_id="r1", site="s", model="m", version="v", state="warm")
+
+    def estimate(cold_start_s: float, slots: int) -> float:
+        site = SiteConfig(name="s", capacity=Capacity(max_replicas=slots), cold_start_s=cold_start_s,
+                          max_batch_requests=8)
+        runtime = SimpleNamespace(federation=SimpleNamespace(site=lambda name: site),
+                                  broker=SimpleNamespace(registry=SimpleNamespace(
+                                      pace=lambda rid: pace, of_model=lambda model, version: [warm])))
+        quote = Quote(project="p", model="m", version="v", kind="generate", site="s", replica="r1", cold=False,
+                      free=False, max_su=1, expected_su=1, estimated_s=1, explanation="")
+        return _estimated_s(runtime, [quote] * 64, [100] * 64, window=8)
+
+    alone = 8 * 100 * 0.01  # 8 waves of 8 lines, 100 steps of 10 ms each
+    assert estimate(cold_start_s=1.0, slots=1) == pytest.approx(alone)
+    assert estimate(cold_start_s=1.0, slots=2) == pytest.approx(1.0 + alone / 2)  # a second replica pays
+    assert estimate(cold_start_s=1.0, slots=4) == pytest.approx(1.0 + alone / 4)
+    assert estimate(cold_start_s=60.0, slots=4) == pytest.approx(alone)  # a start slower than the work: no

@@ -63,24 +63,36 @@ def _estimated_s(runtime: Any, quotes: list[Quote], steps: list[int], window: in
 
     A site whose replica has a measured pace (:class:`tpm_fed.broker.pace.StepModel`) runs its lines
     ``rows`` at a time (the runner's window, the site's task size), each wave as long as its longest
-    line at that replica's step time for that many rows, after a cold start if the replica must
-    start. A replica with no pace yet is estimated from the lines' own quotes: the first wave's
-    slowest, then the rest of the waves at the fastest line's pace.
+    line at that replica's step time for that many rows. It may scale out: with free replica slots
+    there, the lines spread over more replicas (each further one after the site's cold start) when
+    that ends sooner, as the broker starts a replica when the wait for the warm ones is longer
+    than a start. A replica with no pace yet is estimated from the lines' own quotes: the first
+    wave's slowest, then the rest of the waves at the fastest line's pace.
     """
     by_site: dict[str, list[int]] = {}
     for index, quote in enumerate(quotes):
         by_site.setdefault(quote.site, []).append(index)
     ends = []
     for site, indexes in by_site.items():
-        chosen = quotes[indexes[0]]
+        chosen, config = quotes[indexes[0]], runtime.federation.site(site)
         pace = runtime.broker.registry.pace(chosen.replica) if chosen.replica is not None else None
-        rows = min(window, runtime.federation.site(site).max_batch_requests, len(indexes))
-        if pace is not None and pace.known:
-            ends.append(pace.batch_s([steps[i] for i in indexes], rows))
+        rows = min(window, config.max_batch_requests, len(indexes))
+        if pace is None or not pace.known:
+            estimates = [quotes[i].estimated_s for i in indexes]
+            ends.append(max(estimates[:rows]) + (math.ceil(len(indexes) / rows) - 1) * min(estimates))
             continue
-        estimates = [quotes[i].estimated_s for i in indexes]
-        ends.append(max(estimates[:rows]) + (math.ceil(len(indexes) / rows) - 1) * min(estimates))
+        warm = sum(1 for r in runtime.broker.registry.of_model(chosen.model, chosen.version)
+                   if r.site == site and r.state == "warm")
+        site_steps = [steps[i] for i in indexes]
+        ends.append(min(_spread_s(pace, site_steps, rows, replicas, config.cold_start_s if replicas > warm else 0.0)
+                        for replicas in range(1, max(1, config.capacity.max_replicas, warm) + 1)))
     return round(max(ends), 3)
+
+
+def _spread_s(pace: Any, steps: list[int], rows: int, replicas: int, start_s: float) -> float:
+    """Seconds for ``replicas`` replicas of one pace to run the lines dealt out in turn, after ``start_s``."""
+    shares = [steps[i::replicas] for i in range(replicas)]
+    return start_s + max(pace.batch_s(share, min(rows, len(share))) for share in shares if share)
 
 
 def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:

@@ -291,18 +291,31 @@ class BatchStore:
                               .values(state="pending")).rowcount
 
     def claim(self, limit: int) -> list[ClaimedLine]:
-        """Up to ``limit`` pending lines of batches in progress (oldest batch first, in input order), now running."""
+        """Up to ``limit`` pending lines of batches in progress, now running, shared fairly between projects.
+
+        Projects take turns, a line each (the project whose oldest batch is oldest first), so a
+        project's second batch, or another project's, does not wait for a large batch to end; within a
+        project its oldest batch goes first, in input order.
+        """
         if limit <= 0:
             return []
         b, line = batches_table.c, batch_lines_table.c
+        ready = and_(line.state == "pending", b.status == "in_progress",
+                     (line.not_before.is_(None)) | (line.not_before <= time.time()))
         with self.engine.begin() as db:
-            rows = db.execute(
-                select(line.batch_id, line.line_index, line.custom_id, line.url, line.body, line.attempts,
-                       line.deferrals, b.owner, b.project, line.request_ids)
-                .join(batches_table, b.batch_id == line.batch_id)
-                .where(line.state == "pending", b.status == "in_progress",
-                       (line.not_before.is_(None)) | (line.not_before <= time.time()))
-                .order_by(b.created_at, line.batch_id, line.line_index).limit(limit)).all()
+            open_batches = db.execute(select(b.batch_id, b.project).join(batch_lines_table, b.batch_id == line.batch_id)
+                                      .where(ready).group_by(b.batch_id, b.project, b.created_at)
+                                      .order_by(b.created_at, b.batch_id)).all()
+            queues: dict[str, list[Any]] = {}  # project -> its lines in the order it runs them
+            for batch_id, project in open_batches:
+                if len(queues.get(project, ())) >= limit:
+                    continue
+                queues.setdefault(project, []).extend(db.execute(
+                    select(line.batch_id, line.line_index, line.custom_id, line.url, line.body, line.attempts,
+                           line.deferrals, b.owner, b.project, line.request_ids)
+                    .join(batches_table, b.batch_id == line.batch_id)
+                    .where(ready, line.batch_id == batch_id).order_by(line.line_index).limit(limit)).all())
+            rows = _taking_turns(list(queues.values()), limit)
             # A row a concurrent cancel took meanwhile (READ COMMITTED) changes nothing and is not ours.
             claimed = [row for row in rows if db.execute(
                 update(batch_lines_table).where(line.batch_id == row.batch_id, line.line_index == row.line_index,
@@ -436,6 +449,16 @@ def _estimated_finish(row: Any, quote: BatchQuote | None, ended: int, left: int)
     if ended:
         return now + left * (now - row.in_progress_at) / ended
     return row.in_progress_at + quote.estimated_s if quote is not None else None
+
+
+def _taking_turns(queues: list[list[Any]], limit: int) -> list[Any]:
+    """Up to ``limit`` items, one from each queue in turn (each queue's own order kept)."""
+    taken: list[Any] = []
+    depth = 0
+    while len(taken) < limit and any(depth < len(queue) for queue in queues):
+        taken.extend(queue[depth] for queue in queues if depth < len(queue))
+        depth += 1
+    return taken[:limit]
 
 
 def _second(at: float | None) -> int | None:
