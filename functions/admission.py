@@ -16,7 +16,8 @@ channel when it finishes (:meth:`functions.streaming.BackChannel.answer`).
 - When its engine runs dry, the worker closes admission (``close``) and
   serves what arrived meanwhile before the task returns; the task's result
   lists every joined request's outcome (``joined``), so a lost answer on the
-  back channel loses nothing.
+  back channel loses nothing, and a request handed over that the worker
+  never read goes back to the replica's queue.
 - Any failure ends admission for the task; what already joined still runs.
 """
 
@@ -40,6 +41,9 @@ from tpm_fed.protocol.results import Completion
 
 ADMIT_WAIT_S = 1.0
 """Longest the service holds one ask open when nothing waits (it answers at once when something does)."""
+
+CLOSE_TIMEOUT_S = 2.0
+"""Longest a task's end waits to tell the service it takes no more (the open ask then ends by itself)."""
 
 
 class Admission:
@@ -68,11 +72,14 @@ class Admission:
         self._closed.set()
         if self._thread is None:
             return []
-        try:  # the service answers the open ask at once, so the thread ends without waiting it out
-            self._ask(self._connect(), {"token": self.token, "close": True})
-        except (OSError, http.client.HTTPException, ValueError):
-            pass  # the ask ends by itself within ADMIT_WAIT_S
-        self._thread.join(ADMIT_WAIT_S + 10)
+        heard = False
+        if self.failed is None:
+            try:  # the service answers the open ask at once, so the thread ends without waiting it out
+                self._ask(self._connect(CLOSE_TIMEOUT_S), {"token": self.token, "close": True})
+                heard = True
+            except (OSError, http.client.HTTPException, ValueError):
+                pass  # unreachable: an ask it may still answer hands over requests the service takes back
+        self._thread.join(ADMIT_WAIT_S + CLOSE_TIMEOUT_S if heard else 0.0)
         with self._lock:
             arrived, self._arrived = self._arrived, []
         return arrived
@@ -95,9 +102,9 @@ class Admission:
         if connection is not None:
             connection.close()
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self, timeout_s: float = ADMIT_WAIT_S + 10) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
-        return kind(self.url.hostname, self.url.port, timeout=ADMIT_WAIT_S + 30)
+        return kind(self.url.hostname, self.url.port, timeout=timeout_s)
 
     def _ask(self, connection: http.client.HTTPConnection, message: dict[str, Any]) -> dict[str, Any]:
         connection.request("POST", self.url.path, body=json.dumps(message).encode(),

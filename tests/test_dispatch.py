@@ -349,16 +349,19 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
     assert not trace.done() and not lines[1].done()
 
 
-def test_a_joined_request_the_worker_never_got_fails_uncharged_and_a_torch_task_admits_nothing():
-    site, hub = HeldSite(), Hub()
-    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_torch_task_admits_nothing():
+    site, hub, ledger = HeldSite(), Hub(), Ledger()
+    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub,
+                                    listener=ledger)
     dispatcher.submit(request())
     late = dispatcher.submit(request("late"))
     joined, _ = hub.hooks[0].admit(0.0)
     assert len(joined) == 1
-    site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # no "joined": the handover was lost
-    with pytest.raises(SiteError, match="never reached its worker"):
-        late.result(timeout=5)
+    site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # no "joined": the handover was never read
+    assert not late.done() and [r["prompts"] for r in site.tasks[1][1]] == [["late"]]  # the next task has it
+    assert ledger.sent.count(joined[0]["request_id"]) == 1  # reserved and logged once, not again
+    site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
+    assert late.result(timeout=5).texts == ["ok"]
     assert hub.hooks[0].admit(0.0) == ([], False)  # an ended task takes nothing more
 
     torch_site, torch_hub = HeldSite(), Hub()

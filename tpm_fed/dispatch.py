@@ -27,7 +27,8 @@ interactive one, and batch lines while fewer than ``max_batch`` run, for
 ``admit_for_s`` after the task began (so a busy replica's task still
 ends). Each of its requests, joined or not, is settled as soon as the
 worker answers it on the back channel, or when the task ends, whichever
-comes first: exactly once.
+comes first: exactly once. One handed over that the worker never read goes
+back to the front of the queue, still reserved, for the next task.
 
 A batch lost to its site (the task failed with a ``SiteError``: worker lost,
 endpoint gone, no answer in time) may be given to a ``rerouter``, which
@@ -174,6 +175,7 @@ class _Pending:
     future: Future[ServedResult]
     submitted: float = field(default_factory=time.perf_counter)
     nbytes: int = 0
+    recorded: bool = False  # reserved and logged as sent (once; a request handed back keeps both)
 
 
 @dataclass
@@ -390,9 +392,7 @@ class BatchingDispatcher:
         """Send ``pending`` as one task (the caller took a worker slot for it)."""
         while pending:
             try:
-                refused = self.listener.record_sent(
-                    self.site.name, self.spec.version, [p.request for p in pending]
-                ) if self.listener is not None else None
+                refused = self._record_sent(pending)
             except Exception as error:  # the log or the ledger could not take the batch
                 self._start(pending, failed=error)
                 return
@@ -407,6 +407,15 @@ class BatchingDispatcher:
             with self._lock:  # everything was refused: the slot goes to the next batch
                 self._in_flight -= 1
                 pending = self._take_batch()
+
+    def _record_sent(self, pending: list[_Pending]) -> dict[str, BaseException]:
+        """Reserve and log the requests not recorded yet; those refused, with why."""
+        fresh = [p for p in pending if not p.recorded]
+        refused = self.listener.record_sent(self.site.name, self.spec.version, [p.request for p in fresh]) \
+            if self.listener is not None and fresh else {}
+        for p in fresh:
+            p.recorded = p.request.request_id not in refused
+        return refused or {}
 
     def _start(self, pending: list[_Pending], failed: Exception | None = None) -> None:
         batch = _Batch(pending)
@@ -468,6 +477,10 @@ class BatchingDispatcher:
         else:
             everything = dict(zip([p.request.request_id for p in batch.pending],
                                   self._read_reply(batch.pending, reply), strict=True))
+            joined, unread = self._split_joined(joined, reply)
+            if unread:  # handed over as the task ended, never read: back to the front, still reserved
+                with self._lock:
+                    self._waiting.extendleft(reversed(unread))
             outcomes = [everything[p.request.request_id] for p in own] + self._read_joined(joined, reply)
         self._finish(own + joined, outcomes)
 
@@ -508,9 +521,7 @@ class BatchingDispatcher:
                     return [], True
                 self._arrival.wait(remaining)
         try:  # reserved before the worker sees them, as a batch is before it leaves
-            refused = self.listener.record_sent(
-                self.site.name, self.spec.version, [p.request for p in taken]
-            ) if self.listener is not None else {}
+            refused = self._record_sent(taken)
         except Exception as error:  # the log or the ledger could not take them
             refused = {p.request.request_id: error for p in taken}
         for pending in taken:
@@ -566,20 +577,21 @@ class BatchingDispatcher:
                     for pending, answer in fresh]
         self._settle([p for p, _ in fresh], outcomes)
 
-    def _read_joined(self, joined: list[_Pending], reply: Any) -> list[ServedResult | BaseException]:
-        """Outcomes of requests that joined the task, from its reply's ``joined``; one the reply does not
-        name never reached the worker (lost with its site's answer to the ask): placed again."""
-        if not joined:
-            return []
+    @staticmethod
+    def _split_joined(joined: list[_Pending], reply: Any) -> tuple[list[_Pending], list[_Pending]]:
+        """The joined requests the task's reply answers, and those it does not name: the worker never
+        read them (an ask's answer that arrived as the task ended, or was lost on the way)."""
         answers = reply.get("joined") if isinstance(reply, dict) else None
         answers = answers if isinstance(answers, dict) else {}
-        shared = self._shared(reply)
-        finished = time.perf_counter()
-        return [self._guarded(p, answers[p.request.request_id], shared, finished, True)
-                if p.request.request_id in answers else
-                SiteError(f"request {p.request.request_id} was handed to a running task on site "
-                          f"{self.site.name!r} but never reached its worker; it was not charged")
-                for p in joined]
+        named = [p for p in joined if p.request.request_id in answers]
+        return named, [p for p in joined if p.request.request_id not in answers]
+
+    def _read_joined(self, joined: list[_Pending], reply: Any) -> list[ServedResult | BaseException]:
+        """Outcomes of requests that joined the task, from its reply's ``joined`` (each one named there)."""
+        if not joined:
+            return []
+        shared, finished = self._shared(reply), time.perf_counter()
+        return [self._guarded(p, reply["joined"][p.request.request_id], shared, finished, True) for p in joined]
 
     def _reroute(
         self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]
