@@ -286,6 +286,9 @@ def test_uploaded_files_are_listed_and_deleted_by_their_owner_only(tmp_path, dem
         assert [f.id for f in client.files.list()] == [second, first]  # newest first
         page = client.files.list(limit=1)
         assert [f.id for f in page.data] == [second] and page.has_more
+        assert [f.id for f in client.files.list(after=second)] == [first]  # the next page, by OpenAI's cursor
+        with pytest.raises(openai.BadRequestError, match="no file"):
+            client.files.list(after="file-nobodys")
         batch = wait_for(client, client.batches.create(input_file_id=first, endpoint="/v1/completions",
                                                        completion_window="24h").id)
         assert client.files.delete(first).deleted is True

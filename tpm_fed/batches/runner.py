@@ -1,7 +1,7 @@
 """The service's batch runner: feeds pending lines to the runtime and records each line's end once.
 
-One thread with its own event loop. It claims pending lines (oldest batch
-first, input order) up to a window, serves each on the runtime's ``submit``,
+One thread with its own event loop. It claims pending lines (projects in
+turn, each its oldest batch first, in input order) up to a window, serves each on the runtime's ``submit``,
 the HTTP routes' path (so placement, batching and charging are identical),
 its answer formatted by its route's own serving class, and records the answer and the ledger's charge in
 the database. The window is a couple of full replica batches per site, so

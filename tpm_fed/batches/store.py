@@ -105,17 +105,10 @@ class BatchStore:
         whether more follow. Output and error files are reached through their batches."""
         f = batch_files_table.c
         with self.engine.connect() as db:
-            query = select(f.file_id, f.filename, f.purpose, f.bytes, f.created_at).where(f.owner == identity)
-            if after is not None:
-                cursor = db.execute(select(f.created_at).where(f.file_id == after, f.owner == identity)).first()
-                if cursor is None:
-                    raise InvalidRequest(f"after: no file {after!r} of yours")
-                query = query.where((f.created_at < cursor.created_at)
-                                    | and_(f.created_at == cursor.created_at, f.file_id < after))
-            rows = db.execute(query.order_by(f.created_at.desc(), f.file_id.desc()).limit(limit + 1)).all()
-        files = [FileObject(id=r.file_id, bytes=r.bytes, created_at=int(r.created_at), filename=r.filename,
-                            purpose=r.purpose) for r in rows[:limit]]
-        return files, len(rows) > limit
+            rows, more = _newest_first(db, select(f.file_id, f.filename, f.purpose, f.bytes, f.created_at),
+                                       f.file_id, f, identity, after, limit, "file")
+        return [FileObject(id=r.file_id, bytes=r.bytes, created_at=int(r.created_at), filename=r.filename,
+                           purpose=r.purpose) for r in rows], more
 
     def delete_file(self, file_id: str, identity: str) -> None:
         """Forget an uploaded file. Batches made from it keep their lines (copied when they were made).
@@ -186,17 +179,9 @@ class BatchStore:
     def batches_of(self, identity: str, after: str | None = None, limit: int = 20) -> tuple[list[BatchObject], bool]:
         """``identity``'s batches, newest first, after the batch ``after`` (OpenAI's cursor); and whether more."""
         b = batches_table.c
-        query = select(batches_table).where(b.owner == identity)
         with self.engine.connect() as db:
-            if after is not None:
-                cursor = db.execute(select(b.created_at, b.batch_id).where(b.batch_id == after,
-                                                                           b.owner == identity)).first()
-                if cursor is None:
-                    raise InvalidRequest(f"after: no batch {after!r} of yours")
-                query = query.where((b.created_at < cursor.created_at)
-                                    | and_(b.created_at == cursor.created_at, b.batch_id < cursor.batch_id))
-            rows = db.execute(query.order_by(b.created_at.desc(), b.batch_id.desc()).limit(limit + 1)).all()
-            return [self._object(db, row) for row in rows[:limit]], len(rows) > limit
+            rows, more = _newest_first(db, select(batches_table), b.batch_id, b, identity, after, limit, "batch")
+            return [self._object(db, row) for row in rows], more
 
     def cancel(self, batch_id: str, identity: str) -> BatchObject:
         """Stop a batch: its pending lines never run; lines running now finish (and are charged).
@@ -449,6 +434,25 @@ def _estimated_finish(row: Any, quote: BatchQuote | None, ended: int, left: int)
     if ended:
         return now + left * (now - row.in_progress_at) / ended
     return row.in_progress_at + quote.estimated_s if quote is not None else None
+
+
+def _newest_first(db: Any, query: Any, key: Any, columns: Any, identity: str, after: str | None, limit: int,
+                  what: str) -> tuple[list[Any], bool]:
+    """A page of ``identity``'s rows of ``query``, newest first (ties by ``key``), after the row whose
+    ``key`` is ``after`` (OpenAI's cursor); and whether more follow.
+
+    Raises:
+        InvalidRequest: ``after`` is not one of ``identity``'s.
+    """
+    query = query.where(columns.owner == identity)
+    if after is not None:
+        cursor = db.execute(select(columns.created_at).where(key == after, columns.owner == identity)).first()
+        if cursor is None:
+            raise InvalidRequest(f"after: no {what} {after!r} of yours")
+        query = query.where((columns.created_at < cursor.created_at)
+                            | and_(columns.created_at == cursor.created_at, key < after))
+    rows = db.execute(query.order_by(columns.created_at.desc(), key.desc()).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
 
 
 def _taking_turns(queues: list[list[Any]], limit: int) -> list[Any]:
