@@ -240,7 +240,7 @@ class Bookkeeper:
                                             first.replica.replica_id, db)
                 # Generation's pace by task size, for batch quotes: the task's rows, its longest output
                 # (not a replica's first task: its first steps pay for warming up).
-                steps = max(getattr(r.usage, "completion_tokens", 0) for r in results)
+                steps = max(r.usage.completion_tokens for r in results)
                 if steps and first.replica.warm:
                     self.broker.registry.pace(replica_id).observe(first.replica.batch_size, steps,
                                                                   first.timings.run_s)

@@ -149,9 +149,10 @@ class VllmBackend:
                     break
                 for item in late:
                     start(item)
-            # Rows whose callers left stop here, with what they made so far (charged for it).
-            left = [eid for eid, (running, index) in rows.items() if running.outputs[index] is None
-                    and eid in latest and running.item.request.request_id in live.cancelled]
+            # Rows whose callers left stop here, with what they made so far (charged for it). Only a
+            # streamed row has a caller who can leave: the scan is of those, and only once one has.
+            left = [eid for eid in latest if rows[eid][0].outputs[rows[eid][1]] is None
+                    and rows[eid][0].item.request.request_id in live.cancelled] if live.cancelled else []
             if left:
                 engine.abort_request(left)
                 for eid in left:
