@@ -1,7 +1,9 @@
 """Servers the service tests run for real on loopback: the service itself, and Globus Auth's stand-in.
 
 - :class:`ServiceThread` runs the service's ASGI app under uvicorn in a thread
-  of the test process (sharing the session's runtime and its warm replica).
+  of the test process (sharing the session's runtime and its warm replica);
+  :func:`served` does it for a runtime behind a fresh local token, and
+  :func:`openai_client` is the official client pointed at it.
 - :func:`tpm_in_process` runs a ``tpm`` command in the test process (so
   ``responses`` sees the SDK's requests) and then stops the home's service the
   command may have started, so no service outlives its test.
@@ -20,6 +22,8 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
@@ -52,6 +56,25 @@ class ServiceThread:
     def __exit__(self, *exc_info: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextmanager
+def served(runtime: Any, identity: str | None = None) -> Iterator[tuple[str, str]]:
+    """``runtime`` served on loopback behind a fresh local token for ``identity`` (its owner by default):
+    ``with served(runtime) as (url, token):``."""
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+
+    token = secrets.token_urlsafe(16)
+    with ServiceThread(build_app(runtime, LocalToken(token, identity or runtime.owner))) as url:
+        yield url, token
+
+
+def openai_client(url: str, token: str) -> Any:
+    """The official ``openai`` client on a service's OpenAI routes (no retries: a test sees every answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
 
 
 class GlobusAuthStandIn:

@@ -10,7 +10,6 @@ site's endpoint worker with vLLM, the back channel.
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import threading
 import time
@@ -22,7 +21,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
 
-from tests.service_helpers import ServiceThread  # noqa: E402
+from tests.service_helpers import served as served_on_loopback  # noqa: E402
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig  # noqa: E402
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome  # noqa: E402
 from tpm_fed.identity import LocalUser  # noqa: E402
@@ -35,8 +34,6 @@ SHORT = {"model": DEMO_MODEL_NAME, "prompt": "A star", "max_tokens": 8, "min_tok
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, demo_model_dir):
     """A one-replica vLLM site behind the service: (url, headers, runtime)."""
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     home = TpmHome(tmp_path_factory.mktemp("admission-home"))
@@ -47,9 +44,8 @@ def served(tmp_path_factory, demo_model_dir):
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="vllm")],
         projects=[ProjectConfig(name="tests", members=[LocalUser().current()], allocations={"local": 1e6})],
     ).dump(home.federation_file)
-    token = secrets.token_urlsafe(16)
     with Runtime(home) as runtime:
-        with ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
+        with served_on_loopback(runtime) as (url, token):
             headers = {"Authorization": f"Bearer {token}"}
             post(url, headers, SHORT)  # the replica is warm before any test times anything
             yield url, headers, runtime

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-import secrets
 
 import httpx
-import openai
 import pytest
 
 from tests.batch_helpers import batch_home, jsonl, mixed_lines, read_jsonl, wait_for
 from tests.conftest import Service
-from tests.service_helpers import ServiceThread
+from tests.service_helpers import openai_client as official_client
+from tests.service_helpers import served
 from tpm_fed.home import DEMO_MODEL_NAME
 from tpm_fed.state.schema import MICRO
 
@@ -32,17 +31,13 @@ def batch_runtime(tmp_path_factory, demo_model_dir):
 
 @pytest.fixture(scope="module")
 def batch_service(batch_runtime):
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
-
-    token = secrets.token_urlsafe(16)
-    with ServiceThread(build_app(batch_runtime, LocalToken(token, batch_runtime.owner))) as url:
+    with served(batch_runtime) as (url, token):
         yield Service(url, token, None)
 
 
 @pytest.fixture(scope="module")
 def openai_client(batch_service):
-    return openai.OpenAI(base_url=f"{batch_service.url}/v1", api_key=batch_service.token, max_retries=0)
+    return official_client(batch_service.url, batch_service.token)
 
 
 def same_answer(route: str, batched: dict, alone: dict) -> None:

@@ -7,7 +7,6 @@ only the last test's one-line batch runs.
 from __future__ import annotations
 
 import io
-import secrets
 import socket
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 
 from tests.batch_helpers import batch_home, jsonl, mixed_lines
 from tests.conftest import Service
-from tests.service_helpers import ServiceThread
+from tests.service_helpers import openai_client, served
 from tpm_fed.batches.jsonl import read_batch_file
 from tpm_fed.batches.protocol import MAX_FILE_BYTES
 from tpm_fed.home import DEMO_MODEL_NAME
@@ -34,37 +33,27 @@ def small_runtime(tmp_path_factory, demo_model_dir):
         yield runtime
 
 
-def _serve(runtime, identity: str):
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
-
-    token = secrets.token_urlsafe(16)
-    return ServiceThread(build_app(runtime, LocalToken(token, identity))), token
-
-
 @pytest.fixture(scope="module")
 def owner_service(small_runtime):
-    thread, token = _serve(small_runtime, small_runtime.owner)
-    with thread as url:
+    with served(small_runtime) as (url, token):
         yield Service(url, token, None)
 
 
 @pytest.fixture(scope="module")
 def stranger_service(small_runtime):
     """The same runtime and batches, reached by another identity."""
-    thread, token = _serve(small_runtime, "someone-else@example.org")
-    with thread as url:
+    with served(small_runtime, "someone-else@example.org") as (url, token):
         yield Service(url, token, None)
 
 
 @pytest.fixture(scope="module")
 def client(owner_service):
-    return openai.OpenAI(base_url=f"{owner_service.url}/v1", api_key=owner_service.token, max_retries=0)
+    return openai_client(owner_service.url, owner_service.token)
 
 
 @pytest.fixture(scope="module")
 def stranger(stranger_service):
-    return openai.OpenAI(base_url=f"{stranger_service.url}/v1", api_key=stranger_service.token, max_retries=0)
+    return openai_client(stranger_service.url, stranger_service.token)
 
 
 def _books(runtime):

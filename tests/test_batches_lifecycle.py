@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import secrets
 import signal
 import time
 
@@ -18,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.batch_helpers import batch_home, jsonl, mixed_lines, read_jsonl, wait_for
-from tests.service_helpers import ServiceThread
+from tests.service_helpers import openai_client, served
 from tpm_fed.batches.tables import batch_lines_table
 from tpm_fed.state import open_database
 from tpm_fed.state.schema import MICRO, charges_table
@@ -53,14 +52,11 @@ def _assert_each_line_charged_once(lines, charges) -> int:
 
 
 def test_cancel_halfway_charges_the_finished_lines_only(tmp_path, demo_model_dir):
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     home = batch_home(tmp_path / "home", demo_model_dir, max_batch_requests=2)
-    token = secrets.token_urlsafe(16)
-    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    with Runtime(home) as runtime, served(runtime) as (url, token):
+        client = openai_client(url, token)
         lines = mixed_lines(30, routes=("/v1/completions",), tokens=24)
         file_id = client.files.create(file=("c.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
         batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
@@ -96,14 +92,11 @@ def test_cancel_halfway_charges_the_finished_lines_only(tmp_path, demo_model_dir
 
 
 def test_a_line_that_fails_twice_gets_its_error_and_the_rest_go_on(tmp_path, demo_model_dir):
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     home = batch_home(tmp_path / "home", demo_model_dir, truncated=True)
-    token = secrets.token_urlsafe(16)
-    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    with Runtime(home) as runtime, served(runtime) as (url, token):
+        client = openai_client(url, token)
         lines = mixed_lines(6, routes=("/v1/completions",))
         lines[2]["body"]["model"] = "truncated"  # valid, quoted, placed: its replica cannot load
         file_id = client.files.create(file=("f.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
@@ -128,17 +121,14 @@ def test_a_line_charged_before_a_kill_is_answered_from_its_kept_result_not_run_a
     from sqlalchemy import insert, update
 
     from tpm_fed.batches.tables import batch_results_table, batches_table
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     home = batch_home(tmp_path / "home", demo_model_dir)
     lines = [{"custom_id": f"n-{i}", "method": "POST", "url": "/tpm/v1/requests",
               "body": {"kind": "generate", "model": {"name": "demo-llama"}, "prompts": [f"The cell {i}"],
                        "max_new_tokens": 6}} for i in range(3)]
-    token = secrets.token_urlsafe(16)
-    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    with Runtime(home) as runtime, served(runtime) as (url, token):
+        client = openai_client(url, token)
         file_id = client.files.create(file=("n.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
         first = wait_for(client, client.batches.create(input_file_id=file_id, endpoint="/v1/completions",
                                                        completion_window="24h").id)
@@ -159,8 +149,8 @@ def test_a_line_charged_before_a_kill_is_answered_from_its_kept_result_not_run_a
                    .values(status="in_progress", completed_at=None, finalizing_at=None))
     engine.dispose()
 
-    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    with Runtime(home) as runtime, served(runtime) as (url, token):
+        client = openai_client(url, token)
         again = wait_for(client, first.id)
         replayed = read_jsonl(client.files.content(again.output_file_id).content)
         assert runtime.status()[0].state == "stopped"  # nothing was run: the site never started
@@ -180,7 +170,7 @@ def test_a_killed_service_resumes_its_batch_and_runs_every_line_once(tmp_path, d
     first = ensure_service(home, idle_timeout_s=600)
     second = None
     try:
-        client = openai.OpenAI(base_url=f"{first.url}/v1", api_key=first.token, max_retries=0)
+        client = openai_client(first.url, first.token)
         file_id = client.files.create(file=("k.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
         batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
         halfway = wait_for(client, batch.id, done=lambda b: b.request_counts.completed >= 8, timeout_s=240)
@@ -189,7 +179,7 @@ def test_a_killed_service_resumes_its_batch_and_runs_every_line_once(tmp_path, d
         assert halfway.request_counts.completed < 40, "the batch ended before the kill: make it longer"
 
         second = ensure_service(home, idle_timeout_s=600)
-        client = openai.OpenAI(base_url=f"{second.url}/v1", api_key=second.token, max_retries=0)
+        client = openai_client(second.url, second.token)
         ended = wait_for(client, batch.id, timeout_s=300)
         assert ended.status == "completed"
         assert (ended.request_counts.total, ended.request_counts.completed, ended.request_counts.failed) == (40, 40, 0)
@@ -240,14 +230,11 @@ def test_a_batch_past_its_window_expires_its_unrun_lines_and_charges_the_finishe
     from sqlalchemy import update
 
     from tpm_fed.batches.tables import batches_table
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     home = batch_home(tmp_path / "home", demo_model_dir, max_batch_requests=2)
-    token = secrets.token_urlsafe(16)
-    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    with Runtime(home) as runtime, served(runtime) as (url, token):
+        client = openai_client(url, token)
         lines = mixed_lines(30, routes=("/v1/completions",), tokens=24)
         file_id = client.files.create(file=("e.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
         batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
@@ -272,14 +259,11 @@ def test_a_batch_past_its_window_expires_its_unrun_lines_and_charges_the_finishe
 
 
 def test_uploaded_files_are_listed_and_deleted_by_their_owner_only(tmp_path, demo_model_dir):
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     home = batch_home(tmp_path / "home", demo_model_dir)
-    token = secrets.token_urlsafe(16)
-    with Runtime(home) as runtime, ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    with Runtime(home) as runtime, served(runtime) as (url, token):
+        client = openai_client(url, token)
         lines = mixed_lines(2, routes=("/v1/completions",), tokens=4)
         first, second = (client.files.create(file=(f"{n}.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
                          for n in ("a", "b"))

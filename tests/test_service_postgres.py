@@ -104,15 +104,10 @@ def _wait_for_service(home: TpmHome, process: subprocess.Popen) -> dict:
 def test_a_batch_on_postgresql_runs_every_line_once_and_charges_each_once(tmp_path, demo_model_dir, postgres_url):
     """The batch API's state (files, batches, lines, kept results) on the shared deployment's database."""
     import io
-    import secrets
-
-    import openai
 
     from tests.batch_helpers import batch_home, jsonl, mixed_lines, read_jsonl, wait_for
-    from tests.service_helpers import ServiceThread
+    from tests.service_helpers import openai_client, served
     from tests.test_batches_lifecycle import _assert_each_line_charged_once, _lines_and_charges
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import LocalToken
     from tpm_fed.service.runtime import Runtime
 
     engine = open_database(postgres_url)
@@ -121,10 +116,8 @@ def test_a_batch_on_postgresql_runs_every_line_once_and_charges_each_once(tmp_pa
             db.exec_driver_sql(f"DELETE FROM {table}")
     engine.dispose()
     home = batch_home(tmp_path / "home", demo_model_dir, max_batch_requests=8)
-    token = secrets.token_urlsafe(16)
-    with Runtime(home, database_url=postgres_url) as runtime, \
-            ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    with Runtime(home, database_url=postgres_url) as runtime, served(runtime) as (url, token):
+        client = openai_client(url, token)
         lines = mixed_lines(24, routes=("/v1/completions", "/v1/chat/completions"), tokens=8)
         file_id = client.files.create(file=("pg.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
         ended = wait_for(client, client.batches.create(input_file_id=file_id, endpoint="/v1/completions",
