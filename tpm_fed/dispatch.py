@@ -389,24 +389,46 @@ class BatchingDispatcher:
         return batch
 
     def _send(self, pending: list[_Pending]) -> None:
-        """Send ``pending`` as one task (the caller took a worker slot for it)."""
+        """Send ``pending`` as one task, on the worker slot :meth:`_take_batch` took for it.
+
+        The slot is given back on every path, by structure rather than path by path: a started
+        task owns it (the task's end gives it back, :meth:`_finish`); when every request was
+        refused at reservation it passes to the next batch; anything unforeseen here fails the
+        batch's requests and gives it back. With one worker a slot kept is a replica stalled for
+        good, every later request waiting forever.
+        """
         while pending:
             try:
-                refused = self._record_sent(pending)
-            except Exception as error:  # the log or the ledger could not take the batch
-                self._start(pending, failed=error)
-                return
-            if refused:  # refused at reservation: fail those now, send the rest
+                started = self._reserve_and_start(pending)
+            except Exception as error:  # a bug, not a refusal: the requests fail typed, the slot comes back
+                logger.exception("could not send a batch of %d requests", len(pending))
+                with self._lock:
+                    self._in_flight -= 1
                 for p in pending:
-                    if p.request.request_id in refused:
-                        p.future.set_exception(refused[p.request.request_id])
-                pending = [p for p in pending if p.request.request_id not in refused]
-            if pending:
-                self._start(pending)
+                    _resolve(p.future, error)
                 return
-            with self._lock:  # everything was refused: the slot goes to the next batch
-                self._in_flight -= 1
-                pending = self._take_batch()
+            pending = [] if started else self._give_back_slot()
+
+    def _reserve_and_start(self, pending: list[_Pending]) -> bool:
+        """Reserve ``pending`` and start the task of those not refused; False if none was left to start."""
+        try:
+            refused = self._record_sent(pending)
+        except Exception as error:  # the log or the ledger could not take the batch
+            self._start(pending, failed=error)
+            return True
+        for p in pending:  # refused at reservation: they fail now (a caller may have cancelled meanwhile)
+            if p.request.request_id in refused:
+                _resolve(p.future, refused[p.request.request_id])
+        kept = [p for p in pending if p.request.request_id not in refused]
+        if kept:
+            self._start(kept)
+        return bool(kept)
+
+    def _give_back_slot(self) -> list[_Pending]:
+        """A worker slot is free again: the next batch, which takes it, if any waits."""
+        with self._lock:
+            self._in_flight -= 1
+            return self._take_batch()
 
     def _record_sent(self, pending: list[_Pending]) -> dict[str, BaseException]:
         """Reserve and log the requests not recorded yet; those refused, with why."""
@@ -418,13 +440,20 @@ class BatchingDispatcher:
         return refused or {}
 
     def _start(self, pending: list[_Pending], failed: Exception | None = None) -> None:
+        """Run ``pending`` as one task on the slot taken for it (``failed``: as a task that failed so).
+
+        Never raises: whatever goes wrong before the task is out (the back channel, the timer, the
+        site) becomes the task's failure, so its end (:meth:`_on_done`) settles the requests and
+        gives the slot back, as for any other task.
+        """
         batch = _Batch(pending)
-        if self.task_timeout_s is not None:
-            batch.timer = self._clock.call_later(self.task_timeout_s, lambda _: self._expire(batch))
         task: Future = Future()
-        if failed is not None:
-            task.set_exception(failed)
-        else:
+        hub = stream = None
+        try:
+            if failed is not None:
+                raise failed
+            if self.task_timeout_s is not None:
+                batch.timer = self._clock.call_later(self.task_timeout_s, lambda _: self._expire(batch))
             context = self.context
             hub = self.streams() if self.streams is not None else None
             admitting = _Admitting(self, batch) if self.admit_for_s > 0 else None
@@ -432,13 +461,13 @@ class BatchingDispatcher:
             if stream is not None:
                 context = {**context, "stream": stream}
                 batch.admitting = admitting is not None
-            try:
-                task = self.site.submit(SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending],
-                                        context)
-            except Exception as error:  # the site could not take the batch
-                task.set_exception(error)
-            if stream is not None:
-                task.add_done_callback(lambda _: hub.close(stream["token"]))
+            task = self.site.submit(SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending],
+                                    context)
+        except Exception as error:  # the task could not be started
+            task = Future()
+            task.set_exception(error)
+        if stream is not None:
+            task.add_done_callback(lambda _: hub.close(stream["token"]))
         task.add_done_callback(lambda done: self._on_done(batch, done))
 
     def _close(self, batch: _Batch) -> bool:
@@ -471,18 +500,26 @@ class BatchingDispatcher:
         with self._lock:
             own, joined = batch.claim_unanswered()
         try:
+            settled, outcomes, unread = self._task_outcomes(batch, own, joined, done)
+        except Exception as error:  # a reply no check foresaw: its requests fail typed, the slot still comes back
+            settled, unread = own + joined, []
+            outcomes = [self._malformed(f"{type(error).__name__}: {error}")] * len(settled)
+        if unread:  # handed over as the task ended, never read: back to the front, still reserved
+            with self._lock:
+                self._waiting.extendleft(reversed(unread))
+        self._finish(settled, outcomes)
+
+    def _task_outcomes(self, batch: _Batch, own: list[_Pending], joined: list[_Pending], done: Future
+                       ) -> tuple[list[_Pending], list[ServedResult | BaseException], list[_Pending]]:
+        """The requests the ended task settles, their outcomes, and the joined ones it never read."""
+        try:
             reply = done.result()
         except Exception as error:
-            outcomes: list[ServedResult | BaseException] = [error] * (len(own) + len(joined))
-        else:
-            everything = dict(zip([p.request.request_id for p in batch.pending],
-                                  self._read_reply(batch.pending, reply), strict=True))
-            joined, unread = self._split_joined(joined, reply)
-            if unread:  # handed over as the task ended, never read: back to the front, still reserved
-                with self._lock:
-                    self._waiting.extendleft(reversed(unread))
-            outcomes = [everything[p.request.request_id] for p in own] + self._read_joined(joined, reply)
-        self._finish(own + joined, outcomes)
+            return own + joined, [error] * (len(own) + len(joined)), []
+        everything = dict(zip([p.request.request_id for p in batch.pending],
+                              self._read_reply(batch.pending, reply), strict=True))
+        joined, unread = self._split_joined(joined, reply)
+        return own + joined, [everything[p.request.request_id] for p in own] + self._read_joined(joined, reply), unread
 
     def _finish(self, batch: list[_Pending], outcomes: list[ServedResult | BaseException]) -> None:
         """The task ended: settle what it had not answered yet, and free its worker slot."""
@@ -490,9 +527,7 @@ class BatchingDispatcher:
         try:
             self._settle(batch, outcomes)
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                follow_up = self._take_batch()
+            follow_up = self._give_back_slot()
             if follow_up:
                 self._send(follow_up)
 
