@@ -26,6 +26,24 @@ from tpm_fed.protocol.requests import describe_validation_error
 
 Name = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
 
+RENAMED_KINDS = {"query": "generate", "embedding": "embed", "intermediary": "trace"}
+"""Request kinds under their names before the rename (a model's ``modes``, the price rows): old -> new.
+
+Files written before then fail to load; the message gives the line to write,
+rather than pydantic's bare "Extra inputs are not permitted"."""
+_RENAMES = ", ".join(f"{old} -> {new}" for old, new in RENAMED_KINDS.items())
+
+
+def _modes_renamed(model: str, modes: Any) -> str:
+    """What to write instead of a model's old ``modes`` list."""
+    old = modes if isinstance(modes, list) else [modes]
+    unknown = [m for m in old if not isinstance(m, str) or m not in RENAMED_KINDS]
+    if unknown:
+        return (f"model {model!r}: `modes` is now `kinds` ({_RENAMES}); {unknown[0]!r} was never a mode: "
+                f"write `kinds:` with some of generate, embed, trace")
+    return (f"model {model!r}: `modes` is now `kinds` ({_RENAMES}): "
+            f"write `kinds: [{', '.join(RENAMED_KINDS[m] for m in old)}]` instead")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -241,6 +259,13 @@ class ModelConfig(_Strict):
     kinds: list[KindName] = Field(default_factory=lambda: ["generate"], min_length=1)
     sites: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _modes_were_renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "modes" in data:
+            raise ValueError(_modes_renamed(str(data.get("name")), data["modes"]))
+        return data
+
     @model_validator(mode="after")
     def _one_source(self) -> Self:
         if (self.path is None) == (not self.store):
@@ -294,6 +319,15 @@ class Prices(_Strict):
     trace: Price = Price(
         per_1k_prompt_tokens=2.0, per_1k_completion_tokens=4.0, per_mb_activations=1.0, per_cold_start=0.5
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rows_were_renamed(cls, data: Any) -> Any:
+        old = [row for row in RENAMED_KINDS if isinstance(data, dict) and row in data]
+        if old:
+            raise ValueError("; ".join(f"`{row}` is now `{RENAMED_KINDS[row]}`" for row in old)
+                             + ": rename these rows (the prices themselves are unchanged)")
+        return data
 
     def of(self, kind: str) -> Price:
         """The price a request of ``kind`` pays: its family's (a session pays as traces)."""
