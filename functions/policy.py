@@ -27,11 +27,15 @@ policy file on the endpoint host named there.
 ``TPM_RESULT_RETENTION_S``  How long the store keeps a result (default a day).
 ``TPM_MAX_SESSION_STEPS``   The most steps one session may run here
                             (default, and at most, 16).
-``TPM_STREAM_HOSTS``        Hosts (comma-separated) this worker may send
-                            streamed tokens to: the service's back channel.
-                            Loopback is always allowed; any other host only
-                            if listed (a task names where to stream, so an
-                            unlisted host gets nothing).
+``TPM_STREAM_HOSTS``        Origins (comma-separated ``scheme://host:port``)
+                            this worker may send streamed tokens to: the
+                            service's back channel. Scheme, host and port
+                            must all match (a task names where to stream, so
+                            another port on the right host, where anyone on
+                            that host may listen, gets nothing).
+``TPM_STREAM_LOOPBACK``     ``1``: any loopback port too. Only for workers
+                            the service starts itself on its own host (the
+                            ``local`` site), which are given its bound URL.
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -51,6 +55,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -67,6 +72,7 @@ VARIABLES = {
     "adapter_registry": "TPM_ADAPTER_REGISTRY",
     "max_result_bytes": "TPM_MAX_RESULT_BYTES",
     "stream_hosts": "TPM_STREAM_HOSTS",
+    "stream_loopback": "TPM_STREAM_LOOPBACK",
     "result_store": "TPM_RESULT_STORE",
     "inline_result_bytes": "TPM_INLINE_RESULT_BYTES",
     "max_reference_bytes": "TPM_MAX_REFERENCE_BYTES",
@@ -88,7 +94,8 @@ class WorkerPolicy(BaseModel):
         allow_caller_code: Callers' own Python may be deserialized and run here.
         adapter_registry: The adapter registry's folder, or None (no registered adapters).
         max_result_bytes: The largest result (tensor bytes) one request may get back.
-        stream_hosts: Hosts besides loopback that streamed tokens may be sent to.
+        stream_hosts: Origins (``scheme://host:port``) streamed tokens may be sent to.
+        stream_loopback: Streamed tokens may go to any loopback port (the service's own local site).
         result_store: Where large results are left for the caller (a connector spec,
             :mod:`tpm_fed.protocol.result_stores`), or None: every result travels inline.
         inline_result_bytes: Results larger than this are left in the store.
@@ -103,6 +110,7 @@ class WorkerPolicy(BaseModel):
     adapter_registry: Path | None = None
     max_result_bytes: int = Field(default=MAX_RESULT_BYTES, ge=1, le=MAX_RESULT_BYTES)
     stream_hosts: list[str] = Field(default_factory=list)
+    stream_loopback: bool = False
     result_store: str | None = None
     inline_result_bytes: int = Field(default=INLINE_RESULT_BYTES, ge=0, le=MAX_RESULT_BYTES)
     max_reference_bytes: int = Field(default=1024 ** 3, ge=1, le=MAX_REFERENCE_BYTES)
@@ -126,9 +134,27 @@ class WorkerPolicy(BaseModel):
     def _comma_separated(cls, value: Any) -> Any:
         return [host.strip() for host in value.split(",") if host.strip()] if isinstance(value, str) else value
 
-    def may_stream_to(self, host: str | None) -> bool:
-        """Whether streamed tokens may go to ``host`` (loopback, or a host the operator listed)."""
-        return host in LOOPBACK or host in self.stream_hosts
+    @field_validator("stream_hosts")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        origins = []
+        for value in values:
+            origin = _origin(value)
+            if origin is None:
+                raise ValueError(f"{value!r} is not an origin: name scheme, host and port "
+                                 "(e.g. https://tpm.center.edu:443)")
+            origins.append(origin)
+        return origins
+
+    def may_stream_to(self, url: str) -> bool:
+        """Whether streamed tokens may go to ``url``: its scheme, host and port are an origin the operator
+        listed (or, with ``stream_loopback``, it is any loopback port)."""
+        origin = _origin(url)
+        if origin is None:
+            return False
+        if self.stream_loopback and urlsplit(origin).hostname in LOOPBACK:
+            return True
+        return origin in self.stream_hosts
 
     @field_validator("adapter_registry")
     @classmethod
@@ -162,6 +188,19 @@ class WorkerPolicy(BaseModel):
         from globus_compute_sdk.serialize import ComputeSerializer
 
         return ComputeSerializer().deserialize(code)
+
+
+def _origin(url: str) -> str | None:
+    """``scheme://host:port`` of an http(s) URL (the port written out), or None if it is not one."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except (ValueError, AttributeError):
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
 
 
 def load_policy(environ: Mapping[str, str]) -> WorkerPolicy:

@@ -82,6 +82,8 @@ class LocalSite(EngineSite):
     def worker_init(self) -> str:
         """The shell lines that set the workers' policy, as an endpoint config's ``worker_init`` would."""
         lines = [f"export TPM_ALLOW_CALLER_CODE={int(self.allow_caller_code)}",
+                 # The service started these workers on its own host and gives them only its bound URL.
+                 "export TPM_STREAM_LOOPBACK=1",
                  "unset TPM_WORKER_POLICY TPM_MAX_RESULT_BYTES TPM_MAX_REFERENCE_BYTES"]
         for variable, value in (("TPM_ADAPTER_REGISTRY", self.adapter_registry),
                                 ("TPM_RESULT_STORE", self.result_store),
