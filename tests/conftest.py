@@ -32,11 +32,47 @@ from tpm_fed.identity import LocalUser
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 
 
+DEMO_MODEL_CACHE = Path(os.environ.get("TPM_TEST_CACHE", Path.home() / ".cache" / "tpm-fed-tests"))
+"""Where a session leaves the demo model it trained, for the sessions after it on this machine."""
+
+
+def _demo_model_key() -> str:
+    """What the demo model is made from: its recipe's code, the corpus, and the libraries that train it."""
+    import hashlib
+
+    import tokenizers
+    import torch
+    import transformers
+
+    from tpm_fed.models import demo
+
+    digest = hashlib.sha256(Path(demo.__file__).read_bytes())
+    for part in (demo.corpus_text(), torch.__version__, transformers.__version__, tokenizers.__version__):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
+    """The demo model (seeded), trained once per machine and recipe.
+
+    Training takes ~15 s alone and minutes on a machine busy with other test
+    sessions (it once ran past the 600 s test timeout, ending a whole run):
+    a session finds the model an earlier one trained from the same code and
+    copies it. ``TPM_TEST_CACHE`` moves the cache; deleting it retrains.
+    """
     from tpm_fed.models.demo import make_demo_model
 
-    return make_demo_model(tmp_path_factory.mktemp("models") / DEMO_MODEL_NAME, progress=False)
+    cached = DEMO_MODEL_CACHE / f"{DEMO_MODEL_NAME}-{_demo_model_key()}"
+    if not (cached / "config.json").is_file():
+        try:
+            make_demo_model(cached, progress=False)  # appears whole or not at all
+        except OSError:
+            if not (cached / "config.json").is_file():  # not a concurrent session that finished first
+                raise
+    out = tmp_path_factory.mktemp("models") / DEMO_MODEL_NAME
+    shutil.copytree(cached, out)
+    return out
 
 
 @pytest.fixture(scope="session")
