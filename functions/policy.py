@@ -36,6 +36,13 @@ policy file on the endpoint host named there.
 ``TPM_STREAM_LOOPBACK``     ``1``: any loopback port too. Only for workers
                             the service starts itself on its own host (the
                             ``local`` site), which are given its bound URL.
+``TPM_MODEL_ROOTS``         The folders (absolute, separated by ``:``) models
+                            may be loaded from: the endpoint's model folders
+                            and model store. A task names a model's folder,
+                            so a folder outside these is refused
+                            (``NotPermitted``) before anything in it is read.
+                            Unset: any folder the account can read (set it
+                            on every endpoint others may submit to).
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -78,6 +85,7 @@ VARIABLES = {
     "max_reference_bytes": "TPM_MAX_REFERENCE_BYTES",
     "result_retention_s": "TPM_RESULT_RETENTION_S",
     "max_session_steps": "TPM_MAX_SESSION_STEPS",
+    "model_roots": "TPM_MODEL_ROOTS",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -102,6 +110,7 @@ class WorkerPolicy(BaseModel):
         max_reference_bytes: The largest result one request may leave in the store.
         result_retention_s: How long a stored result is kept.
         max_session_steps: The most steps one session may run here.
+        model_roots: The folders models may be loaded from (empty: any folder).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -116,6 +125,7 @@ class WorkerPolicy(BaseModel):
     max_reference_bytes: int = Field(default=1024 ** 3, ge=1, le=MAX_REFERENCE_BYTES)
     result_retention_s: float = Field(default=86400.0, gt=0)
     max_session_steps: int = Field(default=MAX_SESSION_STEPS, ge=1, le=MAX_SESSION_STEPS)
+    model_roots: list[Path] = Field(default_factory=list)
 
     @field_validator("result_store")
     @classmethod
@@ -162,6 +172,40 @@ class WorkerPolicy(BaseModel):
         if path is not None and not path.is_absolute():
             raise ValueError(f"{str(path)!r} is not an absolute path")
         return path
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _path_list(cls, value: Any) -> Any:
+        return [part for part in value.split(os.pathsep) if part] if isinstance(value, str) else value
+
+    @field_validator("model_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
+        for root in roots:
+            cls._absolute(root)
+        return roots
+
+    def check_model_folder(self, name: str, folder: str) -> None:
+        """Refuse a model folder outside this endpoint's model roots, before anything in it is read.
+
+        Links and ``..`` are resolved first, so neither leads out of a root. The
+        message names neither the folder nor the roots: a refusal tells a caller
+        nothing about the endpoint's file system.
+
+        Raises:
+            NotPermitted: ``folder`` is outside every root (when the endpoint sets roots).
+        """
+        if not self.model_roots:
+            return
+        real = os.path.realpath(folder)
+        for root in self.model_roots:
+            base = os.path.realpath(root)
+            if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+                return
+        raise NotPermitted(
+            f"model {name!r}: the folder the task names is outside this endpoint's model folders "
+            f"(its operator lists them in {VARIABLES['model_roots']}); ask the service for a model by name"
+        )
 
     def check_caller_code(self, what: str) -> None:
         """Refuse a request carrying the caller's own code, unless this endpoint runs it.

@@ -12,6 +12,7 @@ is its endpoint's policy, :mod:`functions.policy`.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import time
@@ -56,6 +57,7 @@ def serve_batch(
     try:
         _check_code_version((context or {}).get("code_version"))
         policy = current_policy()  # a malformed policy refuses everything, before a model loads
+        policy.check_model_folder(spec.name, spec.path)  # a task names the folder: only the endpoint's own
         replica, warm = REPLICAS.get(spec)
     except TpmError as error:
         reply["outcomes"] = [refused(error)] * len(requests)
@@ -84,7 +86,20 @@ def serve_batch(
     if channel is not None:  # requests that joined the running batch (functions.admission), answered or not
         own = {request.get("request_id") for request in requests if isinstance(request, dict)}
         reply["joined"] = {rid: outcome for rid, outcome in channel.answers.items() if rid not in own}
-    return reply
+    return json_ready(reply)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` as JSON data: tensor blobs (bytes) become base64 text, as the contract's result
+    models read them (``tensors_blob``). The endpoint sends replies as JSON: the service reads no
+    pickles from a worker."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def answer(backend: Any, requests: list[dict[str, Any]], policy: Any, channel: Any = None) -> list[dict[str, Any]]:

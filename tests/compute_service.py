@@ -229,6 +229,8 @@ class ComputeService:
                     engine_future,
                     messagepack.pack(Task(task_id=task_id, task_buffer=code + payload)),
                     resource_specification={},
+                    # The service hands the submission's result serializers to the endpoint with the task.
+                    result_serializers=body.get("result_serializers"),
                 )
         return self._reply(200, {
             "request_id": str(uuid.uuid4()), "task_group_id": task_group_id,

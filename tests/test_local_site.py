@@ -13,8 +13,8 @@ from tpm_fed.sites.local import LocalSite
 
 def test_round_trip_through_the_engine(runtime):
     site = runtime.site("local")
-    payload = {"nested": [1, 2.5, "three"], "bytes": b"\x00\xff"}
-    assert site.submit(echo, payload).result(timeout=60) == payload
+    payload = {"nested": [1, 2.5, "three"], "none": None, "text": "\x00\xff"}
+    assert site.submit(echo, payload).result(timeout=60) == payload  # results travel as JSON data
     info = site.submit(worker_info).result(timeout=60)
     assert info["pid"] == site.submit(worker_pid).result(timeout=60)
     assert site.status().state == "running"

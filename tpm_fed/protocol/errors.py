@@ -101,6 +101,11 @@ class EndpointOffline(SiteError):
     """The site's Globus Compute endpoint is not connected (or Globus Compute does not know it)."""
 
 
+class ResultNotData(SiteError):
+    """A site's worker sent back something other than JSON data (a pickled object, code):
+    refused unread, so nothing a worker sends can run in the service."""
+
+
 class NotLoggedIn(TpmError):
     """Globus Compute needs credentials this machine does not have: run ``tpm login``."""
 

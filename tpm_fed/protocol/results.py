@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator
 
 from tpm_fed.protocol.references import TensorsReference
 
@@ -162,6 +162,16 @@ class _TensorResult(ServedResult):
 
     tensors_blob: bytes = b""
     """Every returned tensor, as one safetensors blob (names are ``PROMPT:NAME``), when it came inline."""
+
+    @field_validator("tensors_blob", mode="before")
+    @classmethod
+    def _base64_on_the_wire(cls, value: Any) -> Any:
+        """A worker's reply is JSON: there the blob is base64 text (``functions.serve.json_ready``)."""
+        if isinstance(value, str):
+            import base64
+
+            return base64.b64decode(value, validate=True)
+        return value
 
     tensors_ref: TensorsReference | None = None
     """Where the blob waits instead, when it was too large to come inline (results by reference)."""

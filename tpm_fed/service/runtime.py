@@ -500,7 +500,10 @@ class Runtime:
 
     def _site(self, config: SiteConfig) -> Site:
         if config.name not in self._sites:
-            self._sites[config.name] = build_site(config, self.home.sites_dir)
+            from tpm_fed.sites.local import model_roots_of
+
+            self._sites[config.name] = build_site(config, self.home.sites_dir,
+                                                  model_roots=model_roots_of(self.federation, self.home.models_dir))
         return self._sites[config.name]
 
     def site(self, name: str | None = None) -> Site:

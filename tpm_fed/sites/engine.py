@@ -7,6 +7,11 @@ HighThroughputExecutor with some provider), executed by ``execute_task`` in a
 long-lived worker process, and returned as a packed ``Result``. Our
 functions therefore meet the same serializer, engine and worker lifetime
 they meet on an RCC. Subclasses say only which engine to build.
+
+Tasks go out serialized by ``ComputeSerializer`` (the function by name, plain
+data); results come back as JSON only: the engine is asked for ``JSONData``
+results and anything else is refused unread (:mod:`tpm_fed.sites.json_results`),
+since the workers are not the service's to trust.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from tpm_fed.protocol.errors import SiteError
+from tpm_fed.protocol.errors import SiteError, TpmError
 from tpm_fed.sites.base import SiteStatus
+from tpm_fed.sites.json_results import JSON_RESULTS, data_from_result
 from tpm_fed.sites.remote_errors import error_from_traceback
 
 
@@ -108,7 +114,7 @@ class EngineSite:
         engine_future.add_done_callback(lambda done: self._deliver(done, outcome))
         with self._lock:
             self._outstanding += 1
-        self._engine.submit(engine_future, packed, resource_specification={})
+        self._engine.submit(engine_future, packed, resource_specification={}, result_serializers=[JSON_RESULTS])
         return outcome
 
     def _deliver(self, done: Future, outcome: Future[Any]) -> None:
@@ -121,7 +127,9 @@ class EngineSite:
             if result.is_error:
                 outcome.set_exception(error_from_traceback(self.name, result.data))
             else:
-                outcome.set_result(self._serializer.deserialize(result.data))
+                outcome.set_result(data_from_result(self.name, result.data))
+        except TpmError as error:  # a worker that sent something other than data
+            outcome.set_exception(error)
         except Exception as error:  # the engine itself broke, not the function
             outcome.set_exception(SiteError(f"site {self.name!r}: {type(error).__name__}: {error}"))
 

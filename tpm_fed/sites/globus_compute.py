@@ -15,7 +15,11 @@ turns what comes back into our types:
   :class:`SiteError` naming the endpoint;
 - an endpoint that is not connected: :class:`EndpointOffline`, found by
   :meth:`GlobusComputeSite.problem` before a request is placed here, so the
-  broker sends it elsewhere.
+  broker sends it elsewhere;
+- a result that is not JSON data: :class:`ResultNotData`. The executor asks
+  the endpoint for ``JSONData`` results, and its client reads results only
+  as JSON (:mod:`tpm_fed.sites.json_results`): a byo endpoint is run by its
+  owner, and a pickled result would run the owner's code in the service.
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ from tpm_fed.protocol.errors import (
     FunctionNotRegistered,
     NotLoggedIn,
     PayloadTooLarge,
+    ResultNotData,
     SiteError,
     TpmError,
 )
 from tpm_fed.federation import SiteConfig
 from tpm_fed.globus_auth import LOGIN_HINT, compute_client
 from tpm_fed.sites.base import SiteStatus
+from tpm_fed.sites.json_results import JSON_RESULTS, json_results_serializer
 from tpm_fed.sites.registration import registered_id
 from tpm_fed.sites.remote_errors import error_from_traceback
 
@@ -104,6 +110,8 @@ class GlobusComputeSite:
                 user_endpoint_config=self.site_config.user_endpoint_config,
                 resource_specification=self.site_config.resource_specification,
                 label=f"tpm-{self.name}",
+                serializer=json_results_serializer(self.name),  # becomes the client's: results read as JSON only
+                result_serializers=[JSON_RESULTS],
             )
             # The SDK gives a new Executor the last task group any Executor in the process used
             # (a class-wide default), so every site and every caller would share one task group
@@ -132,6 +140,8 @@ class GlobusComputeSite:
             self._outstanding -= 1
         try:
             outcome.set_result(done.result())
+        except ResultNotData as error:
+            outcome.set_exception(error)
         except TaskExecutionFailed as error:
             outcome.set_exception(error_from_traceback(self.name, error.remote_data))
         except CancelledError:
@@ -140,7 +150,8 @@ class GlobusComputeSite:
                 "stopped before the task was sent"
             ))
         except Exception as error:
-            outcome.set_exception(_service_error(self.name, self.endpoint_id, error))
+            refused = _result_not_data(error)  # the SDK wraps what its serializer raised
+            outcome.set_exception(refused or _service_error(self.name, self.endpoint_id, error))
 
     def problem(self) -> str | None:
         """Why the broker should not place work here now (``None``: go ahead).
@@ -193,6 +204,15 @@ class GlobusComputeSite:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _result_not_data(error: BaseException | None) -> ResultNotData | None:
+    """The :class:`ResultNotData` behind an SDK error, if the result was refused for not being data."""
+    while error is not None:
+        if isinstance(error, ResultNotData):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _service_error(site: str, endpoint_id: UUID, error: BaseException) -> TpmError:
