@@ -50,7 +50,8 @@ class Tracer:
         self.catalog: PointCatalog = probe_points(model)
 
     def run(self, request: TraceRequest, *, policy: WorkerPolicy) -> dict[str, Any]:
-        """Answer ``request``: ``{"tensors_blob": safetensors bytes, "prompt_tokens", "vocab", "completions", "usage"}``.
+        """Answer ``request``: ``{"tensors_blob": safetensors bytes, "prompt_tokens", "prompt_texts", "vocab", "texts", "completions",
+        "usage"}``.
 
         Args:
             request: The trace.
@@ -345,7 +346,9 @@ class _Run:
         decode = self.tracer.tokenizer.convert_ids_to_tokens
         return tensors, {
             "prompt_tokens": [decode(ids) for ids in self.prompt_ids],
+            "prompt_texts": [[self._text(i) for i in ids] for ids in self.prompt_ids],
             "vocab": {str(i): decode(i) for i in sorted(vocab_ids)},
+            "texts": {str(i): self._text(i) for i in sorted(vocab_ids)},
             "completions": [c.to_wire() for c in completions],
             "usage": {
                 "prompt_tokens": sum(self.lengths),
@@ -353,6 +356,10 @@ class _Run:
                 "activation_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             },
         }
+
+    def _text(self, token_id: int) -> str:
+        """One token as the text it stands for (' is' where its vocabulary piece is 'Ġis')."""
+        return self.tracer.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
     def _decode_top(self, hidden, top_k: int):
         import torch

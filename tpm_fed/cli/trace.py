@@ -64,15 +64,28 @@ def trace(prompts, model, spec_file, session_file, saves, logit_lens, top_k, max
     for name, described in _described(result, out).items():
         if ".ids" not in name and ".probs" not in name:
             click.echo(f"  {name}: {described}")
-    for prompt, tokens in enumerate(result.prompt_tokens):
+    for prompt in range(len(result.prompt_tokens)):
         if result.completions:
             click.echo(f"[{prompt}] generated: {result.completions[prompt].text!r}")
         if request.logit_lens is not None:
-            lens = result.logit_lens(prompt)
-            click.echo(f"[{prompt}] logit lens at the last token {tokens[-1]!r}:")
-            for layer, row in enumerate(lens.tokens):
-                shown = ", ".join(f"{t!r} {p:.2f}" for t, p in zip(row[-1], lens.probs[layer][-1].tolist(), strict=True))
-                click.echo(f"  layer {layer}: {shown}")
+            for line in lens_lines(result, prompt):
+                click.echo(line)
+
+
+def lens_lines(result, prompt: int) -> list[str]:
+    """The logit lens at ``prompt``'s last token, one line per layer, in the text each token stands for."""
+    lens = result.logit_lens(prompt)
+    last = result.prompt_texts[prompt][-1]
+    lines = [f"[{prompt}] logit lens at the last token {shown_token(last)} ('·' marks a space):"]
+    for layer, row in enumerate(lens.texts):
+        tops = zip(row[-1], lens.probs[layer][-1].tolist(), strict=True)
+        lines.append(f"  layer {layer}: " + ", ".join(f"{shown_token(text)} {p:.2f}" for text, p in tops))
+    return lines
+
+
+def shown_token(text: str) -> str:
+    """A token's text, quoted, with its spaces visible: ``' is'`` shows as ``'·is'``, a newline as ``'\\n'``."""
+    return repr(text.replace(" ", "·"))
 
 
 def _session(fields: dict, model: str | None, out: Path | None, project: str | None, site: str | None) -> None:

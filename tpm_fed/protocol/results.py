@@ -215,24 +215,33 @@ class _TensorResult(ServedResult):
 
 @dataclass(frozen=True)
 class LensReading:
-    """Top-k tokens of a lens: ``ids[..., k]`` (numpy int32) with their ``probs`` and ``tokens`` (text)."""
+    """Top-k tokens of a lens: ``ids[..., k]`` (numpy int32) with their ``probs``, ``tokens`` and ``texts``.
+
+    ``tokens`` are the vocabulary's pieces (``'Ġis'`` in a byte-level BPE);
+    ``texts`` the text each stands for, decoded alone by the tokenizer (``' is'``).
+    """
 
     ids: Any
     probs: Any
     tokens: list
+    texts: list
 
 
 class TraceResult(_TensorResult):
     """The answer to a :class:`~tpm_fed.interventions.TraceRequest`.
 
     Attributes:
-        prompt_tokens: Each prompt's tokens as text, so positions can be read off.
-        vocab: Token id -> text for every id a lens returned.
+        prompt_tokens: Each prompt's tokens as the vocabulary's pieces, so positions can be read off.
+        prompt_texts: The same tokens, each as the text it stands for (decoded alone).
+        vocab: Token id -> vocabulary piece for every id a lens returned (``'Ġis'``).
+        texts: Token id -> the text it stands for, for the same ids (``' is'``).
         completions: Generated text, when ``max_new_tokens`` was above 0.
     """
 
     prompt_tokens: list[list[str]]
+    prompt_texts: list[list[str]] = []
     vocab: dict[str, str] = {}
+    texts: dict[str, str] = {}
     completions: list[Completion] = []
 
     def saved(self, name: str, prompt: int = 0):
@@ -259,8 +268,10 @@ class TraceResult(_TensorResult):
         import numpy as np
 
         ids = self.saved(f"{kind}.ids", prompt)
-        tokens = np.array([self.vocab.get(str(i), "?") for i in ids.flatten().tolist()], dtype=object)
-        return LensReading(ids=ids, probs=self.saved(f"{kind}.probs", prompt), tokens=tokens.reshape(ids.shape).tolist())
+        flat = [str(i) for i in ids.flatten().tolist()]
+        tokens = np.array([self.vocab.get(i, "?") for i in flat], dtype=object).reshape(ids.shape).tolist()
+        texts = np.array([self.texts.get(i, "?") for i in flat], dtype=object).reshape(ids.shape).tolist()
+        return LensReading(ids=ids, probs=self.saved(f"{kind}.probs", prompt), tokens=tokens, texts=texts)
 
 
 class EmbeddingResult(_TensorResult):
@@ -277,8 +288,10 @@ class SessionStepResult(_Record):
 
     Attributes:
         name: The step's name.
-        prompt_tokens: Each prompt's tokens as text.
-        vocab: Token id -> text for every id a lens returned.
+        prompt_tokens: Each prompt's tokens as the vocabulary's pieces.
+        prompt_texts: The same tokens, each as the text it stands for.
+        vocab: Token id -> vocabulary piece for every id a lens returned.
+        texts: Token id -> the text it stands for, for the same ids.
         completions: Generated text, when the step generated.
         usage: What this step used.
         charged_su: This step's line of the session's charge (the lines add up to it).
@@ -286,7 +299,9 @@ class SessionStepResult(_Record):
 
     name: str
     prompt_tokens: list[list[str]]
+    prompt_texts: list[list[str]] = []
     vocab: dict[str, str] = {}
+    texts: dict[str, str] = {}
     completions: list[Completion] = []
     usage: Usage
     charged_su: float = 0.0
