@@ -13,10 +13,10 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from functions.backends import choose_backend, load_backend
+from functions.backends import VLLM_MISSING, choose_backend, load_backend, notes_now
 from functions.backends.base import Backend
 from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
 from tpm_fed.protocol.model import ModelSpec
@@ -32,6 +32,8 @@ class Replica:
     load_s: float
     replica_id: str
     notes: list[str] = field(default_factory=list)
+    loaded_without_vllm: bool = False
+    """``auto`` chose torch because vLLM was not installed (it may be by now)."""
 
 
 class ReplicaCache:
@@ -52,7 +54,8 @@ class ReplicaCache:
             replica = self._replicas.get(spec.key)
             if replica is not None:
                 self._replicas.move_to_end(spec.key)
-                return replica, True
+                notes = notes_now(replica.notes, replica.loaded_without_vllm)
+                return (replica if notes is replica.notes else replace(replica, notes=notes)), True
             while len(self._replicas) >= self.capacity:
                 _, evicted = self._replicas.popitem(last=False)
                 evicted.backend.close()
@@ -85,6 +88,7 @@ def _load(spec: ModelSpec) -> Replica:
         load_s=time.perf_counter() - started,
         replica_id=replica_id,
         notes=notes,
+        loaded_without_vllm=any(VLLM_MISSING in note for note in notes),
     )
 
 

@@ -9,6 +9,8 @@ why.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -27,16 +29,42 @@ def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:
         return "torch", []
     from functions.backends.vllm_backend import vllm_support
 
-    why_not = (
-        "vllm loads model directories, and this version lives in the model store"
-        if spec.source == "store"
-        else vllm_support(_architecture(spec))
-    )
+    if spec.source == "store":
+        why_not = "vllm loads model directories, and this version lives in the model store"
+    elif vllm_missing():
+        why_not = VLLM_MISSING
+    else:
+        why_not = vllm_support(_architecture(spec))
     if why_not is None:
         return "vllm", []
     if spec.backend == "vllm":
         raise BackendUnavailable(f"model {spec.name!r}: backend 'vllm' was asked for, but {why_not}")
     return "torch", [f"served by torch: {why_not}"]
+
+
+VLLM_MISSING = ("vllm is not installed on this worker (scripts/install-vllm.sh installs it; "
+                "a service started before that needs `tpm service restart`)")
+
+VLLM_INSTALLED_SINCE = ("vllm was installed after this replica loaded on torch; it stays on torch while warm: "
+                        "`tpm service restart` serves it with vLLM")
+
+
+def vllm_missing() -> bool:
+    """Whether vLLM cannot be found from this worker now (installed since it started: it can)."""
+    importlib.invalidate_caches()  # a package installed since this process last looked
+    return importlib.util.find_spec("vllm") is None
+
+
+def notes_now(notes: list[str], loaded_without_vllm: bool) -> list[str]:
+    """A warm replica's notes, plus one saying so when vLLM has been installed since it loaded.
+
+    ``auto`` put the replica on torch because vLLM was missing; a replica stays as it
+    loaded while warm, so without this note its results would keep saying that vLLM
+    is not installed, long after it is.
+    """
+    if loaded_without_vllm and importlib.util.find_spec("vllm") is not None:
+        return [*notes, VLLM_INSTALLED_SINCE]
+    return notes
 
 
 def load_backend(spec: ModelSpec, backend: str) -> Backend:

@@ -1,14 +1,16 @@
-"""``tpm service status | stop | logs``: the home's background service."""
+"""``tpm service status | stop | restart | logs``: the home's background service."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
+from pathlib import Path
 
 import click
 
-from tpm_fed.connection import running_service
+from tpm_fed.connection import ServiceAddress, ensure_service, running_service
 from tpm_fed.home import TpmHome
 
 
@@ -30,6 +32,24 @@ def status() -> None:
         click.echo(f"token: {address.token}")
         click.echo(f"web page (this link signs you in): {address.url}/#token={address.token}")
         click.echo(f"e.g. OpenAI(base_url=\"{address.url}/v1\", api_key=\"{address.token}\")")
+    if vllm_installed_after(home.root / "service.json"):
+        click.echo("vLLM was installed after this service started: replicas it loaded before stay on torch "
+                   "(their results say vllm is not installed); `tpm service restart` serves them with vLLM")
+
+
+def vllm_installed_after(started: Path) -> bool:
+    """Whether vLLM is installed here and newer than ``started`` (the service's file, written as it started).
+
+    Found, not imported (the CLI never imports vLLM); pip writes a package's files
+    as it installs it, so the time of ``vllm/__init__.py`` is when it was installed.
+    """
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        return Path(spec.origin).stat().st_mtime > started.stat().st_mtime
+    except OSError:
+        return False
 
 
 @service.command()
@@ -42,6 +62,23 @@ def stop(timeout: float) -> None:
     if address is None or address.pid is None:
         click.echo(f"no service is running for {home.root}")
         return
+    _stop(address, timeout)
+
+
+@service.command()
+@click.option("--timeout", type=float, default=40.0, show_default=True,
+              help="Seconds to wait for requests in flight to finish.")
+def restart(timeout: float) -> None:
+    """Stop the home's service and start it again (e.g. to serve with a vLLM installed since it started)."""
+    home = TpmHome.default()
+    address = running_service(home)
+    if address is not None and address.pid is not None:
+        _stop(address, timeout)
+    address = ensure_service(home, announce=True)
+    click.echo(f"running for {home.root}: {address.url} (pid {address.pid})")
+
+
+def _stop(address: ServiceAddress, timeout: float) -> None:
     os.kill(address.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
