@@ -95,8 +95,8 @@ def ensure_service(home: TpmHome, *, announce: bool = False, idle_timeout_s: flo
     address = running_service(home)
     if address is not None:
         return address
-    home.root.mkdir(parents=True, exist_ok=True)
-    with open(home.root / "service.lock", "w") as lock:
+    home.create()  # the owner's alone: it will hold the token, the database and the log
+    with open(os.open(home.root / "service.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent first call waits here, then finds the service
         address = running_service(home)
         if address is not None:
@@ -112,7 +112,7 @@ def _start(home: TpmHome, *, announce: bool, idle_timeout_s: float) -> ServiceAd
         print(f"tpm: starting the service for {home.root} (first call: seconds; log: {log})", file=sys.stderr)
     _end_leftovers(home)
     (home.root / "service.json").unlink(missing_ok=True)  # stale: its process is gone
-    with open(log, "ab") as output:
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "tpm_fed.service", "--home", str(home.root),
              "--idle-timeout", str(idle_timeout_s)],

@@ -6,17 +6,31 @@ Layout::
     tpm.db               SQLite: request log, replicas seen
     models/demo-llama/   the demo model, made on this machine
     sites/<name>/        engine run folders and logs
+    service.json         the running service's URL and local token
+    service.log          what the background-started service prints (never the token)
+
+The home and everything in it are its owner's alone (0700 folders, files
+without group or other bits): it holds the token, the database (callers'
+prompts and batch files) and the log. The service works under umask 077,
+and :meth:`TpmHome.make_private` fixes a home made before, at each start.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.identity import LocalUser
+
+logger = logging.getLogger(__name__)
+
+PRIVATE_UMASK = 0o077
+"""The service's umask: what it creates (files 0600, folders 0700) is its owner's alone."""
 
 DEMO_MODEL_NAME = "demo-llama"
 DEFAULT_GRANT_SU = 1000.0
@@ -49,6 +63,38 @@ class TpmHome:
     def sites_dir(self) -> Path:
         return self.root / "sites"
 
+    def create(self) -> None:
+        """Make the home folder, its owner's alone (0700, whatever the caller's umask)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.chmod(0o700)
+
+    def make_private(self) -> list[Path]:
+        """Take group and other permissions off the home and everything in it; return what had them.
+
+        A home made before this rule (0755, files 0644) is fixed at the service's start, with a
+        warning naming how many paths were opened to other users. Links are not followed (a
+        model folder the federation names elsewhere is the operator's to set).
+        """
+        was_open = self.root.exists() and bool(self.root.stat().st_mode & 0o077)
+        self.create()
+        opened: list[Path] = [self.root] if was_open else []
+        for folder, subfolders, files in os.walk(self.root):
+            for name in [*subfolders, *files]:
+                path = Path(folder) / name
+                try:
+                    mode = path.lstat().st_mode
+                    if stat.S_ISLNK(mode) or not mode & 0o077:
+                        continue
+                    path.chmod(stat.S_IMODE(mode) & ~0o077)
+                except FileNotFoundError:  # a file the running service removed meanwhile
+                    continue
+                opened.append(path)
+        if opened:
+            logger.warning("tpm: %d paths in %s were readable by other users (the database, the log, the token "
+                           "file among them?); they are now the owner's alone, e.g. %s",
+                           len(opened), self.root, ", ".join(str(p) for p in opened[:5]))
+        return opened
+
     def ensure_embedded_default(self, *, progress: bool = True) -> None:
         """Create the embedded federation here if there is none yet.
 
@@ -58,7 +104,7 @@ class TpmHome:
         """
         demo_dir = self.models_dir / DEMO_MODEL_NAME
         if not self.federation_file.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.create()
             federation = Federation(
                 name="embedded",
                 sites=[SiteConfig(name="local")],

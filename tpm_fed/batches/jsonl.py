@@ -10,6 +10,8 @@ from one answer instead of meeting its problems one run at a time.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from typing import BinaryIO
 
 from pydantic import ValidationError
 
@@ -21,6 +23,10 @@ from tpm_fed.batches.protocol import (
     BatchInputLine,
 )
 from tpm_fed.protocol.errors import InvalidRequest, PayloadTooLarge, TpmError
+from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
+
+MAX_LINE_BYTES = MAX_PAYLOAD_BYTES
+"""The longest line: one request, which must fit in one task (so an upload is never read more than this at once)."""
 
 SHOWN_PROBLEMS = 50
 """Problems spelled out in one refusal (the rest are counted)."""
@@ -49,33 +55,97 @@ def read_batch_file(content: bytes) -> list[BatchInputLine]:
     """
     if len(content) > MAX_FILE_BYTES:
         raise PayloadTooLarge(f"the batch file is {len(content):,} bytes; the most is {MAX_FILE_BYTES:,}")
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise BatchFileInvalid([(content[:error.start].count(b"\n") + 1, "not UTF-8 text")]) from None
-    lines: list[BatchInputLine] = []
-    problems: list[tuple[int, str]] = []
-    first_seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = _read_line(raw)
-        except _BadLine as bad:
-            problems.append((number, str(bad)))
-            continue
-        if line.custom_id in first_seen:
-            problems.append((number, f"custom_id {line.custom_id!r} repeats line {first_seen[line.custom_id]}"))
-            continue
-        first_seen[line.custom_id] = number
-        lines.append(line)
-    if not lines and not problems:
-        problems.append((1, "the file holds no lines"))
-    if len(lines) + len(problems) > MAX_FILE_LINES:
-        problems.append((MAX_FILE_LINES + 1, f"a batch holds at most {MAX_FILE_LINES:,} lines"))
-    if problems:
-        raise BatchFileInvalid(problems)
+    checker = BatchFileChecker()
+    lines = [line for raw in content.split(b"\n") if (line := checker.feed(raw)) is not None]
+    checker.finish()
     return lines
+
+
+def read_stored_batch_file(parts: Iterable[bytes]) -> list[BatchInputLine]:
+    """The lines of a stored file, read from its parts (a line may span two) without joining them whole."""
+    checker = BatchFileChecker()
+    lines, rest = [], b""
+    for part in parts:
+        pieces = (rest + part).split(b"\n")
+        rest = pieces.pop()
+        lines += [line for raw in pieces if (line := checker.feed(raw + b"\n")) is not None]
+    if rest:
+        lines += [line] if (line := checker.feed(rest)) is not None else []
+    checker.finish()
+    return lines
+
+
+class BatchFileChecker:
+    """Checks a batch file a line at a time, as it is read, so no file is ever held whole to be checked.
+
+    ``feed`` each raw line (bytes, with or without its newline), in order; ``finish`` raises what was
+    wrong with any of them, all named at once. What it keeps between lines is the ``custom_id`` of each
+    (to refuse repeats), at most :data:`MAX_FILE_LINES` of them.
+    """
+
+    def __init__(self, max_bytes: int = MAX_FILE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.lines = 0
+        self.number = 0
+        self.problems: list[tuple[int, str]] = []
+        self._first_seen: dict[str, int] = {}
+        self._too_many = False
+
+    def feed(self, raw: bytes) -> BatchInputLine | None:
+        """The line checked (None for a blank or bad one; a bad one is noted for :meth:`finish`).
+
+        Raises:
+            PayloadTooLarge: The file passed ``max_bytes`` with this line (at once: the rest is not read).
+        """
+        self.number += 1
+        self.bytes += len(raw)
+        if self.bytes > self.max_bytes:
+            raise PayloadTooLarge(f"the batch file is over {self.max_bytes:,} bytes, the most this upload may be")
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            self.problems.append((self.number, "not UTF-8 text"))
+            return None
+        if not text.strip():
+            return None
+        try:
+            line = _read_line(text)
+        except _BadLine as bad:
+            self.problems.append((self.number, str(bad)))
+            return None
+        if line.custom_id in self._first_seen:
+            self.problems.append((self.number, f"custom_id {line.custom_id!r} repeats line "
+                                               f"{self._first_seen[line.custom_id]}"))
+            return None
+        if len(self._first_seen) >= MAX_FILE_LINES:
+            if not self._too_many:  # said once, at the first line past the limit
+                self.problems.append((self.number, f"a batch holds at most {MAX_FILE_LINES:,} lines"))
+            self._too_many = True
+            return None
+        self._first_seen[line.custom_id] = self.number
+        self.lines += 1
+        return line
+
+    def feed_file(self, source: BinaryIO) -> None:
+        """Feed every line of a binary file, reading one line (at most :data:`MAX_LINE_BYTES`) at a time.
+
+        Raises:
+            PayloadTooLarge: Over ``max_bytes`` (at once).
+            BatchFileInvalid: A line over :data:`MAX_LINE_BYTES` (a line is one request: it could never run).
+        """
+        while raw := source.readline(MAX_LINE_BYTES + 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise BatchFileInvalid([(self.number + 1, f"a line is over {MAX_LINE_BYTES:,} bytes, the most "
+                                                          "one request may be")])
+            self.feed(raw)
+
+    def finish(self) -> None:
+        """Raises BatchFileInvalid: any line was bad, or there was no line at all."""
+        if not self.lines and not self.problems:
+            self.problems.append((1, "the file holds no lines"))
+        if self.problems:
+            raise BatchFileInvalid(self.problems)
 
 
 class _BadLine(Exception):

@@ -18,6 +18,22 @@ MAX_FILE_BYTES = 100 * 1024 * 1024
 MAX_FILE_LINES = 50_000
 """The most lines one batch file may hold (OpenAI's limit)."""
 
+UPLOAD_QUOTA_BYTES = 1024 * 1024 * 1024
+"""Bytes of uploaded files one identity may keep at once, by default (1 GiB: ten of the largest files);
+the operator sets another with ``TPM_UPLOAD_QUOTA_BYTES``. Expired and deleted files do not count."""
+
+UPLOAD_QUOTA_VARIABLE = "TPM_UPLOAD_QUOTA_BYTES"
+
+FILE_EXPIRY_S = 30 * 24 * 3600
+"""An uploaded file expires this long after its upload unless ``expires_after`` says sooner (OpenAI's
+default for batch files: 30 days); an expired file is refused and then swept."""
+
+MIN_FILE_EXPIRY_S, MAX_FILE_EXPIRY_S = 3600, 30 * 24 * 3600
+"""The ``expires_after.seconds`` OpenAI accepts: one hour to thirty days."""
+
+FILE_PART_BYTES = 256 * 1024
+"""An upload is stored a part of at most this many bytes per row."""
+
 COMPLETION_WINDOW = "24h"
 """The only completion window OpenAI (and so this service) accepts."""
 
@@ -58,6 +74,7 @@ class FileObject(BaseModel):
     filename: str
     purpose: Literal["batch", "batch_output"]
     status: Literal["processed"] = "processed"
+    expires_at: int | None = None
     expires_at: int | None = None
     status_details: str | None = None
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -46,6 +47,9 @@ failure: with :func:`deferral_s`, about an hour."""
 
 STOP_GRACE_S = 20.0
 """How long a stopping runner waits for the lines in flight (then they run again after the restart)."""
+
+FILE_SWEEP_PERIOD_S = 60.0
+"""How often expired uploads are deleted (an expired file is refused at once, whether swept yet or not)."""
 
 
 class BatchRunner:
@@ -115,6 +119,7 @@ class BatchRunner:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._next_file_sweep = 0.0
         recovered = await asyncio.to_thread(self.store.recover)
         if recovered:
             logger.info("batches: %d line(s) a stopped service left running go back to the queue", recovered)
@@ -128,6 +133,9 @@ class BatchRunner:
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
                 await asyncio.to_thread(self.store.settle_batches)
+                if time.monotonic() >= self._next_file_sweep:  # expired uploads leave the database
+                    self._next_file_sweep = time.monotonic() + FILE_SWEEP_PERIOD_S
+                    await asyncio.to_thread(self.store.sweep_expired_files)
             except Exception:  # the database may be away a moment: the next pass tries again
                 logger.exception("batches: a pass of the runner failed")
             try:

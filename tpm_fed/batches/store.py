@@ -10,15 +10,19 @@ the line was submitted under.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, update
 
 from tpm_fed.batches.protocol import (
+    FILE_PART_BYTES,
+    UPLOAD_QUOTA_BYTES,
+    UPLOAD_QUOTA_VARIABLE,
     WINDOW_S,
     BatchCreateBody,
     BatchInputLine,
@@ -33,13 +37,14 @@ from tpm_fed.batches.protocol import (
     RequestCounts,
 )
 from tpm_fed.batches.tables import (
+    batch_file_parts_table,
     batch_files_table,
     batch_lines_table,
     batch_metadata,
     batch_results_table,
     batches_table,
 )
-from tpm_fed.protocol.errors import InvalidRequest, NotPermitted
+from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, PayloadTooLarge
 from tpm_fed.state.database import add_missing_columns
 from tpm_fed.state.schema import MICRO, charges_table
 
@@ -65,20 +70,67 @@ class ClaimedLine:
 
 
 class BatchStore:
-    def __init__(self, engine: Engine) -> None:
+    """Args:
+        upload_quota_bytes: Bytes of unexpired uploads one identity may keep (``TPM_UPLOAD_QUOTA_BYTES``, else
+            :data:`~tpm_fed.batches.protocol.UPLOAD_QUOTA_BYTES`).
+    """
+
+    def __init__(self, engine: Engine, *, upload_quota_bytes: int | None = None) -> None:
         self.engine = engine
+        self.upload_quota_bytes = upload_quota_bytes if upload_quota_bytes is not None else int(
+            os.environ.get(UPLOAD_QUOTA_VARIABLE) or UPLOAD_QUOTA_BYTES)
         batch_metadata.create_all(engine)
         add_missing_columns(engine, batch_metadata)
 
     # ----- files ---------------------------------------------------------------------
-    def add_file(self, owner: str, filename: str, content: bytes, lines: int) -> FileObject:
+    def quota_left(self, owner: str) -> int:
+        """Bytes ``owner`` may still upload (their unexpired files count against the quota)."""
+        f = batch_files_table.c
+        with self.engine.connect() as db:
+            used = db.execute(select(func.coalesce(func.sum(f.bytes), 0)).where(
+                f.owner == owner, _unexpired(f, time.time()))).scalar_one()
+        return max(0, self.upload_quota_bytes - int(used))
+
+    def add_file(self, owner: str, filename: str, source: BinaryIO | bytes, size: int, lines: int,
+                 expires_at: float | None) -> FileObject:
+        """Store an upload already checked, copied from ``source`` a part at a time (never whole in memory).
+
+        Raises:
+            PayloadTooLarge: It would take ``owner`` over their quota (checked in the same transaction as
+                the insert, so two uploads at once cannot both pass it); nothing is stored.
+        """
+        if isinstance(source, bytes):
+            import io
+
+            source = io.BytesIO(source)
         file_id = f"file-{secrets.token_hex(12)}"
         now = time.time()
+        f = batch_files_table.c
         with self.engine.begin() as db:
+            used = db.execute(select(func.coalesce(func.sum(f.bytes), 0)).where(
+                f.owner == owner, _unexpired(f, now))).scalar_one()
+            if int(used) + size > self.upload_quota_bytes:
+                raise PayloadTooLarge(_over_quota(size, int(used), self.upload_quota_bytes))
             db.execute(insert(batch_files_table).values(
-                file_id=file_id, owner=owner, filename=filename, purpose="batch", bytes=len(content), lines=lines,
-                created_at=now, content=content))
-        return FileObject(id=file_id, bytes=len(content), created_at=int(now), filename=filename, purpose="batch")
+                file_id=file_id, owner=owner, filename=filename, purpose="batch", bytes=size, lines=lines,
+                created_at=now, content=b"", expires_at=expires_at))
+            part = 0
+            while data := source.read(FILE_PART_BYTES):
+                db.execute(insert(batch_file_parts_table).values(file_id=file_id, part=part, content=data))
+                part += 1
+        return FileObject(id=file_id, bytes=size, created_at=int(now), filename=filename, purpose="batch",
+                          expires_at=_second(expires_at))
+
+    def sweep_expired_files(self) -> int:
+        """Delete every expired upload (its row and its parts); returns how many."""
+        f, part = batch_files_table.c, batch_file_parts_table.c
+        with self.engine.begin() as db:
+            expired = [row.file_id for row in db.execute(select(f.file_id).where(
+                f.expires_at.is_not(None), f.expires_at <= time.time()))]
+            if expired:
+                db.execute(delete(batch_file_parts_table).where(part.file_id.in_(expired)))
+                db.execute(delete(batch_files_table).where(f.file_id.in_(expired)))
+        return len(expired)
 
     def file(self, file_id: str, identity: str) -> FileObject:
         """An uploaded file, or a batch's output or error file, if ``identity`` owns it.
@@ -98,17 +150,18 @@ class BatchStore:
                               purpose="batch_output")
         row = self._file_row(file_id, identity, content=False)
         return FileObject(id=row.file_id, bytes=row.bytes, created_at=int(row.created_at), filename=row.filename,
-                          purpose=row.purpose)
+                          purpose=row.purpose, expires_at=_second(row.expires_at))
 
     def files_of(self, identity: str, after: str | None = None, limit: int = 20) -> tuple[list[FileObject], bool]:
         """``identity``'s uploaded files, newest first (a page of ``limit`` after the file ``after``), and
         whether more follow. Output and error files are reached through their batches."""
         f = batch_files_table.c
         with self.engine.connect() as db:
-            rows, more = _newest_first(db, select(f.file_id, f.filename, f.purpose, f.bytes, f.created_at),
+            rows, more = _newest_first(db, select(f.file_id, f.filename, f.purpose, f.bytes, f.created_at,
+                                                  f.expires_at).where(_unexpired(f, time.time())),
                                        f.file_id, f, identity, after, limit, "file")
         return [FileObject(id=r.file_id, bytes=r.bytes, created_at=int(r.created_at), filename=r.filename,
-                           purpose=r.purpose) for r in rows], more
+                           purpose=r.purpose, expires_at=_second(r.expires_at)) for r in rows], more
 
     def delete_file(self, file_id: str, identity: str) -> None:
         """Forget an uploaded file. Batches made from it keep their lines (copied when they were made).
@@ -124,21 +177,38 @@ class BatchStore:
         with self.engine.begin() as db:
             if not db.execute(delete(batch_files_table).where(f.file_id == file_id, f.owner == identity)).rowcount:
                 raise NotPermitted(f"no file {file_id!r} of yours")
+            db.execute(delete(batch_file_parts_table).where(batch_file_parts_table.c.file_id == file_id))
 
     def file_content(self, file_id: str, identity: str) -> Iterator[bytes]:
         derived = self._derived(file_id)
         if derived is not None:
             self.file(file_id, identity)  # that the file exists, and is theirs
             return self.output_lines(*derived)
-        return iter([self._file_row(file_id, identity, content=True).content])
+        row = self._file_row(file_id, identity, content=True)
+        return iter([row.content]) if row.content else self._parts(file_id)
+
+    def _parts(self, file_id: str) -> Iterator[bytes]:
+        part = batch_file_parts_table.c
+        index = 0
+        while True:  # a part per query: a download, like an upload, holds one part at a time
+            with self.engine.connect() as db:
+                data = db.execute(select(part.content).where(part.file_id == file_id, part.part == index)).scalar()
+            if data is None:
+                return
+            yield data
+            index += 1
 
     def _file_row(self, file_id: str, identity: str, *, content: bool) -> Any:
+        """Raises NotPermitted: no such file, someone else's, or expired (then swept: it is never read again)."""
         f = batch_files_table.c
-        columns = [f.file_id, f.owner, f.filename, f.purpose, f.bytes, f.lines, f.created_at]
+        columns = [f.file_id, f.owner, f.filename, f.purpose, f.bytes, f.lines, f.created_at, f.expires_at]
         with self.engine.connect() as db:
             row = db.execute(select(*columns, *([f.content] if content else [])).where(f.file_id == file_id)).first()
         if row is None or row.owner != identity:
             raise NotPermitted(f"no file {file_id!r} of yours")
+        if row.expires_at is not None and row.expires_at <= time.time():
+            self.sweep_expired_files()
+            raise NotPermitted(f"file {file_id!r} expired at {int(row.expires_at)} (unix time); upload it again")
         return row
 
     @staticmethod
@@ -151,10 +221,21 @@ class BatchStore:
     # ----- batches -------------------------------------------------------------------
     def create_batch(self, owner: str, project: str, body: BatchCreateBody, lines: list[BatchInputLine],
                      quote: BatchQuote | None) -> str:
-        """Record a batch and all its lines, pending, in one transaction (the runner starts from there)."""
+        """Record a batch and all its lines, pending, in one transaction (the runner starts from there).
+
+        With a ``quote``, its bound is checked against the project's balance in that same transaction:
+        the balance less what the project's open batches still have to run (their lines reserve only
+        when they run), with the project's allocation rows locked. So two batches created at once, or
+        one after another before the first ran, cannot together promise more than the project has.
+
+        Raises:
+            InsufficientBalance: The bound does not fit what is left (nothing is recorded).
+        """
         batch_id = f"batch_{secrets.token_hex(12)}"
         now = time.time()
-        with self.engine.begin() as db:
+        with self.engine.begin() as db:  # SQLite: BEGIN IMMEDIATE, so creates run one at a time
+            if quote is not None:
+                _check_uncommitted_balance(db, project, quote)
             db.execute(insert(batches_table).values(
                 batch_id=batch_id, owner=owner, project=project, endpoint=body.endpoint,
                 input_file_id=body.input_file_id, completion_window=body.completion_window, status="in_progress",
@@ -463,6 +544,38 @@ def _taking_turns(queues: list[list[Any]], limit: int) -> list[Any]:
         taken.extend(queue[depth] for queue in queues if depth < len(queue))
         depth += 1
     return taken[:limit]
+
+
+def _check_uncommitted_balance(db: Any, project: str, quote: BatchQuote) -> None:
+    """Refuse ``quote`` unless each site's balance, less the open batches' unrun share, holds its bound."""
+    from tpm_fed.batches.quoting import check_balance
+    from tpm_fed.state.schema import allocations_table
+
+    a, b, line = allocations_table.c, batches_table.c, batch_lines_table.c
+    # PostgreSQL: a second create for this project waits here until the first commits (and then sees it).
+    available = {row.site: (row.granted_usu - row.spent_usu - row.reserved_usu) / MICRO for row in db.execute(
+        select(a.site, a.granted_usu, a.spent_usu, a.reserved_usu).where(a.project == project).with_for_update())}
+    open_batches = db.execute(select(b.batch_id, b.quote_json).where(
+        b.project == project, b.status == "in_progress", b.quote_json.is_not(None))).all()
+    for batch_id, quote_json in open_batches:
+        counts = dict(db.execute(select(line.state, func.count()).where(line.batch_id == batch_id)
+                                 .group_by(line.state)).all())
+        total = sum(counts.values())
+        # Lines not yet ended: pending ones have reserved nothing; a running one may not have yet.
+        unrun = (counts.get("pending", 0) + counts.get("running", 0)) / total if total else 0.0
+        for site, bound in BatchQuote.model_validate_json(quote_json).max_su_per_site.items():
+            available[site] = available.get(site, 0.0) - bound * unrun
+    check_balance(quote.model_copy(update={"available_su": {site: available.get(site, 0.0)
+                                                            for site in quote.max_su_per_site}}))
+
+
+def _unexpired(columns: Any, now: float) -> Any:
+    return columns.expires_at.is_(None) | (columns.expires_at > now)
+
+
+def _over_quota(size: int, used: int, quota: int) -> str:
+    return (f"this upload of {size:,} bytes would take your stored files to {used + size:,} bytes; your quota is "
+            f"{quota:,} (delete files you no longer need, or let them expire)")
 
 
 def _second(at: float | None) -> int | None:

@@ -31,8 +31,19 @@ batch_files_table = Table(
     Column("bytes", BigInteger, nullable=False),
     Column("lines", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("content", LargeBinary, nullable=False),  # files uploaded before parts: whole here; since, empty
+    Column("expires_at", Float),  # None: never (files uploaded before expiry)
+)
+
+batch_file_parts_table = Table(
+    "batch_file_parts",
+    batch_metadata,
+    Column("file_id", String(64), primary_key=True),
+    Column("part", Integer, primary_key=True),
     Column("content", LargeBinary, nullable=False),
 )
+"""An upload's bytes, a part (:data:`~tpm_fed.batches.protocol.FILE_PART_BYTES`) per row, in order: written and
+read a part at a time, so no upload is ever held whole in the service's memory."""
 
 batches_table = Table(
     "batches",

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tpm_fed.protocol.adapter_architecture import Architecture
 from tpm_fed.protocol.errors import AdapterMismatch, UnknownAdapter
+from tpm_fed.protocol.names import check_name, path_under
 from tpm_fed.protocol.versions import VERSION_ID_LENGTH
 from tpm_fed.protocol.chunks import sha256, write_atomically
 from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, parse_header
@@ -92,8 +93,12 @@ class AdapterRegistry:
 
         Raises:
             UnknownAdapter: No such name, or no version with that prefix (the known ones are listed).
+            InvalidRequest: The name or version is not a name (a path is refused).
         """
         name, _, prefix = ref.partition("@")
+        check_name("adapter", name)  # a caller's text: a name, never a path
+        if prefix:
+            check_name("adapter version", prefix)
         versions = self.versions(name)
         if not versions:
             known = ", ".join(sorted({r.name for r in self.all()})) or "none registered"
@@ -109,7 +114,7 @@ class AdapterRegistry:
 
     def versions(self, name: str) -> list[AdapterRecord]:
         """Versions of ``name``, oldest first."""
-        folder = self.root / name
+        folder = path_under(self.root, name)
         if not folder.is_dir():
             return []
         records = [self._read(v) for v in folder.iterdir() if (v / "adapter.json").is_file()]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.interventions import AttentionLens, AttentionPatterns, LogitLens, Point, Save, Step
+from tpm_fed.protocol.names import check_name, check_reference
 from tpm_fed.protocol.tensors import TENSOR_HEADER_BYTES, TensorData
 
 
@@ -38,19 +39,36 @@ class ModelRef(BaseModel):
     name: str = Field(min_length=1)
     version: str | None = None
 
+    # Both become file names in a model store: names, never paths (checked here, where every reference enters).
+    _name_is_a_name = field_validator("name")(classmethod(lambda cls, name: check_name("model", name)))
+    _version_is_a_name = field_validator("version")(
+        classmethod(lambda cls, version: version if version is None else check_name("model version", version)))
+
     @classmethod
     def parse(cls, text: str) -> Self:
-        """Parse ``NAME`` or ``NAME@VERSION``."""
+        """Parse ``NAME`` or ``NAME@VERSION``.
+
+        Raises:
+            InvalidRequest: No name, an empty version, or a name or version that is not a name
+                (:data:`~tpm_fed.protocol.names.NAME_PATTERN`: a path is refused here).
+        """
         name, _, version = text.partition("@")
         if not name.strip():
             raise InvalidRequest(f"model: {text!r} has no model name")
         if "@" in text and not version.strip():
             raise InvalidRequest(f"model: {text!r} has an empty version after '@'")
+        check_name("model", name.strip())
+        if version.strip():
+            check_name("model version", version.strip())
         return cls(name=name.strip(), version=version.strip() or None)
 
     def __str__(self) -> str:
         return f"{self.name}@{self.version}" if self.version else self.name
 
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+"""A caller may choose a request's id: at most 64 of these characters, as every table keeps ids
+(``String(64)``: PostgreSQL refuses a longer one; SQLite would keep it)."""
 
 SPECIAL_TOKENS_ALLOWANCE = 4
 """Tokens a tokenizer may add around a prompt (BOS, EOS, ...)."""
@@ -95,7 +113,7 @@ class ServingRequest(BaseModel):
     project: str | None = None
     location: str | None = None
     site: str | None = None
-    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=REQUEST_ID_PATTERN)
 
 
     def usage_bound(self) -> UsageBound:
@@ -329,6 +347,8 @@ class EmbeddingRequest(ServingRequest):
     head_code: str | None = None
 
     _texts_not_empty = field_validator("texts")(classmethod(lambda cls, texts: check_prompts(texts)))
+    _adapters_are_names = field_validator("input_module", "head")(classmethod(
+        lambda cls, ref: ref if ref is None else check_reference("adapter", ref)))
 
     @model_validator(mode="after")
     def _one_input_module(self) -> Self:

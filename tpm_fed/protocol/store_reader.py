@@ -14,6 +14,7 @@ from pathlib import Path
 from tpm_fed.protocol.chunks import ChunkStore
 from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
 from tpm_fed.protocol.manifest import Manifest
+from tpm_fed.protocol.names import is_name, path_under
 
 
 class StoreReader:
@@ -30,7 +31,9 @@ class StoreReader:
             UnknownVersion: The store has no such version.
             ModelLoadError: The manifest does not hash to its id.
         """
-        path = self.root / "manifests" / f"{version}.json"
+        if not is_name(version):  # a tag file's content, or a caller's text: never a path
+            raise UnknownVersion(f"the store has no manifest for version {version[:16]!r}")
+        path = path_under(self.root, "manifests", f"{version}.json")
         try:
             return Manifest.parse(path.read_bytes(), version)
         except FileNotFoundError:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.service.auth import Authenticator
-from tpm_fed.service.errors import describe_errors, http_error  # describe_errors: read here by others too
+from tpm_fed.service.errors import describe_errors, http_error, unexpected_error  # describe_errors: re-exported
 from tpm_fed.service.limits import BodyLimits
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,9 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        logger.exception("unexpected error")
         app.state.metrics.error(error)
-        return JSONResponse(_openai_error(f"{type(error).__name__}: {error}", "server_error", "InternalError"),
-                            status_code=500)
+        answer = unexpected_error(error, logger)  # opaque: the detail only in the operator's log
+        return JSONResponse(answer.body(), status_code=answer.status)
 
     from tpm_fed.batches.protocol import MAX_FILE_BYTES
 

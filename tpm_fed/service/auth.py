@@ -9,6 +9,10 @@ Two modes, one small protocol:
   issued for the service's scope; the service introspects each with its own
   confidential client (globus-sdk), checks it is active, unexpired and meant
   for this service (audience), and caches the answer until the token expires.
+  A refusal is cached too, for :data:`REFUSAL_CACHE_S` (at most
+  :data:`CACHED_TOKENS` tokens of each kind, the oldest forgotten first), so
+  a client retrying a bad token does not cost an introspection per request,
+  and Globus Auth does not rate-limit the service for it.
   The identity is the token's Globus username (``ana@uchicago.edu``).
   Each accepted token is remembered for its identity, so the service can
   act for the caller elsewhere (their Globus Groups, a bring-your-own
@@ -25,12 +29,21 @@ import hashlib
 import hmac
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.requests import Request
 
 from tpm_fed.protocol.errors import Unauthenticated
+
+
+REFUSAL_CACHE_S = 60.0
+"""How long a token Globus Auth refused stays refused without asking again (a revoked token is refused
+at once; a newly issued one is a new token)."""
+
+CACHED_TOKENS = 10_000
+"""Most tokens remembered, accepted and refused each: the caches' memory is bounded whatever callers send."""
 
 
 class Authenticator(Protocol):
@@ -113,7 +126,8 @@ class GlobusTokens:
         self.login_client_id = login_client_id
         self.scope = scope or f"https://auth.globus.org/scopes/{self.audience}/all"
         self.dependent_tokens = DependentTokens(auth_client)
-        self._cache: dict[str, tuple[str, float]] = {}
+        self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._refused: OrderedDict[str, tuple[str, float]] = OrderedDict()  # hash -> (why, until)
         self._lock = threading.Lock()
 
     def login_info(self) -> dict[str, Any]:
@@ -126,15 +140,20 @@ class GlobusTokens:
         key = hashlib.sha256(token.encode()).hexdigest()
         now = time.time()
         with self._lock:
-            cached = self._cache.get(key)
+            cached, refused = self._cache.get(key), self._refused.get(key)
         if cached is not None and cached[1] > now:
             self.dependent_tokens.remember(cached[0], token, cached[1])
             return cached[0]
-        identity, expires = self._introspect(token, now)
+        if refused is not None and refused[1] > now:
+            raise Unauthenticated(refused[0])
+        try:
+            identity, expires = self._introspect(token, now)
+        except _Refused as refusal:  # Globus Auth's answer about this token: the same for a while
+            with self._lock:
+                _remember(self._refused, key, (str(refusal), now + REFUSAL_CACHE_S), now)
+            raise Unauthenticated(str(refusal)) from None
         with self._lock:
-            self._cache[key] = (identity, expires)
-            for stale in [k for k, (_, until) in self._cache.items() if until <= now]:
-                del self._cache[stale]
+            _remember(self._cache, key, (identity, expires), now)
         self.dependent_tokens.remember(identity, token, expires)
         return identity
 
@@ -148,14 +167,27 @@ class GlobusTokens:
         except globus_sdk.NetworkError as error:
             raise Unauthenticated(f"Globus Auth could not be reached to check the token: {error}") from None
         if not answer.get("active"):
-            raise Unauthenticated("the token is not active (expired or revoked): run `tpm login`")
+            raise _Refused("the token is not active (expired or revoked): run `tpm login`")
         expires = float(answer.get("exp") or 0)
         if expires <= now:
-            raise Unauthenticated("the token has expired: run `tpm login`")
+            raise _Refused("the token has expired: run `tpm login`")
         audiences = answer.get("aud") or []
         if self.audience not in audiences:
-            raise Unauthenticated("the token was issued for another service, not this one")
+            raise _Refused("the token was issued for another service, not this one")
         username = answer.get("username")
         if not username:
-            raise Unauthenticated("the token names no identity")
+            raise _Refused("the token names no identity")
         return str(username), expires
+
+
+class _Refused(Unauthenticated):
+    """Globus Auth answered, and the token is not one this service accepts (inactive, expired, another
+    audience, no identity): cached as refused. Not reaching Globus Auth is not this (it is not cached)."""
+
+
+def _remember(cache: OrderedDict, key: str, value: tuple[str, float], now: float) -> None:
+    """Keep ``value`` under ``key``; drop expired entries, then the oldest, to stay within CACHED_TOKENS."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while cache and (len(cache) > CACHED_TOKENS or next(iter(cache.values()))[1] <= now):
+        cache.popitem(last=False)

@@ -11,6 +11,8 @@ rebuilds the same exception in our HTTP client.
 
 from __future__ import annotations
 
+import logging
+import secrets
 from dataclasses import dataclass
 
 from tpm_fed.protocol import errors
@@ -65,6 +67,15 @@ def http_error(error: errors.TpmError) -> HttpError:
             retry = 1 if isinstance(error, Overloaded) else None
             return HttpError(status, kind, code, str(error), retry)
     return HttpError(500, "server_error", type(error).__name__, str(error))
+
+
+def unexpected_error(error: BaseException, logger: logging.Logger) -> HttpError:
+    """A 500 for an error we did not foresee: its detail goes to the operator's log under a fresh id,
+    and the caller gets only that id (an exception's text may hold a path, a file's bytes, a secret)."""
+    error_id = f"err-{secrets.token_hex(8)}"
+    logger.error("unexpected error %s", error_id, exc_info=(type(error), error, error.__traceback__))
+    return HttpError(500, "server_error", "InternalError",
+                     f"internal error {error_id}: the service's operator finds its detail in the log under that id")
 
 
 def error_from_body(status: int, body: dict) -> errors.TpmError:

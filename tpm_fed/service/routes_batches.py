@@ -1,7 +1,10 @@
 """The batch API: OpenAI's files and batches routes, quotes for a request or a batch, and tpm-fed's results route.
 
-- ``POST /v1/files`` (multipart: ``file``, ``purpose=batch``): upload a batch input file; every line is checked
-  here (:func:`~tpm_fed.batches.jsonl.read_batch_file`), and a file with bad lines is refused whole.
+- ``POST /v1/files`` (multipart: ``file``, ``purpose=batch``, optionally OpenAI's ``expires_after[anchor]=created_at``
+  and ``expires_after[seconds]``): upload a batch input file, by a member of a project only (403 otherwise, before
+  its body is read). It is read a line at a time as it is stored (:class:`~tpm_fed.batches.jsonl.BatchFileChecker`),
+  never held whole: a file with bad lines is refused whole, one past the caller's quota (413) stores nothing.
+  It expires (30 days by default); an expired file is refused, then swept.
 - ``GET /v1/files`` (the caller's uploads, newest first), ``DELETE /v1/files/{id}`` (an upload).
 - ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``: an input file, or a batch's output or error file.
 - ``POST /v1/batches``: run a file's lines (``project`` as an extra body field); quoted first, and refused
@@ -16,18 +19,26 @@ Files and batches belong to the identity that made them; another's (or an unknow
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tpm_fed.batches.jsonl import read_batch_file
-from tpm_fed.batches.protocol import BatchCreateBody, QuoteBody
+from tpm_fed.batches.jsonl import BatchFileChecker, read_stored_batch_file
+from tpm_fed.batches.protocol import (
+    FILE_EXPIRY_S,
+    MAX_FILE_BYTES,
+    MAX_FILE_EXPIRY_S,
+    MIN_FILE_EXPIRY_S,
+    BatchCreateBody,
+    QuoteBody,
+)
 from tpm_fed.batches.quoting import check_balance, guess_url, quote_batch, quote_line
 from tpm_fed.batches.runner import BatchRunner
 from tpm_fed.batches.store import BatchStore
-from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, PayloadTooLarge
 from tpm_fed.service.auth import identity_of
 
 router = APIRouter()
@@ -54,15 +65,63 @@ def _page(items: list[Any], more: bool) -> dict[str, Any]:
 
 
 @router.post("/v1/files")
-async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form(...),  # noqa: B008
-                      identity: str = Depends(identity_of)) -> dict[str, Any]:
-    if purpose != "batch":
-        raise InvalidRequest(f"purpose: this service takes files for batches only (purpose 'batch'), not {purpose!r}")
-    content = await file.read()
-    checked = await run_in_threadpool(read_batch_file, content)
-    stored = await run_in_threadpool(_runner(request).store.add_file, identity, file.filename or "batch.jsonl",
-                                     content, len(checked))
+async def upload_file(request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
+    # Who may upload, and how much, is settled before the body is read (the form is parsed below, not by
+    # FastAPI ahead of this function): a caller in no project never gets a byte stored, on disk or here.
+    runtime, store = request.app.state.runtime, _runner(request).store
+    if not await run_in_threadpool(runtime.projects_of, identity):
+        raise NotPermitted(f"{identity!r} is not a member of any project of this federation: only members upload "
+                           "batch files")
+    room = await run_in_threadpool(store.quota_left, identity)
+    # Starlette spools each file part to a temporary file as it arrives (memory holds 1 MiB of it at most).
+    async with request.form(max_files=1, max_fields=8) as form:
+        file, purpose = form.get("file"), form.get("purpose")
+        if file is None or isinstance(file, str):
+            raise InvalidRequest("file: a multipart upload with the batch file in its 'file' part")
+        if purpose != "batch":
+            raise InvalidRequest(f"purpose: this service takes files for batches only (purpose 'batch'), "
+                                 f"not {purpose!r}")
+        lifetime = _expiry_seconds(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
+        size, lines = await run_in_threadpool(_check_upload, file.file, min(MAX_FILE_BYTES, room), room)
+        await run_in_threadpool(file.file.seek, 0)
+        stored = await run_in_threadpool(store.add_file, identity, file.filename or "batch.jsonl", file.file, size,
+                                         lines, time.time() + lifetime)
     return stored.model_dump(mode="json")
+
+
+def _check_upload(source: Any, limit: int, room: int) -> tuple[int, int]:
+    """Read an upload a line at a time, checking each; its size and line count.
+
+    Raises:
+        PayloadTooLarge: Over the file limit or the caller's quota left (``room``), as soon as it passes it.
+        BatchFileInvalid: Bad lines (all named).
+    """
+    checker = BatchFileChecker(limit)
+    try:
+        checker.feed_file(source)  # the spooled file, a line at a time
+    except PayloadTooLarge:
+        if room < MAX_FILE_BYTES:
+            raise PayloadTooLarge(f"this upload is over the {room:,} bytes left in your quota of stored files "
+                                  "(delete files you no longer need, or let them expire); nothing was stored") from None
+        raise
+    checker.finish()
+    return checker.bytes, checker.lines
+
+
+def _expiry_seconds(anchor: Any, seconds: Any) -> int:
+    """Seconds an upload lives: OpenAI's ``expires_after`` (``created_at`` + seconds), or the default."""
+    if anchor is None and seconds is None:
+        return FILE_EXPIRY_S
+    if anchor != "created_at":
+        raise InvalidRequest(f"expires_after.anchor: 'created_at' is the only anchor, not {anchor!r}")
+    try:
+        value = int(str(seconds))
+    except ValueError:
+        raise InvalidRequest(f"expires_after.seconds: a whole number of seconds, not {seconds!r}") from None
+    if not MIN_FILE_EXPIRY_S <= value <= MAX_FILE_EXPIRY_S:
+        raise InvalidRequest(f"expires_after.seconds: between {MIN_FILE_EXPIRY_S} (an hour) and "
+                             f"{MAX_FILE_EXPIRY_S} (30 days), not {value}")
+    return value
 
 
 @router.get("/v1/files")
@@ -88,14 +147,14 @@ def file_object(file_id: str, request: Request, identity: str = Depends(identity
 
 @router.get("/v1/files/{file_id}/content")
 def file_content(file_id: str, request: Request, identity: str = Depends(identity_of)) -> Response:
-    return Response(b"".join(_runner(request).store.file_content(file_id, identity)), media_type="application/jsonl")
+    return StreamingResponse(_runner(request).store.file_content(file_id, identity), media_type="application/jsonl")
 
 
 @router.post("/v1/batches")
 def create_batch(body: BatchCreateBody, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
     runtime, runner = request.app.state.runtime, _runner(request)
     project = runtime.project_for(identity, body.project)
-    lines = read_batch_file(b"".join(runner.store.file_content(body.input_file_id, identity)))
+    lines = read_stored_batch_file(runner.store.file_content(body.input_file_id, identity))
     # Unlike OpenAI's, a file may mix routes (completions, chat, embeddings): each line names its own.
     quote = quote_batch(runtime, identity, project, lines, runner.window)
     check_balance(quote)
@@ -140,7 +199,7 @@ def quote(body: QuoteBody, request: Request, identity: str = Depends(identity_of
         raise InvalidRequest("give input_file_id (a batch) or body (one request), not both and not neither")
     if body.input_file_id is not None:
         project = runtime.project_for(identity, body.project)
-        lines = read_batch_file(b"".join(runner.store.file_content(body.input_file_id, identity)))
+        lines = read_stored_batch_file(runner.store.file_content(body.input_file_id, identity))
         return {"object": "batch.quote", **quote_batch(runtime, identity, project, lines,
                                                        runner.window).model_dump(mode="json")}
     url = body.url or guess_url(body.body)

@@ -16,12 +16,13 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from tpm_fed.home import TpmHome
+from tpm_fed.home import PRIVATE_UMASK, TpmHome
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     from tpm_fed.service.app import build_app
     from tpm_fed.service.runtime import Runtime
 
+    os.umask(PRIVATE_UMASK)  # what the service and its sites write is its owner's alone
+    home.make_private()  # and what an older version left open to other users is fixed, with a warning
     home.ensure_embedded_default(progress=True)
     auth, token = _authenticator(options)
     runtime = Runtime(home, database_url=options.database_url, callers=_callers(auth))
@@ -82,7 +85,11 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     if token:
         print(f"tpm: the bearer token is in {service_file(home)} (tpm service status prints it)", flush=True)
         # As Jupyter does: the token rides in the fragment, which browsers never send to the server.
-        print(f"tpm: web page (this link signs you in): {url}/#token={token}", flush=True)
+        # Only to a terminal: started in the background, stdout is service.log, and no log holds a secret.
+        if sys.stdout.isatty():
+            print(f"tpm: web page (this link signs you in): {url}/#token={token}", flush=True)
+        else:
+            print("tpm: tpm service status prints the web page's sign-in link", flush=True)
     # uvicorn re-raises the stop signal after its own graceful shutdown; with the
     # default SIGTERM action that kills the process before the sites below stop
     # (their worker processes would outlive it). Raising SystemExit instead lets

@@ -25,6 +25,7 @@ from tpm_fed.protocol.errors import InvalidRequest, ModelLoadError, UnknownModel
 from tpm_fed.protocol.chunks import write_atomically
 from tpm_fed.protocol.dtypes import numpy_array, torch_dtype
 from tpm_fed.protocol.manifest import Manifest, TensorRecord
+from tpm_fed.protocol.names import check_name, path_under
 from tpm_fed.protocol.store_reader import StoreReader
 from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, read_header
 
@@ -88,6 +89,7 @@ class ModelStore(StoreReader):
                 safetensors file, or a tag already used by another version.
         """
         model_dir = Path(model_dir)
+        check_name("model name", name)
         weights = self._check_importable(model_dir)
         if tag is not None:
             self._check_tag_free(name, tag, None)
@@ -127,7 +129,7 @@ class ModelStore(StoreReader):
         if not manifest_path.exists():
             write_atomically(manifest_path, manifest.canonical())
         parent = self._tag_target(name, LATEST)
-        record = self.root / "models" / name / "versions" / version
+        record = path_under(self.root, "models", name, "versions", version)
         if not record.exists():
             write_atomically(record, json.dumps({"created": time.time(), "parent": parent}).encode())
         self._set_tag(name, LATEST, version)
@@ -163,7 +165,7 @@ class ModelStore(StoreReader):
         return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
     def versions(self, name: str) -> list[VersionInfo]:
-        folder = self.root / "models" / name / "versions"
+        folder = path_under(self.root, "models", check_name("model name", name), "versions")
         if not folder.exists():
             raise UnknownModel(f"the store has no model {name!r}; it has: {', '.join(self.names()) or 'none'}")
         tags: dict[str, list[str]] = {}
@@ -197,8 +199,10 @@ class ModelStore(StoreReader):
 
     def tag(self, name: str, ref: str, tag: str, *, move: bool = False) -> str:
         """Point ``tag`` at a version; a tag already on another version needs ``move``."""
-        if not tag or "/" in tag or tag.startswith("."):
-            raise StoreError(f"tag {tag!r} is not a valid tag name")
+        try:
+            check_name("tag", tag)
+        except InvalidRequest as error:
+            raise StoreError(str(error)) from None
         version = self.resolve(name, ref)
         if not move:
             self._check_tag_free(name, tag, version)
@@ -213,11 +217,12 @@ class ModelStore(StoreReader):
             raise StoreError(f"tag {tag!r} of {name!r} is already on version {current[:16]} (use --move)")
 
     def _tag_target(self, name: str, tag: str) -> str | None:
-        path = self.root / "models" / name / "tags" / tag
+        # A caller's version reaches here as ``tag``: a name, and its file is inside the store, or it is refused.
+        path = path_under(self.root, "models", check_name("model name", name), "tags", check_name("model version", tag))
         return path.read_text().strip() if path.is_file() else None
 
     def _set_tag(self, name: str, tag: str, version: str) -> None:
-        write_atomically(self.root / "models" / name / "tags" / tag, version.encode())
+        write_atomically(path_under(self.root, "models", name, "tags", tag), version.encode())
 
     # ----- checks and maintenance --------------------------------------------
     def verify(self, versions: list[str] | None = None, *, progress: bool = False) -> list[Problem]:
