@@ -30,18 +30,17 @@ from urllib.parse import parse_qs
 
 
 class ServiceThread:
-    """``with ServiceThread(app) as url:`` serves ``app`` on a free loopback port."""
+    """``with ServiceThread(app) as url:`` serves ``app`` on a free loopback port, as ``tpm serve`` does
+    (its connection limits: ``limits``, the defaults if None)."""
 
-    def __init__(self, app: Any) -> None:
-        import uvicorn
+    def __init__(self, app: Any, limits: Any = None) -> None:
+        from tpm_fed.service.app import serve_at
+        from tpm_fed.service.connections import ConnectionLimits, service_server
 
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = service_server(app, limits or ConnectionLimits())
         self.socket = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        inner = app
-        while not hasattr(inner, "state"):  # the FastAPI app inside its ASGI wrappers (body limits)
-            inner = inner.app
-        inner.state.streams.worker_url = self.url  # as tpm serve tells its hub once it is bound
+        serve_at(app, self.url)  # as tpm serve does once it is bound
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> str:

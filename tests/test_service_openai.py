@@ -157,7 +157,7 @@ def test_malformed_json_is_a_400_in_openai_shape(service):
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(service):
     with socket.create_connection(("127.0.0.1", int(service.url.rsplit(":", 1)[1]))) as connection:
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            + f"Authorization: Bearer {service.token}\r\n".encode()
                            + b"Content-Length: 50000000\r\n\r\n{\"model\":")  # 50 MB promised, 9 bytes sent
         reply = _read_all(connection)
@@ -170,7 +170,7 @@ def test_a_client_that_never_finishes_its_body_is_timed_out(service, monkeypatch
     monkeypatch.setattr(service.body_limits, "timeout_s", 0.5)
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", int(service.url.rsplit(":", 1)[1]))) as connection:
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            + f"Authorization: Bearer {service.token}\r\n".encode()
                            + b"Content-Length: 100\r\n\r\n{\"model\":")
         connection.settimeout(10)

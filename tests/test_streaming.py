@@ -85,8 +85,8 @@ def test_forged_replayed_and_misdirected_stream_tokens_are_refused(service, runt
     assert forged.status_code == 401 and forged.json()["error"]["code"] == "Unauthenticated"
 
     async def scenario() -> None:  # listeners belong to an event loop, as in the service
-        victim = hub.listen("victim", service.url)
-        hub.listen("own", service.url)
+        victim = hub.listen("victim")
+        hub.listen("own")
         channel = hub.open(["own"])
         with pytest.raises(NotPermitted):  # a task may feed only its own requests
             hub.deliver(channel["token"], [{"request_id": "victim", "index": 0, "text": "injected"}])

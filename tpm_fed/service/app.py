@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.service.auth import Authenticator
 from tpm_fed.service.errors import describe_errors, http_error, unexpected_error  # describe_errors: re-exported
+from tpm_fed.service.hosts import HostCheck
 from tpm_fed.service.limits import BodyLimits
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     from tpm_fed.service.routes_openai import router as openai
     from tpm_fed.service.routes_web import router as page
 
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, which the service's
+    # Content-Security-Policy would have to allow. /openapi.json describes the routes for any viewer.
     app = FastAPI(title="tpm-fed", summary="Federated access to large AI models",
-                  description="OpenAI-compatible routes under /v1; tpm-fed's own under /tpm/v1.")
+                  description="OpenAI-compatible routes under /v1; tpm-fed's own under /tpm/v1.",
+                  docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.auth = auth
     if auth.mode == "globus":  # the page's "Log in with Globus" runs the code flow with the service's client
@@ -100,8 +104,25 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
 
     from tpm_fed.batches.protocol import MAX_FILE_BYTES
 
+    app.state.hosts = HostCheck(app)  # serves no Host until serve_at names where the service is bound
     # A batch file may be bigger than one request: it is never sent to a site whole.
-    return BodyLimits(app, larger={"/v1/files": MAX_FILE_BYTES + UPLOAD_OVERHEAD_BYTES})
+    return BodyLimits(app.state.hosts, larger={"/v1/files": MAX_FILE_BYTES + UPLOAD_OVERHEAD_BYTES})
+
+
+def serve_at(app: Any, url: str, *, worker_url: str | None = None, hosts: tuple[str, ...] = ()) -> None:
+    """Tell ``app`` (inside its wrappers) where it is served, once its socket is bound.
+
+    Args:
+        url: The bound address (``http://127.0.0.1:PORT``).
+        worker_url: Where workers reach the service's back channel (default ``url``): the one URL any
+            task is given, whatever a caller's request says.
+        hosts: More ``Host`` values callers may use (a reverse proxy's public name).
+    """
+    inner = app
+    while not hasattr(inner, "state"):  # the FastAPI app inside its ASGI wrappers
+        inner = inner.app
+    inner.state.streams.worker_url = worker_url or url
+    inner.state.hosts.serve(url, (*hosts, *([worker_url] if worker_url else [])))
 
 
 UPLOAD_OVERHEAD_BYTES = 1024 * 1024

@@ -2,8 +2,15 @@
 
 A pure ASGI middleware, so a body over the limit is refused from its
 ``Content-Length`` before a byte of it is read (or, sent chunked, as soon as
-it passes the limit), and a client that stops sending its body mid-way is
-answered 408 instead of holding a connection and a worker thread forever.
+it passes the limit), and a client that stops sending its body mid-way, or
+trickles it a byte at a time, is answered 408 instead of holding a connection
+and a worker thread forever.
+
+The clock runs only while the body arrives. Once its last piece is in
+(``more_body`` false), what the app reads next is the client leaving, which
+may come hours later: a long event stream or download listens for it the
+whole time (Starlette's disconnect listener), so timing it would cut every
+answer that outlasts the timeout.
 """
 
 from __future__ import annotations
@@ -20,15 +27,21 @@ MAX_BODY_BYTES = MAX_PAYLOAD_BYTES
 BODY_TIMEOUT_S = 30.0
 """Most seconds between two pieces of a request body."""
 
+BODY_DEADLINE_S = 300.0
+"""Most seconds for a whole request body (a 100 MiB batch file at 1 MiB/s fits): a client sending a
+byte just inside every stall timeout is cut here."""
+
 
 class BodyLimits:
-    """Refuse bodies over ``max_bytes`` (413) and bodies that stall for ``timeout_s`` (408)."""
+    """Refuse bodies over ``max_bytes`` (413), and bodies that stall for ``timeout_s`` or are not all in
+    ``deadline_s`` after the app first reads them (408)."""
 
     def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S,
-                 larger: dict[str, int] | None = None) -> None:
+                 larger: dict[str, int] | None = None, deadline_s: float = BODY_DEADLINE_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         self.larger = larger or {}
         """Paths whose bodies may be bigger (a batch file upload), with their own limits."""
 
@@ -42,7 +55,8 @@ class BodyLimits:
             await _answer(send, 413, f"the request body is {int(declared):,} bytes; the most is {max_bytes:,}")
             return
         received = 0
-        started = answered = False
+        started = answered = body_ended = False
+        deadline: float | None = None
 
         async def refuse(status: int, message: str) -> dict:
             """Answer for the app (once, if it has not begun its own answer), and tell it the client left."""
@@ -53,15 +67,25 @@ class BodyLimits:
             return {"type": "http.disconnect"}
 
         async def limited_receive() -> dict:
-            nonlocal received
+            nonlocal received, body_ended, deadline
+            if body_ended:  # what comes now is the client leaving, whenever it does: not timed
+                return await receive()
+            now = asyncio.get_running_loop().time()
+            deadline = deadline if deadline is not None else now + self.deadline_s
+            wait = min(self.timeout_s, deadline - now)
             try:
-                message = await asyncio.wait_for(receive(), timeout=self.timeout_s)
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
             except TimeoutError:
+                if wait < self.timeout_s:
+                    return await refuse(408, f"the request body took more than {self.deadline_s:g} s")
                 return await refuse(408, f"the request body stalled for {self.timeout_s:g} s")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > max_bytes:
                     return await refuse(413, f"the request body passed {max_bytes:,} bytes")
+                body_ended = not message.get("more_body", False)
+            else:  # http.disconnect: nothing more will come
+                body_ended = True
             return message
 
         async def watched_send(message: dict) -> None:

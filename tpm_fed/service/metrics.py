@@ -6,6 +6,11 @@ running and waiting requests, and the SLO report, are read when Prometheus
 scrapes (a custom collector), so they are never stale and cost nothing between
 scrapes. Each app has its own registry: two services in one process (tests,
 benchmarks) never share counters.
+
+Every label value is one the federation knows (its models, sites and
+projects) or ``unknown``: a refused request names whatever model the caller
+typed, and a label per name would grow ``/metrics`` (and the service's
+memory) without bound, a new series for every junk name.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ CALLER_ERRORS = frozenset({"InvalidRequest", "ContextLengthExceeded", "UnknownMo
 """Refusals that are the caller's to fix: they do not count against availability."""
 
 
+UNKNOWN = "unknown"
+"""The label of a model, site or project the federation does not know."""
+
+
 def outcome_of(error: BaseException | None) -> str:
     """``ok``, ``refused`` (the caller's to fix) or ``failed`` (the federation's fault)."""
     if error is None:
@@ -42,6 +51,7 @@ class ServiceMetrics:
     """
 
     def __init__(self, runtime: Any = None, slo: Any = None) -> None:
+        self.runtime = runtime
         self.slo = slo
         self.registry = CollectorRegistry()
         self.requests = Counter("tpm_requests", "Requests served or refused, by kind, model, site and outcome",
@@ -71,7 +81,9 @@ class ServiceMetrics:
         see every refusal, also those refused before a request was built).
         """
         outcome = outcome_of(error)
-        site = getattr(result, "site", None) or "none"
+        model = self._known(model, "models")
+        site = getattr(result, "site", None)
+        site = self._known(site, "sites") if site else "none"
         self.requests.labels(kind, model, site, outcome).inc()
         self.latency.labels(kind).observe(seconds)
         if self.slo is not None:
@@ -84,13 +96,20 @@ class ServiceMetrics:
             self.tokens.labels(model, "out").inc(usage.completion_tokens)
         charge = getattr(result, "charge", None)
         if charge is not None:
-            self.charged.labels(charge.project).inc(charge.charged_su)
+            self.charged.labels(self._known(charge.project, "projects")).inc(charge.charged_su)
         timings = getattr(result, "timings", None)
         if timings is not None:
             self.queue_wait.labels(kind).observe(timings.queue_s)
             if timings.load_s > 0:
                 self.cold_starts.labels(site, model).inc()
                 self.load_seconds.labels(site, model).inc(timings.load_s)
+
+    def _known(self, name: str, kind: str) -> str:
+        """``name`` if the federation has a model, site or project (``kind``) of that name, else ``unknown``."""
+        federation = getattr(self.runtime, "federation", None)
+        if federation is None or not isinstance(name, str):
+            return UNKNOWN
+        return name if any(item.name == name for item in getattr(federation, kind)) else UNKNOWN
 
     def error(self, error: BaseException) -> None:
         """Count a refusal or failure answered to a caller, by its type."""
@@ -146,9 +165,10 @@ class _LiveState:
         target_availability = GaugeMetricFamily("tpm_slo_target_availability", "The operator's availability target",
                                                 labels=labels)
         for row in self.slo.report()["kinds"]:
-            if row["requests"]:
+            if row["p50_s"] is not None:  # None: no request of this kind was served (refusals only)
                 p50.add_metric([row["kind"]], row["p50_s"])
                 p95.add_metric([row["kind"]], row["p95_s"])
+            if row["availability"] is not None:
                 availability.add_metric([row["kind"]], row["availability"])
             if row["target"]:
                 target_p95.add_metric([row["kind"]], row["target"]["p95_latency_s"])

@@ -23,14 +23,14 @@ def list_models(request: Request, identity: str = Depends(identity_of)) -> dict[
 
 @router.post("/completions")
 async def completions(body: CompletionBody, request: Request, identity: str = Depends(identity_of)) -> Any:
-    return await ServingCompletions(request.app.state.runtime, request.app.state.metrics, request.app.state.streams,
-                              str(request.base_url)).create(body, identity)
+    return await ServingCompletions(request.app.state.runtime, request.app.state.metrics,
+                                    request.app.state.streams).create(body, identity)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, identity: str = Depends(identity_of)) -> Any:
-    return await ServingChat(request.app.state.runtime, request.app.state.metrics, request.app.state.streams,
-                              str(request.base_url)).create(body, identity)
+    return await ServingChat(request.app.state.runtime, request.app.state.metrics,
+                             request.app.state.streams).create(body, identity)
 
 
 @router.post("/embeddings")

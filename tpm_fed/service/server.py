@@ -55,9 +55,9 @@ class ServiceOptions:
 
 def run_service(home: TpmHome, options: ServiceOptions) -> None:
     """Serve until stopped (blocks)."""
-    import uvicorn
-
-    from tpm_fed.service.app import build_app
+    from tpm_fed.service.app import build_app, serve_at
+    from tpm_fed.service.connections import ConnectionLimits, service_server
+    from tpm_fed.service.hosts import HOSTS_VARIABLE
     from tpm_fed.service.runtime import Runtime
 
     os.umask(PRIVATE_UMASK)  # what the service and its sites write is its owner's alone
@@ -66,15 +66,19 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     auth, token = _authenticator(options)
     runtime = Runtime(home, database_url=options.database_url, callers=_callers(auth))
     operators = frozenset(options.operators) | ({runtime.owner} if auth.mode == "local" else set())
-    activity = Activity(build_app(runtime, auth, operators=operators))
+    app = build_app(runtime, auth, operators=operators)
+    activity = Activity(app)
     listener = socket.create_server((options.host, options.port), reuse_port=False)
     host, port = listener.getsockname()[:2]
     url = f"http://{_url_host(host)}:{port}"
     # Workers post streamed text and early answers here, and ask for requests that may join their
     # batch; behind a reverse proxy, or bound to every interface, the operator names the route in.
-    runtime.streams.worker_url = os.environ.get("TPM_SERVICE_WORKER_URL") or url
-    server = uvicorn.Server(uvicorn.Config(activity, log_level="warning", timeout_graceful_shutdown=GRACE_S,
-                                           timeout_keep_alive=30, lifespan="off"))
+    # Set once, here: no request's Host header ever decides where a task's back channel goes.
+    extra_hosts = tuple(os.environ.get(HOSTS_VARIABLE, "").split(","))
+    serve_at(app, url, worker_url=os.environ.get("TPM_SERVICE_WORKER_URL") or None, hosts=extra_hosts)
+    limits = ConnectionLimits.from_environment()
+    app.timeout_s, app.deadline_s = limits.body_timeout_s, limits.body_deadline_s  # app: its BodyLimits
+    server = service_server(activity, limits, timeout_graceful_shutdown=GRACE_S)
     info = {"url": url, "token": token, "pid": os.getpid(), "auth": auth.mode, "started_at": time.time()}
     write_service_file(home, info)
     if options.idle_timeout_s:

@@ -13,14 +13,12 @@ from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
 
 class ServingCompletions:
-    """Args: ``streams`` is the back channel's hub; ``base_url`` is how workers reach this service."""
+    """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's)."""
 
-    def __init__(self, runtime: Runtime, observer: Observer | None = None, streams: Any = None,
-                 base_url: str = "") -> None:
+    def __init__(self, runtime: Runtime, observer: Observer | None = None, streams: Any = None) -> None:
         self.runtime = runtime
         self.observer = observer
         self.streams = streams
-        self.base_url = base_url
 
     def request_for(self, body: CompletionBody) -> GenerationRequest:
         """The request ``body`` asks for (a batch quotes and runs lines through this too)."""

@@ -2,8 +2,9 @@
 
 A caller's streamed request is *listened for* before it is admitted. When
 its batch leaves for a site, the dispatcher asks :meth:`StreamHub.open` for
-the task's back channel: a URL and a secret made for that one task, naming
-the listened-for requests it carries. The worker POSTs chunks to
+the task's back channel: the service's own worker URL (set once, when it is
+bound; never taken from a request, whose ``Host`` the caller writes) and a
+secret made for that one task, naming the listened-for requests it carries. The worker POSTs chunks to
 ``/tpm/v1/stream`` with that secret (see :mod:`functions.streaming`);
 :meth:`StreamHub.deliver` accepts a post only if the secret is a task's that
 is still running and every chunk names a request of that task, so a forged
@@ -41,7 +42,6 @@ class Listener:
     """Where a streamed request's chunks wait for its event stream (read on the event loop)."""
 
     loop: asyncio.AbstractEventLoop
-    base_url: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     received: int = 0
 
@@ -78,8 +78,8 @@ class StreamHub:
     """Listeners by request id, and the secrets of running tasks that may feed them.
 
     Args:
-        worker_url: How workers reach this service, when no streamed request told us
-            (a task with nothing streamed still gets a channel, to admit and answer).
+        worker_url: How workers reach this service: the bound address or ``TPM_SERVICE_WORKER_URL``
+            (:func:`tpm_fed.service.app.serve_at`). None until the service is bound: no channel.
     """
 
     def __init__(self, worker_url: str | None = None) -> None:
@@ -89,9 +89,9 @@ class StreamHub:
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
 
-    def listen(self, request_id: str, base_url: str) -> Listener:
-        """Called on the event loop before the request is admitted; ``base_url`` is how workers reach us."""
-        listener = Listener(asyncio.get_running_loop(), base_url.rstrip("/"))
+    def listen(self, request_id: str) -> Listener:
+        """Called on the event loop before the request is admitted."""
+        listener = Listener(asyncio.get_running_loop())
         with self._lock:
             self._listeners[request_id] = listener
         return listener
@@ -108,12 +108,11 @@ class StreamHub:
         no worker could reach us)."""
         with self._lock:
             listened = [rid for rid in request_ids if rid in self._listeners]
-            base_url = self._listeners[listened[0]].base_url if listened else self.worker_url
-            if base_url is None or (not listened and admitting is None):
+            if self.worker_url is None or (not listened and admitting is None):
                 return None
             token = secrets.token_urlsafe(32)
             self._tasks[token] = _Task(set(request_ids), admitting)
-        return {"url": base_url.rstrip("/") + STREAM_ROUTE, "token": token}
+        return {"url": self.worker_url.rstrip("/") + STREAM_ROUTE, "token": token}
 
     def close(self, token: str) -> None:
         """The task ended: its secret is no longer accepted."""

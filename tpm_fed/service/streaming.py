@@ -94,12 +94,13 @@ async def stream_answer(
     """Listen for ``request``'s text, admit it (a refusal is an HTTP error, not a stream), then stream.
 
     Args:
-        serving: A serving class with ``runtime``, ``observer``, ``streams`` (the hub) and ``base_url``.
+        serving: A serving class with ``runtime``, ``observer`` and ``streams`` (the hub, which knows the
+            service's own worker URL).
         delta, ending: As :func:`live_events` takes them.
     """
     from tpm_fed.service.serving import admit
 
-    listener = serving.streams.listen(request.request_id, serving.base_url)
+    listener = serving.streams.listen(request.request_id)
     try:
         outcome = await admit(serving.runtime, request, identity, serving.observer)
     except BaseException:
