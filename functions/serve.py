@@ -109,10 +109,12 @@ def answer(backend: Any, requests: list[dict[str, Any]], policy: Any, channel: A
     handler (:data:`functions.handlers.HANDLERS`) when ``backend`` has the
     capability the kind needs (``KINDS[kind].capability``); otherwise the
     group is refused with ``BackendUnavailable``. A request that does not
-    parse is refused alone.
+    parse is refused alone, and so is one that makes its handler raise
+    (:func:`functions.isolation.answer_isolated`): the rest of its group is answered.
     """
     from functions.backends.base import require_capability
     from functions.handlers import HANDLERS
+    from functions.isolation import answer_isolated
     from functions.outcomes import refused
     from tpm_fed.protocol.errors import TpmError
     from tpm_fed.protocol.kinds import KINDS, request_from_wire
@@ -134,8 +136,12 @@ def answer(backend: Any, requests: list[dict[str, Any]], policy: Any, channel: A
             answers = [refused(error)] * len(items)
         else:
             # Only generated text streams (see functions.streaming).
-            streaming = {"channel": channel} if name == "generate" and channel is not None else {}
-            answers = HANDLERS[name](able, [request for _, request in items], policy, **streaming)
+            handle, streams = HANDLERS[name], name == "generate" and channel is not None
+
+            def run(group: list[Any], with_channel: bool) -> list[dict[str, Any]]:  # called before the loop moves on
+                return handle(able, group, policy, **({"channel": channel} if streams and with_channel else {}))
+
+            answers = answer_isolated(run, [request for _, request in items], channel if streams else None)
         for (index, _), outcome in zip(items, answers, strict=True):
             outcomes[index] = outcome
     return outcomes  # type: ignore[return-value]

@@ -113,6 +113,20 @@ class VllmBackend:
         return [[self._completion(next(outputs)) for _ in item.prompt_ids] for item in batch]
 
     def _generate_live(self, batch: list[EncodedRequest], live: Any) -> list[list[Completion]]:
+        """See :meth:`_run_live`. If it raises, its rows still in the engine are taken out: the next
+        call (the worker answers the batch's requests apart, :mod:`functions.isolation`) would
+        otherwise step them too, and ``LLM.generate`` return their outputs as its own."""
+        rows: dict[str, tuple[_Running, int]] = {}  # engine request id -> (its request, prompt index)
+        try:
+            return self._run_live(batch, live, rows)
+        except BaseException:
+            unfinished = [eid for eid, (running, index) in rows.items() if running.outputs[index] is None]
+            if unfinished:
+                self.llm.llm_engine.abort_request(unfinished)
+            raise
+
+    def _run_live(self, batch: list[EncodedRequest], live: Any,
+                  rows: dict[str, tuple[_Running, int]]) -> list[list[Completion]]:
         """The engine's own step loop, as ``LLM.generate`` runs it (so the same tokens), with three
         additions: streamed rows ask for cumulative outputs and send their new text after each
         step; a request whose rows are all done is answered at once; and before each step, the
@@ -120,7 +134,6 @@ class VllmBackend:
         from vllm.inputs import TokensPrompt
 
         engine = self.llm.llm_engine
-        rows: dict[str, tuple[_Running, int]] = {}  # engine request id -> (its request, prompt index)
 
         def start(item: EncodedRequest) -> _Running:
             running = _Running(item)

@@ -11,9 +11,9 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.interventions import AttentionLens, AttentionPatterns, LogitLens, Point, Save, Step
@@ -95,6 +95,44 @@ def check_prompts(prompts: list[str]) -> list[str]:
     return prompts
 
 
+MAX_SEED = 2**63 - 1
+"""The largest seed: a signed 64-bit integer, as vLLM's own OpenAI server bounds it. A larger one
+(torch's generators take at most 2**64 - 1) used to pass and then raise inside the backend,
+failing every request batched with it."""
+
+MIN_TEMPERATURE = 0.01
+"""The smallest temperature above 0 (0 is greedy). Dividing logits by less overflows them and
+sampling then raises inside the backend (``1e-320``: NaN probabilities in torch); vLLM raises
+such a temperature to this same floor with a warning, and it is refused here instead."""
+
+MAX_TEMPERATURE = 2.0
+"""The largest temperature, as OpenAI's API bounds it."""
+
+MAX_NEW_TOKENS = 1 << 20
+"""The most tokens one prompt may ask for, whatever the model's context (a model whose context is
+not known is not checked against it): the usage bound, and so the reservation, stays an ordinary number."""
+
+
+def _greedy_or_at_least_the_minimum(temperature: float) -> float:
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (smaller ones overflow the "
+                         f"model's logits), got {temperature}")
+    return temperature
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE), AfterValidator(_greedy_or_at_least_the_minimum)]
+"""0 (greedy), or a temperature in [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`]."""
+
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+"""Nucleus sampling mass, in (0, 1]."""
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+"""A seed in [0, :data:`MAX_SEED`]."""
+
+NewTokens = Annotated[int, Field(le=MAX_NEW_TOKENS)]
+"""A count of tokens to generate per prompt, at most :data:`MAX_NEW_TOKENS` (each field adds its own lower bound)."""
+
+
 class ServingRequest(BaseModel):
     """What every request shares: the model, who pays, where it may run.
 
@@ -157,9 +195,10 @@ class GenerationRequest(ServingRequest):
         max_new_tokens: Upper bound on generated tokens per prompt.
         min_new_tokens: The end-of-sequence token is suppressed until this
             many tokens are out (fixed-length outputs for benchmarks).
-        temperature: 0 means greedy decoding.
+        temperature: 0 means greedy decoding; otherwise at least :data:`MIN_TEMPERATURE`,
+            at most :data:`MAX_TEMPERATURE`.
         top_p: Nucleus sampling mass, in (0, 1].
-        seed: Makes sampling reproducible on the same backend.
+        seed: Makes sampling reproducible on the same backend; in [0, :data:`MAX_SEED`].
         stop: Generation ends at the first of these strings (not returned).
         backend: Pin a backend (``torch`` or ``vllm``); the model's setting by default.
         add_special_tokens: Let the tokenizer add its special tokens (BOS...) around each
@@ -170,11 +209,13 @@ class GenerationRequest(ServingRequest):
 
     kind: Literal["generate"] = "generate"
     prompts: list[str] = Field(min_length=1)
-    max_new_tokens: int = Field(default=32, gt=0)
-    min_new_tokens: int = Field(default=0, ge=0)
-    temperature: float = Field(default=0.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0)
+    # The bounds are the contract's (validated where a request enters, and again where a worker reads
+    # it): a value out of them once passed, raised inside the backend and failed its whole batch.
+    max_new_tokens: NewTokens = Field(default=32, gt=0)
+    min_new_tokens: NewTokens = Field(default=0, ge=0)
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
     stop: list[str] = Field(default_factory=list)
     backend: Literal["auto", "torch", "vllm"] | None = None
     add_special_tokens: bool = True
@@ -259,7 +300,7 @@ class TraceRequest(ServingRequest):
     logit_lens: LogitLens | None = None
     attention_lens: AttentionLens | None = None
     attention_patterns: AttentionPatterns | None = None
-    max_new_tokens: int = Field(default=0, ge=0)
+    max_new_tokens: NewTokens = Field(default=0, ge=0)
     python_hooks: list[PythonHook] = Field(default_factory=list)
 
     _prompts_not_empty = field_validator("prompts")(classmethod(lambda cls, prompts: check_prompts(prompts)))

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.requests import GenerationRequest, NewTokens, Seed, Temperature, TopP
 
 
 class _Body(BaseModel):
@@ -39,18 +39,19 @@ class _Sampling(TpmParameters):
     """What completions and chat share: sampling, stopping, streaming."""
 
     model: str = Field(min_length=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Sampling bounds are the contract's own (tpm_fed.protocol.requests), refused here by OpenAI's field names.
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: Seed | None = None
     user: str | None = None  # accepted and ignored: the identity comes from the token
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end before this many tokens
+    min_tokens: NewTokens = Field(default=0, ge=0)  # vLLM's extension: no end before this many tokens
 
     @field_validator("n")
     @classmethod
@@ -92,7 +93,7 @@ class CompletionBody(_Sampling):
     """``POST /v1/completions``."""
 
     prompt: str | list[str]
-    max_tokens: int = Field(default=16, gt=0)
+    max_tokens: NewTokens = Field(default=16, gt=0)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -152,8 +153,8 @@ class ChatCompletionBody(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: NewTokens | None = Field(default=None, gt=0)
+    max_completion_tokens: NewTokens | None = Field(default=None, gt=0)
 
     def max_new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
