@@ -118,7 +118,8 @@ def test_a_bad_request_past_the_edge_fails_alone_and_its_batch_mates_are_answere
     with pytest.raises(InvalidRequest, match=field):
         bad_future.result(timeout=60)
     charges = {c.request_id: c for c in runtime.ledger.statement()}
-    assert bad.request_id not in charges  # the offender's request cost nothing, not even a reservation left
+    offender = charges[bad.request_id]  # reserved when its batch left, then released: it cost nothing
+    assert (offender.identity, offender.state, offender.charged_usu) == (BO, "released", 0)
     assert all(charges[rid].state == "settled" and charges[rid].identity == ANA for _, rid in tasks)
 
 
