@@ -90,11 +90,11 @@ def serve_batch(
 
 
 def json_ready(value: Any) -> Any:
-    """``value`` as JSON data: tensor blobs (bytes) become base64 text, as the contract's result
-    models read them (``tensors_blob``). The endpoint sends replies as JSON: the service reads no
+    """``value`` as JSON data: tensor blobs (bytes) become URL-safe base64 text, the alphabet the
+    contract's result models write and read on every wire (``tensors_blob``). The endpoint sends replies as JSON: the service reads no
     pickles from a worker."""
     if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
+        return base64.urlsafe_b64encode(value).decode("ascii")
     if isinstance(value, dict):
         return {key: json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -40,6 +40,11 @@ class ServiceThread:
         self.server = service_server(app, limits or ConnectionLimits())
         self.socket = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        # Tests serve one runtime (one back-channel hub) from several apps in turn, where tpm serve
+        # serves it once: the hub's worker URL goes back to the previous server's when this one stops,
+        # or later tasks would post their streams to a closed port.
+        self.hub = _inner(app).state.streams
+        self.previous_worker_url = self.hub.worker_url
         serve_at(app, self.url)  # as tpm serve does once it is bound
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -55,6 +60,15 @@ class ServiceThread:
     def __exit__(self, *exc_info: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        if self.hub.worker_url == self.url:
+            self.hub.worker_url = self.previous_worker_url
+
+
+def _inner(app: Any) -> Any:
+    """The FastAPI app inside its ASGI wrappers."""
+    while not hasattr(app, "state"):
+        app = app.app
+    return app
 
 
 @contextmanager

@@ -229,7 +229,7 @@ def test_a_byo_worker_runs_the_callers_hook(byo_site, spec_wire, tmp_path):
     from tpm_fed.protocol.tensors import unpack_tensors
 
     # The reply is JSON data: a tensor blob travels as base64 text.
-    by_hook, by_spec = (unpack_tensors(base64.b64decode(r["tensors_blob"]))["0:lm_head.output"] for r in results[:2])
+    by_hook, by_spec = (unpack_tensors(base64.urlsafe_b64decode(r["tensors_blob"]))["0:lm_head.output"] for r in results[:2])
     assert np.array_equal(by_hook, by_spec)  # the caller's hook ran, and did what it says
     assert mark.exists()  # unpacked here: this endpoint's operator allows caller code
 

@@ -166,11 +166,12 @@ class _TensorResult(ServedResult):
     @field_validator("tensors_blob", mode="before")
     @classmethod
     def _base64_on_the_wire(cls, value: Any) -> Any:
-        """A worker's reply is JSON: there the blob is base64 text (``functions.serve.json_ready``)."""
+        """On a wire the blob is URL-safe base64 text: a worker's JSON reply (``functions.serve.json_ready``)
+        and the service's answers (``ser_json_bytes``) use the same alphabet."""
         if isinstance(value, str):
             import base64
 
-            return base64.b64decode(value, validate=True)
+            return base64.b64decode(value, altchars=b"-_", validate=True)
         return value
 
     tensors_ref: TensorsReference | None = None
