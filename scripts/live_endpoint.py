@@ -72,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     from tpm_fed.globus_auth import compute_client
     from tpm_fed.protocol.model import ModelSpec
     from tpm_fed.protocol.requests import GenerationRequest
+    from tpm_fed.sites.json_results import JSON_RESULTS, json_results_serializer
 
     client = compute_client()  # NotLoggedIn: run `tpm login`
     checks: list[tuple[str, bool, str]] = []
-    with Executor(endpoint_id=endpoint_id, client=client, user_endpoint_config=user_config) as executor:
+    # Results come back as JSON and are read only as JSON, as the service reads them (docs/security.md).
+    with Executor(endpoint_id=endpoint_id, client=client, user_endpoint_config=user_config,
+                  serializer=json_results_serializer("live"), result_serializers=[JSON_RESULTS]) as executor:
         started = time.perf_counter()
         print("[1/4] making the demo model at the endpoint (cold start may queue for nodes) ...", flush=True)
         path = executor.submit(make_model_at_endpoint, args.endpoint_folder).result(timeout=args.timeout)
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(("other serving code", error.get("type") == "CodeVersionMismatch", str(error)))
 
     print("[4/4] the same batch through Parsl's GlobusComputeExecutor", flush=True)
-    parsl_executor = Executor(endpoint_id=endpoint_id, client=client, user_endpoint_config=user_config)
+    parsl_executor = Executor(endpoint_id=endpoint_id, client=client, user_endpoint_config=user_config,
+                              serializer=json_results_serializer("live"), result_serializers=[JSON_RESULTS])
     checks.append(_through_parsl(parsl_executor, spec, request, context, outcome, args.timeout))
 
     for name, ok, detail in checks:

@@ -20,11 +20,12 @@ from tpm_fed.sites.parsl_engine import ParslEngineSite
 CONFIGS = Path(__file__).parent.parent / "endpoint_configs"
 
 
-def workstation_config(folder: Path) -> Path:
-    """endpoint_configs/workstation.yaml, its worker_init pointed at this environment."""
+def workstation_config(folder: Path, models: Path) -> Path:
+    """endpoint_configs/workstation.yaml, its worker_init pointed at this environment and at ``models``."""
     text = (CONFIGS / "workstation.yaml").read_text()
     text = text.replace("source ~/tpm-fed/.venv/bin/activate", f"source {Path(sys.prefix) / 'bin' / 'activate'}")
-    assert str(sys.prefix) in text
+    text = text.replace("TPM_MODEL_ROOTS=$HOME/tpm-fed/models", f"TPM_MODEL_ROOTS={models}")
+    assert str(sys.prefix) in text and str(models) in text
     path = folder / "workstation.yaml"
     path.write_text(text)
     return path
@@ -38,7 +39,7 @@ def test_workstation_config_serves_the_same_tokens_as_the_local_site(tmp_path, d
     Federation(
         name="parsl-tests",
         sites=[SiteConfig(name="local"),
-               SiteConfig(name="cluster", access="parsl", engine_config=workstation_config(tmp_path))],
+               SiteConfig(name="cluster", access="parsl", engine_config=workstation_config(tmp_path, home.models_dir))],
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
         projects=[ProjectConfig(name="tests", members=[LocalUser().current()],
                                 allocations={"local": 1e6, "cluster": 1e6})],

@@ -20,7 +20,7 @@ import pytest
 
 from functions.policy import load_policy
 from functions.serve import serve_batch
-from tests.test_endpoint_configs import CONFIGS, load, worker_policy_of
+from tests.test_endpoint_configs import CONFIGS, load, no_hpc_interfaces, worker_policy_of  # noqa: F401 (autouse)
 from tpm_fed.protocol.entrypoints import SERVE_BATCH
 from tpm_fed.protocol.errors import NotPermitted, SiteError, error_from_wire
 from tpm_fed.protocol.requests import GenerationRequest
