@@ -43,6 +43,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -359,3 +361,17 @@ def use_service_credentials(monkeypatch, user_dir: Path) -> None:
     monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", "0f5a0d4e-1a7b-4b0e-9f1d-7c7e2c2a9b10")
     monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_SECRET", "test-secret")
     monkeypatch.delenv("GLOBUS_SDK_ENVIRONMENT", raising=False)
+
+
+@contextmanager
+def answering_the_sdk(service: ComputeService, monkeypatch, user_dir: Path) -> Iterator[responses.RequestsMock]:
+    """``service`` answering the SDK's HTTP calls, results over its in-process AMQP stand-in, a service
+    identity logged in (token store in ``user_dir``); yields the mock, for a test's own routes."""
+    import globus_compute_sdk.sdk.executor as sdk_executor
+
+    use_service_credentials(monkeypatch, user_dir)
+    monkeypatch.setattr(sdk_executor, "_ResultWatcher", in_process_result_watcher(service))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        service.install(mock)
+        service.submissions.clear()
+        yield mock

@@ -83,6 +83,24 @@ def served(runtime: Any, identity: str | None = None) -> Iterator[tuple[str, str
         yield url, token
 
 
+@contextmanager
+def served_with_globus(runtime: Any, client_id: str, secret: str,
+                       tokens: dict[str, dict]) -> Iterator[tuple[str, Any, GlobusAuthStandIn]]:
+    """``runtime`` served on loopback with Globus Auth identities (``--auth globus``), introspected by a
+    stand-in of Globus Auth over ``tokens`` (token -> :func:`token_answer`):
+    ``with served_with_globus(...) as (url, auth, auth_server):``."""
+    import globus_sdk
+
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import GlobusTokens
+
+    with GlobusAuthStandIn(client_id, secret, tokens) as auth_server:
+        auth = GlobusTokens(client_id, auth_client=globus_sdk.ConfidentialAppAuthClient(
+            client_id, secret, base_url=auth_server.url))
+        with ServiceThread(build_app(runtime, auth)) as url:
+            yield url, auth, auth_server
+
+
 def openai_client(url: str, token: str) -> Any:
     """The official ``openai`` client on a service's OpenAI routes (no retries: a test sees every answer)."""
     import openai

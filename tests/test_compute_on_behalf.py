@@ -20,10 +20,8 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
-import responses
 
-from tests.compute_service import ACCESS_TOKEN, AUTH, ComputeService, in_process_result_watcher, \
-    use_service_credentials
+from tests.compute_service import ACCESS_TOKEN, AUTH, ComputeService, answering_the_sdk
 from tests.service_helpers import ServiceThread, token_answer, tpm_in_process
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
@@ -48,16 +46,10 @@ def compute(tmp_path_factory):
 @pytest.fixture
 def cloud(compute, monkeypatch, tmp_path):
     """Globus Compute and Globus Auth at the HTTP boundary; the service logged in with client credentials."""
-    import globus_compute_sdk.sdk.executor as sdk_executor
-
-    use_service_credentials(monkeypatch, tmp_path / "globus")
-    monkeypatch.setattr(sdk_executor, "_ResultWatcher", in_process_result_watcher(compute))
     compute.dependent_grants.clear()
     compute.dependent_grants.update(GRANTS)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+    with answering_the_sdk(compute, monkeypatch, tmp_path / "globus") as mock:
         mock.add_callback("POST", f"{AUTH}/v2/oauth2/token/introspect", callback=_introspect)
-        compute.install(mock)
-        compute.submissions.clear()
         yield compute
 
 

@@ -20,8 +20,7 @@ from click.testing import CliRunner
 
 from tests.compute_service import (
     ComputeService,
-    in_process_result_watcher,
-    use_service_credentials,
+    answering_the_sdk,
     use_user_login,
 )
 from tests.service_helpers import tpm_in_process
@@ -57,13 +56,7 @@ def service(tmp_path_factory):
 @pytest.fixture
 def cloud(service, monkeypatch, tmp_path):
     """The service answering the SDK's HTTP calls, a service identity logged in, AMQP in-process."""
-    import globus_compute_sdk.sdk.executor as sdk_executor
-
-    use_service_credentials(monkeypatch, tmp_path / "globus")
-    monkeypatch.setattr(sdk_executor, "_ResultWatcher", in_process_result_watcher(service))
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        service.install(mock)
-        service.submissions.clear()
+    with answering_the_sdk(service, monkeypatch, tmp_path / "globus"):
         yield service
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_helpers import GlobusAuthStandIn, ServiceThread, token_answer
+from tests.service_helpers import served_with_globus, token_answer
 from tests.test_web_page import browser  # noqa: F401 - the headless browser fixture
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
@@ -24,10 +24,6 @@ ANA, BO, CY = "ana@uchicago.edu", "bo@anl.gov", "cy@lbl.gov"
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, demo_model_dir):
     """A shared service in globus auth mode: projects astro (ana) and bio (bo, a small grant)."""
-    import globus_sdk
-
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import GlobusTokens
     from tpm_fed.service.runtime import Runtime
 
     home = TpmHome(tmp_path_factory.mktemp("shared-home"))
@@ -47,15 +43,8 @@ def shared(tmp_path_factory, demo_model_dir):
         "inactive-token": token_answer(ANA, CLIENT_ID, active=False),
         "other-audience-token": token_answer(ANA, "some-other-service"),
     }
-    with GlobusAuthStandIn(CLIENT_ID, SECRET, tokens) as auth_server:
-        auth = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(
-            CLIENT_ID, SECRET, base_url=auth_server.url))
-        runtime = Runtime(home)
-        try:
-            with ServiceThread(build_app(runtime, auth)) as url:
-                yield url, runtime, auth_server
-        finally:
-            runtime.close()
+    with Runtime(home) as runtime, served_with_globus(runtime, CLIENT_ID, SECRET, tokens) as (url, _, auth_server):
+        yield url, runtime, auth_server
 
 
 def _post(url, token, body, path="/v1/completions"):

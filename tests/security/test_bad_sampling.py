@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_helpers import GlobusAuthStandIn, ServiceThread, token_answer
+from tests.service_helpers import served_with_globus, token_answer
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 from tpm_fed.protocol.errors import InvalidRequest
@@ -39,10 +39,6 @@ PROMPTS = ["The cell divides", "A star is born", "The river carries"]
 def shared(tmp_path_factory, demo_model_dir):
     """A shared service (Globus identities) whose one worker gathers what arrives within a second
     into one task, so ana's requests and bo's travel together."""
-    import globus_sdk
-
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import GlobusTokens
     from tpm_fed.service.runtime import Runtime
 
     home = TpmHome(tmp_path_factory.mktemp("bad-sampling-home"))
@@ -55,15 +51,8 @@ def shared(tmp_path_factory, demo_model_dir):
                   ProjectConfig(name="bio", members=[BO], allocations={"local": 100.0})],
     ).dump(home.federation_file)
     tokens = {"ana-token": token_answer(ANA, CLIENT_ID), "bo-token": token_answer(BO, CLIENT_ID)}
-    with GlobusAuthStandIn(CLIENT_ID, SECRET, tokens) as auth_server:
-        auth = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(
-            CLIENT_ID, SECRET, base_url=auth_server.url))
-        runtime = Runtime(home)
-        try:
-            with ServiceThread(build_app(runtime, auth)) as url:
-                yield url, runtime
-        finally:
-            runtime.close()
+    with Runtime(home) as runtime, served_with_globus(runtime, CLIENT_ID, SECRET, tokens) as (url, _, _):
+        yield url, runtime
 
 
 def _post(url: str, token: str, path: str, body: dict) -> httpx.Response:

@@ -11,26 +11,18 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.service_helpers import GlobusAuthStandIn, ServiceThread, token_answer
+from tests.service_helpers import served_with_globus, token_answer
 
 CLIENT_ID, SECRET = "5b5b1a5e-0000-4000-8000-00000000c11e", "service-secret"
 
 
 @pytest.fixture
 def globus_service(runtime):
-    import globus_sdk
-
-    from tpm_fed.service.app import build_app
-    from tpm_fed.service.auth import GlobusTokens
-
     tokens = {"good-token": token_answer("ana@uchicago.edu", CLIENT_ID),
               "inactive-token": token_answer("ana@uchicago.edu", CLIENT_ID, active=False),
               "other-audience-token": token_answer("ana@uchicago.edu", "some-other-service")}
-    with GlobusAuthStandIn(CLIENT_ID, SECRET, tokens) as auth_server:
-        auth = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(
-            CLIENT_ID, SECRET, base_url=auth_server.url))
-        with ServiceThread(build_app(runtime, auth)) as url:
-            yield url, auth, auth_server
+    with served_with_globus(runtime, CLIENT_ID, SECRET, tokens) as served:
+        yield served
 
 
 def _models(url: str, token: str) -> httpx.Response:

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-import responses
 
 from functions.serve import echo
-from tests.compute_service import ComputeService, in_process_result_watcher, use_service_credentials
+from tests.compute_service import ComputeService, answering_the_sdk
 from tpm_fed.federation import RegisteredFunction, SiteConfig
 from tpm_fed.protocol.code_version import serving_code_version
 from tpm_fed.protocol.errors import ResultNotData
@@ -100,13 +99,7 @@ def compute_service(tmp_path_factory):
 
 @pytest.fixture
 def cloud(compute_service, monkeypatch, tmp_path):
-    import globus_compute_sdk.sdk.executor as sdk_executor
-
-    use_service_credentials(monkeypatch, tmp_path / "globus")
-    monkeypatch.setattr(sdk_executor, "_ResultWatcher", in_process_result_watcher(compute_service))
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        compute_service.install(mock)
-        compute_service.submissions.clear()
+    with answering_the_sdk(compute_service, monkeypatch, tmp_path / "globus"):
         yield compute_service
 
 
