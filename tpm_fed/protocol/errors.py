@@ -73,6 +73,10 @@ class FederationConfigError(TpmError):
     """The federation file is missing, unreadable or invalid."""
 
 
+class MissingDependency(TpmError):
+    """A piece this configuration needs is not installed; the message names the extra to install."""
+
+
 class NotPermitted(TpmError, PermissionError):
     """The caller may not do this: not in the project, or another project's own site."""
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from tpm_fed.protocol.errors import TpmError
+
 
 @click.command("serve")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -30,5 +32,8 @@ def serve(home, host, port, database_url, auth, idle_timeout, operators) -> None
         raise click.UsageError("--auth local serves the home's owner only: listen on loopback, "
                                "or use --auth globus for a shared deployment")
     tpm_home = TpmHome(home.expanduser().resolve()) if home else TpmHome.default()
-    run_service(tpm_home, ServiceOptions(host=host, port=port, database_url=database_url, auth=auth,
-                                         idle_timeout_s=idle_timeout, operators=tuple(operators)))
+    try:
+        run_service(tpm_home, ServiceOptions(host=host, port=port, database_url=database_url, auth=auth,
+                                             idle_timeout_s=idle_timeout, operators=tuple(operators)))
+    except TpmError as error:  # one line, also when started as python -m tpm_fed.service (no tpm group)
+        raise click.ClickException(f"{type(error).__name__}: {error}") from None

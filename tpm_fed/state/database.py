@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from tpm_fed.protocol.errors import MissingDependency
 from tpm_fed.state.schema import metadata
 
 RENAMED_KINDS = {"query": "generate", "embedding": "embed", "intermediary": "trace"}
@@ -27,7 +28,12 @@ def open_database(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError as error:  # the URL names a driver (psycopg) this install lacks
+            raise MissingDependency(
+                f"the database URL needs the Python package {error.name!r}, which is not installed: "
+                "for PostgreSQL, pip install 'tpm-fed[postgres]' and use postgresql+psycopg://...") from None
     metadata.create_all(engine)
     _rename_tier_column(engine)
     add_missing_columns(engine)
