@@ -55,10 +55,7 @@ def read_batch_file(content: bytes) -> list[BatchInputLine]:
     """
     if len(content) > MAX_FILE_BYTES:
         raise PayloadTooLarge(f"the batch file is {len(content):,} bytes; the most is {MAX_FILE_BYTES:,}")
-    checker = BatchFileChecker()
-    lines = [line for raw in content.split(b"\n") if (line := checker.feed(raw)) is not None]
-    checker.finish()
-    return lines
+    return read_stored_batch_file([content])
 
 
 def read_stored_batch_file(parts: Iterable[bytes]) -> list[BatchInputLine]:

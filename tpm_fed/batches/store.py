@@ -85,13 +85,10 @@ class BatchStore:
     # ----- files ---------------------------------------------------------------------
     def quota_left(self, owner: str) -> int:
         """Bytes ``owner`` may still upload (their unexpired files count against the quota)."""
-        f = batch_files_table.c
         with self.engine.connect() as db:
-            used = db.execute(select(func.coalesce(func.sum(f.bytes), 0)).where(
-                f.owner == owner, _unexpired(f, time.time()))).scalar_one()
-        return max(0, self.upload_quota_bytes - int(used))
+            return max(0, self.upload_quota_bytes - _stored_bytes(db, owner, time.time()))
 
-    def add_file(self, owner: str, filename: str, source: BinaryIO | bytes, size: int, lines: int,
+    def add_file(self, owner: str, filename: str, source: BinaryIO, size: int, lines: int,
                  expires_at: float | None) -> FileObject:
         """Store an upload already checked, copied from ``source`` a part at a time (never whole in memory).
 
@@ -99,18 +96,12 @@ class BatchStore:
             PayloadTooLarge: It would take ``owner`` over their quota (checked in the same transaction as
                 the insert, so two uploads at once cannot both pass it); nothing is stored.
         """
-        if isinstance(source, bytes):
-            import io
-
-            source = io.BytesIO(source)
         file_id = f"file-{secrets.token_hex(12)}"
         now = time.time()
-        f = batch_files_table.c
         with self.engine.begin() as db:
-            used = db.execute(select(func.coalesce(func.sum(f.bytes), 0)).where(
-                f.owner == owner, _unexpired(f, now))).scalar_one()
-            if int(used) + size > self.upload_quota_bytes:
-                raise PayloadTooLarge(_over_quota(size, int(used), self.upload_quota_bytes))
+            used = _stored_bytes(db, owner, now)
+            if used + size > self.upload_quota_bytes:
+                raise PayloadTooLarge(_over_quota(size, used, self.upload_quota_bytes))
             db.execute(insert(batch_files_table).values(
                 file_id=file_id, owner=owner, filename=filename, purpose="batch", bytes=size, lines=lines,
                 created_at=now, content=b"", expires_at=expires_at))
@@ -567,6 +558,13 @@ def _check_uncommitted_balance(db: Any, project: str, quote: BatchQuote) -> None
             available[site] = available.get(site, 0.0) - bound * unrun
     check_balance(quote.model_copy(update={"available_su": {site: available.get(site, 0.0)
                                                             for site in quote.max_su_per_site}}))
+
+
+def _stored_bytes(db: Any, owner: str, now: float) -> int:
+    """Bytes of ``owner``'s unexpired uploads: what counts against their quota."""
+    f = batch_files_table.c
+    return int(db.execute(select(func.coalesce(func.sum(f.bytes), 0)).where(
+        f.owner == owner, _unexpired(f, now))).scalar_one())
 
 
 def _unexpired(columns: Any, now: float) -> Any:
