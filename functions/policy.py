@@ -197,11 +197,9 @@ class WorkerPolicy(BaseModel):
         """
         if not self.model_roots:
             return
-        real = os.path.realpath(folder)
-        for root in self.model_roots:
-            base = os.path.realpath(root)
-            if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
-                return
+        real = Path(folder).resolve()
+        if any(real.is_relative_to(root.resolve()) for root in self.model_roots):
+            return
         raise NotPermitted(
             f"model {name!r}: the folder the task names is outside this endpoint's model folders "
             f"(its operator lists them in {VARIABLES['model_roots']}); ask the service for a model by name"

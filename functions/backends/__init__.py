@@ -62,7 +62,7 @@ def notes_now(notes: list[str], loaded_without_vllm: bool) -> list[str]:
     loaded while warm, so without this note its results would keep saying that vLLM
     is not installed, long after it is.
     """
-    if loaded_without_vllm and importlib.util.find_spec("vllm") is not None:
+    if loaded_without_vllm and not vllm_missing():
         return [*notes, VLLM_INSTALLED_SINCE]
     return notes
 
