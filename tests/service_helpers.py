@@ -34,7 +34,7 @@ class ServiceThread:
     (its connection limits: ``limits``, the defaults if None)."""
 
     def __init__(self, app: Any, limits: Any = None) -> None:
-        from tpm_fed.service.app import serve_at
+        from tpm_fed.service.app import fastapi_app, serve_at
         from tpm_fed.service.connections import ConnectionLimits, service_server
 
         self.server = service_server(app, limits or ConnectionLimits())
@@ -43,7 +43,7 @@ class ServiceThread:
         # Tests serve one runtime (one back-channel hub) from several apps in turn, where tpm serve
         # serves it once: the hub's worker URL goes back to the previous server's when this one stops,
         # or later tasks would post their streams to a closed port.
-        self.hub = _inner(app).state.streams
+        self.hub = fastapi_app(app).state.streams
         self.previous_worker_url = self.hub.worker_url
         serve_at(app, self.url)  # as tpm serve does once it is bound
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
@@ -62,13 +62,6 @@ class ServiceThread:
         self.thread.join(timeout=30)
         if self.hub.worker_url == self.url:
             self.hub.worker_url = self.previous_worker_url
-
-
-def _inner(app: Any) -> Any:
-    """The FastAPI app inside its ASGI wrappers."""
-    while not hasattr(app, "state"):
-        app = app.app
-    return app
 
 
 @contextmanager

@@ -118,11 +118,16 @@ def serve_at(app: Any, url: str, *, worker_url: str | None = None, hosts: tuple[
             task is given, whatever a caller's request says.
         hosts: More ``Host`` values callers may use (a reverse proxy's public name).
     """
-    inner = app
-    while not hasattr(inner, "state"):  # the FastAPI app inside its ASGI wrappers
-        inner = inner.app
+    inner = fastapi_app(app)
     inner.state.streams.worker_url = worker_url or url
     inner.state.hosts.serve(url, (*hosts, *([worker_url] if worker_url else [])))
+
+
+def fastapi_app(app: Any) -> Any:
+    """The FastAPI app inside ``app``'s ASGI wrappers (what :func:`build_app` returns is wrapped)."""
+    while not hasattr(app, "state"):
+        app = app.app
+    return app
 
 
 UPLOAD_OVERHEAD_BYTES = 1024 * 1024
