@@ -43,6 +43,11 @@ policy file on the endpoint host named there.
                             (``NotPermitted``) before anything in it is read.
                             Unset: any folder the account can read (set it
                             on every endpoint others may submit to).
+``TPM_TORCH_DEVICE``        Where the torch backend runs a model: ``auto``
+                            (the default: the first GPU when torch sees one,
+                            else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+                            A GPU named here that torch cannot see refuses
+                            the load (``ModelLoadError``), never falls back.
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -86,6 +91,7 @@ VARIABLES = {
     "result_retention_s": "TPM_RESULT_RETENTION_S",
     "max_session_steps": "TPM_MAX_SESSION_STEPS",
     "model_roots": "TPM_MODEL_ROOTS",
+    "torch_device": "TPM_TORCH_DEVICE",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -111,6 +117,7 @@ class WorkerPolicy(BaseModel):
         result_retention_s: How long a stored result is kept.
         max_session_steps: The most steps one session may run here.
         model_roots: The folders models may be loaded from (empty: any folder).
+        torch_device: Where the torch backend runs models (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -126,6 +133,7 @@ class WorkerPolicy(BaseModel):
     result_retention_s: float = Field(default=86400.0, gt=0)
     max_session_steps: int = Field(default=MAX_SESSION_STEPS, ge=1, le=MAX_SESSION_STEPS)
     model_roots: list[Path] = Field(default_factory=list)
+    torch_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
 
     @field_validator("result_store")
     @classmethod

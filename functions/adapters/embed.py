@@ -83,7 +83,7 @@ def _text_sequences(core: HiddenStates, texts: list[str]) -> list[Any]:
     import torch
 
     embeddings = core.model.get_input_embeddings()
-    return [embeddings(torch.tensor(core.tokenizer(text)["input_ids"])) for text in texts]
+    return [embeddings(torch.tensor(core.tokenizer(text)["input_ids"], device=core.model.device)) for text in texts]
 
 
 def _input_sequences(request: EmbeddingRequest, policy: WorkerPolicy, dtype, hidden: int) -> list[Any]:
@@ -124,16 +124,18 @@ def _module(ref: str | None, code: str | None, policy: WorkerPolicy, dtype):
 
 
 def _core(model, sequences: list[Any]) -> list[Any]:
+    """The core's final hidden states of each sequence, on the CPU: the caller's input modules and
+    heads (small, and theirs) run on the CPU; only the shared core runs where the model lives."""
     import torch
 
     longest = max(s.shape[0] for s in sequences)
     hidden = sequences[0].shape[-1]
-    embeds = torch.zeros(len(sequences), longest, hidden, dtype=sequences[0].dtype)
-    mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+    embeds = torch.zeros(len(sequences), longest, hidden, dtype=sequences[0].dtype, device=model.device)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=model.device)
     for row, sequence in enumerate(sequences):
         embeds[row, : sequence.shape[0]] = sequence
         mask[row, : sequence.shape[0]] = 1
-    states = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    states = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.cpu()
     return [states[row, : sequence.shape[0]] for row, sequence in enumerate(sequences)]
 
 

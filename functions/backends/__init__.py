@@ -73,9 +73,11 @@ def load_backend(spec: ModelSpec, backend: str) -> Backend:
         from functions.backends.vllm_backend import VllmBackend
 
         return VllmBackend.load(spec)
+    from functions.backends.device import resolve_device
     from functions.backends.torch_backend import TorchBackend
+    from functions.policy import current_policy
 
-    return TorchBackend.load(spec)
+    return TorchBackend.load(spec, resolve_device(current_policy().torch_device))
 
 
 def _architecture(spec: ModelSpec) -> str | None:

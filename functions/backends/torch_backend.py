@@ -40,9 +40,14 @@ class TorchBackend:
         self.eos_token_ids = token_id_set(eos if eos is not None else tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
 
+    @property
+    def device(self) -> Any:
+        """Where the model's weights are (inputs are made there)."""
+        return self.model.device
+
     @classmethod
-    def load(cls, spec: ModelSpec) -> TorchBackend:
-        """Load weights (safetensors only) and tokenizer from ``spec.path``.
+    def load(cls, spec: ModelSpec, device: Any = "cpu") -> TorchBackend:
+        """Load weights (safetensors only) and tokenizer from ``spec.path`` onto ``device``.
 
         Raises:
             ModelLoadError: The directory is missing, incomplete or corrupt.
@@ -51,7 +56,9 @@ class TorchBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if spec.source == "store":
-            return cls._load_from_store(spec)
+            backend = cls._load_from_store(spec)
+            backend.model.to(device)
+            return backend
         path = Path(spec.path)
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -61,7 +68,7 @@ class TorchBackend:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=getattr(torch, spec.dtype), use_safetensors=True
-            )
+            ).to(device)
         except Exception as error:  # transformers raises many types for bad files
             raise ModelLoadError(
                 f"model {spec.name!r}: could not load {path}: {type(error).__name__}: {error}"
@@ -183,6 +190,7 @@ class TorchBackend:
         for row, ids in enumerate(rows):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         sampling: dict[str, Any] = {"do_sample": False}
         if not first.greedy:
             sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}

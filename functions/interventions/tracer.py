@@ -129,13 +129,13 @@ class Tracer:
                 bound.sources[target] = (step.source, source)
         if step.op in ("set", "add"):
             value = step.value.torch() if step.value is not None else values(step.value_from)
-            bound.value = value.to(self.model.dtype)
+            bound.value = value.to(device=self.model.device, dtype=self.model.dtype)
         if isinstance(step, Inject):
             ids = self.tokenizer(step.text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise InvalidRequest(f"{where}: text {step.text!r} has no tokens")
             embeddings = self.model.get_input_embeddings()
-            bound.value = embeddings(torch.tensor(ids)).sum(dim=0) * step.scale
+            bound.value = embeddings(torch.tensor(ids, device=self.model.device)).sum(dim=0) * step.scale
         return bound
 
     def _bind_hook(self, hook, policy: WorkerPolicy) -> _Bound:
@@ -180,6 +180,7 @@ class _Run:
         for row, ids in enumerate(self.prompt_ids):
             input_ids[row, self.pads[row]:] = torch.tensor(ids)
             mask[row, self.pads[row]:] = 1
+        input_ids, mask = input_ids.to(self.model.device), mask.to(self.model.device)
         handles = self._register()
         patterns = self.request.attention_patterns is not None
         previous = self.model.config._attn_implementation
@@ -434,7 +435,7 @@ def _reduced(saved, reduce):
 
     values = saved.float()
     if reduce.op == "project":
-        vectors = reduce.vectors.torch().float()
+        vectors = reduce.vectors.torch().float().to(values.device)
         return (values @ vectors.T).to(saved.dtype)
     dim = reduce.dim(values.dim())
     if reduce.op == "mean":
