@@ -36,11 +36,12 @@ import time
 from sqlalchemy.exc import IntegrityError
 
 from tpm_fed.broker import Admission, Broker
-from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Metered, price_usu
+from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.protocol.requests import ServingRequest
-from tpm_fed.protocol.results import ChargeInfo, ServedResult, SessionResult
+from tpm_fed.protocol.results import ChargeInfo, ServedResult, SessionResult, TensorResult
+from tpm_fed.references.reader import StoreReader
 from tpm_fed.references.records import ReferenceRecords
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
@@ -167,6 +168,8 @@ class Bookkeeper:
                 adopted = self.references.adopt(admission.site, outcome.tensors_ref)
                 outcomes[request_id] = outcome = outcome.model_copy(update={"tensors_ref": adopted})
                 references.append((request_id, admission.site, adopted))
+            if isinstance(outcome, TensorResult):  # read in this process from the stores it can open
+                outcome.with_reader(StoreReader())
             if isinstance(outcome, ServedResult):
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
                                outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)

@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tpm_fed.protocol.chunks import write_atomically
 from tpm_fed.protocol.errors import FederationConfigError, TpmError, UnknownModel
-from tpm_fed.protocol.kinds import KindName
+from tpm_fed.protocol.kinds import KINDS, KindName
 from tpm_fed.protocol.model import BackendChoice, DType
 from tpm_fed.protocol.requests import describe_validation_error
+from tpm_fed.protocol.result_stores import check_spec
 
 Name = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
 
@@ -189,8 +190,6 @@ class SiteConfig(_Strict):
     @model_validator(mode="after")
     def _results_is_a_store(self) -> Self:
         if self.results is not None and "://" in self.results:
-            from tpm_fed.protocol.result_stores import check_spec
-
             try:
                 check_spec(self.results)
             except TpmError as error:
@@ -331,8 +330,6 @@ class Prices(_Strict):
 
     def of(self, kind: str) -> Price:
         """The price a request of ``kind`` pays: its family's (a session pays as traces)."""
-        from tpm_fed.protocol.kinds import KINDS
-
         return getattr(self, KINDS[kind].family)
 
 

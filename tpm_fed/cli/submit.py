@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tpm_fed.client import Client
+from tpm_fed.completion_stream import CompletionStream, completion_body
 from tpm_fed.protocol.errors import PlacementRefused
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
@@ -97,8 +98,6 @@ def _hot(cards: dict[str, dict], model: str) -> bool:
 
 
 def _print_stream(client: Client, request: GenerationRequest) -> None:
-    from tpm_fed.completion_stream import CompletionStream, completion_body
-
     stream = CompletionStream(client._http, completion_body(request), client.url)
     for piece in stream:
         click.echo(piece, nl=False)

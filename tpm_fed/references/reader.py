@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tpm_fed.protocol.errors import ReferenceNotFound
+from tpm_fed.protocol.http_errors import error_from_body
 from tpm_fed.protocol.reference_chunks import check_current, checked, get_chunks
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
 from tpm_fed.protocol.result_stores import connector_for, local_folder
@@ -36,6 +37,9 @@ class StoreReader:
                                     "process cannot read; read them with the Client that got the result")
         return get_chunks(connector_for(reference.store), reference)
 
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
+        return write_atomically(path, chunks)
+
 
 class ServiceReader:
     """Reads a reference from its store when reachable, else streams it from the service.
@@ -53,12 +57,13 @@ class ServiceReader:
         check_current(reference)
         return self._download(request_id, reference)
 
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
+        return write_atomically(path, chunks)
+
     def _download(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
         return checked(self._stream(request_id), reference, f"what the service sent for request {request_id}")
 
     def _stream(self, request_id: str) -> Iterator[bytes]:
-        from tpm_fed.service.errors import error_from_body
-
         with self._http.stream("GET", f"/tpm/v1/requests/{request_id}/tensors") as response:
             if response.status_code >= 400:
                 response.read()

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from tpm_fed.protocol.errors import TpmError
-from tpm_fed.service.errors import http_error
+from tpm_fed.protocol.http_errors import http_error
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
