@@ -34,8 +34,9 @@ from urllib.parse import urlsplit
 from functions.backends.base import EncodedRequest
 from functions.outcomes import generated, refused
 from functions.streaming import BackChannel
+from tpm_fed.protocol.back_channel import AdmitAnswer, AdmitAsk
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
-from tpm_fed.protocol.kinds import request_from_wire
+from tpm_fed.protocol.kinds import KINDS, request_from_wire
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import Completion
 
@@ -75,7 +76,7 @@ class Admission:
         heard = False
         if self.failed is None:
             try:  # the service answers the open ask at once, so the thread ends without waiting it out
-                self._ask(self._connect(CLOSE_TIMEOUT_S), {"token": self.token, "close": True})
+                self._ask(self._connect(CLOSE_TIMEOUT_S), AdmitAsk(token=self.token, close=True))
                 heard = True
             except (OSError, http.client.HTTPException, ValueError):
                 pass  # unreachable: an ask it may still answer hands over requests the service takes back
@@ -89,15 +90,14 @@ class Admission:
         while not self._closed.is_set():
             try:
                 connection = connection or self._connect()
-                reply = self._ask(connection, {"token": self.token, "wait_s": ADMIT_WAIT_S})
+                reply = self._ask(connection, AdmitAsk(token=self.token, wait_s=ADMIT_WAIT_S))
             except (OSError, http.client.HTTPException, ValueError) as error:
                 self.failed = f"{type(error).__name__}: {error}"
                 break
-            requests = reply.get("requests")
-            if isinstance(requests, list) and requests:
+            if reply.requests:
                 with self._lock:
-                    self._arrived.extend(requests)
-            if not reply.get("open"):  # the service takes no more into this task
+                    self._arrived.extend(reply.requests)
+            if not reply.open:  # the service takes no more into this task
                 break
         if connection is not None:
             connection.close()
@@ -106,17 +106,14 @@ class Admission:
         kind = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
         return kind(self.url.hostname, self.url.port, timeout=timeout_s)
 
-    def _ask(self, connection: http.client.HTTPConnection, message: dict[str, Any]) -> dict[str, Any]:
-        connection.request("POST", self.url.path, body=json.dumps(message).encode(),
+    def _ask(self, connection: http.client.HTTPConnection, message: AdmitAsk) -> AdmitAnswer:
+        connection.request("POST", self.url.path, body=json.dumps(message.to_wire()).encode(),
                            headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
         body = answer.read()
         if answer.status != 200:
             raise ValueError(f"the service answered {answer.status}")
-        reply = json.loads(body or b"{}")
-        if not isinstance(reply, dict):
-            raise ValueError("the service's answer is not an object")
-        return reply
+        return AdmitAnswer.model_validate_json(body)  # not one: a ValidationError, which is a ValueError
 
 
 class LiveBatch:
@@ -172,8 +169,8 @@ class LiveBatch:
             request_id = wire.get("request_id") if isinstance(wire, dict) else None
             try:
                 request = request_from_wire(wire)
-                if not isinstance(request, GenerationRequest):  # the service hands over only these
-                    raise InvalidRequest(f"a {request.kind} request cannot join a running generate batch")
+                if not KINDS[request.kind].joins_on:  # the service hands over only kinds that join
+                    raise InvalidRequest(f"a {request.kind} request cannot join a running task")
                 encoded.append(self.encode(request))
             except TpmError as error:
                 if isinstance(request_id, str):

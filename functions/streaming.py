@@ -3,9 +3,11 @@
 The endpoint engine returns a task's result only when the task ends, so a
 streamed request's text travels another way: the service names, in the
 task's context, a URL and a secret token made for this one task
-(``{"url", "token"}``); the worker POSTs what each streamed request has
-produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
-"text"}]}``, where ``text`` is new text since the last chunk of that prompt.
+(:class:`~tpm_fed.protocol.back_channel.ChannelAddress`); the worker POSTs
+what each streamed request has produced so far as a
+:class:`~tpm_fed.protocol.back_channel.ChannelPost` (per prompt, the new text
+since that prompt's last chunk). The bodies both ways are the contract's
+models (:mod:`tpm_fed.protocol.back_channel`), read by the service as built here.
 
 - Sending barely slows generation: a background thread sends whatever has
   piled up, merged per prompt, at most one POST every ``SEND_INTERVAL_S``,
@@ -37,7 +39,11 @@ from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from functions.policy import WorkerPolicy
+from tpm_fed.protocol.back_channel import ChannelAddress, ChannelPost, ChannelPostAnswer, EarlyAnswer
+from tpm_fed.protocol.task_reply import Outcome, ServedBy
 
 
 SEND_INTERVAL_S = 0.02
@@ -70,10 +76,10 @@ class BackChannel:
         self.delivered = False
         self.failed: str | None = None
         self.cancelled: set[str] = set()  # requests whose callers left: stop generating for them
-        self.served: dict[str, Any] = {}  # the replica's facts, sent with answers (set by serve_batch)
+        self.served: ServedBy | None = None  # the replica's facts, sent with answers (set by serve_batch)
         self.answers: dict[str, dict[str, Any]] = {}  # every request answered here, by id
         self._pending: list[dict[str, Any]] = []
-        self._outcomes: list[dict[str, Any]] = []
+        self._outcomes: list[EarlyAnswer] = []
         self._begun: set[tuple[str, int]] = set()  # (request, prompt) pairs that sent text already
         self._urgent = False
         self._wake = threading.Condition()
@@ -84,13 +90,13 @@ class BackChannel:
     @classmethod
     def for_task(cls, context: dict[str, Any] | None, policy: WorkerPolicy) -> BackChannel | None:
         """The task's back channel, if it names one this endpoint may send to."""
-        stream = (context or {}).get("stream")
-        if not isinstance(stream, dict) or not isinstance(stream.get("url"), str) \
-                or not isinstance(stream.get("token"), str):
+        try:
+            address = ChannelAddress.model_validate((context or {}).get("stream"))
+        except ValidationError:  # none named (or not one): the final result carries everything
             return None
-        if not policy.may_stream_to(stream["url"]):  # scheme, host and port, as the endpoint lists them
+        if not policy.may_stream_to(address.url):  # scheme, host and port, as the endpoint lists them
             return None
-        return cls(stream["url"], stream["token"])
+        return cls(address.url, address.token)
 
     def send(self, chunks: list[dict[str, Any]]) -> None:
         """Queue chunks (returns at once)."""
@@ -115,7 +121,7 @@ class BackChannel:
         self.answers[request_id] = timed
         if self.failed is None:
             with self._wake:
-                self._outcomes.append({"request_id": request_id, "outcome": timed})
+                self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
                 self._wake.notify()
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -161,18 +167,17 @@ class BackChannel:
         return kind(self.url.hostname, self.url.port, timeout=10)
 
     def _post(self, connection: http.client.HTTPConnection, chunks: list[dict[str, Any]],
-              outcomes: list[dict[str, Any]]) -> None:
-        message: dict[str, Any] = {"token": self.token, "chunks": chunks}
-        if outcomes:  # chunks first: a request's text reaches its caller before its end does
-            message.update(outcomes=outcomes, served=self.served)
-        body = json.dumps(message).encode()
+              outcomes: list[EarlyAnswer]) -> None:
+        # Chunks first: a request's text reaches its caller before its end does.
+        message = ChannelPost(token=self.token, chunks=chunks, outcomes=outcomes,
+                              served=self.served if outcomes else None)
+        body = json.dumps(message.to_wire()).encode()
         connection.request("POST", self.url.path, body=body, headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
         reply = answer.read()
         if answer.status != 200:
             raise ValueError(f"the service answered {answer.status}")
-        cancelled = json.loads(reply or b"{}").get("cancelled") or []
-        self.cancelled.update(rid for rid in cancelled if isinstance(rid, str))
+        self.cancelled.update(ChannelPostAnswer.model_validate_json(reply).cancelled)  # ValidationError: a ValueError
 
 
 class TextDeltas:

@@ -1,8 +1,9 @@
 """The house's seams, checked from the source: where code runs is drawn by packages.
 
 - Nothing under ``tpm_fed/`` imports the worker package ``functions``.
-- The worker imports from ``tpm_fed`` only the contract, ``tpm_fed.protocol``.
-- The contract imports no torch, numpy or transformers (a caller without them
+- The worker imports from ``tpm_fed`` only the contract, ``tpm_fed.protocol``, and the storage both ends
+  share, ``tpm_fed.storage`` (which imports nothing of ``tpm_fed`` but the contract).
+- The contract and the storage import no torch, numpy or transformers (a caller without them
   can build every request and read every result's metadata).
 - No import circle among our modules, nor among our packages (tpm_fed's top-level packages and modules,
   and ``functions``, as the nodes).
@@ -74,18 +75,38 @@ def test_nothing_under_tpm_fed_imports_the_worker():
     assert offenders == []
 
 
-def test_the_worker_imports_only_the_contract_from_tpm_fed():
+WORKER_MAY_IMPORT = ("tpm_fed.protocol", "tpm_fed.storage")
+"""What of tpm_fed runs inside an endpoint worker: the contract, and the storage both ends share."""
+
+
+def test_the_worker_imports_only_the_contract_and_the_storage_from_tpm_fed():
     offenders = [
         f"{path.relative_to(ROOT)}:{line} imports {name}"
         for module, path in _modules("functions").items()
         for name, line in _imports(module, path)
-        if name.split(".")[0] == "tpm_fed" and not name.startswith("tpm_fed.protocol")
+        if name.split(".")[0] == "tpm_fed" and name != "tpm_fed" and _package(name) not in WORKER_MAY_IMPORT
     ]
     assert offenders == []
 
 
+def test_the_storage_imports_only_the_contract_from_tpm_fed():
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for module, path in _modules("tpm_fed/storage").items()
+        for name, line in _imports(module, path)
+        if name.split(".")[0] == "tpm_fed" and _package(name) not in WORKER_MAY_IMPORT
+    ]
+    assert len(_modules("tpm_fed/storage")) > 5 and offenders == []
+
+
+def test_the_serving_code_version_covers_what_the_worker_imports():
+    from tpm_fed.protocol.code_version import SERVING_PACKAGES
+
+    assert set(WORKER_MAY_IMPORT) | {"functions"} == set(SERVING_PACKAGES)
+
+
 def test_the_contract_imports_no_heavy_library_at_import_time():
-    contract = [module for module in _modules("tpm_fed") if module.startswith("tpm_fed.protocol")]
+    contract = [module for module in _modules("tpm_fed") if module.startswith(WORKER_MAY_IMPORT)]
     assert len(contract) > 10  # the check below really walks the contract
     script = (
         "import importlib, json, sys\n"
@@ -315,3 +336,62 @@ def test_no_parameter_typed_runtime_any():
 def test_no_parameter_typed_runtime_any_where_the_engine_is_handed_whole():
     offenders = [line for line in _runtime_any() if line.startswith(ENGINE_TYPED)]
     assert offenders == [], "\n".join(offenders)
+
+
+# --- Kinds: the table is the one place a kind is described ---
+
+
+def _kind_branches() -> list[str]:
+    """Comparisons with a kind's name and ``isinstance`` checks against a kind's request or result class,
+    outside the contract (which defines them)."""
+    from tpm_fed.protocol.kinds import KINDS
+
+    names = set(KINDS)
+    classes = {cls.__name__ for kind in KINDS.values() for cls in (kind.request, kind.result)}
+    found = []
+    for module, path in OURS.items():
+        if module.startswith("tpm_fed.protocol"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                     for op in node.ops):
+                sides = [node.left, *node.comparators]
+                constants = {side.value for side in sides if isinstance(side, ast.Constant)}
+                constants |= {element.value for side in sides if isinstance(side, (ast.Set, ast.Tuple, ast.List))
+                              for element in side.elts if isinstance(element, ast.Constant)}
+                if constants & names:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} compares with a kind's name")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" \
+                    and len(node.args) == 2 and {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} & classes:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} branches on a kind's class")
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("frozenset", "set") \
+                    and any(isinstance(e, ast.Constant) and e.value in names
+                            for arg in node.args if isinstance(arg, (ast.Set, ast.Tuple, ast.List)) for e in arg.elts):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} lists kinds by name")
+    return found
+
+
+def test_nothing_branches_on_a_kinds_name_outside_the_table():
+    """Whether a kind joins, streams, how it is billed, which backends serve it: columns of the kinds table
+    (``tpm_fed.protocol.kinds``), looked up, never ``name == "generate"`` or ``isinstance(result, ...)``."""
+    offenders = [line for line in _kind_branches() if not line.startswith(ENGINE_FILES)]
+    assert offenders == [], "\n".join(offenders)
+
+
+@pytest.mark.xfail(strict=True, reason="the engine's files (dispatch.py, runtime.py) are being split on their branch")
+def test_nothing_branches_on_a_kinds_name_in_the_engine():
+    offenders = [line for line in _kind_branches() if line.startswith(ENGINE_FILES)]
+    assert offenders == [], "\n".join(offenders)
+
+
+def test_the_kinds_table_is_consistent():
+    from typing import get_args
+
+    from tpm_fed.protocol.kinds import KINDS, KindName
+    from tpm_fed.protocol.model import BACKENDS
+
+    for kind in KINDS.values():
+        assert set(kind.joins_on) <= set(kind.backends) <= set(BACKENDS), kind.name
+        assert kind.family in get_args(KindName) and KINDS[kind.family].family == kind.family, kind.name
+        assert kind.request.model_fields["kind"].default == kind.name, kind.name
+        assert not kind.streams or kind.capability == "generate", kind.name  # only generated text streams

@@ -11,7 +11,7 @@ from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.points import PointCatalog, catalog_from_config
 from tpm_fed.protocol.requests import GenerationRequest, ModelRef
-from tpm_fed.protocol.store_reader import StoreReader
+from tpm_fed.storage.store_reader import StoreReader
 from tpm_fed.protocol.validation import check_context
 from tpm_fed.protocol.versions import VersionCache
 from tpm_fed.store import ModelStore

@@ -76,7 +76,7 @@ class TorchBackend:
         from transformers.initialization import no_init_weights
 
         from functions.store_loader import load_state_dict, materialize_files
-        from tpm_fed.protocol.store_reader import StoreReader
+        from tpm_fed.storage.store_reader import StoreReader
 
         store = StoreReader(Path(spec.path))
         files = materialize_files(store, spec.version)

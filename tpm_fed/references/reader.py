@@ -17,9 +17,10 @@ from typing import Any
 
 from tpm_fed.protocol.errors import ReferenceNotFound
 from tpm_fed.protocol.http_errors import error_from_body
-from tpm_fed.protocol.reference_chunks import check_current, checked, get_chunks
+from tpm_fed.storage.reference_chunks import check_current, checked, get_chunks
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.protocol.result_stores import connector_for, local_folder
+from tpm_fed.storage.atomic import write_chunks_atomically
+from tpm_fed.storage.result_stores import connector_for, local_folder
 
 
 def reachable(reference: TensorsReference) -> bool:
@@ -38,7 +39,7 @@ class StoreReader:
         return get_chunks(connector_for(reference.store), reference)
 
     def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
-        return write_atomically(path, chunks)
+        return write_chunks_atomically(path, chunks)
 
 
 class ServiceReader:
@@ -58,7 +59,7 @@ class ServiceReader:
         return self._download(request_id, reference)
 
     def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
-        return write_atomically(path, chunks)
+        return write_chunks_atomically(path, chunks)
 
     def _download(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
         return checked(self._stream(request_id), reference, f"what the service sent for request {request_id}")
@@ -69,26 +70,6 @@ class ServiceReader:
                 response.read()
                 raise error_from_body(response.status_code, _json_or_text(response))
             yield from response.iter_bytes(CHUNK_BYTES // 4)
-
-
-def write_atomically(path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
-    """Write ``chunks`` to ``path`` through a temporary file beside it; the bytes written.
-
-    A failed read (expired, corrupt) leaves no partial file behind.
-    """
-    target = Path(path)
-    partial = target.with_name(f".{target.name}.partial")
-    written = 0
-    try:
-        with open(partial, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-                written += len(chunk)
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return written
 
 
 def _json_or_text(response: Any) -> Any:

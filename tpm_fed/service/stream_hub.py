@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tpm_fed.protocol.back_channel import ChannelAddress
 from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
 
 STREAM_ROUTE = "/tpm/v1/stream"
@@ -112,7 +113,7 @@ class StreamHub:
                 return None
             token = secrets.token_urlsafe(32)
             self._tasks[token] = _Task(set(request_ids), admitting)
-        return {"url": self.worker_url.rstrip("/") + STREAM_ROUTE, "token": token}
+        return ChannelAddress(url=self.worker_url.rstrip("/") + STREAM_ROUTE, token=token).to_wire()
 
     def close(self, token: str) -> None:
         """The task ended: its secret is no longer accepted."""
