@@ -36,7 +36,7 @@ def serve_batch(
         context: ``code_version``, the serving code the client expects (see
             :mod:`tpm_fed.protocol.code_version`): a worker with other code refuses
             the batch. ``stream``: where to send streamed requests' text as it is
-            made (:mod:`functions.streaming`; only to hosts the policy allows). Any
+            made (:mod:`functions.back_channel`; only to hosts the policy allows). Any
             other key is ignored (older clients sent ``user_code``
             and ``adapters``; a worker never took permissions from a task since).
 
@@ -62,7 +62,7 @@ def serve_batch(
     except TpmError as error:  # refused whole, before a replica: errors only
         return TaskReply(backend=spec.backend, outcomes=[refused(error)] * len(requests)).to_wire()
 
-    from functions.streaming import BackChannel
+    from functions.back_channel import BackChannel
 
     started = time.perf_counter()
     served = ServedBy(
@@ -78,7 +78,7 @@ def serve_batch(
         if channel is not None:
             channel.close()  # streamed chunks and early answers reach the service before the result does
     joined = {}
-    if channel is not None:  # requests that joined the running batch (functions.admission), answered or not
+    if channel is not None:  # requests that joined the running batch (functions.joining), answered or not
         own = {request.get("request_id") for request in requests if isinstance(request, dict)}
         joined = {rid: outcome for rid, outcome in channel.answers.items() if rid not in own}
     answered = sum(1 for outcome in outcomes if "result" in outcome)
@@ -133,7 +133,7 @@ def answer(backend: Any, requests: list[dict[str, Any]], policy: Any, channel: A
         except TpmError as error:
             answers = [refused(error)] * len(items)
         else:
-            # Only a kind whose text streams gets the channel (see functions.streaming).
+            # Only a kind whose text streams gets the channel (see functions.back_channel).
             handle, streams = HANDLERS[name], kind.streams and channel is not None
 
             def run(group: list[Any], with_channel: bool) -> list[dict[str, Any]]:  # called before the loop moves on

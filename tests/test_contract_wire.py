@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from tpm_fed.protocol import errors
-from tpm_fed.protocol.back_channel import AdmitAnswer, AdmitAsk, ChannelPost, EarlyAnswer
+from tpm_fed.protocol.back_channel import JoinAnswer, JoinAsk, ChannelPost, EarlyAnswer
 from tpm_fed.protocol.http_errors import _STATUS, error_from_body, http_error
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.requests import GenerationRequest
@@ -125,5 +125,5 @@ def test_back_channel_bodies_refuse_what_neither_end_writes():
         with pytest.raises(ValidationError):
             ChannelPost.model_validate(bad)
     with pytest.raises(ValidationError):
-        AdmitAsk(token="t", wait_s=60)  # the service holds an ask open 5 s at most
-    assert AdmitAnswer.model_validate({"open": False}).requests == []
+        JoinAsk(token="t", wait_s=60)  # the service holds an ask open 5 s at most
+    assert JoinAnswer.model_validate({"open": False}).requests == []

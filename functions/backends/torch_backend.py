@@ -131,7 +131,7 @@ class TorchBackend:
         from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
 
-        from functions.streaming import TextDeltas
+        from functions.text_deltas import TextDeltas
 
         deltas = TextDeltas([(r.request_id, prompt, r.max_new_tokens, r.stop) if r.stream else None
                              for r, prompt in zip(requests, prompts, strict=True)],

@@ -5,9 +5,9 @@ A task that streams, or that requests may join, is given in its context a
 task). Its worker posts :class:`ChannelPost` (new text per prompt, and the
 answers of requests that finished before the task) and reads
 :class:`ChannelPostAnswer` (whose callers left); it asks for joining
-requests with :class:`AdmitAsk` and reads :class:`AdmitAnswer`. Both ends
-build and read these same models (``functions.streaming``,
-``functions.admission``; the service's back-channel routes), so a field
+requests with :class:`JoinAsk` and reads :class:`JoinAnswer`. Both ends
+build and read these same models (``functions.back_channel``,
+``functions.joining``; the service's back-channel routes), so a field
 changes in one place.
 """
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
 
-MAX_ADMIT_WAIT_S = 5.0
+MAX_JOIN_WAIT_S = 5.0
 """The longest one ask for joining requests is held open."""
 
 _Id = Field(min_length=1, max_length=200)
@@ -70,15 +70,15 @@ class ChannelPostAnswer(_Body):
     cancelled: list[str] = []
 
 
-class AdmitAsk(_Body):
+class JoinAsk(_Body):
     """A worker asks for requests that may join its running batch, or (``close``) says it takes no more."""
 
     token: str = _Id
-    wait_s: float = Field(default=1.0, ge=0.0, le=MAX_ADMIT_WAIT_S)
+    wait_s: float = Field(default=1.0, ge=0.0, le=MAX_JOIN_WAIT_S)
     close: bool = False
 
 
-class AdmitAnswer(_Body):
+class JoinAnswer(_Body):
     """Requests (their wire form) that join the task now, and whether the worker may ask again."""
 
     requests: list[dict[str, Any]] = []

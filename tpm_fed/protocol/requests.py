@@ -205,7 +205,7 @@ class GenerationRequest(ServingRequest):
         add_special_tokens: Let the tokenizer add its special tokens (BOS...) around each
             prompt; off for a prompt rendered from a chat template, which holds them already.
         stream: Send the text back as it is made, where the site can reach the service
-            (the service's back channel; see :mod:`functions.streaming`).
+            (the service's back channel; see :mod:`functions.back_channel`).
     """
 
     kind: Literal["generate"] = "generate"

@@ -42,7 +42,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     from tpm_fed.service.routes_auth import router as login
     from tpm_fed.service.routes_metrics import router as watching
     from tpm_fed.service.routes_stream import router as back_channel
-    from tpm_fed.service.stream_hub import StreamHub
+    from tpm_fed.service.back_channel_hub import BackChannelHub
     from tpm_fed.service.slo import SloTracker
     from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
@@ -63,8 +63,8 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.state.operators = operators
     app.state.slo = SloTracker(lambda: runtime.federation.slos)
     app.state.metrics = ServiceMetrics(runtime, app.state.slo)
-    if runtime.streams is None:  # one hub per runtime: every app serving it feeds the same listeners
-        runtime.streams = StreamHub()
+    if runtime.streams is None:  # one hub per runtime: every app serving it feeds the same chunk queues
+        runtime.streams = BackChannelHub()
     app.state.streams = runtime.streams
     app.include_router(openai)
     app.include_router(native)

@@ -1,4 +1,4 @@
-"""The back channel's routes (see stream_hub): workers hand in streamed text and early answers, and ask
+"""The back channel's routes (see back_channel_hub): workers hand in streamed text and early answers, and ask
 for requests that may join their running batch.
 
 No bearer token: the body's ``token`` is the secret the service made for the
@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from tpm_fed.protocol.back_channel import AdmitAsk, ChannelPost, ChannelPostAnswer
+from tpm_fed.protocol.back_channel import JoinAsk, ChannelPost, ChannelPostAnswer
 
 router = APIRouter()
 
@@ -27,7 +27,7 @@ def receive(body: ChannelPost, request: Request) -> dict[str, Any]:
 
 
 @router.post("/tpm/v1/stream/admit", include_in_schema=False)
-async def admit(body: AdmitAsk, request: Request) -> dict[str, Any]:
+async def admit(body: JoinAsk, request: Request) -> dict[str, Any]:
     hub = request.app.state.streams
     if body.close:
         await run_in_threadpool(hub.stop_admitting, body.token)

@@ -29,12 +29,12 @@ class Observer(Protocol):
                 error: BaseException | None = None) -> None: ...
 
 
-async def admit(runtime: ServingEngine, request: ServingRequest, identity: str,
+async def start(runtime: ServingEngine, request: ServingRequest, identity: str,
                 observer: Observer | None = None) -> asyncio.Task[ServedResult]:
-    """Admit ``request`` (edge checks and placement run in a worker thread and raise here,
+    """Start ``request`` (edge checks and placement run in a worker thread and raise here,
     as HTTP errors) and return the task that resolves with its result.
 
-    A caller that disconnects does not cancel the batch its request rode in:
+    A caller that disconnects does not cancel the task its request rode in:
     the request finishes and is charged once, for what ran.
     """
     started = time.perf_counter()
@@ -63,5 +63,5 @@ async def admit(runtime: ServingEngine, request: ServingRequest, identity: str,
 
 async def serve(runtime: ServingEngine, request: ServingRequest, identity: str,
                 observer: Observer | None = None) -> ServedResult:
-    """Admit ``request`` and await its result (see :func:`admit`)."""
-    return await (await admit(runtime, request, identity, observer))
+    """Start ``request`` and await its result (see :func:`start`)."""
+    return await (await start(runtime, request, identity, observer))

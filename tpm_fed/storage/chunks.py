@@ -15,7 +15,6 @@ that changes no metadata is what ``tpm models verify`` (a full re-hash) is for.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Tokens sent back to the service while a batch generates: the worker's end of the back channel.
+"""The worker's end of the back channel: a running task posts streamed text and early answers to the service.
 
 The endpoint engine returns a task's result only when the task ends, so a
 streamed request's text travels another way: the service names, in the
@@ -25,7 +25,7 @@ models (:mod:`tpm_fed.protocol.back_channel`), read by the service as built here
   at once (``outcomes``, with the replica's ``served`` facts), so its caller
   need not wait for the slowest batch-mate; the task's result still carries
   every answer, and the service settles each request once, whichever comes
-  first. Requests that joined the running batch (:mod:`functions.admission`)
+  first. Requests that joined the running task (:mod:`functions.joining`)
   are answered this way too.
 """
 
@@ -35,7 +35,6 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -111,8 +110,8 @@ class BackChannel:
                 self._wake.notify()
 
     @property
-    def admit_url(self) -> str:
-        """Where the worker asks for requests that may join its running batch."""
+    def join_url(self) -> str:
+        """Where the worker asks for requests that may join its running task (the route keeps its wire name, ``.../admit``)."""
         return self.url._replace(path=self.url.path.rstrip("/") + "/admit").geturl()
 
     def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
@@ -178,61 +177,3 @@ class BackChannel:
         if answer.status != 200:
             raise ValueError(f"the service answered {answer.status}")
         self.cancelled.update(ChannelPostAnswer.model_validate_json(reply).cancelled)  # ValidationError: a ValueError
-
-
-class TextDeltas:
-    """Turns each row's tokens so far into the new text a caller may see now.
-
-    Text is held back where it could still change: at an end of a word piece
-    decoded half (the replacement character), and the last characters that
-    could begin one of the request's stop strings. A row stops streaming at
-    its own end: end-of-sequence, its ``max_new_tokens``, or a stop string.
-
-    Args:
-        rows: Per row of the batch: (request_id, prompt index, max_new_tokens, stop strings),
-            or None for a row that does not stream.
-        decode: Token ids to text (special tokens skipped), as the final result decodes them.
-        eos_token_ids: Ends of sequence.
-    """
-
-    def __init__(self, rows: list[tuple[str, int, int, list[str]] | None], decode: Callable[[list[int]], str],
-                 eos_token_ids: Collection[int]) -> None:
-        self.rows = rows
-        self.decode = decode
-        self.eos = set(eos_token_ids)
-        self.ids: list[list[int]] = [[] for _ in rows]
-        self.sent: list[int] = [0] * len(rows)
-        self.done: list[bool] = [row is None for row in rows]
-
-    def step(self, tokens: list[int]) -> list[dict[str, Any]]:
-        """One new token per row; the chunks that are ready now."""
-        chunks = []
-        for row, token in enumerate(tokens):
-            if self.done[row]:
-                continue
-            request_id, index, max_new_tokens, stop = self.rows[row]  # type: ignore[misc]
-            if token in self.eos:
-                self.done[row] = True
-                continue
-            self.ids[row].append(token)
-            finished = len(self.ids[row]) >= max_new_tokens
-            text = self.decode(self.ids[row])
-            hits = [text.find(s) for s in stop if s in text]
-            if hits:
-                text, finished = text[: min(hits)], True
-            ready = ready_length(text, stop, finished)
-            if ready > self.sent[row]:
-                chunks.append({"request_id": request_id, "index": index, "text": text[self.sent[row]:ready]})
-                self.sent[row] = ready
-            self.done[row] = finished
-        return chunks
-
-
-def ready_length(text: str, stop: list[str], finished: bool) -> int:
-    """How much of a row's text so far a caller may see: all of it once the row ended; before,
-    not a half-decoded character at its end, nor the last characters that could begin a stop string."""
-    if finished:
-        return len(text)
-    length = len(text.rstrip("\ufffd"))
-    hold = max((len(s) - 1 for s in stop), default=0)
-    return max(0, length - hold)
