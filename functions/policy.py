@@ -111,7 +111,7 @@ class WorkerPolicy(BaseModel):
         stream_hosts: Origins (``scheme://host:port``) streamed tokens may be sent to.
         stream_loopback: Streamed tokens may go to any loopback port (the service's own local site).
         result_store: Where large results are left for the caller (a connector spec,
-            :mod:`tpm_fed.protocol.result_stores`), or None: every result travels inline.
+            :mod:`tpm_fed.storage.result_stores`), or None: every result travels inline.
         inline_result_bytes: Results larger than this are left in the store.
         max_reference_bytes: The largest result one request may leave in the store.
         result_retention_s: How long a stored result is kept.
@@ -138,7 +138,7 @@ class WorkerPolicy(BaseModel):
     @field_validator("result_store")
     @classmethod
     def _store_spec(cls, spec: str | None) -> str | None:
-        from tpm_fed.protocol.result_stores import check_spec
+        from tpm_fed.storage.result_stores import check_spec
 
         return None if spec is None else check_spec(spec)
 

@@ -26,8 +26,8 @@ def deliver(blob: bytes, policy: WorkerPolicy) -> dict[str, Any]:
                               f"{policy.result_limit:,}")
     if policy.result_store is None or len(blob) <= policy.inline_result_bytes:
         return {"tensors_blob": blob}
-    from tpm_fed.protocol.reference_chunks import put_chunks
-    from tpm_fed.protocol.result_stores import connector_for
+    from tpm_fed.storage.reference_chunks import put_chunks
+    from tpm_fed.storage.result_stores import connector_for
 
     connector = connector_for(policy.result_store, create=True)
     reference = put_chunks(connector, blob, store=policy.result_store, retention_s=policy.result_retention_s)

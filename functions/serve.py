@@ -36,43 +36,39 @@ def serve_batch(
         context: ``code_version``, the serving code the client expects (see
             :mod:`tpm_fed.protocol.code_version`): a worker with other code refuses
             the batch. ``stream``: where to send streamed requests' text as it is
-            made (:mod:`functions.streaming`; only to hosts the policy allows). Any
+            made (:mod:`functions.back_channel`; only to hosts the policy allows). Any
             other key is ignored (older clients sent ``user_code``
             and ``adapters``; a worker never took permissions from a task since).
 
     Returns:
-        ``{"replica": ReplicaInfo dict or None, "backend", "load_s", "run_s",
-        "notes", "outcomes": [{"result": {...}} | {"error": {"type", "message"}}]}``,
-        and with a back channel ``"joined"``: the outcomes of requests that joined the
-        running batch, by request id.
+        A :class:`~tpm_fed.protocol.task_reply.TaskReply`'s wire form: the replica's facts, one
+        outcome per request in order, and with a back channel ``joined``: the outcomes of requests
+        that joined the running batch, by request id.
     """
     from functions.outcomes import refused
     from functions.policy import current_policy
     from functions.replica_cache import REPLICAS
     from tpm_fed.protocol.errors import TpmError
     from tpm_fed.protocol.model import ModelSpec
+    from tpm_fed.protocol.results import ReplicaInfo
+    from tpm_fed.protocol.task_reply import ServedBy, TaskReply
 
     spec = ModelSpec.from_wire(model)
-    reply: dict[str, Any] = {"replica": None, "backend": spec.backend, "load_s": 0.0, "run_s": 0.0}
     try:
         _check_code_version((context or {}).get("code_version"))
         policy = current_policy()  # a malformed policy refuses everything, before a model loads
         policy.check_model_folder(spec.name, spec.path)  # a task names the folder: only the endpoint's own
         replica, warm = REPLICAS.get(spec)
-    except TpmError as error:
-        reply["outcomes"] = [refused(error)] * len(requests)
-        return reply
+    except TpmError as error:  # refused whole, before a replica: errors only
+        return TaskReply(backend=spec.backend, outcomes=[refused(error)] * len(requests)).to_wire()
 
-    from functions.streaming import BackChannel
+    from functions.back_channel import BackChannel
 
     started = time.perf_counter()
-    served: dict[str, Any] = {
-        "backend": replica.backend.name,
-        "load_s": 0.0 if warm else replica.load_s,
-        "notes": replica.notes,
-        "replica": {"replica_id": replica.replica_id, "host": socket.gethostname(), "pid": os.getpid(),
-                    "warm": warm, "batch_size": len(requests)},
-    }
+    served = ServedBy(
+        backend=replica.backend.name, load_s=0.0 if warm else replica.load_s, notes=replica.notes,
+        replica=ReplicaInfo(replica_id=replica.replica_id, host=socket.gethostname(), pid=os.getpid(), warm=warm,
+                            batch_size=len(requests)))
     channel = BackChannel.for_task(context, policy)
     if channel is not None:
         channel.served = served  # sent with the requests answered before the task ends
@@ -81,12 +77,14 @@ def serve_batch(
     finally:
         if channel is not None:
             channel.close()  # streamed chunks and early answers reach the service before the result does
-    served["replica"]["batch_size"] = sum(1 for outcome in outcomes if "result" in outcome)
-    reply.update(served, run_s=time.perf_counter() - started, outcomes=outcomes)
-    if channel is not None:  # requests that joined the running batch (functions.admission), answered or not
+    joined = {}
+    if channel is not None:  # requests that joined the running batch (functions.joining), answered or not
         own = {request.get("request_id") for request in requests if isinstance(request, dict)}
-        reply["joined"] = {rid: outcome for rid, outcome in channel.answers.items() if rid not in own}
-    return json_ready(reply)
+        joined = {rid: outcome for rid, outcome in channel.answers.items() if rid not in own}
+    answered = sum(1 for outcome in outcomes if "result" in outcome)
+    reply = TaskReply(**served.model_dump(), run_s=time.perf_counter() - started, outcomes=outcomes, joined=joined)
+    reply = reply.model_copy(update={"replica": served.replica.model_copy(update={"batch_size": answered})})
+    return json_ready(reply.to_wire())
 
 
 def json_ready(value: Any) -> Any:
@@ -135,8 +133,8 @@ def answer(backend: Any, requests: list[dict[str, Any]], policy: Any, channel: A
         except TpmError as error:
             answers = [refused(error)] * len(items)
         else:
-            # Only generated text streams (see functions.streaming).
-            handle, streams = HANDLERS[name], name == "generate" and channel is not None
+            # Only a kind whose text streams gets the channel (see functions.back_channel).
+            handle, streams = HANDLERS[name], kind.streams and channel is not None
 
             def run(group: list[Any], with_channel: bool) -> list[dict[str, Any]]:  # called before the loop moves on
                 return handle(able, group, policy, **({"channel": channel} if streams and with_channel else {}))

@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tpm_fed.protocol.chunks import sha256
+from tpm_fed.storage.chunks import sha256
 from tpm_fed.protocol.dtypes import torch_dtype
 from tpm_fed.protocol.errors import ModelLoadError
-from tpm_fed.protocol.store_reader import StoreReader
+from tpm_fed.storage.store_reader import StoreReader
 
 
 def materialize_files(store: StoreReader, version: str) -> Path:

@@ -69,7 +69,7 @@ def fetch(client, result, scratch: Path, repeats: int) -> None:
         return sum(len(chunk) for chunk in StoreReader().chunks(result.request_id, reference))
 
     def read_store_unchecked() -> int:  # the same reads with no digest: what the check costs
-        from tpm_fed.protocol.result_stores import connector_for, key_for
+        from tpm_fed.storage.result_stores import connector_for, key_for
 
         connector = connector_for(reference.store)
         return sum(len(connector.get(key_for(connector, name))) for name in reference.keys)
@@ -99,7 +99,8 @@ STREAM = """
 import json, sys
 import httpx
 from tpm_fed.protocol.references import TensorsReference
-from tpm_fed.references.reader import ServiceReader, write_atomically
+from tpm_fed.references.reader import ServiceReader
+from tpm_fed.storage.atomic import write_chunks_atomically
 def peak_kb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 url, token, request_id, reference, out, whole = sys.argv[1:]
@@ -107,7 +108,7 @@ reference = TensorsReference.model_validate_json(reference)
 with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
     chunks = ServiceReader(http)._download(request_id, reference)
     before = peak_kb()
-    written = len(b"".join(chunks)) if whole == "1" else write_atomically(out, chunks)
+    written = len(b"".join(chunks)) if whole == "1" else write_chunks_atomically(out, chunks)
     print(json.dumps({"written": written, "growth_mb": (peak_kb() - before) / 1024}))
 """
 

@@ -139,7 +139,7 @@ def test_expected_tensors_are_what_the_built_module_holds():
 
 def test_the_adapter_cache_keeps_one_module_per_dtype(tmp_path):
     from functions.adapters.loader import AdapterCache
-    from tpm_fed.protocol.adapter_registry import AdapterRegistry
+    from tpm_fed.storage.adapter_registry import AdapterRegistry
 
     architecture = Architecture(layers=[Linear(in_features=6, out_features=HIDDEN)])
     record = AdapterRegistry(tmp_path).register("spectrum-in", architecture, build_module(architecture).state_dict())

@@ -17,6 +17,7 @@ from tests.batch_helpers import batch_home, jsonl, mixed_lines
 from tests.conftest import Service
 from tests.service_helpers import openai_client, served
 from tpm_fed.batches.jsonl import read_batch_file
+from tpm_fed.batches.lines import LineRoutes
 from tpm_fed.batches.protocol import MAX_FILE_BYTES
 from tpm_fed.home import DEMO_MODEL_NAME
 from tpm_fed.protocol.errors import PayloadTooLarge
@@ -97,7 +98,7 @@ def test_every_bad_line_is_named_with_its_number_and_nothing_is_stored(client, s
 
 def test_a_file_over_the_limit_is_refused_before_it_is_read(owner_service):
     with pytest.raises(PayloadTooLarge, match="104,857,600"):
-        read_batch_file(b"x" * (MAX_FILE_BYTES + 1))
+        read_batch_file(b"x" * (MAX_FILE_BYTES + 1), LineRoutes({}))  # refused before any line is parsed
     # Over HTTP: refused from its declared length, before a byte of the body is sent.
     host, port = owner_service.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as raw:

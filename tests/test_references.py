@@ -24,8 +24,8 @@ from tpm_fed.protocol.errors import (
 )
 from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.protocol.reference_chunks import get_chunks, put_chunks
-from tpm_fed.protocol.result_stores import connector_for
+from tpm_fed.storage.reference_chunks import get_chunks, put_chunks
+from tpm_fed.storage.result_stores import connector_for
 from tpm_fed.references.reader import ServiceReader
 from tpm_fed.state.schema import references_table
 
@@ -170,7 +170,8 @@ STREAM_TO_DISK = """
 import json, sys
 import httpx
 from tpm_fed.protocol.references import TensorsReference
-from tpm_fed.references.reader import ServiceReader, write_atomically
+from tpm_fed.references.reader import ServiceReader
+from tpm_fed.storage.atomic import write_chunks_atomically
 def peak_kb():  # this process's own peak (ru_maxrss would start at the forking parent's)
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 url, token, request_id, reference, out, whole = sys.argv[1:]
@@ -182,7 +183,7 @@ with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, ti
         data = b"".join(chunks)
         written = len(data)
     else:
-        written = write_atomically(out, chunks)
+        written = write_chunks_atomically(out, chunks)
     after = peak_kb()
 print(json.dumps({"written": written, "growth_kb": after - before}))
 """

@@ -15,7 +15,7 @@ from tpm_fed.protocol.errors import ModelLoadError, UnknownModel, UnknownVersion
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.store import ModelStore, StoreError
-from tpm_fed.protocol.chunks import ChunkStore
+from tpm_fed.storage.chunks import ChunkStore
 
 
 @pytest.fixture

@@ -84,9 +84,9 @@ def test_forged_replayed_and_misdirected_stream_tokens_are_refused(service, runt
                         json={"token": "not-a-task", "chunks": [{"request_id": "x", "index": 0, "text": "injected"}]})
     assert forged.status_code == 401 and forged.json()["error"]["code"] == "Unauthenticated"
 
-    async def scenario() -> None:  # listeners belong to an event loop, as in the service
-        victim = hub.listen("victim")
-        hub.listen("own")
+    async def scenario() -> None:  # chunk queues belong to an event loop, as in the service
+        victim = hub.queue_for("victim")
+        hub.queue_for("own")
         channel = hub.open(["own"])
         with pytest.raises(NotPermitted):  # a task may feed only its own requests
             hub.deliver(channel["token"], [{"request_id": "victim", "index": 0, "text": "injected"}])
@@ -102,7 +102,7 @@ def test_forged_replayed_and_misdirected_stream_tokens_are_refused(service, runt
 
 
 def test_text_deltas_hold_back_what_a_stop_string_or_a_half_character_could_change():
-    from functions.streaming import TextDeltas
+    from functions.text_deltas import TextDeltas
 
     # 6 decodes as a half character (a real tokenizer completes it with the next piece).
     pieces = {1: "The", 2: " end", 3: " E", 4: "ND", 5: " here", 6: "\ufffd", 7: "\u00e9", 9: "<eos>"}

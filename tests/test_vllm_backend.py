@@ -157,7 +157,7 @@ def test_pinning_vllm_on_an_unsupported_architecture_is_refused(vllm_runtime):
 
 
 class Collected:
-    """A live batch (functions.admission.LiveBatch's members) that keeps what it is sent, step by step,
+    """A live batch (functions.joining.JoinableTask's members) that keeps what it is sent, step by step,
     and hands in ``joining`` requests after ``join_after`` steps."""
 
     def __init__(self, cancel_after: int | None = None, cancel: str | None = None,
@@ -178,7 +178,7 @@ class Collected:
     def started(self, item) -> None:
         pass
 
-    def admitted(self) -> list:
+    def joined(self) -> list:
         if self.joining and len(self.sends) >= self.join_after:
             joined, self.joining = self.joining, []
             return joined

@@ -21,7 +21,7 @@ from functions.serve import answer, serve_batch
 from tpm_fed.federation import SiteConfig, WorkerSettings
 from tpm_fed.interventions import PythonHook, Save, Scale, TraceRequest
 from tpm_fed.protocol.adapter_architecture import Architecture, Linear
-from tpm_fed.protocol.adapter_registry import AdapterRegistry
+from tpm_fed.storage.adapter_registry import AdapterRegistry
 from tpm_fed.protocol.entrypoints import SERVE_BATCH
 from tpm_fed.protocol.errors import (
     BackendUnavailable, NotPermitted, PayloadTooLarge, SiteError, UnknownAdapter, error_from_wire,

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import tpm_fed.batches.jsonl  # noqa: F401 - registers BatchFileInvalid, so refusals come back typed
+from tpm_fed.protocol.errors import SiteError
+from tpm_fed.protocol.http_errors import error_from_body
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 """A batch in one of these states changes no more."""
@@ -111,9 +113,6 @@ class Batches:
 
     def _raw(self, path: str) -> bytes:
         import httpx
-
-        from tpm_fed.protocol.errors import SiteError
-        from tpm_fed.service.errors import error_from_body
 
         try:
             response = self._client._http.get(path)

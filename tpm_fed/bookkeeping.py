@@ -36,11 +36,13 @@ import time
 from sqlalchemy.exc import IntegrityError
 
 from tpm_fed.broker import Admission, Broker
-from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.federation import Price
 from tpm_fed.ledger import Metered, price_usu
+from tpm_fed.protocol.errors import InvalidRequest, SiteError
+from tpm_fed.protocol.kinds import KINDS, Kind
 from tpm_fed.protocol.requests import ServingRequest
-from tpm_fed.protocol.results import ChargeInfo, ServedResult, SessionResult
+from tpm_fed.protocol.results import ChargeInfo, ServedResult, TensorResult
+from tpm_fed.references.reader import StoreReader
 from tpm_fed.references.records import ReferenceRecords
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
@@ -167,10 +169,12 @@ class Bookkeeper:
                 adopted = self.references.adopt(admission.site, outcome.tensors_ref)
                 outcomes[request_id] = outcome = outcome.model_copy(update={"tensors_ref": adopted})
                 references.append((request_id, admission.site, adopted))
+            if isinstance(outcome, TensorResult):  # read in this process from the stores it can open
+                outcome.with_reader(StoreReader())
             if isinstance(outcome, ServedResult):
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
                                outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)
-                lines[request_id] = charge_lines(outcome, price, used)
+                lines[request_id] = charge_lines(KINDS[admission.request.kind], outcome, price, used)
                 settle.append((request_id, used, sum(lines[request_id])))
             else:
                 release.append((request_id, f"{type(outcome).__name__}: {outcome}"))
@@ -198,7 +202,7 @@ class Bookkeeper:
                     ),
                     "placement": admission.decision.explain(),
                 })
-                if isinstance(outcome, SessionResult):  # its charge line per step, adding up to the charge
+                if KINDS[admission.request.kind].charged_by_step:  # a line per step, adding up to the charge
                     outcome = outcome.model_copy(update={"steps": [
                         step.model_copy(update={"charged_su": usu / MICRO})
                         for step, usu in zip(outcome.steps, lines[request_id], strict=True)
@@ -251,10 +255,11 @@ class Bookkeeper:
                 self.broker.health.failed(site)
 
 
-def charge_lines(outcome: ServedResult, price: Price, used: Metered) -> list[int]:
-    """Micro-SUs per charge line: one for most results (``used``), one per step of a session (the
-    first carries a cold start), each rounded up on its own so the lines add up to the charge exactly."""
-    if not isinstance(outcome, SessionResult):
+def charge_lines(kind: Kind, outcome: ServedResult, price: Price, used: Metered) -> list[int]:
+    """Micro-SUs per charge line: one for most results (``used``), one per step of a kind charged by step
+    (a session; the first carries a cold start), each rounded up on its own so the lines add up to the
+    charge exactly."""
+    if not kind.charged_by_step:
         return [price_usu(price, used)]
     cold = not outcome.replica.warm
     return [price_usu(price, Metered(step.usage.prompt_tokens, step.usage.completion_tokens,

@@ -6,13 +6,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
 from tpm_fed.federation import Federation
-from tpm_fed.protocol.points import PointCatalog
+from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
 from tpm_fed.protocol.model import ModelSpec
+from tpm_fed.protocol.points import PointCatalog, catalog_from_config
+from tpm_fed.protocol.requests import GenerationRequest, ModelRef
+from tpm_fed.storage.store_reader import StoreReader
 from tpm_fed.protocol.validation import check_context
 from tpm_fed.protocol.versions import VersionCache
-from tpm_fed.protocol.requests import GenerationRequest, ModelRef
+from tpm_fed.store import ModelStore
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,6 @@ class ModelCatalog:
         return ResolvedModel(spec=spec, context_length=int(context))
 
     def _resolve_stored(self, config, ref: ModelRef) -> ResolvedModel:
-        from tpm_fed.store import ModelStore
-
         store = ModelStore(self.federation.store)
         version = store.resolve(config.name, ref.version)
         context = store.config_json(version).get("max_position_embeddings", 0)
@@ -85,8 +85,6 @@ class ModelCatalog:
     def config_json(self, spec: ModelSpec) -> dict:
         """The model version's ``config.json``."""
         if spec.source == "store":
-            from tpm_fed.store import ModelStore
-
             return ModelStore(self.federation.store).config_json(spec.version)
         return json.loads((Path(spec.path) / "config.json").read_text())
 
@@ -97,8 +95,6 @@ class ModelCatalog:
     def model_file(self, spec: ModelSpec, name: str) -> bytes | None:
         """A file of the model version (``tokenizer_config.json``...), or None when it has none."""
         if spec.source == "store":
-            from tpm_fed.protocol.store_reader import StoreReader
-
             store = StoreReader(self.federation.store)
             chunk = store.manifest(spec.version).files.get(name)
             return None if chunk is None else store.chunks.read(chunk)
@@ -111,8 +107,6 @@ class ModelCatalog:
     def points(self, spec: ModelSpec) -> PointCatalog:
         """Every hookable point of ``spec``'s architecture (probed once per version, on ``meta``)."""
         if spec.version not in self._points:
-            from tpm_fed.protocol.points import catalog_from_config
-
             self._points[spec.version] = catalog_from_config(None, config=self.config_json(spec))
         return self._points[spec.version]
 

@@ -15,22 +15,26 @@ for it, if any (refreshed when it expires; :mod:`tpm_fed.service_login`).
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from tpm_fed.admin_client import Admin
+from tpm_fed.batches_client import Batches
+from tpm_fed.completion_stream import CompletionStream, completion_body
 from tpm_fed.connection import ensure_service, from_environment
 from tpm_fed.home import TpmHome
 from tpm_fed.protocol.errors import InvalidRequest, SiteError
+from tpm_fed.protocol.http_errors import error_from_body
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.quotes import Quote
 from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest
-from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
+from tpm_fed.protocol.results import (
+    EmbeddingResult, GenerationResult, ServedResult, SessionResult, TensorResult, TraceResult,
+)
 from tpm_fed.protocol.sessions import SessionRequest
-
-if TYPE_CHECKING:
-    from tpm_fed.completion_stream import CompletionStream
-    from tpm_fed.admin_client import Admin
-    from tpm_fed.batches_client import Batches
+from tpm_fed.protocol.tensors import TensorData
+from tpm_fed.references.reader import ServiceReader
+from tpm_fed.service_login import stored_login_auth
 
 DEFAULT_CONNECTIONS = 64
 """Requests one client keeps in flight at once (each holds a pooled connection while it waits)."""
@@ -63,8 +67,6 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         login = None
         if not token:
-            from tpm_fed.service_login import stored_login_auth
-
             login = stored_login_auth(home or TpmHome.default(), self.url)
         self._http = httpx.Client(
             base_url=self.url, headers=headers, auth=login,
@@ -98,8 +100,6 @@ class Client:
         Raises:
             InvalidRequest: A parameter is malformed (raised here, before anything is sent).
         """
-        from tpm_fed.completion_stream import CompletionStream, completion_body
-
         request = GenerationRequest.create(prompt, model or self.default_model(), **params)
         return CompletionStream(self._http, completion_body(request), self.url)
 
@@ -115,8 +115,6 @@ class Client:
 
     def embed(self, inputs: list[Any], model: str | None = None, **params: Any) -> Future[EmbeddingResult]:
         """Run the caller's data through their adapters and the shared core (mode 2)."""
-        from tpm_fed.protocol.tensors import TensorData
-
         try:
             tensors = [value if isinstance(value, TensorData) else TensorData.of(value) for value in inputs]
         except ValueError as error:
@@ -134,11 +132,9 @@ class Client:
     def _serve(self, request: ServingRequest) -> ServedResult:
         answer = self._call("POST", "/tpm/v1/requests", json=request.to_wire())
         result = KINDS[request.kind].result.from_wire(answer)
-        if getattr(result, "tensors_ref", None) is not None:
-            from tpm_fed.references.reader import ServiceReader
-
+        if isinstance(result, TensorResult):
             # Read lazily, on first use: from the site's store if this machine reaches it, else through us.
-            result._reader = ServiceReader(self._http)
+            result.with_reader(ServiceReader(self._http))
         return result
 
     # ----- what the service knows ---------------------------------------------
@@ -190,21 +186,15 @@ class Client:
     @property
     def batches(self) -> Batches:
         """Batches in OpenAI's format: upload a JSONL file, run it, read its results (:mod:`tpm_fed.batches_client`)."""
-        from tpm_fed.batches_client import Batches
-
         return Batches(self)
 
     @property
     def admin(self) -> Admin:
         """The operator routes: projects, sites, models, adapters (``NotPermitted`` unless an operator)."""
-        from tpm_fed.admin_client import Admin
-
         return Admin(self)
 
     def _call(self, method: str, path: str, **options: Any) -> Any:
         import httpx
-
-        from tpm_fed.service.errors import error_from_body
 
         try:
             response = self._http.request(method, path, **options)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tpm_fed.protocol.errors import SiteError
+from tpm_fed.protocol.http_errors import error_from_body
 from tpm_fed.protocol.requests import GenerationRequest
 
 _BODY_FIELDS = {  # GenerationRequest field -> /v1/completions body field
@@ -53,8 +54,6 @@ class CompletionStream:
 
     def __iter__(self) -> Iterator[str]:
         import httpx
-
-        from tpm_fed.service.errors import error_from_body
 
         try:
             with self._http.stream("POST", "/v1/completions", json=self._body) as answer:

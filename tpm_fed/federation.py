@@ -18,19 +18,18 @@ from uuid import UUID
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tpm_fed.protocol.chunks import write_atomically
+from tpm_fed.storage.atomic import write_atomically
 from tpm_fed.protocol.errors import FederationConfigError, TpmError, UnknownModel
-from tpm_fed.protocol.kinds import KindName
+from tpm_fed.protocol.kinds import KINDS, RENAMED_KINDS, KindName
 from tpm_fed.protocol.model import BackendChoice, DType
 from tpm_fed.protocol.requests import describe_validation_error
+from tpm_fed.storage.result_stores import check_spec
 
 Name = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
 
-RENAMED_KINDS = {"query": "generate", "embedding": "embed", "intermediary": "trace"}
-"""Request kinds under their names before the rename (a model's ``modes``, the price rows): old -> new.
-
-Files written before then fail to load; the message gives the line to write,
-rather than pydantic's bare "Extra inputs are not permitted"."""
+# Request kinds under their names before the rename (a model's ``modes``, the price rows): files written before
+# then fail to load, and the message gives the line to write, rather than pydantic's bare "Extra inputs are
+# not permitted".
 _RENAMES = ", ".join(f"{old} -> {new}" for old, new in RENAMED_KINDS.items())
 
 
@@ -189,8 +188,6 @@ class SiteConfig(_Strict):
     @model_validator(mode="after")
     def _results_is_a_store(self) -> Self:
         if self.results is not None and "://" in self.results:
-            from tpm_fed.protocol.result_stores import check_spec
-
             try:
                 check_spec(self.results)
             except TpmError as error:
@@ -331,8 +328,6 @@ class Prices(_Strict):
 
     def of(self, kind: str) -> Price:
         """The price a request of ``kind`` pays: its family's (a session pays as traces)."""
-        from tpm_fed.protocol.kinds import KINDS
-
         return getattr(self, KINDS[kind].family)
 
 

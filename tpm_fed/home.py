@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.identity import LocalUser
+from tpm_fed.models.demo import make_demo_model
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,6 @@ class TpmHome:
             if progress:
                 print(f"tpm: created federation {self.federation_file}", file=sys.stderr)
         if not demo_dir.exists() and self._federation_uses(demo_dir):
-            from tpm_fed.models.demo import make_demo_model
-
             if progress:
                 print(f"tpm: making the demo model in {demo_dir} (once, ~15 s)", file=sys.stderr)
             make_demo_model(demo_dir, progress=progress)

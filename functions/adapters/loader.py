@@ -13,7 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from tpm_fed.protocol.adapter_registry import AdapterRegistry, verify_version
+from tpm_fed.storage.adapter_registry import AdapterRegistry, verify_version
 
 CACHED_ADAPTERS = 64
 

@@ -59,7 +59,7 @@ class Generates(Protocol):
     def generate(self, batch: list[EncodedRequest], channel: Any = None) -> list[list[Completion]]:
         """Answer every request of the batch: one completion per prompt, in order.
 
-        ``channel`` (:class:`functions.streaming.BackChannel`): send the text of
+        ``channel`` (:class:`functions.back_channel.BackChannel`): send the text of
         requests with ``stream`` set as it is made. A backend that cannot
         ignores it (the text then arrives with the result).
         """

@@ -83,7 +83,7 @@ class TorchBackend:
         from transformers.initialization import no_init_weights
 
         from functions.store_loader import load_state_dict, materialize_files
-        from tpm_fed.protocol.store_reader import StoreReader
+        from tpm_fed.storage.store_reader import StoreReader
 
         store = StoreReader(Path(spec.path))
         files = materialize_files(store, spec.version)
@@ -138,7 +138,7 @@ class TorchBackend:
         from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
 
-        from functions.streaming import TextDeltas
+        from functions.text_deltas import TextDeltas
 
         deltas = TextDeltas([(r.request_id, prompt, r.max_new_tokens, r.stop) if r.stream else None
                              for r, prompt in zip(requests, prompts, strict=True)],

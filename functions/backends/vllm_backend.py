@@ -9,7 +9,7 @@ each prompt with its own ``SamplingParams``; vLLM's scheduler does the
 continuous batching and paged KV cache, and seeds are per request, so seeded
 requests need no batch of their own here. While a task runs with a back
 channel, requests queued for the replica join the running engine
-(:mod:`functions.admission`), as they would in vLLM's own server.
+(:mod:`functions.joining`), as they would in vLLM's own server.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
-from functions.streaming import ready_length
+from functions.text_deltas import ready_length
 from tpm_fed.protocol.errors import ModelLoadError
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import GenerationRequest
@@ -95,7 +95,7 @@ class VllmBackend:
         return encode_request(self.tokenizer, request, self.context_length)
 
     def generate(self, batch: list[EncodedRequest], channel: Any = None) -> list[list[Completion]]:
-        """The batch's completions. With ``channel`` (a :class:`functions.admission.LiveBatch`) the
+        """The batch's completions. With ``channel`` (a :class:`functions.joining.JoinableTask`) the
         engine is driven step by step: streamed text leaves as it is made, each request is
         answered when it finishes, and requests may join the running batch."""
         if channel is not None:
@@ -130,7 +130,7 @@ class VllmBackend:
         """The engine's own step loop, as ``LLM.generate`` runs it (so the same tokens), with three
         additions: streamed rows ask for cumulative outputs and send their new text after each
         step; a request whose rows are all done is answered at once; and before each step, the
-        requests that joined (``live.admitted()``) enter the engine, until it runs dry."""
+        requests that joined (``live.joined()``) enter the engine, until it runs dry."""
         from vllm.inputs import TokensPrompt
 
         engine = self.llm.llm_engine
@@ -154,7 +154,7 @@ class VllmBackend:
         sent: dict[str, int] = {}
         latest: dict[str, Any] = {}  # streamed rows' last cumulative output
         while True:
-            for item in live.admitted():
+            for item in live.joined():
                 start(item)
             if not engine.has_unfinished_requests():
                 late = live.close()  # no more may join; what joined meanwhile still runs

@@ -15,10 +15,10 @@ def handle(backend: Generates, requests: list[GenerationRequest], policy: Worker
            channel: Any = None) -> list[dict[str, Any]]:
     """Tokenize each request (refusing one alone if it does not fit), then generate for all at once.
 
-    With a back channel (:class:`functions.streaming.BackChannel`), requests that
+    With a back channel (:class:`functions.back_channel.BackChannel`), requests that
     ask to stream send their text as it is made, and a backend that can (vLLM)
     answers each request as it finishes and takes in requests that join the
-    running batch (:class:`functions.admission.LiveBatch`).
+    running batch (:class:`functions.joining.JoinableTask`).
     """
     outcomes: list[dict[str, Any] | None] = [None] * len(requests)
     encoded = []
@@ -32,9 +32,9 @@ def handle(backend: Generates, requests: list[GenerationRequest], policy: Worker
         if channel is None:
             answers = backend.generate(batch)
         else:
-            from functions.admission import LiveBatch
+            from functions.joining import JoinableTask
 
-            answers = backend.generate(batch, LiveBatch(channel, backend.encode))
+            answers = backend.generate(batch, JoinableTask(channel, backend.encode))
         for (index, item), completions in zip(encoded, answers, strict=True):
             outcomes[index] = generated(item, completions)
     return outcomes  # type: ignore[return-value]

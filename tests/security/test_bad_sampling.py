@@ -218,7 +218,7 @@ def test_on_vllm_a_bad_seed_fails_alone_and_the_engine_serves_on(vllm_backend):
 
 
 class FailsAfterFirstStep:
-    """A running batch's hooks (:class:`functions.admission.LiveBatch`) whose first send raises: a fault
+    """A running batch's hooks (:class:`functions.joining.JoinableTask`) whose first send raises: a fault
     in the middle of a live batch, with its rows still in the engine."""
 
     cancelled: set[str] = set()
@@ -226,7 +226,7 @@ class FailsAfterFirstStep:
     def started(self, item) -> None:
         pass
 
-    def admitted(self) -> list:
+    def joined(self) -> list:
         return []
 
     def close(self) -> list:

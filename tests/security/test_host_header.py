@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from functions.policy import WorkerPolicy, load_policy
-from functions.streaming import BackChannel
+from functions.back_channel import BackChannel
 from tpm_fed.protocol.errors import SiteError
 
 STREAMED = {"model": "demo-llama", "prompt": "The river carries", "max_tokens": 8, "min_tokens": 8,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tpm_fed.protocol.adapter_registry import AdapterRegistry
+from tpm_fed.storage.adapter_registry import AdapterRegistry
 from tpm_fed.protocol.requests import EmbeddingRequest
 from tpm_fed.protocol.errors import AdapterMismatch, InvalidRequest
 from tpm_fed.protocol.references import MAX_REFERENCE_BYTES

@@ -15,14 +15,10 @@ from typing import BinaryIO
 
 from pydantic import ValidationError
 
-from tpm_fed.batches.lines import parse_body
-from tpm_fed.batches.protocol import (
-    BATCH_URLS,
-    MAX_FILE_BYTES,
-    MAX_FILE_LINES,
-    BatchInputLine,
-)
+from tpm_fed.batches.lines import LineRoutes
+from tpm_fed.batches.protocol import BATCH_URLS, BatchInputLine, MAX_FILE_BYTES, MAX_FILE_LINES
 from tpm_fed.protocol.errors import InvalidRequest, PayloadTooLarge, TpmError
+from tpm_fed.protocol.http_errors import describe_errors
 from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
 
 MAX_LINE_BYTES = MAX_PAYLOAD_BYTES
@@ -46,7 +42,7 @@ class BatchFileInvalid(InvalidRequest):
         super().__init__(f"the batch file has {len(problems)} bad line{'s' * (len(problems) != 1)}: {shown}{more}")
 
 
-def read_batch_file(content: bytes) -> list[BatchInputLine]:
+def read_batch_file(content: bytes, routes: LineRoutes) -> list[BatchInputLine]:
     """The lines of a batch file, in order (blank lines skipped), each checked for its route.
 
     Raises:
@@ -55,12 +51,12 @@ def read_batch_file(content: bytes) -> list[BatchInputLine]:
     """
     if len(content) > MAX_FILE_BYTES:
         raise PayloadTooLarge(f"the batch file is {len(content):,} bytes; the most is {MAX_FILE_BYTES:,}")
-    return read_stored_batch_file([content])
+    return read_stored_batch_file([content], routes)
 
 
-def read_stored_batch_file(parts: Iterable[bytes]) -> list[BatchInputLine]:
+def read_stored_batch_file(parts: Iterable[bytes], routes: LineRoutes) -> list[BatchInputLine]:
     """The lines of a stored file, read from its parts (a line may span two) without joining them whole."""
-    checker = BatchFileChecker()
+    checker = BatchFileChecker(routes)
     lines, rest = [], b""
     for part in parts:
         pieces = (rest + part).split(b"\n")
@@ -80,7 +76,8 @@ class BatchFileChecker:
     (to refuse repeats), at most :data:`MAX_FILE_LINES` of them.
     """
 
-    def __init__(self, max_bytes: int = MAX_FILE_BYTES) -> None:
+    def __init__(self, routes: LineRoutes, max_bytes: int = MAX_FILE_BYTES) -> None:
+        self.routes = routes
         self.max_bytes = max_bytes
         self.bytes = 0
         self.lines = 0
@@ -107,7 +104,7 @@ class BatchFileChecker:
         if not text.strip():
             return None
         try:
-            line = _read_line(text)
+            line = _read_line(text, self.routes)
         except _BadLine as bad:
             self.problems.append((self.number, str(bad)))
             return None
@@ -149,7 +146,7 @@ class _BadLine(Exception):
     pass
 
 
-def _read_line(raw: str) -> BatchInputLine:
+def _read_line(raw: str, routes: LineRoutes) -> BatchInputLine:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as error:
@@ -161,11 +158,9 @@ def _read_line(raw: str) -> BatchInputLine:
     try:
         line = BatchInputLine.model_validate(data)
     except ValidationError as error:
-        from tpm_fed.service.errors import describe_errors
-
         raise _BadLine(describe_errors(error.errors())) from None
     try:
-        parse_body(line.url, line.body)
+        routes.parse_body(line.url, line.body)
     except TpmError as error:
         raise _BadLine(f"body (for {line.url}): {error}") from None
     return line

@@ -12,16 +12,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tpm_fed.batches import lines
+from tpm_fed.batches.engine_interface import BatchEngine
 from tpm_fed.batches.jsonl import BatchFileInvalid
+from tpm_fed.batches.lines import NATIVE_URL, LineRoutes, charging
+from tpm_fed.ledger import Metered, price_usu
 from tpm_fed.batches.protocol import BatchInputLine, BatchQuote
 from tpm_fed.protocol.errors import InsufficientBalance, InvalidRequest, TpmError
 from tpm_fed.protocol.quotes import Quote
+from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.state.schema import MICRO
 
 
-def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[BatchInputLine],
-                window: int) -> BatchQuote:
+def quote_batch(runtime: BatchEngine, routes: LineRoutes, identity: str, project: str,
+                batch_lines: list[BatchInputLine], window: int) -> BatchQuote:
     """Price every line for ``project`` and add them up (see :class:`BatchQuote`).
 
     Raises:
@@ -34,7 +37,7 @@ def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[Bat
     kinds: set[type] = set()
     for number, line in enumerate(batch_lines, start=1):
         try:
-            request = _request(runtime, project, line.url, line.body)
+            request = _request(routes, project, line.url, line.body)
             quotes.append(runtime.quote(request, identity))
             steps.append(max(1, getattr(request, "max_new_tokens", 0) or 1))
         except TpmError as error:
@@ -58,7 +61,7 @@ def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[Bat
     )
 
 
-def _estimated_s(runtime: Any, quotes: list[Quote], steps: list[int], window: int) -> float:
+def _estimated_s(runtime: BatchEngine, quotes: list[Quote], steps: list[int], window: int) -> float:
     """When the batch would end: its sites work at once, each through its lines in waves.
 
     A site whose replica has a measured pace (:class:`tpm_fed.broker.pace.StepModel`) runs its lines
@@ -95,7 +98,7 @@ def _spread_s(pace: Any, steps: list[int], rows: int, replicas: int, start_s: fl
     return start_s + max(pace.batch_s(share, min(rows, len(share))) for share in shares if share)
 
 
-def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
+def _bound_per_site(runtime: BatchEngine, quotes: list[Quote]) -> dict[str, float]:
     """The most the lines can be charged, per site they would be placed on.
 
     A line's own quote bounds it alone, a cold start included (its replica may be
@@ -104,8 +107,6 @@ def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
     ``max_replicas``, or the lines' count if fewer), so each line counts without
     its cold start, and the site's possible cold starts are added once.
     """
-    from tpm_fed.ledger import Metered, price_usu
-
     prices = runtime.federation.prices
     per_site: dict[str, float] = {}
     cold: dict[str, float] = {}  # site -> the dearest cold start of its lines
@@ -121,13 +122,14 @@ def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
     return per_site
 
 
-def quote_line(runtime: Any, identity: str, project: str | None, url: str, body: dict[str, Any]) -> Quote:
+def quote_line(runtime: BatchEngine, routes: LineRoutes, identity: str, project: str | None, url: str,
+               body: dict[str, Any]) -> Quote:
     """One line's (or one request's) quote, as its route would build the request."""
-    return runtime.quote(_request(runtime, project, url, body), identity)
+    return runtime.quote(_request(routes, project, url, body), identity)
 
 
-def _request(runtime: Any, project: str | None, url: str, body: dict[str, Any]) -> Any:
-    return lines.request_for(runtime, url, lines.charging(lines.parse_body(url, body), project))
+def _request(routes: LineRoutes, project: str | None, url: str, body: dict[str, Any]) -> ServingRequest:
+    return routes.request_for(url, charging(routes.parse_body(url, body), project))
 
 
 def check_balance(quote: BatchQuote) -> None:
@@ -156,5 +158,5 @@ def guess_url(body: dict[str, Any]) -> str:
     if "input" in body:
         return "/v1/embeddings"
     if "kind" in body or "prompts" in body:
-        return lines.NATIVE_URL
+        return NATIVE_URL
     raise InvalidRequest("url: name the route the body is for (no messages, prompt, input or kind to tell by)")

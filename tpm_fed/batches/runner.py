@@ -3,7 +3,8 @@
 One thread with its own event loop. It claims pending lines (projects in
 turn, each its oldest batch first, in input order) up to a window, serves each on the runtime's ``submit``,
 the HTTP routes' path (so placement, batching and charging are identical),
-its answer formatted by its route's own serving class, and records the answer and the ledger's charge in
+its answer rendered by its route's own serving object (handed in as :class:`~tpm_fed.batches.lines.LineRoutes`
+by the composition root), and records the answer and the ledger's charge in
 the database. The window is a couple of full replica batches per site, so
 the dispatcher always has a whole batch to send while another runs, and a
 huge file never floods the queues other callers share.
@@ -29,9 +30,15 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from tpm_fed.batches import lines
+from tpm_fed.batches.engine_interface import BatchEngine, Observer
+from tpm_fed.batches.lines import LineRoutes, charging
 from tpm_fed.batches.store import BatchStore, ClaimedLine
 from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
+from tpm_fed.protocol.http_errors import http_error
+from tpm_fed.protocol.kinds import KINDS
+from tpm_fed.protocol.requests import ServingRequest
+from tpm_fed.protocol.results import ChargeInfo, ServedResult
+from tpm_fed.state.schema import MICRO
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +63,19 @@ class BatchRunner:
     """Runs every batch of ``store`` on ``runtime``.
 
     Args:
-        runtime: The federation runtime (its ``submit`` is the routes' path).
+        runtime: The federation engine (its ``submit`` is the routes' path).
         store: The batches' tables.
+        routes: The routes a line may name (the serving objects the HTTP routes use).
         observer: Told of every request (the service's metrics), as the routes tell it.
         window: Lines in flight at once (default: :data:`BATCHES_PER_SITE` full batches per replica slot).
         poll_s: How often to look for work nobody woke it for.
     """
 
-    def __init__(self, runtime: Any, store: BatchStore, *, observer: Any = None, window: int | None = None,
-                 poll_s: float = 2.0) -> None:
+    def __init__(self, runtime: BatchEngine, store: BatchStore, routes: LineRoutes, *,
+                 observer: Observer | None = None, window: int | None = None, poll_s: float = 2.0) -> None:
         self.runtime = runtime
         self.store = store
+        self.routes = routes
         self.observer = observer
         self.window = window or max(4, sum(site.max_batch_requests * site.capacity.max_replicas * BATCHES_PER_SITE
                                            for site in runtime.federation.sites))
@@ -82,8 +91,6 @@ class BatchRunner:
 
     def _keep_results(self, outcomes: dict[str, Any], db: Any) -> None:
         """In the bookkeeper's transaction: keep the results of batch lines beside their charges."""
-        from tpm_fed.protocol.results import ServedResult
-
         ours = {rid: outcome for rid, outcome in outcomes.items()
                 if rid in self._sent_ids and isinstance(outcome, ServedResult)}
         self.store.keep_results(db, ours)
@@ -158,8 +165,8 @@ class BatchRunner:
         built: list[tuple[ClaimedLine, Any, Any, Any]] = []
         for line in claimed:
             try:
-                body = lines.charging(lines.parse_body(line.url, line.body), line.project)
-                request = lines.request_for(self.runtime, line.url, body)
+                body = charging(self.routes.parse_body(line.url, line.body), line.project)
+                request = self.routes.request_for(line.url, body)
                 done = next((rid for rid in line.request_ids if rid in kept), None)
                 if done is not None:  # it ran and was charged before a stop: answer from its kept result
                     built.append((line, body, request.model_copy(update={"request_id": done}),
@@ -183,12 +190,18 @@ class BatchRunner:
         return sent
 
     async def _serve(self, line: ClaimedLine, body: Any, request: Any, sent: Any) -> None:
-        """Await a sent line's answer, formatted by its route, and record how it ended."""
+        """Await a sent line's result, render it as its route would, and record how it ended."""
+        started = time.perf_counter()
         try:
             if isinstance(sent, Exception):
                 raise sent
-            answer = await lines.answer(_Sent(self.runtime, request.request_id, sent), line.url, body,
-                                        line.owner, self.observer, request=request)
+            try:
+                result = await asyncio.wrap_future(sent)
+            except Exception as error:
+                self._observe(request, started, error=error)
+                raise
+            self._observe(request, started, result)
+            answer = self.routes.render(line.url, body, request, result)
         except Exception as error:  # noqa: BLE001 - any failure is the line's: retried once, then its error
             await asyncio.to_thread(self._failed, line, error)
         else:
@@ -201,9 +214,12 @@ class BatchRunner:
                 self._sent_ids.discard(request.request_id)
             self.wake()  # a slot is free
 
-    def _failed(self, line: ClaimedLine, error: Exception) -> None:
-        from tpm_fed.service.errors import HttpError, http_error
+    def _observe(self, request: ServingRequest, started: float, result: ServedResult | None = None,
+                 error: BaseException | None = None) -> None:
+        if self.observer is not None:
+            self.observer.observe(request.kind, request.model.name, time.perf_counter() - started, result, error)
 
+    def _failed(self, line: ClaimedLine, error: Exception) -> None:
         if not isinstance(error, TpmError):
             logger.exception("batch %s line %d failed unexpectedly", line.batch_id, line.index, exc_info=error)
         if isinstance(error, (PlacementRefused, Overloaded)) and line.deferrals < MAX_DEFERRALS:
@@ -215,8 +231,7 @@ class BatchRunner:
         if line.attempts + 1 < MAX_ATTEMPTS:
             self.store.retry_later(line.batch_id, line.index)
             return
-        answer = (http_error(error) if isinstance(error, TpmError)
-                  else HttpError(500, "server_error", type(error).__name__, str(error)))
+        answer = http_error(error)  # one we did not foresee: a 500 naming its type
         self.store.finish(line.batch_id, line.index, state="failed", status_code=answer.status,
                           response=answer.body())
 
@@ -228,31 +243,9 @@ def deferral_s(deferrals: int) -> float:
 
 def _kept_future(kind: str, wire: dict[str, Any], charge: Any) -> Future:
     """A finished future of a kept result, with its charge as the ledger settled it."""
-    from tpm_fed.protocol.kinds import KINDS
-    from tpm_fed.protocol.results import ChargeInfo
-    from tpm_fed.state.schema import MICRO
-
     result = KINDS[kind].result.from_wire(wire).model_copy(update={"charge": ChargeInfo(
         project=charge.project, charged_su=charge.charged_usu / MICRO, estimate_su=charge.estimate_usu / MICRO,
         free=charge.free)})
     future: Future = Future()
     future.set_result(result)
     return future
-
-
-class _Sent:
-    """The runtime, to a route's serving class, for a request the runner submitted already: ``submit``
-    hands back that request's future (the route formats its answer as it would its own)."""
-
-    def __init__(self, runtime: Any, request_id: str, future: Any) -> None:
-        self._runtime = runtime
-        self._request_id = request_id
-        self._future = future
-
-    def submit(self, request: Any, identity: str | None = None) -> Any:
-        if request.request_id != self._request_id:
-            raise RuntimeError(f"batch line sent as {self._request_id}, answered as {request.request_id}")
-        return self._future
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runtime, name)

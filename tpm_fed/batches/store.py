@@ -20,31 +20,13 @@ from typing import Any, BinaryIO
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, update
 
 from tpm_fed.batches.protocol import (
-    FILE_PART_BYTES,
-    UPLOAD_QUOTA_BYTES,
-    UPLOAD_QUOTA_VARIABLE,
-    WINDOW_S,
-    BatchCreateBody,
-    BatchInputLine,
-    BatchObject,
-    BatchQuote,
-    BatchTpm,
-    BatchUsage,
-    FileObject,
-    LineError,
-    LineResponse,
-    OutputLine,
-    RequestCounts,
+    BatchCreateBody, BatchInputLine, BatchObject, BatchQuote, BatchTpm, BatchUsage, FILE_PART_BYTES, FileObject, LineError, LineResponse, OutputLine, RequestCounts, UPLOAD_QUOTA_BYTES, UPLOAD_QUOTA_VARIABLE, WINDOW_S,
 )
 from tpm_fed.batches.tables import (
-    batch_file_parts_table,
-    batch_files_table,
-    batch_lines_table,
-    batch_metadata,
-    batch_results_table,
-    batches_table,
+    batch_file_parts_table, batch_files_table, batch_lines_table, batch_metadata, batch_results_table, batches_table,
 )
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, PayloadTooLarge
+from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.state.database import add_missing_columns
 from tpm_fed.state.schema import MICRO, charges_table
 
@@ -413,8 +395,6 @@ class BatchStore:
     def keep_results(db: Any, results: dict[str, Any]) -> None:
         """Write lines' results (``request id -> ServedResult``) in the caller's transaction (the bookkeeper's)."""
         if results:
-            from tpm_fed.protocol.kinds import KINDS
-
             def kind_of(result: Any) -> str:
                 return next(name for name, kind in KINDS.items() if type(result) is kind.result)
 

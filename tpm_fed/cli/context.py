@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tpm_fed.client import Client
+from tpm_fed.connection import ensure_service
 from tpm_fed.federation import Federation
 from tpm_fed.home import TpmHome
 
@@ -18,16 +20,11 @@ def connect() -> Client:
     it, so it sees the service's one ledger and its running replicas, and
     works the same against a research center's shared service.
     """
-    from tpm_fed.client import Client
-
     return Client(progress=True, connections=4)
 
 
 def connect_home(home: TpmHome) -> Client:
     """The home's own service, whatever ``TPM_URL`` says (for what changes the home's own files)."""
-    from tpm_fed.client import Client
-    from tpm_fed.connection import ensure_service
-
     address = ensure_service(home, announce=True)
     return Client(address.url, address.token, connections=4)
 

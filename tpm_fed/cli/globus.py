@@ -14,9 +14,16 @@ import os
 
 import click
 
+from tpm_fed import globus_auth
 from tpm_fed.cli.admin import change_entry
 from tpm_fed.cli.context import open_home
 from tpm_fed.cli.tables import print_table
+from tpm_fed.globus_auth import compute_client
+from tpm_fed.home import TpmHome
+from tpm_fed.protocol.code_version import serving_code_version
+from tpm_fed.protocol.entrypoints import SERVING_FUNCTIONS
+from tpm_fed.service_login import ServiceLogin, discover, login_folder
+from tpm_fed.sites import registration
 
 
 _SERVICE = click.option("--service", "service_url", metavar="URL",
@@ -35,9 +42,6 @@ def login(service_url: str | None, compute: bool, force: bool) -> None:
     if url is None:
         _compute_login(force)
         return
-    from tpm_fed.home import TpmHome
-    from tpm_fed.service_login import ServiceLogin, discover, login_folder
-
     service = ServiceLogin(discover(url), login_folder(TpmHome.default(), url))
     if not force and service.logged_in():
         click.echo(f"already logged in to {service.settings.url} (use --force to log in again)")
@@ -47,8 +51,6 @@ def login(service_url: str | None, compute: bool, force: bool) -> None:
 
 
 def _compute_login(force: bool) -> None:
-    from tpm_fed import globus_auth
-
     if not force and globus_auth.logged_in():
         click.echo("already logged in to Globus Compute (use --force to log in again)")
         return
@@ -63,14 +65,9 @@ def logout(service_url: str | None, compute: bool) -> None:
     """Revoke and forget the tokens for a tpm service (default: TPM_URL), or for Globus Compute (--compute)."""
     url = None if compute else service_url or os.environ.get("TPM_URL")
     if url is None:
-        from tpm_fed import globus_auth
-
         globus_auth.logout()
         click.echo("logged out of Globus Compute")
         return
-    from tpm_fed.home import TpmHome
-    from tpm_fed.service_login import ServiceLogin
-
     service = ServiceLogin.stored(TpmHome.default(), url)
     if service is None:
         click.echo(f"not logged in to {url.rstrip('/')}")
@@ -92,10 +89,6 @@ def register_functions(site_name: str, force: bool) -> None:
 
     An id is reused while the serving code is unchanged; changed code is registered anew.
     """
-    from tpm_fed.protocol.code_version import serving_code_version
-    from tpm_fed.globus_auth import compute_client
-    from tpm_fed.sites import registration
-
     home, federation = open_home()
     site = federation.site(site_name)
     if site.access != "globus-compute":
@@ -118,9 +111,6 @@ def register_functions(site_name: str, force: bool) -> None:
 @functions.command("list")
 def list_functions() -> None:
     """The recorded function ids of every Globus Compute site, and whether they are current."""
-    from tpm_fed.protocol.entrypoints import SERVING_FUNCTIONS
-    from tpm_fed.sites import registration
-
     _, federation = open_home()
     rows = []
     for site in federation.sites:

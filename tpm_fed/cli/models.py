@@ -16,6 +16,7 @@ import click
 
 from tpm_fed.cli.context import connect, connect_home, open_home
 from tpm_fed.cli.tables import print_table
+from tpm_fed.store import ModelStore
 
 
 @click.group(invoke_without_command=True)
@@ -36,8 +37,6 @@ def models(ctx: click.Context) -> None:
 
 
 def _store():
-    from tpm_fed.store import ModelStore
-
     home, federation = open_home()
     return ModelStore(federation.store), home, federation
 

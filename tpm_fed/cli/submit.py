@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from tpm_fed.client import Client
+from tpm_fed.completion_stream import CompletionStream, completion_body
 from tpm_fed.protocol.errors import PlacementRefused
+from tpm_fed.protocol.model import BackendChoice
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 
@@ -24,7 +27,7 @@ from tpm_fed.protocol.results import GenerationResult
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "vllm"]), default=None,
+@click.option("--backend", type=click.Choice(get_args(BackendChoice)), default=None,
               help="Pin a backend (default: the model's setting in the federation).")
 @click.option("--project", default=None, help="Project to charge (needed if you are in several).")
 @click.option("--location", default=None, help="Where you or your data are (a location in the federation).")
@@ -97,8 +100,6 @@ def _hot(cards: dict[str, dict], model: str) -> bool:
 
 
 def _print_stream(client: Client, request: GenerationRequest) -> None:
-    from tpm_fed.completion_stream import CompletionStream, completion_body
-
     stream = CompletionStream(client._http, completion_body(request), client.url)
     for piece in stream:
         click.echo(piece, nl=False)

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from tpm_fed.client import Client
-from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.interventions import LogitLens, Save, SessionRequest, TraceRequest
+from tpm_fed.protocol.dtypes import BY_CODE
+from tpm_fed.protocol.errors import InvalidRequest
 
 
 @click.command()
@@ -116,7 +117,6 @@ def _described(result, out: Path | None) -> dict[str, str]:
         return {name: f"{tensor.dtype} {list(tensor.shape)}" for name, tensor in result.tensors.items()}
     from safetensors import safe_open
 
-    from tpm_fed.protocol.dtypes import BY_CODE
 
     with safe_open(str(out), framework="numpy") as tensors:
         slices = {name: tensors.get_slice(name) for name in tensors.keys()}

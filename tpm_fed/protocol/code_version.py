@@ -3,8 +3,8 @@
 Globus Compute stores a registered function by name (``functions.serve``
 ``serve_batch``); what runs is whatever tpm-fed the endpoint has installed.
 The serving code version is a hash of the sources of exactly what crosses
-the wire and what runs there: the contract (``tpm_fed.protocol``) and the
-worker (``functions``). Editing the CLI, the broker or the docs leaves it
+the wire and what runs there: the contract (``tpm_fed.protocol``), the storage
+both ends share (``tpm_fed.storage``) and the worker (``functions``). Editing the CLI, the broker or the docs leaves it
 unchanged, so registered ids stay valid. ``tpm functions register`` records
 it beside the function id; a site refuses to submit once the serving code
 has changed (register again), and the worker refuses a batch whose client
@@ -18,7 +18,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-SERVING_PACKAGES = ("tpm_fed.protocol", "functions")
+SERVING_PACKAGES = ("tpm_fed.protocol", "tpm_fed.storage", "functions")
 
 
 @functools.cache

@@ -1,10 +1,13 @@
 """The table of request kinds: the one place a kind is described.
 
 A kind names a request class, its result class, the backend capability a
-worker needs to serve it, and the backends that have that capability. The
-same name keys the federation's price table, a model's ``kinds`` list, the
-ledger's records and the CLI. Adding a kind is one row here plus its
-handler in :mod:`functions.handlers`.
+worker needs to serve it, the backends that have that capability, whether
+it joins a running task and on which backends, whether its text streams,
+what it is billed as, and whether it is charged by step. The same name keys
+the federation's price table, a model's ``kinds`` list, the ledger's records
+and the CLI. Adding a kind is one row here plus its handler in
+:mod:`functions.handlers`; nothing else branches on a kind's name (the
+structure tests look).
 
 The paper's three inference modes are kinds: ``generate`` (mode 1, query
 only), ``embed`` (mode 2, customized embeddings) and ``trace`` (mode 3,
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.protocol.model import Backend
 from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ServingRequest, TraceRequest
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
 from tpm_fed.protocol.sessions import SessionRequest
@@ -39,7 +43,11 @@ class Kind:
         result: The result class.
         capability: What a backend must be able to do to serve it.
         backends: Backends with that capability, preferred first.
-        family: The kind whose price it pays and that a model must list to serve it.
+        family: What it is billed as: the kind whose price it pays and that a model must list to serve it.
+        joins_on: Backends on which a request of this kind may join a task already running on its replica
+            (continuous admission: the engine takes it at its next step); empty: it waits for a task of its own.
+        streams: Whether its text may stream back while its task runs (the back channel).
+        charged_by_step: One charge line per step of the request (a session's traces), not one for it all.
     """
 
     name: str
@@ -47,19 +55,26 @@ class Kind:
     request: type[ServingRequest]
     result: type[ServedResult]
     capability: Capability
-    backends: tuple[str, ...]
+    backends: tuple[Backend, ...]
     family: KindName
+    joins_on: tuple[Backend, ...] = ()
+    streams: bool = False
+    charged_by_step: bool = False
 
 
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
-        Kind("generate", 1, GenerationRequest, GenerationResult, "generate", ("vllm", "torch"), "generate"),
+        Kind("generate", 1, GenerationRequest, GenerationResult, "generate", ("vllm", "torch"), "generate",
+             joins_on=("vllm",), streams=True),
         Kind("embed", 2, EmbeddingRequest, EmbeddingResult, "hidden_states", ("torch",), "embed"),
         Kind("trace", 3, TraceRequest, TraceResult, "trace", ("torch",), "trace"),
-        Kind("session", 3, SessionRequest, SessionResult, "trace", ("torch",), "trace"),
+        Kind("session", 3, SessionRequest, SessionResult, "trace", ("torch",), "trace", charged_by_step=True),
     )
 }
+
+RENAMED_KINDS = {"query": "generate", "embedding": "embed", "intermediary": "trace"}
+"""Kinds' former names (a federation file or a database from before the rename is read with these)."""
 
 
 def kind_of(name: str) -> Kind:

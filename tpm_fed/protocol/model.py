@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-BackendChoice = Literal["auto", "torch", "vllm"]
+Backend = Literal["torch", "vllm"]
+"""The backends a worker serves with: the one place their names are written."""
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+BackendChoice = Literal["auto", Backend]
+"""What a model or a request may name: a backend, or ``auto`` (vLLM where it can, else torch)."""
 DType = Literal["float32", "bfloat16", "float16"]
 
 

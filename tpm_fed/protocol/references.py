@@ -7,7 +7,7 @@ worker whose endpoint names a result store (``TPM_RESULT_STORE``,
 when it is over the endpoint's inline threshold, and the reply carries a
 :class:`TensorsReference` instead of the bytes. The store is a ProxyStore
 connector (a shared file system here; Redis or endpoint-to-endpoint
-elsewhere, :mod:`tpm_fed.protocol.result_stores`).
+elsewhere, :mod:`tpm_fed.storage.result_stores`).
 
 Chunks, rather than one object, let a reader stream a result of any size to
 disk with one chunk in memory, through any connector.

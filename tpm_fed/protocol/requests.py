@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.interventions import AttentionLens, AttentionPatterns, LogitLens, Point, Save, Step
+from tpm_fed.protocol.model import BackendChoice
 from tpm_fed.protocol.names import check_name, check_reference
 from tpm_fed.protocol.tensors import TENSOR_HEADER_BYTES, TensorData
 
@@ -204,7 +205,7 @@ class GenerationRequest(ServingRequest):
         add_special_tokens: Let the tokenizer add its special tokens (BOS...) around each
             prompt; off for a prompt rendered from a chat template, which holds them already.
         stream: Send the text back as it is made, where the site can reach the service
-            (the service's back channel; see :mod:`functions.streaming`).
+            (the service's back channel; see :mod:`functions.back_channel`).
     """
 
     kind: Literal["generate"] = "generate"
@@ -217,7 +218,7 @@ class GenerationRequest(ServingRequest):
     top_p: TopP = 1.0
     seed: Seed | None = None
     stop: list[str] = Field(default_factory=list)
-    backend: Literal["auto", "torch", "vllm"] | None = None
+    backend: BackendChoice | None = None
     add_special_tokens: bool = True
     stream: bool = False
 

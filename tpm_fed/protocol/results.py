@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator
 
+from tpm_fed.protocol.errors import ReferenceNotFound
 from tpm_fed.protocol.references import TensorsReference
+from tpm_fed.protocol.tensors import unpack_tensors
+
+
+class TensorReader(Protocol):
+    """Reads a result's tensors by reference and writes them to files: the I/O the contract leaves to its
+    users (:class:`tpm_fed.references.reader.StoreReader`, :class:`~tpm_fed.references.reader.ServiceReader`)."""
+
+    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]: ...
+
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int: ...
 
 
 class _Record(BaseModel):
@@ -157,7 +170,7 @@ class GenerationResult(ServedResult):
         return [completion.token_ids for completion in self.completions]
 
 
-class _TensorResult(ServedResult):
+class TensorResult(ServedResult):
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
     tensors_blob: bytes = b""
@@ -177,9 +190,15 @@ class _TensorResult(ServedResult):
     tensors_ref: TensorsReference | None = None
     """Where the blob waits instead, when it was too large to come inline (results by reference)."""
 
-    _reader: Any = PrivateAttr(default=None)
-    # How to read tensors_ref: the Client that got this result sets its own reader
-    # (the store directly, else the service); without one, only a store this process can open.
+    _reader: TensorReader | None = PrivateAttr(default=None)
+    # Who reads tensors_ref and writes files for this result (the contract itself does no I/O): the Client
+    # that got it sets its own (the store directly, else the service); in the service, the bookkeeper sets
+    # one that reads the stores this process can open.
+
+    def with_reader(self, reader: TensorReader) -> Self:
+        """This result, reading its tensors (and writing them to files) through ``reader``."""
+        self._reader = reader
+        return self
 
     @cached_property
     def tensors(self) -> dict[str, Any]:
@@ -188,30 +207,31 @@ class _TensorResult(ServedResult):
         Raises:
             ReferenceExpired, ReferenceNotFound, ReferenceCorrupt: A reference could not be read.
         """
-        from tpm_fed.protocol.tensors import unpack_tensors
-
         if self.tensors_ref is None:
             return unpack_tensors(self.tensors_blob)
         return unpack_tensors(b"".join(self.tensor_chunks()))
 
-    def tensor_chunks(self):
+    def tensor_chunks(self) -> Iterator[bytes]:
         """The safetensors blob piece by piece (one chunk in memory at a time), inline or by reference."""
         if self.tensors_ref is None:
             return iter([self.tensors_blob])
-        from tpm_fed.references.reader import StoreReader
+        return self._attached_reader().chunks(self.request_id, self.tensors_ref)
 
-        reader = self._reader or StoreReader()
-        return reader.chunks(self.request_id, self.tensors_ref)
-
-    def save_tensors(self, path) -> int:
+    def save_tensors(self, path: str | os.PathLike) -> int:
         """Write the returned tensors to ``path`` as one ``.safetensors`` file, chunk by chunk; its size.
 
         A large result by reference is never held in memory whole. The file
         appears complete or not at all (written beside it, then renamed).
         """
-        from tpm_fed.references.reader import write_atomically
+        return self._attached_reader().save(path, self.tensor_chunks())
 
-        return write_atomically(path, self.tensor_chunks())
+    def _attached_reader(self) -> TensorReader:
+        if self._reader is None:
+            where = f"are in {self.tensors_ref.store}" if self.tensors_ref is not None else "came inline"
+            raise ReferenceNotFound(f"request {self.request_id}: its tensors {where}, and this result has no "
+                                    "reader (this process cannot read them): read them with the Client that "
+                                    "got the result")
+        return self._reader
 
 
 @dataclass(frozen=True)
@@ -228,7 +248,7 @@ class LensReading:
     texts: list
 
 
-class TraceResult(_TensorResult):
+class TraceResult(TensorResult):
     """The answer to a :class:`~tpm_fed.interventions.TraceRequest`.
 
     Attributes:
@@ -275,7 +295,7 @@ class TraceResult(_TensorResult):
         return LensReading(ids=ids, probs=self.saved(f"{kind}.probs", prompt), tokens=tokens, texts=texts)
 
 
-class EmbeddingResult(_TensorResult):
+class EmbeddingResult(TensorResult):
     """The answer to an :class:`~tpm_fed.adapters.EmbeddingRequest`: one output per input."""
 
     @property
@@ -308,7 +328,7 @@ class SessionStepResult(_Record):
     charged_su: float = 0.0
 
 
-class SessionResult(_TensorResult):
+class SessionResult(TensorResult):
     """The answer to a :class:`~tpm_fed.protocol.sessions.SessionRequest`: one line per step.
 
     Tensors are named ``STEP/PROMPT:NAME`` in one blob (inline or by reference).

@@ -1,8 +1,8 @@
 """Results by reference, on the caller's and the service's side.
 
 What a worker writes is contract (:mod:`tpm_fed.protocol.references`, the
-reference; :mod:`tpm_fed.protocol.result_stores`, a store spec as a
-ProxyStore connector; :mod:`tpm_fed.protocol.reference_chunks`, chunks
+reference; :mod:`tpm_fed.storage.result_stores`, a store spec as a
+ProxyStore connector; :mod:`tpm_fed.storage.reference_chunks`, chunks
 written and read back with their digest checked). Here:
 
 - :mod:`tpm_fed.references.reader`: what a caller's result uses to resolve a

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from tpm_fed.protocol.errors import ReferenceNotFound
-from tpm_fed.protocol.reference_chunks import check_current, checked, get_chunks
+from tpm_fed.protocol.http_errors import error_from_body
+from tpm_fed.storage.reference_chunks import check_current, checked, get_chunks
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.protocol.result_stores import connector_for, local_folder
+from tpm_fed.storage.atomic import write_chunks_atomically
+from tpm_fed.storage.result_stores import connector_for, local_folder
 
 
 def reachable(reference: TensorsReference) -> bool:
@@ -35,6 +36,9 @@ class StoreReader:
             raise ReferenceNotFound(f"request {request_id}: its tensors are in {reference.store}, which this "
                                     "process cannot read; read them with the Client that got the result")
         return get_chunks(connector_for(reference.store), reference)
+
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
+        return write_chunks_atomically(path, chunks)
 
 
 class ServiceReader:
@@ -53,37 +57,18 @@ class ServiceReader:
         check_current(reference)
         return self._download(request_id, reference)
 
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
+        return write_chunks_atomically(path, chunks)
+
     def _download(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
         return checked(self._stream(request_id), reference, f"what the service sent for request {request_id}")
 
     def _stream(self, request_id: str) -> Iterator[bytes]:
-        from tpm_fed.service.errors import error_from_body
-
         with self._http.stream("GET", f"/tpm/v1/requests/{request_id}/tensors") as response:
             if response.status_code >= 400:
                 response.read()
                 raise error_from_body(response.status_code, _json_or_text(response))
             yield from response.iter_bytes(CHUNK_BYTES // 4)
-
-
-def write_atomically(path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
-    """Write ``chunks`` to ``path`` through a temporary file beside it; the bytes written.
-
-    A failed read (expired, corrupt) leaves no partial file behind.
-    """
-    target = Path(path)
-    partial = target.with_name(f".{target.name}.partial")
-    written = 0
-    try:
-        with open(partial, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-                written += len(chunk)
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return written
 
 
 def _json_or_text(response: Any) -> Any:

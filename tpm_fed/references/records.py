@@ -18,8 +18,8 @@ from sqlalchemy import Connection, Engine, select, update
 
 from tpm_fed.protocol.errors import ReferenceNotFound
 from tpm_fed.protocol.references import TensorsReference
-from tpm_fed.protocol.reference_chunks import evict_chunks, get_chunks
-from tpm_fed.protocol.result_stores import connector_for
+from tpm_fed.storage.reference_chunks import evict_chunks, get_chunks
+from tpm_fed.storage.result_stores import connector_for
 from tpm_fed.state.database import transaction
 from tpm_fed.state.schema import references_table
 

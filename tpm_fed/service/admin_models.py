@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpm_fed.federation import ModelConfig, Name, SiteConfig
 from tpm_fed.protocol.adapter_architecture import Architecture
+from tpm_fed.protocol.errors import InvalidRequest
 
 
 class _Body(BaseModel):
@@ -71,8 +72,6 @@ class AdapterBody(_Body):
         try:
             return base64.b64decode(self.weights, validate=True)
         except (binascii.Error, ValueError):
-            from tpm_fed.protocol.errors import InvalidRequest
-
             raise InvalidRequest("weights: not base64") from None
 
 

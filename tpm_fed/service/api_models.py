@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tpm_fed.protocol.model import BackendChoice
 from tpm_fed.protocol.requests import GenerationRequest, NewTokens, Seed, Temperature, TopP
 
 
@@ -31,7 +32,7 @@ class TpmParameters(_Body):
     project: str | None = None
     location: str | None = None
     site: str | None = None
-    backend: Literal["auto", "torch", "vllm"] | None = None
+    backend: BackendChoice | None = None
     explain: bool = False
 
 

@@ -6,7 +6,7 @@
 (:mod:`tpm_fed.service.routes_admin`) to one federation runtime. Every
 route but ``/health``, the page and ``/tpm/v1/auth...`` (how to log in) needs a bearer
 token; every refusal is an OpenAI error body with the status OpenAI's
-clients expect (:mod:`tpm_fed.service.errors`).
+clients expect (:mod:`tpm_fed.protocol.http_errors`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tpm_fed.batches.protocol import MAX_FILE_BYTES
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
+from tpm_fed.protocol.http_errors import describe_errors, error_body, http_error
 from tpm_fed.service.auth import Authenticator
-from tpm_fed.service.errors import describe_errors, http_error, unexpected_error  # describe_errors: re-exported
+from tpm_fed.service.errors import unexpected_error
 from tpm_fed.service.hosts import HostCheck
 from tpm_fed.service.limits import BodyLimits
 
@@ -40,7 +42,7 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     from tpm_fed.service.routes_auth import router as login
     from tpm_fed.service.routes_metrics import router as watching
     from tpm_fed.service.routes_stream import router as back_channel
-    from tpm_fed.service.stream_hub import StreamHub
+    from tpm_fed.service.back_channel_hub import BackChannelHub
     from tpm_fed.service.slo import SloTracker
     from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
@@ -61,8 +63,8 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     app.state.operators = operators
     app.state.slo = SloTracker(lambda: runtime.federation.slos)
     app.state.metrics = ServiceMetrics(runtime, app.state.slo)
-    if runtime.streams is None:  # one hub per runtime: every app serving it feeds the same listeners
-        runtime.streams = StreamHub()
+    if runtime.streams is None:  # one hub per runtime: every app serving it feeds the same chunk queues
+        runtime.streams = BackChannelHub()
     app.state.streams = runtime.streams
     app.include_router(openai)
     app.include_router(native)
@@ -88,12 +90,12 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         app.state.metrics.error(InvalidRequest(describe_errors(error.errors())))
-        return JSONResponse(_openai_error(describe_errors(error.errors()), "invalid_request_error",
+        return JSONResponse(error_body(describe_errors(error.errors()), "invalid_request_error",
                                           "InvalidRequest"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_openai_error(str(error.detail), "invalid_request_error", f"HTTP{error.status_code}"),
+        return JSONResponse(error_body(str(error.detail), "invalid_request_error", f"HTTP{error.status_code}"),
                             status_code=error.status_code, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
@@ -102,7 +104,6 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
         answer = unexpected_error(error, logger)  # opaque: the detail only in the operator's log
         return JSONResponse(answer.body(), status_code=answer.status)
 
-    from tpm_fed.batches.protocol import MAX_FILE_BYTES
 
     app.state.hosts = HostCheck(app)  # serves no Host until serve_at names where the service is bound
     # A batch file may be bigger than one request: it is never sent to a site whole.
@@ -133,6 +134,3 @@ def fastapi_app(app: Any) -> Any:
 UPLOAD_OVERHEAD_BYTES = 1024 * 1024
 """What multipart framing may add around an uploaded file's bytes."""
 
-
-def _openai_error(message: str, kind: str, code: str) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from tpm_fed.home import TpmHome
 from tpm_fed.protocol.errors import TpmError
 
 
@@ -25,7 +26,6 @@ from tpm_fed.protocol.errors import TpmError
               "(repeatable; with --auth local the home's owner is one).")
 def serve(home, host, port, database_url, auth, idle_timeout, operators) -> None:
     """Run the federation as a service: OpenAI-compatible HTTP under /v1, tpm-fed's own under /tpm/v1."""
-    from tpm_fed.home import TpmHome
     from tpm_fed.service.server import ServiceOptions, run_service
 
     if host not in ("127.0.0.1", "localhost", "::1") and auth == "local":

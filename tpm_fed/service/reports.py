@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from tpm_fed.state.schema import MICRO, charges_table, requests_table
+from tpm_fed.store import ModelStore
 
 
 def model_cards(runtime: Any) -> list[dict[str, Any]]:
@@ -46,7 +47,6 @@ def model_cards(runtime: Any) -> list[dict[str, Any]]:
 def _stored_versions(runtime: Any, config: Any) -> list[dict[str, Any]]:
     if not config.store:
         return []
-    from tpm_fed.store import ModelStore
 
     return [{"version": v.version, "tags": v.tags, "created": v.created}
             for v in ModelStore(runtime.federation.store).versions(config.name)]

@@ -27,22 +27,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from tpm_fed.protocol.errors import (
-    AdapterMismatch,
-    FederationConfigError,
-    InvalidRequest,
-    NotPermitted,
-)
+from tpm_fed.protocol.errors import AdapterMismatch, FederationConfigError, InvalidRequest, NotPermitted
+from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, parse_header
 from tpm_fed.service.admin_models import (
-    AdapterBody,
-    GrantBody,
-    MemberBody,
-    ModelConfig,
-    ProjectBody,
-    SiteConfig,
-    TagBody,
+    AdapterBody, GrantBody, MemberBody, ModelConfig, ProjectBody, SiteConfig, TagBody,
 )
 from tpm_fed.service.auth import identity_of
+from tpm_fed.sites.parsl_engine import load_engine_config
+from tpm_fed.store import ModelStore
 
 
 def operator_of(request: Request) -> str:
@@ -180,8 +172,6 @@ def add_model(body: ModelConfig, request: Request) -> Entry:
 @router.post("/models/{model}/tags")
 def tag_model(model: str, body: TagBody, request: Request) -> dict[str, Any]:
     """Point a tag at a stored version (``NAME@TAG`` then serves it)."""
-    from tpm_fed.store import ModelStore
-
     runtime = _runtime(request)
     if not runtime.federation.model(model).store:
         raise InvalidRequest(f"model {model!r} is served from a directory, not the model store: it has no tags")
@@ -198,8 +188,6 @@ def list_adapters(request: Request) -> dict[str, Any]:
 @router.post("/adapters", status_code=201)
 def register_adapter(body: AdapterBody, request: Request) -> Entry:
     """Register a version (the same architecture and weights again is the same version)."""
-    from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, parse_header
-
     blob = body.weights_bytes()
     try:
         parse_header(blob, "adapter weights")
@@ -252,7 +240,6 @@ def _check_engine_config(request: Request, site: SiteConfig) -> None:
     """A parsl site's endpoint config must load, as the endpoint's own loader judges it."""
     if site.engine_config is None:
         return
-    from tpm_fed.sites.parsl_engine import load_engine_config
 
     path = _runtime(request).home.federation_file.parent / site.engine_config
     load_engine_config(path).engine.shutdown()

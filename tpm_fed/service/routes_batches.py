@@ -27,6 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tpm_fed.batches.jsonl import BatchFileChecker, read_stored_batch_file
+from tpm_fed.batches.lines import LineRoutes
 from tpm_fed.batches.protocol import (
     FILE_EXPIRY_S,
     MAX_FILE_BYTES,
@@ -40,6 +41,10 @@ from tpm_fed.batches.runner import BatchRunner
 from tpm_fed.batches.store import BatchStore
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, PayloadTooLarge
 from tpm_fed.service.auth import identity_of
+from tpm_fed.service.serving import ServingEngine
+from tpm_fed.service.serving_chat import ServingChat
+from tpm_fed.service.serving_completions import ServingCompletions
+from tpm_fed.service.serving_embeddings import ServingEmbeddings
 
 router = APIRouter()
 
@@ -48,9 +53,17 @@ def attach_batches(app: Any, runtime: Any) -> None:
     """Give ``app`` the batch routes and the runtime's one batch runner (started here, once per runtime;
     it resumes the batches a stopped service left in progress)."""
     if getattr(runtime, "batches", None) is None:
-        runtime.batches = BatchRunner(runtime, BatchStore(runtime.ledger.engine), observer=app.state.metrics).start()
+        runtime.batches = BatchRunner(runtime, BatchStore(runtime.ledger.engine), line_routes(runtime),
+                                      observer=app.state.metrics).start()
     app.state.batches = runtime.batches
     app.include_router(router)
+
+
+def line_routes(runtime: ServingEngine) -> LineRoutes:
+    """The routes a batch line may name, served by the same classes as the routes themselves (the runner
+    observes each line's request itself, so these tell no observer)."""
+    return LineRoutes({"/v1/completions": ServingCompletions(runtime), "/v1/chat/completions": ServingChat(runtime),
+                       "/v1/embeddings": ServingEmbeddings(runtime)})
 
 
 def _runner(request: Request) -> BatchRunner:
@@ -82,21 +95,22 @@ async def upload_file(request: Request, identity: str = Depends(identity_of)) ->
             raise InvalidRequest(f"purpose: this service takes files for batches only (purpose 'batch'), "
                                  f"not {purpose!r}")
         lifetime = _expiry_seconds(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
-        size, lines = await run_in_threadpool(_check_upload, file.file, min(MAX_FILE_BYTES, room), room)
+        size, lines = await run_in_threadpool(_check_upload, file.file, _runner(request).routes,
+                                              min(MAX_FILE_BYTES, room), room)
         await run_in_threadpool(file.file.seek, 0)
         stored = await run_in_threadpool(store.add_file, identity, file.filename or "batch.jsonl", file.file, size,
                                          lines, time.time() + lifetime)
     return stored.model_dump(mode="json")
 
 
-def _check_upload(source: Any, limit: int, room: int) -> tuple[int, int]:
+def _check_upload(source: Any, routes: LineRoutes, limit: int, room: int) -> tuple[int, int]:
     """Read an upload a line at a time, checking each; its size and line count.
 
     Raises:
         PayloadTooLarge: Over the file limit or the caller's quota left (``room``), as soon as it passes it.
         BatchFileInvalid: Bad lines (all named).
     """
-    checker = BatchFileChecker(limit)
+    checker = BatchFileChecker(routes, limit)
     try:
         checker.feed_file(source)  # the spooled file, a line at a time
     except PayloadTooLarge:
@@ -154,9 +168,9 @@ def file_content(file_id: str, request: Request, identity: str = Depends(identit
 def create_batch(body: BatchCreateBody, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
     runtime, runner = request.app.state.runtime, _runner(request)
     project = runtime.project_for(identity, body.project)
-    lines = read_stored_batch_file(runner.store.file_content(body.input_file_id, identity))
+    lines = read_stored_batch_file(runner.store.file_content(body.input_file_id, identity), runner.routes)
     # Unlike OpenAI's, a file may mix routes (completions, chat, embeddings): each line names its own.
-    quote = quote_batch(runtime, identity, project, lines, runner.window)
+    quote = quote_batch(runtime, runner.routes, identity, project, lines, runner.window)
     check_balance(quote)
     batch_id = runner.store.create_batch(identity, project, body, lines, quote)
     runner.wake()
@@ -199,8 +213,8 @@ def quote(body: QuoteBody, request: Request, identity: str = Depends(identity_of
         raise InvalidRequest("give input_file_id (a batch) or body (one request), not both and not neither")
     if body.input_file_id is not None:
         project = runtime.project_for(identity, body.project)
-        lines = read_stored_batch_file(runner.store.file_content(body.input_file_id, identity))
-        return {"object": "batch.quote", **quote_batch(runtime, identity, project, lines,
+        lines = read_stored_batch_file(runner.store.file_content(body.input_file_id, identity), runner.routes)
+        return {"object": "batch.quote", **quote_batch(runtime, runner.routes, identity, project, lines,
                                                        runner.window).model_dump(mode="json")}
     url = body.url or guess_url(body.body)
-    return {"object": "quote", **quote_line(runtime, identity, body.project, url, body.body).to_wire()}
+    return {"object": "quote", **quote_line(runtime, runner.routes, identity, body.project, url, body.body).to_wire()}

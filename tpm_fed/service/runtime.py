@@ -28,7 +28,7 @@ from tpm_fed.home import TpmHome
 from tpm_fed.identity import LocalUser
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
 from tpm_fed.ledger.sweeper import SWEEP_PERIOD_S, ReservationSweeper
-from tpm_fed.protocol.adapter_registry import AdapterRegistry
+from tpm_fed.storage.adapter_registry import AdapterRegistry
 from tpm_fed.protocol.code_version import serving_code_version
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, TpmError, UnknownModel
 from tpm_fed.protocol.kinds import KINDS

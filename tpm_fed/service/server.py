@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpm_fed.home import PRIVATE_UMASK, TpmHome
+from tpm_fed.identity import LocalUser
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def _exit_on_signal(number: int, _frame: Any) -> None:
 
 
 def _authenticator(options: ServiceOptions) -> tuple[Any, str | None]:
-    from tpm_fed.identity import LocalUser
     from tpm_fed.service.auth import GlobusTokens, LocalToken
 
     if options.auth == "local":

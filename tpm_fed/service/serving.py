@@ -8,12 +8,16 @@ from typing import Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 
+from tpm_fed.catalog import ModelCatalog
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ServedResult
 
 
-class Runtime(Protocol):
-    """The federation runtime the service owns (see :class:`tpm_fed.service.runtime.Runtime`)."""
+class ServingEngine(Protocol):
+    """What the serving classes need of the federation engine (:class:`tpm_fed.service.runtime.Runtime`):
+    placing a request, and the catalog (a chat template is a file of the model's)."""
+
+    catalog: ModelCatalog
 
     def submit(self, request: ServingRequest, identity: str) -> Any: ...
 
@@ -25,12 +29,12 @@ class Observer(Protocol):
                 error: BaseException | None = None) -> None: ...
 
 
-async def admit(runtime: Runtime, request: ServingRequest, identity: str,
+async def start(runtime: ServingEngine, request: ServingRequest, identity: str,
                 observer: Observer | None = None) -> asyncio.Task[ServedResult]:
-    """Admit ``request`` (edge checks and placement run in a worker thread and raise here,
+    """Start ``request`` (edge checks and placement run in a worker thread and raise here,
     as HTTP errors) and return the task that resolves with its result.
 
-    A caller that disconnects does not cancel the batch its request rode in:
+    A caller that disconnects does not cancel the task its request rode in:
     the request finishes and is charged once, for what ran.
     """
     started = time.perf_counter()
@@ -57,7 +61,7 @@ async def admit(runtime: Runtime, request: ServingRequest, identity: str,
     return asyncio.ensure_future(outcome())  # runs to its end even if nobody awaits it
 
 
-async def serve(runtime: Runtime, request: ServingRequest, identity: str,
+async def serve(runtime: ServingEngine, request: ServingRequest, identity: str,
                 observer: Observer | None = None) -> ServedResult:
-    """Admit ``request`` and await its result (see :func:`admit`)."""
-    return await (await admit(runtime, request, identity, observer))
+    """Start ``request`` and await its result (see :func:`start`)."""
+    return await (await start(runtime, request, identity, observer))

@@ -9,7 +9,7 @@ from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, ChatCompletionBody, tpm_object
 from tpm_fed.service.chat_template import ChatTemplate
-from tpm_fed.service.serving import Observer, serve
+from tpm_fed.service.serving import Observer, ServingEngine, serve
 from tpm_fed.service.serving_completions import usage_of
 from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
@@ -17,7 +17,9 @@ from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 class ServingChat:
     """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's)."""
 
-    def __init__(self, runtime: Any, observer: Observer | None = None, streams: Any = None) -> None:
+    body_model = ChatCompletionBody
+
+    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, streams: Any = None) -> None:
         self.runtime = runtime
         self.observer = observer
         self.streams = streams
@@ -34,13 +36,15 @@ class ServingChat:
                      request: GenerationRequest | None = None) -> dict[str, Any] | LiveStream:
         """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
         request = request or self.request_for(body)
-        head = {"id": f"chatcmpl-{request.request_id}", "created": int(time.time()), "model": body.model}
         if body.stream:
-            return await self._stream(body, request, identity, head)
-        result: GenerationResult = await serve(self.runtime, request, identity, self.observer)
+            return await self._stream(body, request, identity, _head(request, body))
+        return self.render(body, request, await serve(self.runtime, request, identity, self.observer))
+
+    def render(self, body: ChatCompletionBody, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+        """The route's answer for ``result`` (a batch line's too)."""
         completion = result.completions[0]
         return {
-            **head,
+            **_head(request, body),
             "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "logprobs": None, "finish_reason": FINISH_REASONS[completion.finish_reason]}],
@@ -71,3 +75,7 @@ class ServingChat:
             return chunks
 
         return await stream_answer(self, request, identity, delta, ending)
+
+
+def _head(request: GenerationRequest, body: ChatCompletionBody) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{request.request_id}", "created": int(time.time()), "model": body.model}

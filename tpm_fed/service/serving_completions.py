@@ -8,14 +8,16 @@ from typing import Any
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, CompletionBody, tpm_object
-from tpm_fed.service.serving import Observer, Runtime, serve
+from tpm_fed.service.serving import Observer, ServingEngine, serve
 from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
 
 class ServingCompletions:
     """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's)."""
 
-    def __init__(self, runtime: Runtime, observer: Observer | None = None, streams: Any = None) -> None:
+    body_model = CompletionBody
+
+    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, streams: Any = None) -> None:
         self.runtime = runtime
         self.observer = observer
         self.streams = streams
@@ -29,13 +31,14 @@ class ServingCompletions:
                      request: GenerationRequest | None = None) -> dict[str, Any] | LiveStream:
         """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
         request = request or self.request_for(body)
-        head = {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model}
         if body.stream:
-            return await self._stream(body, request, identity, head)
-        result: GenerationResult = await serve(self.runtime, request, identity, self.observer)
+            return await self._stream(body, request, identity, _head(body, request))
+        return self.render(body, request, await serve(self.runtime, request, identity, self.observer))
+
+    def render(self, body: CompletionBody, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+        """The route's answer for ``result`` (a batch line's too)."""
         return {
-            **head,
+            **_head(body, request),
             "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
                         for i, c in enumerate(result.completions)],
             "usage": usage_of(result),
@@ -59,6 +62,11 @@ class ServingCompletions:
             return chunks
 
         return await stream_answer(self, request, identity, delta, ending)
+
+
+def _head(body: CompletionBody, request: GenerationRequest) -> dict[str, Any]:
+    return {"id": f"cmpl-{request.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model}
 
 
 def usage_of(result: Any) -> dict[str, int]:

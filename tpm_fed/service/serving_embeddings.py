@@ -15,13 +15,15 @@ from typing import Any
 from tpm_fed.protocol.requests import EmbeddingRequest
 from tpm_fed.protocol.results import EmbeddingResult
 from tpm_fed.service.api_models import EmbeddingBody, tpm_object
-from tpm_fed.service.serving import Observer, serve
+from tpm_fed.service.serving import Observer, ServingEngine, serve
 
 POOLING = "mean"
 
 
 class ServingEmbeddings:
-    def __init__(self, runtime: Any, observer: Observer | None = None) -> None:
+    body_model = EmbeddingBody
+
+    def __init__(self, runtime: ServingEngine, observer: Observer | None = None) -> None:
         self.runtime = runtime
         self.observer = observer
 
@@ -33,7 +35,10 @@ class ServingEmbeddings:
     async def create(self, body: EmbeddingBody, identity: str, request: EmbeddingRequest | None = None) -> dict[str, Any]:
         """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
         request = request or self.request_for(body)
-        result: EmbeddingResult = await serve(self.runtime, request, identity, self.observer)
+        return self.render(body, request, await serve(self.runtime, request, identity, self.observer))
+
+    def render(self, body: EmbeddingBody, request: EmbeddingRequest, result: EmbeddingResult) -> dict[str, Any]:
+        """The route's answer for ``result`` (a batch line's too)."""
         data = []
         for index, vector in enumerate(result.outputs):
             row = vector.reshape(-1).astype("<f4")

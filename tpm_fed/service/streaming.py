@@ -1,7 +1,7 @@
 """Server-sent events in OpenAI's shape: ``data: {chunk}`` lines, then ``data: [DONE]``.
 
 :func:`live_events` sends text as the replica makes it. Chunks from the back
-channel (:mod:`tpm_fed.service.stream_hub`) are sent as they arrive; when the
+channel (:mod:`tpm_fed.service.back_channel_hub`) are sent as they arrive; when the
 request's result comes, whatever the chunks did not cover is sent, so the
 stream always adds up to the completion (also where the worker could not
 reach the service: then everything comes in that last chunk, and its
@@ -19,7 +19,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from tpm_fed.protocol.errors import TpmError
-from tpm_fed.service.errors import http_error
+from tpm_fed.protocol.http_errors import http_error
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -36,7 +36,7 @@ def event(chunk: dict[str, Any]) -> bytes:
 
 
 async def live_events(
-    listener: Any,
+    queue: Any,
     outcome: asyncio.Task,
     delta: Callable[[int, str], dict[str, Any]],
     ending: Callable[[Any, dict[int, str], bool], list[dict[str, Any]]],
@@ -45,18 +45,18 @@ async def live_events(
     """Chunks as they come, then the ending.
 
     Args:
-        listener: Where the back channel puts this request's chunks (``queue``, ``received``).
+        queue: Where the back channel puts this request's chunks (a :class:`~tpm_fed.service.back_channel_hub.ChunkQueue`).
         outcome: Resolves with the request's result.
         delta: (prompt index, new text) -> the chunk to send.
         ending: (result, text sent per prompt index, whether anything streamed) -> the last chunks.
-        forget: Stop listening (called however the stream ends); its argument says whether the
+        forget: Stop queueing its chunks (called however the stream ends); its argument says whether the
             caller left before the end (then the worker may stop generating for it).
     """
     sent: dict[int, str] = {}
     ended = False
     try:
         while True:
-            arrival = asyncio.ensure_future(listener.queue.get())
+            arrival = asyncio.ensure_future(queue.queue.get())
             done, _ = await asyncio.wait({arrival, outcome}, return_when=asyncio.FIRST_COMPLETED)
             if arrival not in done:
                 arrival.cancel()
@@ -64,8 +64,8 @@ async def live_events(
             chunk = arrival.result()
             sent[chunk["index"]] = sent.get(chunk["index"], "") + chunk["text"]
             yield event(delta(chunk["index"], chunk["text"]))
-        while not listener.queue.empty():  # chunks that came with the result
-            chunk = listener.queue.get_nowait()
+        while not queue.queue.empty():  # chunks that came with the result
+            chunk = queue.queue.get_nowait()
             sent[chunk["index"]] = sent.get(chunk["index"], "") + chunk["text"]
             yield event(delta(chunk["index"], chunk["text"]))
         try:
@@ -76,7 +76,7 @@ async def live_events(
             yield event({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error",
                                    "param": None, "code": "InternalError"}})
         else:
-            for chunk in ending(result, sent, listener.received > 0):
+            for chunk in ending(result, sent, queue.received > 0):
                 yield event(chunk)
         ended = True
         yield b"data: [DONE]\n\n"
@@ -91,22 +91,22 @@ async def stream_answer(
     delta: Callable[[int, str], dict[str, Any]],
     ending: Callable[[Any, dict[int, str], bool], list[dict[str, Any]]],
 ) -> LiveStream:
-    """Listen for ``request``'s text, admit it (a refusal is an HTTP error, not a stream), then stream.
+    """Queue ``request``'s text as it comes, start it (a refusal is an HTTP error, not a stream), then stream.
 
     Args:
         serving: A serving class with ``runtime``, ``observer`` and ``streams`` (the hub, which knows the
             service's own worker URL).
         delta, ending: As :func:`live_events` takes them.
     """
-    from tpm_fed.service.serving import admit
+    from tpm_fed.service.serving import start
 
-    listener = serving.streams.listen(request.request_id)
+    queue = serving.streams.queue_for(request.request_id)
     try:
-        outcome = await admit(serving.runtime, request, identity, serving.observer)
+        outcome = await start(serving.runtime, request, identity, serving.observer)
     except BaseException:
         serving.streams.forget(request.request_id)
         raise
-    return LiveStream(live_events(listener, outcome, delta, ending,
+    return LiveStream(live_events(queue, outcome, delta, ending,
                                   lambda left: serving.streams.forget(request.request_id, abandoned=left)))
 
 

@@ -15,10 +15,10 @@ from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspe
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from tpm_fed.protocol.errors import MissingDependency
+from tpm_fed.protocol.kinds import RENAMED_KINDS
 from tpm_fed.state.schema import metadata
 
-RENAMED_KINDS = {"query": "generate", "embedding": "embed", "intermediary": "trace"}
-"""Wave 1 recorded price tiers; a charge now records its request kind."""
+# Wave 1 recorded price tiers; a charge now records its request kind (RENAMED_KINDS maps the old names).
 
 
 def open_database(url: str) -> Engine:

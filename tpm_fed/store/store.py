@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpm_fed.protocol.errors import InvalidRequest, ModelLoadError, UnknownModel, UnknownVersion
-from tpm_fed.protocol.chunks import write_atomically
+from tpm_fed.storage.atomic import write_atomically
 from tpm_fed.protocol.dtypes import numpy_array, torch_dtype
 from tpm_fed.protocol.manifest import Manifest, TensorRecord
 from tpm_fed.protocol.names import check_name, path_under
-from tpm_fed.protocol.store_reader import StoreReader
+from tpm_fed.storage.store_reader import StoreReader
 from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, read_header
 
 CHUNK_BYTES = 256 * 1024 * 1024

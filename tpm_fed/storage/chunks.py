@@ -15,60 +15,16 @@ that changes no metadata is what ``tpm models verify`` (a full re-hash) is for.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from tpm_fed.storage.atomic import write_atomically
 
 READ_BLOCK = 8 * 1024 * 1024
 
 
 def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes | memoryview | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: whole or absent.
-
-    Every file written in place of another goes through here (chunks,
-    manifests, tags, adapters, the federation file). The file gets the
-    permissions it had, or a new file's (``0o666`` less the umask), not the
-    temporary file's owner-only ones. ``str`` data is written as UTF-8.
-    """
-    if isinstance(data, str):
-        data = data.encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=".incoming-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            os.fchmod(out.fileno(), _mode_for(path))
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.unlink(staging)
-        raise
-
-
-def _mode_for(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux), else by setting it back at once."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
 
 
 def _stat_key(path: Path) -> str:

@@ -1,24 +1,24 @@
-"""Requests joining a batch while it runs: the worker's end of continuous admission.
+"""Requests joining a task while it runs: the worker's end of joining (continuous batching).
 
-The endpoint engine runs one task at a time per worker, and a task is a
-batch. Without more, a request that arrives while a replica generates waits
-for the whole batch to end (vLLM's own server would take it in at the next
-step). So while a vLLM batch runs, the worker asks the service, on the task's
+The endpoint engine runs one task at a time per worker. Without more, a
+request that arrives while a replica generates waits for the whole task to
+end (vLLM's own server would take it in at the next step). So while a vLLM
+task runs, the worker asks the service, on the task's
 back channel, for requests queued for this replica: a long poll (``POST
 .../tpm/v1/stream/admit`` with the task's secret), answered as soon as one
-arrives or after :data:`ADMIT_WAIT_S`. What it is handed joins the running
+arrives or after :data:`JOIN_WAIT_S`. What it is handed joins the running
 engine at its next step, and each joined request is answered on the back
-channel when it finishes (:meth:`functions.streaming.BackChannel.answer`).
+channel when it finishes (:meth:`functions.back_channel.BackChannel.answer`).
 
 - The service decides what may join: requests of this task's replica, as
   many as the task has room for, for a bounded time; it reserves their
-  service units before handing them over, as for any batch.
-- When its engine runs dry, the worker closes admission (``close``) and
+  service units before handing them over, as for any task.
+- When its engine runs dry, the worker stops taking joiners (``close``) and
   serves what arrived meanwhile before the task returns; the task's result
   lists every joined request's outcome (``joined``), so a lost answer on the
   back channel loses nothing, and a request handed over that the worker
   never read goes back to the replica's queue.
-- Any failure ends admission for the task; what already joined still runs.
+- Any failure ends joining for the task; what already joined still runs.
 """
 
 from __future__ import annotations
@@ -33,20 +33,21 @@ from urllib.parse import urlsplit
 
 from functions.backends.base import EncodedRequest
 from functions.outcomes import generated, refused
-from functions.streaming import BackChannel
+from functions.back_channel import BackChannel
+from tpm_fed.protocol.back_channel import JoinAnswer, JoinAsk
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
-from tpm_fed.protocol.kinds import request_from_wire
+from tpm_fed.protocol.kinds import KINDS, request_from_wire
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import Completion
 
-ADMIT_WAIT_S = 1.0
+JOIN_WAIT_S = 1.0
 """Longest the service holds one ask open when nothing waits (it answers at once when something does)."""
 
 CLOSE_TIMEOUT_S = 2.0
 """Longest a task's end waits to tell the service it takes no more (the open ask then ends by itself)."""
 
 
-class Admission:
+class JoinPoller:
     """Asks the service for joining requests from a background thread, started on the first :meth:`take`."""
 
     def __init__(self, url: str, token: str) -> None:
@@ -61,7 +62,7 @@ class Admission:
     def take(self) -> list[dict[str, Any]]:
         """The request dicts handed in since the last call (returns at once)."""
         if self._thread is None and not self._closed.is_set():
-            self._thread = threading.Thread(target=self._run, name="tpm-admit", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="tpm-join", daemon=True)
             self._thread.start()
         with self._lock:
             arrived, self._arrived = self._arrived, []
@@ -75,11 +76,11 @@ class Admission:
         heard = False
         if self.failed is None:
             try:  # the service answers the open ask at once, so the thread ends without waiting it out
-                self._ask(self._connect(CLOSE_TIMEOUT_S), {"token": self.token, "close": True})
+                self._ask(self._connect(CLOSE_TIMEOUT_S), JoinAsk(token=self.token, close=True))
                 heard = True
             except (OSError, http.client.HTTPException, ValueError):
                 pass  # unreachable: an ask it may still answer hands over requests the service takes back
-        self._thread.join(ADMIT_WAIT_S + CLOSE_TIMEOUT_S if heard else 0.0)
+        self._thread.join(JOIN_WAIT_S + CLOSE_TIMEOUT_S if heard else 0.0)
         with self._lock:
             arrived, self._arrived = self._arrived, []
         return arrived
@@ -89,42 +90,39 @@ class Admission:
         while not self._closed.is_set():
             try:
                 connection = connection or self._connect()
-                reply = self._ask(connection, {"token": self.token, "wait_s": ADMIT_WAIT_S})
+                reply = self._ask(connection, JoinAsk(token=self.token, wait_s=JOIN_WAIT_S))
             except (OSError, http.client.HTTPException, ValueError) as error:
                 self.failed = f"{type(error).__name__}: {error}"
                 break
-            requests = reply.get("requests")
-            if isinstance(requests, list) and requests:
+            if reply.requests:
                 with self._lock:
-                    self._arrived.extend(requests)
-            if not reply.get("open"):  # the service takes no more into this task
+                    self._arrived.extend(reply.requests)
+            if not reply.open:  # the service takes no more into this task
                 break
         if connection is not None:
             connection.close()
 
-    def _connect(self, timeout_s: float = ADMIT_WAIT_S + 10) -> http.client.HTTPConnection:
+    def _connect(self, timeout_s: float = JOIN_WAIT_S + 10) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
         return kind(self.url.hostname, self.url.port, timeout=timeout_s)
 
-    def _ask(self, connection: http.client.HTTPConnection, message: dict[str, Any]) -> dict[str, Any]:
-        connection.request("POST", self.url.path, body=json.dumps(message).encode(),
+    def _ask(self, connection: http.client.HTTPConnection, message: JoinAsk) -> JoinAnswer:
+        connection.request("POST", self.url.path, body=json.dumps(message.to_wire()).encode(),
                            headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
         body = answer.read()
         if answer.status != 200:
             raise ValueError(f"the service answered {answer.status}")
-        reply = json.loads(body or b"{}")
-        if not isinstance(reply, dict):
-            raise ValueError("the service's answer is not an object")
-        return reply
+        return JoinAnswer.model_validate_json(body)  # not one: a ValidationError, which is a ValueError
 
 
-class LiveBatch:
-    """A generate batch that stays open while it runs, handed to the backend in place of its back channel.
+class JoinableTask:
+    """A generate task that stays open to joining requests while it runs, handed to the backend in place of
+    its back channel.
 
     A backend that can (vLLM) takes joining requests at each step
-    (:meth:`admitted`), answers each request when it finishes
-    (:meth:`finished`), and closes admission when it runs dry (:meth:`close`).
+    (:meth:`joined`), answers each request when it finishes
+    (:meth:`finished`), and stops taking joiners when it runs dry (:meth:`close`).
     One that cannot (torch) only streams through :meth:`send` and reads
     :attr:`cancelled`, as with a bare channel.
 
@@ -136,7 +134,7 @@ class LiveBatch:
     def __init__(self, channel: BackChannel, encode: Callable[[GenerationRequest], EncodedRequest]) -> None:
         self.channel = channel
         self.encode = encode
-        self.admission = Admission(channel.admit_url, channel.token)
+        self.poller = JoinPoller(channel.join_url, channel.token)
         self._started: dict[str, float] = {}
 
     @property
@@ -150,13 +148,13 @@ class LiveBatch:
         """``item`` entered the engine now (its ``run_s`` counts from here)."""
         self._started[item.request.request_id] = time.perf_counter()
 
-    def admitted(self) -> list[EncodedRequest]:
+    def joined(self) -> list[EncodedRequest]:
         """Requests that joined since the last call, tokenized (one that cannot run is answered, refused)."""
-        return self._encoded(self.admission.take())
+        return self._encoded(self.poller.take())
 
     def close(self) -> list[EncodedRequest]:
         """No more may join; those that joined meanwhile (they run before the task ends)."""
-        return self._encoded(self.admission.close())
+        return self._encoded(self.poller.close())
 
     def finished(self, item: EncodedRequest, completions: list[Completion]) -> None:
         """``item`` is done: answer its caller now, not at the end of the batch."""
@@ -172,8 +170,8 @@ class LiveBatch:
             request_id = wire.get("request_id") if isinstance(wire, dict) else None
             try:
                 request = request_from_wire(wire)
-                if not isinstance(request, GenerationRequest):  # the service hands over only these
-                    raise InvalidRequest(f"a {request.kind} request cannot join a running generate batch")
+                if not KINDS[request.kind].joins_on:  # the service hands over only kinds that join
+                    raise InvalidRequest(f"a {request.kind} request cannot join a running task")
                 encoded.append(self.encode(request))
             except TpmError as error:
                 if isinstance(request_id, str):

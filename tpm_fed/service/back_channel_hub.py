@@ -1,26 +1,26 @@
 """The service's end of the back channel: streamed text from workers to the callers waiting for it.
 
-A caller's streamed request is *listened for* before it is admitted. When
-its batch leaves for a site, the dispatcher asks :meth:`StreamHub.open` for
+A caller's streamed request gets a chunk queue before it is started. When
+its task leaves for a site, the dispatcher asks :meth:`BackChannelHub.open` for
 the task's back channel: the service's own worker URL (set once, when it is
 bound; never taken from a request, whose ``Host`` the caller writes) and a
-secret made for that one task, naming the listened-for requests it carries. The worker POSTs chunks to
-``/tpm/v1/stream`` with that secret (see :mod:`functions.streaming`);
-:meth:`StreamHub.deliver` accepts a post only if the secret is a task's that
+secret made for that one task, naming the requests it carries. The worker POSTs chunks to
+``/tpm/v1/stream`` with that secret (see :mod:`functions.back_channel`);
+:meth:`BackChannelHub.deliver` accepts a post only if the secret is a task's that
 is still running and every chunk names a request of that task, so a forged
 or replayed secret injects nothing into anyone's stream. The secret dies
 with its task.
 
 A caller that goes away mid-stream *abandons* its request: the answer to
 the worker's next post names it under ``cancelled``, and the worker stops
-generating for it (its batch-mates go on); it is charged for what ran.
+generating for it (its task-mates go on); it is charged for what ran.
 
-The same channel carries continuous admission (:mod:`functions.admission`):
+The same channel carries joining (:mod:`functions.joining`):
 a task whose dispatcher lets requests join it (its :class:`Admitting` hooks)
 gets a channel even when nothing in it streams. The worker asks
-:meth:`StreamHub.admit` for requests queued for its replica, and posts each
-request's outcome when it finishes (:meth:`StreamHub.deliver`'s
-``outcomes``), which the dispatcher settles at once. A secret admits and
+:meth:`BackChannelHub.admit` for requests queued for its replica, and posts each
+request's outcome when it finishes (:meth:`BackChannelHub.deliver`'s
+``outcomes``), which the dispatcher settles at once. A secret hands over and
 answers only requests of its own task, and those it was handed.
 """
 
@@ -32,14 +32,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tpm_fed.protocol.back_channel import ChannelAddress
 from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
 
 STREAM_ROUTE = "/tpm/v1/stream"
 
 
 @dataclass
-class Listener:
-    """Where a streamed request's chunks wait for its event stream (read on the event loop)."""
+class ChunkQueue:
+    """Where a streamed request's chunks wait for its caller's event stream (read on the event loop)."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -74,8 +75,8 @@ class _Task:
     admitting: Admitting | None = None
 
 
-class StreamHub:
-    """Listeners by request id, and the secrets of running tasks that may feed them.
+class BackChannelHub:
+    """Chunk queues by request id, and the secrets of running tasks that may feed them.
 
     Args:
         worker_url: How workers reach this service: the bound address or ``TPM_SERVICE_WORKER_URL``
@@ -84,35 +85,35 @@ class StreamHub:
 
     def __init__(self, worker_url: str | None = None) -> None:
         self.worker_url = worker_url
-        self._listeners: dict[str, Listener] = {}
+        self._queues: dict[str, ChunkQueue] = {}
         self._tasks: dict[str, _Task] = {}
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
 
-    def listen(self, request_id: str) -> Listener:
-        """Called on the event loop before the request is admitted."""
-        listener = Listener(asyncio.get_running_loop())
+    def queue_for(self, request_id: str) -> ChunkQueue:
+        """Called on the event loop before the request is started."""
+        queue = ChunkQueue(asyncio.get_running_loop())
         with self._lock:
-            self._listeners[request_id] = listener
-        return listener
+            self._queues[request_id] = queue
+        return queue
 
     def forget(self, request_id: str, *, abandoned: bool = False) -> None:
-        """Stop listening; ``abandoned``: the caller left before the end (its generation may stop)."""
+        """Drop its chunk queue; ``abandoned``: the caller left before the end (its generation may stop)."""
         with self._lock:
-            self._listeners.pop(request_id, None)
+            self._queues.pop(request_id, None)
             if abandoned and any(request_id in task.requests for task in self._tasks.values()):
                 self._abandoned.add(request_id)
 
     def open(self, request_ids: list[str], admitting: Admitting | None = None) -> dict[str, str] | None:
-        """A batch leaves: its back channel (None: nothing in it streams and nothing may join it, or
+        """A task leaves: its back channel (None: nothing in it streams and nothing may join it, or
         no worker could reach us)."""
         with self._lock:
-            listened = [rid for rid in request_ids if rid in self._listeners]
-            if self.worker_url is None or (not listened and admitting is None):
+            queued = [rid for rid in request_ids if rid in self._queues]
+            if self.worker_url is None or (not queued and admitting is None):
                 return None
             token = secrets.token_urlsafe(32)
             self._tasks[token] = _Task(set(request_ids), admitting)
-        return {"url": self.worker_url.rstrip("/") + STREAM_ROUTE, "token": token}
+        return ChannelAddress(url=self.worker_url.rstrip("/") + STREAM_ROUTE, token=token).to_wire()
 
     def close(self, token: str) -> None:
         """The task ended: its secret is no longer accepted."""
@@ -123,7 +124,7 @@ class StreamHub:
 
     def deliver(self, token: str, chunks: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]] | None = None,
                 served: dict[str, Any] | None = None) -> tuple[int, list[str]]:
-        """Hand a worker's chunks to their listeners, then its early answers to the task's dispatcher.
+        """Hand a worker's chunks to their queues, then its early answers to the task's dispatcher.
 
         Returns:
             The number of chunks delivered, and the task's requests whose callers left (to stop
@@ -139,12 +140,12 @@ class StreamHub:
             named = [chunk.get("request_id") for chunk in chunks] + list(outcomes or ())
             if any(rid not in task.requests for rid in named):
                 raise NotPermitted("a chunk or an answer names a request that is not this task's")
-            listeners = [(self._listeners.get(chunk["request_id"]), chunk) for chunk in chunks]
+            queues = [(self._queues.get(chunk["request_id"]), chunk) for chunk in chunks]
             cancelled = sorted(task.requests & self._abandoned)
         delivered = 0
-        for listener, chunk in listeners:
-            if listener is not None:  # its caller may have gone
-                listener.put(chunk)
+        for queue, chunk in queues:
+            if queue is not None:  # its caller may have gone
+                queue.put(chunk)
                 delivered += 1
         if outcomes and task.admitting is not None:
             task.admitting.answered(served or {}, outcomes)

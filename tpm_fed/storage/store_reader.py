@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tpm_fed.protocol.chunks import ChunkStore
+from tpm_fed.storage.chunks import ChunkStore
 from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
 from tpm_fed.protocol.manifest import Manifest
 from tpm_fed.protocol.names import is_name, path_under

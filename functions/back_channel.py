@@ -1,11 +1,13 @@
-"""Tokens sent back to the service while a batch generates: the worker's end of the back channel.
+"""The worker's end of the back channel: a running task posts streamed text and early answers to the service.
 
 The endpoint engine returns a task's result only when the task ends, so a
 streamed request's text travels another way: the service names, in the
 task's context, a URL and a secret token made for this one task
-(``{"url", "token"}``); the worker POSTs what each streamed request has
-produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
-"text"}]}``, where ``text`` is new text since the last chunk of that prompt.
+(:class:`~tpm_fed.protocol.back_channel.ChannelAddress`); the worker POSTs
+what each streamed request has produced so far as a
+:class:`~tpm_fed.protocol.back_channel.ChannelPost` (per prompt, the new text
+since that prompt's last chunk). The bodies both ways are the contract's
+models (:mod:`tpm_fed.protocol.back_channel`), read by the service as built here.
 
 - Sending barely slows generation: a background thread sends whatever has
   piled up, merged per prompt, at most one POST every ``SEND_INTERVAL_S``,
@@ -23,7 +25,7 @@ produced so far as JSON ``{"token", "chunks": [{"request_id", "index",
   at once (``outcomes``, with the replica's ``served`` facts), so its caller
   need not wait for the slowest batch-mate; the task's result still carries
   every answer, and the service settles each request once, whichever comes
-  first. Requests that joined the running batch (:mod:`functions.admission`)
+  first. Requests that joined the running task (:mod:`functions.joining`)
   are answered this way too.
 """
 
@@ -33,11 +35,14 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from functions.policy import WorkerPolicy
+from tpm_fed.protocol.back_channel import ChannelAddress, ChannelPost, ChannelPostAnswer, EarlyAnswer
+from tpm_fed.protocol.task_reply import Outcome, ServedBy
 
 
 SEND_INTERVAL_S = 0.02
@@ -70,10 +75,10 @@ class BackChannel:
         self.delivered = False
         self.failed: str | None = None
         self.cancelled: set[str] = set()  # requests whose callers left: stop generating for them
-        self.served: dict[str, Any] = {}  # the replica's facts, sent with answers (set by serve_batch)
+        self.served: ServedBy | None = None  # the replica's facts, sent with answers (set by serve_batch)
         self.answers: dict[str, dict[str, Any]] = {}  # every request answered here, by id
         self._pending: list[dict[str, Any]] = []
-        self._outcomes: list[dict[str, Any]] = []
+        self._outcomes: list[EarlyAnswer] = []
         self._begun: set[tuple[str, int]] = set()  # (request, prompt) pairs that sent text already
         self._urgent = False
         self._wake = threading.Condition()
@@ -84,13 +89,13 @@ class BackChannel:
     @classmethod
     def for_task(cls, context: dict[str, Any] | None, policy: WorkerPolicy) -> BackChannel | None:
         """The task's back channel, if it names one this endpoint may send to."""
-        stream = (context or {}).get("stream")
-        if not isinstance(stream, dict) or not isinstance(stream.get("url"), str) \
-                or not isinstance(stream.get("token"), str):
+        try:
+            address = ChannelAddress.model_validate((context or {}).get("stream"))
+        except ValidationError:  # none named (or not one): the final result carries everything
             return None
-        if not policy.may_stream_to(stream["url"]):  # scheme, host and port, as the endpoint lists them
+        if not policy.may_stream_to(address.url):  # scheme, host and port, as the endpoint lists them
             return None
-        return cls(stream["url"], stream["token"])
+        return cls(address.url, address.token)
 
     def send(self, chunks: list[dict[str, Any]]) -> None:
         """Queue chunks (returns at once)."""
@@ -105,8 +110,8 @@ class BackChannel:
                 self._wake.notify()
 
     @property
-    def admit_url(self) -> str:
-        """Where the worker asks for requests that may join its running batch."""
+    def join_url(self) -> str:
+        """Where the worker asks for requests that may join its running task (the route keeps its wire name, ``.../admit``)."""
         return self.url._replace(path=self.url.path.rstrip("/") + "/admit").geturl()
 
     def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
@@ -115,7 +120,7 @@ class BackChannel:
         self.answers[request_id] = timed
         if self.failed is None:
             with self._wake:
-                self._outcomes.append({"request_id": request_id, "outcome": timed})
+                self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
                 self._wake.notify()
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -161,73 +166,14 @@ class BackChannel:
         return kind(self.url.hostname, self.url.port, timeout=10)
 
     def _post(self, connection: http.client.HTTPConnection, chunks: list[dict[str, Any]],
-              outcomes: list[dict[str, Any]]) -> None:
-        message: dict[str, Any] = {"token": self.token, "chunks": chunks}
-        if outcomes:  # chunks first: a request's text reaches its caller before its end does
-            message.update(outcomes=outcomes, served=self.served)
-        body = json.dumps(message).encode()
+              outcomes: list[EarlyAnswer]) -> None:
+        # Chunks first: a request's text reaches its caller before its end does.
+        message = ChannelPost(token=self.token, chunks=chunks, outcomes=outcomes,
+                              served=self.served if outcomes else None)
+        body = json.dumps(message.to_wire()).encode()
         connection.request("POST", self.url.path, body=body, headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
         reply = answer.read()
         if answer.status != 200:
             raise ValueError(f"the service answered {answer.status}")
-        cancelled = json.loads(reply or b"{}").get("cancelled") or []
-        self.cancelled.update(rid for rid in cancelled if isinstance(rid, str))
-
-
-class TextDeltas:
-    """Turns each row's tokens so far into the new text a caller may see now.
-
-    Text is held back where it could still change: at an end of a word piece
-    decoded half (the replacement character), and the last characters that
-    could begin one of the request's stop strings. A row stops streaming at
-    its own end: end-of-sequence, its ``max_new_tokens``, or a stop string.
-
-    Args:
-        rows: Per row of the batch: (request_id, prompt index, max_new_tokens, stop strings),
-            or None for a row that does not stream.
-        decode: Token ids to text (special tokens skipped), as the final result decodes them.
-        eos_token_ids: Ends of sequence.
-    """
-
-    def __init__(self, rows: list[tuple[str, int, int, list[str]] | None], decode: Callable[[list[int]], str],
-                 eos_token_ids: Collection[int]) -> None:
-        self.rows = rows
-        self.decode = decode
-        self.eos = set(eos_token_ids)
-        self.ids: list[list[int]] = [[] for _ in rows]
-        self.sent: list[int] = [0] * len(rows)
-        self.done: list[bool] = [row is None for row in rows]
-
-    def step(self, tokens: list[int]) -> list[dict[str, Any]]:
-        """One new token per row; the chunks that are ready now."""
-        chunks = []
-        for row, token in enumerate(tokens):
-            if self.done[row]:
-                continue
-            request_id, index, max_new_tokens, stop = self.rows[row]  # type: ignore[misc]
-            if token in self.eos:
-                self.done[row] = True
-                continue
-            self.ids[row].append(token)
-            finished = len(self.ids[row]) >= max_new_tokens
-            text = self.decode(self.ids[row])
-            hits = [text.find(s) for s in stop if s in text]
-            if hits:
-                text, finished = text[: min(hits)], True
-            ready = ready_length(text, stop, finished)
-            if ready > self.sent[row]:
-                chunks.append({"request_id": request_id, "index": index, "text": text[self.sent[row]:ready]})
-                self.sent[row] = ready
-            self.done[row] = finished
-        return chunks
-
-
-def ready_length(text: str, stop: list[str], finished: bool) -> int:
-    """How much of a row's text so far a caller may see: all of it once the row ended; before,
-    not a half-decoded character at its end, nor the last characters that could begin a stop string."""
-    if finished:
-        return len(text)
-    length = len(text.rstrip("\ufffd"))
-    hold = max((len(s) - 1 for s in stop), default=0)
-    return max(0, length - hold)
+        self.cancelled.update(ChannelPostAnswer.model_validate_json(reply).cancelled)  # ValidationError: a ValueError

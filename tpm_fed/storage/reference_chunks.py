@@ -9,7 +9,7 @@ from typing import Any
 
 from tpm_fed.protocol.errors import ReferenceCorrupt, ReferenceExpired, ReferenceNotFound
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.protocol.result_stores import key_for, key_name
+from tpm_fed.storage.result_stores import key_for, key_name
 
 
 def put_chunks(connector: Any, blob: bytes | memoryview, *, store: str, retention_s: float) -> TensorsReference:

@@ -20,7 +20,8 @@ from tpm_fed.protocol.adapter_architecture import Architecture
 from tpm_fed.protocol.errors import AdapterMismatch, UnknownAdapter
 from tpm_fed.protocol.names import check_name, path_under
 from tpm_fed.protocol.versions import VERSION_ID_LENGTH
-from tpm_fed.protocol.chunks import sha256, write_atomically
+from tpm_fed.storage.atomic import write_atomically
+from tpm_fed.storage.chunks import sha256
 from tpm_fed.protocol.safetensors_header import SafetensorsFormatError, parse_header
 
 NAME_PATTERN = r"^[A-Za-z0-9][\w.-]{0,63}$"
