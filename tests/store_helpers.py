@@ -1,0 +1,54 @@
+"""A home for the vector-store tests: the demo model (and the federation's encoder, where the embedded
+default has one), the owner's project ``science`` and another project ``others`` with its own member."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
+from tpm_fed.identity import LocalUser
+
+OUTSIDER = "someone-else"
+"""A member of project ``others`` only."""
+
+
+def store_home(root: Path, demo_model_dir: Path, *, grant_su: float = 1000.0) -> TpmHome:
+    home = TpmHome(root)
+    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
+    Federation(
+        name="stores",
+        sites=[SiteConfig(name="local")],
+        models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch",
+                            kinds=["generate", "embed"])],
+        projects=[ProjectConfig(name="science", members=[LocalUser().current()], allocations={"local": grant_su}),
+                  ProjectConfig(name="others", members=[OUTSIDER], allocations={"local": grant_su})],
+    ).dump(home.federation_file)
+    return home
+
+
+def upload(client: Any, name: str, text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return client.files.create(file=(name, io.BytesIO(data)), purpose="assistants").id
+
+
+def wait_until_done(client: Any, store_id: str, timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        store = client.vector_stores.retrieve(store_id)
+        if store.status != "in_progress":
+            return store
+        if time.monotonic() > deadline:
+            raise AssertionError(f"store {store_id} still in progress: {store.file_counts}")
+        time.sleep(0.2)
+
+
+def unit(rows: Any) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
