@@ -6,7 +6,8 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
-BackendChoice = Literal["auto", "torch", "vllm"]
+BackendChoice = Literal["auto", "torch", "vllm", "encoder"]
+"""``encoder``: a sentence-transformers encoder (functions/backends/encoder_backend.py), the one backend of ``encode``."""
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -17,7 +18,8 @@ class ModelSpec(BaseModel):
         name: Model name in the federation.
         version: Version id the caller was promised; the worker checks it.
         path: Directory in Hugging Face layout, as seen from the worker.
-        backend: ``torch``, ``vllm`` or ``auto`` (vLLM where it can, else torch).
+        backend: ``torch``, ``vllm`` or ``auto`` (vLLM where it can, else torch); ``encoder`` for
+            ``encode`` requests (set from the kinds table, not by the operator).
         dtype: Weights are loaded in this dtype.
         tensor_parallel_size: GPUs one vLLM replica spans (1 on CPU).
         source: ``dir``: ``path`` is a Hugging Face directory whose content hash is

@@ -161,7 +161,7 @@ class ChatCompletionBody(_Sampling):
 
 
 class EmbeddingBody(TpmParameters):
-    """``POST /v1/embeddings``: pooled final hidden states of the core."""
+    """``POST /v1/embeddings``: an encoder model's vectors, or pooled final hidden states of a language model."""
 
     model: str = Field(min_length=1)
     input: str | list[str]
