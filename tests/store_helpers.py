@@ -19,7 +19,7 @@ OUTSIDER = "someone-else"
 """A member of project ``others`` only."""
 
 
-def store_home(root: Path, demo_model_dir: Path, *, grant_su: float = 1000.0) -> TpmHome:
+def store_home(root: Path, demo_model_dir: Path, *, grant_su: float = 1000.0, others_su: float = 1000.0) -> TpmHome:
     home = TpmHome(root)
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
     Federation(
@@ -28,7 +28,7 @@ def store_home(root: Path, demo_model_dir: Path, *, grant_su: float = 1000.0) ->
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch",
                             kinds=["generate", "embed"])],
         projects=[ProjectConfig(name="science", members=[LocalUser().current()], allocations={"local": grant_su}),
-                  ProjectConfig(name="others", members=[OUTSIDER], allocations={"local": grant_su})],
+                  ProjectConfig(name="others", members=[OUTSIDER], allocations={"local": others_su})],
     ).dump(home.federation_file)
     return home
 

@@ -141,7 +141,11 @@ class Stores:
 
         for start in range(0, len(texts), TEXTS_PER_REQUEST):
             request = embedding_request(self.runtime, model, texts[start:start + TEXTS_PER_REQUEST], project)
-            quote = self.runtime.quote(request, identity)
+            try:
+                quote = self.runtime.quote(request, identity)
+            except InsufficientBalance as error:
+                raise InsufficientBalance(f"project {project!r} cannot pay for embedding these files ({len(texts)} "
+                                          f"chunks): {error}. Nothing was queued or charged.") from None
             per_site[quote.site] += quote.max_su
         available = {b.site: b.available_usu / MICRO for b in self.runtime.ledger.balances(project)}
         short = {site: need for site, need in per_site.items() if need > available.get(site, 0.0) + 1e-9}
