@@ -1,5 +1,5 @@
-"""A home for the vector-store tests: the demo model (and the federation's encoder, where the embedded
-default has one), the owner's project ``science`` and another project ``others`` with its own member."""
+"""A home for the vector-store tests: the demo model (to answer), the embedded default's encoder (the
+stores' embedding model), the owner's project ``science`` and another project ``others`` with its own member."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+from tpm_fed.federation import Capacity, Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 from tpm_fed.identity import LocalUser
+from tpm_fed.models.encoder import DEFAULT_ENCODER_NAME, default_encoder_dir
 
 OUTSIDER = "someone-else"
 """A member of project ``others`` only."""
@@ -24,9 +25,10 @@ def store_home(root: Path, demo_model_dir: Path, *, grant_su: float = 1000.0, ot
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
     Federation(
         name="stores",
-        sites=[SiteConfig(name="local")],
+        sites=[SiteConfig(name="local", capacity=Capacity(max_replicas=2))],  # the encoder and the answering model
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch",
-                            kinds=["generate", "embed"])],
+                            kinds=["generate", "embed"]),
+                ModelConfig(name=DEFAULT_ENCODER_NAME, path=default_encoder_dir(), kinds=["encode"])],
         projects=[ProjectConfig(name="science", members=[LocalUser().current()], allocations={"local": grant_su}),
                   ProjectConfig(name="others", members=[OUTSIDER], allocations={"local": others_su})],
     ).dump(home.federation_file)

@@ -181,4 +181,6 @@ def _counter(runtime: Any, spec: Any) -> Any:
     if data is None:
         return lambda text: len(text.encode())  # at most a token per byte: never over the context
     tokenizer = Tokenizer.from_str(data.decode())
+    tokenizer.no_padding()  # count the text's own tokens, whatever the folder's file pads or cuts to
+    tokenizer.no_truncation()
     return lambda text: len(tokenizer.encode(text, add_special_tokens=True).ids)

@@ -36,6 +36,9 @@ class TokenCounter:
     """
 
     def __init__(self, tokenizer: Any, context_tokens: int) -> None:
+        # A folder's tokenizer.json may pad (MiniLM's pads to 128) or truncate: counting needs neither.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tokenizer = tokenizer
         self.context_tokens = context_tokens
         # What the encoder adds around any text ([CLS] ... [SEP], or a BOS): counted against its context.
