@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tpm_fed.completion_stream import CompletionStream
     from tpm_fed.admin_client import Admin
     from tpm_fed.batches_client import Batches
+    from tpm_fed.stores_client import VectorStores
 
 DEFAULT_CONNECTIONS = 64
 """Requests one client keeps in flight at once (each holds a pooled connection while it waits)."""
@@ -193,6 +194,21 @@ class Client:
         from tpm_fed.batches_client import Batches
 
         return Batches(self)
+
+    @property
+    def stores(self) -> VectorStores:
+        """Vector stores: make one of your documents, search it, pin a snapshot (:mod:`tpm_fed.stores_client`)."""
+        from tpm_fed.stores_client import VectorStores
+
+        return VectorStores(self)
+
+    def ask(self, question: str, store: str | list[str] | None = None, model: str | None = None,
+            **options: Any) -> dict[str, Any]:
+        """Answer ``question`` with the best chunks of ``store`` in the prompt, cited (see
+        :func:`tpm_fed.stores_client.ask`: ``text``, ``citations``, ``prompt``, ``snapshots``, ``response``)."""
+        from tpm_fed.stores_client import ask
+
+        return ask(self, question, store, model, **options)
 
     @property
     def admin(self) -> Admin:
