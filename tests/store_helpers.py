@@ -4,6 +4,7 @@ stores' embedding model), the owner's project ``science`` and another project ``
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from tpm_fed.federation import Capacity, Federation, ModelConfig, ProjectConfig,
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 from tpm_fed.identity import LocalUser
 from tpm_fed.models.encoder import DEFAULT_ENCODER_NAME, default_encoder_dir
+from tests.conftest import CHAT_TEMPLATE
 
 OUTSIDER = "someone-else"
 """A member of project ``others`` only."""
@@ -23,12 +25,18 @@ OUTSIDER = "someone-else"
 def store_home(root: Path, demo_model_dir: Path, *, grant_su: float = 1000.0, others_su: float = 1000.0) -> TpmHome:
     home = TpmHome(root)
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
+    chat = home.models_dir / "demo-chat"  # the demo model with a chat template, for /v1/chat/completions
+    shutil.copytree(demo_model_dir, chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
     Federation(
         name="stores",
-        sites=[SiteConfig(name="local", capacity=Capacity(max_replicas=2))],  # the encoder and the answering model
+        sites=[SiteConfig(name="local", capacity=Capacity(max_replicas=3))],  # the encoder and two answering models
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch",
                             kinds=["generate", "embed"]),
-                ModelConfig(name=DEFAULT_ENCODER_NAME, path=default_encoder_dir(), kinds=["encode"])],
+                ModelConfig(name=DEFAULT_ENCODER_NAME, path=default_encoder_dir(), kinds=["encode"]),
+                ModelConfig(name="demo-chat", path=Path("models/demo-chat"), backend="torch")],
         projects=[ProjectConfig(name="science", members=[LocalUser().current()], allocations={"local": grant_su}),
                   ProjectConfig(name="others", members=[OUTSIDER], allocations={"local": others_su})],
     ).dump(home.federation_file)

@@ -176,3 +176,35 @@ def _get(service: Service, path: str) -> dict:
     answer = httpx.get(f"{service.url}{path}", headers=service.headers, timeout=60)
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def test_chat_completions_take_file_search_as_a_tpm_extension(client):
+    file_id = upload(client, "beacon.txt", FACT_V1)
+    store = client.vector_stores.create(name="chat-beacons", file_ids=[file_id], chunking_strategy=SMALL_CHUNKS)
+    wait_until_done(client, store.id)
+    messages = [{"role": "user", "content": "At what frequency does the Quorvath beacon hum?"}]
+    answered = client.chat.completions.create(model="demo-chat", messages=messages, max_tokens=6,
+                                              extra_body={"file_search": {"vector_store_ids": [store.id]}})
+    facts = answered.model_extra["tpm"]
+    assert facts["citations"][0]["file_id"] == file_id and facts["citations"][0]["tpm"]["text"] == FACT_V1
+    assert f"<|system|>Answer using the numbered sources" in facts["prompt"] and FACT_V1 in facts["prompt"]
+    assert facts["searches"][0]["snapshot"] == client.vector_stores.retrieve(store.id).model_extra["tpm"]["snapshot"]
+    plain = client.chat.completions.create(model="demo-chat", messages=messages, max_tokens=6)
+    assert "citations" not in plain.model_extra["tpm"]
+
+
+def test_a_streamed_response_gives_openais_events_and_the_same_citations(client):
+    file_id = upload(client, "beacon.txt", FACT_V1)
+    store = client.vector_stores.create(name="streamed", file_ids=[file_id], chunking_strategy=SMALL_CHUNKS)
+    wait_until_done(client, store.id)
+    events = list(client.responses.create(model=DEMO_MODEL_NAME, input="What hums at Tessaly?", max_output_tokens=6,
+                                          tools=[{"type": "file_search", "vector_store_ids": [store.id]}],
+                                          stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.file_search_call.completed" in kinds and "response.output_text.annotation.added" in kinds
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    final = events[-1].response
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert final.output[1].content[0].text == text
+    assert final.output[1].content[0].annotations[0].file_id == file_id

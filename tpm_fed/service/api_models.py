@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpm_fed.protocol.requests import GenerationRequest, NewTokens, Seed, Temperature, TopP
+from tpm_fed.stores.protocol import ChatFileSearch
 
 
 class _Body(BaseModel):
@@ -155,6 +156,8 @@ class ChatCompletionBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NewTokens | None = Field(default=None, gt=0)
     max_completion_tokens: NewTokens | None = Field(default=None, gt=0)
+    file_search: ChatFileSearch | None = None
+    """tpm-fed's: answer with the best hits of these vector stores (:mod:`tpm_fed.service.chat_knowledge`)."""
 
     def max_new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256

@@ -8,7 +8,8 @@ is OpenAI's: a ``file_search_call`` item (its ``results`` when ``include`` asks 
 ``file_search_call.results``) and an assistant ``message`` whose ``output_text`` cites every source it was
 given (``file_citation`` annotations: file id, filename; the chunk and snapshot in their ``tpm`` object).
 The response's ``tpm`` object names the snapshots searched, the embedding and answering models' versions,
-the exact prompt, and the charges.
+the exact prompt, and the charges. With ``stream: true`` the same answer comes as OpenAI's event stream
+(:func:`stream_events`; the text in one delta, since the answer is made whole first).
 """
 
 from __future__ import annotations
@@ -111,8 +112,6 @@ class ServingResponses:
     async def create(self, body: ResponseBody, identity: str, operator: bool = False) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
 
-        if body.stream:
-            raise InvalidRequest("stream: this service answers /v1/responses whole (stream: false)")
         question = body.question()
         searched, calls = await run_in_threadpool(self._search, body, question, identity, operator)
         resolved = self.runtime.catalog.resolve_name(body.model)
@@ -138,7 +137,7 @@ class ServingResponses:
                            "type": "output_text", "text": text,
                            "annotations": [citation(source, len(text)) for source in prompt.sources]}]})
         usage = result.usage
-        return {
+        response = {
             "id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
             "model": body.model, "output": output, "instructions": body.instructions,
             "parallel_tool_calls": bool(body.parallel_tool_calls), "tool_choice": body.tool_choice,
@@ -152,6 +151,7 @@ class ServingResponses:
                     "sources_left_out": [{"file_id": s.hit.chunk.file_id, "chunk": s.hit.chunk.index,
                                           "snapshot": s.snapshot} for s in prompt.left_out]},
         }
+        return response
 
     def _search(self, body: ResponseBody, question: str, identity: str,
                 operator: bool) -> tuple[list[tuple[Any, str]], list[dict[str, Any]]]:
@@ -184,3 +184,39 @@ def _counter(runtime: Any, spec: Any) -> Any:
     tokenizer.no_padding()  # count the text's own tokens, whatever the folder's file pads or cuts to
     tokenizer.no_truncation()
     return lambda text: len(tokenizer.encode(text, add_special_tokens=True).ids)
+
+
+def stream_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """A finished response as the Responses API's event stream (``stream: true``): created, each output item
+    added and done (the search's own events between), the answer's text and its citations, completed.
+
+    The answer is generated whole before the stream starts, so its text comes in one
+    ``response.output_text.delta``; the events are OpenAI's, so streaming clients work unchanged.
+    """
+    events: list[dict[str, Any]] = []
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    events += [{"type": "response.created", "response": started},
+               {"type": "response.in_progress", "response": started}]
+    for index, item in enumerate(response["output"]):
+        if item["type"] == "file_search_call":
+            events.append({"type": "response.output_item.added", "output_index": index,
+                           "item": {**item, "status": "in_progress", "results": None}})
+            events += [{"type": f"response.file_search_call.{state}", "output_index": index, "item_id": item["id"]}
+                       for state in ("in_progress", "searching", "completed")]
+        else:
+            part = item["content"][0]
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            events += [
+                {"type": "response.output_item.added", "output_index": index,
+                 "item": {**item, "status": "in_progress", "content": []}},
+                {"type": "response.content_part.added", **where,
+                 "part": {"type": "output_text", "text": "", "annotations": []}},
+                {"type": "response.output_text.delta", **where, "delta": part["text"], "logprobs": []},
+                *({"type": "response.output_text.annotation.added", **where, "annotation_index": number,
+                   "annotation": annotation} for number, annotation in enumerate(part["annotations"])),
+                {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []},
+                {"type": "response.content_part.done", **where, "part": part},
+            ]
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    events.append({"type": "response.completed", "response": response})
+    return [{**event, "sequence_number": number} for number, event in enumerate(events)]

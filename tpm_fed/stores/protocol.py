@@ -211,5 +211,14 @@ class SearchBody(_Strict):
         return self.query if isinstance(self.query, str) else "\n".join(self.query)
 
 
+class ChatFileSearch(_Strict):
+    """tpm-fed's ``file_search`` field on ``/v1/chat/completions``: the Responses API's tool, on the chat route."""
+
+    vector_store_ids: list[str] = Field(min_length=1, max_length=8)
+    max_num_results: int = Field(default=5, ge=1, le=MAX_RESULTS)
+    filters: Filter | None = None
+    ranking_options: RankingOptions | None = None
+
+
 FileStatus = Literal["in_progress", "completed", "cancelled", "failed"]
 StoreStatus = Literal["expired", "in_progress", "completed"]
