@@ -9,6 +9,7 @@ normalises already is unchanged by it), so an inner product is a cosine.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -65,19 +66,29 @@ class Embedder:
             self._counter = TokenCounter(Tokenizer.from_str(data.decode()), _context_tokens(catalog, spec))
         return self._counter
 
-    def embed(self, texts: list[str], identity: str, project: str, *, background: bool = False) -> Embedded:
-        """Embed ``texts`` (all or nothing: any failure raises, and what ran is charged by the ledger as usual).
+    def embed(self, texts: list[str], identity: str, project: str, *, background: bool = False,
+              charged: Callable[[list[str]], None] = lambda ids: None) -> Embedded:
+        """Embed ``texts``: all or nothing. ``charged(request_ids)`` is told of every request that ran (and so
+        was charged by the ledger) before this returns or raises, so a store records even a failed file's
+        charges as its own.
 
         Raises:
             TpmError: Whatever the runtime refuses (placement, balance, context) or the worker raises.
         """
         futures: list[Future] = []
-        with self.runtime.burst():
-            for start in range(0, len(texts), TEXTS_PER_REQUEST):
-                request = embedding_request(self.runtime, self.model, texts[start:start + TEXTS_PER_REQUEST],
-                                            project)
-                futures.append(self.runtime.submit(request, identity, background=background))
-        results = [future.result() for future in futures]
+        try:
+            with self.runtime.burst():
+                for start in range(0, len(texts), TEXTS_PER_REQUEST):
+                    request = embedding_request(self.runtime, self.model, texts[start:start + TEXTS_PER_REQUEST],
+                                                project)
+                    futures.append(self.runtime.submit(request, identity, background=background))
+        finally:
+            outcomes = [(future.result() if future.exception() is None else future.exception()) for future in futures]
+            charged([outcome.request_id for outcome in outcomes if not isinstance(outcome, BaseException)])
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failures:
+            raise failures[0]
+        results = outcomes
         rows = [np.asarray(vector, dtype=np.float32).reshape(-1) for result in results for vector in _rows(result)]
         vectors = np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)

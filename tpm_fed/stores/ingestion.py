@@ -144,8 +144,8 @@ class Ingestion:
         counter = embedder.counter()
         size, overlap = sizes_for(ChunkingStrategy.model_validate_json(entry.chunking_json), counter)
         chunks = chunk_text(text, counter, size, overlap)
-        embedded = embedder.embed([chunk.text for chunk in chunks], entry.added_by, entry.project, background=True)
-        self.registry.record_charges(store_id, "ingest", embedded.request_ids)
+        embedded = embedder.embed([chunk.text for chunk in chunks], entry.added_by, entry.project, background=True,
+                                  charged=lambda ids: self.registry.record_charges(store_id, "ingest", ids))
         if embedded.version != version:
             raise TpmError(f"the embedding model changed version while {entry.filename!r} was embedded; retry")
         records = [ChunkRecord(entry.file_id, entry.filename, chunk.index, chunk.text, chunk.start, chunk.end)

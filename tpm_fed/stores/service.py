@@ -236,8 +236,8 @@ class Stores:
         embedder = self.embedder(f"{snapshot.model}@{snapshot.model_version}")
         embedder.counter().check_query(query)
         payer = self.runtime.project_for(caller.identity, project)
-        embedded = embedder.embed([query], caller.identity, payer)
-        self.registry.record_charges(store_id, "query", embedded.request_ids)
+        embedded = embedder.embed([query], caller.identity, payer,
+                                  charged=lambda ids: self.registry.record_charges(store_id, "query", ids))
         hits = search_snapshot(snapshot, embedded.vectors[0], query, limit, condition, ranking)
         search_id = self._charge_search(store_id, snapshot, caller.identity, payer, embedded.site)
         self.registry.touch(store_id)
