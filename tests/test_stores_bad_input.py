@@ -159,3 +159,22 @@ def _get(service: Service, path: str) -> dict:
     answer = httpx.get(f"{service.url}{path}", headers=service.headers, timeout=60)
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def test_an_expired_store_says_so_and_is_not_searched(client, runtime):
+    from sqlalchemy import update
+
+    from tpm_fed.stores.tables import vector_stores_table as stores
+
+    file_id = upload(client, "cells.txt", GOOD)
+    made = client.vector_stores.create(name="short-lived", file_ids=[file_id],
+                                       expires_after={"anchor": "last_active_at", "days": 1})
+    done = wait_until_done(client, made.id)
+    assert done.expires_at == done.last_active_at + 86400 and done.expires_after.days == 1
+    with runtime.ledger.engine.begin() as db:  # two days unused
+        db.execute(update(stores).where(stores.c.store_id == made.id).values(last_active_at=done.last_active_at - 2 * 86400))
+    assert client.vector_stores.retrieve(made.id).status == "expired"
+    rows = charged_rows(runtime)
+    with pytest.raises(openai.BadRequestError, match="expired"):
+        client.vector_stores.search(made.id, query="genome")
+    assert charged_rows(runtime) == rows
