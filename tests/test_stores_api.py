@@ -178,6 +178,21 @@ def _get(service: Service, path: str) -> dict:
     return answer.json()
 
 
+def test_hybrid_ranking_options_fuse_bm25_with_the_dense_ranking(client, papers_store, store_service):
+    store_id, _ = papers_store
+    query = {"query": "hydrogen helium", "max_num_results": 3}
+    dense = _post(store_service, f"/v1/vector_stores/{store_id}/search", query)["data"]
+    dense_only = _post(store_service, f"/v1/vector_stores/{store_id}/search",
+                       {**query, "ranking_options": {"hybrid_search": {"embedding_weight": 1, "text_weight": 0}}})["data"]
+    assert [hit["content"] for hit in dense_only] == [hit["content"] for hit in dense]
+    text_only = _post(store_service, f"/v1/vector_stores/{store_id}/search",
+                      {**query, "ranking_options": {"hybrid_search": {"embedding_weight": 0, "text_weight": 1}}})["data"]
+    assert "hydrogen into helium" in text_only[0]["content"][0]["text"] and text_only[0]["score"] == pytest.approx(1.0)
+    both_zero = httpx.post(f"{store_service.url}/v1/vector_stores/{store_id}/search", headers=store_service.headers,
+                           json={**query, "ranking_options": {"hybrid_search": {"embedding_weight": 0, "text_weight": 0}}})
+    assert both_zero.status_code == 400
+
+
 def test_chat_completions_take_file_search_as_a_tpm_extension(client):
     file_id = upload(client, "beacon.txt", FACT_V1)
     store = client.vector_stores.create(name="chat-beacons", file_ids=[file_id], chunking_strategy=SMALL_CHUNKS)

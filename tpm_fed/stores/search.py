@@ -1,8 +1,8 @@
 """One search of one snapshot: the query's unit vector against the chunks', filtered, ranked, cut.
 
-Scores are cosine similarities (the vectors are unit length), as OpenAI's ``score`` in 0..1 for the texts
-that matter; ``ranking_options.score_threshold`` drops hits below it. With ``ranking_options.hybrid_search``
-the dense ranking is fused with a BM25 ranking of the same chunks (:mod:`tpm_fed.stores.hybrid`).
+Scores are cosine similarities (the vectors are unit length); with ``ranking_options.hybrid_search`` they
+are the fused scores of :mod:`tpm_fed.stores.hybrid` (in (0, 1]); ``ranking_options.score_threshold``
+drops hits below it.
 """
 
 from __future__ import annotations
@@ -26,27 +26,34 @@ def search_snapshot(snapshot: Snapshot, query_vector: np.ndarray, query_text: st
                     condition: Filter | None = None, ranking: RankingOptions | None = None) -> list[Hit]:
     """The best ``limit`` chunks of ``snapshot`` for the query, best first.
 
+    Without a filter the snapshot's own index answers (exact, or HNSW for a large snapshot), fused with BM25
+    by :func:`~tpm_fed.stores.hybrid.hybrid_search` when ``hybrid_search`` weights are given. With a filter,
+    every chunk that passes it is scored exactly (an approximate index's top k could hold none of them).
+
     Raises:
-        InvalidRequest: A filter on an attribute no file of the snapshot has.
+        InvalidRequest: A filter on an attribute no file of the snapshot has; both hybrid weights 0.
     """
+    from tpm_fed.stores.hybrid import fuse_scores, hybrid_search
+
     check_keys(condition, snapshot.attribute_keys())
     if not snapshot.chunks:
         return []
-    allowed = np.array([matches(condition, chunk.attributes) for chunk in snapshot.chunks]) \
-        if condition is not None else None
-    scores = dense_scores(snapshot, query_vector)
-    if ranking is not None and ranking.hybrid_search is not None:
-        from tpm_fed.stores.hybrid import fuse_scores  # type: ignore[attr-defined]
-
-        scores = fuse_scores(scores, [chunk.text for chunk in snapshot.chunks], query_text, ranking)
-    if allowed is not None:
+    query_vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+    hybrid = ranking.hybrid_search if ranking is not None else None
+    if condition is None:
+        if hybrid is not None:
+            found = hybrid_search(snapshot.index, snapshot.lexical, query_vector, query_text, limit,
+                                  hybrid.embedding_weight, hybrid.text_weight)
+        else:
+            found = snapshot.index.search(query_vector, limit)
+        pairs = [(int(i), float(score)) for i, score in zip(found.ids[0], found.scores[0]) if i >= 0]
+    else:
+        allowed = np.array([matches(condition, chunk.attributes) for chunk in snapshot.chunks])
+        scores = snapshot.vectors @ query_vector
+        if hybrid is not None:
+            scores = fuse_scores(scores, [c.text for c in snapshot.chunks], query_text, ranking, snapshot.lexical)
         scores = np.where(allowed, scores, -np.inf)
-    order = np.argsort(-scores, kind="stable")[:limit]
+        order = np.argsort(-scores, kind="stable")[:limit]
+        pairs = [(int(i), float(scores[i])) for i in order if np.isfinite(scores[i])]
     threshold = ranking.score_threshold if ranking is not None else 0.0
-    return [Hit(snapshot.chunks[i], float(scores[i])) for i in order
-            if np.isfinite(scores[i]) and (threshold <= 0 or scores[i] >= threshold)]
-
-
-def dense_scores(snapshot: Snapshot, query_vector: np.ndarray) -> np.ndarray:
-    """Every chunk's cosine with the query (exact)."""
-    return snapshot.vectors @ np.asarray(query_vector, dtype=np.float32).reshape(-1)
+    return [Hit(snapshot.chunks[i], score) for i, score in pairs if threshold <= 0 or score >= threshold]

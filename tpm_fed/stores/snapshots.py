@@ -12,7 +12,11 @@ Layout under the home (folders 0700, files 0600)::
 
     stores/<store>/files/<key>/{chunks.json,vectors.npy}     one file's chunks and vectors (reused by later
                                                               snapshots: only new files are embedded)
-    stores/<store>/snapshots/<snapshot>/{manifest.json,chunks.json,vectors.npy,index/}
+    stores/<store>/snapshots/<snapshot>/{manifest.json,chunks.json,vectors.npy,index/,lexical/}
+
+The dense index (exact, or HNSW from :data:`~tpm_fed.stores.index.APPROXIMATE_FROM` chunks) and the BM25
+index of :mod:`tpm_fed.stores.index` and :mod:`tpm_fed.stores.lexical` are built once, with the snapshot,
+and loaded with it; the index's parameters are part of the content id.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import numpy as np
 
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted
 
-INDEX_PARAMS: dict[str, Any] = {"kind": "exact", "metric": "inner_product_of_unit_vectors"}
-"""How a snapshot is indexed: part of its content id, so a new index kind makes new snapshots."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class FileArtifact:
 
 @dataclass
 class Snapshot:
-    """A loaded snapshot: its chunks, their vectors, and what made them."""
+    """A loaded snapshot: its chunks, their vectors, its indexes, and what made them."""
 
     store_id: str
     snapshot_id: str
@@ -71,6 +73,10 @@ class Snapshot:
     chunks: list[ChunkRecord]
     vectors: np.ndarray
     index_params: dict[str, Any]
+    index: Any = None
+    """The dense index (:class:`~tpm_fed.stores.index.VectorIndex`), chunk positions as ids."""
+    lexical: Any = None
+    """The BM25 index (:class:`~tpm_fed.stores.lexical.LexicalIndex`) of the chunks' texts."""
 
     def attribute_keys(self) -> set[str]:
         return {key for chunk in self.chunks for key in chunk.attributes}
@@ -114,18 +120,31 @@ class SnapshotFiles:
 
     def build(self, store_id: str, model: str, model_version: str, artifacts: list[FileArtifact]) -> Snapshot:
         """Write the snapshot of these files' chunks (or find it written already: the same content)."""
+        from tpm_fed.stores.index import build_index
+        from tpm_fed.stores.lexical import LexicalIndex
+
         chunks = [chunk for artifact in artifacts for chunk in artifact.chunks]
         dims = next((a.vectors.shape[1] for a in artifacts if a.vectors.size), 0)
         vectors = (np.concatenate([a.vectors for a in artifacts if a.vectors.size])
                    if chunks else np.zeros((0, dims), dtype=np.float32)).astype(np.float32)
-        snapshot_id = content_id(model, model_version, INDEX_PARAMS, chunks, vectors)
-        snapshot = Snapshot(store_id, snapshot_id, model, model_version, chunks, vectors, dict(INDEX_PARAMS))
+        index = build_index(np.arange(len(chunks)), vectors) if chunks else None
+        lexical = LexicalIndex.build([chunk.text for chunk in chunks]) if chunks else None
+        params = dict(index.params) if index is not None else {"kind": "empty"}
+        snapshot_id = content_id(model, model_version, params, chunks, vectors)
+        snapshot = Snapshot(store_id, snapshot_id, model, model_version, chunks, vectors, params, index, lexical)
         folder = self.snapshot_dir(store_id, snapshot_id)
         if not (folder / "manifest.json").is_file():
             manifest = {"store_id": store_id, "snapshot_id": snapshot_id, "model": model,
-                        "model_version": model_version, "index": INDEX_PARAMS, "chunks": len(chunks)}
+                        "model_version": model_version, "index": params, "chunks": len(chunks)}
+
+            def indexes(staging: Path) -> None:
+                if index is not None:
+                    index.save(staging / "index")
+                    lexical.save(staging / "lexical")
+
             self._write_folder(folder, {"manifest.json": json.dumps(manifest).encode(),
-                                        "chunks.json": json.dumps([c.wire() for c in chunks]).encode()}, vectors)
+                                        "chunks.json": json.dumps([c.wire() for c in chunks]).encode()}, vectors,
+                               indexes)
         return snapshot
 
     def load(self, store_id: str, snapshot_id: str) -> Snapshot:
@@ -147,6 +166,12 @@ class SnapshotFiles:
         chunks = [ChunkRecord(**row) for row in json.loads((folder / "chunks.json").read_text())]
         snapshot = Snapshot(store_id, snapshot_id, manifest["model"], manifest["model_version"], chunks,
                             np.load(folder / "vectors.npy", allow_pickle=False), manifest["index"])
+        if chunks:
+            from tpm_fed.stores.index import load_index
+            from tpm_fed.stores.lexical import LexicalIndex
+
+            snapshot.index = load_index(folder / "index")
+            snapshot.lexical = LexicalIndex.load(folder / "lexical")
         with self._lock:
             self._cache[key] = snapshot
             while len(self._cache) > 8:
@@ -161,7 +186,7 @@ class SnapshotFiles:
         target = self.root / store_id if snapshot_id is None else self.snapshot_dir(store_id, snapshot_id)
         shutil.rmtree(target, ignore_errors=True)
 
-    def _write_folder(self, folder: Path, files: dict[str, bytes], vectors: np.ndarray) -> None:
+    def _write_folder(self, folder: Path, files: dict[str, bytes], vectors: np.ndarray, more: Any = None) -> None:
         """Write ``folder`` whole or not at all: into a private staging folder, then renamed into place."""
         folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         for parent in (self.root, *folder.parents):
@@ -171,11 +196,17 @@ class SnapshotFiles:
         staging = folder.with_name(f".{folder.name}.{os.getpid()}.{threading.get_ident()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(mode=0o700)
-        for name, data in files.items():
-            _write_private(staging / name, data)
-        descriptor = os.open(staging / "vectors.npy", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+        try:
+            for name, data in files.items():
+                _write_private(staging / name, data)
+            descriptor = os.open(staging / "vectors.npy", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+            if more is not None:
+                more(staging)
+        except BaseException:  # nothing half-written stays behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         try:
             os.rename(staging, folder)
         except OSError:  # written meanwhile by another build of the same content: theirs is the same

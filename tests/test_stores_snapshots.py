@@ -1,0 +1,99 @@
+"""Chunking and snapshots without a service: chunks as OpenAI's (token windows with overlap, cut back to the
+text), content ids that change exactly when the content does, private files, and no half-written snapshot."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.stores.chunking import TokenCounter, chunk_text, sizes_for
+from tpm_fed.stores.protocol import ChunkingStrategy
+from tpm_fed.stores.snapshots import ChunkRecord, FileArtifact, SnapshotFiles
+
+TEXT = " ".join(f"Sentence {i} tells how river {i % 7} carries silt to delta {i % 5}." for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def counter():
+    from tokenizers import Tokenizer
+
+    from tpm_fed.models.encoder import default_encoder_dir
+
+    return TokenCounter(Tokenizer.from_file(str(default_encoder_dir() / "tokenizer.json")), 256)
+
+
+def test_chunks_are_token_windows_with_their_overlap_cut_back_to_the_text(counter):
+    chunks = chunk_text(TEXT, counter, 100, 40)
+    assert len(chunks) > 5
+    for chunk in chunks:
+        assert chunk.text == TEXT[chunk.start:chunk.end] and counter.count(chunk.text) == chunk.tokens <= 100
+    for before, after in zip(chunks, chunks[1:]):
+        assert after.start < before.end  # they overlap
+        overlap = TEXT[after.start:before.end]
+        assert 35 <= counter.count(overlap) <= 45  # by about the overlap asked (a slice re-tokenized may differ by one)
+    assert chunks[0].start == 0 and chunks[-1].end == len(TEXT.rstrip())
+
+
+def test_auto_chunking_is_capped_at_the_encoders_context_and_static_over_it_is_refused(counter):
+    assert counter.text_tokens == 254  # MiniLM: 256 positions, [CLS] and [SEP]
+    assert sizes_for(ChunkingStrategy(), counter) == (254, 127)
+    too_big = ChunkingStrategy(type="static", static={"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400})
+    with pytest.raises(InvalidRequest, match="over the store's embedding model's context"):
+        sizes_for(too_big, counter)
+    with pytest.raises(ValueError, match="half"):
+        ChunkingStrategy(type="static", static={"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 101})
+
+
+def artifact(texts: list[str], attributes: dict | None = None, seed: int = 0) -> FileArtifact:
+    vectors = np.random.default_rng(seed).standard_normal((len(texts), 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return FileArtifact([ChunkRecord("file-a", "a.txt", i, text, 0, len(text), attributes or {})
+                         for i, text in enumerate(texts)], vectors)
+
+
+def test_a_snapshots_id_changes_exactly_when_its_content_does(tmp_path):
+    files = SnapshotFiles(tmp_path / "stores")
+    first = files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta"])])
+    assert files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta"])]).snapshot_id == first.snapshot_id
+    changed = [files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta!"])]),
+               files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta"], {"year": 2024})]),
+               files.build("vs_1", "enc", "v2", [artifact(["alpha", "beta"])]),
+               files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta"], seed=1)])]
+    assert len({first.snapshot_id, *(s.snapshot_id for s in changed)}) == 5
+    loaded = files.load("vs_1", first.snapshot_id)
+    assert [c.text for c in loaded.chunks] == ["alpha", "beta"] and np.array_equal(loaded.vectors, first.vectors)
+
+
+def test_a_snapshots_files_are_private_whatever_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        files = SnapshotFiles(tmp_path / "stores")
+        built = files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta"])])
+        files.write_artifact("vs_1", "key", artifact(["gamma"]))
+    finally:
+        os.umask(previous)
+    paths = [tmp_path / "stores", *(tmp_path / "stores").rglob("*")]
+    assert len(paths) > 6 and built.snapshot_id
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+
+
+def test_a_snapshot_that_fails_to_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    import tpm_fed.stores.lexical as lexical
+
+    files = SnapshotFiles(tmp_path / "stores")
+    files.build("vs_1", "enc", "v1", [artifact(["alpha"])])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def broken_save(self, folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lexical.LexicalIndex, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta"])])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
