@@ -66,7 +66,7 @@ def test_the_hnsw_index_finds_at_least_95_percent_of_the_exact_top_10():
     drawn = unit_vectors(20_100)  # queries on the corpus's own topics, as a store's queries are
     vectors, queries = drawn[:20_000], drawn[20_000:]
     ids = np.arange(20_000, dtype=np.int64)
-    index = HnswIndex(64, capacity=1000)  # grows as vectors arrive
+    index = HnswIndex(64)
     for start in range(0, 20_000, 5000):
         index.add(ids[start:start + 5000], vectors[start:start + 5000])
     hits = index.search(queries, 10)

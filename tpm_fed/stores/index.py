@@ -4,8 +4,10 @@ Vectors are unit length (the encoder normalizes), so the inner product is the
 cosine. Two implementations:
 
 - :class:`ExactIndex`: numpy, every vector scored; the oracle, and the choice for small stores.
-- :class:`HnswIndex`: an HNSW graph from hnswlib, chosen by measurement among faiss-cpu, hnswlib
-  and usearch (``scripts/bench_stores.py --compare``; figures in docs/stores.md, "Measured").
+- :class:`HnswIndex`: an HNSW graph from faiss-cpu, chosen by measurement among faiss-cpu, hnswlib
+  and usearch at the same graph parameters (``scripts/bench_stores.py --compare``; figures in
+  docs/stores.md, "Measured"): the best recall-latency pair of the three, and the most actively kept
+  (hnswlib's last release is from 2023).
 
 :func:`build_index` picks by size (:data:`APPROXIMATE_FROM`). An index is saved
 to a folder of its own (0700, files 0600), written beside the target and
@@ -143,71 +145,69 @@ class ExactIndex:
 
 
 class HnswIndex:
-    """An HNSW graph (hnswlib) over inner products: approximate, logarithmic search.
+    """An HNSW graph over inner products (faiss-cpu's ``IndexHNSWFlat`` under an id map): approximate,
+    logarithmic search.
 
     Args:
         dimensions: Vector length.
-        capacity: Vectors it may hold before it grows (it grows by doubling as vectors are added).
         m, ef_construction, ef_search: The graph's parameters (recall against speed).
-        threads: Threads for adding (searching one query uses one).
     """
 
-    def __init__(self, dimensions: int, capacity: int = 1024, *, m: int = HNSW_M,
-                 ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH,
-                 threads: int = 0) -> None:
-        import hnswlib
+    def __init__(self, dimensions: int, *, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+                 ef_search: int = HNSW_EF_SEARCH) -> None:
+        import faiss
 
         self.dimensions = dimensions
-        self.params: dict[str, Any] = {"kind": "hnsw", "library": "hnswlib", "metric": "inner_product",
+        self.params: dict[str, Any] = {"kind": "hnsw", "library": "faiss", "metric": "inner_product",
                                        "dimensions": dimensions, "m": m, "ef_construction": ef_construction,
                                        "ef_search": ef_search}
-        self._threads = threads or (os.cpu_count() or 1)
-        self._index = hnswlib.Index(space="ip", dim=dimensions)
-        self._index.init_index(max_elements=max(capacity, 1), ef_construction=ef_construction, M=m,
-                               allow_replace_deleted=False)
-        self._index.set_ef(ef_search)
+        graph = faiss.IndexHNSWFlat(dimensions, m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = ef_construction
+        graph.hnsw.efSearch = ef_search
+        self._index = faiss.IndexIDMap2(graph)
+        self._graph = graph  # the id map does not own it: keep it alive as long as the map
 
     def __len__(self) -> int:
-        return int(self._index.get_current_count())
+        return int(self._index.ntotal)
+
+    def _ids(self) -> np.ndarray:
+        import faiss
+
+        return faiss.vector_to_array(self._index.id_map)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids, vectors = _checked(ids, vectors, self.dimensions)
-        if np.unique(ids).size != ids.size or (len(self) and np.isin(ids, self._index.get_ids_list()).any()):
+        if np.unique(ids).size != ids.size or (len(self) and np.isin(ids, self._ids()).any()):
             raise ValueError("ids must be unique")
-        needed = len(self) + ids.size
-        if needed > self._index.get_max_elements():
-            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
-        self._index.add_items(vectors, ids, num_threads=self._threads)
+        self._index.add_with_ids(vectors, ids)
 
     def search(self, queries: np.ndarray, k: int) -> Hits:
+        import faiss
+
         queries = _queries(queries, self.dimensions)
-        ids = np.full((queries.shape[0], k), -1, dtype=np.int64)
-        scores = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
-        found = min(k, len(self))
-        if found == 0:
-            return Hits(ids, scores)
-        # ef below k would return fewer than k; the graph searches at least k candidates.
-        self._index.set_ef(max(self.params["ef_search"], found))
-        labels, distances = self._index.knn_query(queries, k=found, num_threads=1)
-        ids[:, :found] = labels.astype(np.int64)
-        scores[:, :found] = 1.0 - distances  # hnswlib's "ip" distance is 1 - inner product
-        return Hits(ids, scores)
+        if len(self) == 0:
+            return Hits(np.full((queries.shape[0], k), -1, dtype=np.int64),
+                        np.full((queries.shape[0], k), -np.inf, dtype=np.float32))
+        # efSearch below k would find fewer than k: the graph searches at least k candidates.
+        params = faiss.SearchParametersHNSW(efSearch=max(int(self.params["ef_search"]), k))
+        scores, ids = self._index.search(queries, k, params=params)
+        return Hits(ids.astype(np.int64), np.where(ids >= 0, scores, -np.inf).astype(np.float32))
 
     def save(self, folder: Path) -> None:
-        _write_folder(folder, self.params, lambda tmp: self._index.save_index(str(tmp / "graph.bin")))
+        import faiss
+
+        _write_folder(folder, self.params, lambda tmp: faiss.write_index(self._index, str(tmp / "graph.faiss")))
 
     @classmethod
     def load(cls, folder: Path) -> Self:
-        import hnswlib
+        import faiss
 
         params = _read_params(folder, "hnsw")
         index = cls.__new__(cls)
         index.dimensions = int(params["dimensions"])
         index.params = params
-        index._threads = os.cpu_count() or 1
-        index._index = hnswlib.Index(space="ip", dim=index.dimensions)
-        index._index.load_index(str(folder / "graph.bin"))
-        index._index.set_ef(int(params["ef_search"]))
+        index._index = faiss.read_index(str(folder / "graph.faiss"))
+        index._graph = faiss.downcast_index(index._index.index)
         return index
 
 
@@ -220,7 +220,7 @@ def build_index(ids: np.ndarray, vectors: np.ndarray, *, approximate: bool | Non
     dimensions = int(vectors.shape[1])
     if approximate is None:
         approximate = vectors.shape[0] >= APPROXIMATE_FROM
-    index: VectorIndex = HnswIndex(dimensions, capacity=vectors.shape[0]) if approximate else ExactIndex(dimensions)
+    index: VectorIndex = HnswIndex(dimensions) if approximate else ExactIndex(dimensions)
     index.add(ids, vectors)
     return index
 
