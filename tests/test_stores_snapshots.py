@@ -97,3 +97,32 @@ def test_a_snapshot_that_fails_to_write_leaves_nothing_behind(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         files.build("vs_1", "enc", "v1", [artifact(["alpha", "beta"])])
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def one_page_pdf(text: str) -> bytes:
+    """A minimal valid PDF of one page showing ``text`` (Helvetica), with a correct cross-reference table."""
+    stream = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET".encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+def test_documents_give_their_text_by_kind():
+    from tpm_fed.stores.documents import InvalidFile, UnsupportedFile, text_of
+
+    assert text_of(one_page_pdf("Run 7 measured 7341 hertz."), "run.pdf") == "Run 7 measured 7341 hertz."
+    assert text_of(b'{"text": "one"}\n\n{"other": 2}\n', "lines.jsonl") == 'one\n\n{"other": 2}'
+    assert text_of("# Título\n\nçà".encode(), "notes.MD") == "# Título\n\nçà"
+    with pytest.raises(InvalidFile, match="no text"):
+        text_of(one_page_pdf(""), "blank.pdf")
+    with pytest.raises(UnsupportedFile, match="not .html"):
+        text_of(b"<p>hi</p>", "page.html")

@@ -35,10 +35,12 @@ class Ingestion:
         files: The stores' files on disk.
         read_upload: ``(file_id, identity) -> bytes`` of an uploaded file (``/v1/files``), as that identity.
         embedder_for: ``model -> Embedder``.
+        running: Whether the runtime still runs (the thread ends when it does not).
     """
 
     def __init__(self, registry: StoreRegistry, files: SnapshotFiles, read_upload: Callable[[str, str], bytes],
-                 embedder_for: Callable[[str], Embedder]) -> None:
+                 embedder_for: Callable[[str], Embedder], running: Callable[[], bool] = lambda: True) -> None:
+        self.running = running
         self.registry = registry
         self.files = files
         self.read_upload = read_upload
@@ -70,7 +72,7 @@ class Ingestion:
             return self._locks.setdefault(store_id, threading.Lock())
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.running():  # ends with the runtime it embeds through
             self._wake.wait(timeout=5.0)
             self._wake.clear()
             for store_id in self.registry.stores_with_work():

@@ -54,7 +54,10 @@ class Stores:
         self.files = SnapshotFiles(root)
         self._embedders: dict[str, Embedder] = {}
         self._lock = threading.Lock()
-        self.ingestion = Ingestion(self.registry, self.files, read_upload, self.embedder).start()
+        # The runtime has no hook for what closes with it: the thread looks (files it leaves queued resume
+        # with the next service, as a stopped batch's lines do).
+        self.ingestion = Ingestion(self.registry, self.files, read_upload, self.embedder,
+                                   running=lambda: not getattr(runtime, "_closed", False)).start()
 
     def close(self) -> None:
         self.ingestion.stop()
