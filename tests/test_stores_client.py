@@ -113,3 +113,21 @@ def test_gc_collects_old_snapshots_and_a_collected_pin_is_refused(client, files)
         client.stores.search(old, "beacon")
     assert client.stores.search("to-collect", "beacon")["data"]  # the current snapshot is kept
     assert client.stores.get(store["id"])["status"] == "completed"
+
+
+def test_files_queued_when_a_service_stops_are_ingested_by_the_next(tmp_path, demo_model_dir, monkeypatch, files):
+    """Nothing is lost across a restart: a file attached but not yet ingested is ingested by the next service
+    on the same home (the first one's ingestion thread is kept from starting, so the file is surely queued)."""
+    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.stores.ingestion import Ingestion
+
+    home = store_home(tmp_path / "home", demo_model_dir)
+    with monkeypatch.context() as patched:
+        patched.setattr(Ingestion, "start", lambda self: self)
+        with Runtime(home) as first, served(first) as service, Client(*service) as client:
+            queued = client.stores.create("restarted", [files / "beacon.md"], wait=False)
+            assert queued["status"] == "in_progress" and queued["tpm"]["snapshot"] is None
+    with Runtime(home) as second, served(second) as service, Client(*service) as client:
+        done = client.stores.wait(queued["id"], timeout_s=300)
+        assert done["status"] == "completed" and done["file_counts"]["completed"] == 1 and done["tpm"]["snapshot"]
+        assert client.stores.search(queued["id"], "Who keeps the beacon?")["data"][0]["filename"] == "beacon.md"
