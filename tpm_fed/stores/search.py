@@ -35,7 +35,8 @@ def search_snapshot(snapshot: Snapshot, query_vector: np.ndarray, query_text: st
     """
     from tpm_fed.stores.hybrid import fuse_scores, hybrid_search
 
-    check_keys(condition, snapshot.attribute_keys())
+    if condition is not None:
+        check_keys(condition, snapshot.attribute_keys())
     if not snapshot.chunks:
         return []
     query_vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
@@ -48,7 +49,8 @@ def search_snapshot(snapshot: Snapshot, query_vector: np.ndarray, query_text: st
             found = snapshot.index.search(query_vector, limit)
         pairs = [(int(i), float(score)) for i, score in zip(found.ids[0], found.scores[0]) if i >= 0]
     else:
-        allowed = np.array([matches(condition, chunk.attributes) for chunk in snapshot.chunks])
+        file_of_chunk, attributes = snapshot.files()
+        allowed = np.array([matches(condition, pairs) for pairs in attributes], dtype=bool)[file_of_chunk]
         scores = snapshot.vectors @ query_vector
         if hybrid is not None:
             scores = fuse_scores(scores, [c.text for c in snapshot.chunks], query_text, ranking, snapshot.lexical)

@@ -235,7 +235,8 @@ class Stores:
         snapshot = self._snapshot(row, pinned)
         if snapshot is None or not snapshot.chunks:
             return [], snapshot, {}
-        check_keys(condition, snapshot.attribute_keys())  # before anything is charged
+        if condition is not None:  # before anything is charged
+            check_keys(condition, snapshot.attribute_keys())
         embedder = self.embedder(f"{snapshot.model}@{snapshot.model_version}")
         embedder.counter().check_query(query)
         payer = self.runtime.project_for(caller.identity, project)

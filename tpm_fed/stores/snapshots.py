@@ -77,9 +77,27 @@ class Snapshot:
     """The dense index (:class:`~tpm_fed.stores.index.VectorIndex`), chunk positions as ids."""
     lexical: Any = None
     """The BM25 index (:class:`~tpm_fed.stores.lexical.LexicalIndex`) of the chunks' texts."""
+    _keys: set[str] | None = None
+    _files: tuple[np.ndarray, list[dict[str, Any]]] | None = None
+
+    def files(self) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Each chunk's file as a position, and each file's attributes (attributes are a file's: a filter is
+        evaluated once per file, not once per chunk)."""
+        if self._files is None:
+            positions: dict[str, int] = {}
+            attributes: list[dict[str, Any]] = []
+            for chunk in self.chunks:
+                if chunk.file_id not in positions:
+                    positions[chunk.file_id] = len(attributes)
+                    attributes.append(chunk.attributes)
+            self._files = (np.array([positions[c.file_id] for c in self.chunks], dtype=np.int64), attributes)
+        return self._files
 
     def attribute_keys(self) -> set[str]:
-        return {key for chunk in self.chunks for key in chunk.attributes}
+        """Every attribute a chunk of the snapshot has (computed once: it is asked on every filtered search)."""
+        if self._keys is None:
+            self._keys = {key for chunk in self.chunks for key in chunk.attributes}
+        return self._keys
 
 
 def content_id(model: str, model_version: str, index_params: dict[str, Any], chunks: list[ChunkRecord],
