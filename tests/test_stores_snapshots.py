@@ -126,3 +126,30 @@ def test_documents_give_their_text_by_kind():
         text_of(one_page_pdf(""), "blank.pdf")
     with pytest.raises(UnsupportedFile, match="not .html"):
         text_of(b"<p>hi</p>", "page.html")
+
+
+def test_filtered_and_unfiltered_hits_equal_brute_force(tmp_path):
+    from tpm_fed.stores.filters import matches
+    from tpm_fed.stores.protocol import CompoundFilter
+    from tpm_fed.stores.search import search_snapshot
+
+    rng = np.random.default_rng(3)
+    artifacts = []
+    for number in range(20):  # 20 files of 30 chunks, each file with its own attributes
+        vectors = rng.standard_normal((30, 16)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        attributes = {"year": 2000 + number, "lab": "ab"[number % 2]}
+        artifacts.append(FileArtifact([ChunkRecord(f"file-{number}", f"{number}.txt", i, f"chunk {number}.{i}", 0, 1,
+                                                   attributes) for i in range(30)], vectors))
+    snapshot = SnapshotFiles(tmp_path / "stores").build("vs_1", "enc", "v1", artifacts)
+    chunks = [chunk for a in artifacts for chunk in a.chunks]
+    query = rng.standard_normal(16).astype(np.float32)
+    query /= np.linalg.norm(query)
+    condition = CompoundFilter.model_validate({"type": "and", "filters": [
+        {"key": "year", "type": "gte", "value": 2010}, {"key": "lab", "type": "in", "value": ["b"]}]})
+    for given in (None, condition):
+        kept = [i for i, chunk in enumerate(chunks) if matches(given, chunk.attributes)]
+        scores = snapshot.vectors[kept] @ query
+        expected = [chunks[kept[i]].text for i in np.argsort(-scores, kind="stable")[:7]]
+        assert [hit.chunk.text for hit in search_snapshot(snapshot, query, "", 7, given)] == expected
+    assert len([i for i, c in enumerate(chunks) if matches(condition, c.attributes)]) == 5 * 30
