@@ -30,6 +30,7 @@ from tests.service_helpers import ServiceThread
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.identity import LocalUser
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
+from tpm_fed.models.encoder import DEFAULT_ENCODER_NAME, default_encoder_dir
 
 
 DEMO_MODEL_CACHE = Path(os.environ.get("TPM_TEST_CACHE", Path.home() / ".cache" / "tpm-fed-tests"))
@@ -113,6 +114,8 @@ def home(tmp_path_factory, demo_model_dir: Path) -> TpmHome:
             ModelConfig(name="mutable", path=Path("models/mutable"), backend="torch"),
             ModelConfig(name="missing", path=Path("models/not-there"), backend="torch"),
             ModelConfig(name="demo-chat", path=Path("models/demo-chat"), backend="torch"),
+            # The default encoder where pip installed it (tests/test_encoder.py, the vector stores' tests).
+            ModelConfig(name=DEFAULT_ENCODER_NAME, path=default_encoder_dir(), kinds=["encode"]),
         ],
         projects=[ProjectConfig(name="tests", members=[LocalUser().current()], allocations={"local": 1e6})],
     ).dump(home.federation_file)

@@ -279,12 +279,15 @@ def test_a_backend_without_the_capability_is_refused_and_the_rest_served():
         require_capability(backend, "trace", "trace")
 
 
-def test_the_torch_backend_has_every_capability(reference_model):
+def test_the_torch_backend_has_every_capability_of_the_kinds_it_serves(reference_model):
     from functions.backends.torch_backend import TorchBackend
 
     model, tokenizer = reference_model
     backend = TorchBackend(model, tokenizer)
-    assert all(isinstance(backend, protocol) for protocol in CAPABILITIES.values())
+    served = {kind.capability for kind in KINDS.values() if "torch" in kind.backends}
+    assert served == {"generate", "trace", "hidden_states"}
+    assert all(isinstance(backend, CAPABILITIES[capability]) for capability in served)
+    assert not isinstance(backend, CAPABILITIES["encode"])  # encoders are their own backend
 
 
 def test_caller_code_is_checked_before_it_is_unpacked_in_traces_and_embeddings(reference_model, tmp_path):

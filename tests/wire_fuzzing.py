@@ -75,7 +75,10 @@ def mutated(draw, valid: Any, max_mutations: int = 3) -> Any:
 
 
 def valid_request_documents(model: str, version: str | None = None, site: str | None = None) -> dict[str, dict]:
-    """A valid wire document of every request kind (and both embedding inputs) for the demo model."""
+    """A valid wire document of every request kind (and both embedding inputs) for the demo model
+    (``encode``: for the default encoder, the one kind the demo model does not serve)."""
+    from tpm_fed.models.encoder import DEFAULT_ENCODER_NAME
+    from tpm_fed.protocol.encoding import EncodeRequest
     from tpm_fed.protocol.interventions import Ablate, Add, Inject, Patch, Save, Scale, Set
     from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, TraceRequest
     from tpm_fed.protocol.tensors import TensorData
@@ -102,5 +105,6 @@ def valid_request_documents(model: str, version: str | None = None, site: str | 
     embed_tensors = EmbeddingRequest.create(model, inputs=[TensorData.of([[0.5, 1.5], [2.0, -1.0]])],
                                             input_module="fingerprint@1", head="classifier", pool="mean")
     embed_texts = EmbeddingRequest.create(model, texts=["a protein", "a star"], pool="last")
+    encode = EncodeRequest.create(DEFAULT_ENCODER_NAME, texts=["a protein", "a star"], project="tests")
     return {"generate": generate.to_wire(), "trace": trace.to_wire(),
-            "embed_tensors": embed_tensors.to_wire(), "embed_texts": embed_texts.to_wire()}
+            "embed_tensors": embed_tensors.to_wire(), "embed_texts": embed_texts.to_wire(), "encode": encode.to_wire()}

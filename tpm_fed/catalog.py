@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpm_fed.federation import Federation
-from tpm_fed.protocol.errors import ModelLoadError, UnknownVersion
+from tpm_fed.protocol.encoder_config import EncoderConfig, read_encoder_config
+from tpm_fed.protocol.errors import InvalidRequest, ModelLoadError, UnknownVersion
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.points import PointCatalog, catalog_from_config
-from tpm_fed.protocol.requests import GenerationRequest, ModelRef
+from tpm_fed.protocol.requests import GenerationRequest, ModelRef, UsageBound
 from tpm_fed.storage.store_reader import StoreReader
 from tpm_fed.protocol.validation import check_context
 from tpm_fed.protocol.versions import VersionCache
@@ -32,12 +33,13 @@ class ModelCatalog:
         self.federation = federation
         self._versions = VersionCache()
         self._points: dict[str, PointCatalog] = {}
+        self._encoders: dict[str, EncoderConfig] = {}
 
     def for_federation(self, federation: Federation) -> ModelCatalog:
         """The same catalog over a changed federation, keeping what it learned (versions are content
         hashes and points are per version, so neither goes stale when the file changes)."""
         catalog = ModelCatalog(federation)
-        catalog._versions, catalog._points = self._versions, self._points
+        catalog._versions, catalog._points, catalog._encoders = self._versions, self._points, self._encoders
         return catalog
 
     def resolve(self, ref: ModelRef) -> ResolvedModel:
@@ -109,6 +111,34 @@ class ModelCatalog:
         if spec.version not in self._points:
             self._points[spec.version] = catalog_from_config(None, config=self.config_json(spec))
         return self._points[spec.version]
+
+    def encoder(self, spec: ModelSpec) -> EncoderConfig:
+        """The pooling, normalization and limits of an encoder version (read once per version).
+
+        Raises:
+            ModelLoadError: The model is not an encoder folder (an ``encode`` request to a language model).
+        """
+        if spec.version not in self._encoders:
+            if spec.source == "store":
+                raise ModelLoadError(f"model {spec.name!r}: encoder models are served from their folder, "
+                                     "not from the model store")
+            self._encoders[spec.version] = read_encoder_config(Path(spec.path), spec.name)
+        return self._encoders[spec.version]
+
+    def encode_bound(self, request, model: ResolvedModel) -> UsageBound:
+        """What an :class:`~tpm_fed.protocol.encoding.EncodeRequest` may use at most on ``model``
+        (the worker refuses a text over the context by its exact tokens).
+
+        Raises:
+            InvalidRequest: ``model`` does not serve ``encode`` (a language model).
+            ModelLoadError: Its folder is not an encoder's.
+        """
+        kinds = self.federation.model(model.spec.name).kinds
+        if "encode" not in kinds:
+            raise InvalidRequest(f"model {model.spec.name!r} is not an encoder model (it serves {', '.join(kinds)}); "
+                                 "encode requests go to a model whose kinds list encode")
+        encoder = self.encoder(model.spec)
+        return request.usage_bound(encoder.max_tokens, encoder.dimensions)
 
     def check(self, request: GenerationRequest, model: ResolvedModel) -> None:
         """Refuse what can be refused before any site is involved."""

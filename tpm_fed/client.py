@@ -35,6 +35,7 @@ from tpm_fed.protocol.sessions import SessionRequest
 from tpm_fed.protocol.tensors import TensorData
 from tpm_fed.references.reader import ServiceReader
 from tpm_fed.service_login import stored_login_auth
+from tpm_fed.stores_client import VectorStores, ask
 
 DEFAULT_CONNECTIONS = 64
 """Requests one client keeps in flight at once (each holds a pooled connection while it waits)."""
@@ -187,6 +188,17 @@ class Client:
     def batches(self) -> Batches:
         """Batches in OpenAI's format: upload a JSONL file, run it, read its results (:mod:`tpm_fed.batches_client`)."""
         return Batches(self)
+
+    @property
+    def stores(self) -> VectorStores:
+        """Vector stores: make one of your documents, search it, pin a snapshot (:mod:`tpm_fed.stores_client`)."""
+        return VectorStores(self)
+
+    def ask(self, question: str, store: str | list[str] | None = None, model: str | None = None,
+            **options: Any) -> dict[str, Any]:
+        """Answer ``question`` with the best chunks of ``store`` in the prompt, cited (see
+        :func:`tpm_fed.stores_client.ask`: ``text``, ``citations``, ``prompt``, ``snapshots``, ``response``)."""
+        return ask(self, question, store, model, **options)
 
     @property
     def admin(self) -> Admin:

@@ -241,7 +241,8 @@ class ModelConfig(_Strict):
         tensor_parallel_size: GPUs per vLLM replica (one worker per replica).
         accelerators: Accelerators one replica needs (0: runs on CPU).
         memory_gb: Memory one replica needs (informational for operators).
-        kinds: Request kinds this model serves (``generate``, ``embed``, ``trace``).
+        kinds: Request kinds this model serves (``generate``, ``embed``, ``trace``; ``encode`` for an
+            encoder model, a sentence-transformers folder).
         sites: Sites that may host it (all, when empty).
     """
 
@@ -316,6 +317,8 @@ class Prices(_Strict):
     trace: Price = Price(
         per_1k_prompt_tokens=2.0, per_1k_completion_tokens=4.0, per_mb_activations=1.0, per_cold_start=0.5
     )
+    # An encoder is small (22 M parameters for MiniLM) and reads each token once: a tenth of generate's prompt price.
+    encode: Price = Price(per_1k_prompt_tokens=0.1, per_cold_start=0.1)
 
     @model_validator(mode="before")
     @classmethod
@@ -343,7 +346,7 @@ class Slos(_Strict):
 
     Attributes:
         window_s: The window the service reports p50/p95 and availability over.
-        generate, embed, trace, session: The target for that kind (none: reported, not judged).
+        generate, embed, trace, session, encode: The target for that kind (none: reported, not judged).
     """
 
     window_s: float = Field(default=3600.0, gt=0, le=30 * 86400)
@@ -351,6 +354,7 @@ class Slos(_Strict):
     embed: SloTarget | None = None
     trace: SloTarget | None = None
     session: SloTarget | None = None
+    encode: SloTarget | None = None
 
 
 def _join_surrogates(value: Any) -> Any:

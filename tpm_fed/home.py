@@ -5,6 +5,7 @@ Layout::
     federation.yaml      sites and models (operator-owned)
     tpm.db               SQLite: request log, replicas seen
     models/demo-llama/   the demo model, made on this machine
+                         (the default encoder is read where pip installed it)
     sites/<name>/        engine run folders and logs
     service.json         the running service's URL and local token
     service.log          what the background-started service prints (never the token)
@@ -27,6 +28,7 @@ from pathlib import Path
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.identity import LocalUser
 from tpm_fed.models.demo import make_demo_model
+from tpm_fed.models.encoder import DEFAULT_ENCODER_NAME, default_encoder_dir
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +102,22 @@ class TpmHome:
         """Create the embedded federation here if there is none yet.
 
         One local site, the demo model (trained now, ~15 s, with a progress
-        bar), one project holding the local user with an allocation at the
-        site and, beside them, the database, created on first use.
+        bar), the default encoder (installed with tpm-fed: nothing to make),
+        one project holding the local user with an allocation at the site
+        and, beside them, the database, created on first use.
         """
         demo_dir = self.models_dir / DEMO_MODEL_NAME
         if not self.federation_file.exists():
             self.create()
+            models = [ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME,
+                                  kinds=["generate", "embed", "trace"])]
+            encoder_dir = default_encoder_dir()
+            if encoder_dir is not None:  # a dependency of tpm-fed: missing only from a broken install
+                models.append(ModelConfig(name=DEFAULT_ENCODER_NAME, path=encoder_dir, kinds=["encode"]))
             federation = Federation(
                 name="embedded",
                 sites=[SiteConfig(name="local")],
-                models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME,
-                                    kinds=["generate", "embed", "trace"])],
+                models=models,
                 projects=[ProjectConfig(name="local", members=[LocalUser().current()],
                                         allocations={"local": DEFAULT_GRANT_SU})],
             )

@@ -1,4 +1,5 @@
-"""Parsl apps for workflows: ``generate``, ``trace``, ``embed``, ``session`` and ``batch`` return ``AppFuture``s.
+"""Parsl apps for workflows: ``generate``, ``trace``, ``embed``, ``session``, ``batch`` and ``search`` (a vector
+store) return ``AppFuture``s.
 
 They compose with other apps.
 
@@ -105,3 +106,20 @@ def batch(source: Any, *, project: str | None = None, metadata: dict[str, str] |
     A file the service refuses (a bad line, over balance) fails the future with the typed error.
     """
     return _batch_app(source, project, metadata, **app_options)
+
+
+@python_app(executors=[EXECUTOR_LABEL])
+def _search_app(store: str, query: str, max_results: int, filters: dict[str, Any] | None) -> dict[str, Any]:
+    from tpm_fed.parsl import _shared_client
+
+    return _shared_client().stores.search(store, query, max_results=max_results, filters=filters)
+
+
+def search(store: str, query: str, *, max_results: int = 10, filters: dict[str, Any] | None = None,
+           **app_options: Any):
+    """A Parsl app: search a vector store (``NAME``, ``vs_...``, or pinned ``...@SNAPSHOT``) inside a workflow.
+
+    The ``AppFuture`` resolves with OpenAI's search results page; its ``["tpm"]["ref"]`` names the snapshot
+    searched, so a later step (or a rerun of the workflow) can pin the same knowledge.
+    """
+    return _search_app(store, query, max_results, filters, **app_options)

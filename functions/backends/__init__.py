@@ -25,8 +25,8 @@ def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:
     Raises:
         BackendUnavailable: ``vllm`` was asked for and cannot serve this model here.
     """
-    if spec.backend == "torch":
-        return "torch", []
+    if spec.backend in ("torch", "encoder"):
+        return spec.backend, []
     from functions.backends.vllm_backend import vllm_support
 
     if spec.source == "store":
@@ -69,6 +69,10 @@ def notes_now(notes: list[str], loaded_without_vllm: bool) -> list[str]:
 
 def load_backend(spec: ModelSpec, backend: str) -> Backend:
     """Load ``spec`` on the named backend (imports it only when asked for)."""
+    if backend == "encoder":
+        from functions.backends.encoder_backend import EncoderBackend
+
+        return EncoderBackend.load(spec)
     if backend == "vllm":
         from functions.backends.vllm_backend import VllmBackend
 

@@ -90,7 +90,27 @@ class HiddenStates(Protocol):
     context_length: int
 
 
-CAPABILITIES: dict[str, type] = {"generate": Generates, "trace": Traces, "hidden_states": HiddenStates}
+@runtime_checkable
+class Encodes(Protocol):
+    """Turns texts into one vector each, pooled and normalized as the model folder says: ``encode`` requests.
+
+    ``config`` is the folder's :class:`~tpm_fed.protocol.encoder_config.EncoderConfig`.
+    """
+
+    config: Any
+    context_length: int
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, special tokens included (nothing is cut)."""
+        ...
+
+    def encode_ids(self, ids: list[list[int]]) -> Any:
+        """``[len(ids), dimensions]`` float32 numpy array; every sequence must fit the context."""
+        ...
+
+
+CAPABILITIES: dict[str, type] = {"generate": Generates, "trace": Traces, "hidden_states": HiddenStates,
+                                 "encode": Encodes}
 """Capability name (the ``capability`` column of the kinds table) -> the protocol that has it."""
 
 
@@ -103,7 +123,8 @@ def require_capability(backend: Backend, capability: str, kind: str) -> Any:
     if not isinstance(backend, CAPABILITIES[capability]):
         raise BackendUnavailable(
             f"{kind} requests need a backend with the {capability!r} capability; this replica runs "
-            f"{backend.name}, which has not (the torch backend serves every kind)"
+            f"{backend.name}, which has not (the torch backend serves every language-model kind; "
+            "an encoder model serves encode alone)"
         )
     return backend
 

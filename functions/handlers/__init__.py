@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from functions.handlers import embed, generate, session, trace
+from functions.handlers import embed, encode, generate, session, trace
 from functions.policy import WorkerPolicy
 
 Handler = Callable[[Any, list[Any], WorkerPolicy], list[dict[str, Any]]]
@@ -27,4 +27,5 @@ HANDLERS: dict[str, Handler] = {
     "embed": embed.handle,
     "trace": trace.handle,
     "session": session.handle,
+    "encode": encode.handle,
 }

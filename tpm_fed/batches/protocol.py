@@ -72,7 +72,7 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["batch", "batch_output"]
+    purpose: Literal["batch", "batch_output", "assistants"]
     status: Literal["processed"] = "processed"
     expires_at: int | None = None
     expires_at: int | None = None

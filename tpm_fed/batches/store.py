@@ -71,7 +71,7 @@ class BatchStore:
             return max(0, self.upload_quota_bytes - _stored_bytes(db, owner, time.time()))
 
     def add_file(self, owner: str, filename: str, source: BinaryIO, size: int, lines: int,
-                 expires_at: float | None) -> FileObject:
+                 expires_at: float | None, purpose: str = "batch") -> FileObject:
         """Store an upload already checked, copied from ``source`` a part at a time (never whole in memory).
 
         Raises:
@@ -85,13 +85,13 @@ class BatchStore:
             if used + size > self.upload_quota_bytes:
                 raise PayloadTooLarge(_over_quota(size, used, self.upload_quota_bytes))
             db.execute(insert(batch_files_table).values(
-                file_id=file_id, owner=owner, filename=filename, purpose="batch", bytes=size, lines=lines,
+                file_id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, lines=lines,
                 created_at=now, content=b"", expires_at=expires_at))
             part = 0
             while data := source.read(FILE_PART_BYTES):
                 db.execute(insert(batch_file_parts_table).values(file_id=file_id, part=part, content=data))
                 part += 1
-        return FileObject(id=file_id, bytes=size, created_at=int(now), filename=filename, purpose="batch",
+        return FileObject(id=file_id, bytes=size, created_at=int(now), filename=filename, purpose=purpose,
                           expires_at=_second(expires_at))
 
     def sweep_expired_files(self) -> int:

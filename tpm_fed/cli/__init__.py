@@ -31,6 +31,8 @@ COMMANDS = {
     "service": "tpm_fed.cli.service:service",
     "slo": "tpm_fed.cli.slo:slo",
     "batch": "tpm_fed.cli.batch:batch",
+    "stores": "tpm_fed.cli.stores:stores",
+    "ask": "tpm_fed.cli.stores:ask",
 }
 """Command name -> ``module:object``; a new command is one line here."""
 

@@ -13,7 +13,9 @@ The paper's three inference modes are kinds: ``generate`` (mode 1, query
 only), ``embed`` (mode 2, customized embeddings) and ``trace`` (mode 3,
 intermediary access). A ``session`` is several traces on one replica
 (:mod:`tpm_fed.protocol.sessions`): priced as traces, and served by every
-model that serves traces.
+model that serves traces. ``encode`` is query-only work on an encoder model
+(:mod:`tpm_fed.protocol.encoding`): texts to normalized retrieval vectors,
+charged per input token, served by the ``encoder`` backend alone.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tpm_fed.protocol.encoding import EncodeRequest, EncodeResult
 from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.model import Backend
 from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ServingRequest, TraceRequest
 from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
 from tpm_fed.protocol.sessions import SessionRequest
 
-KindName = Literal["generate", "embed", "trace"]
+KindName = Literal["generate", "embed", "trace", "encode"]
 """The kinds a model lists and a price is set for (a session is a run of traces)."""
-Capability = Literal["generate", "trace", "hidden_states"]
+Capability = Literal["generate", "trace", "hidden_states", "encode"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ KINDS: dict[str, Kind] = {
         Kind("embed", 2, EmbeddingRequest, EmbeddingResult, "hidden_states", ("torch",), "embed"),
         Kind("trace", 3, TraceRequest, TraceResult, "trace", ("torch",), "trace"),
         Kind("session", 3, SessionRequest, SessionResult, "trace", ("torch",), "trace", charged_by_step=True),
+        Kind("encode", 1, EncodeRequest, EncodeResult, "encode", ("encoder",), "encode"),
     )
 }
 

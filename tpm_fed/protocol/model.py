@@ -6,8 +6,9 @@ from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-Backend = Literal["torch", "vllm"]
-"""The backends a worker serves with: the one place their names are written."""
+Backend = Literal["torch", "vllm", "encoder"]
+"""The backends a worker serves with: the one place their names are written. ``encoder``: a
+sentence-transformers encoder (functions/backends/encoder_backend.py), the one backend of ``encode``."""
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 BackendChoice = Literal["auto", Backend]
 """What a model or a request may name: a backend, or ``auto`` (vLLM where it can, else torch)."""
@@ -21,7 +22,8 @@ class ModelSpec(BaseModel):
         name: Model name in the federation.
         version: Version id the caller was promised; the worker checks it.
         path: Directory in Hugging Face layout, as seen from the worker.
-        backend: ``torch``, ``vllm`` or ``auto`` (vLLM where it can, else torch).
+        backend: ``torch``, ``vllm`` or ``auto`` (vLLM where it can, else torch); ``encoder`` for
+            ``encode`` requests (set from the kinds table, not by the operator).
         dtype: Weights are loaded in this dtype.
         tensor_parallel_size: GPUs one vLLM replica spans (1 on CPU).
         source: ``dir``: ``path`` is a Hugging Face directory whose content hash is

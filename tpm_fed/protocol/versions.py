@@ -29,22 +29,47 @@ def _defines_model(name: str) -> bool:
 
 
 def defining_files(model_dir: Path) -> list[Path]:
-    """Files whose bytes define the model, in a stable order."""
-    return sorted(p for p in model_dir.iterdir() if p.is_file() and _defines_model(p.name))
+    """Files whose bytes define the model, in a stable order.
+
+    An encoder folder (sentence-transformers layout) keeps its pooling in module
+    folders named by ``modules.json`` (``1_Pooling/config.json``): their files
+    define what it computes too. Other folders' subfolders are not read, so
+    their version ids are what they were.
+    """
+    top = sorted(p for p in model_dir.iterdir() if p.is_file() and _defines_model(p.name))
+    return top + [path for folder in _module_folders(model_dir) for path in
+                  sorted(p for p in folder.iterdir() if p.is_file() and _defines_model(p.name))]
+
+
+def _module_folders(model_dir: Path) -> list[Path]:
+    """The folders ``modules.json`` names, inside ``model_dir`` (none without one)."""
+    import json
+
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text())
+        paths = sorted({str(module.get("path", "")) for module in modules if isinstance(module, dict)})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    root = model_dir.resolve()
+    folders = [model_dir / path for path in paths if path]
+    return [folder for folder in folders if folder.is_dir() and folder.resolve().is_relative_to(root)]
 
 
 def _fingerprint(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
-    """Name, size and mtime of each defining file, from one directory scan."""
-    with os.scandir(model_dir) as entries:
-        stats = [(e.name, e.stat()) for e in entries if e.is_file() and _defines_model(e.name)]
-    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
+    """Name, size and mtime of each defining file (module folders' too)."""
+    stats = []
+    for path in defining_files(model_dir):
+        st = path.stat()
+        stats.append((path.relative_to(model_dir).as_posix(), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(stats))
 
 
 def hash_model_dir(model_dir: Path) -> str:
     """The version id of a model directory (hex, :data:`VERSION_ID_LENGTH` digits)."""
     digest = hashlib.sha256()
     for path in defining_files(model_dir):
-        digest.update(path.name.encode() + b"\0")
+        # A file's path in the folder (its name, at the top): the same ids as before module folders counted.
+        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
         file_digest = hashlib.sha256()
         with path.open("rb") as handle:
             while chunk := handle.read(_CHUNK):

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpm_fed.protocol.model import BackendChoice
 from tpm_fed.protocol.requests import GenerationRequest, NewTokens, Seed, Temperature, TopP
+from tpm_fed.stores.protocol import ChatFileSearch
 
 
 class _Body(BaseModel):
@@ -156,13 +157,15 @@ class ChatCompletionBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NewTokens | None = Field(default=None, gt=0)
     max_completion_tokens: NewTokens | None = Field(default=None, gt=0)
+    file_search: ChatFileSearch | None = None
+    """tpm-fed's: answer with the best hits of these vector stores (:mod:`tpm_fed.service.chat_knowledge`)."""
 
     def max_new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
 
 
 class EmbeddingBody(TpmParameters):
-    """``POST /v1/embeddings``: pooled final hidden states of the core."""
+    """``POST /v1/embeddings``: an encoder model's vectors, or pooled final hidden states of a language model."""
 
     model: str = Field(min_length=1)
     input: str | list[str]

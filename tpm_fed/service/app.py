@@ -76,6 +76,9 @@ def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = 
     from tpm_fed.service.routes_batches import attach_batches
 
     attach_batches(app, runtime)
+    from tpm_fed.service.routes_stores import attach_stores
+
+    attach_stores(app, runtime)  # after the batches: a store reads its files from their uploads
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:

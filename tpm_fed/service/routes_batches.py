@@ -45,6 +45,7 @@ from tpm_fed.service.serving import ServingEngine
 from tpm_fed.service.serving_chat import ServingChat
 from tpm_fed.service.serving_completions import ServingCompletions
 from tpm_fed.service.serving_embeddings import ServingEmbeddings
+from tpm_fed.stores.documents import MAX_DOCUMENT_BYTES, check_upload as check_document_upload
 
 router = APIRouter()
 
@@ -91,15 +92,19 @@ async def upload_file(request: Request, identity: str = Depends(identity_of)) ->
         file, purpose = form.get("file"), form.get("purpose")
         if file is None or isinstance(file, str):
             raise InvalidRequest("file: a multipart upload with the batch file in its 'file' part")
-        if purpose != "batch":
-            raise InvalidRequest(f"purpose: this service takes files for batches only (purpose 'batch'), "
-                                 f"not {purpose!r}")
+        if purpose not in ("batch", "assistants"):
+            raise InvalidRequest(f"purpose: this service takes files for batches (purpose 'batch') and for vector "
+                                 f"stores (purpose 'assistants'), not {purpose!r}")
         lifetime = _expiry_seconds(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
-        size, lines = await run_in_threadpool(_check_upload, file.file, _runner(request).routes,
-                                              min(MAX_FILE_BYTES, room), room)
+        if purpose == "assistants":  # a document for a vector store: a kind a store reads, with text in it
+            size, lines = await run_in_threadpool(check_document_upload, file.file, file.filename or "",
+                                                  min(MAX_DOCUMENT_BYTES, room)), 0
+        else:
+            size, lines = await run_in_threadpool(_check_upload, file.file, _runner(request).routes,
+                                                  min(MAX_FILE_BYTES, room), room)
         await run_in_threadpool(file.file.seek, 0)
         stored = await run_in_threadpool(store.add_file, identity, file.filename or "batch.jsonl", file.file, size,
-                                         lines, time.time() + lifetime)
+                                         lines, time.time() + lifetime, purpose)
     return stored.model_dump(mode="json")
 
 
@@ -143,9 +148,10 @@ def list_files(request: Request, after: str | None = None, limit: int = 20, purp
                identity: str = Depends(identity_of)) -> dict[str, Any]:
     if not 1 <= limit <= 10_000:
         raise InvalidRequest("limit: between 1 and 10000")
-    if purpose not in (None, "batch"):  # uploads are batch inputs; outputs are reached through their batches
+    if purpose not in (None, "batch", "assistants"):  # outputs are reached through their batches
         return _page([], False)
-    return _page(*_runner(request).store.files_of(identity, after, limit))
+    files, more = _runner(request).store.files_of(identity, after, limit)
+    return _page([file for file in files if purpose in (None, file.purpose)], more)
 
 
 @router.delete("/v1/files/{file_id}")

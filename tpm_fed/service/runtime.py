@@ -370,6 +370,8 @@ class Runtime:
             from tpm_fed.protocol.validation import check_trace
 
             return request, spec, check_trace(request, self.catalog.points(spec), spec.dtype)
+        if request.kind == "encode":
+            return request, spec, self.catalog.encode_bound(request, resolved)
         from tpm_fed.adapters.check import pin_adapters
 
         pinned, bound = pin_adapters(request, self.adapters, self.catalog.hidden_size(spec))

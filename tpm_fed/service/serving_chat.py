@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, ChatCompletionBody, tpm_object
@@ -26,6 +27,8 @@ class ServingChat:
 
     def request_for(self, body: ChatCompletionBody) -> GenerationRequest:
         """The request ``body`` asks for: its messages through the model's template (batches use this too)."""
+        if body.file_search is not None:  # searched by the route (create), never silently dropped
+            raise InvalidRequest("file_search: answered by POST /v1/chat/completions itself, not in a batch")
         spec = self.runtime.catalog.resolve_name(body.model).spec
         template = ChatTemplate.of(spec.name, lambda name: self.runtime.catalog.model_file(spec, name))
         prompt = template.render([message.model_dump(exclude_none=True) for message in body.messages])
@@ -35,6 +38,14 @@ class ServingChat:
     async def create(self, body: ChatCompletionBody, identity: str,
                      request: GenerationRequest | None = None) -> dict[str, Any] | LiveStream:
         """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
+        knowledge: dict[str, Any] = {}
+        if body.file_search is not None:  # the stores' hits go in as a system message (tpm-fed's extension)
+            from starlette.concurrency import run_in_threadpool
+
+            from tpm_fed.service.chat_knowledge import with_knowledge
+
+            body, knowledge = await run_in_threadpool(with_knowledge, self, body, identity)
+            request = None
         request = request or self.request_for(body)
         if body.stream:
             return await self._stream(body, request, identity, _head(request, body))
@@ -49,7 +60,7 @@ class ServingChat:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "logprobs": None, "finish_reason": FINISH_REASONS[completion.finish_reason]}],
             "usage": usage_of(result),
-            "tpm": tpm_object(result, explain=body.explain),
+            "tpm": {**tpm_object(result, explain=body.explain), **knowledge},
         }
 
     async def _stream(self, body: ChatCompletionBody, request: GenerationRequest, identity: str,

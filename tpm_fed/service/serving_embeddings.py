@@ -1,9 +1,11 @@
-"""``POST /v1/embeddings``: the mean of the core's final hidden states over each text's tokens.
+"""``POST /v1/embeddings``: retrieval vectors from an encoder model, or pooled hidden states of a language model.
 
-Pooling is ``mean`` over every token of the text (special tokens the
-tokenizer adds included), after the model's final norm: the representation
-the language-model head reads. Rows are not normalised; callers who want
-cosine similarity normalise them.
+A model whose kinds list ``encode`` (an encoder: sentence-transformers layout)
+answers with its own pooling and normalization, read from its folder, as
+``SentenceTransformer.encode`` would: the vectors a vector store searches. A
+language model answers as before: the mean of its final hidden states over
+every token of the text (special tokens the tokenizer adds included), after
+the model's final norm, not normalised. ``tpm.pooling`` says which a caller got.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import base64
 import time
 from typing import Any
 
-from tpm_fed.protocol.requests import EmbeddingRequest
+from tpm_fed.protocol.encoding import EncodeRequest, EncodeResult
+from tpm_fed.protocol.errors import TpmError
+from tpm_fed.protocol.requests import EmbeddingRequest, ModelRef, ServingRequest
 from tpm_fed.protocol.results import EmbeddingResult
 from tpm_fed.service.api_models import EmbeddingBody, tpm_object
 from tpm_fed.service.serving import Observer, ServingEngine, serve
 
 POOLING = "mean"
+"""A language model's pooling over its final hidden states."""
 
 
 class ServingEmbeddings:
@@ -27,20 +32,34 @@ class ServingEmbeddings:
         self.runtime = runtime
         self.observer = observer
 
-    def request_for(self, body: EmbeddingBody) -> EmbeddingRequest:
+    def request_for(self, body: EmbeddingBody) -> ServingRequest:
         """The request ``body`` asks for (a batch quotes and runs lines through this too)."""
-        return EmbeddingRequest.create(body.model, texts=body.inputs(), pool=POOLING, project=body.project,
-                                       location=body.location, site=body.site)
+        where = {"project": body.project, "location": body.location, "site": body.site}
+        if self._is_encoder(body.model):
+            return EncodeRequest.create(body.model, texts=body.inputs(), **where)
+        return EmbeddingRequest.create(body.model, texts=body.inputs(), pool=POOLING, **where)
 
-    async def create(self, body: EmbeddingBody, identity: str, request: EmbeddingRequest | None = None) -> dict[str, Any]:
+    def _is_encoder(self, model: str) -> bool:
+        try:
+            return "encode" in self.runtime.federation.model(ModelRef.parse(model).name).kinds
+        except TpmError:  # an unknown model: the request says so when it is submitted
+            return False
+
+    async def create(self, body: EmbeddingBody, identity: str, request: ServingRequest | None = None) -> dict[str, Any]:
         """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
         request = request or self.request_for(body)
         return self.render(body, request, await serve(self.runtime, request, identity, self.observer))
 
-    def render(self, body: EmbeddingBody, request: EmbeddingRequest, result: EmbeddingResult) -> dict[str, Any]:
-        """The route's answer for ``result`` (a batch line's too)."""
+    def render(self, body: EmbeddingBody, request: ServingRequest, result: EmbeddingResult | EncodeResult
+               ) -> dict[str, Any]:
+        """The route's answer for ``result`` (a batch line's too): an encoder's vectors, or a language
+        model's pooled final hidden states."""
+        if isinstance(result, EncodeResult):
+            rows, pooling = list(result.vectors), result.pooling
+        else:
+            rows, pooling = result.outputs, f"{POOLING} of final hidden states"
         data = []
-        for index, vector in enumerate(result.outputs):
+        for index, vector in enumerate(rows):
             row = vector.reshape(-1).astype("<f4")
             encoded = base64.b64encode(row.tobytes()).decode() if body.encoding_format == "base64" else row.tolist()
             data.append({"object": "embedding", "index": index, "embedding": encoded})
@@ -50,5 +69,5 @@ class ServingEmbeddings:
             "model": body.model,
             "created": int(time.time()),
             "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens},
-            "tpm": {**tpm_object(result, explain=body.explain), "pooling": f"{POOLING} of final hidden states"},
+            "tpm": {**tpm_object(result, explain=body.explain), "pooling": pooling},
         }
