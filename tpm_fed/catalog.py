@@ -134,7 +134,7 @@ class ModelCatalog:
             ModelLoadError: Its folder is not an encoder's.
         """
         kinds = self.federation.model(model.spec.name).kinds
-        if "encode" not in kinds:
+        if request.kind not in kinds:
             raise InvalidRequest(f"model {model.spec.name!r} is not an encoder model (it serves {', '.join(kinds)}); "
                                  "encode requests go to a model whose kinds list encode")
         encoder = self.encoder(model.spec)

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from tpm_fed.protocol.requests import ServingRequest, UsageBound, check_prompts, prompt_token_bound
-from tpm_fed.protocol.results import _TensorResult
+from tpm_fed.protocol.requests import EmbeddingRequest, ServingRequest, UsageBound, check_prompts, prompt_token_bound
+from tpm_fed.protocol.results import EmbeddingResult, TensorResult
 
 MAX_TEXTS = 2048
 """Texts in one request, as OpenAI's ``/v1/embeddings`` bounds its input array."""
@@ -53,7 +53,7 @@ class EncodeRequest(ServingRequest):
         return UsageBound(tokens, 0, len(self.texts) * dimensions * 4 + 1024)
 
 
-class EncodeResult(_TensorResult):
+class EncodeResult(TensorResult):
     """The answer to an :class:`EncodeRequest`: one vector per text, in order.
 
     Attributes:
@@ -72,3 +72,30 @@ class EncodeResult(_TensorResult):
     def vectors(self) -> Any:
         """``[texts, dimensions]`` float32 numpy array."""
         return self.tensors[VECTORS]
+
+
+TEXT_EMBEDDING_KINDS = ("encode", "embed")
+"""The kinds that turn texts into vectors, preferred first: an encoder's own, then a language model's."""
+
+LANGUAGE_MODEL_POOLING = "mean"
+"""How a language model's final hidden states become one vector per text (``/v1/embeddings``)."""
+
+
+def text_embedding_request(model: str, model_kinds: list[str], texts: list[str], **fields: Any) -> ServingRequest:
+    """The request that turns ``texts`` into one vector each on a model listing ``model_kinds``: the
+    encoder's own vectors (``encode``) where the model is an encoder, else the mean of a language
+    model's final hidden states (``embed``). ``/v1/embeddings`` and the vector stores both ask here.
+
+    Raises:
+        InvalidRequest: A field does not validate.
+    """
+    if EncodeRequest.model_fields["kind"].default in model_kinds:
+        return EncodeRequest.create(model, texts=texts, **fields)
+    return EmbeddingRequest.create(model, texts=texts, pool=LANGUAGE_MODEL_POOLING, **fields)
+
+
+def text_vectors(result: EncodeResult | EmbeddingResult) -> tuple[list[Any], str]:
+    """One vector per text of a :func:`text_embedding_request`'s result, and how each was pooled."""
+    if isinstance(result, EncodeResult):
+        return list(result.vectors), result.pooling
+    return result.outputs, f"{LANGUAGE_MODEL_POOLING} of final hidden states"

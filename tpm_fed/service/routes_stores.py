@@ -31,12 +31,13 @@ from tpm_fed.stores.protocol import (
     BatchFile,
 )
 from tpm_fed.stores.service import Stores
+from tpm_fed.stores.engine import StoreEngine
 from pydantic import BaseModel, ConfigDict
 
 router = APIRouter()
 
 
-def attach_stores(app: Any, runtime: Any) -> None:
+def attach_stores(app: Any, runtime: StoreEngine) -> None:
     """Give ``app`` the store routes and the runtime's one :class:`Stores` (made here, once per runtime; its
     ingestion thread resumes files a stopped service left queued)."""
     if getattr(runtime, "stores", None) is None:

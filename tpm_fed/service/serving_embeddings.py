@@ -14,15 +14,12 @@ import base64
 import time
 from typing import Any
 
-from tpm_fed.protocol.encoding import EncodeRequest, EncodeResult
+from tpm_fed.protocol.encoding import EncodeResult, text_embedding_request, text_vectors
 from tpm_fed.protocol.errors import TpmError
-from tpm_fed.protocol.requests import EmbeddingRequest, ModelRef, ServingRequest
+from tpm_fed.protocol.requests import ModelRef, ServingRequest
 from tpm_fed.protocol.results import EmbeddingResult
 from tpm_fed.service.api_models import EmbeddingBody, tpm_object
 from tpm_fed.service.serving import Observer, ServingEngine, serve
-
-POOLING = "mean"
-"""A language model's pooling over its final hidden states."""
 
 
 class ServingEmbeddings:
@@ -33,17 +30,14 @@ class ServingEmbeddings:
         self.observer = observer
 
     def request_for(self, body: EmbeddingBody) -> ServingRequest:
-        """The request ``body`` asks for (a batch quotes and runs lines through this too)."""
-        where = {"project": body.project, "location": body.location, "site": body.site}
-        if self._is_encoder(body.model):
-            return EncodeRequest.create(body.model, texts=body.inputs(), **where)
-        return EmbeddingRequest.create(body.model, texts=body.inputs(), pool=POOLING, **where)
-
-    def _is_encoder(self, model: str) -> bool:
+        """The request ``body`` asks for (a batch quotes and runs lines through this too): an encoder's
+        vectors, or a language model's pooled final hidden states (:func:`text_embedding_request`)."""
         try:
-            return "encode" in self.runtime.federation.model(ModelRef.parse(model).name).kinds
+            kinds = self.runtime.federation.model(ModelRef.parse(body.model).name).kinds
         except TpmError:  # an unknown model: the request says so when it is submitted
-            return False
+            kinds = []
+        return text_embedding_request(body.model, kinds, body.inputs(), project=body.project,
+                                      location=body.location, site=body.site)
 
     async def create(self, body: EmbeddingBody, identity: str, request: ServingRequest | None = None) -> dict[str, Any]:
         """Serve ``body`` (as ``request`` when the caller built it already with :meth:`request_for`)."""
@@ -54,10 +48,7 @@ class ServingEmbeddings:
                ) -> dict[str, Any]:
         """The route's answer for ``result`` (a batch line's too): an encoder's vectors, or a language
         model's pooled final hidden states."""
-        if isinstance(result, EncodeResult):
-            rows, pooling = list(result.vectors), result.pooling
-        else:
-            rows, pooling = result.outputs, f"{POOLING} of final hidden states"
+        rows, pooling = text_vectors(result)
         data = []
         for index, vector in enumerate(rows):
             row = vector.reshape(-1).astype("<f4")

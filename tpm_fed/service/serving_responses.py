@@ -27,6 +27,7 @@ from tpm_fed.service.serving import serve
 from tpm_fed.stores.answers import build_prompt, citation, result_item
 from tpm_fed.stores.protocol import MAX_RESULTS, Filter, RankingOptions
 from tpm_fed.stores.service import Stores, search_facts
+from tpm_fed.stores.engine import StoreEngine
 
 DEFAULT_SOURCES = 5
 """Hits a ``file_search`` tool asks for by default (fewer than OpenAI's: a small model's context is short)."""
@@ -104,7 +105,7 @@ class ResponseBody(_Lenient):
 
 
 class ServingResponses:
-    def __init__(self, runtime: Any, stores: Stores, observer: Any = None) -> None:
+    def __init__(self, runtime: StoreEngine, stores: Stores, observer: Any = None) -> None:
         self.runtime = runtime
         self.stores = stores
         self.observer = observer
@@ -173,7 +174,7 @@ class ServingResponses:
         return found, calls
 
 
-def _counter(runtime: Any, spec: Any) -> Any:
+def _counter(runtime: StoreEngine, spec: Any) -> Any:
     """``text -> tokens`` for the answering model (its own tokenizer, special tokens included)."""
     from tokenizers import Tokenizer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tpm_fed.protocol.errors import InvalidRequest
+from tpm_fed.protocol.errors import ContextLengthExceeded, InvalidRequest
 from tpm_fed.stores.protocol import ChunkingStrategy
 
 
@@ -58,8 +58,6 @@ class TokenCounter:
         Raises:
             ContextLengthExceeded: Over the encoder's context (nothing is cut off silently, nothing charged).
         """
-        from tpm_fed.protocol.errors import ContextLengthExceeded
-
         tokens = self.count(text)
         if tokens > self.text_tokens:
             raise ContextLengthExceeded(f"query: {tokens} tokens; the store's embedding model takes at most "

@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from tpm_fed.protocol.errors import ModelLoadError
+from tpm_fed.protocol.encoding import TEXT_EMBEDDING_KINDS, text_embedding_request, text_vectors
+from tpm_fed.protocol.errors import ModelLoadError, UnknownModel
+from tpm_fed.protocol.requests import ModelRef, ServingRequest
 from tpm_fed.stores.chunking import TokenCounter
+from tpm_fed.stores.engine import StoreEngine
 
 TEXTS_PER_REQUEST = 32
 """Texts per embedding request at ingestion: requests of a file go out together and are batched by the
@@ -44,7 +47,7 @@ class Embedder:
         model: ``NAME`` or ``NAME@VERSION``.
     """
 
-    def __init__(self, runtime: Any, model: str) -> None:
+    def __init__(self, runtime: StoreEngine, model: str) -> None:
         self.runtime = runtime
         self.model = model
         self._counter: TokenCounter | None = None
@@ -101,42 +104,30 @@ class Embedder:
                         sum(result.usage.prompt_tokens for result in results), results[0].site)
 
 
-def embedding_request(runtime: Any, model: str, texts: list[str], project: str) -> Any:
+def embedding_request(runtime: StoreEngine, model: str, texts: list[str], project: str) -> ServingRequest:
     """The request that embeds ``texts``: an encoder's own vectors (the ``encode`` kind) when the model is an
     encoder, else the mean of a language model's final hidden states (``embed``, as ``/v1/embeddings`` asks)."""
-    from tpm_fed.protocol.requests import EmbeddingRequest, ModelRef
-
-    if is_encoder(runtime, ModelRef.parse(model).name):
-        from tpm_fed.protocol.encoding import EncodeRequest
-
-        return EncodeRequest.create(model, texts=texts, project=project)
-    return EmbeddingRequest.create(model, texts=texts, pool="mean", project=project)
+    kinds = runtime.federation.model(ModelRef.parse(model).name).kinds
+    return text_embedding_request(model, kinds, texts, project=project)
 
 
-def is_encoder(runtime: Any, name: str) -> bool:
-    return "encode" in runtime.federation.model(name).kinds
-
-
-def default_model(runtime: Any) -> str:
+def default_model(runtime: StoreEngine) -> str:
     """The federation's first encoder; else its first model that serves ``embed``.
 
     Raises:
         UnknownModel: Neither.
     """
-    from tpm_fed.protocol.errors import UnknownModel
-
     models = runtime.federation.models
-    chosen = next((m for m in models if "encode" in m.kinds), None) or next((m for m in models if "embed" in m.kinds),
-                                                                             None)
-    if chosen is None:
-        raise UnknownModel("this federation serves no embedding model (a model with the encode or embed kind); "
-                           "name one with embedding_model")
-    return chosen.name
+    for kind in TEXT_EMBEDDING_KINDS:
+        chosen = next((m for m in models if kind in m.kinds), None)
+        if chosen is not None:
+            return chosen.name
+    raise UnknownModel("this federation serves no embedding model (a model with the encode or embed kind); "
+                       "name one with embedding_model")
 
 
 def _rows(result: Any) -> list[Any]:
-    vectors = getattr(result, "vectors", None)
-    return list(vectors) if vectors is not None else result.outputs
+    return text_vectors(result)[0]
 
 
 def _context_tokens(catalog: Any, spec: Any) -> int:

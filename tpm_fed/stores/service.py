@@ -31,6 +31,7 @@ from tpm_fed.stores.protocol import BatchFile, ChunkingStrategy, SearchBody, Sto
 from tpm_fed.stores.registry import Caller, StoreRegistry
 from tpm_fed.stores.search import Hit, search_snapshot
 from tpm_fed.stores.snapshots import Snapshot, SnapshotFiles, parse_store_ref
+from tpm_fed.stores.engine import StoreEngine
 
 SEARCH_SU = float(os.environ.get("TPM_STORE_SEARCH_SU") or 0.0025)
 """Service units one search costs, beside its query's embedding (OpenAI charges $2.50 per 1,000 file
@@ -47,7 +48,7 @@ class Stores:
         root: Where the stores' files live (``$TPM_HOME/stores``).
     """
 
-    def __init__(self, runtime: Any, read_upload: Any, root: Path) -> None:
+    def __init__(self, runtime: StoreEngine, read_upload: Any, root: Path) -> None:
         self.runtime = runtime
         self.read_upload = read_upload
         self.registry = StoreRegistry(runtime.ledger.engine)
