@@ -49,10 +49,11 @@ class ServingChat:
         request = request or self.request_for(body)
         if body.stream:
             return await self._stream(body, request, identity, _head(request, body))
-        return self.render(body, request, await serve(self.runtime, request, identity, self.observer))
+        return self.render(body, request, await serve(self.runtime, request, identity, self.observer), knowledge)
 
-    def render(self, body: ChatCompletionBody, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
-        """The route's answer for ``result`` (a batch line's too)."""
+    def render(self, body: ChatCompletionBody, request: GenerationRequest, result: GenerationResult,
+               knowledge: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The route's answer for ``result`` (a batch line's too; ``knowledge``: the stores' hits it was given)."""
         completion = result.completions[0]
         return {
             **_head(request, body),
@@ -60,7 +61,7 @@ class ServingChat:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "logprobs": None, "finish_reason": FINISH_REASONS[completion.finish_reason]}],
             "usage": usage_of(result),
-            "tpm": {**tpm_object(result, explain=body.explain), **knowledge},
+            "tpm": {**tpm_object(result, explain=body.explain), **(knowledge or {})},
         }
 
     async def _stream(self, body: ChatCompletionBody, request: GenerationRequest, identity: str,
