@@ -132,6 +132,32 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 NewTokens = Annotated[int, Field(le=MAX_NEW_TOKENS)]
 """A count of tokens to generate per prompt, at most :data:`MAX_NEW_TOKENS` (each field adds its own lower bound)."""
 
+MAX_TOP_K = 1 << 20
+"""The largest top_k worth naming (no vocabulary is larger); bounded so it stays an ordinary int64."""
+
+
+def _top_k_off_or_positive(top_k: int) -> int:
+    if top_k < -1:
+        raise ValueError(f"must be -1 or 0 (off) or at least 1, got {top_k}")
+    return max(top_k, 0)  # one spelling of off, so a request that says -1 sets nothing
+
+
+TopK = Annotated[int, Field(le=MAX_TOP_K), AfterValidator(_top_k_off_or_positive)]
+"""Sample among the k likeliest tokens; 0 or -1 is off (vLLM takes both)."""
+
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+"""Drop tokens less likely than this share of the likeliest one's probability; 0 is off."""
+
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+"""vLLM's (and transformers') repetition penalty: > 1 discourages tokens already in the prompt or
+output, 1 is off. vLLM only asks > 0; 10 bounds it where a larger one is just a token ban."""
+
+Priority = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""vLLM's scheduling priority: lower runs first (arrival breaks ties); a signed 64-bit integer."""
+
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+"""A token id."""
+
 
 class ServingRequest(BaseModel):
     """What every request shares: the model, who pays, where it may run.
@@ -205,6 +231,20 @@ class GenerationRequest(ServingRequest):
             prompt; off for a prompt rendered from a chat template, which holds them already.
         stream: Send the text back as it is made, where the site can reach the service
             (the service's back channel; see :mod:`functions.streaming`).
+
+    vLLM's own sampling extensions (its OpenAI server's names and meanings), each off by default;
+    docs/sampling.md says which backend takes which:
+
+    Attributes:
+        ignore_eos: Generate through end-of-sequence tokens, to exactly ``max_new_tokens``.
+        top_k: Sample among the k likeliest tokens (0 or -1: off).
+        min_p: Drop tokens less likely than this share of the likeliest (0: off).
+        repetition_penalty: > 1 discourages tokens already in the prompt or output (1: off).
+        stop_token_ids: Also end at these tokens (kept in the output, as vLLM does).
+        skip_special_tokens: Leave special tokens out of the text.
+        spaces_between_special_tokens: Put spaces between special tokens in the text.
+        include_stop_str_in_output: Keep the stop string that ended the text.
+        priority: The engine's scheduling priority (lower first), where its scheduler has priorities.
     """
 
     kind: Literal["generate"] = "generate"
@@ -220,11 +260,25 @@ class GenerationRequest(ServingRequest):
     backend: Literal["auto", "torch", "vllm"] | None = None
     add_special_tokens: bool = True
     stream: bool = False
+    ignore_eos: bool = False
+    top_k: TopK = 0
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=1024)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: Priority = 0
 
     _prompts_not_empty = field_validator("prompts")(classmethod(lambda cls, prompts: check_prompts(prompts)))
 
     def usage_bound(self) -> UsageBound:
         return UsageBound(prompt_token_bound(self.prompts), self.max_new_tokens * len(self.prompts))
+
+    def set_extensions(self) -> dict[str, Any]:
+        """The vLLM extensions this request sets away from their defaults, by name."""
+        return {name: getattr(self, name) for name, default in VLLM_EXTENSION_DEFAULTS.items()
+                if getattr(self, name) != default}
 
     @model_validator(mode="after")
     def _min_within_max(self) -> Self:
@@ -249,6 +303,15 @@ class GenerationRequest(ServingRequest):
     def create(cls, prompts: str | list[str], model: str | ModelRef, **params: Any) -> Self:  # type: ignore[override]
         """Build and validate a request; raise :class:`InvalidRequest` on bad input."""
         return super().create(model, prompts=[prompts] if isinstance(prompts, str) else prompts, **params)
+
+
+VLLM_EXTENSION_DEFAULTS: dict[str, Any] = {
+    "ignore_eos": False, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "stop_token_ids": [],
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
+    "priority": 0,
+}
+"""The extra sampling fields of vLLM's OpenAI server that a :class:`GenerationRequest` carries, and
+their off values (vLLM's own defaults; top_k -1 is off too)."""
 
 
 class PythonHook(BaseModel):
