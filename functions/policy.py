@@ -86,6 +86,7 @@ VARIABLES = {
     "result_retention_s": "TPM_RESULT_RETENTION_S",
     "max_session_steps": "TPM_MAX_SESSION_STEPS",
     "model_roots": "TPM_MODEL_ROOTS",
+    "model_cache": "TPM_MODEL_CACHE",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -111,6 +112,8 @@ class WorkerPolicy(BaseModel):
         result_retention_s: How long a stored result is kept.
         max_session_steps: The most steps one session may run here.
         model_roots: The folders models may be loaded from (empty: any folder).
+        model_cache: Where store versions are materialized as folders for vLLM, once per node
+            (:mod:`functions.model_cache`); None: ``~/.cache/tpm-fed/models``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -126,6 +129,7 @@ class WorkerPolicy(BaseModel):
     result_retention_s: float = Field(default=86400.0, gt=0)
     max_session_steps: int = Field(default=MAX_SESSION_STEPS, ge=1, le=MAX_SESSION_STEPS)
     model_roots: list[Path] = Field(default_factory=list)
+    model_cache: Path | None = None
 
     @field_validator("result_store")
     @classmethod
@@ -166,7 +170,7 @@ class WorkerPolicy(BaseModel):
             return True
         return origin in self.stream_hosts
 
-    @field_validator("adapter_registry")
+    @field_validator("adapter_registry", "model_cache")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         if path is not None and not path.is_absolute():
