@@ -112,7 +112,7 @@ def test_extensions_the_torch_backend_does_not_take_are_refused_by_name_for_noth
 
 @pytest.mark.parametrize("field, value", [
     ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0), ("repetition_penalty", 50.0),
-    ("stop_token_ids", [-1]), ("priority", 2**63), ("ignore_eoss", True),
+    ("stop_token_ids", [-1]), ("priority", 2**20), ("priority", -(2**20)), ("ignore_eoss", True),
 ])
 def test_out_of_bounds_extensions_are_refused_at_the_edge_by_name(service, runtime, field, value):
     before = _spent(runtime)

@@ -32,6 +32,7 @@ from typing import Any
 from tpm_fed.batches import lines
 from tpm_fed.batches.store import BatchStore, ClaimedLine
 from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
+from tpm_fed.protocol.requests import BATCH_PRIORITY, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class BatchRunner:
             try:
                 body = lines.charging(lines.parse_body(line.url, line.body), line.project)
                 request = lines.request_for(self.runtime, line.url, body)
+                if isinstance(request, GenerationRequest):  # after every interactive request, in vLLM's scheduler
+                    request = request.model_copy(update={"priority": request.priority + BATCH_PRIORITY})
                 done = next((rid for rid in line.request_ids if rid in kept), None)
                 if done is not None:  # it ran and was charged before a stop: answer from its kept result
                     built.append((line, body, request.model_copy(update={"request_id": done}),

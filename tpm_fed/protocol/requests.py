@@ -152,8 +152,18 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
 """vLLM's (and transformers') repetition penalty: > 1 discourages tokens already in the prompt or
 output, 1 is off. vLLM only asks > 0; 10 bounds it where a larger one is just a token ban."""
 
-Priority = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-"""vLLM's scheduling priority: lower runs first (arrival breaks ties); a signed 64-bit integer."""
+CALLER_PRIORITY_BOUND = 1 << 20
+"""A caller's own priority is within (-this, this)."""
+
+BATCH_PRIORITY = 1 << 21
+"""Added to a batch line's priority (:mod:`tpm_fed.batches.runner`): every batch line is scheduled after
+every interactive request, whatever priorities their callers chose."""
+
+CallerPriority = Annotated[int, Field(gt=-CALLER_PRIORITY_BOUND, lt=CALLER_PRIORITY_BOUND)]
+"""vLLM's scheduling priority as a caller sends it: lower runs first (arrival breaks ties)."""
+
+Priority = Annotated[int, Field(gt=-CALLER_PRIORITY_BOUND, lt=BATCH_PRIORITY + CALLER_PRIORITY_BOUND)]
+"""A request's scheduling priority: the caller's, plus :data:`BATCH_PRIORITY` for a batch line."""
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 """A token id."""

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpm_fed.protocol.requests import (
-    VLLM_EXTENSION_DEFAULTS, GenerationRequest, MinP, NewTokens, Priority, RepetitionPenalty, Seed, Temperature,
+    VLLM_EXTENSION_DEFAULTS, CallerPriority, GenerationRequest, MinP, NewTokens, RepetitionPenalty, Seed, Temperature,
     TokenId, TopK, TopP,
 )
 
@@ -65,7 +65,7 @@ class _Sampling(TpmParameters):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: Priority = 0
+    priority: CallerPriority = 0
 
     @field_validator("n")
     @classmethod
