@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 from tpm_fed.connection import ensure_service, from_environment
 from tpm_fed.home import TpmHome
 from tpm_fed.protocol.errors import InvalidRequest, SiteError
-from tpm_fed.protocol.kinds import KINDS
-from tpm_fed.protocol.points import PointCatalog
-from tpm_fed.protocol.quotes import Quote
-from tpm_fed.protocol.requests import EmbeddingRequest, GenerationRequest, ModelRef, ServingRequest, TraceRequest
-from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
-from tpm_fed.protocol.sessions import SessionRequest
 
+# The contract's models are imported where a method needs them: a warm `tpm submit` imports this
+# module, and the table of every kind (results, sessions, points, quotes) is most of its import time.
 if TYPE_CHECKING:
+    from tpm_fed.protocol.points import PointCatalog
+    from tpm_fed.protocol.quotes import Quote
+    from tpm_fed.protocol.requests import ModelRef, ServingRequest
+    from tpm_fed.protocol.results import EmbeddingResult, GenerationResult, ServedResult, SessionResult, TraceResult
     from tpm_fed.completion_stream import CompletionStream
     from tpm_fed.admin_client import Admin
     from tpm_fed.batches_client import Batches
@@ -87,6 +87,8 @@ class Client:
         Raises:
             InvalidRequest: A parameter is malformed (raised here; the service's refusals fail the future).
         """
+        from tpm_fed.protocol.requests import GenerationRequest
+
         return self.submit(GenerationRequest.create(prompts, model or self.default_model(), **params))
 
     def stream(self, prompt: str, model: str | None = None, **params: Any) -> CompletionStream:
@@ -99,22 +101,28 @@ class Client:
             InvalidRequest: A parameter is malformed (raised here, before anything is sent).
         """
         from tpm_fed.completion_stream import CompletionStream, completion_body
+        from tpm_fed.protocol.requests import GenerationRequest
 
         request = GenerationRequest.create(prompt, model or self.default_model(), **params)
         return CompletionStream(self._http, completion_body(request), self.url)
 
     def trace(self, prompts: str | list[str], model: str | None = None, **params: Any) -> Future[TraceResult]:
         """Run prompts while reading and writing activations (mode 3); see :class:`TraceRequest`."""
+        from tpm_fed.protocol.requests import TraceRequest
+
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return self.submit(TraceRequest.create(model or self.default_model(), prompts=prompts, **params))
 
     def session(self, steps: list[Any], model: str | None = None, **params: Any) -> Future[SessionResult]:
         """Run traces in order on one replica, in one placement; a step's ``set``/``add`` may take
         ``value_from`` what earlier steps saved (see :class:`~tpm_fed.protocol.sessions.SessionRequest`)."""
+        from tpm_fed.protocol.sessions import SessionRequest
+
         return self.submit(SessionRequest.create(model or self.default_model(), steps=steps, **params))
 
     def embed(self, inputs: list[Any], model: str | None = None, **params: Any) -> Future[EmbeddingResult]:
         """Run the caller's data through their adapters and the shared core (mode 2)."""
+        from tpm_fed.protocol.requests import EmbeddingRequest
         from tpm_fed.protocol.tensors import TensorData
 
         try:
@@ -125,6 +133,9 @@ class Client:
 
     def submit(self, request: ServingRequest) -> Future[ServedResult]:
         """Send a built request of any kind; the future resolves with its result or its typed error."""
+        from tpm_fed.protocol.kinds import KINDS
+        from tpm_fed.protocol.requests import ServingRequest
+
         if self._closed:
             raise RuntimeError("this Client is closed")
         if not isinstance(request, ServingRequest):
@@ -132,6 +143,8 @@ class Client:
         return self._pool.submit(self._serve, request)
 
     def _serve(self, request: ServingRequest) -> ServedResult:
+        from tpm_fed.protocol.kinds import KINDS
+
         answer = self._call("POST", "/tpm/v1/requests", json=request.to_wire())
         result = KINDS[request.kind].result.from_wire(answer)
         if getattr(result, "tensors_ref", None) is not None:
@@ -148,10 +161,15 @@ class Client:
 
     def quote(self, request: ServingRequest) -> Quote:
         """The most ``request`` would be charged and when it would be done (nothing is reserved or run)."""
+        from tpm_fed.protocol.quotes import Quote
+
         return Quote.from_wire(self._call("POST", "/tpm/v1/quotes", json=request.to_wire()))
 
     def points(self, model: str | None = None) -> PointCatalog:
         """Every hookable point of ``model`` with its shape."""
+        from tpm_fed.protocol.points import PointCatalog
+        from tpm_fed.protocol.requests import ModelRef
+
         name = str(ModelRef.parse(model)) if model else str(self.default_model())
         return PointCatalog.model_validate(self._call("GET", f"/tpm/v1/models/{name}/points"))
 
@@ -160,6 +178,8 @@ class Client:
         return self._call("GET", "/v1/models")["data"]
 
     def default_model(self) -> ModelRef:
+        from tpm_fed.protocol.requests import ModelRef
+
         models = self.models()
         if not models:
             raise SiteError(f"the service at {self.url} serves no models")

@@ -24,7 +24,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.identity import LocalUser
 
 logger = logging.getLogger(__name__)
@@ -102,6 +101,10 @@ class TpmHome:
         bar), one project holding the local user with an allocation at the
         site and, beside them, the database, created on first use.
         """
+        # Imported here, not at the top: every warm `tpm submit` imports this module to find the
+        # home's service, and the federation's models (the whole request contract) are not needed for that.
+        from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+
         demo_dir = self.models_dir / DEMO_MODEL_NAME
         if not self.federation_file.exists():
             self.create()
@@ -124,5 +127,7 @@ class TpmHome:
             make_demo_model(demo_dir, progress=progress)
 
     def _federation_uses(self, model_dir: Path) -> bool:
+        from tpm_fed.federation import Federation
+
         federation = Federation.load(self.federation_file)
         return any(model.path == model_dir.resolve() for model in federation.models)

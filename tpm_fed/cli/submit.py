@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from tpm_fed.client import Client
 from tpm_fed.protocol.errors import PlacementRefused
 from tpm_fed.protocol.requests import GenerationRequest
-from tpm_fed.protocol.results import GenerationResult
+
+if TYPE_CHECKING:  # a streamed answer (the default) never builds one: not imported for it
+    from tpm_fed.protocol.results import GenerationResult
 
 
 @click.command()
