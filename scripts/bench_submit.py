@@ -3,7 +3,7 @@
 Stages, each timed on its own (medians of ``--runs``), on a home whose service and replica are warm:
 
 * interpreter start: ``python -c pass``;
-* imports: ``python -c "import tpm_fed.cli; import tpm_fed.cli.submit"``, less the start;
+* imports: ``python -c "import tpm_fed.cli, tpm_fed.cli.submit, httpx"`` (the client imports httpx when it connects), less the start;
 * find the service: ``service.json``, its pid, and ``GET /health`` (``running_service``);
 * ``GET /v1/models``: the default model and whether a replica is warm;
 * the request: the streamed completion of 8 tokens, to its last event.
@@ -69,7 +69,7 @@ def main() -> None:
             log(f"  run {run + 1}/{args.runs}")
             start = wall([sys.executable, "-c", "pass"], env)
             stages["interpreter start"].append(start)
-            stages["imports"].append(wall([sys.executable, "-c", "import tpm_fed.cli; import tpm_fed.cli.submit"],
+            stages["imports"].append(wall([sys.executable, "-c", "import tpm_fed.cli, tpm_fed.cli.submit, httpx"],
                                           env) - start)
             began = time.perf_counter()
             address = running_service(home)

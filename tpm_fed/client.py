@@ -87,7 +87,7 @@ class Client:
         Raises:
             InvalidRequest: A parameter is malformed (raised here; the service's refusals fail the future).
         """
-        from tpm_fed.protocol.requests import GenerationRequest
+        from tpm_fed.protocol.generation import GenerationRequest
 
         return self.submit(GenerationRequest.create(prompts, model or self.default_model(), **params))
 
@@ -101,7 +101,7 @@ class Client:
             InvalidRequest: A parameter is malformed (raised here, before anything is sent).
         """
         from tpm_fed.completion_stream import CompletionStream, completion_body
-        from tpm_fed.protocol.requests import GenerationRequest
+        from tpm_fed.protocol.generation import GenerationRequest
 
         request = GenerationRequest.create(prompt, model or self.default_model(), **params)
         return CompletionStream(self._http, completion_body(request), self.url)
@@ -168,7 +168,7 @@ class Client:
     def points(self, model: str | None = None) -> PointCatalog:
         """Every hookable point of ``model`` with its shape."""
         from tpm_fed.protocol.points import PointCatalog
-        from tpm_fed.protocol.requests import ModelRef
+        from tpm_fed.protocol.generation import ModelRef
 
         name = str(ModelRef.parse(model)) if model else str(self.default_model())
         return PointCatalog.model_validate(self._call("GET", f"/tpm/v1/models/{name}/points"))
@@ -178,7 +178,7 @@ class Client:
         return self._call("GET", "/v1/models")["data"]
 
     def default_model(self) -> ModelRef:
-        from tpm_fed.protocol.requests import ModelRef
+        from tpm_fed.protocol.generation import ModelRef
 
         models = self.models()
         if not models:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tpm_fed.protocol.errors import SiteError
-from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.generation import GenerationRequest
 
 _BODY_FIELDS = {  # GenerationRequest field -> /v1/completions body field
     "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",

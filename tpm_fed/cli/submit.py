@@ -10,7 +10,7 @@ import click
 
 from tpm_fed.client import Client
 from tpm_fed.protocol.errors import PlacementRefused
-from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.generation import GenerationRequest
 
 if TYPE_CHECKING:  # a streamed answer (the default) never builds one: not imported for it
     from tpm_fed.protocol.results import GenerationResult
