@@ -92,6 +92,7 @@ VARIABLES = {
     "max_session_steps": "TPM_MAX_SESSION_STEPS",
     "model_roots": "TPM_MODEL_ROOTS",
     "torch_device": "TPM_TORCH_DEVICE",
+    "model_cache": "TPM_MODEL_CACHE",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -118,6 +119,8 @@ class WorkerPolicy(BaseModel):
         max_session_steps: The most steps one session may run here.
         model_roots: The folders models may be loaded from (empty: any folder).
         torch_device: Where the torch backend runs models (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+        model_cache: Where store versions are materialized as folders for vLLM, once per node
+            (:mod:`functions.model_cache`); None: ``~/.cache/tpm-fed/models``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -134,6 +137,7 @@ class WorkerPolicy(BaseModel):
     max_session_steps: int = Field(default=MAX_SESSION_STEPS, ge=1, le=MAX_SESSION_STEPS)
     model_roots: list[Path] = Field(default_factory=list)
     torch_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
+    model_cache: Path | None = None
 
     @field_validator("result_store")
     @classmethod
@@ -174,7 +178,7 @@ class WorkerPolicy(BaseModel):
             return True
         return origin in self.stream_hosts
 
-    @field_validator("adapter_registry")
+    @field_validator("adapter_registry", "model_cache")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         if path is not None and not path.is_absolute():

@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=0.25)
     parser.add_argument("--max-batch", type=int, default=64, help="the site's max_batch_requests (task size)")
     parser.add_argument("--backend", choices=["torch", "vllm"], default="vllm")
+    parser.add_argument("--demo-dir", type=Path, default=None,
+                        help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
     args = parser.parse_args()
 
     from tpm_fed.client import Client
@@ -48,8 +50,13 @@ def main() -> None:
     print(f"bench_batch_priority: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-") as scratch:
         scratch = Path(scratch)
-        log("making the demo model...")
-        home = bench_home(scratch / "home", make_demo_model(scratch / "demo", progress=False), backend=args.backend)
+        model_dir = scratch / "demo"
+        if args.demo_dir:
+            __import__("shutil").copytree(args.demo_dir, model_dir)
+        else:
+            log("making the demo model...")
+            make_demo_model(model_dir, progress=False)
+        home = bench_home(scratch / "home", model_dir, backend=args.backend)
         federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
         sites = [site.model_copy(update={"max_batch_requests": args.max_batch}) for site in federation.sites]
         federation.model_copy(update={"sites": sites}).dump(home.federation_file)

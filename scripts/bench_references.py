@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--only", default="fetch,memory,session")
     parser.add_argument("--megabytes", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--demo-dir", type=Path, default=None,
+                        help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
     args = parser.parse_args()
     only = set(args.only.split(","))
 
@@ -179,8 +181,14 @@ def main() -> None:
     print(f"bench_references: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-refs-") as scratch:
         scratch = Path(scratch)
-        log("making the demo model...")
-        model_dir = make_demo_model(scratch / "demo", progress=False)
+        model_dir = scratch / "demo"
+        if args.demo_dir:
+            import shutil
+
+            shutil.copytree(args.demo_dir, model_dir)
+        else:
+            log("making the demo model...")
+            make_demo_model(model_dir, progress=False)
         home = bench_home(scratch / "home", model_dir, backend="torch", kinds=("generate", "trace"))
         with tpm_serve(home) as (url, headers):
             token = headers["Authorization"].split()[1]

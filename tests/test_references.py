@@ -85,7 +85,7 @@ def test_the_service_streams_a_reference_to_its_owner_only(runtime, service, big
     with httpx.Client(base_url=service.url, headers=service.headers, timeout=60) as http:
         streamed = http.get(path)
         assert streamed.status_code == 200
-        assert streamed.headers["x-tpm-sha256"] == result.tensors_ref.sha256
+        assert streamed.headers["x-tpm-blake3"] == result.tensors_ref.blake3
         chunks = list(ServiceReader(http)._download(result.request_id, result.tensors_ref))
     stored = b"".join(get_chunks(connector_for(result.tensors_ref.store), result.tensors_ref))
     assert streamed.content == b"".join(chunks) == stored

@@ -21,7 +21,7 @@ from typing import Any
 
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.http_errors import error_from_body
-from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.generation import GenerationRequest
 
 _BODY_FIELDS = {  # GenerationRequest field -> /v1/completions body field
     "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",

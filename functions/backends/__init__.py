@@ -29,9 +29,7 @@ def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:
         return spec.backend, []
     from functions.backends.vllm_backend import vllm_support
 
-    if spec.source == "store":
-        why_not = "vllm loads model directories, and this version lives in the model store"
-    elif vllm_missing():
+    if vllm_missing():
         why_not = VLLM_MISSING
     else:
         why_not = vllm_support(_architecture(spec))
@@ -85,6 +83,10 @@ def load_backend(spec: ModelSpec, backend: str) -> Backend:
 
 
 def _architecture(spec: ModelSpec) -> str | None:
+    if spec.source == "store":  # vLLM serves it from a folder made of the version (functions.model_cache)
+        from tpm_fed.protocol.store_reader import StoreReader
+
+        return (StoreReader(Path(spec.path)).config_json(spec.version).get("architectures") or [None])[0]
     config = Path(spec.path) / "config.json"
     try:
         architectures = json.loads(config.read_text()).get("architectures") or [None]

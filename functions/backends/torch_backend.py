@@ -1,8 +1,9 @@
 """The torch backend: transformers ``AutoModelForCausalLM`` from a local directory.
 
 Requests that can share a forward pass are batched: all greedy requests go
-together, sampled ones together when their temperature and top_p agree
-(and in both cases only with the same min_new_tokens). A
+together, sampled ones together when their temperature, top_p, top_k and
+min_p agree (and in both cases only with the same min_new_tokens,
+ignore_eos and repetition_penalty). A
 request with a seed runs alone so its samples do not depend on who else was
 in the batch. Prompts are left-padded with an attention mask, as
 ``model.generate`` expects for decoder-only models.
@@ -17,13 +18,24 @@ from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
 from functions.backends.stopping import finish_row
-from tpm_fed.protocol.errors import ModelLoadError
+from tpm_fed.protocol.errors import InvalidRequest, ModelLoadError
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import Completion
 
 MAX_ROWS_PER_CALL = 64
 """Rows handed to one ``generate`` call; larger groups are split."""
+
+VLLM_ONLY = {
+    "stop_token_ids": "stop token ids",
+    "skip_special_tokens": "special tokens in the text (skip_special_tokens false)",
+    "spaces_between_special_tokens": "special tokens without spaces (spaces_between_special_tokens false)",
+    "include_stop_str_in_output": "the stop string kept in the text (include_stop_str_in_output)",
+}
+"""vLLM's extensions this backend does not take, refused by name: each would need its own rule in
+the cut of a padded row and in the streamed deltas, and none is needed by vLLM's benchmark client.
+(ignore_eos, top_k, min_p, repetition_penalty and min_tokens are implemented; priority is taken and
+has nothing to reorder: a task's whole batch runs in one ``generate``.)"""
 
 
 class TorchBackend:
@@ -111,6 +123,18 @@ class TorchBackend:
         return cls(model, tokenizer)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
+        """Tokenize, after refusing the vLLM extensions this backend does not take (by name).
+
+        Raises:
+            InvalidRequest: The request sets one of :data:`VLLM_ONLY`.
+            ContextLengthExceeded: A prompt plus max_new_tokens does not fit.
+        """
+        refused = [name for name in VLLM_ONLY if name in request.set_extensions()]
+        if refused:
+            raise InvalidRequest(
+                f"{', '.join(refused)}: the torch backend does not take "
+                f"{'; '.join(VLLM_ONLY[name] for name in refused)}; the vllm backend does "
+                f"(send backend: vllm, on a model vLLM serves)")
         return encode_request(self.tokenizer, request, self.context_length)
 
     def generate(self, batch: list[EncodedRequest], channel: Any = None) -> list[list[Completion]]:
@@ -142,7 +166,7 @@ class TorchBackend:
 
         deltas = TextDeltas([(r.request_id, prompt, r.max_new_tokens, r.stop) if r.stream else None
                              for r, prompt in zip(requests, prompts, strict=True)],
-                            self._decode, self.eos_token_ids)
+                            self._decode, self._ends(requests[0]))
         row_ids = [r.request_id for r in requests]
 
         class Streamer(BaseStreamer):
@@ -192,10 +216,15 @@ class TorchBackend:
             attention_mask[row, width - len(ids) :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         sampling: dict[str, Any] = {"do_sample": False}
-        if not first.greedy:
-            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
+        if not first.greedy:  # top_k and min_p narrow sampling only, as in vLLM
+            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p,
+                        "top_k": first.top_k, "min_p": first.min_p or None}
             if first.seed is not None:
                 torch.manual_seed(first.seed)
+        if first.repetition_penalty != 1.0:  # greedy too, as in vLLM; over prompt and output tokens
+            sampling["repetition_penalty"] = first.repetition_penalty
+        if first.ignore_eos:  # as vLLM: end-of-sequence tokens are generated like any other, not suppressed
+            sampling["eos_token_id"] = []
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
@@ -213,12 +242,16 @@ class TorchBackend:
                 output[row, width:].tolist(),
                 # A row whose caller left keeps the tokens made until then (and is charged for them).
                 max_new_tokens=min(request.max_new_tokens, stopped_at.get(row, request.max_new_tokens)),
-                eos_token_ids=self.eos_token_ids,
+                eos_token_ids=self._ends(request),
                 stop=request.stop,
                 decode=self._decode,
             )
             for row, request in enumerate(requests)
         ]
+
+    def _ends(self, request: GenerationRequest) -> set[int]:
+        """The tokens that end a row of this request: none with ignore_eos."""
+        return set() if request.ignore_eos else self.eos_token_ids
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -245,6 +278,6 @@ def _compatible_groups(batch: list[EncodedRequest]) -> dict[tuple, list[tuple[in
         elif request.seed is not None:
             key = ("seeded", request.request_id)
         else:
-            key = ("sampled", request.temperature, request.top_p)
-        groups[(request.min_new_tokens, *key)].append((index, item))
+            key = ("sampled", request.temperature, request.top_p, request.top_k, request.min_p)
+        groups[(request.min_new_tokens, request.ignore_eos, request.repetition_penalty, *key)].append((index, item))
     return groups

@@ -58,10 +58,10 @@ class VllmBackend:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> VllmBackend:
-        """Start a vLLM engine on ``spec.path``.
+        """Start a vLLM engine on ``spec.path`` (a store version: on this node's verified folder of it).
 
         Raises:
-            ModelLoadError: vLLM could not start on this model.
+            ModelLoadError: vLLM could not start on this model, or a store version's bytes are not its own.
         """
         # Both must be set before vllm is first imported in this process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -70,6 +70,13 @@ class VllmBackend:
         from vllm import LLM
 
         path = Path(spec.path)
+        if spec.source == "store":
+            from functions.model_cache import default_cache, materialized_version
+            from functions.policy import current_policy
+            from tpm_fed.protocol.store_reader import StoreReader
+
+            path = materialized_version(StoreReader(path), spec.version,
+                                        current_policy().model_cache or default_cache())
         threads = torch.get_num_threads()
         on_gpu = torch.cuda.is_available()
         try:
@@ -80,6 +87,9 @@ class VllmBackend:
                 seed=0,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "mp",
+                # Requests carry a priority (batch lines a lower one: tpm_fed/batches/runner.py), so an
+                # interactive request is scheduled before waiting batch lines; equal priorities stay FCFS.
+                scheduling_policy="priority",
                 # CUDA graphs pay off on GPUs; on CPU eager mode is what vLLM supports best.
                 enforce_eager=not on_gpu,
                 disable_log_stats=True,
@@ -103,13 +113,15 @@ class VllmBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, params = [], []
+        prompts, params, priorities = [], [], []
         for item in batch:
             sampling = _sampling_params(SamplingParams, item.request)
             for ids in item.prompt_ids:
                 prompts.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(sampling)
-        outputs = iter(self.llm.generate(prompts, sampling_params=params, use_tqdm=False))
+                priorities.append(item.request.priority)
+        outputs = iter(self.llm.generate(prompts, sampling_params=params, use_tqdm=False,
+                                         **({"priority": priorities} if any(priorities) else {})))
         return [[self._completion(next(outputs)) for _ in item.prompt_ids] for item in batch]
 
     def _generate_live(self, batch: list[EncodedRequest], live: Any) -> list[list[Completion]]:
@@ -140,7 +152,8 @@ class VllmBackend:
             sampling = self._live_sampling(item.request)
             for index, ids in enumerate(item.prompt_ids):
                 engine_id = f"tpm-{item.request.request_id}-{index}"  # unique per row
-                engine.add_request(engine_id, TokensPrompt(prompt_token_ids=ids), sampling.clone())
+                engine.add_request(engine_id, TokensPrompt(prompt_token_ids=ids), sampling.clone(),
+                                   priority=item.request.priority)
                 rows[engine_id] = (running, index)
             live.started(item)
             return running
@@ -241,14 +254,20 @@ class _Running:
 
 
 def _sampling_params(factory: Any, request: GenerationRequest) -> Any:
-    """Our request's sampling fields, mapped one to one onto vLLM's."""
+    """Our request's sampling fields, mapped one to one onto vLLM's (the extensions are vLLM's own names)."""
     return factory(
         max_tokens=request.max_new_tokens,
         min_tokens=request.min_new_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
-        top_k=0,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        ignore_eos=request.ignore_eos,
+        stop_token_ids=request.stop_token_ids or None,
+        include_stop_str_in_output=request.include_stop_str_in_output,
         seed=request.seed,
         stop=request.stop or None,
-        skip_special_tokens=True,
+        skip_special_tokens=request.skip_special_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens,
     )

@@ -36,7 +36,7 @@ from tpm_fed.batches.store import BatchStore, ClaimedLine
 from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
 from tpm_fed.protocol.http_errors import http_error
 from tpm_fed.protocol.kinds import KINDS
-from tpm_fed.protocol.requests import ServingRequest
+from tpm_fed.protocol.requests import BATCH_PRIORITY, ServingRequest
 from tpm_fed.protocol.results import ChargeInfo, ServedResult
 from tpm_fed.state.schema import MICRO
 
@@ -167,6 +167,8 @@ class BatchRunner:
             try:
                 body = charging(self.routes.parse_body(line.url, line.body), line.project)
                 request = self.routes.request_for(line.url, body)
+                if "priority" in type(request).model_fields:  # after every interactive request, in vLLM's scheduler
+                    request = request.model_copy(update={"priority": request.priority + BATCH_PRIORITY})
                 done = next((rid for rid in line.request_ids if rid in kept), None)
                 if done is not None:  # it ran and was charged before a stop: answer from its kept result
                     built.append((line, body, request.model_copy(update={"request_id": done}),

@@ -12,7 +12,7 @@ from tpm_fed.client import Client
 from tpm_fed.completion_stream import CompletionStream, completion_body
 from tpm_fed.protocol.errors import PlacementRefused
 from tpm_fed.protocol.model import BackendChoice
-from tpm_fed.protocol.requests import GenerationRequest
+from tpm_fed.protocol.generation import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 
 

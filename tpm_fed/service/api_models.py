@@ -15,7 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpm_fed.protocol.model import BackendChoice
-from tpm_fed.protocol.requests import GenerationRequest, NewTokens, Seed, Temperature, TopP
+from tpm_fed.protocol.requests import (
+    VLLM_EXTENSION_DEFAULTS, CallerPriority, GenerationRequest, MinP, NewTokens, RepetitionPenalty, Seed, Temperature,
+    TokenId, TopK, TopP,
+)
 from tpm_fed.stores.protocol import ChatFileSearch
 
 
@@ -54,6 +57,17 @@ class _Sampling(TpmParameters):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: NewTokens = Field(default=0, ge=0)  # vLLM's extension: no end before this many tokens
+    # vLLM's other sampling extensions, as its OpenAI server takes them (null: its default). Their
+    # bounds are the contract's; whether a backend takes them is the backend's (docs/sampling.md).
+    ignore_eos: bool = False
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=1024)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: CallerPriority = 0
 
     @field_validator("n")
     @classmethod
@@ -83,11 +97,13 @@ class _Sampling(TpmParameters):
 
     def generation_fields(self, max_new_tokens: int) -> dict[str, Any]:
         """The fields of a :class:`GenerationRequest` these parameters set."""
+        extensions = {name: default if getattr(self, name) is None else getattr(self, name)
+                      for name, default in VLLM_EXTENSION_DEFAULTS.items()}
         return {
             "max_new_tokens": max_new_tokens, "min_new_tokens": self.min_tokens,
             "temperature": self.temperature, "top_p": self.top_p,
             "seed": self.seed, "stop": self.stops(), "backend": self.backend, "project": self.project,
-            "location": self.location, "site": self.site,
+            "location": self.location, "site": self.site, **extensions,
         }
 
 

@@ -76,7 +76,9 @@ def tensors(request_id: str, request: Request, identity: str = Depends(identity_
     reference, chunks = runtime.references.open(request_id)  # expired or missing: refused here
     first = next(chunks, b"")
     return StreamingResponse(itertools.chain([first], chunks), media_type="application/octet-stream",
-                             headers={"Content-Length": str(reference.nbytes), "X-Tpm-Sha256": reference.sha256})
+                             headers={"Content-Length": str(reference.nbytes), **(
+                                 {"X-Tpm-Blake3": reference.blake3} if reference.blake3 else
+                                 {"X-Tpm-Sha256": reference.sha256})})
 
 
 @router.get("/usage")

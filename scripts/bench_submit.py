@@ -1,0 +1,98 @@
+"""Where a warm ``tpm submit --max-tokens 8`` spends its time, and its median wall time.
+
+Stages, each timed on its own (medians of ``--runs``), on a home whose service and replica are warm:
+
+* interpreter start: ``python -c pass``;
+* imports: ``python -c "import tpm_fed.cli, tpm_fed.cli.submit, httpx"`` (the client imports httpx when it connects), less the start;
+* find the service: ``service.json``, its pid, and ``GET /health`` (``running_service``);
+* ``GET /v1/models``: the default model and whether a replica is warm;
+* the request: the streamed completion of 8 tokens, to its last event.
+
+Then the whole command, ``tpm submit "The cell" --max-tokens 8``, run ``--runs`` times as a user
+runs it (a new process each time): its median is the figure (target: <= 0.3 s).
+
+Usage:
+    python scripts/bench_submit.py [--runs 15] [--demo-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import log, machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TPM = [sys.executable, "-c", "from tpm_fed.cli import main; main()"]
+
+
+def wall(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--demo-dir", type=Path, default=None,
+                        help="a trained demo model folder to copy (default: the first call trains one)")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="tpm-bench-submit-"))
+    env = {**os.environ, "TPM_HOME": str(root)}
+    env.pop("TPM_URL", None)
+    if args.demo_dir:
+        (root / "models").mkdir(parents=True)
+        shutil.copytree(args.demo_dir, root / "models" / "demo-llama")
+    started_on = machine()
+    try:
+        log("first call: starts the service and the replica...")
+        cold = wall([*TPM, "submit", "The cell", "--max-tokens", "8"], env)
+        wall([*TPM, "submit", "The cell", "--max-tokens", "8"], env)
+        stages: dict[str, list[float]] = {name: [] for name in (
+            "interpreter start", "imports", "find the service (/health)", "GET /v1/models", "the request (8 tokens)")}
+        whole: list[float] = []
+        from tpm_fed.client import Client
+        from tpm_fed.connection import running_service
+        from tpm_fed.home import TpmHome
+
+        home = TpmHome(root)
+        for run in range(args.runs):
+            log(f"  run {run + 1}/{args.runs}")
+            start = wall([sys.executable, "-c", "pass"], env)
+            stages["interpreter start"].append(start)
+            stages["imports"].append(wall([sys.executable, "-c", "import tpm_fed.cli, tpm_fed.cli.submit, httpx"],
+                                          env) - start)
+            began = time.perf_counter()
+            address = running_service(home)
+            stages["find the service (/health)"].append(time.perf_counter() - began)
+            with Client(address.url, address.token) as client:
+                began = time.perf_counter()
+                client.models()
+                stages["GET /v1/models"].append(time.perf_counter() - began)
+                began = time.perf_counter()
+                "".join(client.stream("The cell", max_new_tokens=8))
+                stages["the request (8 tokens)"].append(time.perf_counter() - began)
+            whole.append(wall([*TPM, "submit", "The cell", "--max-tokens", "8"], env))
+    finally:
+        subprocess.run([*TPM, "service", "stop"], env=env, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"started {started_on}; ended {machine()}")
+    print(f"warm `tpm submit \"The cell\" --max-tokens 8`, medians of {args.runs} runs:")
+    for name, samples in stages.items():
+        print(f"  {name:30s} {statistics.median(samples) * 1000:8.1f} ms")
+    print(f"  {'sum of the stages':30s} {sum(statistics.median(s) for s in stages.values()) * 1000:8.1f} ms")
+    print(f"whole command, median:           {statistics.median(whole) * 1000:8.1f} ms  (target <= 300 ms; "
+          f"min {min(whole) * 1000:.0f}, max {max(whole) * 1000:.0f}); the first (cold) call: {cold:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
