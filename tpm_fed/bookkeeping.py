@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from tpm_fed.broker import Admission, Broker
 from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.federation import Price
-from tpm_fed.ledger import Metered, price_usu
+from tpm_fed.ledger import Metered, node_ms_used, price_usu
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ChargeInfo, ServedResult, SessionResult
 from tpm_fed.references.records import ReferenceRecords
@@ -168,8 +168,12 @@ class Bookkeeper:
                 outcomes[request_id] = outcome = outcome.model_copy(update={"tensors_ref": adopted})
                 references.append((request_id, admission.site, adopted))
             if isinstance(outcome, ServedResult):
+                # Every node of a multi-node replica is charged: its starts and its time.
+                nodes = self.broker.placer.nodes(admission.request.model, admission.site)
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
-                               outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)
+                               outcome.usage.activation_bytes, cold_start=not outcome.replica.warm, nodes=nodes,
+                               node_ms=node_ms_used(nodes, outcome.timings.load_s, outcome.timings.run_s,
+                                                    outcome.replica.batch_size))
                 lines[request_id] = charge_lines(outcome, price, used)
                 settle.append((request_id, used, sum(lines[request_id])))
             else:
@@ -253,10 +257,11 @@ class Bookkeeper:
 
 def charge_lines(outcome: ServedResult, price: Price, used: Metered) -> list[int]:
     """Micro-SUs per charge line: one for most results (``used``), one per step of a session (the
-    first carries a cold start), each rounded up on its own so the lines add up to the charge exactly."""
+    first carries the cold start and the node time), each rounded up on its own so the lines add up to the charge exactly."""
     if not isinstance(outcome, SessionResult):
         return [price_usu(price, used)]
     cold = not outcome.replica.warm
+    first = {"cold_start": cold, "nodes": used.nodes, "node_ms": used.node_ms}  # the start and the time: once
     return [price_usu(price, Metered(step.usage.prompt_tokens, step.usage.completion_tokens,
-                                     step.usage.activation_bytes, cold_start=cold and index == 0))
+                                     step.usage.activation_bytes, **(first if index == 0 else {})))
             for index, step in enumerate(outcome.steps)]
