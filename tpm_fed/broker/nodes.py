@@ -72,3 +72,10 @@ def node_fit(model: ModelConfig, site: SiteConfig) -> NodeFit:
         return NodeFit(fit.nodes, per_node, unit,
                        refusal=f"needs {fit.describe(model)}; site {site.name} gives blocks of {block} node{plural}")
     return fit
+
+
+def mpi_resource_specification(model: ModelConfig, fit: NodeFit) -> dict[str, int]:
+    """What a task asks an MPI engine (Globus Compute's ``GlobusMPIEngine``, Parsl's ``MPIExecutor``)
+    for one replica: its nodes and its ranks, so the task's ``$PARSL_MPI_PREFIX`` starts every rank."""
+    ranks = model.world_size
+    return {"num_nodes": fit.nodes, "num_ranks": ranks, "ranks_per_node": math.ceil(ranks / fit.nodes)}
