@@ -69,3 +69,129 @@ def test_the_layers_are_cut_evenly_and_a_point_names_its_stage():
     assert plan.holds(0, "lm_head.weight") and not plan.holds(1, "lm_head.weight")
     with pytest.raises(InvalidRequest):
         StagePlan.even(2, 3)
+
+
+# -- traces whose points live on either stage ------------------------------------------------------
+
+from tpm_fed.interventions import (  # noqa: E402
+    Ablate, Add, FromSaved, Inject, LogitLens, Patch, Reduce, Save, SavedTerm, Scale, SessionStep, Set)
+from tpm_fed.protocol.requests import TraceRequest  # noqa: E402
+from tpm_fed.protocol.tensors import TensorData  # noqa: E402
+
+CLEAN, CORRUPT = "The cell divides and the", "The star divides and the"
+SECOND_STAGE = ["model.layers.2", "model.layers.3.mlp.input", "model.layers.3.self_attn.heads[1]",
+                "model.layers.2.self_attn.heads[*]", "model.layers.3.post_attention_layernorm"]
+FIRST_STAGE = ["model.embed_tokens", "model.layers.0", "model.layers.1.mlp", "model.norm", "lm_head"]
+
+
+def _trace(backend, prompts, **fields):
+    from functions.policy import WorkerPolicy
+
+    tracer = backend.tracer
+    request = TraceRequest.create("demo-llama", prompts=prompts, **fields)
+    return tracer.execute(request, tracer.tokenize(request), policy=WorkerPolicy())
+
+
+def _same(split_tensors, whole_tensors):
+    assert split_tensors.keys() == whole_tensors.keys()
+    for name, tensor in whole_tensors.items():
+        assert split_tensors[name].dtype == tensor.dtype, name
+        assert (split_tensors[name].float() - tensor.float()).abs().max().item() <= 1e-5, name
+
+
+def test_saves_on_either_stage_equal_one_process(split, whole):
+    steps = [Save(point=p) for p in FIRST_STAGE + SECOND_STAGE]
+    (split_t, split_r), (whole_t, whole_r) = _trace(split, [CLEAN, "Stars"], steps=steps), \
+        _trace(whole, [CLEAN, "Stars"], steps=steps)
+    _same(split_t, whole_t)
+    assert split_r["usage"] == whole_r["usage"]
+
+
+def test_the_logit_lens_over_both_stages_equals_one_process(split, whole):
+    lens = {"logit_lens": LogitLens(top_k=5, positions=[-1, 1])}
+    (split_t, split_r), (whole_t, whole_r) = _trace(split, [CLEAN, "Stars"], **lens), \
+        _trace(whole, [CLEAN, "Stars"], **lens)
+    _same(split_t, whole_t)
+    assert split_r["vocab"] == whole_r["vocab"]
+
+
+def test_a_patch_on_the_first_stage_changes_the_second_stages_output_as_on_one_process(split, whole):
+    steps = [Patch(point="model.layers.1", source=0, positions=[1, 2]), Save(point="model.layers.3", prompts=[1]),
+             Save(point="lm_head", prompts=[1])]
+    split_t, _ = _trace(split, [CLEAN, CORRUPT], steps=steps)
+    whole_t, _ = _trace(whole, [CLEAN, CORRUPT], steps=steps)
+    plain_t, _ = _trace(split, [CLEAN, CORRUPT], steps=steps[1:])
+    _same(split_t, whole_t)
+    assert not torch_equal(split_t["1:lm_head.output"], plain_t["1:lm_head.output"])  # the patch did something
+
+
+def test_edits_on_the_second_stage_at_every_generated_token_equal_one_process(split, whole):
+    import torch
+
+    value = TensorData.of((torch.arange(128, dtype=torch.float32) / 64).numpy())
+    steps = [Set(point="model.layers.2.mlp", positions=[0], value=value),
+             Add(point="model.layers.3", value=value, generated=True),
+             Scale(point="model.layers.2.self_attn.heads[3]", factor=0.5, generated=True),
+             Ablate(point="model.layers.3.self_attn.heads[0]", positions=[-1]),
+             Inject(point="model.layers.2", text=" river", scale=2.0, positions=[-1]),
+             Patch(point="model.layers.3.mlp.input", source=0, positions=[-1]),
+             Save(point="model.layers.3", generated=True, reduce=Reduce(op="mean")),
+             Save(point="model.layers.2.self_attn.heads[*]", name="heads", reduce=Reduce(op="norm"))]
+    (split_t, split_r), (whole_t, whole_r) = (_trace(backend, [CLEAN, CORRUPT], steps=steps, max_new_tokens=6)
+                                              for backend in (split, whole))
+    _same(split_t, whole_t)
+    assert split_r["completions"] == whole_r["completions"]
+
+
+def test_a_session_steering_at_the_second_stage_equals_one_process(split, whole):
+    from functions.interventions.session import run_session
+    from functions.policy import WorkerPolicy
+    from tpm_fed.protocol.sessions import SessionRequest
+
+    session = SessionRequest.create("demo-llama", steps=[
+        SessionStep(name="read", prompts=["the bright sky", "the dark sky"],
+                    steps=[Save(point="model.layers.3", name="h", reduce=Reduce(op="mean"))]),
+        SessionStep(name="steer", prompts=["The telescope observed the"], max_new_tokens=8,
+                    steps=[Add(point="model.layers.2", generated=True, value_from=FromSaved(terms=[
+                        SavedTerm(step="read", save="h", prompt=0, weight=4.0),
+                        SavedTerm(step="read", save="h", prompt=1, weight=-4.0)]))])])
+    split_t, split_r = run_session(split.tracer, session, policy=WorkerPolicy())
+    whole_t, whole_r = run_session(whole.tracer, session, policy=WorkerPolicy())
+    _same(split_t, whole_t)
+    assert split_r["steps"][1]["completions"] == whole_r["steps"][1]["completions"]
+
+
+def test_what_a_split_replica_cannot_trace_yet_is_refused_typed_and_it_serves_on(split, whole):
+    from tpm_fed.interventions import AttentionLens, AttentionPatterns
+
+    with pytest.raises(InvalidRequest, match="split into pipeline stages"):
+        _trace(split, [CLEAN], attention_patterns=AttentionPatterns())
+    with pytest.raises(InvalidRequest, match="later pipeline stage"):
+        _trace(split, [CLEAN], attention_lens=AttentionLens(layers=[3]))
+    assert _answer(split, max_new_tokens=8) == _answer(whole, max_new_tokens=8)
+
+
+def test_only_what_was_asked_for_crosses_stages(split):
+    """A save of 2 rows at the second stage brings back those rows, not the hidden states of the pass."""
+    from functions.multinode import wire
+
+    seen = []
+    original = wire.receive
+
+    def spy(source):
+        message = original(source)
+        seen.append({name: tuple(t.shape) for name, t in message.tensors.items()})
+        return message
+
+    wire.receive = spy
+    try:
+        _trace(split, [CLEAN], steps=[Save(point="model.layers.3", positions=[0, -1])])
+    finally:
+        wire.receive = original
+    assert seen[-1] == {"save/0:model.layers.3.output": (2, 128)}  # TRACE_END: the two rows asked for
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

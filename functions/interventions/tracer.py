@@ -203,11 +203,17 @@ class _Run:
             if patterns:
                 self.model.set_attn_implementation(previous)
 
+    def _holds(self, module_name: str) -> bool:
+        """Whether this process holds ``module_name`` (a split replica's stage holds only some)."""
+        return True
+
     def _register(self) -> list[Any]:
         handles = [self.model.register_forward_pre_hook(self._count)]
         by_target: dict[tuple[str, str], list[_Bound]] = defaultdict(list)
         for item in self.bound:
             point = item.point
+            if not self._holds(point.module):
+                continue
             if point.head is not None:
                 by_target[(self.catalog.attention[point.module].out_projection, "input")].append(item)
             else:
@@ -222,7 +228,7 @@ class _Run:
         lens_layers = set()
         if self.request.logit_lens is not None:
             lens_layers = {self._layer_index(i) for i in self.request.logit_lens.layers or range(len(self.catalog.layers))}
-        for index in sorted(lens_layers):
+        for index in sorted(i for i in lens_layers if self._holds(self.catalog.layers[i])):
             module = self.model.get_submodule(self.catalog.layers[index])
             handles.append(module.register_forward_hook(self._capture(self.layer_outputs, index)))
         if self.request.attention_lens is not None:
@@ -325,12 +331,7 @@ class _Run:
     def reply(self, outputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         import torch
 
-        reductions = {step.key: step.reduce for step in self.request.steps if step.op == "save" and step.reduce}
-        tensors: dict[str, Any] = {}
-        for name, parts in self.saved.items():
-            saved = torch.cat(parts, dim=0)
-            reduce = reductions.get(name.split(":", 1)[1])
-            tensors[name] = saved if reduce is None else _reduced(saved, reduce)
+        tensors = saved_tensors(self.saved, self.request.steps)
         vocab_ids: set[int] = set()
         if self.request.logit_lens is not None:
             vocab_ids |= self._logit_lens(tensors)
@@ -426,6 +427,20 @@ class _Run:
     def _attention_layers(self) -> list[int]:
         lens = self.request.attention_lens
         return sorted({self._layer_index(i) for i in lens.layers or range(len(self.catalog.layers))})
+
+
+def saved_tensors(saved: dict[str, list[Any]], steps: list[Any]) -> dict[str, Any]:
+    """What the saves recorded (``PROMPT:KEY`` -> rows, prompt phase then each generated token),
+    one tensor each, reduced where its step asked."""
+    import torch
+
+    reductions = {step.key: step.reduce for step in steps if step.op == "save" and step.reduce}
+    tensors: dict[str, Any] = {}
+    for name, parts in saved.items():
+        whole = torch.cat(parts, dim=0)
+        reduce = reductions.get(name.split(":", 1)[1])
+        tensors[name] = whole if reduce is None else _reduced(whole, reduce)
+    return tensors
 
 
 def _reduced(saved, reduce):

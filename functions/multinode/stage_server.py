@@ -15,6 +15,7 @@ logit lens's rows at its layers.
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from typing import Any
 
 from functions.multinode import wire
@@ -39,6 +40,13 @@ class StageServer:
         self.cache_id = 0
         self.trace: Any = None  # functions.multinode.split_trace.StageTrace while a trace runs
         self.stopped = False  # told to stop (else: a neighbour was lost)
+
+    @cached_property
+    def catalog(self):
+        """The whole architecture's points (a trace's steps here are checked against it on rank 0)."""
+        from functions.multinode.split_trace import full_catalog
+
+        return full_catalog(self.model)
 
     def serve(self) -> None:
         """Loop until ``STOP``; returns quietly when a neighbour is gone."""
