@@ -68,6 +68,7 @@ class ModelCatalog:
             dtype=config.dtype,
             tensor_parallel_size=config.tensor_parallel_size,
             pipeline_parallel_size=config.pipeline_parallel_size,
+            accelerators=config.accelerators,
         )
         return ResolvedModel(spec=spec, context_length=int(context))
 
@@ -80,7 +81,8 @@ class ModelCatalog:
         spec = ModelSpec(
             name=config.name, version=version, path=str(store.root), backend=config.backend,
             dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
-            pipeline_parallel_size=config.pipeline_parallel_size, source="store",
+            pipeline_parallel_size=config.pipeline_parallel_size, accelerators=config.accelerators,
+            source="store",
         )
         return ResolvedModel(spec=spec, context_length=int(context))
 

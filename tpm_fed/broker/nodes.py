@@ -14,8 +14,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
-from tpm_fed.federation import ModelConfig, SiteConfig
+from tpm_fed.federation import SiteConfig
+
+
+class Split(Protocol):
+    """How a model is split: the federation's :class:`~tpm_fed.federation.ModelConfig`, or the
+    :class:`~tpm_fed.protocol.model.ModelSpec` a task carries."""
+
+    name: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    accelerators: int
+
+    @property
+    def world_size(self) -> int: ...
 
 
 def nodes_needed(tensor_parallel: int, pipeline_parallel: int, ranks_per_node: int) -> int:
@@ -49,14 +63,14 @@ class NodeFit:
     unit: str
     refusal: str | None = None
 
-    def describe(self, model: ModelConfig) -> str:
+    def describe(self, model: Split) -> str:
         """"2 nodes of 4 GPUs (TP 4 x PP 2)"."""
         plural = "s" if self.nodes != 1 else ""
         return (f"{self.nodes} node{plural} of {self.ranks_per_node} {self.unit} "
                 f"(TP {model.tensor_parallel_size} x PP {model.pipeline_parallel_size})")
 
 
-def node_fit(model: ModelConfig, site: SiteConfig) -> NodeFit:
+def node_fit(model: Split, site: SiteConfig) -> NodeFit:
     """Whether ``site`` can give one replica of ``model`` the nodes it needs, and how many."""
     uses_accelerators = model.accelerators > 0
     per_node = site.accelerators_per_node if uses_accelerators else site.nodes.processes_per_node
@@ -74,7 +88,7 @@ def node_fit(model: ModelConfig, site: SiteConfig) -> NodeFit:
     return fit
 
 
-def mpi_resource_specification(model: ModelConfig, fit: NodeFit) -> dict[str, int]:
+def mpi_resource_specification(model: Split, fit: NodeFit) -> dict[str, int]:
     """What a task asks an MPI engine (Globus Compute's ``GlobusMPIEngine``, Parsl's ``MPIExecutor``)
     for one replica: its nodes and its ranks, so the task's ``$PARSL_MPI_PREFIX`` starts every rank."""
     ranks = model.world_size

@@ -24,6 +24,8 @@ class ModelSpec(BaseModel):
         pipeline_parallel_size: Stages the layers are split into, one rank group each; a
             replica has ``tensor_parallel_size x pipeline_parallel_size`` ranks, over as many
             nodes as the site needs for them (:func:`tpm_fed.broker.nodes.nodes_needed`).
+        accelerators: Accelerators the replica uses, all ranks together (0: it runs on CPU, a rank
+            per process).
         source: ``dir``: ``path`` is a Hugging Face directory whose content hash is
             the version; ``store``: ``path`` is a model store root, and the
             version is a manifest id in it.
@@ -38,6 +40,7 @@ class ModelSpec(BaseModel):
     dtype: DType = "float32"
     tensor_parallel_size: int = Field(default=1, ge=1, le=1024)
     pipeline_parallel_size: int = Field(default=1, ge=1, le=1024)
+    accelerators: int = Field(default=0, ge=0)
     source: Literal["dir", "store"] = "dir"
 
     @property
