@@ -199,3 +199,37 @@ def test_settled_node_time_counts_every_node_and_a_cold_start_per_node():
     two = price_usu(price, Metered(cold_start=True, nodes=2, node_ms=node_ms_used(2, 2.0, 8.0, batch_size=2)))
     assert one == SU // 2 + 5_000 * 1000 // 1000  # half of 10 s at 1 milli-SU per node-second, plus one start
     assert two == 2 * one
+
+
+# -- the command line says it ------------------------------------------------------------------------------
+
+def test_tpm_submit_explain_says_why_a_site_was_refused_and_the_quote_names_both_nodes(tmp_path, demo_model_dir,
+                                                                                       monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from tests.service_helpers import tpm_in_process
+    from tpm_fed.federation import ModelConfig, Nodes, ProjectConfig, SiteConfig
+    from tpm_fed.home import TpmHome
+    from tpm_fed.identity import LocalUser
+
+    home = TpmHome(tmp_path / "home")
+    shutil.copytree(demo_model_dir, home.models_dir / "demo")
+    Federation(
+        sites=[SiteConfig(name="small"),
+               SiteConfig(name="big", nodes=Nodes(max_nodes_per_block=2, launcher="local-processes"))],
+        models=[ModelConfig(name="split", path=Path("models") / "demo", backend="torch", pipeline_parallel_size=2)],
+        projects=[ProjectConfig(name="lab", members=[LocalUser().current()], allocations={"small": 10, "big": 10})],
+    ).dump(home.federation_file)
+
+    quoted = tpm_in_process(home.root, monkeypatch, "submit", "The cell", "--model", "split", "--quote", "--explain")
+    assert quoted.exit_code == 0, quoted.output
+    assert "on big, a new replica (cold start) on 2 nodes, all charged" in quoted.output
+    assert ("small: new replica on 2 nodes: out: needs 2 nodes of 1 processes (TP 1 x PP 2); "
+            "site small gives blocks of 1 node") in quoted.output
+
+    refused = tpm_in_process(home.root, monkeypatch, "submit", "The cell", "--model", "split", "--site", "small",
+                             "--explain")
+    assert refused.exit_code != 0
+    assert ("cannot be hosted on site 'small': needs 2 nodes of 1 processes (TP 1 x PP 2); "
+            "site small gives blocks of 1 node") in refused.output

@@ -253,8 +253,9 @@ class Placer:
                     excluded=f"project {request.project!r} has no allocation there (or they are byo sites of others)",
                 ))
             hosts = usable
-            mine = {s.name for s in self._usable[request.project]}
-            too_small = [(s, why) for s, why in too_small if s.name in mine]
+            if too_small:
+                mine = {s.name for s in self._usable[request.project]}
+                too_small = [(s, why) for s, why in too_small if s.name in mine]
         # Sites the project could use but that cannot give the model's nodes: say why, each.
         candidates.extend(Candidate(s.name, None, excluded=why, nodes=self.nodes(request.model, s.name))
                           for s, why in too_small)
