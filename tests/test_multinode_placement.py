@@ -127,7 +127,8 @@ def test_a_replica_is_placed_only_where_a_block_holds_all_its_nodes(tmp_path_fac
         return
     chosen = fed.site(decision.chosen.site)
     assert chosen.name in fitting
-    assert decision.chosen.nodes == nodes_needed(tp, pp, chosen.accelerators_per_node) <= chosen.nodes.max_nodes_per_block
+    nodes = nodes_needed(tp, pp, chosen.accelerators_per_node)
+    assert decision.chosen.nodes == nodes <= chosen.nodes.max_nodes_per_block
     assert {c.site for c in decision.candidates if c.excluded} == {s["name"] for s in sites} - fitting
 
 

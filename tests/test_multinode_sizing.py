@@ -19,7 +19,8 @@ def test_the_docs_hold_exactly_the_computed_table():
     assert table == sizing_table()
 
 
-@pytest.mark.parametrize("sizing", sizings(), ids=lambda s: f"{s.model}-{s.precision}-{s.gpu_gb:.0f}GB-x{s.gpus_per_node}")
+@pytest.mark.parametrize("sizing", sizings(),
+                         ids=lambda s: f"{s.model}-{s.precision}-{s.gpu_gb:.0f}GB-x{s.gpus_per_node}")
 def test_each_row_holds_its_weights_with_the_headroom_and_no_node_to_spare(sizing):
     usable = sizing.gpu_gb * (1 - HEADROOM)
     assert sizing.weights_gb == sizing.parameters * BYTES_PER_PARAMETER[sizing.precision] / 1e9

@@ -337,7 +337,8 @@ class Placer:
                     "Use the declarative spec and registered adapters on shared sites")
         small = sorted(r for r in reasons if r and r.startswith(TOO_SMALL))
         if small and all(r and r.startswith((TOO_SMALL, "project", "byo site")) for r in reasons):
-            return f"model {request.model!r} cannot be hosted on any site project {request.project!r} may use: {small[0]}"
+            return (f"model {request.model!r} cannot be hosted on any site project {request.project!r} may use: "
+                    f"{small[0]}")
         if all(r and r.startswith(("project", "byo site")) for r in reasons):
             return f"project {request.project!r} may not spend at any site that serves {request.model!r}"
         if all(r and (r.startswith(("balance", "project", "byo"))) for r in reasons):
