@@ -195,3 +195,34 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_the_core_on_callers_embeddings_crosses_both_stages_as_on_one_process(split, whole):
+    """Mode 2 (``embed``): the core run on embeddings of uneven lengths, as the embed handler runs it."""
+    import torch
+
+    from functions.adapters.embed import _core
+
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randn(length, 128, generator=generator) for length in (5, 2, 7)]
+    with torch.no_grad():
+        split_states, whole_states = _core(split.model, sequences), _core(whole.model, sequences)
+    for mine, theirs in zip(split_states, whole_states, strict=True):
+        assert (mine - theirs).abs().max().item() <= 1e-5
+
+
+def test_streamed_text_of_two_stages_equals_one_process(split, whole):
+    class Channel:  # the back channel's surface a backend uses (functions.streaming.BackChannel)
+        def __init__(self):
+            self.cancelled, self.sent = set(), []
+
+        def send(self, deltas):
+            self.sent.append(deltas)
+
+    streamed = []
+    request = GenerationRequest.create(PROMPTS, "demo-llama", max_new_tokens=10, stream=True)
+    for backend in (split, whole):
+        channel = Channel()
+        backend.generate([backend.encode(request)], channel)
+        streamed.append(channel.sent)
+    assert streamed[0] == streamed[1] and len(streamed[0]) >= 10

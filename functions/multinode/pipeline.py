@@ -37,6 +37,7 @@ class Pipeline:
         self._lock = threading.Lock()  # one exchange at a time: replies are matched by order
         self.exchanges = 0
         self.wait_s = 0.0  # time spent in send/recv: the other stages' compute plus the transport
+        self.stages_s = 0.0  # of which the other stages' own compute (they report it)
 
     def exchange(self, message: wire.Message) -> wire.Message:
         """Send ``message`` around the ring and return what the last rank sends back.
@@ -58,6 +59,7 @@ class Pipeline:
             finally:
                 self.exchanges += 1
                 self.wait_s += time.perf_counter() - started
+        self.stages_s += float(reply.meta.get("stage_s", 0.0))
         if reply.op == wire.FAILED:
             raise RuntimeError(f"stage {reply.meta.get('stage')} raised: {reply.meta.get('error')}")
         return reply

@@ -15,6 +15,7 @@ logit lens's rows at its layers.
 from __future__ import annotations
 
 import logging
+import time
 from functools import cached_property
 from typing import Any
 
@@ -99,6 +100,7 @@ class StageServer:
         position_ids = message.tensors["position_ids"]
         if self.trace is not None:
             self.trace.calls += 1
+        started = time.perf_counter()
         with torch.no_grad():
             embeddings = self.rotary(hidden, position_ids=position_ids)
             for layer in self.layers:
@@ -106,5 +108,7 @@ class StageServer:
                                position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
-        return wire.Message(wire.FORWARD, message.meta, {**message.tensors, "hidden": hidden}
+        # Each stage adds its compute time, so rank 0 can tell compute from transport (scripts/bench_multinode.py).
+        meta = {**message.meta, "stage_s": message.meta.get("stage_s", 0.0) + time.perf_counter() - started}
+        return wire.Message(wire.FORWARD, meta, {**message.tensors, "hidden": hidden}
                             if self.next != 0 else {"hidden": hidden})
