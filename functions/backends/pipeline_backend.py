@@ -45,10 +45,15 @@ class PipelineBackend(TorchBackend):
         Raises:
             ModelLoadError: This stage or another rank could not load (the others are stopped).
         """
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        from functions.multinode.stage_model import load_stage
+        from functions.multinode.stage_model import load_stage, stage_plan
 
+        try:
+            config = AutoConfig.from_pretrained(Path(spec.path))
+        except Exception as error:  # transformers raises many types for a bad folder
+            raise ModelLoadError(f"model {spec.name!r}: cannot read its config: {type(error).__name__}") from None
+        stage_plan(spec, config)  # a split this model cannot take is refused before any rank starts
         launcher = launcher or launcher_here()
         world_size = spec.pipeline_parallel_size
         launcher.start(spec, world_size)
