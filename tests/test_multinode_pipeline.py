@@ -115,6 +115,16 @@ def test_the_logit_lens_over_both_stages_equals_one_process(split, whole):
     assert split_r["vocab"] == whole_r["vocab"]
 
 
+def test_the_attention_lens_over_both_stages_equals_one_process(split, whole):
+    from tpm_fed.interventions import AttentionLens
+
+    for lens in (AttentionLens(layers=[1, 3, 2], positions=[-1, 0], top_k=4), AttentionLens(heads=[2, 0])):
+        (split_t, split_r), (whole_t, whole_r) = _trace(split, [CLEAN, "Stars"], attention_lens=lens), \
+            _trace(whole, [CLEAN, "Stars"], attention_lens=lens)
+        _same(split_t, whole_t)
+        assert split_r["vocab"] == whole_r["vocab"]
+
+
 def test_a_patch_on_the_first_stage_changes_the_second_stages_output_as_on_one_process(split, whole):
     steps = [Patch(point="model.layers.1", source=0, positions=[1, 2]), Save(point="model.layers.3", prompts=[1]),
              Save(point="lm_head", prompts=[1])]
@@ -162,12 +172,10 @@ def test_a_session_steering_at_the_second_stage_equals_one_process(split, whole)
 
 
 def test_what_a_split_replica_cannot_trace_yet_is_refused_typed_and_it_serves_on(split, whole):
-    from tpm_fed.interventions import AttentionLens, AttentionPatterns
+    from tpm_fed.interventions import AttentionPatterns
 
     with pytest.raises(InvalidRequest, match="split into pipeline stages"):
         _trace(split, [CLEAN], attention_patterns=AttentionPatterns())
-    with pytest.raises(InvalidRequest, match="later pipeline stage"):
-        _trace(split, [CLEAN], attention_lens=AttentionLens(layers=[3]))
     assert _answer(split, max_new_tokens=8) == _answer(whole, max_new_tokens=8)
 
 

@@ -234,6 +234,8 @@ class _Run:
         if self.request.attention_lens is not None:
             for index in self._attention_layers():
                 name, info = self.catalog.attention_of(index)
+                if not self._holds(info.out_projection):
+                    continue
                 module = self.model.get_submodule(info.out_projection)
                 handles.append(module.register_forward_pre_hook(self._capture_input(self.head_inputs, index)))
         return handles
@@ -395,18 +397,22 @@ class _Run:
             indexes = [pad + i for i in resolve_positions(lens.positions, length, "attention_lens")]
             per_layer = []
             for layer in layers:
-                _, info = self.catalog.attention_of(layer)
-                heads = lens.heads or list(range(info.heads))  # in range: check_spec saw to it
-                weight = self.model.get_submodule(info.out_projection).weight
-                z = self.head_inputs[layer][prompt, indexes].view(len(indexes), info.heads, info.head_dim)
-                contributions = torch.stack([
-                    z[:, head] @ weight[:, head * info.head_dim:(head + 1) * info.head_dim].T for head in heads
-                ])
-                per_layer.append(contributions)
+                per_layer.append(self._head_contributions(layer, prompt, indexes, lens.heads))
             ids, probs = self._decode_top(torch.stack(per_layer), lens.top_k)
             tensors[f"{prompt}:attention_lens.ids"], tensors[f"{prompt}:attention_lens.probs"] = ids, probs
             seen |= set(ids.flatten().tolist())
         return seen
+
+    def _head_contributions(self, layer: int, prompt: int, indexes: list[int], heads: list[int] | None):
+        """What each head of ``layer`` adds to the residual stream at ``indexes`` of ``prompt``: [heads, positions, hidden]."""
+        import torch
+
+        _, info = self.catalog.attention_of(layer)
+        heads = heads or list(range(info.heads))  # in range: check_spec saw to it
+        weight = self.model.get_submodule(info.out_projection).weight
+        z = self.head_inputs[layer][prompt, indexes].view(len(indexes), info.heads, info.head_dim)
+        return torch.stack([z[:, head] @ weight[:, head * info.head_dim:(head + 1) * info.head_dim].T
+                            for head in heads])
 
     def _completions(self, sequences):
         from functions.backends.stopping import finish_row

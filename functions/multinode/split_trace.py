@@ -12,8 +12,9 @@ positions at that stage's layers (decoded on rank 0, which holds the final norm
 and unembedding). A patch or edit on stage 0 changes the hidden states that
 cross to stage 1, exactly as on one process.
 
-Not on later stages yet (refused, typed): attention patterns, the attention lens,
-and callers' python hooks.
+The attention lens of a later stage's layer is computed there too (each head's
+contribution at the lens positions) and decoded on rank 0. Not on later stages
+yet (refused, typed): attention patterns and callers' python hooks.
 """
 
 from __future__ import annotations
@@ -81,11 +82,6 @@ class SplitTracer(Tracer):
         if request.attention_patterns is not None:
             raise InvalidRequest("attention_patterns are not returned by a replica split into pipeline stages "
                                  "(yet); ask a one-node replica")
-        if request.attention_lens is not None:
-            layers = request.attention_lens.layers or range(len(self.catalog.layers))
-            for index in layers:
-                if self.plan.stage_of(self.catalog.layer(index)) != 0:
-                    raise InvalidRequest(f"attention_lens: layer {index} {later}; not supported there yet")
         for hook in request.python_hooks:
             if self.plan.stage_of(Point.parse(hook.point).module) != 0:
                 raise InvalidRequest(f"python hook at {hook.point}: the point {later}; not supported there yet")
@@ -103,24 +99,36 @@ class _SplitRun(_Run):
             return []
         return sorted({self._layer_index(i) for i in lens.layers or range(len(self.catalog.layers))})
 
-    def lens_rows(self) -> dict[int, list[int]]:
-        """Prompt -> the rows (in the padded batch) the logit lens reads."""
+    def lens_rows(self, lens: Any = None, label: str = "logit_lens") -> dict[int, list[int]]:
+        """Prompt -> the rows (in the padded batch) a lens reads (the logit lens unless named)."""
         from functions.interventions.positions import resolve_positions
 
-        lens = self.request.logit_lens
-        return {prompt: [pad + i for i in resolve_positions(lens.positions, length, "logit_lens")]
+        lens = lens or self.request.logit_lens
+        return {prompt: [pad + i for i in resolve_positions(lens.positions, length, label)]
                 for prompt, (pad, length) in enumerate(zip(self.pads, self.lengths, strict=True))}
+
+    def attention_lens_layers(self) -> list[int]:
+        return self._attention_layers() if self.request.attention_lens is not None else []
+
+    def _head_contributions(self, layer, prompt, indexes, heads):
+        if self.tracer.plan.stage_of(self.catalog.layers[layer]) == 0:
+            return super()._head_contributions(layer, prompt, indexes, heads)
+        return self.remote_heads[(layer, prompt)]
 
     def take(self, found: dict[str, Any]) -> None:
         """The later stages' saves and lens rows, put where the one-process run keeps its own."""
         import torch
 
         self.remote: dict[str, Any] = {}
+        self.remote_heads: dict[tuple[int, int], Any] = {}
         rows = self.lens_rows() if self.request.logit_lens is not None else {}
         for name, tensor in found.items():
             kind, _, rest = name.partition("/")
             if kind == "save":
                 self.remote[rest] = tensor
+            elif kind == "heads":  # one layer's head contributions for one prompt, computed on its stage
+                layer, prompt = (int(part) for part in rest.split("/"))
+                self.remote_heads[(layer, prompt)] = tensor
             elif kind == "lens":  # [rows of every prompt, hidden] -> a [batch, width, hidden] the lens indexes
                 layer = int(rest)
                 full = torch.zeros(len(self.lengths), self.width, tensor.shape[-1], dtype=tensor.dtype)
@@ -158,19 +166,31 @@ def _begin_message(plan, run: _SplitRun, bound: list[_Bound]) -> wire.Message:
         stage = plan.stage_of(run.catalog.layers[layer])
         if stage != 0:
             lens.setdefault(str(stage), []).append(layer)
+    heads: dict[str, list[int]] = {}
+    for layer in run.attention_lens_layers():
+        stage = plan.stage_of(run.catalog.layers[layer])
+        if stage != 0:
+            heads.setdefault(str(stage), []).append(layer)
+    attention_lens = run.request.attention_lens
     meta = {"prompt_lengths": run.lengths, "steps": steps, "lens": lens,
-            "lens_rows": {str(p): r for p, r in run.lens_rows().items()} if lens else {}}
+            "lens_rows": {str(p): r for p, r in run.lens_rows().items()} if lens else {},
+            "heads": heads, "heads_of": attention_lens.heads if heads else None,
+            "heads_rows": ({str(p): r for p, r in run.lens_rows(attention_lens, "attention_lens").items()}
+                           if heads else {})}
     return wire.Message(wire.TRACE_BEGIN, meta, tensors)
 
 
 class StageTrace:
     """A trace's steps on one later rank: hooks on its modules while the trace runs."""
 
-    def __init__(self, server: Any, run: _Run, lens_rows: dict[int, list[int]], handles: list[Any]) -> None:
+    def __init__(self, server: Any, run: _Run, lens_rows: dict[int, list[int]], handles: list[Any],
+                 heads_rows: dict[int, list[int]], heads_of: list[int] | None) -> None:
         self.server = server
         self.run = run
         self.lens_rows = lens_rows
         self.handles = handles
+        self.heads_rows = heads_rows
+        self.heads_of = heads_of
 
     @property
     def calls(self) -> int:
@@ -198,8 +218,10 @@ class StageTrace:
                           value=message.tensors.get(f"value/{wired['index']}"))
             bound.append(item)
         run = _StageRun(server, bound, meta["prompt_lengths"])
-        handles = run.register_stage([int(layer) for layer in meta["lens"].get(stage, [])])
-        return cls(server, run, {int(p): r for p, r in meta["lens_rows"].items()}, handles)
+        handles = run.register_stage([int(layer) for layer in meta["lens"].get(stage, [])],
+                                     [int(layer) for layer in meta["heads"].get(stage, [])])
+        return cls(server, run, {int(p): r for p, r in meta["lens_rows"].items()}, handles,
+                   {int(p): r for p, r in meta["heads_rows"].items()}, meta["heads_of"])
 
     def finish(self) -> dict[str, Any]:
         import torch
@@ -209,6 +231,9 @@ class StageTrace:
         found = {f"save/{name}": t for name, t in saved_tensors(self.run.saved, self.run.steps).items()}
         for layer, hidden in self.run.layer_outputs.items():
             found[f"lens/{layer}"] = torch.cat([hidden[prompt, rows] for prompt, rows in sorted(self.lens_rows.items())])
+        for layer in self.run.head_inputs:
+            for prompt, rows in self.heads_rows.items():
+                found[f"heads/{layer}/{prompt}"] = self.run._head_contributions(layer, prompt, rows, self.heads_of)
         return found
 
 
@@ -234,7 +259,7 @@ class _StageRun(_Run):
         self.layer_outputs: dict[int, Any] = {}
         self.head_inputs: dict[int, Any] = {}
 
-    def register_stage(self, lens_layers: list[int]) -> list[Any]:
+    def register_stage(self, lens_layers: list[int], head_layers: list[int]) -> list[Any]:
         from collections import defaultdict
 
         handles = []
@@ -254,5 +279,9 @@ class _StageRun(_Run):
         for layer in lens_layers:  # after the edits: the lens reads what they left
             module = self.model.get_submodule(self.catalog.layers[layer])
             handles.append(module.register_forward_hook(self._capture(self.layer_outputs, layer)))
+        for layer in head_layers:  # the heads side by side, where they enter the output projection
+            _, info = self.catalog.attention_of(layer)
+            module = self.model.get_submodule(info.out_projection)
+            handles.append(module.register_forward_pre_hook(self._capture_input(self.head_inputs, layer)))
         return handles
 
