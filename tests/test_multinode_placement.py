@@ -229,6 +229,10 @@ def test_tpm_submit_explain_says_why_a_site_was_refused_and_the_quote_names_both
     assert ("small: new replica on 2 nodes: out: needs 2 nodes of 1 processes (TP 1 x PP 2); "
             "site small gives blocks of 1 node") in quoted.output
 
+    listed = tpm_in_process(home.root, monkeypatch, "models")
+    [row] = [line for line in listed.output.splitlines() if line.startswith("split ")]
+    assert row.endswith("big:2 (too small: small)")
+
     refused = tpm_in_process(home.root, monkeypatch, "submit", "The cell", "--model", "split", "--site", "small",
                              "--explain")
     assert refused.exit_code != 0

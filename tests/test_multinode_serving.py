@@ -69,6 +69,8 @@ def test_a_two_stage_replica_answers_as_one_process_and_both_nodes_are_charged(t
         whole = runtime.submit(ask("whole")).result(600)
         split = runtime.submit(ask("split")).result(600)
         again = runtime.submit(ask("split")).result(600)  # the split replica stays warm
+        card = {c["id"]: c["tpm"] for c in runtime.model_cards()}["split"]
+        assert (card["sites"], card["nodes"], card["pipeline_parallel_size"]) == ({"local": "hot"}, {"local": 2}, 2)
         # Stage 2 runs in one more process, which the serving worker started (others' tests may run ranks too).
         ranks = [pid for pid, parent in rank_processes().items() if parent == split.replica.pid]
         assert len(ranks) == 1
@@ -93,3 +95,7 @@ def test_a_site_with_one_node_blocks_refuses_the_split_model_and_charges_nothing
         with pytest.raises(PlacementRefused, match="needs 2 nodes of 1 processes .*site local gives blocks of 1 node"):
             runtime.submit(GenerationRequest.create(PROMPTS, "split", max_new_tokens=4)).result(60)
         assert runtime.ledger.statement() == [] and runtime.broker.registry.all() == []
+        cards = {c["id"]: c["tpm"] for c in runtime.model_cards()}  # GET /v1/models says where each can run
+        assert cards["whole"]["nodes"] == {"local": 1} and "unplaceable" not in cards["whole"]
+        assert cards["split"]["nodes"] == {} and cards["split"]["unplaceable"] == {
+            "local": "needs 2 nodes of 1 processes (TP 1 x PP 2); site local gives blocks of 1 node"}

@@ -189,6 +189,10 @@ class Placer:
         fit = self._fits.get((model, site))
         return fit.nodes if fit is not None else 1
 
+    def too_small(self, model: str) -> dict[str, str]:
+        """The sites that may list ``model`` but cannot give it its nodes, with why."""
+        return {site.name: why for site, why in self._too_small.get(model, [])}
+
     def node_time_usu(self, request: PlacementRequest, site: SiteConfig) -> int:
         """The most node time ``request`` can be charged at ``site``: all the replica's nodes, the task timeout."""
         price = self.federation.prices.of(request.kind)
