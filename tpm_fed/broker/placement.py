@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tpm_fed.broker.nodes import NodeFit, node_fit
+from tpm_fed.broker.nodes import node_fit
 from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.ledger.pricing import node_time_bound_usu
 from tpm_fed.protocol.kinds import KINDS
@@ -158,19 +158,27 @@ class Placer:
         self.federation = federation
         self.sites: dict[str, SiteConfig] = {s.name: s for s in federation.sites}
         self._hosts: dict[str, list[SiteConfig]] = {}
-        self._fits: dict[tuple[str, str], NodeFit] = {}  # (model, site) -> nodes a replica holds there
+        # Only what differs from one node per replica is kept, so a federation of one-node models
+        # (the usual case, thousands of sites) places as fast as before multi-node replicas.
+        self._multi: dict[str, dict[str, int]] = {}  # model -> {site: nodes a replica holds there, when > 1}
         self._too_small: dict[str, list[tuple[SiteConfig, str]]] = {}  # model -> sites that cannot, and why
         for model in federation.models:
             allowed = set(model.sites) or set(self.sites)
-            self._hosts[model.name], self._too_small[model.name] = [], []
-            for s in federation.sites:
-                if s.name not in allowed:
-                    continue
-                fit = self._fits[(model.name, s.name)] = node_fit(model, s)
+            sites = [s for s in federation.sites if s.name in allowed]
+            self._too_small[model.name] = []
+            if model.world_size == 1 and model.accelerators == 0:  # one CPU rank: any site, one node
+                self._hosts[model.name] = sites
+                continue
+            self._hosts[model.name] = []
+            for s in sites:
+                fit = node_fit(model, s)
+                if fit.nodes > 1:
+                    self._multi.setdefault(model.name, {})[s.name] = fit.nodes
                 if fit.refusal is None:
                     self._hosts[model.name].append(s)
                 else:
                     self._too_small[model.name].append((s, fit.refusal))
+        self._node_hour = {kind: federation.prices.of(kind).per_node_hour for kind in KINDS}
         self._host_names = {model: {s.name for s in sites} for model, sites in self._hosts.items()}
         self._kinds = {model.name: set(model.kinds) for model in federation.models}
         # Sites each project may spend at (granted, or its own): with a thousand
@@ -186,8 +194,8 @@ class Placer:
 
     def nodes(self, model: str, site: str) -> int:
         """Nodes one replica of ``model`` holds at ``site`` (1 for a model the federation does not list)."""
-        fit = self._fits.get((model, site))
-        return fit.nodes if fit is not None else 1
+        multi = self._multi.get(model)
+        return multi.get(site, 1) if multi else 1
 
     def too_small(self, model: str) -> dict[str, str]:
         """The sites that may list ``model`` but cannot give it its nodes, with why."""
@@ -195,9 +203,9 @@ class Placer:
 
     def node_time_usu(self, request: PlacementRequest, site: SiteConfig) -> int:
         """The most node time ``request`` can be charged at ``site``: all the replica's nodes, the task timeout."""
-        price = self.federation.prices.of(request.kind)
-        if not price.per_node_hour:
+        if not self._node_hour[request.kind]:
             return 0
+        price = self.federation.prices.of(request.kind)
         return node_time_bound_usu(price, self.nodes(request.model, site.name), site.task_timeout_s)
 
     def warm_usu(self, request: PlacementRequest, site: SiteConfig) -> int:
@@ -243,6 +251,8 @@ class Placer:
         hosts = self.hosts(request.model)
         candidates: list[Candidate] = []
         too_small = self._too_small.get(request.model, [])
+        multi = self._multi.get(request.model)  # None: one node everywhere
+        simple = multi is None and not self._node_hour[request.kind]  # costs as before multi-node replicas
         if request.site is not None:
             hosts = [s for s in hosts if s.name == request.site]
             too_small = [(s, why) for s, why in too_small if s.name == request.site]
@@ -265,7 +275,7 @@ class Placer:
                           for s, why in too_small)
         eligible: dict[str, tuple[bool, SiteConfig]] = {}
         for site in hosts:
-            reason, free = self._site_exclusion(request, site, available_usu, site_problem)
+            reason, free = self._site_exclusion(request, site, available_usu, site_problem, simple)
             if reason:
                 candidates.append(Candidate(site.name, None, excluded=reason))
             else:
@@ -282,8 +292,9 @@ class Placer:
                 continue
             candidates.append(Candidate(
                 site.name, replica.replica_id, score_s=queue_s + replica.service_s + network_s,
-                queue_s=queue_s, network_s=network_s, cost_usu=0 if free else self.warm_usu(request, site),
-                free=free, nodes=self.nodes(request.model, site.name),
+                queue_s=queue_s, network_s=network_s,
+                cost_usu=0 if free else request.estimate_usu if simple else self.warm_usu(request, site),
+                free=free, nodes=multi.get(site.name, 1) if multi else 1,
             ))
         for name, (free, site) in eligible.items():
             replaces = None
@@ -295,11 +306,13 @@ class Placer:
                     continue
                 replaces = victim.replica_id
             network_s = self.latency_s(request.location, site)
-            cold_s = self.cold_start_s(request.model, site)
+            cold_s = site.cold_start_s if multi is None else self.cold_start_s(request.model, site)
+            cost = (0 if free else request.estimate_usu + request.cold_start_usu if simple
+                    else self.cold_usu(request, site))
             candidates.append(Candidate(
                 name, None, score_s=cold_s + DEFAULT_SERVICE_S + network_s, network_s=network_s,
-                cold_s=cold_s, cost_usu=0 if free else self.cold_usu(request, site),
-                free=free, replaces=replaces, nodes=self.nodes(request.model, name),
+                cold_s=cold_s, cost_usu=cost, free=free, replaces=replaces,
+                nodes=multi.get(name, 1) if multi else 1,
             ))
 
         usable = [c for c in candidates if c.excluded is None]
@@ -307,7 +320,7 @@ class Placer:
             return Decision(None, candidates, refusal=self._refusal(request, hosts, candidates))
         return Decision(min(usable, key=_rank), candidates)
 
-    def _site_exclusion(self, request, site, available_usu, site_problem) -> tuple[str | None, bool]:
+    def _site_exclusion(self, request, site, available_usu, site_problem, simple) -> tuple[str | None, bool]:
         problem = site_problem(site.name)
         if problem is not None:
             return f"unhealthy: {problem}", False
@@ -320,7 +333,7 @@ class Placer:
         available = available_usu(request.project, site.name)
         if available is None:
             return f"project {request.project!r} has no allocation here", False
-        needed = self.warm_usu(request, site)
+        needed = request.estimate_usu if simple else self.warm_usu(request, site)
         if available < needed:
             return f"balance {available / 1e6:.6f} SU < estimate {needed / 1e6:.6f} SU", False
         return None, False
