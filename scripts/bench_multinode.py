@@ -39,6 +39,8 @@ backend = load_backend(spec, "torch")
 request = GenerationRequest.create(["The cell"], spec.name, max_new_tokens=1)
 backend.generate([backend.encode(request)])
 print(time.perf_counter() - started)
+timings = getattr(backend, "start_timings", {})
+print(timings.get("stage0_load_s", 0.0), timings.get("join_wait_s", 0.0))
 backend.close()
 """
 
@@ -94,14 +96,22 @@ def main() -> None:
 
     log(f"cold start, {args.cold_repeats} fresh processes each, interleaved")
     cold: dict[str, list[float]] = {"one": [], "split": []}
+    parts: list[tuple[float, float]] = []
     for _ in range(args.cold_repeats):
         for name, which in (("one", whole_spec), ("split", spec)):
             out = subprocess.run([sys.executable, "-c", COLD_START, which.model_dump_json()], cwd=ROOT,
                                  capture_output=True, text=True, check=True)
-            cold[name].append(float(out.stdout.strip().splitlines()[-1]))
+            total, timings = out.stdout.strip().splitlines()[-2:]
+            cold[name].append(float(total))
+            if name == "split":
+                stage0, join = (float(x) for x in timings.split())
+                parts.append((stage0, join))
     ratio = [s / o for o, s in zip(cold["one"], cold["split"], strict=True)]
     print(f"cold start to first token: one process {min(cold['one']):.1f} s, {args.stages} stages "
           f"{min(cold['split']):.1f} s; split/one median {statistics.median(ratio):.2f}x")
+    stage0, join = min(parts, key=sum)
+    print(f"  split cold start: rank 0 loads its stage in {stage0:.1f} s (ranks start meanwhile), then waits "
+          f"{join:.1f} s for the other ranks to load and join; the rest is imports and the first token")
     print(f"# after: {machine()}")
 
 

@@ -56,17 +56,22 @@ class PipelineBackend(TorchBackend):
         stage_plan(spec, config)  # a split this model cannot take is refused before any rank starts
         launcher = launcher or launcher_here()
         world_size = spec.pipeline_parallel_size
+        started = time.perf_counter()
         launcher.start(spec, world_size)
         try:
             model, plan = load_stage(spec, 0)
             tokenizer = AutoTokenizer.from_pretrained(Path(spec.path))
+            loaded = time.perf_counter()
             _join(launcher, world_size)
         except BaseException:
             launcher.kill()
             raise
         pipeline = Pipeline(plan)
         install(model, pipeline)
-        return cls(model, tokenizer, pipeline, launcher)
+        backend = cls(model, tokenizer, pipeline, launcher)
+        # Where a cold start goes: rank 0's own stage, then waiting for the slowest other rank to load and join.
+        backend.start_timings = {"stage0_load_s": loaded - started, "join_wait_s": time.perf_counter() - loaded}
+        return backend
 
     def generate(self, batch, channel=None):
         return self._guarded(super().generate, batch, channel)
