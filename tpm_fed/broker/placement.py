@@ -179,6 +179,8 @@ class Placer:
                 else:
                     self._too_small[model.name].append((s, fit.refusal))
         self._node_hour = {kind: federation.prices.of(kind).per_node_hour for kind in KINDS}
+        self._node_time: dict[tuple[str, int, float], int] = {}
+        self._too_small_at = {model: {s.name: (s, why) for s, why in small} for model, small in self._too_small.items()}
         self._host_names = {model: {s.name for s in sites} for model, sites in self._hosts.items()}
         self._kinds = {model.name: set(model.kinds) for model in federation.models}
         # Sites each project may spend at (granted, or its own): with a thousand
@@ -205,8 +207,11 @@ class Placer:
         """The most node time ``request`` can be charged at ``site``: all the replica's nodes, the task timeout."""
         if not self._node_hour[request.kind]:
             return 0
-        price = self.federation.prices.of(request.kind)
-        return node_time_bound_usu(price, self.nodes(request.model, site.name), site.task_timeout_s)
+        key = (request.kind, self.nodes(request.model, site.name), site.task_timeout_s)
+        bound = self._node_time.get(key)
+        if bound is None:  # a handful of distinct values: priced once each
+            bound = self._node_time[key] = node_time_bound_usu(self.federation.prices.of(request.kind), *key[1:])
+        return bound
 
     def warm_usu(self, request: PlacementRequest, site: SiteConfig) -> int:
         """The most ``request`` costs at ``site`` on a replica that is up."""
@@ -267,9 +272,9 @@ class Placer:
                     excluded=f"project {request.project!r} has no allocation there (or they are byo sites of others)",
                 ))
             hosts = usable
-            if too_small:
-                mine = {s.name for s in self._usable[request.project]}
-                too_small = [(s, why) for s, why in too_small if s.name in mine]
+            if too_small:  # the project's few sites, looked up among the model's too-small ones
+                at = self._too_small_at[request.model]
+                too_small = [at[s.name] for s in self._usable[request.project] if s.name in at]
         # Sites the project could use but that cannot give the model's nodes: say why, each.
         candidates.extend(Candidate(s.name, None, excluded=why, nodes=self.nodes(request.model, s.name))
                           for s, why in too_small)
