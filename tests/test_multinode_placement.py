@@ -238,3 +238,15 @@ def test_tpm_submit_explain_says_why_a_site_was_refused_and_the_quote_names_both
     assert refused.exit_code != 0
     assert ("cannot be hosted on site 'small': needs 2 nodes of 1 processes (TP 1 x PP 2); "
             "site small gives blocks of 1 node") in refused.output
+
+
+def test_the_placement_benchmark_places_every_request_in_both_federations():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "bench_multinode_placement.py"
+    done = subprocess.run([sys.executable, str(script), "--sites", "40", "--replicas", "300", "--placements", "200",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # it exits non-zero if any request was refused
+    assert "ratio multi-node / one node:" in done.stdout
