@@ -112,8 +112,8 @@ def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
     counts: dict[str, int] = {}
     for quote in quotes:
         # A start over several nodes starts each one (the quote's max_su counts them all).
-        cold = Metered(cold_start=True, nodes=quote.nodes)
-        cold_su = 0.0 if quote.free else price_usu(prices.of(quote.kind), cold) / MICRO
+        start = Metered(cold_start=True, nodes=quote.nodes)
+        cold_su = 0.0 if quote.free else price_usu(prices.of(quote.kind), start) / MICRO
         per_site[quote.site] = per_site.get(quote.site, 0.0) + quote.max_su - cold_su
         cold[quote.site] = max(cold.get(quote.site, 0.0), cold_su)
         counts[quote.site] = counts.get(quote.site, 0) + 1
