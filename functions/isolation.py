@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from functions.outcomes import refused
-from tpm_fed.protocol.errors import RemoteExecutionError, TpmError
+from tpm_fed.protocol.errors import RemoteExecutionError, ReplicaLost, TpmError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ def answer_isolated(run: Run, requests: Sequence[Any], channel: Any = None) -> l
     """One outcome per request: ``run`` on all of them, or, if that raises, on halves until it does not."""
     try:
         return run(list(requests), True)
+    except ReplicaLost:
+        raise  # the replica failed, not a request: none is answered here (the task fails, to be run again)
     except Exception as error:
         logger.exception("a batch of %d %s requests raised; answering them apart", len(requests),
                          getattr(requests[0], "kind", "?"))
@@ -59,6 +61,8 @@ def _split(requests: list[Any], run: Run, error: Exception) -> list[dict[str, An
 def _retry(requests: list[Any], run: Run) -> list[dict[str, Any]]:
     try:
         return run(requests, False)
+    except ReplicaLost:
+        raise
     except Exception as error:
         return _split(requests, run, error)
 

@@ -63,6 +63,13 @@ class ReplicaCache:
             self._replicas[spec.key] = replica
             return replica, False
 
+    def evict(self, spec: ModelSpec) -> None:
+        """Drop ``spec``'s replica (it failed as a whole): closed now, loaded afresh when next asked for."""
+        with self._lock:
+            replica = self._replicas.pop(spec.key, None)
+        if replica is not None:
+            replica.backend.close()
+
     def loaded(self) -> list[ModelSpec]:
         with self._lock:
             return [replica.spec for replica in self._replicas.values()]

@@ -48,7 +48,7 @@ def serve_batch(
     from functions.outcomes import refused
     from functions.policy import current_policy
     from functions.replica_cache import REPLICAS
-    from tpm_fed.protocol.errors import TpmError
+    from tpm_fed.protocol.errors import ReplicaLost, TpmError
     from tpm_fed.protocol.model import ModelSpec
     from tpm_fed.protocol.results import ReplicaInfo
     from tpm_fed.protocol.task_reply import ServedBy, TaskReply
@@ -74,6 +74,11 @@ def serve_batch(
         channel.served = served  # sent with the requests answered before the task ends
     try:
         outcomes = answer(replica.backend, requests, policy, channel)
+    except ReplicaLost:
+        # A rank of a split replica died: every rank is stopped and the replica dropped, and the task
+        # fails whole, as a lost worker's does, so the service runs its requests again on a fresh one.
+        REPLICAS.evict(spec)
+        raise
     finally:
         if channel is not None:
             channel.close()  # streamed chunks and early answers reach the service before the result does

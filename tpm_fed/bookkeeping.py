@@ -37,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tpm_fed.broker import Admission, Broker
 from tpm_fed.federation import Price
-from tpm_fed.ledger import Metered, price_usu
+from tpm_fed.ledger import Metered, node_ms_used, price_usu
 from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.protocol.kinds import KINDS, Kind
 from tpm_fed.protocol.requests import ServingRequest
@@ -172,8 +172,12 @@ class Bookkeeper:
             if isinstance(outcome, TensorResult):  # read in this process from the stores it can open
                 outcome.with_reader(StoreReader())
             if isinstance(outcome, ServedResult):
+                # Every node of a multi-node replica is charged: its starts and its time.
+                nodes = self.broker.placer.nodes(admission.request.model, admission.site)
                 used = Metered(outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
-                               outcome.usage.activation_bytes, cold_start=not outcome.replica.warm)
+                               outcome.usage.activation_bytes, cold_start=not outcome.replica.warm, nodes=nodes,
+                               node_ms=node_ms_used(nodes, outcome.timings.load_s, outcome.timings.run_s,
+                                                    outcome.replica.batch_size))
                 lines[request_id] = charge_lines(KINDS[admission.request.kind], outcome, price, used)
                 settle.append((request_id, used, sum(lines[request_id])))
             else:
@@ -257,11 +261,12 @@ class Bookkeeper:
 
 def charge_lines(kind: Kind, outcome: ServedResult, price: Price, used: Metered) -> list[int]:
     """Micro-SUs per charge line: one for most results (``used``), one per step of a kind charged by step
-    (a session; the first carries a cold start), each rounded up on its own so the lines add up to the
-    charge exactly."""
+    (a session; the first carries the cold start and the node time), each rounded up on its own so the
+    lines add up to the charge exactly."""
     if not kind.charged_by_step:
         return [price_usu(price, used)]
     cold = not outcome.replica.warm
+    first = {"cold_start": cold, "nodes": used.nodes, "node_ms": used.node_ms}  # the start and the time: once
     return [price_usu(price, Metered(step.usage.prompt_tokens, step.usage.completion_tokens,
-                                     step.usage.activation_bytes, cold_start=cold and index == 0))
+                                     step.usage.activation_bytes, **(first if index == 0 else {})))
             for index, step in enumerate(outcome.steps)]

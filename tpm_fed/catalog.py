@@ -71,6 +71,8 @@ class ModelCatalog:
             backend=config.backend,
             dtype=config.dtype,
             tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+            accelerators=config.accelerators,
         )
         return ResolvedModel(spec=spec, context_length=int(context))
 
@@ -80,7 +82,9 @@ class ModelCatalog:
         context = store.config_json(version).get("max_position_embeddings", 0)
         spec = ModelSpec(
             name=config.name, version=version, path=str(store.root), backend=config.backend,
-            dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size, source="store",
+            dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size, accelerators=config.accelerators,
+            source="store",
         )
         return ResolvedModel(spec=spec, context_length=int(context))
 

@@ -60,6 +60,40 @@ class Capacity(_Strict):
     accelerators_per_slot: int = Field(default=0, ge=0, le=64)
 
 
+Launcher = Literal["mpiexec", "srun", "aprun", "local-processes"]
+"""How one task starts a replica's ranks on the nodes of its block: the cluster's MPI launcher
+(``mpiexec`` on PBS, ``srun`` on Slurm, ``aprun`` on Cray ALPS), or ``local-processes``: rank
+processes on the worker's own host, where a "node" is a process (this machine, a workstation)."""
+
+
+class Nodes(_Strict):
+    """How many nodes one replica may hold at a site, and how a multi-node replica is started there.
+
+    A replica larger than one node runs as one task holding a whole block of
+    nodes (Globus Compute's ``GlobusMPIEngine`` or Parsl's ``MPIExecutor``,
+    ``num_nodes``); a task cannot span blocks, so ``max_nodes_per_block`` caps
+    the replicas a site can host (:func:`tpm_fed.broker.nodes.node_fit`).
+
+    Attributes:
+        max_nodes_per_block: Nodes one task may hold (the endpoint's ``nodes_per_block``).
+        accelerators_per_node: Accelerators on each node; unset: ``capacity.accelerators_per_slot``.
+        processes_per_node: Ranks a node runs for a model without accelerators (CPU sites):
+            there, "accelerators per node" means these. The local site's "nodes" are
+            processes on this host: ``{max_nodes_per_block: 2, launcher: local-processes}``
+            offers a 2-"node" block of one process each.
+        launcher: How the ranks are started (required when a block has more than one node).
+        cold_start_s_per_extra_node: Seconds a start takes per node beyond the first (the
+            scheduler finding a larger block, every node reading its share of the weights,
+            the ranks meeting); added to the site's ``cold_start_s`` for placement.
+    """
+
+    max_nodes_per_block: int = Field(default=1, ge=1, le=10_000)
+    accelerators_per_node: int | None = Field(default=None, ge=0, le=64)
+    processes_per_node: int = Field(default=1, ge=1, le=1024)
+    launcher: Launcher | None = None
+    cold_start_s_per_extra_node: float = Field(default=0.0, ge=0)
+
+
 class RegisteredFunction(_Strict):
     """A serving function as Globus Compute knows it (written by ``tpm functions register``).
 
@@ -120,6 +154,8 @@ class SiteConfig(_Strict):
             (``parsl`` sites; relative to the federation file).
         location: Network location label (a key of the federation's latency table).
         capacity: Replica slots.
+        nodes: Nodes per block, accelerators per node and the multi-node launcher (one node
+            per replica when unset).
         keep_alive_s: An idle replica is stopped after this long.
         cold_start_s: Expected seconds to start a replica here (for placement).
         max_queue: Requests that may wait for this site before new ones are refused.
@@ -151,6 +187,7 @@ class SiteConfig(_Strict):
     engine_config: Path | None = None
     location: str = "local"
     capacity: Capacity = Capacity()
+    nodes: Nodes = Nodes()
     keep_alive_s: float = Field(default=600.0, gt=0)
     cold_start_s: float = Field(default=10.0, ge=0)
     max_queue: int = Field(default=1024, ge=1)
@@ -160,6 +197,28 @@ class SiteConfig(_Strict):
     admit_for_s: float = Field(default=30.0, ge=0.0)
     worker: WorkerSettings = WorkerSettings()
     results: str | None = Field(default=None, min_length=1, max_length=1024)
+
+    @property
+    def accelerators_per_node(self) -> int:
+        """Accelerators on each of this site's nodes (``nodes.accelerators_per_node``, else per slot)."""
+        given = self.nodes.accelerators_per_node
+        return self.capacity.accelerators_per_slot if given is None else given
+
+    @model_validator(mode="after")
+    def _nodes_can_be_started(self) -> Self:
+        nodes = self.nodes
+        if nodes.max_nodes_per_block > 1 and nodes.launcher is None:
+            raise ValueError(f"site {self.name!r}: nodes.max_nodes_per_block is {nodes.max_nodes_per_block}, so "
+                             "nodes.launcher must say how a task starts ranks on them "
+                             "(mpiexec, srun, aprun or local-processes)")
+        if self.access == "local" and nodes.launcher not in (None, "local-processes"):
+            raise ValueError(f"site {self.name!r}: a local site's nodes are processes on this host; "
+                             f"its launcher is local-processes, not {nodes.launcher}")
+        slot = self.capacity.accelerators_per_slot
+        if nodes.accelerators_per_node is not None and slot and slot != nodes.accelerators_per_node:
+            raise ValueError(f"site {self.name!r}: capacity.accelerators_per_slot ({slot}) and "
+                             f"nodes.accelerators_per_node ({nodes.accelerators_per_node}) disagree; give one")
+        return self
 
     @property
     def allows_caller_code(self) -> bool:
@@ -238,8 +297,12 @@ class ModelConfig(_Strict):
         backend: ``auto`` (vLLM where installed and the architecture is
             supported, else torch), ``torch`` or ``vllm``.
         dtype: Load dtype.
-        tensor_parallel_size: GPUs per vLLM replica (one worker per replica).
-        accelerators: Accelerators one replica needs (0: runs on CPU).
+        tensor_parallel_size: Ranks each layer is split over (GPUs on GPU sites, processes on
+            CPU sites); best at most a node's accelerators (vLLM keeps it on one node).
+        pipeline_parallel_size: Stages the layers are split into; with more ranks than a node
+            has, the replica spans nodes (:func:`tpm_fed.broker.nodes.nodes_needed`).
+        accelerators: Accelerators one replica needs, all its nodes together: 0 (runs on CPU)
+            or one per rank, ``tensor_parallel_size x pipeline_parallel_size``.
         memory_gb: Memory one replica needs (informational for operators).
         kinds: Request kinds this model serves (``generate``, ``embed``, ``trace``; ``encode`` for an
             encoder model, a sentence-transformers folder).
@@ -252,6 +315,7 @@ class ModelConfig(_Strict):
     backend: BackendChoice = "auto"
     dtype: DType = "float32"
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=1024)
     accelerators: int = Field(default=0, ge=0)
     memory_gb: float = Field(default=1.0, gt=0)
     kinds: list[KindName] = Field(default_factory=lambda: ["generate"], min_length=1)
@@ -263,6 +327,20 @@ class ModelConfig(_Strict):
         if isinstance(data, dict) and "modes" in data:
             raise ValueError(_modes_renamed(str(data.get("name")), data["modes"]))
         return data
+
+    @property
+    def world_size(self) -> int:
+        """Ranks one replica runs (tensor parallel x pipeline parallel)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @model_validator(mode="after")
+    def _one_accelerator_per_rank(self) -> Self:
+        if self.accelerators not in (0, self.world_size):
+            raise ValueError(
+                f"model {self.name!r}: accelerators is {self.accelerators}, but tensor_parallel_size "
+                f"{self.tensor_parallel_size} x pipeline_parallel_size {self.pipeline_parallel_size} makes "
+                f"{self.world_size} ranks of one accelerator each: write {self.world_size} (or 0 for CPU)")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -301,12 +379,19 @@ class ProjectConfig(_Strict):
 
 
 class Price(_Strict):
-    """Service units charged for one kind of request."""
+    """Service units charged for one kind of request.
+
+    Attributes:
+        per_cold_start: Per node started: a replica over N nodes pays N starts.
+        per_node_hour: Per hour of replica time the request used, on every node the
+            replica holds (its share of the task's load and run time when batched).
+    """
 
     per_1k_prompt_tokens: float = Field(default=0.0, ge=0)
     per_1k_completion_tokens: float = Field(default=0.0, ge=0)
     per_mb_activations: float = Field(default=0.0, ge=0)
     per_cold_start: float = Field(default=0.0, ge=0)
+    per_node_hour: float = Field(default=0.0, ge=0)
 
 
 class Prices(_Strict):

@@ -27,6 +27,10 @@ def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:
     """
     if spec.backend in ("torch", "encoder"):
         return spec.backend, []
+    if spec.pipeline_parallel_size > 1 and spec.backend == "auto":
+        # vLLM's own pipeline parallel fails on its CPU build (docs/multinode.md says how): a split
+        # replica runs on the torch pipeline backend unless vLLM is asked for by name.
+        return "torch", [SPLIT_ON_TORCH]
     from functions.backends.vllm_backend import vllm_support
 
     if vllm_missing():
@@ -42,6 +46,9 @@ def choose_backend(spec: ModelSpec) -> tuple[str, list[str]]:
 
 VLLM_MISSING = ("vllm is not installed on this worker (scripts/install-vllm.sh installs it; "
                 "a service started before that needs `tpm service restart`)")
+
+SPLIT_ON_TORCH = ("served by torch in pipeline stages over several ranks (tpm-fed starts, traces and stops "
+                  "its ranks); vLLM's own pipeline parallel fails on its CPU build (docs/multinode.md)")
 
 VLLM_INSTALLED_SINCE = ("vllm was installed after this replica loaded on torch; it stays on torch while warm: "
                         "`tpm service restart` serves it with vLLM")
@@ -75,6 +82,10 @@ def load_backend(spec: ModelSpec, backend: str) -> Backend:
         from functions.backends.vllm_backend import VllmBackend
 
         return VllmBackend.load(spec)
+    if spec.pipeline_parallel_size > 1:
+        from functions.backends.pipeline_backend import PipelineBackend
+
+        return PipelineBackend.load(spec)
     from functions.backends.device import resolve_device
     from functions.backends.torch_backend import TorchBackend
     from functions.policy import current_policy

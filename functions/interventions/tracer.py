@@ -204,11 +204,17 @@ class _Run:
             if patterns:
                 self.model.set_attn_implementation(previous)
 
+    def _holds(self, module_name: str) -> bool:
+        """Whether this process holds ``module_name`` (a split replica's stage holds only some)."""
+        return True
+
     def _register(self) -> list[Any]:
         handles = [self.model.register_forward_pre_hook(self._count)]
         by_target: dict[tuple[str, str], list[_Bound]] = defaultdict(list)
         for item in self.bound:
             point = item.point
+            if not self._holds(point.module):
+                continue
             if point.head is not None:
                 by_target[(self.catalog.attention[point.module].out_projection, "input")].append(item)
             else:
@@ -223,12 +229,14 @@ class _Run:
         lens_layers = set()
         if self.request.logit_lens is not None:
             lens_layers = {self._layer_index(i) for i in self.request.logit_lens.layers or range(len(self.catalog.layers))}
-        for index in sorted(lens_layers):
+        for index in sorted(i for i in lens_layers if self._holds(self.catalog.layers[i])):
             module = self.model.get_submodule(self.catalog.layers[index])
             handles.append(module.register_forward_hook(self._capture(self.layer_outputs, index)))
         if self.request.attention_lens is not None:
             for index in self._attention_layers():
                 name, info = self.catalog.attention_of(index)
+                if not self._holds(info.out_projection):
+                    continue
                 module = self.model.get_submodule(info.out_projection)
                 handles.append(module.register_forward_pre_hook(self._capture_input(self.head_inputs, index)))
         return handles
@@ -326,12 +334,7 @@ class _Run:
     def reply(self, outputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         import torch
 
-        reductions = {step.key: step.reduce for step in self.request.steps if step.op == "save" and step.reduce}
-        tensors: dict[str, Any] = {}
-        for name, parts in self.saved.items():
-            saved = torch.cat(parts, dim=0)
-            reduce = reductions.get(name.split(":", 1)[1])
-            tensors[name] = saved if reduce is None else _reduced(saved, reduce)
+        tensors = saved_tensors(self.saved, self.request.steps)
         vocab_ids: set[int] = set()
         if self.request.logit_lens is not None:
             vocab_ids |= self._logit_lens(tensors)
@@ -395,18 +398,22 @@ class _Run:
             indexes = [pad + i for i in resolve_positions(lens.positions, length, "attention_lens")]
             per_layer = []
             for layer in layers:
-                _, info = self.catalog.attention_of(layer)
-                heads = lens.heads or list(range(info.heads))  # in range: check_spec saw to it
-                weight = self.model.get_submodule(info.out_projection).weight
-                z = self.head_inputs[layer][prompt, indexes].view(len(indexes), info.heads, info.head_dim)
-                contributions = torch.stack([
-                    z[:, head] @ weight[:, head * info.head_dim:(head + 1) * info.head_dim].T for head in heads
-                ])
-                per_layer.append(contributions)
+                per_layer.append(self._head_contributions(layer, prompt, indexes, lens.heads))
             ids, probs = self._decode_top(torch.stack(per_layer), lens.top_k)
             tensors[f"{prompt}:attention_lens.ids"], tensors[f"{prompt}:attention_lens.probs"] = ids, probs
             seen |= set(ids.flatten().tolist())
         return seen
+
+    def _head_contributions(self, layer: int, prompt: int, indexes: list[int], heads: list[int] | None):
+        """What each head of ``layer`` adds to the residual stream at ``indexes`` of ``prompt``: [heads, positions, hidden]."""
+        import torch
+
+        _, info = self.catalog.attention_of(layer)
+        heads = heads or list(range(info.heads))  # in range: check_spec saw to it
+        weight = self.model.get_submodule(info.out_projection).weight
+        z = self.head_inputs[layer][prompt, indexes].view(len(indexes), info.heads, info.head_dim)
+        return torch.stack([z[:, head] @ weight[:, head * info.head_dim:(head + 1) * info.head_dim].T
+                            for head in heads])
 
     def _completions(self, sequences):
         from functions.backends.stopping import finish_row
@@ -427,6 +434,20 @@ class _Run:
     def _attention_layers(self) -> list[int]:
         lens = self.request.attention_lens
         return sorted({self._layer_index(i) for i in lens.layers or range(len(self.catalog.layers))})
+
+
+def saved_tensors(saved: dict[str, list[Any]], steps: list[Any]) -> dict[str, Any]:
+    """What the saves recorded (``PROMPT:KEY`` -> rows, prompt phase then each generated token),
+    one tensor each, reduced where its step asked."""
+    import torch
+
+    reductions = {step.key: step.reduce for step in steps if step.op == "save" and step.reduce}
+    tensors: dict[str, Any] = {}
+    for name, parts in saved.items():
+        whole = torch.cat(parts, dim=0)
+        reduce = reductions.get(name.split(":", 1)[1])
+        tensors[name] = whole if reduce is None else _reduced(whole, reduce)
+    return tensors
 
 
 def _reduced(saved, reduce):

@@ -112,7 +112,9 @@ def _bound_per_site(runtime: BatchEngine, quotes: list[Quote]) -> dict[str, floa
     cold: dict[str, float] = {}  # site -> the dearest cold start of its lines
     counts: dict[str, int] = {}
     for quote in quotes:
-        cold_su = 0.0 if quote.free else price_usu(prices.of(quote.kind), Metered(cold_start=True)) / MICRO
+        # A start over several nodes starts each one (the quote's max_su counts them all).
+        start = Metered(cold_start=True, nodes=quote.nodes)
+        cold_su = 0.0 if quote.free else price_usu(prices.of(quote.kind), start) / MICRO
         per_site[quote.site] = per_site.get(quote.site, 0.0) + quote.max_su - cold_su
         cold[quote.site] = max(cold.get(quote.site, 0.0), cold_su)
         counts[quote.site] = counts.get(quote.site, 0) + 1

@@ -200,10 +200,12 @@ class Broker:
         chosen = decision.chosen
         if chosen is None:
             raise _refusal(decision)
-        worst = 0 if chosen.free else request.estimate_usu + request.cold_start_usu
+        site = self.federation.site(chosen.site)
+        worst = 0 if chosen.free else self.placer.cold_usu(request, site)
         return Quote(
             project=request.project, model=request.model, version=request.version, kind=request.kind,
             site=chosen.site, replica=chosen.replica_id, cold=chosen.replica_id is None, free=chosen.free,
+            nodes=chosen.nodes,
             max_su=worst / 1e6, expected_su=chosen.cost_usu / 1e6, estimated_s=round(chosen.score_s, 3),
             explanation=decision.explain(),
         )

@@ -22,7 +22,7 @@ from tpm_fed.store import ModelStore
 @click.group(invoke_without_command=True)
 @click.pass_context
 def models(ctx: click.Context) -> None:
-    """List models with their current version id, backend and context length."""
+    """List models with their current version id, backend, context length, and the nodes a replica holds per site."""
     if ctx.invoked_subcommand is not None:
         return
     with connect() as client:
@@ -32,8 +32,15 @@ def models(ctx: click.Context) -> None:
         about = card["tpm"]
         version = about["version"] or f"unavailable: {about.get('problem', 'unknown')}"
         rows.append((card["id"], version, about.get("context_length"), about["backend"], about["dtype"],
-                     about.get("source")))
-    print_table(["model", "version", "context", "backend", "dtype", "source"], rows, right={"context"})
+                     about.get("source"), _nodes(about)))
+    print_table(["model", "version", "context", "backend", "dtype", "source", "nodes"], rows, right={"context"})
+
+
+def _nodes(about: dict) -> str:
+    """Nodes one replica holds at each site ("big:2"), and the sites too small for it."""
+    held = ",".join(f"{site}:{count}" for site, count in about.get("nodes", {}).items())
+    small = ",".join(about.get("unplaceable", {}))
+    return held + (f" (too small: {small})" if small else "")
 
 
 def _store():

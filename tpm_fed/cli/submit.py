@@ -86,6 +86,8 @@ def _print_quote(quote, as_json: bool, explain: bool) -> None:
         click.echo(json.dumps(quote.to_wire(), indent=2))
         return
     where = f"replica {quote.replica}" if quote.replica else "a new replica (cold start)"
+    if quote.nodes > 1:
+        where += f" on {quote.nodes} nodes, all charged"
     cost = (f"free on {quote.project}'s own site" if quote.free
             else f"at most {quote.max_su:.6f} SU to {quote.project} ({quote.expected_su:.6f} SU as placed now)")
     click.echo(f"quote: {quote.model}@{quote.version} on {quote.site}, {where}: {cost}; "

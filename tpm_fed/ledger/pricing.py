@@ -24,6 +24,10 @@ class Metered:
     completion_tokens: int = 0
     activation_bytes: int = 0
     cold_start: bool = False
+    nodes: int = 1
+    """Nodes the replica holds: a cold start starts every one of them."""
+    node_ms: int = 0
+    """Milliseconds of replica time charged, summed over all the replica's nodes."""
 
 
 def price_usu(price: Price, used: Metered) -> int:
@@ -32,7 +36,8 @@ def price_usu(price: Price, used: Metered) -> int:
         (price.per_1k_prompt_tokens, used.prompt_tokens, 1000),
         (price.per_1k_completion_tokens, used.completion_tokens, 1000),
         (price.per_mb_activations, used.activation_bytes, 1_000_000),
-        (price.per_cold_start, int(used.cold_start), 1),
+        (price.per_cold_start, int(used.cold_start) * used.nodes, 1),
+        (price.per_node_hour, used.node_ms, 3_600_000),
     )
     # Prices are converted to integer micro-SUs per unit block first, so the
     # arithmetic after that is exact integer arithmetic.
@@ -40,5 +45,17 @@ def price_usu(price: Price, used: Metered) -> int:
 
 
 def estimate_usu(price: Price, bound: UsageBound, cold_start: bool) -> int:
-    """An upper bound of :func:`price_usu` for a request not yet run."""
+    """An upper bound of :func:`price_usu` for a request not yet run, less its node time
+    (which depends on the site: :func:`node_time_bound_usu`)."""
     return price_usu(price, Metered(bound.prompt_tokens, bound.completion_tokens, bound.result_bytes, cold_start))
+
+
+def node_time_bound_usu(price: Price, nodes: int, task_timeout_s: float) -> int:
+    """The most node time a request can be charged on a replica of ``nodes`` nodes: every node for
+    the site's whole task timeout (a task running longer fails, and its requests are released)."""
+    return price_usu(price, Metered(node_ms=math.ceil(task_timeout_s * 1000) * nodes))
+
+
+def node_ms_used(nodes: int, load_s: float, run_s: float, batch_size: int) -> int:
+    """A request's node time: its share of the task's load and run time, on every node."""
+    return math.ceil((load_s + run_s) * 1000 * nodes / max(batch_size, 1))

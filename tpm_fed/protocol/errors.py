@@ -101,6 +101,11 @@ class SiteError(TpmError):
     """A site could not be started or reached."""
 
 
+class ReplicaLost(SiteError):
+    """A rank of a replica split over several processes or nodes died: the replica failed as a
+    whole (its other ranks are stopped), and its requests may run again on a fresh one."""
+
+
 class EndpointOffline(SiteError):
     """The site's Globus Compute endpoint is not connected (or Globus Compute does not know it)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Backend = Literal["torch", "vllm", "encoder"]
 """The backends a worker serves with: the one place their names are written. ``encoder``: a
@@ -25,7 +25,13 @@ class ModelSpec(BaseModel):
         backend: ``torch``, ``vllm`` or ``auto`` (vLLM where it can, else torch); ``encoder`` for
             ``encode`` requests (set from the kinds table, not by the operator).
         dtype: Weights are loaded in this dtype.
-        tensor_parallel_size: GPUs one vLLM replica spans (1 on CPU).
+        tensor_parallel_size: Ranks each layer is split over (accelerators on GPU sites,
+            processes on CPU sites); vLLM keeps a tensor-parallel group on one node.
+        pipeline_parallel_size: Stages the layers are split into, one rank group each; a
+            replica has ``tensor_parallel_size x pipeline_parallel_size`` ranks, over as many
+            nodes as the site needs for them (:func:`tpm_fed.broker.nodes.nodes_needed`).
+        accelerators: Accelerators the replica uses, all ranks together (0: it runs on CPU, a rank
+            per process).
         source: ``dir``: ``path`` is a Hugging Face directory whose content hash is
             the version; ``store``: ``path`` is a model store root, and the
             version is a manifest id in it.
@@ -38,8 +44,15 @@ class ModelSpec(BaseModel):
     path: str
     backend: BackendChoice = "auto"
     dtype: DType = "float32"
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = Field(default=1, ge=1, le=1024)
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=1024)
+    accelerators: int = Field(default=0, ge=0)
     source: Literal["dir", "store"] = "dir"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks one replica runs: every tensor-parallel rank of every pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -24,6 +24,8 @@ class Quote(BaseModel):
             queue ahead, the replica's measured service time, the network,
             and the site's cold start when a replica must start.
         replica: The warm replica it would use, or None for a new one.
+        nodes: Nodes that replica holds; the prices count every one (a cold start per
+            node, node time on each).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -34,6 +36,7 @@ class Quote(BaseModel):
     kind: str
     site: str
     replica: str | None
+    nodes: int = 1
     cold: bool
     free: bool
     max_su: float

@@ -27,8 +27,12 @@ def model_cards(runtime: Any) -> list[dict[str, Any]]:
             version, context, problem = None, None, f"{type(error).__name__}: {error}"
         else:
             version, context, problem = resolved.spec.version, resolved.context_length, None
-        sites = {}
+        placer = runtime.broker.placer
+        unplaceable = placer.too_small(config.name)
+        sites, nodes = {}, {}
         for site in config.sites or [s.name for s in runtime.federation.sites]:
+            if site not in unplaceable:
+                nodes[site] = placer.nodes(config.name, site)
             states = {r.state for r in replicas if r.site == site and r.model == config.name and r.version == version}
             sites[site] = "hot" if "warm" in states else "starting" if "starting" in states else "cold"
         cards.append({
@@ -39,6 +43,10 @@ def model_cards(runtime: Any) -> list[dict[str, Any]]:
             "tpm": {"version": version, "versions": _stored_versions(runtime, config), "kinds": list(config.kinds),
                     "backend": config.backend, "dtype": config.dtype, "sites": sites, "context_length": context,
                     "source": "store" if config.store else "directory",
+                    # How a replica is split, the nodes it holds at each site, and where it cannot run.
+                    "tensor_parallel_size": config.tensor_parallel_size,
+                    "pipeline_parallel_size": config.pipeline_parallel_size, "nodes": nodes,
+                    **({"unplaceable": unplaceable} if unplaceable else {}),
                     **({"problem": problem} if problem else {})},
         })
     return cards

@@ -27,8 +27,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from tpm_fed.federation import SiteConfig
 from tpm_fed.protocol.errors import SiteError, TpmError
 from tpm_fed.sites.base import SiteStatus
+from tpm_fed.sites.task_resources import task_resources
 from tpm_fed.sites.json_results import JSON_RESULTS, data_from_result
 from tpm_fed.sites.remote_errors import error_from_traceback
 
@@ -55,6 +57,7 @@ class EngineSite:
         self._state = "stopped"
         self._failure = ""
         self._outstanding = 0
+        self.site_config: SiteConfig | None = None  # what the federation says of it (its nodes); set by from_config
 
     @property
     def workers(self) -> int:
@@ -110,11 +113,16 @@ class EngineSite:
         packed = messagepack.pack(Task(task_id=task_id, task_buffer=buffer))
 
         outcome: Future[Any] = Future()
+        try:  # a replica over several nodes asks an MPI engine for them: one task, one block
+            resources = task_resources(self.site_config, args) if self.site_config is not None else {}
+        except TpmError as error:
+            outcome.set_exception(error)
+            return outcome
         engine_future = GCFuture(task_id)
         engine_future.add_done_callback(lambda done: self._deliver(done, outcome))
         with self._lock:
             self._outstanding += 1
-        self._engine.submit(engine_future, packed, resource_specification={}, result_serializers=[JSON_RESULTS])
+        self._engine.submit(engine_future, packed, resource_specification=resources, result_serializers=[JSON_RESULTS])
         return outcome
 
     def _deliver(self, done: Future, outcome: Future[Any]) -> None:

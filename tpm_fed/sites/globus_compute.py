@@ -48,6 +48,7 @@ from tpm_fed.sites.base import SiteStatus
 from tpm_fed.sites.json_results import JSON_RESULTS, json_results_serializer
 from tpm_fed.sites.registration import registered_id
 from tpm_fed.sites.remote_errors import error_from_traceback
+from tpm_fed.sites.task_resources import task_resources
 
 STATUS_TTL_S = 15.0
 """How long an endpoint's online/offline answer is trusted before asking the service again."""
@@ -125,8 +126,13 @@ class GlobusComputeSite:
 
     def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]:
         function_id = registered_id(self.site_config, function)
+        resources = task_resources(self.site_config, args)  # a replica over several nodes asks for them
         with self._lock:
             executor = self._executor_now()
+            # The SDK sends the executor's specification with each batch it submits; set it for this task
+            # (under the lock: one submission at a time), and back to the site's own for the next.
+            if executor.resource_specification != (resources or None):
+                executor.resource_specification = resources or None
             sdk_future = executor.submit_to_registered_function(function_id, args=args, kwargs=kwargs)
             self._outstanding += 1
         outcome: Future[Any] = Future()

@@ -20,6 +20,7 @@ from typing import Any, Self
 from tpm_fed.protocol.errors import FederationConfigError
 from tpm_fed.federation import SiteConfig
 from tpm_fed.sites.engine import EngineSite
+from tpm_fed.sites.task_resources import CLUSTER_LAUNCHERS
 
 
 def load_engine_config(path: Path) -> Any:
@@ -61,7 +62,21 @@ class ParslEngineSite(EngineSite):
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path) -> Self:
         assert config.engine_config is not None  # the federation checked it
-        return cls(name=config.name, engine_config=config.engine_config, run_dir=run_dir)
+        site = cls(name=config.name, engine_config=config.engine_config, run_dir=run_dir)
+        site.site_config = config
+        engine = type(site.engine).__name__
+        if config.nodes.launcher in CLUSTER_LAUNCHERS and engine != "GlobusMPIEngine":
+            site.shutdown()
+            raise FederationConfigError(
+                f"site {config.name!r}: nodes.launcher {config.nodes.launcher} starts a replica's ranks on a "
+                f"block's nodes through an MPI engine, but engine_config {config.engine_config} runs {engine}; "
+                "use type: GlobusMPIEngine there (endpoint_configs/multi-node/)")
+        if engine == "GlobusMPIEngine" and site.engine.executor.mpi_launcher != config.nodes.launcher:
+            site.shutdown()
+            raise FederationConfigError(
+                f"site {config.name!r}: engine_config {config.engine_config} launches ranks with "
+                f"{site.engine.executor.mpi_launcher}; write nodes.launcher: {site.engine.executor.mpi_launcher}")
+        return site
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "engine_config": str(self.engine_config), "run_dir": str(self.run_dir)}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from tpm_fed.protocol.errors import PayloadTooLarge, RemoteExecutionError, SiteError, TpmError
 
-LOST_WORKER_ERRORS = ("WorkerLost", "ManagerLost")
-"""Parsl's names for a worker process (or a whole node's manager) that died with the task:
-the site failed, not the function, so the task may run again elsewhere."""
+LOST_WORKER_ERRORS = ("WorkerLost", "ManagerLost", "ReplicaLost")
+"""Parsl's names for a worker process (or a whole node's manager) that died with the task, and
+ours for a rank of a split replica that died (the worker stopped the others): the site failed,
+not the function, so the task may run again elsewhere."""
 
 
 def error_from_traceback(site: str, traceback_text: str) -> TpmError:
