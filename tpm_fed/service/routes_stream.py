@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 router = APIRouter()
 
@@ -67,8 +66,8 @@ def receive(body: StreamedChunks, request: Request) -> dict[str, Any]:
 async def admit(body: AdmitAsk, request: Request) -> dict[str, Any]:
     hub = request.app.state.streams
     if body.close:
-        await run_in_threadpool(hub.stop_admitting, body.token)
+        hub.stop_admitting(body.token)  # a flag and a wake-up: no thread needed
         return {"requests": [], "open": False}
-    # A held ask waits on the dispatcher's condition, in a worker thread of its own.
-    joined, more = await run_in_threadpool(hub.admit, body.token, body.wait_s)
+    # A held ask waits on the event loop: it holds no thread of the pool submissions go through.
+    joined, more = await hub.admit(body.token, body.wait_s)
     return {"requests": joined, "open": more}

@@ -22,7 +22,7 @@ from typing import Any
 from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Broker, Decision, PlacementRequest, ReplicaRegistry
 from tpm_fed.catalog import ModelCatalog
-from tpm_fed.dispatch import BatchingDispatcher
+from tpm_fed.engine.dispatcher import BatchingDispatcher
 from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
 from tpm_fed.identity import LocalUser
