@@ -35,3 +35,21 @@ def test_an_engine_starts_no_thread_and_writes_nothing_until_started(tmp_path):
         assert any(t.name == "tpm-sweeper" for t in threading.enumerate())
         assert engine.projects_of("ana") == ["p"] and engine.status()[0].state == "stopped"
     assert sorted(p for p in home.root.rglob("*")) != before_files  # start() opened the ledger
+
+
+def test_no_parameter_takes_the_engine_untyped():
+    """Whatever is handed the engine names its interface (``EngineClient``), not ``Any``."""
+    import ast
+    from pathlib import Path
+
+    import tpm_fed
+
+    untyped = []
+    for path in Path(tpm_fed.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in [*node.args.args, *node.args.kwonlyargs]:
+                    if arg.arg in ("runtime", "engine") and (arg.annotation is None
+                                                           or "Any" in ast.unparse(arg.annotation)):
+                        untyped.append(f"{path.name}:{node.lineno} {node.name}({arg.arg})")
+    assert untyped == []

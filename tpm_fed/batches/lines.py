@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.service.api_models import ChatCompletionBody, CompletionBody, EmbeddingBody
@@ -60,7 +61,7 @@ def charging(body: LineBody, project: str | None) -> LineBody:
     return body.model_copy(update={"project": project})
 
 
-def request_for(runtime: Any, url: str, body: LineBody) -> ServingRequest:
+def request_for(runtime: EngineClient, url: str, body: LineBody) -> ServingRequest:
     """The request a line asks for, built as its route builds it (what a quote prices).
 
     Raises:
@@ -73,7 +74,7 @@ def request_for(runtime: Any, url: str, body: LineBody) -> ServingRequest:
     return _serving(url, runtime).request_for(body)
 
 
-async def answer(runtime: Any, url: str, body: LineBody, identity: str, observer: Any = None,
+async def answer(runtime: EngineClient, url: str, body: LineBody, identity: str, observer: Any = None,
                  request: ServingRequest | None = None) -> dict[str, Any]:
     """Serve one line as its route would serve the same body alone (as ``request``, when built already with
     :func:`request_for`), and return that route's answer."""
@@ -85,7 +86,7 @@ async def answer(runtime: Any, url: str, body: LineBody, identity: str, observer
     return await _serving(url, runtime, observer).create(body, identity, request)
 
 
-def _serving(url: str, runtime: Any, observer: Any = None) -> Any:
+def _serving(url: str, runtime: EngineClient, observer: Any = None) -> Any:
     from tpm_fed.service.serving_chat import ServingChat
     from tpm_fed.service.serving_completions import ServingCompletions
     from tpm_fed.service.serving_embeddings import ServingEmbeddings

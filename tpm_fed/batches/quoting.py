@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.batches import lines
 from tpm_fed.batches.jsonl import BatchFileInvalid
 from tpm_fed.batches.protocol import BatchInputLine, BatchQuote
@@ -20,7 +21,7 @@ from tpm_fed.protocol.quotes import Quote
 from tpm_fed.state.schema import MICRO
 
 
-def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[BatchInputLine],
+def quote_batch(runtime: EngineClient, identity: str, project: str, batch_lines: list[BatchInputLine],
                 window: int) -> BatchQuote:
     """Price every line for ``project`` and add them up (see :class:`BatchQuote`).
 
@@ -58,7 +59,7 @@ def quote_batch(runtime: Any, identity: str, project: str, batch_lines: list[Bat
     )
 
 
-def _estimated_s(runtime: Any, quotes: list[Quote], steps: list[int], window: int) -> float:
+def _estimated_s(runtime: EngineClient, quotes: list[Quote], steps: list[int], window: int) -> float:
     """When the batch would end: its sites work at once, each through its lines in waves.
 
     A site whose replica has a measured pace (:class:`tpm_fed.broker.pace.StepModel`) runs its lines
@@ -95,7 +96,7 @@ def _spread_s(pace: Any, steps: list[int], rows: int, replicas: int, start_s: fl
     return start_s + max(pace.batch_s(share, min(rows, len(share))) for share in shares if share)
 
 
-def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
+def _bound_per_site(runtime: EngineClient, quotes: list[Quote]) -> dict[str, float]:
     """The most the lines can be charged, per site they would be placed on.
 
     A line's own quote bounds it alone, a cold start included (its replica may be
@@ -121,12 +122,12 @@ def _bound_per_site(runtime: Any, quotes: list[Quote]) -> dict[str, float]:
     return per_site
 
 
-def quote_line(runtime: Any, identity: str, project: str | None, url: str, body: dict[str, Any]) -> Quote:
+def quote_line(runtime: EngineClient, identity: str, project: str | None, url: str, body: dict[str, Any]) -> Quote:
     """One line's (or one request's) quote, as its route would build the request."""
     return runtime.quote(_request(runtime, project, url, body), identity)
 
 
-def _request(runtime: Any, project: str | None, url: str, body: dict[str, Any]) -> Any:
+def _request(runtime: EngineClient, project: str | None, url: str, body: dict[str, Any]) -> Any:
     return lines.request_for(runtime, url, lines.charging(lines.parse_body(url, body), project))
 
 

@@ -29,6 +29,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.batches import lines
 from tpm_fed.batches.store import BatchStore, ClaimedLine
 from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
@@ -63,7 +64,7 @@ class BatchRunner:
         poll_s: How often to look for work nobody woke it for.
     """
 
-    def __init__(self, runtime: Any, store: BatchStore, *, observer: Any = None, window: int | None = None,
+    def __init__(self, runtime: EngineClient, store: BatchStore, *, observer: Any = None, window: int | None = None,
                  poll_s: float = 2.0) -> None:
         self.runtime = runtime
         self.store = store
@@ -244,7 +245,7 @@ class _Sent:
     """The runtime, to a route's serving class, for a request the runner submitted already: ``submit``
     hands back that request's future (the route formats its answer as it would its own)."""
 
-    def __init__(self, runtime: Any, request_id: str, future: Any) -> None:
+    def __init__(self, runtime: EngineClient, request_id: str, future: Any) -> None:
         self._runtime = runtime
         self._request_id = request_id
         self._future = future

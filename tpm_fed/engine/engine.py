@@ -22,6 +22,7 @@ from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Broker, Decision, PlacementRequest, ReplicaRegistry
 from tpm_fed.catalog import ModelCatalog
 from tpm_fed.engine.edge_checks import check_at_edge
+from tpm_fed.engine.interface import Callers
 from tpm_fed.engine.federation_change import FederationEdit, plan_change
 from tpm_fed.engine.projects import Projects
 from tpm_fed.engine.replica_pool import ReplicaPool
@@ -55,7 +56,7 @@ class Engine:
         database_url: The one ledger's database; the home's SQLite by default.
     """
 
-    def __init__(self, home: TpmHome, *, owner: str, callers: Any, database_url: str | None = None) -> None:
+    def __init__(self, home: TpmHome, *, owner: str, callers: Callers, database_url: str | None = None) -> None:
         self.home, self.owner, self.callers = home, owner, callers
         self.database_url = database_url or home.database_url
         self.federation = Federation.load(home.federation_file)

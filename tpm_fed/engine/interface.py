@@ -26,6 +26,19 @@ from tpm_fed.sites import SiteStatus
 from tpm_fed.state import RequestLog
 
 
+class Callers(Protocol):
+    """What the engine asks about a caller besides their name (:mod:`tpm_fed.service.callers` has the
+    service's answers: local, or Globus)."""
+
+    def groups_of(self, identity: str) -> frozenset[str]:
+        """The Globus Groups ``identity`` is an active member of (UUIDs as strings)."""
+        ...
+
+    def compute_client_factory(self, identity: str) -> Callable[[], Any] | None:
+        """Makes a Globus Compute client acting as ``identity``; None: use the service's own."""
+        ...
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """A running federation engine."""

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from tpm_fed.federation import Federation
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted
-from tpm_fed.service.callers import Callers
+from tpm_fed.engine.interface import Callers
 
 
 class Projects:

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.service.auth import Authenticator
 from tpm_fed.service.errors import describe_errors, http_error, unexpected_error  # describe_errors: re-exported
@@ -28,7 +29,7 @@ from tpm_fed.service.limits import BodyLimits
 logger = logging.getLogger(__name__)
 
 
-def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = frozenset()) -> Any:
+def build_app(runtime: EngineClient, auth: Authenticator, *, operators: frozenset[str] = frozenset()) -> Any:
     """The ASGI app serving ``runtime`` to callers ``auth`` accepts.
 
     Args:

@@ -19,7 +19,8 @@ from tpm_fed.engine.in_process import InProcessCalls
 from tpm_fed.home import TpmHome
 from tpm_fed.identity import LocalUser
 from tpm_fed.service import reports
-from tpm_fed.service.callers import Callers, LocalCallers
+from tpm_fed.engine.interface import Callers
+from tpm_fed.service.callers import LocalCallers
 
 
 class Runtime(InProcessCalls, Engine):

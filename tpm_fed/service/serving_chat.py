@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, ChatCompletionBody, tpm_object
@@ -17,7 +18,7 @@ from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 class ServingChat:
     """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's)."""
 
-    def __init__(self, runtime: Any, observer: Observer | None = None, streams: Any = None) -> None:
+    def __init__(self, runtime: EngineClient, observer: Observer | None = None, streams: Any = None) -> None:
         self.runtime = runtime
         self.observer = observer
         self.streams = streams

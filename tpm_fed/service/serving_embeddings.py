@@ -12,6 +12,7 @@ import base64
 import time
 from typing import Any
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.protocol.requests import EmbeddingRequest
 from tpm_fed.protocol.results import EmbeddingResult
 from tpm_fed.service.api_models import EmbeddingBody, tpm_object
@@ -21,7 +22,7 @@ POOLING = "mean"
 
 
 class ServingEmbeddings:
-    def __init__(self, runtime: Any, observer: Observer | None = None) -> None:
+    def __init__(self, runtime: EngineClient, observer: Observer | None = None) -> None:
         self.runtime = runtime
         self.observer = observer
 
