@@ -255,5 +255,8 @@ class _Sent:
             raise RuntimeError(f"batch line sent as {self._request_id}, answered as {request.request_id}")
         return self._future
 
+    async def submit_async(self, request: Any, identity: str | None = None) -> Any:
+        return self.submit(request, identity)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runtime, name)

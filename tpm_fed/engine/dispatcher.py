@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from tpm_fed.engine.admission import ADMIT_FOR_S, Admission
@@ -111,19 +111,23 @@ class BatchingDispatcher:
         with self._lock:
             return self._queue.estimated_start_s(position, service_s)
 
-    def submit(self, request: ServingRequest, nbytes: int | None = None, *,
-               background: bool = False) -> Future[ServedResult]:
+    def submit(self, request: ServingRequest, nbytes: int | None = None, *, background: bool = False,
+               send_on: Executor | None = None) -> Future[ServedResult]:
         """Queue ``request``; ``nbytes`` is its size in a task, if the caller measured it already.
 
         A ``background`` request (a batch's line) leaves only when no interactive request
-        waits here, so a person's request waits at most for the task running now.
+        waits here, so a person's request waits at most for the task running now. ``send_on``: a
+        batch that leaves at once is reserved and sent there, not on the caller's thread (an event loop).
         """
         pending = Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)
         with self._lock:
             batch = self._queue.arrive(pending, pending.submitted, background)
             self._admission.asks.wake()
             self._follow_linger_locked()
-        self._on_slot(batch)
+        if batch and send_on is not None:
+            send_on.submit(self._on_slot, batch)
+        else:
+            self._on_slot(batch)
         return pending.future
 
     def nudge(self) -> None:

@@ -12,10 +12,11 @@ them and the sites, in reverse.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tpm_fed.bookkeeping import Bookkeeper
@@ -67,6 +68,8 @@ class Engine:
         self._change_lock = threading.Lock()  # one federation change at a time (read, edit, write the file)
         self._stop_sweeping = threading.Event()
         self._closed = False
+        # Where a batch submitted from the event loop is reserved and sent (threads start on first use).
+        self._sending = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tpm-send")
 
     def start(self) -> Engine:
         """Open the ledger, settle what a predecessor left reserved, start the periodic sweep."""
@@ -106,6 +109,30 @@ class Engine:
         future. A ``background`` request (a batch's line) leaves its replica's queue after every
         interactive one.
         """
+        request, admission, spec, size = self._place(request, identity)
+        return self._dispatcher(admission, spec).submit(request, size, background=background)
+
+    async def submit_async(self, request: ServingRequest, identity: str | None = None, *,
+                           background: bool = False) -> Future[ServedResult]:
+        """As :meth:`submit`, on the event loop without a thread hop: edge checks, placement and the queue
+        are in memory (placement reads the ledger's balances at most once a second, and writes once for a
+        new replica; a batch leaves from the dispatcher's clock after its linger). What may block runs
+        elsewhere: a replica's first dispatcher (its site may start) in a thread, and a batch that leaves
+        at once on the engine's sending threads."""
+        request, admission, spec, size = self._place(request, identity)
+        try:  # in memory, but for the rare idle replica stopped now (one write)
+            self.pool.forget(self.broker.reap_idle())
+            dispatcher = self.pool.made_dispatcher(admission)
+        except BaseException:
+            self._bookkeeper.forget(admission)
+            raise
+        if dispatcher is None:
+            dispatcher = await asyncio.to_thread(self._dispatcher, admission, spec)
+        return dispatcher.submit(request, size, background=background, send_on=self._sending)
+
+    def _place(self, request: ServingRequest, identity: str | None) -> tuple[ServingRequest, Any, ModelSpec, int]:
+        """Edge checks and placement (raise here, nothing charged): the request to run, its admission,
+        its model version, and its size in a task both ways."""
         if self._closed:
             raise RuntimeError("this engine is closed")
         identity = identity or self.owner
@@ -118,15 +145,18 @@ class Engine:
         # Placed here, reserved with its batch when the batch leaves (one transaction per batch).
         admission = self.broker.place(request.request_id, self._placement(request, spec, price, bound, identity))
         self._bookkeeper.admitted(admission, price)
+        # A batch must fit in one task both ways: count what the answer may carry too (a result
+        # too large for a task comes by reference, but then it travels alone).
+        return request, admission, spec, nbytes + min(bound.result_bytes, MAX_RESULT_BYTES)
+
+    def _dispatcher(self, admission: Any, spec: ModelSpec) -> Any:
+        """The dispatcher of ``admission``'s replica (made, and its site started, on first use)."""
         try:
             self.pool.forget(self.broker.reap_idle())
-            dispatcher = self.pool.dispatcher(admission, spec)
+            return self.pool.dispatcher(admission, spec)
         except BaseException:
             self._bookkeeper.forget(admission)
             raise
-        # A batch must fit in one task both ways: count what the answer may carry too (a result
-        # too large for a task comes by reference, but then it travels alone).
-        return dispatcher.submit(request, nbytes + min(bound.result_bytes, MAX_RESULT_BYTES), background=background)
 
     def burst(self) -> Any:
         """Requests submitted inside leave for their replicas together, in full tasks, once the block ends
@@ -233,6 +263,7 @@ class Engine:
         """Stop the sweeper and every site this engine started; their replicas go with them."""
         self._closed = True
         self._stop_sweeping.set()
+        self._sending.shutdown(wait=True)  # batches being sent are out before their sites stop
         if hasattr(self, "pool"):  # started
             self.pool.close()
 

@@ -78,6 +78,16 @@ class ReplicaPool:
                 self._dispatchers[admission.replica_id] = self._new_dispatcher(self._site(config), config, spec)
             return self._dispatchers[admission.replica_id]
 
+    def made_dispatcher(self, admission: Admission) -> BatchingDispatcher | None:
+        """The dispatcher of ``admission``'s replica if it exists already and nothing must be stopped or
+        started to use it (None: ask :meth:`dispatcher`, which may start a site)."""
+        if admission.replaced:
+            return None
+        with self._lock:
+            found = self._dispatchers.get(admission.replica_id) or self._dispatchers_as_caller.get(
+                (admission.replica_id, admission.request.identity))
+        return found
+
     def client_as_caller(self, config: SiteConfig, identity: str | None) -> Callable[[], Any] | None:
         """A Globus Compute client factory acting as ``identity``, for a byo site reached through Globus
         Compute (a byo endpoint maps the submitting identity to an account on the owner's allocation).
