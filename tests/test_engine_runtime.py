@@ -53,3 +53,54 @@ def test_no_parameter_takes_the_engine_untyped():
                                                            or "Any" in ast.unparse(arg.annotation)):
                         untyped.append(f"{path.name}:{node.lineno} {node.name}({arg.arg})")
     assert untyped == []
+
+
+def test_a_submission_cancelled_while_its_replica_is_first_made_still_runs_and_is_charged_once(tmp_path,
+                                                                                               demo_model_dir):
+    """A route's ``submit_async`` places the request on the event loop; the replica's first dispatcher is
+    made in a thread. A caller cancelled meanwhile (it left) must not strand the placed request: it runs
+    and is charged once, as one cancelled during a thread-pool submit always was."""
+    import asyncio
+    import shutil
+    import time
+    from pathlib import Path
+
+    from tpm_fed.federation import ModelConfig
+    from tpm_fed.home import DEMO_MODEL_NAME
+    from tpm_fed.identity import LocalUser
+    from tpm_fed.protocol.requests import GenerationRequest
+    from tpm_fed.service.runtime import Runtime
+
+    home = TpmHome(tmp_path / "home")
+    shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
+    Federation(name="cancelled", sites=[SiteConfig(name="local")],
+               models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
+               projects=[ProjectConfig(name="p", members=[LocalUser().current()], allocations={"local": 1e6})],
+               ).dump(home.federation_file)
+    with Runtime(home) as runtime:
+        request = GenerationRequest.create("The cell", DEMO_MODEL_NAME, max_new_tokens=2)
+
+        making = runtime.pool.dispatcher
+
+        def slowly_made(admission, spec):  # a site that takes a while to start
+            time.sleep(0.5)
+            return making(admission, spec)
+
+        runtime.pool.dispatcher = slowly_made
+
+        async def leave_midway():
+            submitting = asyncio.ensure_future(runtime.submit_async(request))
+            await asyncio.sleep(0.1)  # placed; its replica's dispatcher is being made in a thread
+            assert runtime._bookkeeper.admission_of(request.request_id) is not None
+            submitting.cancel()
+            await asyncio.gather(submitting, return_exceptions=True)
+
+        asyncio.run(leave_midway())
+        deadline = time.monotonic() + 300  # a cold replica under a loaded machine
+        while runtime._bookkeeper.admission_of(request.request_id) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert runtime._bookkeeper.admission_of(request.request_id) is None, "placed, never run: stranded"
+        charges = [c for c in runtime.ledger.statement("p") if c.request_id == request.request_id]
+        assert [c.state for c in charges] == ["settled"]
+        (balance,) = runtime.ledger.balances("p")
+        assert balance.spent_usu == charges[0].charged_usu > 0 and balance.reserved_usu == 0

@@ -110,7 +110,7 @@ class Engine:
         interactive one.
         """
         request, admission, spec, size = self._place(request, identity)
-        return self._dispatcher(admission, spec).submit(request, size, background=background)
+        return self._submit_placed(request, admission, spec, size, background)
 
     async def submit_async(self, request: ServingRequest, identity: str | None = None, *,
                            background: bool = False) -> Future[ServedResult]:
@@ -126,9 +126,14 @@ class Engine:
         except BaseException:
             self._bookkeeper.forget(admission)
             raise
-        if dispatcher is None:
-            dispatcher = await asyncio.to_thread(self._dispatcher, admission, spec)
+        if dispatcher is None:  # placed already: submitted in the thread even if this caller is cancelled
+            return await asyncio.shield(asyncio.to_thread(self._submit_placed, request, admission, spec, size,
+                                                          background))
         return dispatcher.submit(request, size, background=background, send_on=self._sending)
+
+    def _submit_placed(self, request: ServingRequest, admission: Any, spec: ModelSpec, size: int,
+                       background: bool) -> Future[ServedResult]:
+        return self._dispatcher(admission, spec).submit(request, size, background=background)
 
     def _place(self, request: ServingRequest, identity: str | None) -> tuple[ServingRequest, Any, ModelSpec, int]:
         """Edge checks and placement (raise here, nothing charged): the request to run, its admission,
