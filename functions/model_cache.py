@@ -34,7 +34,7 @@ from pathlib import Path
 from tpm_fed.protocol.dtypes import lookup
 from tpm_fed.protocol.errors import ModelLoadError
 from tpm_fed.protocol.names import is_name, path_under
-from tpm_fed.protocol.store_reader import StoreReader
+from tpm_fed.storage.store_reader import StoreReader
 
 COPY_BLOCK = 8 * 1024 * 1024
 

@@ -145,7 +145,7 @@ def test_forged_and_ended_task_secrets_get_nothing_from_the_queue(served):
     hooks_asked = []
 
     class Hooks:
-        def admit(self, wait_s):
+        async def admit(self, wait_s):
             hooks_asked.append(wait_s)
             return [], True
 

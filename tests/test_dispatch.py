@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import Future
 
 import pytest
 
-from tpm_fed.dispatch import BatchingDispatcher
+from tpm_fed.engine.dispatcher import BatchingDispatcher
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import GenerationRequest
@@ -329,14 +330,14 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
     lines = [dispatcher.submit(request(f"line {i}"), background=True) for i in range(2)]
     trace = dispatcher.submit(TraceRequest.create("m", prompts=["t"]))
     (hooks,) = hub.hooks
-    joined, more = hooks.admit(0.0)
+    joined, more = asyncio.run(hooks.admit(0.0))
     # Every interactive request joins; batch lines only into room (max_batch 3: 1 + 2 running, none);
     # a trace cannot join a generate engine.
     assert more and [r["prompts"] for r in joined] == [["now 0"], ["now 1"]]
     assert dispatcher.waiting == 3
     hooks.answered(reply_for([]), answer_for(joined[:1]))  # one ends early, on the back channel
     assert interactive[0].result(timeout=5).texts == ["ok"] and not interactive[1].done()
-    joined_more, _ = hooks.admit(0.0)  # that freed room for one line
+    joined_more, _ = asyncio.run(hooks.admit(0.0))  # that freed room for one line
     assert [r["prompts"] for r in joined_more] == [["line 0"]]
     reply = {**reply_for(site.tasks[0][1]), "joined": answer_for(joined + joined_more)}
     site.tasks[0][0].set_result(reply)  # the task's result repeats the early answer: settled once
@@ -355,14 +356,14 @@ def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_tor
                                     listener=ledger)
     dispatcher.submit(request())
     late = dispatcher.submit(request("late"))
-    joined, _ = hub.hooks[0].admit(0.0)
+    joined, _ = asyncio.run(hub.hooks[0].admit(0.0))
     assert len(joined) == 1
     site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # no "joined": the handover was never read
     assert not late.done() and [r["prompts"] for r in site.tasks[1][1]] == [["late"]]  # the next task has it
     assert ledger.sent.count(joined[0]["request_id"]) == 1  # reserved and logged once, not again
     site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
     assert late.result(timeout=5).texts == ["ok"]
-    assert hub.hooks[0].admit(0.0) == ([], False)  # an ended task takes nothing more
+    assert asyncio.run(hub.hooks[0].admit(0.0)) == ([], False)  # an ended task takes nothing more
 
     torch_site, torch_hub = HeldSite(), Hub()
     torch_dispatcher = BatchingDispatcher(torch_site, SPEC.model_copy(update={"backend": "torch"}), max_batch=8,
@@ -373,3 +374,20 @@ def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_tor
                              admit_for_s=0)
     off.submit(request())
     assert hub.hooks[-1] is None
+
+
+def test_a_held_ask_is_answered_when_a_request_arrives_and_holds_no_thread_meanwhile():
+    site, hub = HeldSite(), Hub()
+    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+    dispatcher.submit(request("running"))
+
+    async def ask_then_arrive():
+        ask = asyncio.ensure_future(hub.hooks[0].admit(5.0))
+        await asyncio.sleep(0.05)
+        assert not ask.done() and threading.active_count() == threads  # held on the loop, no thread parked
+        asyncio.get_running_loop().call_soon(dispatcher.submit, request("late"))
+        return await asyncio.wait_for(ask, 2.0)
+
+    threads = threading.active_count()
+    joined, more = asyncio.run(ask_then_arrive())
+    assert more and [r["prompts"] for r in joined] == [["late"]]

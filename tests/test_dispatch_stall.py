@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_dispatch import SPEC, VLLM_SPEC, Federated, HeldSite, reply_for, request
-from tpm_fed.dispatch import BatchingDispatcher
+from tpm_fed.engine.dispatcher import BatchingDispatcher
 from tpm_fed.protocol.errors import InsufficientBalance
 
 WAIT_S = 5  # a stalled replica never answers: every wait here is bounded, so a stall fails instead of hanging
@@ -100,20 +100,23 @@ def test_a_task_that_cannot_be_started_fails_its_requests_and_gives_its_slot_bac
 
 
 def test_every_caller_future_is_settled_through_one_helper():
-    """``set_result``/``set_exception`` on a caller's future raise once it was cancelled: only ``_resolve``
-    (which skips a future already done) may call them in the dispatcher."""
+    """``set_result``/``set_exception`` on a caller's future raise once it was cancelled: only ``resolve``
+    (which skips a future already done) may call them in the engine."""
     import ast
     import inspect
+    import pkgutil
+    from importlib import import_module
 
-    import tpm_fed.dispatch as dispatch
+    import tpm_fed.engine as engine
 
-    tree = ast.parse(inspect.getsource(dispatch))
-    helper = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "_resolve")
-    inside_helper = {id(node) for node in ast.walk(helper)}
-    direct = [node.lineno for node in ast.walk(tree)
-              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr in ("set_result", "set_exception")
-              and id(node) not in inside_helper
-              and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "task")]
-    assert direct == [], f"dispatch.py settles a future directly at lines {direct}"
-
+    direct = []
+    for module in pkgutil.iter_modules(engine.__path__):
+        tree = ast.parse(inspect.getsource(import_module(f"tpm_fed.engine.{module.name}")))
+        helpers = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "resolve"]
+        inside_helper = {id(node) for helper in helpers for node in ast.walk(helper)}
+        direct += [f"{module.name}:{node.lineno}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                   and node.func.attr in ("set_result", "set_exception")
+                   and id(node) not in inside_helper
+                   and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "task")]
+    assert direct == [], f"the engine settles a future directly at {direct}"

@@ -28,7 +28,7 @@ def test_queue_position_decreases_as_requests_ahead_finish(tmp_path, demo_model_
                      project="queue")
     with Runtime(home) as runtime:
         site = HeldSite()
-        runtime._sites["local"] = site
+        runtime.pool.sites["local"] = site
         token = "queue-token"
         with ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url, \
                 Client(url=url, token=token) as client:

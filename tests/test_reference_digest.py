@@ -13,9 +13,9 @@ import pytest
 from blake3 import blake3
 
 from tpm_fed.protocol.errors import ReferenceCorrupt
-from tpm_fed.protocol.reference_chunks import get_chunks, put_chunks
+from tpm_fed.storage.reference_chunks import get_chunks, put_chunks
 from tpm_fed.protocol.references import CHUNK_BYTES, TensorsReference
-from tpm_fed.protocol.result_stores import connector_for, key_for
+from tpm_fed.storage.result_stores import connector_for, key_for
 
 
 @pytest.fixture()

@@ -61,7 +61,7 @@ def held(home, tmp_path):
 
     with Runtime(home, database_url=f"sqlite:///{tmp_path / 'retry.db'}") as runtime:
         site = HeldSite()
-        runtime._sites["local"] = site
+        runtime.pool.sites["local"] = site
         yield runtime, site
 
 

@@ -20,7 +20,7 @@ from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfi
 from tpm_fed.home import TpmHome
 from tpm_fed.identity import LocalUser
 from tpm_fed.protocol.errors import ModelLoadError
-from tpm_fed.protocol.store_reader import StoreReader
+from tpm_fed.storage.store_reader import StoreReader
 from tpm_fed.store import ModelStore
 
 PROMPTS = ["The telescope", "A quiet river runs", "Stars"]

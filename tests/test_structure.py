@@ -302,7 +302,6 @@ def test_no_lazy_import_of_another_package():
     assert offenders == [], "\n".join(offenders)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's files (dispatch.py, runtime.py) are being split on their branch")
 def test_no_lazy_import_of_another_package_in_the_engine():
     offenders = [line for line in _lazy_offenders() if line.startswith(ENGINE_FILES)]
     assert offenders == [], "\n".join(offenders)
@@ -332,7 +331,6 @@ def test_no_parameter_typed_runtime_any():
     assert offenders == [], "\n".join(offenders)
 
 
-@pytest.mark.xfail(strict=True, reason="typed with the engine's interface on the engine's branch")
 def test_no_parameter_typed_runtime_any_where_the_engine_is_handed_whole():
     offenders = [line for line in _runtime_any() if line.startswith(ENGINE_TYPED)]
     assert offenders == [], "\n".join(offenders)
@@ -378,7 +376,6 @@ def test_nothing_branches_on_a_kinds_name_outside_the_table():
     assert offenders == [], "\n".join(offenders)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's files (dispatch.py, runtime.py) are being split on their branch")
 def test_nothing_branches_on_a_kinds_name_in_the_engine():
     offenders = [line for line in _kind_branches() if line.startswith(ENGINE_FILES)]
     assert offenders == [], "\n".join(offenders)

@@ -95,7 +95,7 @@ def load_backend(spec: ModelSpec, backend: str) -> Backend:
 
 def _architecture(spec: ModelSpec) -> str | None:
     if spec.source == "store":  # vLLM serves it from a folder made of the version (functions.model_cache)
-        from tpm_fed.protocol.store_reader import StoreReader
+        from tpm_fed.storage.store_reader import StoreReader
 
         return (StoreReader(Path(spec.path)).config_json(spec.version).get("architectures") or [None])[0]
     config = Path(spec.path) / "config.json"

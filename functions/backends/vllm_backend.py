@@ -73,7 +73,7 @@ class VllmBackend:
         if spec.source == "store":
             from functions.model_cache import default_cache, materialized_version
             from functions.policy import current_policy
-            from tpm_fed.protocol.store_reader import StoreReader
+            from tpm_fed.storage.store_reader import StoreReader
 
             path = materialized_version(StoreReader(path), spec.version,
                                         current_policy().model_cache or default_cache())

@@ -64,6 +64,19 @@ class Kind:
     streams: bool = False
     charged_by_step: bool = False
 
+    def backend_for(self, model_backend: str) -> str:
+        """The backend a model set to ``model_backend`` serves this kind on: its own where that backend
+        has the capability (``auto`` where the worker chooses among several that have it), else the
+        first backend that has it."""
+        if model_backend in self.backends or (model_backend == "auto" and len(self.backends) > 1):
+            return model_backend
+        return self.backends[0]
+
+    def may_join(self, model_backend: str) -> bool:
+        """Whether a request of this kind may join a task running on a model set to ``model_backend``
+        (``auto`` may turn out to be one of :attr:`joins_on`; the worker's join poller asks only if so)."""
+        return bool(self.joins_on) and (model_backend == "auto" or model_backend in self.joins_on)
+
 
 KINDS: dict[str, Kind] = {
     kind.name: kind

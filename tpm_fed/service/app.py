@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpm_fed.batches.protocol import MAX_FILE_BYTES
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.protocol.http_errors import describe_errors, error_body, http_error
 from tpm_fed.service.auth import Authenticator
@@ -30,7 +31,7 @@ from tpm_fed.service.limits import BodyLimits
 logger = logging.getLogger(__name__)
 
 
-def build_app(runtime: Any, auth: Authenticator, *, operators: frozenset[str] = frozenset()) -> Any:
+def build_app(runtime: EngineClient, auth: Authenticator, *, operators: frozenset[str] = frozenset()) -> Any:
     """The ASGI app serving ``runtime`` to callers ``auth`` accepts.
 
     Args:

@@ -55,9 +55,9 @@ class ChunkQueue:
 class Admitting(Protocol):
     """A running task's dispatcher, for the requests that join the task and their answers."""
 
-    def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+    async def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
         """Requests (wire dicts) that join the task now, reserved; and whether more may join later.
-        Waits up to ``wait_s`` for one to arrive."""
+        Waits up to ``wait_s`` for one to arrive, on the event loop (holding no thread)."""
         ...
 
     def stop_admitting(self) -> None:
@@ -151,7 +151,7 @@ class BackChannelHub:
             task.admitting.answered(served or {}, outcomes)
         return delivered, cancelled
 
-    def admit(self, token: str, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+    async def admit(self, token: str, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
         """Requests that join the task with this secret (waits up to ``wait_s`` for one), and whether
         the worker may ask again. A task whose dispatcher takes none in answers ``[], False``.
 
@@ -162,7 +162,7 @@ class BackChannelHub:
             task = self._task(token)
         if task.admitting is None:
             return [], False
-        joined, more = task.admitting.admit(wait_s)
+        joined, more = await task.admitting.admit(wait_s)
         with self._lock:
             task.requests.update(wire["request_id"] for wire in joined)  # its secret may answer these now
         return joined, more

@@ -16,19 +16,10 @@ tokens obtained from the caller's token: :class:`GlobusCallers`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from tpm_fed.engine.interface import Callers  # noqa: F401  (what the classes here answer)
 from tpm_fed.service.dependent_tokens import DependentTokens
-
-
-class Callers(Protocol):
-    def groups_of(self, identity: str) -> frozenset[str]:
-        """The Globus Groups ``identity`` is an active member of (UUIDs as strings)."""
-        ...
-
-    def compute_client_factory(self, identity: str) -> Callable[[], Any] | None:
-        """Makes a Globus Compute client acting as ``identity``; None: use the service's own."""
-        ...
 
 
 class LocalCallers:

@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.protocol.errors import TpmError
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -50,7 +51,7 @@ class ServiceMetrics:
         slo: Read at scrape time for p50/p95 and availability against targets (optional).
     """
 
-    def __init__(self, runtime: Any = None, slo: Any = None) -> None:
+    def __init__(self, runtime: EngineClient | None = None, slo: Any = None) -> None:
         self.runtime = runtime
         self.slo = slo
         self.registry = CollectorRegistry()
@@ -125,7 +126,7 @@ class ServiceMetrics:
 class _LiveState:
     """Read at each scrape: requests running and waiting per replica; the SLO report."""
 
-    def __init__(self, runtime: Any, slo: Any) -> None:
+    def __init__(self, runtime: EngineClient, slo: Any) -> None:
         self.runtime = runtime
         self.slo = slo
 

@@ -12,11 +12,12 @@ from typing import Any
 
 from sqlalchemy import select
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.state.schema import MICRO, charges_table, requests_table
 from tpm_fed.store import ModelStore
 
 
-def model_cards(runtime: Any) -> list[dict[str, Any]]:
+def model_cards(runtime: EngineClient) -> list[dict[str, Any]]:
     """``GET /v1/models``: each model as OpenAI lists it, plus a ``tpm`` object."""
     replicas = runtime.broker.registry.all()
     cards = []
@@ -52,7 +53,7 @@ def model_cards(runtime: Any) -> list[dict[str, Any]]:
     return cards
 
 
-def _stored_versions(runtime: Any, config: Any) -> list[dict[str, Any]]:
+def _stored_versions(runtime: EngineClient, config: Any) -> list[dict[str, Any]]:
     if not config.store:
         return []
 
@@ -60,7 +61,7 @@ def _stored_versions(runtime: Any, config: Any) -> list[dict[str, Any]]:
             for v in ModelStore(runtime.federation.store).versions(config.name)]
 
 
-def request_record(runtime: Any, request_id: str) -> dict[str, Any] | None:
+def request_record(runtime: EngineClient, request_id: str) -> dict[str, Any] | None:
     """A request's status and charge, with who asked (the route checks that)."""
     with runtime.log.engine.connect() as db:
         logged = db.execute(select(requests_table).where(requests_table.c.request_id == request_id)).one_or_none()
@@ -85,7 +86,7 @@ def request_record(runtime: Any, request_id: str) -> dict[str, Any] | None:
     }
 
 
-def statement(runtime: Any, project: str, since: float | None) -> list[dict[str, Any]]:
+def statement(runtime: EngineClient, project: str, since: float | None) -> list[dict[str, Any]]:
     """A project's charges; ``in_doubt`` marks a reservation the sweeper will settle or release
     (held past its deadline, or by a process that is gone)."""
     doubtful = {c.request_id for c in runtime.ledger.in_doubt()}
@@ -99,13 +100,13 @@ def statement(runtime: Any, project: str, since: float | None) -> list[dict[str,
     return rows
 
 
-def balances(runtime: Any, project: str) -> list[dict[str, Any]]:
+def balances(runtime: EngineClient, project: str) -> list[dict[str, Any]]:
     return [{"project": b.project, "site": b.site, "granted_su": b.granted_usu / MICRO,
              "spent_su": b.spent_usu / MICRO, "reserved_su": b.reserved_usu / MICRO,
              "available_su": b.available_usu / MICRO} for b in runtime.ledger.balances(project)]
 
 
-def sites_report(runtime: Any) -> dict[str, Any]:
+def sites_report(runtime: EngineClient) -> dict[str, Any]:
     """Sites as their runtime sees them (with what callers choose by: billing, owner, location), and
     every live replica."""
     configs = {site.name: site for site in runtime.federation.sites}

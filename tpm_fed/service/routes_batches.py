@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from tpm_fed.engine.interface import EngineClient
 from tpm_fed.batches.jsonl import BatchFileChecker, read_stored_batch_file
 from tpm_fed.batches.lines import LineRoutes
 from tpm_fed.batches.protocol import (
@@ -50,7 +51,7 @@ from tpm_fed.stores.documents import MAX_DOCUMENT_BYTES, check_upload as check_d
 router = APIRouter()
 
 
-def attach_batches(app: Any, runtime: Any) -> None:
+def attach_batches(app: Any, runtime: EngineClient) -> None:
     """Give ``app`` the batch routes and the runtime's one batch runner (started here, once per runtime;
     it resumes the batches a stopped service left in progress)."""
     if getattr(runtime, "batches", None) is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from tpm_fed.protocol.back_channel import JoinAsk, ChannelPost, ChannelPostAnswer
 
@@ -30,8 +29,8 @@ def receive(body: ChannelPost, request: Request) -> dict[str, Any]:
 async def admit(body: JoinAsk, request: Request) -> dict[str, Any]:
     hub = request.app.state.streams
     if body.close:
-        await run_in_threadpool(hub.stop_admitting, body.token)
+        hub.stop_admitting(body.token)  # a flag and a wake-up: no thread needed
         return {"requests": [], "open": False}
-    # A held ask waits on the dispatcher's condition, in a worker thread of its own.
-    joined, more = await run_in_threadpool(hub.admit, body.token, body.wait_s)
+    # A held ask waits on the event loop: it holds no thread of the pool submissions go through.
+    joined, more = await hub.admit(body.token, body.wait_s)
     return {"requests": joined, "open": more}

@@ -6,8 +6,6 @@ import asyncio
 import time
 from typing import Any, Protocol
 
-from starlette.concurrency import run_in_threadpool
-
 from tpm_fed.catalog import ModelCatalog
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ServedResult
@@ -19,7 +17,7 @@ class ServingEngine(Protocol):
 
     catalog: ModelCatalog
 
-    def submit(self, request: ServingRequest, identity: str) -> Any: ...
+    async def submit_async(self, request: ServingRequest, identity: str) -> Any: ...
 
 
 class Observer(Protocol):
@@ -31,8 +29,9 @@ class Observer(Protocol):
 
 async def start(runtime: ServingEngine, request: ServingRequest, identity: str,
                 observer: Observer | None = None) -> asyncio.Task[ServedResult]:
-    """Start ``request`` (edge checks and placement run in a worker thread and raise here,
-    as HTTP errors) and return the task that resolves with its result.
+    """Start ``request`` (edge checks and placement run on the event loop, :meth:`Engine.submit_async
+    <tpm_fed.engine.engine.Engine.submit_async>`, and raise here, as HTTP errors) and return the task
+    that resolves with its result.
 
     A caller that disconnects does not cancel the task its request rode in:
     the request finishes and is charged once, for what ran.
@@ -44,7 +43,7 @@ async def start(runtime: ServingEngine, request: ServingRequest, identity: str,
             observer.observe(request.kind, request.model.name, time.perf_counter() - started, result, error)
 
     try:
-        future = await run_in_threadpool(runtime.submit, request, identity)
+        future = await runtime.submit_async(request, identity)
     except Exception as error:
         observe(error=error)
         raise

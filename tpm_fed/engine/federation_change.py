@@ -6,7 +6,7 @@ the changed dict. The result is validated as a whole again (the same
 checks ``Federation.load`` makes, so a grant at an unknown site or a
 duplicate name is refused with the field named) before anything is written;
 the file keeps its relative paths. What changed for the running sites is
-worked out here too, so the runtime can stop only those.
+worked out here too, so the engine can stop only those (:meth:`tpm_fed.engine.engine.Engine.change_federation`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""Requests joining a running task: a vLLM worker's asks for more, answered from the replica's queue.
+
+While a task whose engine takes requests between steps runs, its worker asks
+the back channel for more (:meth:`tpm_fed.service.stream_hub.StreamHub.admit`):
+every interactive request waiting for its replica, and batch lines while fewer
+than ``max_batch`` run, for ``admit_for_s`` after the task began (so a busy
+replica's task still ends). Each is reserved before the worker sees it, as a
+batch is before it leaves. One handed over that the worker never read goes
+back to the front of the queue, still reserved, for the next task.
+
+An ask is held on the event loop (:mod:`tpm_fed.engine.asks`), never on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tpm_fed.engine.asks import RESERVING, OpenAsks
+from tpm_fed.engine.clock import now
+from tpm_fed.engine.locking import OwnedLock
+from tpm_fed.engine.pending import Pending, resolve
+from tpm_fed.engine.replica_queue import ReplicaQueue
+from tpm_fed.engine.reply import ReplyReader, shared_facts
+from tpm_fed.engine.running_task import RunningTask
+from tpm_fed.engine.settlement import Settlement
+from tpm_fed.protocol.errors import SiteError
+
+ADMIT_FOR_S = 30.0
+"""How long after it began a running task may take in requests (at most a quarter of the task timeout)."""
+
+
+class Admission:
+    """One replica's running tasks taking its waiting requests in (shares the dispatcher's lock and queue)."""
+
+    def __init__(self, lock: OwnedLock, queue: ReplicaQueue, settlement: Settlement, reader: ReplyReader,
+                 admit_for_s: float) -> None:
+        self.lock, self.queue, self.settlement, self.reader = lock, queue, settlement, reader
+        self.admit_for_s = admit_for_s
+        self.asks = OpenAsks()
+
+    def hooks(self, task: RunningTask) -> TaskHooks:
+        return TaskHooks(self, task)
+
+    async def admit(self, task: RunningTask, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        """Requests that join ``task`` now, reserved; whether more may join later. Waits up to ``wait_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            with self.lock:
+                if not task.admitting or now() - task.started > self.admit_for_s:
+                    return [], False
+                taken = self.queue.take_joining(self.queue.max_batch - task.running)
+                if taken:
+                    task.joining += len(taken)
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return [], True
+                woken = self.asks.hold()
+            try:
+                await asyncio.wait_for(woken.wait(), remaining)
+            except TimeoutError:
+                pass
+            finally:
+                with self.lock:
+                    self.asks.drop(woken)
+        return await loop.run_in_executor(RESERVING, self._join, task, taken)
+
+    def _join(self, task: RunningTask, taken: list[Pending]) -> tuple[list[dict[str, Any]], bool]:
+        """Reserve ``taken`` and add it to ``task`` (settled at once if the task ended meanwhile)."""
+        try:
+            refused = self.settlement.reserve(taken)
+        except Exception as error:  # the log or the ledger could not take them
+            refused = {p.request_id: error for p in taken}
+        for pending in taken:
+            if pending.request_id in refused:
+                resolve(pending.future, refused[pending.request_id])
+        kept = [p for p in taken if p.request_id not in refused]
+        with self.lock:
+            task.joining -= len(taken)
+            ended = task.closed  # it timed out meanwhile: these never reach it
+            if not ended:
+                task.joined.extend(kept)
+        if ended:
+            self.settlement.settle(kept, [SiteError(f"the task on site {self.settlement.site!r} these requests "
+                                                    "were to join ended first; they were not charged")] * len(kept))
+            return [], False
+        return [p.request.to_wire() for p in kept], True
+
+    def stop(self, task: RunningTask) -> None:
+        with self.lock:
+            task.admitting = False
+            self.asks.wake()
+
+    def answered(self, task: RunningTask, served: dict[str, Any], answers: dict[str, dict[str, Any]]) -> None:
+        """Settle the requests ``task`` answered early (each once; the task's end skips them)."""
+        finished = now()
+        with self.lock:
+            fresh = task.claim_answered(list(answers))
+            joined = [task.is_joined(p) for p in fresh]
+            if fresh:
+                self.asks.wake()  # room for more to join
+        if not fresh:
+            return
+        shared = shared_facts({**served, "run_s": 0.0})
+        outcomes = [self.reader.guarded(p, answers[p.request_id], shared, finished, was_joined)
+                    for p, was_joined in zip(fresh, joined, strict=True)]
+        self.settlement.settle(fresh, outcomes)
+
+
+class TaskHooks:
+    """A running task's hooks for the back channel (:class:`tpm_fed.service.stream_hub.Admitting`)."""
+
+    def __init__(self, admission: Admission, task: RunningTask) -> None:
+        self.admission, self.task = admission, task
+
+    async def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        return await self.admission.admit(self.task, wait_s)
+
+    def stop_admitting(self) -> None:
+        self.admission.stop(self.task)
+
+    def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
+        self.admission.answered(self.task, served, outcomes)
