@@ -53,12 +53,12 @@ def big_trace(client, megabytes: int):
 
 def fetch(client, result, scratch: Path, repeats: int) -> None:
     from tpm_fed.protocol.references import CHUNK_BYTES
-    from tpm_fed.references.reader import ServiceReader, StoreReader
+    from tpm_fed.references.reader import ServiceReader, StoreTensorReader
 
     reference = result.tensors_ref
     local = scratch / "local.bin"
     with open(local, "wb") as out:
-        for chunk in StoreReader().chunks(result.request_id, reference):
+        for chunk in StoreTensorReader().chunks(result.request_id, reference):
             out.write(chunk)
 
     def read_local() -> int:
@@ -66,7 +66,7 @@ def fetch(client, result, scratch: Path, repeats: int) -> None:
             return sum(len(chunk) for chunk in iter(lambda: source.read(CHUNK_BYTES), b""))
 
     def read_store() -> int:
-        return sum(len(chunk) for chunk in StoreReader().chunks(result.request_id, reference))
+        return sum(len(chunk) for chunk in StoreTensorReader().chunks(result.request_id, reference))
 
     def read_store_unchecked() -> int:  # the same reads with no digest: what the check costs
         from tpm_fed.storage.result_stores import connector_for, key_for

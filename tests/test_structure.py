@@ -392,3 +392,22 @@ def test_the_kinds_table_is_consistent():
         assert kind.family in get_args(KindName) and KINDS[kind.family].family == kind.family, kind.name
         assert kind.request.model_fields["kind"].default == kind.name, kind.name
         assert not kind.streams or kind.capability == "generate", kind.name  # only generated text streams
+
+
+# --- Names: one meaning per word ---
+
+SAME_MEANING = {"Observer": "told of every request that ends; written where each caller needs it (the serving "
+                            "classes, the batch runner), neither package importing the other"}
+"""Public class names defined twice on purpose, because both definitions mean the same thing."""
+
+
+def test_no_two_public_classes_share_a_name():
+    """Two classes of one name were two meanings of one word (``Listener``, ``Runtime``, ``StoreReader``):
+    a reader of either had to find out which one a line meant."""
+    defined: dict[str, list[str]] = {}
+    for module, path in OURS.items():
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                defined.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
+    shared = {name: paths for name, paths in defined.items() if len(paths) > 1 and name not in SAME_MEANING}
+    assert shared == {}

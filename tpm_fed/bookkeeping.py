@@ -42,7 +42,7 @@ from tpm_fed.protocol.errors import InvalidRequest, SiteError
 from tpm_fed.protocol.kinds import KINDS, Kind
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ChargeInfo, ServedResult, TensorResult
-from tpm_fed.references.reader import StoreReader
+from tpm_fed.references.reader import StoreTensorReader
 from tpm_fed.references.records import ReferenceRecords
 from tpm_fed.state import RequestLog
 from tpm_fed.state.schema import MICRO
@@ -170,7 +170,7 @@ class Bookkeeper:
                 outcomes[request_id] = outcome = outcome.model_copy(update={"tensors_ref": adopted})
                 references.append((request_id, admission.site, adopted))
             if isinstance(outcome, TensorResult):  # read in this process from the stores it can open
-                outcome.with_reader(StoreReader())
+                outcome.with_reader(StoreTensorReader())
             if isinstance(outcome, ServedResult):
                 # Every node of a multi-node replica is charged: its starts and its time.
                 nodes = self.broker.placer.nodes(admission.request.model, admission.site)

@@ -17,7 +17,7 @@ from tpm_fed.protocol.tensors import unpack_tensors
 
 class TensorReader(Protocol):
     """Reads a result's tensors by reference and writes them to files: the I/O the contract leaves to its
-    users (:class:`tpm_fed.references.reader.StoreReader`, :class:`~tpm_fed.references.reader.ServiceReader`)."""
+    users (:class:`tpm_fed.references.reader.StoreTensorReader`, :class:`~tpm_fed.references.reader.ServiceReader`)."""
 
     def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]: ...
 

@@ -28,8 +28,9 @@ def reachable(reference: TensorsReference) -> bool:
     return folder is not None and os.access(folder, os.R_OK | os.X_OK)
 
 
-class StoreReader:
-    """Reads a reference straight from its store (what a result uses when no client gave it a reader)."""
+class StoreTensorReader:
+    """Reads a result's tensors straight from their store (the service's bookkeeper gives results this one); not
+    :class:`tpm_fed.storage.store_reader.StoreReader`, which reads model versions from the model store."""
 
     def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
         if not reachable(reference):
@@ -53,7 +54,7 @@ class ServiceReader:
 
     def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
         if reachable(reference):
-            return StoreReader().chunks(request_id, reference)
+            return StoreTensorReader().chunks(request_id, reference)
         check_current(reference)
         return self._download(request_id, reference)
 
