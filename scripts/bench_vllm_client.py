@@ -123,6 +123,8 @@ def main() -> None:
     from tpm_fed.models.demo import make_demo_model
 
     scratch = Path(tempfile.mkdtemp(prefix="tpm-bench-vllm-client-"))
+    # Store versions are materialized for vLLM here (the workers inherit it), and removed with the scratch.
+    os.environ["TPM_MODEL_CACHE"] = str(scratch / "model-cache")
     servers = args.servers.split(",")
     results: list[tuple[str, str, int, dict[str, dict]]] = []
     started_on = machine()
