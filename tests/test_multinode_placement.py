@@ -250,3 +250,19 @@ def test_the_placement_benchmark_places_every_request_in_both_federations():
                            "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr  # it exits non-zero if any request was refused
     assert "ratio multi-node / one node:" in done.stdout
+
+
+def test_a_batch_of_two_node_lines_counts_each_start_on_both_nodes_once():
+    """Lines of one batch share a site's starts: each line's bound drops its own start (on every node) and the
+    site's possible starts (its replica slots) are added once, each on every node."""
+    from types import SimpleNamespace
+
+    from tpm_fed.batches.quoting import _bound_per_site
+    from tpm_fed.protocol.quotes import Quote
+
+    fed = federation([gpu_site("big", 2)], [gpu_model("two", 4, 2)], {"generate": {"per_cold_start": 0.5}})
+    line = dict(project="astro", model="two", version="v1", kind="generate", site="big", replica=None, nodes=2,
+                cold=True, free=False, expected_su=1.0 + 2 * 0.5, max_su=1.0 + 2 * 0.5, estimated_s=60.0,
+                explanation="")
+    bound = _bound_per_site(SimpleNamespace(federation=fed), [Quote(**line), Quote(**line)])
+    assert bound == {"big": pytest.approx(2 * 1.0 + 1 * 2 * 0.5)}  # two lines' work, one start of 2 nodes
