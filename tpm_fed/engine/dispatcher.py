@@ -5,7 +5,7 @@ The parts decide; this file only connects them and owns the lock:
 :mod:`~tpm_fed.engine.running_task` keeps who settles each request once,
 :mod:`~tpm_fed.engine.reply` reads a task's reply, :mod:`~tpm_fed.engine.settlement`
 reserves and settles (and offers lost requests to the replica pool's rerouter),
-:mod:`~tpm_fed.engine.admission` lets a running vLLM task take requests in,
+:mod:`~tpm_fed.engine.joining` lets a running vLLM task take requests in,
 :mod:`~tpm_fed.engine.clock` runs lingers and task timeouts on one thread.
 
 A worker slot always comes back, by construction: a slot is taken only by the
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
-from tpm_fed.engine.admission import ADMIT_FOR_S, Admission
+from tpm_fed.engine.joining import ADMIT_FOR_S, Joining
 from tpm_fed.engine.clock import Clock, Timed, now
 from tpm_fed.engine.locking import OwnedLock
 from tpm_fed.engine.pending import Pending, resolve
@@ -57,7 +57,7 @@ class BatchingDispatcher:
         listener: Reserves requests before they leave; told of each outcome before its future resolves.
         rerouter: Offered each request of a task lost to its site (the replica pool's).
         context: What the site allows, passed to the serving function.
-        streams: Returns the back channel's hub (:class:`tpm_fed.service.stream_hub.StreamHub`; None while
+        streams: Returns the back channel's hub (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`; None while
             no service listens).
         held: True while a caller places a burst that should leave together (see ``ReplicaQueue.linger_over``).
         admit_for_s: How long after it began a running task may take in waiting requests
@@ -82,7 +82,7 @@ class BatchingDispatcher:
         self._queue = ReplicaQueue(max_batch=max_batch, max_in_flight=max_in_flight, linger_s=linger_s, joins=joins)
         self._reader = ReplyReader(spec, site.name)
         self._settlement = Settlement(site.name, spec, listener, rerouter)
-        self._admission = Admission(self._lock, self._queue, self._settlement, self._reader, admit_for_s)
+        self._joining = Joining(self._lock, self._queue, self._settlement, self._reader, admit_for_s)
         self._clock = Clock(f"tpm-dispatch-{site.name}")
         self._linger: Timed | None = None
 
@@ -96,7 +96,7 @@ class BatchingDispatcher:
 
     @property
     def admit_for_s(self) -> float:
-        return self._admission.admit_for_s
+        return self._joining.admit_for_s
 
     @property
     def waiting(self) -> int:
@@ -124,7 +124,7 @@ class BatchingDispatcher:
         pending = Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)
         with self._lock:
             batch = self._queue.arrive(pending, pending.submitted, background)
-            self._admission.asks.wake()
+            self._joining.asks.wake()
             self._follow_linger_locked()
         if batch and send_on is not None:
             send_on.submit(self._on_slot, batch)
@@ -210,7 +210,7 @@ class BatchingDispatcher:
             if self.task_timeout_s is not None:
                 running.timer = self._clock.call_at(now() + self.task_timeout_s, lambda _: self._end(running, None))
             hub = self.streams() if self.streams is not None else None
-            hooks = self._admission.hooks(running) if self.admit_for_s > 0 else None
+            hooks = self._joining.hooks(running) if self.admit_for_s > 0 else None
             channel = hub.open([p.request_id for p in pending], hooks) if hub is not None else None
             context = self.context
             if channel is not None:
@@ -231,7 +231,7 @@ class BatchingDispatcher:
         with self._lock:
             closing = running.close()
             if closing:
-                self._admission.asks.wake()  # an ask held open for it ends now
+                self._joining.asks.wake()  # an ask held open for it ends now
                 own, joined = running.claim_unanswered()
         if not closing:
             logger.warning("a batch of %d requests answered after its timeout; dropped", len(running.pending))

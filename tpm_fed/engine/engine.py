@@ -64,7 +64,7 @@ class Engine:
         self.catalog = ModelCatalog(self.federation)
         self.projects = Projects(lambda: self.federation, callers)
         self.streams: Any = None
-        """The service's back channel for streamed text (:class:`tpm_fed.service.stream_hub.StreamHub`)."""
+        """The service's back channel for streamed text (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`)."""
         self._change_lock = threading.Lock()  # one federation change at a time (read, edit, write the file)
         self._stop_sweeping = threading.Event()
         self._closed = False

@@ -48,7 +48,7 @@ class EngineClient(Protocol):
     federation: Federation
     catalog: ModelCatalog
     streams: Any
-    """The service's back channel (:class:`tpm_fed.service.stream_hub.StreamHub`), once it serves."""
+    """The service's back channel (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`), once it serves."""
 
     # The five calls of the engine proper.
     def submit(self, request: ServingRequest, identity: str | None = None, *,

@@ -24,7 +24,7 @@ Outcome = ServedResult | BaseException
 
 
 @dataclass
-class TaskReply:
+class DecodedReply:
     """A task's reply: its requests' answers in order (``outcomes``: None if unusable, with why), the
     answers of requests that joined it by id, and what the replica reports for all of them."""
 
@@ -34,10 +34,10 @@ class TaskReply:
     shared: dict[str, Any] | Exception = field(default_factory=dict)
 
 
-def decode_reply(reply: Any, expected: int) -> TaskReply:
+def decode_reply(reply: Any, expected: int) -> DecodedReply:
     """The reply's outer shape, for a task of ``expected`` requests (never raises)."""
     joined = reply.get("joined") if isinstance(reply, dict) else None
-    parts = TaskReply(outcomes=None, joined=joined if isinstance(joined, dict) else {}, shared=shared_facts(reply))
+    parts = DecodedReply(outcomes=None, joined=joined if isinstance(joined, dict) else {}, shared=shared_facts(reply))
     try:
         answers = reply["outcomes"]
         if not isinstance(answers, list):
@@ -67,7 +67,7 @@ class ReplyReader:
     def __init__(self, spec: ModelSpec, site: str) -> None:
         self.spec, self.site = spec, site
 
-    def task(self, batch: list[Pending], reply: TaskReply, finished: float) -> list[Outcome]:
+    def task(self, batch: list[Pending], reply: DecodedReply, finished: float) -> list[Outcome]:
         """One outcome per request the task was sent with, in order."""
         if reply.outcomes is None:
             return [self.malformed(reply.why_unusable)] * len(batch)

@@ -1,7 +1,7 @@
 """Requests joining a running task: a vLLM worker's asks for more, answered from the replica's queue.
 
 While a task whose engine takes requests between steps runs, its worker asks
-the back channel for more (:meth:`tpm_fed.service.stream_hub.StreamHub.admit`):
+the back channel for more (:meth:`tpm_fed.service.back_channel_hub.BackChannelHub.admit`):
 every interactive request waiting for its replica, and batch lines while fewer
 than ``max_batch`` run, for ``admit_for_s`` after the task began (so a busy
 replica's task still ends). Each is reserved before the worker sees it, as a
@@ -30,7 +30,7 @@ ADMIT_FOR_S = 30.0
 """How long after it began a running task may take in requests (at most a quarter of the task timeout)."""
 
 
-class Admission:
+class Joining:
     """One replica's running tasks taking its waiting requests in (shares the dispatcher's lock and queue)."""
 
     def __init__(self, lock: OwnedLock, queue: ReplicaQueue, settlement: Settlement, reader: ReplyReader,
@@ -110,16 +110,16 @@ class Admission:
 
 
 class TaskHooks:
-    """A running task's hooks for the back channel (:class:`tpm_fed.service.stream_hub.Admitting`)."""
+    """A running task's hooks for the back channel (:class:`tpm_fed.service.back_channel_hub.Admitting`)."""
 
-    def __init__(self, admission: Admission, task: RunningTask) -> None:
-        self.admission, self.task = admission, task
+    def __init__(self, joining: Joining, task: RunningTask) -> None:
+        self.joining, self.task = joining, task
 
     async def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
-        return await self.admission.admit(self.task, wait_s)
+        return await self.joining.admit(self.task, wait_s)
 
     def stop_admitting(self) -> None:
-        self.admission.stop(self.task)
+        self.joining.stop(self.task)
 
     def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
-        self.admission.answered(self.task, served, outcomes)
+        self.joining.answered(self.task, served, outcomes)
