@@ -209,7 +209,27 @@ class _Run:
         return True
 
     def _register(self) -> list[Any]:
-        handles = [self.model.register_forward_pre_hook(self._count)]
+        handles = [self.model.register_forward_pre_hook(self._count), *self._register_edits()]
+        # Analyses read what the edits left (registered after them, so they run after them).
+        lens_layers = set()
+        if self.request.logit_lens is not None:
+            lens_layers = {self._layer_index(i) for i in self.request.logit_lens.layers or range(len(self.catalog.layers))}
+        for index in sorted(i for i in lens_layers if self._holds(self.catalog.layers[i])):
+            module = self.model.get_submodule(self.catalog.layers[index])
+            handles.append(module.register_forward_hook(self._capture(self.layer_outputs, index)))
+        if self.request.attention_lens is not None:
+            for index in self._attention_layers():
+                name, info = self.catalog.attention_of(index)
+                if not self._holds(info.out_projection):
+                    continue
+                module = self.model.get_submodule(info.out_projection)
+                handles.append(module.register_forward_pre_hook(self._capture_input(self.head_inputs, index)))
+        return handles
+
+    def _register_edits(self) -> list[Any]:
+        """The steps' hooks on the modules this process holds, one per module and side (a head's edits
+        go where the heads enter the output projection)."""
+        handles = []
         by_target: dict[tuple[str, str], list[_Bound]] = defaultdict(list)
         for item in self.bound:
             point = item.point
@@ -225,20 +245,6 @@ class _Run:
                 handles.append(module.register_forward_pre_hook(self._input_hook(items), with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(self._output_hook(items)))
-        # Analyses read what the edits left (registered after them, so they run after them).
-        lens_layers = set()
-        if self.request.logit_lens is not None:
-            lens_layers = {self._layer_index(i) for i in self.request.logit_lens.layers or range(len(self.catalog.layers))}
-        for index in sorted(i for i in lens_layers if self._holds(self.catalog.layers[i])):
-            module = self.model.get_submodule(self.catalog.layers[index])
-            handles.append(module.register_forward_hook(self._capture(self.layer_outputs, index)))
-        if self.request.attention_lens is not None:
-            for index in self._attention_layers():
-                name, info = self.catalog.attention_of(index)
-                if not self._holds(info.out_projection):
-                    continue
-                module = self.model.get_submodule(info.out_projection)
-                handles.append(module.register_forward_pre_hook(self._capture_input(self.head_inputs, index)))
         return handles
 
     def _count(self, module, args):

@@ -260,22 +260,7 @@ class _StageRun(_Run):
         self.head_inputs: dict[int, Any] = {}
 
     def register_stage(self, lens_layers: list[int], head_layers: list[int]) -> list[Any]:
-        from collections import defaultdict
-
-        handles = []
-        by_target: dict[tuple[str, str], list[_Bound]] = defaultdict(list)
-        for item in self.bound:
-            point = item.point
-            if point.head is not None:
-                by_target[(self.catalog.attention[point.module].out_projection, "input")].append(item)
-            else:
-                by_target[(point.module, point.side)].append(item)
-        for (module_name, side), items in by_target.items():
-            module = self.model.get_submodule(module_name)
-            if side == "input":
-                handles.append(module.register_forward_pre_hook(self._input_hook(items), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(self._output_hook(items)))
+        handles = self._register_edits()  # every bound step is this stage's: the stage server bound only those
         for layer in lens_layers:  # after the edits: the lens reads what they left
             module = self.model.get_submodule(self.catalog.layers[layer])
             handles.append(module.register_forward_hook(self._capture(self.layer_outputs, layer)))
