@@ -22,13 +22,17 @@ def recorded(tmp_path_factory, demo_model_dir):
 
     with Runtime(batch_home(tmp_path_factory.mktemp("priority-home"), demo_model_dir)) as runtime:
         seen: list = []
-        submit = runtime.submit
+        submit, submit_async = runtime.submit, runtime.submit_async
 
-        def noting(request, *args, **kwargs):
+        def noting(request, *args, **kwargs):  # batch lines are submitted from the runner's thread
             seen.append(request)
             return submit(request, *args, **kwargs)
 
-        runtime.submit = noting
+        async def noting_async(request, *args, **kwargs):  # the routes submit on the event loop
+            seen.append(request)
+            return await submit_async(request, *args, **kwargs)
+
+        runtime.submit, runtime.submit_async = noting, noting_async
         with served(runtime) as (url, token):
             yield runtime, url, token, seen
 
