@@ -180,6 +180,8 @@ def bench_ingestion(texts_count: int, repeats: int) -> None:
                 served = federation()
                 served_s.append(time.perf_counter() - started)
                 ratios.append(own_s[-1] / served_s[-1])
+                print(f"  repeat {repeat + 1}: own loop {own_s[-1]:.2f} s, federation {served_s[-1]:.2f} s, "
+                      f"ratio {ratios[-1]:.3f}x ({machine()})", flush=True)
             difference = float(np.abs(served - expected).max())
     print(f"ingestion ({len(texts)} chunks, {tokens:,} tokens, {repeats} repeats, each pair back to back):")
     print(f"  sentence-transformers encode  best {len(texts) / min(own_s):7.1f} chunks/s "
