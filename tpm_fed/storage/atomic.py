@@ -10,8 +10,9 @@ no partial file behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -42,6 +43,31 @@ def write_chunks_atomically(path: str | os.PathLike, chunks: Iterable[bytes | me
             os.unlink(staging)
         raise
     return written
+
+
+def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Replace ``folder`` whole with what ``fill`` writes into an empty staging folder beside it: the
+    folder is 0700 and every file in it 0600 (libraries write with the process's umask), and a failed
+    ``fill`` leaves the old folder as it was and no staging folder behind."""
+    target = Path(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))  # mkdtemp: 0700
+    try:
+        fill(staging)
+        private_files(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def private_files(folder: Path) -> None:
+    """``folder`` 0700 and everything under it 0700 (folders) or 0600 (files)."""
+    folder.chmod(0o700)
+    for path in folder.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def _mode_for(path: Path) -> int:

@@ -17,14 +17,13 @@ renamed into place, so a reader sees a whole index or none; nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
 
 import numpy as np
+
+from tpm_fed.storage.atomic import write_folder_atomically
 
 APPROXIMATE_FROM = 20_000
 """Vectors from which :func:`build_index` builds an approximate index: below it, exact search of one query
@@ -252,24 +251,9 @@ def _read_params(folder: Path, kind: str | None) -> dict[str, Any]:
 
 
 def _write_folder(folder: Path, params: dict[str, Any], write) -> None:
-    """Write an index folder beside ``folder`` (0700, files 0600), then put it in place whole."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # mkdtemp: 0700
-    try:
-        write(tmp)
-        (tmp / PARAMS_FILE).write_text(json.dumps(params, sort_keys=True))
-        private_files(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write an index folder (0700, files 0600), put in place whole: ``write(staging)``, then its parameters."""
+    def fill(staging: Path) -> None:
+        write(staging)
+        (staging / PARAMS_FILE).write_text(json.dumps(params, sort_keys=True))
 
-
-def private_files(folder: Path) -> None:
-    """``folder`` 0700 and every file under it 0600 (libraries write with the process's umask)."""
-    folder.chmod(0o700)
-    for path in folder.rglob("*"):
-        path.chmod(0o700 if path.is_dir() else 0o600)
+    write_folder_atomically(folder, fill)

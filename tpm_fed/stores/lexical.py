@@ -8,15 +8,13 @@ variant, k1 1.5, b 0.75); a chunk sharing no word with the query scores 0.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tpm_fed.stores.index import Hits, private_files
+from tpm_fed.storage.atomic import write_folder_atomically
+from tpm_fed.stores.index import Hits
 
 STOPWORDS = "en"
 
@@ -72,20 +70,12 @@ class LexicalIndex:
 
     def save(self, folder: Path) -> None:
         """Write to ``folder`` (0700, files 0600, no pickle), replaced whole."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            (tmp / "size").write_text(str(self.size))
+        def fill(staging: Path) -> None:
+            (staging / "size").write_text(str(self.size))
             if self.retriever is not None:
-                self.retriever.save(str(tmp / "bm25"), allow_pickle=False, show_progress=False)
-            private_files(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                self.retriever.save(str(staging / "bm25"), allow_pickle=False, show_progress=False)
+
+        write_folder_atomically(folder, fill)
 
     @classmethod
     def load(cls, folder: Path) -> LexicalIndex:
