@@ -12,7 +12,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from tpm_fed.protocol.requests import ServingRequest, UsageBound, check_prompts, prompt_token_bound
+from tpm_fed.protocol.requests import (
+    ServingRequest,
+    UsageBound,
+    check_prompts,
+    prompt_token_bound,
+)
 from tpm_fed.protocol.results import _TensorResult
 
 MAX_TEXTS = 2048
