@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import log, machine  # noqa: E402
+from benchlib import log, machine
 
 DIMENSIONS, K = 384, 10
 
@@ -72,7 +72,13 @@ def ms(seconds: list[float], share: float) -> float:
 
 
 def bench_index(chunks: int, queries: int, compare: bool) -> None:
-    from tpm_fed.stores.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, ExactIndex, HnswIndex
+    from tpm_fed.stores.index import (
+        HNSW_EF_CONSTRUCTION,
+        HNSW_EF_SEARCH,
+        HNSW_M,
+        ExactIndex,
+        HnswIndex,
+    )
 
     log(f"index: drawing {chunks:,} x {DIMENSIONS} vectors")
     vectors, asked = clustered(chunks, queries)

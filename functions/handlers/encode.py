@@ -18,8 +18,9 @@ from tpm_fed.protocol.errors import ContextLengthExceeded, TpmError
 
 
 def handle(backend: Encodes, requests: list[EncodeRequest], policy: WorkerPolicy) -> list[dict[str, Any]]:
-    from functions.references import deliver
     from safetensors.numpy import save
+
+    from functions.references import deliver
 
     outcomes: list[dict[str, Any] | None] = [None] * len(requests)
     accepted: list[tuple[int, list[list[int]]]] = []
