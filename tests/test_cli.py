@@ -33,7 +33,8 @@ def cli_home(tmp_path_factory, demo_model_dir) -> TpmHome:
 
 
 def tpm(home: TpmHome, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TPM_HOME": str(home.root)}
+    # TPM_MODEL_CACHE: store versions materialized for vLLM stay in the test's home, not the user's cache.
+    env = {**os.environ, "TPM_HOME": str(home.root), "TPM_MODEL_CACHE": str(home.root / "model-cache")}
     return subprocess.run([TPM, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
