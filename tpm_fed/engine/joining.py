@@ -26,7 +26,7 @@ from tpm_fed.engine.running_task import RunningTask
 from tpm_fed.engine.settlement import Settlement
 from tpm_fed.protocol.errors import SiteError
 
-ADMIT_FOR_S = 30.0
+ADMIT_FOR_S = 225.0
 """How long after it began a running task may take in requests (at most a quarter of the task timeout)."""
 
 

@@ -130,7 +130,11 @@ class SiteConfig(_Strict):
             error (long enough for the largest model's cold start here).
         admit_for_s: How long after a task began its vLLM replica may take in requests
             that arrive meanwhile (continuous admission; at most a quarter of
-            ``task_timeout_s``; 0 turns it off: they wait for the next task).
+            ``task_timeout_s``, so what joins last still has three quarters of it to
+            finish; 0 turns it off: they wait for the next task). The default is that
+            quarter of the default timeout: a shorter window ends a busy replica's task
+            while requests keep coming, and those arriving after it wait for the whole
+            task to drain and the next to start (the 16-stream tail of issue 26).
         worker: What the workers permit (``local`` sites; other sites' endpoint configs say).
         results: The site's result store, where its workers leave results too large
             to travel inline and where the service reads them (a ProxyStore connector
@@ -159,7 +163,7 @@ class SiteConfig(_Strict):
     max_batch_requests: int = Field(default=64, ge=1, le=4096)
     batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
     task_timeout_s: float = Field(default=900.0, gt=0)
-    admit_for_s: float = Field(default=30.0, ge=0.0)
+    admit_for_s: float = Field(default=225.0, ge=0.0)
     worker: WorkerSettings = WorkerSettings()
     results: str | None = Field(default=None, min_length=1, max_length=1024)
 
