@@ -59,6 +59,38 @@ def test_submit_prints_text_then_usage_and_version(cli_home):
     assert "starting the service" in done.stderr  # progress goes to stderr, not into the answer
 
 
+def test_a_warm_submit_streams_without_importing_the_full_client(cli_home):
+    """A warm streamed submit imports neither httpx nor pydantic (the full client's half second of
+    imports), and its greedy text is the full client's for the same prompt."""
+    tpm(cli_home, "submit", "The cell", "--max-tokens", "2")  # the home's service and its replica are warm
+    code = ("import sys\nfrom tpm_fed.cli import main\n"
+            "main(['submit', 'The river carries', '--max-tokens', '12'], standalone_mode=False)\n"
+            "print(sorted(m for m in ('httpx', 'pydantic', 'tpm_fed.client', 'tpm_fed.federation') if m in sys.modules))")
+    env = {**os.environ, "TPM_HOME": str(cli_home.root), "TPM_MODEL_CACHE": str(cli_home.root / "model-cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    *text, usage, loaded = done.stdout.rstrip("\n").split("\n")
+    assert loaded == "[]"
+    full = json.loads(tpm(cli_home, "submit", "The river carries", "--max-tokens", "12", "--json").stdout)
+    assert "\n".join(text) == full["completions"][0]["text"] and full["completions"][0]["text"].strip()
+    assert f"| {DEMO_MODEL_NAME}@{full['version']} | {full['backend']} on local | replica warm |" in usage
+    assert f"{full['usage']['prompt_tokens']} prompt + {full['usage']['completion_tokens']} completion" in usage
+
+
+def test_a_service_that_does_not_answer_is_one_readable_line(tmp_path):
+    """The warm path's first call is the health check: a service named but not answering falls back to
+    the full client, whose refusal is one line (and nothing was sent)."""
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    env = {**os.environ, "TPM_HOME": str(tmp_path / "no-home"), "TPM_URL": f"http://127.0.0.1:{port}",
+           "TPM_TOKEN": "x"}
+    done = subprocess.run([TPM, "submit", "x"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "SiteError: the service at" in done.stderr and "could not be reached" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "no-home").exists()
+
 def test_submit_file_as_json(cli_home, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The cell\n\nThe river carries\n")
@@ -90,7 +122,10 @@ def test_submit_file_as_json(cli_home, tmp_path):
     [
         (["submit", "x", "--model", "nope"], "UnknownModel: unknown model 'nope'; the federation serves: demo-llama"),
         (["submit", "x", "--model", "demo-llama@0000"], "UnknownVersion"),
-        (["submit", "x", "--max-tokens", "0"], "InvalidRequest: max_new_tokens"),
+        # Checked by the service, which names the body's field, as the option is spelled (the full client's
+        # own check, with --json, names the request's field: max_new_tokens).
+        (["submit", "x", "--max-tokens", "0"], "InvalidRequest: max_tokens"),
+        (["submit", "x", "--max-tokens", "0", "--json"], "InvalidRequest: max_new_tokens"),
         (["submit", "x", "--max-tokens", "999"], "ContextLengthExceeded"),
         (["submit", "x", "--temperature", "-1"], "InvalidRequest: temperature"),
         (["submit", " "], "prompt 0 is empty"),

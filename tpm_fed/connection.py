@@ -20,9 +20,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tpm_fed.home import TpmHome
 from tpm_fed.protocol.errors import SiteError
+
+if TYPE_CHECKING:  # only its paths and create() are used: importing it costs the federation's models
+    from tpm_fed.home import TpmHome
 
 START_TIMEOUT_S = 180.0
 """How long a starting service may go without a word in its log before it is given up on.
@@ -47,18 +50,25 @@ def from_environment() -> ServiceAddress | None:
     return ServiceAddress(url.rstrip("/"), os.environ.get("TPM_TOKEN")) if url else None
 
 
-def running_service(home: TpmHome) -> ServiceAddress | None:
-    """The home's service if its process is alive and answers ``/health``."""
-    path = home.root / "service.json"
+def recorded_service(root: Path) -> ServiceAddress | None:
+    """The service ``root/service.json`` names, if its process is alive (whether it answers is not asked).
+
+    The warm ``tpm submit`` stops here: its first request is its health check.
+    """
     try:
-        info = json.loads(path.read_text())
+        info = json.loads((root / "service.json").read_text())
     except (OSError, ValueError):
         return None
     pid = info.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not isinstance(info.get("url"), str) or not _alive(pid):
         return None
-    address = ServiceAddress(str(info["url"]), info.get("token"), pid)
-    return address if healthy(address.url) else None
+    return ServiceAddress(info["url"], info.get("token"), pid)
+
+
+def running_service(home: TpmHome) -> ServiceAddress | None:
+    """The home's service if its process is alive and answers ``/health``."""
+    address = recorded_service(home.root)
+    return address if address is not None and healthy(address.url) else None
 
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:

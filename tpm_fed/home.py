@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
+from tpm_fed.home_root import home_root
 from tpm_fed.identity import LocalUser
 from tpm_fed.models.demo import make_demo_model
 from tpm_fed.models.encoder import DEFAULT_ENCODER_NAME, default_encoder_dir
@@ -48,7 +49,7 @@ class TpmHome:
 
     @classmethod
     def default(cls) -> TpmHome:
-        return cls(Path(os.environ.get("TPM_HOME", "~/.tpm")).expanduser().resolve())
+        return cls(home_root())
 
     @property
     def federation_file(self) -> Path:

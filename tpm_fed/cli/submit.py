@@ -1,19 +1,25 @@
-"""``tpm submit``: answer prompts."""
+"""``tpm submit``: answer prompts.
+
+A warm ``tpm submit "..."`` (one prompt, streamed, to a service already
+running) takes the light path: the standard library's HTTP client, no
+pydantic, no httpx (:mod:`tpm_fed.cli.quick_stream`), so the command costs
+little more than Python starting and the request itself. Everything else,
+and the light path's fallback when the service named does not answer, goes
+through the full client (:mod:`tpm_fed.cli.submit_full`), imported only then.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import click
 
-from tpm_fed.client import Client
-from tpm_fed.completion_stream import CompletionStream, completion_body
-from tpm_fed.protocol.errors import PlacementRefused
-from tpm_fed.protocol.model import BackendChoice
-from tpm_fed.protocol.generation import GenerationRequest
-from tpm_fed.protocol.results import GenerationResult
+from tpm_fed.cli.quick_stream import QuickStream, ServiceNotAnswering
+from tpm_fed.cli.submit_output import hot, print_stream
+from tpm_fed.connection import ServiceAddress, from_environment, recorded_service
+from tpm_fed.home_root import home_root
+from tpm_fed.protocol.backends import BackendChoice
 
 
 @click.command()
@@ -42,82 +48,54 @@ def submit(prompt, prompt_file, model, max_new_tokens, temperature, top_p, seed,
            project, location, site, explain, quote, as_json, stream) -> None:
     """Answer PROMPT (or every line of --file) and print the text, usage and model version."""
     prompts = _prompts(prompt, prompt_file)
-    with Client(progress=True) as client:
-        cards = {card["id"]: card for card in client.models()}  # one call: the default model and its warmth
-        if not cards:
-            raise click.ClickException(f"the service at {client.url} serves no models")
-        request = GenerationRequest.create(
-            prompts,
-            model or next(iter(cards)),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=list(stop),
-            backend=backend,
-            project=project,
-            location=location,
-            site=site,
-        )  # bad input is refused here, before anything is sent
-        if quote:
-            _print_quote(client.quote(request), as_json, explain)
-            return
-        if not _hot(cards, request.model.name):
-            click.echo(f"tpm: no warm replica of {request.model.name} yet (a cold start takes seconds)...", err=True)
-        if stream and len(prompts) == 1 and not (as_json or explain):
-            _print_stream(client, request)
-            return
-        try:
-            result = client.submit(request).result()
-        except PlacementRefused as refused:
-            if explain:
-                click.echo(refused.explanation, err=True)
-            raise
-    if as_json:
-        click.echo(json.dumps(result.to_wire(), indent=2))
-    else:
-        _print_text(result)
-    if explain and not as_json:
-        click.echo(result.placement, err=True)
+    options = {"model": model, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+               "seed": seed, "stop": list(stop), "backend": backend, "project": project, "location": location,
+               "site": site}
+    if stream and len(prompts) == 1 and not (as_json or explain or quote):
+        address = _running_service()
+        if address is not None:
+            try:
+                return _stream(address, prompts[0], **options)
+            except ServiceNotAnswering:
+                pass  # gone since it wrote service.json: the full path starts a new one
+    from tpm_fed.cli.submit_full import submit_with_client
+
+    submit_with_client(prompts, **options, explain=explain, quote=quote, as_json=as_json, stream=stream)
 
 
-def _print_quote(quote, as_json: bool, explain: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(quote.to_wire(), indent=2))
-        return
-    where = f"replica {quote.replica}" if quote.replica else "a new replica (cold start)"
-    if quote.nodes > 1:
-        where += f" on {quote.nodes} nodes, all charged"
-    cost = (f"free on {quote.project}'s own site" if quote.free
-            else f"at most {quote.max_su:.6f} SU to {quote.project} ({quote.expected_su:.6f} SU as placed now)")
-    click.echo(f"quote: {quote.model}@{quote.version} on {quote.site}, {where}: {cost}; "
-               f"done in about {quote.estimated_s:.1f} s. Nothing was run or charged.")
-    if explain:
-        click.echo(quote.explanation, err=True)
+def _running_service() -> ServiceAddress | None:
+    """The service to stream from without the full client: ``TPM_URL`` with its token, or the home's own
+    if its process is alive. ``None`` for a service given without a token (its stored login is the full
+    client's) and for a home whose service must be started first."""
+    named = from_environment()
+    if named is not None:
+        return named if named.token else None
+    return recorded_service(home_root())
 
 
-def _hot(cards: dict[str, dict], model: str) -> bool:
-    """Whether any site holds a warm replica of ``model`` (so the answer comes in milliseconds)."""
-    return "hot" in cards.get(model, {}).get("tpm", {}).get("sites", {}).values()
+def _stream(address: ServiceAddress, prompt: str, *, model: str | None, **fields: Any) -> None:
+    stream = QuickStream(address)
+    cards = {card["id"]: card for card in stream.models()}  # also the health check: nothing sent before it
+    if not cards:
+        stream.close()
+        raise click.ClickException(f"the service at {stream.url} serves no models")
+    model = model or next(iter(cards))
+    name = model.partition("@")[0]
+    if name in cards and not hot(cards, name):  # an unknown name is the service's to refuse, next
+        click.echo(f"tpm: no warm replica of {name} yet (a cold start takes seconds)...", err=True)
+    print_stream(stream.complete(completion_body(prompt, model, **fields)), stream, name)
 
 
-def _print_stream(client: Client, request: GenerationRequest) -> None:
-    stream = CompletionStream(client._http, completion_body(request), client.url)
-    for piece in stream:
-        click.echo(piece, nl=False)
-    click.echo()
-    tpm, usage = stream.tpm, stream.usage or {}
-    charge = tpm.get("charge")
-    warmth = "warm" if tpm.get("warm") else f"cold, loaded in {tpm.get('load_s', 0):.2f} s"
-    paid = ("free on " + charge["project"] + "'s own site" if charge["free"]
-            else f"{charge['charged_su']:.6f} SU to {charge['project']}") if charge else None
-    click.echo(f"[{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens"
-               f" | {request.model.name}@{tpm.get('version')} | {tpm.get('backend')} on {tpm.get('site')}"
-               f" | replica {warmth}" + (f" | {paid}]" if paid else "]"))
-    if tpm.get("streamed") is False:
-        click.echo("note: the site could not stream back to the service; the text came at the end", err=True)
-    for note in tpm.get("notes", []):
-        click.echo(f"note: {note}", err=True)
+_BODY_FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+                "stop": "stop", "backend": "backend", "project": "project", "location": "location", "site": "site"}
+"""The command's options -> ``/v1/completions`` fields (as :func:`tpm_fed.completion_stream.completion_body`)."""
+
+
+def completion_body(prompt: str, model: str, **fields: Any) -> dict[str, Any]:
+    """The streamed ``/v1/completions`` body; the service checks every field (its 400 names the field)."""
+    body = {"model": model, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True}}
+    body.update({_BODY_FIELDS[field]: value for field, value in fields.items() if value not in (None, [])})
+    return body
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
@@ -129,28 +107,3 @@ def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if not lines:
         raise click.UsageError(f"{prompt_file} holds no prompts")
     return lines
-
-
-def _charge(result: GenerationResult) -> str:
-    charge = result.charge
-    if charge.free:
-        return f"free on {charge.project}'s own site"
-    return f"{charge.charged_su:.6f} SU to {charge.project}"
-
-
-def _print_text(result: GenerationResult) -> None:
-    many = len(result.completions) > 1
-    for index, completion in enumerate(result.completions):
-        if many:
-            click.echo(f"--- prompt {index} ({completion.finish_reason})")
-        click.echo(completion.text)
-    warmth = "warm" if result.replica.warm else f"cold, loaded in {result.timings.load_s:.2f} s"
-    line = (
-        f"[{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens"
-        f" | {result.model}@{result.version} | {result.backend} on {result.site}"
-        f" | replica {warmth} | {result.timings.total_s:.2f} s"
-        + (f" | {_charge(result)}]" if result.charge else "]")
-    )
-    click.echo(line)
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self, get_args
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Backend = Literal["torch", "vllm", "encoder"]
-"""The backends a worker serves with: the one place their names are written. ``encoder``: a
-sentence-transformers encoder (functions/backends/encoder_backend.py), the one backend of ``encode``."""
-BACKENDS: tuple[Backend, ...] = get_args(Backend)
-BackendChoice = Literal["auto", Backend]
-"""What a model or a request may name: a backend, or ``auto`` (vLLM where it can, else torch)."""
+from tpm_fed.protocol.backends import BACKENDS, Backend, BackendChoice  # noqa: F401 - re-exported (written there)
+
 DType = Literal["float32", "bfloat16", "float16"]
 
 
