@@ -29,9 +29,9 @@ from tpm_fed.engine.clock import Clock, Timed, now
 from tpm_fed.engine.locking import OwnedLock
 from tpm_fed.engine.pending import Pending, resolve
 from tpm_fed.engine.replica_queue import ReplicaQueue
-from tpm_fed.engine.reply import Outcome, ReplyReader, decode_reply
+from tpm_fed.engine.reply import Outcome, ReplyReader, read_reply
 from tpm_fed.engine.running_task import RunningTask
-from tpm_fed.engine.settlement import Listener, Rerouter, Settlement
+from tpm_fed.engine.settlement import SettlementRecorder, Rerouter, Settlement
 from tpm_fed.protocol.entrypoints import SERVE_BATCH
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.limits import request_bytes
@@ -44,7 +44,7 @@ from tpm_fed.sites.base import Site
 logger = logging.getLogger(__name__)
 
 
-class BatchingDispatcher:
+class ReplicaDispatcher:
     """Sends one model version's requests to one site, batching under load.
 
     Args:
@@ -54,7 +54,7 @@ class BatchingDispatcher:
         max_in_flight: Tasks outstanding at once (the site's worker count).
         linger_s: Quiet time that ends a linger when a worker is free (0 sends at once).
         task_timeout_s: A task unanswered for this long fails its requests (None: wait forever).
-        listener: Reserves requests before they leave; told of each outcome before its future resolves.
+        recorder: Reserves requests before they leave; told of each outcome before its future resolves.
         rerouter: Offered each request of a task lost to its site (the replica pool's).
         context: What the site allows, passed to the serving function.
         streams: Returns the back channel's hub (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`; None while
@@ -65,7 +65,7 @@ class BatchingDispatcher:
     """
 
     def __init__(self, site: Site, spec: ModelSpec, *, max_batch: int, max_in_flight: int, linger_s: float = 0.0,
-                 task_timeout_s: float | None = None, listener: Listener | None = None,
+                 task_timeout_s: float | None = None, recorder: SettlementRecorder | None = None,
                  context: dict[str, Any] | None = None, rerouter: Rerouter | None = None,
                  streams: Callable[[], Any] | None = None, held: Callable[[], bool] | None = None,
                  admit_for_s: float | None = None) -> None:
@@ -81,7 +81,7 @@ class BatchingDispatcher:
         self._lock = OwnedLock()
         self._queue = ReplicaQueue(max_batch=max_batch, max_in_flight=max_in_flight, linger_s=linger_s, joins=joins)
         self._reader = ReplyReader(spec, site.name)
-        self._settlement = Settlement(site.name, spec, listener, rerouter)
+        self._settlement = Settlement(site.name, spec, recorder, rerouter)
         self._joining = Joining(self._lock, self._queue, self._settlement, self._reader, admit_for_s)
         self._clock = Clock(f"tpm-dispatch-{site.name}")
         self._linger: Timed | None = None
@@ -262,12 +262,15 @@ class BatchingDispatcher:
         except Exception as error:
             return everyone, [error] * len(everyone), []
         finished = now()
-        reply = decode_reply(raw, len(running.pending))
+        reply = read_reply(raw, len(running.pending))
+        if isinstance(reply, Exception):  # the worker may have run the joined ones too: they fail with it
+            return own + joined, [self._reader.malformed(str(reply), whole=True)] * len(own + joined), []
         answers = dict(zip([p.request_id for p in running.pending],
                            self._reader.task(running.pending, reply, finished), strict=True))
+        named = reply.joined
         # Joined requests the reply does not name were never read by the worker.
-        read = [p for p in joined if p.request_id in reply.joined]
-        unread = [p for p in joined if p.request_id not in reply.joined]
-        joined_outcomes = [self._reader.guarded(p, reply.joined[p.request_id], reply.shared, finished, True)
+        read = [p for p in joined if p.request_id in named]
+        unread = [p for p in joined if p.request_id not in named]
+        joined_outcomes = [self._reader.guarded(p, named[p.request_id], reply, reply.run_s, finished, True)
                            for p in read]
         return own + read, [answers[p.request_id] for p in own] + joined_outcomes, unread

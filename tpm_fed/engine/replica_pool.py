@@ -21,7 +21,7 @@ from typing import Any
 
 from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Admission, Broker
-from tpm_fed.engine.dispatcher import BatchingDispatcher
+from tpm_fed.engine.dispatcher import ReplicaDispatcher
 from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
 from tpm_fed.protocol.code_version import serving_code_version
@@ -52,10 +52,10 @@ class ReplicaPool:
         self.home, self._federation, self.broker, self.log = home, federation, broker, log
         self._bookkeeper, self._compute_client_as, self._streams = bookkeeper, compute_client_as, streams
         self.sites: dict[str, Site] = {}
-        self._dispatchers: dict[str, BatchingDispatcher] = {}
+        self._dispatchers: dict[str, ReplicaDispatcher] = {}
         # Sites reached as the caller (byo Globus Compute): one site and dispatcher per caller.
         self._sites_as_caller: dict[tuple[str, str], tuple[SiteConfig, Site]] = {}  # (site, identity) -> made from
-        self._dispatchers_as_caller: dict[tuple[str, str], BatchingDispatcher] = {}
+        self._dispatchers_as_caller: dict[tuple[str, str], ReplicaDispatcher] = {}
         self._replaced_as_caller: list[Site] = []
         self._retiring: list[Site] = []  # stopped sites finishing the work they had
         self._retried: set[str] = set()  # requests on their second try after a lost task
@@ -63,7 +63,7 @@ class ReplicaPool:
         self._lock = threading.Lock()
         self.closed = False
 
-    def dispatcher(self, admission: Admission, spec: ModelSpec) -> BatchingDispatcher:
+    def dispatcher(self, admission: Admission, spec: ModelSpec) -> ReplicaDispatcher:
         """The dispatcher of the replica ``admission`` placed its request on (stopped replicas forgotten)."""
         self.forget([admission.replaced] if admission.replaced else [])
         config, identity = self._federation().site(admission.site), admission.request.identity
@@ -80,7 +80,7 @@ class ReplicaPool:
                 self._dispatchers[admission.replica_id] = self._new_dispatcher(self._site(config), config, spec)
             return self._dispatchers[admission.replica_id]
 
-    def made_dispatcher(self, admission: Admission) -> BatchingDispatcher | None:
+    def made_dispatcher(self, admission: Admission) -> ReplicaDispatcher | None:
         """The dispatcher of ``admission``'s replica if it exists already and nothing must be stopped or
         started to use it (None: ask :meth:`dispatcher`, which may start a site)."""
         if admission.replaced:
@@ -110,11 +110,11 @@ class ReplicaPool:
         self._sites_as_caller[key] = (config, site)
         return site
 
-    def _new_dispatcher(self, site: Site, config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
-        return BatchingDispatcher(
+    def _new_dispatcher(self, site: Site, config: SiteConfig, spec: ModelSpec) -> ReplicaDispatcher:
+        return ReplicaDispatcher(
             site, spec, max_batch=config.max_batch_requests, max_in_flight=config.capacity.max_replicas,
             linger_s=config.batch_linger_ms / 1000, task_timeout_s=config.task_timeout_s,
-            admit_for_s=min(config.admit_for_s, config.task_timeout_s / 4), listener=self._bookkeeper,
+            admit_for_s=min(config.admit_for_s, config.task_timeout_s / 4), recorder=self._bookkeeper,
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
             rerouter=self.reroute, streams=self._streams, held=lambda: self._bursts > 0)
@@ -193,7 +193,7 @@ class ReplicaPool:
             second_tries[request.request_id] = second_try
         return second_tries
 
-    def dispatcher_of(self, admission: Admission) -> BatchingDispatcher | None:
+    def dispatcher_of(self, admission: Admission) -> ReplicaDispatcher | None:
         """The dispatcher holding ``admission``'s request, if one was made."""
         with self._lock:
             return self._dispatchers.get(admission.replica_id) or self._dispatchers_as_caller.get(

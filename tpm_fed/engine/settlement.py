@@ -1,6 +1,6 @@
 """Reserving a replica's requests before they run, and settling their outcomes after, each once.
 
-The listener (the bookkeeper) reserves the service units of requests about
+The recorder (the bookkeeper) reserves the service units of requests about
 to run in one transaction and may refuse some; it records outcomes (the
 charges) before the callers' futures resolve. A request lost with its task
 (a :class:`~tpm_fed.errors.SiteError`) is first offered to the rerouter,
@@ -25,7 +25,7 @@ from tpm_fed.protocol.results import ServedResult
 logger = logging.getLogger(__name__)
 
 
-class Listener(Protocol):
+class SettlementRecorder(Protocol):
     """Told when a batch leaves, and of its outcomes before the callers' futures resolve."""
 
     def record_sent(self, site: str, version: str, requests: list[ServingRequest]) -> dict[str, BaseException]:
@@ -45,15 +45,15 @@ on: the future of a second try for each request it places again, by request id (
 class Settlement:
     """Reservations and outcomes of one replica's requests (``site``, model version ``spec``)."""
 
-    def __init__(self, site: str, spec: ModelSpec, listener: Listener | None, rerouter: Rerouter | None) -> None:
-        self.site, self.spec, self.listener, self.rerouter = site, spec, listener, rerouter
+    def __init__(self, site: str, spec: ModelSpec, recorder: SettlementRecorder | None, rerouter: Rerouter | None) -> None:
+        self.site, self.spec, self.recorder, self.rerouter = site, spec, recorder, rerouter
 
     def reserve(self, pending: list[Pending]) -> dict[str, BaseException]:
         """Reserve and log the requests not recorded yet; those refused, with why (raises if the ledger
         or the log could not take them at all)."""
         fresh = [p for p in pending if not p.recorded]
-        refused = self.listener.record_sent(self.site, self.spec.version, [p.request for p in fresh]) \
-            if self.listener is not None and fresh else {}
+        refused = self.recorder.record_sent(self.site, self.spec.version, [p.request for p in fresh]) \
+            if self.recorder is not None and fresh else {}
         for p in fresh:
             p.recorded = p.request_id not in refused
         return refused or {}
@@ -87,10 +87,10 @@ class Settlement:
         return [p for p, _ in kept], [o for _, o in kept]
 
     def _record(self, batch: list[Pending], outcomes: list[Outcome]) -> list[Outcome]:
-        if self.listener is None:
+        if self.recorder is None:
             return outcomes
         try:
-            recorded = self.listener.record_outcomes(
+            recorded = self.recorder.record_outcomes(
                 {p.request_id: outcome for p, outcome in zip(batch, outcomes, strict=True)})
             return [recorded[p.request_id] for p in batch]
         except Exception:  # a bookkeeping failure must not hang or drop the answers
