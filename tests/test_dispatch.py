@@ -431,3 +431,22 @@ def test_a_malformed_reply_fails_the_requests_that_joined_its_task_too_each_once
             future.result(timeout=5)
     assert sorted(ledger.settled) == sorted(ledger.sent) and len(ledger.settled) == 2
     assert len(site.tasks) == 1  # the joined request was not sent again
+
+
+def test_a_request_lost_with_its_site_goes_up_unsettled_and_other_failures_are_settled_here():
+    """Rerouting is above the dispatchers: one the replica pool made reports a lost request by its future
+    (the site error, its reservation kept, nothing recorded) for the pool to place again or settle."""
+    from tpm_fed.protocol.errors import RemoteExecutionError
+
+    site, ledger = HeldSite(), Ledger()
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=8, max_in_flight=1, recorder=ledger, lost_goes_up=True)
+    lost = dispatcher.submit(request("lost"))
+    site.tasks[0][0].set_exception(SiteError("the worker died"))
+    with pytest.raises(SiteError, match="worker died"):
+        lost.result(timeout=5)
+    assert len(ledger.sent) == 1 and ledger.settled == []
+    failed = dispatcher.submit(request("failed"))
+    site.tasks[1][0].set_exception(RemoteExecutionError("the function raised"))
+    with pytest.raises(RemoteExecutionError):
+        failed.result(timeout=5)
+    assert ledger.settled == [ledger.sent[1]]

@@ -4,7 +4,7 @@ The parts decide; this file only connects them and owns the lock:
 :mod:`~tpm_fed.engine.replica_queue` decides what leaves and when,
 :mod:`~tpm_fed.engine.running_task` keeps who settles each request once,
 :mod:`~tpm_fed.engine.reply` reads a task's reply, :mod:`~tpm_fed.engine.settlement`
-reserves and settles (and offers lost requests to the replica pool's rerouter),
+reserves and settles (a request lost with its site goes up to the replica pool unsettled),
 :mod:`~tpm_fed.engine.joining` lets a running vLLM task take requests in,
 :mod:`~tpm_fed.engine.clock` runs lingers and task timeouts on one thread.
 
@@ -31,7 +31,7 @@ from tpm_fed.engine.pending import Pending, resolve
 from tpm_fed.engine.replica_queue import ReplicaQueue
 from tpm_fed.engine.reply import Outcome, ReplyReader, read_reply
 from tpm_fed.engine.running_task import RunningTask
-from tpm_fed.engine.settlement import SettlementRecorder, Rerouter, Settlement
+from tpm_fed.engine.settlement import Settlement, SettlementRecorder
 from tpm_fed.protocol.entrypoints import SERVE_BATCH
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.limits import request_bytes
@@ -55,7 +55,9 @@ class ReplicaDispatcher:
         linger_s: Quiet time that ends a linger when a worker is free (0 sends at once).
         task_timeout_s: A task unanswered for this long fails its requests (None: wait forever).
         recorder: Reserves requests before they leave; told of each outcome before its future resolves.
-        rerouter: Offered each request of a task lost to its site (the replica pool's).
+        lost_goes_up: A request lost with its site is not settled here: its future fails with the
+            :class:`~tpm_fed.protocol.errors.SiteError`, still reserved, for the submitter (the replica
+            pool) to place again or settle. False: settled here like any failure.
         context: What the site allows, passed to the serving function.
         streams: Returns the back channel's hub (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`; None while
             no service listens).
@@ -66,7 +68,7 @@ class ReplicaDispatcher:
 
     def __init__(self, site: Site, spec: ModelSpec, *, max_batch: int, max_in_flight: int, linger_s: float = 0.0,
                  task_timeout_s: float | None = None, recorder: SettlementRecorder | None = None,
-                 context: dict[str, Any] | None = None, rerouter: Rerouter | None = None,
+                 context: dict[str, Any] | None = None, lost_goes_up: bool = False,
                  streams: Callable[[], Any] | None = None, held: Callable[[], bool] | None = None,
                  admit_for_s: float | None = None) -> None:
         self.site, self.spec = site, spec
@@ -81,7 +83,7 @@ class ReplicaDispatcher:
         self._lock = OwnedLock()
         self._queue = ReplicaQueue(max_batch=max_batch, max_in_flight=max_in_flight, linger_s=linger_s, joins=joins)
         self._reader = ReplyReader(spec, site.name)
-        self._settlement = Settlement(site.name, spec, recorder, rerouter)
+        self._settlement = Settlement(site.name, spec, recorder, lost_goes_up)
         self._joining = Joining(self._lock, self._queue, self._settlement, self._reader, admit_for_s)
         self._clock = Clock(f"tpm-dispatch-{site.name}")
         self._linger: Timed | None = None

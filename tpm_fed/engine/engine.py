@@ -129,11 +129,11 @@ class Engine:
         if dispatcher is None:  # placed already: submitted in the thread even if this caller is cancelled
             return await asyncio.shield(asyncio.to_thread(self._submit_placed, request, admission, spec, size,
                                                           background))
-        return dispatcher.submit(request, size, background=background, send_on=self._sending)
+        return self.pool.submit(dispatcher, request, size, background=background, send_on=self._sending)
 
     def _submit_placed(self, request: ServingRequest, admission: Any, spec: ModelSpec, size: int,
                        background: bool) -> Future[ServedResult]:
-        return self._dispatcher(admission, spec).submit(request, size, background=background)
+        return self.pool.submit(self._dispatcher(admission, spec), request, size, background=background)
 
     def _place(self, request: ServingRequest, identity: str | None) -> tuple[ServingRequest, Any, ModelSpec, int]:
         """Edge checks and placement (raise here, nothing charged): the request to run, its admission,
