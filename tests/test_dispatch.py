@@ -324,7 +324,7 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
 
     site, hub, ledger = HeldSite(), Hub(), Ledger()
     dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=3, max_in_flight=1, recorder=ledger,
-                                    streams=lambda: hub)
+                                    channels=hub)
     first = dispatcher.submit(request("first"))
     interactive = [dispatcher.submit(request(f"now {i}")) for i in range(2)]
     lines = [dispatcher.submit(request(f"line {i}"), background=True) for i in range(2)]
@@ -352,7 +352,7 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
 
 def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_torch_task_admits_nothing():
     site, hub, ledger = HeldSite(), Hub(), Ledger()
-    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub,
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,
                                     recorder=ledger)
     dispatcher.submit(request())
     late = dispatcher.submit(request("late"))
@@ -367,10 +367,10 @@ def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_tor
 
     torch_site, torch_hub = HeldSite(), Hub()
     torch_dispatcher = ReplicaDispatcher(torch_site, SPEC.model_copy(update={"backend": "torch"}), max_batch=8,
-                                          max_in_flight=1, streams=lambda: torch_hub)
+                                          max_in_flight=1, channels=torch_hub)
     torch_dispatcher.submit(request())
     assert torch_hub.hooks == [None]
-    off = ReplicaDispatcher(HeldSite(), VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub,
+    off = ReplicaDispatcher(HeldSite(), VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,
                              admit_for_s=0)
     off.submit(request())
     assert hub.hooks[-1] is None
@@ -378,7 +378,7 @@ def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_tor
 
 def test_a_held_ask_is_answered_when_a_request_arrives_and_holds_no_thread_meanwhile():
     site, hub = HeldSite(), Hub()
-    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub)
     dispatcher.submit(request("running"))
 
     async def ask_then_arrive():
@@ -420,7 +420,7 @@ def test_a_malformed_reply_fails_the_requests_that_joined_its_task_too_each_once
 
     site, hub, ledger = HeldSite(), Hub(), Ledger()
     dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=3, max_in_flight=1, recorder=ledger,
-                                   streams=lambda: hub)
+                                   channels=hub)
     first = dispatcher.submit(request("first"))
     joining = dispatcher.submit(request("joins"))
     taken, _ = asyncio.run(hub.hooks[0].admit(0.0))

@@ -88,7 +88,7 @@ class BrokenHub:
 
 def test_a_task_that_cannot_be_started_fails_its_requests_and_gives_its_slot_back():
     site, hub = HeldSite(), BrokenHub()
-    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub)
     failed = dispatcher.submit(request("first"))  # the caller gets a future, not the hub's exception
     with pytest.raises(OSError, match="no back channel"):
         failed.result(timeout=WAIT_S)

@@ -34,10 +34,10 @@ def refuse(url: str, model: str) -> None:
     assert answer.status_code == 404, answer.text  # UnknownModel: refused by the runtime, and counted
 
 
-def test_fifty_junk_model_names_leave_metrics_as_after_one(runtime):
+def test_fifty_junk_model_names_leave_metrics_as_after_one(assembly, runtime):
     from tpm_fed.service.app import build_app
 
-    app = build_app(runtime, TokenTable(runtime.owner), operators=frozenset({runtime.owner}))
+    app = build_app(assembly, TokenTable(runtime.owner), operators=frozenset({runtime.owner}))
     with ServiceThread(app) as url:
         refuse(url, JUNK.format(0))
         size_after_one, after_one = scrape(url)

@@ -32,27 +32,32 @@ STRANGER = "no-project@example.org"
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+def assembly(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(batch_home(tmp_path_factory.mktemp("uploads"), demo_model_dir)) as runtime:
-        yield runtime
+    with ServiceAssembly(batch_home(tmp_path_factory.mktemp("uploads"), demo_model_dir)) as assembly:
+        yield assembly
 
 
 @pytest.fixture(scope="module")
-def member(runtime):
-    with served(runtime) as (url, token):
+def runtime(assembly):
+    return assembly.engine
+
+
+@pytest.fixture(scope="module")
+def member(assembly):
+    with served(assembly) as (url, token):
         yield openai_client(url, token)
 
 
 @pytest.fixture(scope="module")
-def stranger(runtime, member):  # member first: the runtime's batch routes and store are made once
-    with served(runtime, STRANGER) as (url, token):
+def stranger(assembly, member):  # member first: the runtime's batch routes and store are made once
+    with served(assembly, STRANGER) as (url, token):
         yield openai_client(url, token)
 
 
-def _store(runtime) -> BatchStore:
-    return runtime.batches.store
+def _store(assembly) -> BatchStore:
+    return assembly.batches.store
 
 
 def _stored(runtime, owner: str | None = None) -> tuple[int, int]:

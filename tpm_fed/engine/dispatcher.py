@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from tpm_fed.engine.interface import TaskChannels
 from tpm_fed.engine.joining import ADMIT_FOR_S, Joining
 from tpm_fed.engine.clock import Clock, Timed, now
 from tpm_fed.engine.locking import OwnedLock
@@ -59,8 +60,7 @@ class ReplicaDispatcher:
             :class:`~tpm_fed.protocol.errors.SiteError`, still reserved, for the submitter (the replica
             pool) to place again or settle. False: settled here like any failure.
         context: What the site allows, passed to the serving function.
-        streams: Returns the back channel's hub (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`; None while
-            no service listens).
+        channels: The service's back channel (None: tasks run without one; nothing streams or joins).
         held: True while a caller places a burst that should leave together (see ``ReplicaQueue.linger_over``).
         admit_for_s: How long after it began a running task may take in waiting requests
             (:data:`ADMIT_FOR_S` by default, at most a quarter of ``task_timeout_s``; 0: never).
@@ -69,11 +69,11 @@ class ReplicaDispatcher:
     def __init__(self, site: Site, spec: ModelSpec, *, max_batch: int, max_in_flight: int, linger_s: float = 0.0,
                  task_timeout_s: float | None = None, recorder: SettlementRecorder | None = None,
                  context: dict[str, Any] | None = None, lost_goes_up: bool = False,
-                 streams: Callable[[], Any] | None = None, held: Callable[[], bool] | None = None,
+                 channels: TaskChannels | None = None, held: Callable[[], bool] | None = None,
                  admit_for_s: float | None = None) -> None:
         self.site, self.spec = site, spec
         self.task_timeout_s = task_timeout_s
-        self.streams, self.held = streams, held
+        self.channels, self.held = channels, held
         self.context = context or {}
         if admit_for_s is None:
             admit_for_s = ADMIT_FOR_S if task_timeout_s is None else min(ADMIT_FOR_S, task_timeout_s / 4)
@@ -211,7 +211,7 @@ class ReplicaDispatcher:
                 raise failed
             if self.task_timeout_s is not None:
                 running.timer = self._clock.call_at(now() + self.task_timeout_s, lambda _: self._end(running, None))
-            hub = self.streams() if self.streams is not None else None
+            hub = self.channels
             hooks = self._joining.hooks(running) if self.admit_for_s > 0 else None
             channel = hub.open([p.request_id for p in pending], hooks) if hub is not None else None
             context = self.context

@@ -23,6 +23,7 @@ from typing import Any
 from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Admission, Broker
 from tpm_fed.engine.dispatcher import ReplicaDispatcher
+from tpm_fed.engine.interface import TaskChannels
 from tpm_fed.engine.pending import pass_on, resolve
 from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
@@ -45,14 +46,14 @@ class ReplicaPool:
     Args:
         federation: The federation served now (it changes while the engine runs).
         compute_client_as: A Globus Compute client factory acting as an identity (None: none for them).
-        streams: The service's back channel (None until it serves).
+        channels: The service's back channel (None: in-process only).
     """
 
     def __init__(self, home: TpmHome, federation: Callable[[], Federation], broker: Broker,
                  bookkeeper: Bookkeeper, log: RequestLog, compute_client_as: Callable[[str], Any],
-                 streams: Callable[[], Any]) -> None:
+                 channels: TaskChannels | None) -> None:
         self.home, self._federation, self.broker, self.log = home, federation, broker, log
-        self._bookkeeper, self._compute_client_as, self._streams = bookkeeper, compute_client_as, streams
+        self._bookkeeper, self._compute_client_as, self._channels = bookkeeper, compute_client_as, channels
         self.sites: dict[str, Site] = {}
         self._dispatchers: dict[str, ReplicaDispatcher] = {}
         # Sites reached as the caller (byo Globus Compute): one site and dispatcher per caller.
@@ -119,7 +120,7 @@ class ReplicaPool:
             admit_for_s=min(config.admit_for_s, config.task_timeout_s / 4), recorder=self._bookkeeper,
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
-            lost_goes_up=True, streams=self._streams, held=lambda: self._bursts > 0)
+            lost_goes_up=True, channels=self._channels, held=lambda: self._bursts > 0)
 
     def forget(self, replica_ids: list[str]) -> None:
         """Stopped replicas get no more work; their worker frees them on its next load."""
