@@ -76,8 +76,8 @@ def test_an_identity_in_no_project_cannot_upload(runtime, stranger):
     assert _stored(runtime) == before and _stored(runtime, STRANGER)[0] == 0
 
 
-def test_an_upload_past_the_quota_is_refused_and_stores_nothing(runtime, member):
-    store = _store(runtime)
+def test_an_upload_past_the_quota_is_refused_and_stores_nothing(assembly, runtime, member):
+    store = _store(assembly)
     first = member.files.create(file=("a.jsonl", io.BytesIO(jsonl(mixed_lines(20)))), purpose="batch")
     store.upload_quota_bytes = first.bytes + 1000  # the operator's setting, small for the test
     try:
@@ -101,7 +101,7 @@ def test_the_quota_is_an_operator_setting(runtime, monkeypatch):
     assert BatchStore(runtime.ledger.engine).upload_quota_bytes == UPLOAD_QUOTA_BYTES
 
 
-def test_files_expire_and_an_expired_file_is_refused_then_swept(runtime, member):
+def test_files_expire_and_an_expired_file_is_refused_then_swept(assembly, runtime, member):
     default = member.files.create(file=("d.jsonl", io.BytesIO(jsonl(mixed_lines(2)))), purpose="batch")
     assert default.expires_at == pytest.approx(default.created_at + FILE_EXPIRY_S, abs=2)
     hour = member.files.create(file=("h.jsonl", io.BytesIO(jsonl(mixed_lines(2)))), purpose="batch",
@@ -122,7 +122,7 @@ def test_files_expire_and_an_expired_file_is_refused_then_swept(runtime, member)
                                                   completion_window="24h")):
         with pytest.raises(openai.PermissionDeniedError):
             attempt()
-    assert _store(runtime).sweep_expired_files() == 0  # already swept when it was refused
+    assert _store(assembly).sweep_expired_files() == 0  # already swept when it was refused
     with runtime.ledger.engine.connect() as db:
         assert db.execute(select(func.count()).where(batch_file_parts_table.c.file_id == hour.id)).scalar_one() == 0
     assert member.files.content(default.id).content == jsonl(mixed_lines(2))  # the unexpired one is intact
