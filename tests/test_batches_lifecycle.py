@@ -97,7 +97,6 @@ def test_a_line_that_fails_twice_gets_its_error_and_the_rest_go_on(tmp_path, dem
 
     home = batch_home(tmp_path / "home", demo_model_dir, truncated=True)
     with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
-        runtime = assembly.engine
         client = openai_client(url, token)
         lines = mixed_lines(6, routes=("/v1/completions",))
         lines[2]["body"]["model"] = "truncated"  # valid, quoted, placed: its replica cannot load
@@ -268,7 +267,6 @@ def test_uploaded_files_are_listed_and_deleted_by_their_owner_only(tmp_path, dem
 
     home = batch_home(tmp_path / "home", demo_model_dir)
     with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
-        runtime = assembly.engine
         client = openai_client(url, token)
         lines = mixed_lines(2, routes=("/v1/completions",), tokens=4)
         first, second = (client.files.create(file=(f"{n}.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id

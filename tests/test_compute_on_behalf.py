@@ -88,7 +88,6 @@ def served(cloud, tmp_path, demo_model_dir, monkeypatch):
         assert registered.exit_code == 0, registered.output
     auth = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(CLIENT_ID, SECRET))
     assembly = ServiceAssembly(home, callers=GlobusCallers(auth.dependent_tokens))
-    runtime = assembly.engine
     try:
         with ServiceThread(build_app(assembly, auth)) as url:
             yield url, lab_endpoint, shared_endpoint

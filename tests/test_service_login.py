@@ -109,7 +109,6 @@ def shared(tmp_path, monkeypatch):
         tokens = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(CLIENT_ID, SECRET),
                               login_client_id=NATIVE_CLIENT_ID)
         assembly = ServiceAssembly(home)
-        runtime = assembly.engine
         try:
             with ServiceThread(build_app(assembly, tokens)) as url:
                 yield url, caller_home, auth

@@ -27,7 +27,6 @@ def service(tmp_path_factory, demo_model_dir):
     from tpm_fed.service.assembly import ServiceAssembly
 
     with ServiceAssembly(store_home(tmp_path_factory.mktemp("store-client"), demo_model_dir)) as assembly:
-        runtime = assembly.engine
         with served(assembly) as (url, token):
             yield url, token
 
@@ -126,11 +125,9 @@ def test_files_queued_when_a_service_stops_are_ingested_by_the_next(tmp_path, de
     with monkeypatch.context() as patched:
         patched.setattr(Ingestion, "start", lambda self: self)
         with ServiceAssembly(home) as first_assembly, served(first_assembly) as service, Client(*service) as client:
-            first = first_assembly.engine
             queued = client.stores.create("restarted", [files / "beacon.md"], wait=False)
             assert queued["status"] == "in_progress" and queued["tpm"]["snapshot"] is None
     with ServiceAssembly(home) as second_assembly, served(second_assembly) as service, Client(*service) as client:
-        second = second_assembly.engine
         done = client.stores.wait(queued["id"], timeout_s=300)
         assert done["status"] == "completed" and done["file_counts"]["completed"] == 1 and done["tpm"]["snapshot"]
         assert client.stores.search(queued["id"], "Who keeps the beacon?")["data"][0]["filename"] == "beacon.md"

@@ -35,7 +35,6 @@ def client(tmp_path_factory, demo_model_dir):
     from tpm_fed.service.assembly import ServiceAssembly
 
     with ServiceAssembly(batch_home(tmp_path_factory.mktemp("overspend"), demo_model_dir, grant_su=GRANT_SU)) as assembly:
-        runtime = assembly.engine
         with served(assembly) as (url, token):
             yield openai_client(url, token), (url, token)
 
