@@ -16,7 +16,8 @@ built, and nothing is set on the engine from the HTTP layer. In order:
 5. the vector stores (their files are uploads of the batch store; ingestion
    resumes what a stopped service left queued);
 6. the serving objects the routes use (chat and responses search the stores),
-   read by the routes through typed getters (:func:`serving_of`, ...).
+   read by the routes through a typed getter (:func:`serving_of`; the batch and store routes read
+   the runner and the stores through their own, ``_runner`` and ``_stores``).
 
 :meth:`ServiceAssembly.close` takes them down in reverse: the stores' ingestion
 stops, the runner's lines in flight finish and are recorded, then the engine
@@ -110,12 +111,5 @@ def assembly_of(request: Request) -> ServiceAssembly:
 
 
 async def serving_of(request: Request) -> RouteServing:
+    """The routes' serving objects (a FastAPI dependency: ``Depends(serving_of)``)."""
     return assembly_of(request).serving
-
-
-async def runner_of(request: Request) -> BatchRunner:
-    return assembly_of(request).batches
-
-
-async def stores_of(request: Request) -> Stores:
-    return assembly_of(request).stores
