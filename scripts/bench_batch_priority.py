@@ -4,7 +4,7 @@ On ``tpm serve`` over the demo model (``--backend``, one replica), the same
 short completion is timed on the idle replica, then again every
 ``--every`` seconds while a batch of ``--lines`` completions runs. The batch's
 lines wait behind interactive requests in the replica's queue
-(``BatchingDispatcher``: batch lines are background), so an interactive
+(``ReplicaDispatcher``: batch lines are background), so an interactive
 request waits at most for the task running when it arrives; on the vLLM
 backend it joins that task at its next step instead (continuous admission),
 sharing each step with the batch's lines (target: <= 1.5x the idle latency,

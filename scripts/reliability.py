@@ -612,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     from tests.service_helpers import ServiceThread
     from tpm_fed.models.demo import DemoModelRecipe, make_demo_model
     from tpm_fed.service.app import build_app
+    from tpm_fed.service.assembly import ServiceAssembly
     from tpm_fed.service.auth import LocalToken
-    from tpm_fed.service.runtime import Runtime
 
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     # A run ended with SIGTERM (e.g. by `timeout`) unwinds like Ctrl-C, so the broker and engines stop.
@@ -625,9 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         log("making the demo model (its shape, lightly trained: faults do not depend on the text)")
         model_dir = make_demo_model(scratch / "demo-llama", DemoModelRecipe(train_steps=20), progress=False)
         home = make_home(scratch / "home", model_dir)
-        with Runtime(home) as runtime:
+        with ServiceAssembly(home) as service:
+            runtime = service.engine
             token = secrets.token_urlsafe(16)
-            app = build_app(runtime, LocalToken(token, runtime.owner))
+            app = build_app(service, LocalToken(token, runtime.owner))
             app.timeout_s = 2.0  # the stalled-body row waits this long, not the default 30 s
             with ServiceThread(app) as url, httpx.Client(
                     base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=WAIT_S) as edge:

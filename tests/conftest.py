@@ -167,16 +167,23 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="session")
-def runtime(home: TpmHome):
-    from tpm_fed.service.runtime import Runtime
+def assembly(home: TpmHome):
+    """The session's service parts (:class:`tpm_fed.service.assembly.ServiceAssembly`), as ``tpm serve`` builds them."""
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(home) as runtime:
-        yield runtime
+    with ServiceAssembly(home) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def runtime(assembly):
+    """The session's engine (the assembly's)."""
+    return assembly.engine
 
 
 @dataclass(frozen=True)
 class Service:
-    """The session's runtime served over HTTP on loopback, with the local token."""
+    """The session's assembly served over HTTP on loopback, with the local token."""
 
     url: str
     token: str
@@ -188,12 +195,12 @@ class Service:
 
 
 @pytest.fixture(scope="session")
-def service(runtime):
+def service(assembly):
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import LocalToken
 
     token = secrets.token_urlsafe(16)
-    app = build_app(runtime, LocalToken(token, runtime.owner))
+    app = build_app(assembly, LocalToken(token, assembly.engine.owner))
     with ServiceThread(app) as url:
         yield Service(url, token, app)
 

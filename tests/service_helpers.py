@@ -1,8 +1,8 @@
 """Servers the service tests run for real on loopback: the service itself, and Globus Auth's stand-in.
 
 - :class:`ServiceThread` runs the service's ASGI app under uvicorn in a thread
-  of the test process (sharing the session's runtime and its warm replica);
-  :func:`served` does it for a runtime behind a fresh local token, and
+  of the test process (sharing the session's assembly and its warm replica);
+  :func:`served` does it for an assembly behind a fresh local token, and
   :func:`openai_client` is the official client pointed at it.
 - :func:`tpm_in_process` runs a ``tpm`` command in the test process (so
   ``responses`` sees the SDK's requests) and then stops the home's service the
@@ -65,21 +65,21 @@ class ServiceThread:
 
 
 @contextmanager
-def served(runtime: Any, identity: str | None = None) -> Iterator[tuple[str, str]]:
-    """``runtime`` served on loopback behind a fresh local token for ``identity`` (its owner by default):
-    ``with served(runtime) as (url, token):``."""
+def served(service: Any, identity: str | None = None) -> Iterator[tuple[str, str]]:
+    """What ``service`` (a :class:`~tpm_fed.service.assembly.ServiceAssembly`) built, served on loopback behind
+    a fresh local token for ``identity`` (its engine's owner by default): ``with served(service) as (url, token):``."""
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import LocalToken
 
     token = secrets.token_urlsafe(16)
-    with ServiceThread(build_app(runtime, LocalToken(token, identity or runtime.owner))) as url:
+    with ServiceThread(build_app(service, LocalToken(token, identity or service.engine.owner))) as url:
         yield url, token
 
 
 @contextmanager
-def served_with_globus(runtime: Any, client_id: str, secret: str,
+def served_with_globus(service: Any, client_id: str, secret: str,
                        tokens: dict[str, dict]) -> Iterator[tuple[str, Any, GlobusAuthStandIn]]:
-    """``runtime`` served on loopback with Globus Auth identities (``--auth globus``), introspected by a
+    """``service`` (a :class:`~tpm_fed.service.assembly.ServiceAssembly`) served on loopback with Globus Auth identities (``--auth globus``), introspected by a
     stand-in of Globus Auth over ``tokens`` (token -> :func:`token_answer`):
     ``with served_with_globus(...) as (url, auth, auth_server):``."""
     import globus_sdk
@@ -90,7 +90,7 @@ def served_with_globus(runtime: Any, client_id: str, secret: str,
     with GlobusAuthStandIn(client_id, secret, tokens) as auth_server:
         auth = GlobusTokens(client_id, auth_client=globus_sdk.ConfidentialAppAuthClient(
             client_id, secret, base_url=auth_server.url))
-        with ServiceThread(build_app(runtime, auth)) as url:
+        with ServiceThread(build_app(service, auth)) as url:
             yield url, auth, auth_server
 
 

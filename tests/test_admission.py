@@ -34,7 +34,7 @@ SHORT = {"model": DEMO_MODEL_NAME, "prompt": "A star", "max_tokens": 8, "min_tok
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, demo_model_dir):
     """A one-replica vLLM site behind the service: (url, headers, runtime)."""
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = TpmHome(tmp_path_factory.mktemp("admission-home"))
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
@@ -44,8 +44,9 @@ def served(tmp_path_factory, demo_model_dir):
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="vllm")],
         projects=[ProjectConfig(name="tests", members=[LocalUser().current()], allocations={"local": 1e6})],
     ).dump(home.federation_file)
-    with Runtime(home) as runtime:
-        with served_on_loopback(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly:
+        runtime = assembly.engine
+        with served_on_loopback(assembly) as (url, token):
             headers = {"Authorization": f"Bearer {token}"}
             post(url, headers, SHORT)  # the replica is warm before any test times anything
             yield url, headers, runtime
@@ -116,7 +117,7 @@ def test_a_stream_sent_while_a_long_batch_runs_gets_its_first_token_at_once(serv
 def test_joined_requests_are_charged_once_each_whichever_answer_arrives_first(served, monkeypatch):
     """Answers on the back channel lost: the task's own result carries every joined request's outcome."""
     url, headers, runtime = served
-    hub = runtime.streams
+    hub = runtime.channels
     deliver = hub.deliver
     monkeypatch.setattr(hub, "deliver", lambda token, chunks, outcomes=None, served=None: deliver(token, chunks))
     started = threading.Event()
@@ -140,7 +141,7 @@ def test_forged_and_ended_task_secrets_get_nothing_from_the_queue(served):
     url, headers, runtime = served
     forged = httpx.post(f"{url}/tpm/v1/stream/admit", json={"token": "not-a-task", "wait_s": 0})
     assert forged.status_code == 401 and forged.json()["error"]["code"] == "Unauthenticated"
-    channel = runtime.streams.open(["someone"])  # nothing listens and nothing may join: no channel at all
+    channel = runtime.channels.open(["someone"])  # nothing listens and nothing may join: no channel at all
     assert channel is None
     hooks_asked = []
 
@@ -155,13 +156,13 @@ def test_forged_and_ended_task_secrets_get_nothing_from_the_queue(served):
         def answered(self, served_facts, outcomes):
             hooks_asked.append(outcomes)
 
-    channel = runtime.streams.open(["own"], Hooks())
+    channel = runtime.channels.open(["own"], Hooks())
     ok = httpx.post(f"{url}/tpm/v1/stream/admit", json={"token": channel["token"], "wait_s": 0})
     assert ok.json() == {"requests": [], "open": True} and hooks_asked == [0.0]
     stranger = httpx.post(f"{url}/tpm/v1/stream", json={
         "token": channel["token"], "chunks": [],
         "outcomes": [{"request_id": "victim", "outcome": {"result": {}}}]})
     assert stranger.status_code == 403 and hooks_asked == [0.0]  # an answer for another task's request
-    runtime.streams.close(channel["token"])
+    runtime.channels.close(channel["token"])
     replayed = httpx.post(f"{url}/tpm/v1/stream/admit", json={"token": channel["token"], "wait_s": 0})
     assert replayed.status_code == 401

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 import httpx
 
 from tests.test_dispatch import VLLM_SPEC, reply_for, request
-from tpm_fed.engine.dispatcher import BatchingDispatcher
+from tpm_fed.engine.dispatcher import ReplicaDispatcher
 from tpm_fed.home import DEMO_MODEL_NAME
 from tpm_fed.sites.base import SiteStatus
 
@@ -94,9 +94,9 @@ def test_64_open_admission_asks_leave_submissions_undelayed(runtime, service):
     _latencies(service.url, service.headers)  # the replica is warm before anything is timed
     idle = _latencies(service.url, service.headers)
 
-    hub = runtime.streams
+    hub = runtime.channels
     sites = [StreamingSite() for _ in range(TASKS)]
-    dispatchers = [BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+    dispatchers = [ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub)
                    for site in sites]
     for dispatcher in dispatchers:
         dispatcher.submit(request("running"))

@@ -18,9 +18,10 @@ from tpm_fed.protocol.requests import BATCH_PRIORITY, CALLER_PRIORITY_BOUND, Gen
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, demo_model_dir):
     """A runtime whose submitted requests are noted (then served as usual), and its service."""
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(batch_home(tmp_path_factory.mktemp("priority-home"), demo_model_dir)) as runtime:
+    with ServiceAssembly(batch_home(tmp_path_factory.mktemp("priority-home"), demo_model_dir)) as assembly:
+        runtime = assembly.engine
         seen: list = []
         submit, submit_async = runtime.submit, runtime.submit_async
 
@@ -33,7 +34,7 @@ def recorded(tmp_path_factory, demo_model_dir):
             return await submit_async(request, *args, **kwargs)
 
         runtime.submit, runtime.submit_async = noting, noting_async
-        with served(runtime) as (url, token):
+        with served(assembly) as (url, token):
             yield runtime, url, token, seen
 
 

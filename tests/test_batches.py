@@ -22,16 +22,21 @@ from tpm_fed.state.schema import MICRO
 
 
 @pytest.fixture(scope="module")
-def batch_runtime(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+def batch_assembly(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(batch_home(tmp_path_factory.mktemp("batch-home"), demo_model_dir)) as runtime:
-        yield runtime
+    with ServiceAssembly(batch_home(tmp_path_factory.mktemp("batch-home"), demo_model_dir)) as assembly:
+        yield assembly
 
 
 @pytest.fixture(scope="module")
-def batch_service(batch_runtime):
-    with served(batch_runtime) as (url, token):
+def batch_runtime(batch_assembly):
+    return batch_assembly.engine
+
+
+@pytest.fixture(scope="module")
+def batch_service(batch_assembly):
+    with served(batch_assembly) as (url, token):
         yield Service(url, token, None)
 
 

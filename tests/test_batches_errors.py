@@ -27,23 +27,28 @@ GRANT_SU = 2.0
 
 
 @pytest.fixture(scope="module")
-def small_runtime(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+def small_assembly(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(batch_home(tmp_path_factory.mktemp("batch-errors"), demo_model_dir, grant_su=GRANT_SU)) as runtime:
-        yield runtime
+    with ServiceAssembly(batch_home(tmp_path_factory.mktemp("batch-errors"), demo_model_dir, grant_su=GRANT_SU)) as assembly:
+        yield assembly
 
 
 @pytest.fixture(scope="module")
-def owner_service(small_runtime):
-    with served(small_runtime) as (url, token):
+def small_runtime(small_assembly):
+    return small_assembly.engine
+
+
+@pytest.fixture(scope="module")
+def owner_service(small_assembly):
+    with served(small_assembly) as (url, token):
         yield Service(url, token, None)
 
 
 @pytest.fixture(scope="module")
-def stranger_service(small_runtime):
+def stranger_service(small_assembly):
     """The same runtime and batches, reached by another identity."""
-    with served(small_runtime, "someone-else@example.org") as (url, token):
+    with served(small_assembly, "someone-else@example.org") as (url, token):
         yield Service(url, token, None)
 
 

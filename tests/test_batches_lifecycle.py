@@ -52,10 +52,11 @@ def _assert_each_line_charged_once(lines, charges) -> int:
 
 
 def test_cancel_halfway_charges_the_finished_lines_only(tmp_path, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = batch_home(tmp_path / "home", demo_model_dir, max_batch_requests=2)
-    with Runtime(home) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
+        runtime = assembly.engine
         client = openai_client(url, token)
         lines = mixed_lines(30, routes=("/v1/completions",), tokens=24)
         file_id = client.files.create(file=("c.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
@@ -92,10 +93,10 @@ def test_cancel_halfway_charges_the_finished_lines_only(tmp_path, demo_model_dir
 
 
 def test_a_line_that_fails_twice_gets_its_error_and_the_rest_go_on(tmp_path, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = batch_home(tmp_path / "home", demo_model_dir, truncated=True)
-    with Runtime(home) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
         client = openai_client(url, token)
         lines = mixed_lines(6, routes=("/v1/completions",))
         lines[2]["body"]["model"] = "truncated"  # valid, quoted, placed: its replica cannot load
@@ -121,13 +122,14 @@ def test_a_line_charged_before_a_kill_is_answered_from_its_kept_result_not_run_a
     from sqlalchemy import insert, update
 
     from tpm_fed.batches.tables import batch_results_table, batches_table
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = batch_home(tmp_path / "home", demo_model_dir)
     lines = [{"custom_id": f"n-{i}", "method": "POST", "url": "/tpm/v1/requests",
               "body": {"kind": "generate", "model": {"name": "demo-llama"}, "prompts": [f"The cell {i}"],
                        "max_new_tokens": 6}} for i in range(3)]
-    with Runtime(home) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
+        runtime = assembly.engine
         client = openai_client(url, token)
         file_id = client.files.create(file=("n.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
         first = wait_for(client, client.batches.create(input_file_id=file_id, endpoint="/v1/completions",
@@ -149,7 +151,8 @@ def test_a_line_charged_before_a_kill_is_answered_from_its_kept_result_not_run_a
                    .values(status="in_progress", completed_at=None, finalizing_at=None))
     engine.dispose()
 
-    with Runtime(home) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
+        runtime = assembly.engine
         client = openai_client(url, token)
         again = wait_for(client, first.id)
         replayed = read_jsonl(client.files.content(again.output_file_id).content)
@@ -230,10 +233,11 @@ def test_a_batch_past_its_window_expires_its_unrun_lines_and_charges_the_finishe
     from sqlalchemy import update
 
     from tpm_fed.batches.tables import batches_table
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = batch_home(tmp_path / "home", demo_model_dir, max_batch_requests=2)
-    with Runtime(home) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
+        runtime = assembly.engine
         client = openai_client(url, token)
         lines = mixed_lines(30, routes=("/v1/completions",), tokens=24)
         file_id = client.files.create(file=("e.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
@@ -259,10 +263,10 @@ def test_a_batch_past_its_window_expires_its_unrun_lines_and_charges_the_finishe
 
 
 def test_uploaded_files_are_listed_and_deleted_by_their_owner_only(tmp_path, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = batch_home(tmp_path / "home", demo_model_dir)
-    with Runtime(home) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
         client = openai_client(url, token)
         lines = mixed_lines(2, routes=("/v1/completions",), tokens=4)
         first, second = (client.files.create(file=(f"{n}.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id
@@ -284,7 +288,7 @@ def test_uploaded_files_are_listed_and_deleted_by_their_owner_only(tmp_path, dem
         assert len(read_jsonl(client.files.content(batch.output_file_id).content)) == 2  # the batch keeps its lines
         with pytest.raises(openai.BadRequestError, match="goes with the batch"):
             client.files.delete(batch.output_file_id)
-        store = runtime.batches.store
+        store = assembly.batches.store
         with pytest.raises(Exception, match="no file"):  # another identity sees nothing of it
             store.delete_file(second, "someone-else")
         assert store.files_of("someone-else") == ([], False)

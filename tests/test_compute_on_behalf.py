@@ -66,7 +66,7 @@ def served(cloud, tmp_path, demo_model_dir, monkeypatch):
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import GlobusTokens
     from tpm_fed.service.callers import GlobusCallers
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = TpmHome(tmp_path / "home")
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
@@ -87,12 +87,12 @@ def served(cloud, tmp_path, demo_model_dir, monkeypatch):
         registered = tpm_in_process(home.root, monkeypatch, "functions", "register", "--site", site)
         assert registered.exit_code == 0, registered.output
     auth = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(CLIENT_ID, SECRET))
-    runtime = Runtime(home, callers=GlobusCallers(auth.dependent_tokens))
+    assembly = ServiceAssembly(home, callers=GlobusCallers(auth.dependent_tokens))
     try:
-        with ServiceThread(build_app(runtime, auth)) as url:
+        with ServiceThread(build_app(assembly, auth)) as url:
             yield url, lab_endpoint, shared_endpoint
     finally:
-        runtime.close()
+        assembly.close()
 
 
 def _complete(url: str, token: str, prompt: str, **tpm: str) -> httpx.Response:

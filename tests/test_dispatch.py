@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from tpm_fed.engine.dispatcher import BatchingDispatcher
+from tpm_fed.engine.dispatcher import ReplicaDispatcher
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import GenerationRequest
@@ -55,7 +55,7 @@ def request(text="x"):
 
 def test_requests_arriving_while_busy_leave_together():
     site = HeldSite()
-    dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1)
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=64, max_in_flight=1)
     first = dispatcher.submit(request())
     later = [dispatcher.submit(request()) for _ in range(5)]
     assert len(site.tasks) == 1 and len(site.tasks[0][1]) == 1
@@ -68,7 +68,7 @@ def test_requests_arriving_while_busy_leave_together():
 
 def test_a_burst_lingers_into_one_batch_and_a_lone_request_still_leaves():
     site = HeldSite()
-    dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1, linger_s=0.05)
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=64, max_in_flight=1, linger_s=0.05)
     burst = [dispatcher.submit(request()) for _ in range(5)]
     assert site.sent.wait(5) and [len(requests) for _, requests in site.tasks] == [5]
     site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))
@@ -82,7 +82,7 @@ def test_a_burst_lingers_into_one_batch_and_a_lone_request_still_leaves():
 
 def test_a_task_that_never_answers_fails_with_a_site_error_and_frees_the_worker():
     site = HeldSite()
-    dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1, task_timeout_s=0.2)
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=64, max_in_flight=1, task_timeout_s=0.2)
     lost = dispatcher.submit(request())
     with pytest.raises(SiteError, match="no answer within 0.2 s"):
         lost.result(timeout=5)
@@ -95,7 +95,7 @@ def test_a_task_that_never_answers_fails_with_a_site_error_and_frees_the_worker(
 
 def test_queue_position_decreases_as_requests_ahead_leave():
     site = HeldSite()
-    dispatcher = BatchingDispatcher(site, SPEC, max_batch=2, max_in_flight=1)
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=2, max_in_flight=1)
     running = dispatcher.submit(request())
     queued = [request() for _ in range(5)]
     futures = [dispatcher.submit(r) for r in queued]
@@ -118,7 +118,7 @@ def test_queue_position_decreases_as_requests_ahead_leave():
 
 def test_an_interactive_request_leaves_before_a_batchs_waiting_lines():
     site = HeldSite()
-    dispatcher = BatchingDispatcher(site, SPEC, max_batch=2, max_in_flight=1)
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=2, max_in_flight=1)
     lines = [request(f"line {i}") for i in range(6)]
     line_futures = [dispatcher.submit(r, background=True) for r in lines]  # the first leaves at once
     person = request("a person waiting")
@@ -140,7 +140,7 @@ def test_batches_are_capped_by_bytes_as_well_as_by_count():
     from tpm_fed.protocol.limits import MAX_PAYLOAD_BYTES
 
     site = HeldSite()
-    dispatcher = BatchingDispatcher(site, SPEC, max_batch=64, max_in_flight=1)
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=64, max_in_flight=1)
     dispatcher.submit(request())
     big = "word " * (MAX_PAYLOAD_BYTES // 5 // 3)  # a third of a task each
     waiting = [dispatcher.submit(request(big)) for _ in range(4)]
@@ -174,7 +174,7 @@ class Federated:
         self.log = RequestLog(engine)
         self.keeper = Bookkeeper(self.log, self.broker, ReferenceRecords(engine, lambda site: None))
         self.site = HeldSite()
-        self.dispatcher = BatchingDispatcher(self.site, SPEC, max_batch=64, max_in_flight=1, listener=self.keeper)
+        self.dispatcher = ReplicaDispatcher(self.site, SPEC, max_batch=64, max_in_flight=1, recorder=self.keeper)
 
     def send(self, estimate_usu: int, r=None):
         from tpm_fed.broker import PlacementRequest
@@ -296,7 +296,7 @@ class Hub:
 
 
 class Ledger:
-    """A listener that counts what is reserved and settled, per request."""
+    """A recorder that counts what is reserved and settled, per request."""
 
     def __init__(self) -> None:
         self.sent: list[str] = []
@@ -323,8 +323,8 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
     from tpm_fed.protocol.requests import TraceRequest
 
     site, hub, ledger = HeldSite(), Hub(), Ledger()
-    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=3, max_in_flight=1, listener=ledger,
-                                    streams=lambda: hub)
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=3, max_in_flight=1, recorder=ledger,
+                                    channels=hub)
     first = dispatcher.submit(request("first"))
     interactive = [dispatcher.submit(request(f"now {i}")) for i in range(2)]
     lines = [dispatcher.submit(request(f"line {i}"), background=True) for i in range(2)]
@@ -352,8 +352,8 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
 
 def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_torch_task_admits_nothing():
     site, hub, ledger = HeldSite(), Hub(), Ledger()
-    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub,
-                                    listener=ledger)
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,
+                                    recorder=ledger)
     dispatcher.submit(request())
     late = dispatcher.submit(request("late"))
     joined, _ = asyncio.run(hub.hooks[0].admit(0.0))
@@ -366,11 +366,11 @@ def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_tor
     assert asyncio.run(hub.hooks[0].admit(0.0)) == ([], False)  # an ended task takes nothing more
 
     torch_site, torch_hub = HeldSite(), Hub()
-    torch_dispatcher = BatchingDispatcher(torch_site, SPEC.model_copy(update={"backend": "torch"}), max_batch=8,
-                                          max_in_flight=1, streams=lambda: torch_hub)
+    torch_dispatcher = ReplicaDispatcher(torch_site, SPEC.model_copy(update={"backend": "torch"}), max_batch=8,
+                                          max_in_flight=1, channels=torch_hub)
     torch_dispatcher.submit(request())
     assert torch_hub.hooks == [None]
-    off = BatchingDispatcher(HeldSite(), VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub,
+    off = ReplicaDispatcher(HeldSite(), VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,
                              admit_for_s=0)
     off.submit(request())
     assert hub.hooks[-1] is None
@@ -378,7 +378,7 @@ def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_tor
 
 def test_a_held_ask_is_answered_when_a_request_arrives_and_holds_no_thread_meanwhile():
     site, hub = HeldSite(), Hub()
-    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub)
     dispatcher.submit(request("running"))
 
     async def ask_then_arrive():
@@ -391,3 +391,62 @@ def test_a_held_ask_is_answered_when_a_request_arrives_and_holds_no_thread_meanw
     threads = threading.active_count()
     joined, more = asyncio.run(ask_then_arrive())
     assert more and [r["prompts"] for r in joined] == [["late"]]
+
+
+BOTH = {"backend": "torch", "outcomes": [{"result": {}, "error": {"type": "InvalidRequest", "message": "m"}}]}
+
+
+@pytest.mark.parametrize("reply", ["not a reply", {"backend": "torch", "outcomes": []}, BOTH])
+def test_a_malformed_reply_is_a_typed_error_settled_once_and_the_replica_serves_on(reply):
+    """The reply is read by the contract's own model (``reply_from_wire``): an outcome holding a result and
+    an error at once is malformed, not read as its error."""
+    from tpm_fed.protocol.errors import RemoteExecutionError
+
+    site, ledger = HeldSite(), Ledger()
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=8, max_in_flight=1, recorder=ledger)
+    bad = dispatcher.submit(request("bad"))
+    bad_id = site.tasks[0][1][0]["request_id"]
+    site.tasks[0][0].set_result(reply)
+    with pytest.raises(RemoteExecutionError, match="malformed reply"):
+        bad.result(timeout=5)
+    served = dispatcher.submit(request("next"))
+    site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
+    assert served.result(timeout=5).texts == ["ok"]
+    assert ledger.settled.count(bad_id) == 1 and len(ledger.settled) == 2
+
+
+def test_a_malformed_reply_fails_the_requests_that_joined_its_task_too_each_once():
+    from tpm_fed.protocol.task_reply import MalformedReply
+
+    site, hub, ledger = HeldSite(), Hub(), Ledger()
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=3, max_in_flight=1, recorder=ledger,
+                                   channels=hub)
+    first = dispatcher.submit(request("first"))
+    joining = dispatcher.submit(request("joins"))
+    taken, _ = asyncio.run(hub.hooks[0].admit(0.0))
+    assert [r["prompts"] for r in taken] == [["joins"]]
+    site.tasks[0][0].set_result({"backend": "vllm", "outcomes": "not a list", "joined": {}})
+    for future in (first, joining):
+        with pytest.raises(MalformedReply):
+            future.result(timeout=5)
+    assert sorted(ledger.settled) == sorted(ledger.sent) and len(ledger.settled) == 2
+    assert len(site.tasks) == 1  # the joined request was not sent again
+
+
+def test_a_request_lost_with_its_site_goes_up_unsettled_and_other_failures_are_settled_here():
+    """Rerouting is above the dispatchers: one the replica pool made reports a lost request by its future
+    (the site error, its reservation kept, nothing recorded) for the pool to place again or settle."""
+    from tpm_fed.protocol.errors import RemoteExecutionError
+
+    site, ledger = HeldSite(), Ledger()
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=8, max_in_flight=1, recorder=ledger, lost_goes_up=True)
+    lost = dispatcher.submit(request("lost"))
+    site.tasks[0][0].set_exception(SiteError("the worker died"))
+    with pytest.raises(SiteError, match="worker died"):
+        lost.result(timeout=5)
+    assert len(ledger.sent) == 1 and ledger.settled == []
+    failed = dispatcher.submit(request("failed"))
+    site.tasks[1][0].set_exception(RemoteExecutionError("the function raised"))
+    with pytest.raises(RemoteExecutionError):
+        failed.result(timeout=5)
+    assert ledger.settled == [ledger.sent[1]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_dispatch import SPEC, VLLM_SPEC, Federated, HeldSite, reply_for, request
-from tpm_fed.engine.dispatcher import BatchingDispatcher
+from tpm_fed.engine.dispatcher import ReplicaDispatcher
 from tpm_fed.protocol.errors import InsufficientBalance
 
 WAIT_S = 5  # a stalled replica never answers: every wait here is bounded, so a stall fails instead of hanging
@@ -38,7 +38,7 @@ def test_a_cancelled_request_refused_at_reservation_gives_its_worker_slot_back(t
 
 
 class Refusing:
-    """A listener that refuses the requests it is told to (as the ledger refuses an overdrawn one)."""
+    """A recorder that refuses the requests it is told to (as the ledger refuses an overdrawn one)."""
 
     def __init__(self) -> None:
         self.refuse: set[str] = set()
@@ -52,11 +52,11 @@ class Refusing:
 
 
 def test_a_cancelled_request_refused_beside_others_leaves_them_served_and_the_slot_usable():
-    site, listener = HeldSite(), Refusing()
-    dispatcher = BatchingDispatcher(site, SPEC, max_batch=8, max_in_flight=1, listener=listener)
+    site, recorder = HeldSite(), Refusing()
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=8, max_in_flight=1, recorder=recorder)
     first = dispatcher.submit(request("first"))
     gone, kept = request("gone"), request("kept")
-    listener.refuse.add(gone.request_id)
+    recorder.refuse.add(gone.request_id)
     gone_future, kept_future = dispatcher.submit(gone), dispatcher.submit(kept)
     assert gone_future.cancel()
     site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))
@@ -88,7 +88,7 @@ class BrokenHub:
 
 def test_a_task_that_cannot_be_started_fails_its_requests_and_gives_its_slot_back():
     site, hub = HeldSite(), BrokenHub()
-    dispatcher = BatchingDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, streams=lambda: hub)
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub)
     failed = dispatcher.submit(request("first"))  # the caller gets a future, not the hub's exception
     with pytest.raises(OSError, match="no back channel"):
         failed.result(timeout=WAIT_S)

@@ -13,10 +13,10 @@ import pytest
 
 import tpm_fed.engine as engine
 from tests.test_dispatch import SPEC, reply_for, request
-from tpm_fed.engine.dispatcher import BatchingDispatcher
+from tpm_fed.engine.dispatcher import ReplicaDispatcher
 from tpm_fed.engine.pending import Pending
 from tpm_fed.engine.replica_queue import MAX_HOLD_S, MAX_LINGER_FACTOR, ReplicaQueue
-from tpm_fed.engine.reply import ReplyReader, decode_reply
+from tpm_fed.engine.reply import ReplyReader, read_reply
 from tpm_fed.engine.running_task import RunningTask
 from tpm_fed.protocol.errors import RemoteExecutionError
 
@@ -96,13 +96,13 @@ def test_a_running_task_settles_each_request_once_whoever_claims_first():
 @pytest.mark.parametrize("reply", [None, [], {"outcomes": "no"}, {"outcomes": [{}, {}]}, {"outcomes": [{"result": 1}]}])
 def test_a_malformed_reply_fails_its_requests_typed(reply):
     batch = [pending()]
-    outcomes = ReplyReader(SPEC, "s").task(batch, decode_reply(reply, 1), finished=1.0)
+    outcomes = ReplyReader(SPEC, "s").task(batch, read_reply(reply, 1), finished=1.0)
     assert len(outcomes) == 1 and isinstance(outcomes[0], RemoteExecutionError)
 
 
 def test_a_good_reply_gives_each_request_its_result_with_the_replica_facts():
     batch = [pending("a"), pending("b")]
-    results = ReplyReader(SPEC, "s").task(batch, decode_reply(reply_for(batch), 2), finished=3.0)
+    results = ReplyReader(SPEC, "s").task(batch, read_reply(reply_for(batch), 2), finished=3.0)
     assert [r.texts for r in results] == [["ok"], ["ok"]]
     assert results[0].site == "s" and results[0].version == "v" and results[0].timings.queue_s == pytest.approx(2.99)
 
@@ -121,6 +121,6 @@ def test_every_method_that_needs_the_lock_checks_it_holds_it():
     class Site:
         name = "s"
 
-    dispatcher = BatchingDispatcher(Site(), SPEC, max_batch=1, max_in_flight=1)
+    dispatcher = ReplicaDispatcher(Site(), SPEC, max_batch=1, max_in_flight=1)
     with pytest.raises(AssertionError, match="lock"):
         dispatcher._follow_linger_locked()

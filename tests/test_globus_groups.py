@@ -77,7 +77,7 @@ def service(tmp_path_factory):
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import GlobusTokens
     from tpm_fed.service.callers import GlobusCallers
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = TpmHome(tmp_path_factory.mktemp("groups-home"))
     Federation(
@@ -89,12 +89,13 @@ def service(tmp_path_factory):
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         globus = GlobusStandIn(mock)
         auth = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(CLIENT_ID, SECRET))
-        runtime = Runtime(home, callers=GlobusCallers(auth.dependent_tokens))
+        assembly = ServiceAssembly(home, callers=GlobusCallers(auth.dependent_tokens))
+        runtime = assembly.engine
         try:
-            with ServiceThread(build_app(runtime, auth)) as url:
+            with ServiceThread(build_app(assembly, auth)) as url:
                 yield url, globus, runtime
         finally:
-            runtime.close()
+            assembly.close()
 
 
 def _whoami(url: str, token: str) -> httpx.Response:

@@ -22,15 +22,16 @@ def test_queue_position_decreases_as_requests_ahead_finish(tmp_path, demo_model_
     from tpm_fed.client import Client
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import LocalToken
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = demo_home(tmp_path / "home", demo_model_dir, site=SiteConfig(name="local", max_batch_requests=1),
                      project="queue")
-    with Runtime(home) as runtime:
+    with ServiceAssembly(home) as assembly:
+        runtime = assembly.engine
         site = HeldSite()
         runtime.pool.sites["local"] = site
         token = "queue-token"
-        with ServiceThread(build_app(runtime, LocalToken(token, runtime.owner))) as url, \
+        with ServiceThread(build_app(assembly, LocalToken(token, runtime.owner))) as url, \
                 Client(url=url, token=token) as client:
             requests = [GenerationRequest.create(f"prompt {i}", DEMO_MODEL_NAME, max_new_tokens=1) for i in range(4)]
             futures = [runtime.submit(r) for r in requests]

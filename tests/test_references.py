@@ -76,7 +76,7 @@ def test_a_small_result_still_travels_inline(runtime):
     assert result.usage.activation_bytes == len(result.tensors_blob)
 
 
-def test_the_service_streams_a_reference_to_its_owner_only(runtime, service, big_trace):
+def test_the_service_streams_a_reference_to_its_owner_only(assembly, service, big_trace):
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import LocalToken
 
@@ -91,7 +91,7 @@ def test_the_service_streams_a_reference_to_its_owner_only(runtime, service, big
     assert streamed.content == b"".join(chunks) == stored
 
     token = secrets.token_urlsafe(16)
-    with ServiceThread(build_app(runtime, LocalToken(token, "mallory"))) as url:
+    with ServiceThread(build_app(assembly, LocalToken(token, "mallory"))) as url:
         foreign = httpx.get(url + path, headers={"Authorization": f"Bearer {token}"})
         unknown = httpx.get(url + "/tpm/v1/requests/no-such-request/tensors",
                             headers={"Authorization": f"Bearer {token}"})

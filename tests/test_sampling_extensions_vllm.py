@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
 
 from tests.service_helpers import served  # noqa: E402
-from tests.test_vllm_backend import direct_llm, vllm_home, vllm_runtime  # noqa: E402, F401 - fixtures
+from tests.test_vllm_backend import direct_llm, vllm_assembly, vllm_home, vllm_runtime  # noqa: E402, F401 - fixtures
 from tpm_fed.home import DEMO_MODEL_NAME  # noqa: E402
 
 PROMPT = "The cell"
@@ -25,8 +25,8 @@ def _direct(llm, prompt: str, **sampling: object):
 
 
 @pytest.fixture(scope="module")
-def vllm_service(vllm_runtime):  # noqa: F811
-    with served(vllm_runtime) as (url, token):
+def vllm_service(vllm_assembly):  # noqa: F811
+    with served(vllm_assembly) as (url, token):
         yield url, {"Authorization": f"Bearer {token}"}
 
 

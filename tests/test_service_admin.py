@@ -69,7 +69,7 @@ class Operated:
 @pytest.fixture(scope="module")
 def operated(tmp_path_factory, demo_model_dir) -> Operated:
     from tpm_fed.service.app import build_app
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = TpmHome(tmp_path_factory.mktemp("operated-home"))
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
@@ -79,12 +79,13 @@ def operated(tmp_path_factory, demo_model_dir) -> Operated:
         models=[ModelConfig(name=DEMO_MODEL_NAME, path=Path("models") / DEMO_MODEL_NAME, backend="torch")],
         projects=[ProjectConfig(name="ops", members=[OPERATOR], allocations={"local": 100.0})],
     ).dump(home.federation_file)
-    runtime = Runtime(home)
+    assembly = ServiceAssembly(home)
+    runtime = assembly.engine
     try:
-        with ServiceThread(build_app(runtime, TokenTable(TOKENS), operators=frozenset({OPERATOR}))) as url:
+        with ServiceThread(build_app(assembly, TokenTable(TOKENS), operators=frozenset({OPERATOR}))) as url:
             yield Operated(url, runtime, home)
     finally:
-        runtime.close()
+        assembly.close()
 
 
 ADMIN_CALLS = [

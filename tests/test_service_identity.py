@@ -24,7 +24,7 @@ ANA, BO, CY = "ana@uchicago.edu", "bo@anl.gov", "cy@lbl.gov"
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, demo_model_dir):
     """A shared service in globus auth mode: projects astro (ana) and bio (bo, a small grant)."""
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = TpmHome(tmp_path_factory.mktemp("shared-home"))
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
@@ -43,7 +43,8 @@ def shared(tmp_path_factory, demo_model_dir):
         "inactive-token": token_answer(ANA, CLIENT_ID, active=False),
         "other-audience-token": token_answer(ANA, "some-other-service"),
     }
-    with Runtime(home) as runtime, served_with_globus(runtime, CLIENT_ID, SECRET, tokens) as (url, _, auth_server):
+    with ServiceAssembly(home) as assembly, served_with_globus(assembly, CLIENT_ID, SECRET, tokens) as (url, _, auth_server):
+        runtime = assembly.engine
         yield url, runtime, auth_server
 
 

@@ -94,7 +94,7 @@ def shared(tmp_path, monkeypatch):
 
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import GlobusTokens
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = TpmHome(tmp_path / "service-home")
     home.root.mkdir()
@@ -108,12 +108,12 @@ def shared(tmp_path, monkeypatch):
         auth = GlobusAuth(mock)
         tokens = GlobusTokens(CLIENT_ID, auth_client=globus_sdk.ConfidentialAppAuthClient(CLIENT_ID, SECRET),
                               login_client_id=NATIVE_CLIENT_ID)
-        runtime = Runtime(home)
+        assembly = ServiceAssembly(home)
         try:
-            with ServiceThread(build_app(runtime, tokens)) as url:
+            with ServiceThread(build_app(assembly, tokens)) as url:
                 yield url, caller_home, auth
         finally:
-            runtime.close()
+            assembly.close()
 
 
 def _tpm(*args: str, input: str | None = None):

@@ -31,10 +31,10 @@ class TokenTable:
 
 
 @pytest.fixture(scope="module")
-def watched(runtime):
+def watched(assembly, runtime):
     from tpm_fed.service.app import build_app
 
-    with ServiceThread(build_app(runtime, TokenTable(runtime.owner), operators=frozenset({runtime.owner}))) as url:
+    with ServiceThread(build_app(assembly, TokenTable(runtime.owner), operators=frozenset({runtime.owner}))) as url:
         yield url
 
 

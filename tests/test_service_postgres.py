@@ -108,7 +108,7 @@ def test_a_batch_on_postgresql_runs_every_line_once_and_charges_each_once(tmp_pa
     from tests.batch_helpers import batch_home, jsonl, mixed_lines, read_jsonl, wait_for
     from tests.service_helpers import openai_client, served
     from tests.test_batches_lifecycle import _assert_each_line_charged_once, _lines_and_charges
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     engine = open_database(postgres_url)
     with engine.begin() as db:
@@ -116,7 +116,8 @@ def test_a_batch_on_postgresql_runs_every_line_once_and_charges_each_once(tmp_pa
             db.exec_driver_sql(f"DELETE FROM {table}")
     engine.dispose()
     home = batch_home(tmp_path / "home", demo_model_dir, max_batch_requests=8)
-    with Runtime(home, database_url=postgres_url) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home, database_url=postgres_url) as assembly, served(assembly) as (url, token):
+        runtime = assembly.engine
         client = openai_client(url, token)
         lines = mixed_lines(24, routes=("/v1/completions", "/v1/chat/completions"), tokens=8)
         file_id = client.files.create(file=("pg.jsonl", io.BytesIO(jsonl(lines))), purpose="batch").id

@@ -35,16 +35,21 @@ SMALL_CHUNKS = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chun
 
 
 @pytest.fixture(scope="module")
-def store_runtime(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+def store_assembly(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(store_home(tmp_path_factory.mktemp("store-home"), demo_model_dir)) as runtime:
-        yield runtime
+    with ServiceAssembly(store_home(tmp_path_factory.mktemp("store-home"), demo_model_dir)) as assembly:
+        yield assembly
 
 
 @pytest.fixture(scope="module")
-def store_service(store_runtime):
-    with served(store_runtime) as (url, token):
+def store_runtime(store_assembly):
+    return store_assembly.engine
+
+
+@pytest.fixture(scope="module")
+def store_service(store_assembly):
+    with served(store_assembly) as (url, token):
         yield Service(url, token, None)
 
 
@@ -137,7 +142,7 @@ def test_knowledge_update_cites_the_fact_with_the_store_and_a_pinned_old_snapsho
     assert old_snapshot in {s["id"] for s in snapshots} and sum(s["current"] for s in snapshots) == 1
 
 
-def test_a_stores_charges_are_the_sum_of_its_embedding_and_search_charges(client, store_service, store_runtime,
+def test_a_stores_charges_are_the_sum_of_its_embedding_and_search_charges(client, store_service, store_runtime, store_assembly,
                                                                          demo_model_dir, tmp_path):
     from tpm_fed.stores.service import SEARCH_USU
 
@@ -152,7 +157,7 @@ def test_a_stores_charges_are_the_sum_of_its_embedding_and_search_charges(client
     assert parts["query"]["requests"] == 3 and parts["ingest"]["requests"] >= 1
     # The ledger's own rows for those requests: embed rows at the embedding price, search rows at its price.
     ledger_rows = {row.request_id: row for row in store_runtime.ledger.statement("science")}
-    ids = store_runtime.stores.registry
+    ids = store_assembly.stores.registry
     from sqlalchemy import select
 
     from tpm_fed.stores.tables import store_charges_table as k

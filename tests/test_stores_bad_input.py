@@ -25,16 +25,21 @@ GOOD = "The cell divides when its copy of the genome is complete."
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+def assembly(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(store_home(tmp_path_factory.mktemp("store-bad"), demo_model_dir, others_su=0.01)) as runtime:
-        yield runtime
+    with ServiceAssembly(store_home(tmp_path_factory.mktemp("store-bad"), demo_model_dir, others_su=0.01)) as assembly:
+        yield assembly
 
 
 @pytest.fixture(scope="module")
-def service(runtime):
-    with served(runtime) as (url, token):
+def runtime(assembly):
+    return assembly.engine
+
+
+@pytest.fixture(scope="module")
+def service(assembly):
+    with served(assembly) as (url, token):
         yield Service(url, token, None)
 
 
@@ -136,16 +141,16 @@ def test_chunks_over_the_embedding_models_context_are_refused_and_no_store_is_ma
     assert {s.id for s in client.vector_stores.list()} == before
 
 
-def test_another_callers_upload_cannot_be_attached(client, store, runtime):
-    with served(runtime, OUTSIDER) as (url, token):
+def test_another_callers_upload_cannot_be_attached(client, store, assembly):
+    with served(assembly, OUTSIDER) as (url, token):
         theirs = upload(official_client(url, token), "theirs.txt", "Their private notes.")
     with pytest.raises(openai.PermissionDeniedError):
         client.vector_stores.files.create(store, file_id=theirs)
     assert theirs not in {f.id for f in client.vector_stores.files.list(store)}
 
 
-def test_a_file_batch_the_project_cannot_pay_for_is_refused_before_it_runs(runtime):
-    with served(runtime, OUTSIDER) as (url, token):  # project 'others' holds 0.01 SU
+def test_a_file_batch_the_project_cannot_pay_for_is_refused_before_it_runs(assembly, runtime):
+    with served(assembly, OUTSIDER) as (url, token):  # project 'others' holds 0.01 SU
         poor = official_client(url, token)
         file_id = upload(poor, "long.txt", " ".join(f"sentence {i} about cells and rivers." for i in range(300)))
         rows = len(runtime.ledger.statement("others"))

@@ -24,10 +24,10 @@ MORE = "Glaciers move a few metres each day in summer. The ice cracks at the edg
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(store_home(tmp_path_factory.mktemp("store-client"), demo_model_dir)) as runtime:
-        with served(runtime) as (url, token):
+    with ServiceAssembly(store_home(tmp_path_factory.mktemp("store-client"), demo_model_dir)) as assembly:
+        with served(assembly) as (url, token):
             yield url, token
 
 
@@ -118,16 +118,16 @@ def test_gc_collects_old_snapshots_and_a_collected_pin_is_refused(client, files)
 def test_files_queued_when_a_service_stops_are_ingested_by_the_next(tmp_path, demo_model_dir, monkeypatch, files):
     """Nothing is lost across a restart: a file attached but not yet ingested is ingested by the next service
     on the same home (the first one's ingestion thread is kept from starting, so the file is surely queued)."""
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
     from tpm_fed.stores.ingestion import Ingestion
 
     home = store_home(tmp_path / "home", demo_model_dir)
     with monkeypatch.context() as patched:
         patched.setattr(Ingestion, "start", lambda self: self)
-        with Runtime(home) as first, served(first) as service, Client(*service) as client:
+        with ServiceAssembly(home) as first_assembly, served(first_assembly) as service, Client(*service) as client:
             queued = client.stores.create("restarted", [files / "beacon.md"], wait=False)
             assert queued["status"] == "in_progress" and queued["tpm"]["snapshot"] is None
-    with Runtime(home) as second, served(second) as service, Client(*service) as client:
+    with ServiceAssembly(home) as second_assembly, served(second_assembly) as service, Client(*service) as client:
         done = client.stores.wait(queued["id"], timeout_s=300)
         assert done["status"] == "completed" and done["file_counts"]["completed"] == 1 and done["tpm"]["snapshot"]
         assert client.stores.search(queued["id"], "Who keeps the beacon?")["data"][0]["filename"] == "beacon.md"

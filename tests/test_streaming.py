@@ -63,7 +63,7 @@ def test_chat_streams_pieces_with_the_role_first(service):
 
 
 def test_a_worker_that_cannot_reach_the_service_sends_it_all_at_the_end(service, runtime, monkeypatch):
-    hub = runtime.streams
+    hub = runtime.channels
     opened = hub.open
 
     def unreachable(request_ids, admitting=None):
@@ -79,7 +79,7 @@ def test_a_worker_that_cannot_reach_the_service_sends_it_all_at_the_end(service,
 
 
 def test_forged_replayed_and_misdirected_stream_tokens_are_refused(service, runtime):
-    hub = runtime.streams
+    hub = runtime.channels
     forged = httpx.post(f"{service.url}/tpm/v1/stream",
                         json={"token": "not-a-task", "chunks": [{"request_id": "x", "index": 0, "text": "injected"}]})
     assert forged.status_code == 401 and forged.json()["error"]["code"] == "Unauthenticated"

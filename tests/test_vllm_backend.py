@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
 
 from tests.test_generation import PROMPTS  # noqa: E402
-from tpm_fed.service.runtime import Runtime  # noqa: E402
 from tpm_fed.protocol.errors import BackendUnavailable, ContextLengthExceeded  # noqa: E402
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig  # noqa: E402
 from tpm_fed.identity import LocalUser  # noqa: E402
@@ -59,9 +58,16 @@ def vllm_home(tmp_path_factory, demo_model_dir) -> TpmHome:
 
 
 @pytest.fixture(scope="module")
-def vllm_runtime(vllm_home):
-    with Runtime(vllm_home) as runtime:
-        yield runtime
+def vllm_assembly(vllm_home):
+    from tpm_fed.service.assembly import ServiceAssembly
+
+    with ServiceAssembly(vllm_home) as assembly:
+        yield assembly
+
+
+@pytest.fixture(scope="module")
+def vllm_runtime(vllm_assembly):
+    return vllm_assembly.engine
 
 
 @pytest.fixture(scope="module")

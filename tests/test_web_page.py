@@ -125,13 +125,13 @@ class GatedService:
 
 
 @pytest.fixture
-def gated_service(runtime) -> Iterator[GatedService]:
+def gated_service(assembly, runtime) -> Iterator[GatedService]:
     """The session's runtime behind a service whose first event stream the test holds open."""
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import LocalToken
 
     token = secrets.token_urlsafe(16)
-    gate = StreamGate(build_app(runtime, LocalToken(token, runtime.owner)))
+    gate = StreamGate(build_app(assembly, LocalToken(token, runtime.owner)))
     with ServiceThread(gate) as url:
         yield GatedService(url, token, gate)
     gate.release.set()
@@ -321,7 +321,7 @@ class TokenTable:
         return {"mode": self.mode}
 
 
-def test_an_operator_sees_every_project_and_a_stranger_none(runtime, service, browser):
+def test_an_operator_sees_every_project_and_a_stranger_none(assembly, runtime, service, browser):
     from selenium.webdriver.common.by import By
 
     from tpm_fed.service.app import build_app
@@ -331,7 +331,7 @@ def test_an_operator_sees_every_project_and_a_stranger_none(runtime, service, br
     request_id, project = served["tpm"]["request_id"], served["tpm"]["charge"]["project"]
     operator, stranger = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     auth = TokenTable({operator: "ops@center", stranger: "stranger@elsewhere"})
-    with ServiceThread(build_app(runtime, auth, operators=frozenset({"ops@center"}))) as url:
+    with ServiceThread(build_app(assembly, auth, operators=frozenset({"ops@center"}))) as url:
         browser.get(f"{url}/#token={operator}")
         wait_for(browser, lambda d: text_of(d, "#who") == "ops@center (operator)")
         open_tab(browser, "projects")

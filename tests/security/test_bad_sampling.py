@@ -39,7 +39,7 @@ PROMPTS = ["The cell divides", "A star is born", "The river carries"]
 def shared(tmp_path_factory, demo_model_dir):
     """A shared service (Globus identities) whose one worker gathers what arrives within a second
     into one task, so ana's requests and bo's travel together."""
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     home = TpmHome(tmp_path_factory.mktemp("bad-sampling-home"))
     shutil.copytree(demo_model_dir, home.models_dir / DEMO_MODEL_NAME)
@@ -51,7 +51,8 @@ def shared(tmp_path_factory, demo_model_dir):
                   ProjectConfig(name="bio", members=[BO], allocations={"local": 100.0})],
     ).dump(home.federation_file)
     tokens = {"ana-token": token_answer(ANA, CLIENT_ID), "bo-token": token_answer(BO, CLIENT_ID)}
-    with Runtime(home) as runtime, served_with_globus(runtime, CLIENT_ID, SECRET, tokens) as (url, _, _):
+    with ServiceAssembly(home) as assembly, served_with_globus(assembly, CLIENT_ID, SECRET, tokens) as (url, _, _):
+        runtime = assembly.engine
         yield url, runtime
 
 

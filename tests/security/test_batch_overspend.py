@@ -32,10 +32,10 @@ def _lines(count: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(batch_home(tmp_path_factory.mktemp("overspend"), demo_model_dir, grant_su=GRANT_SU)) as runtime:
-        with served(runtime) as (url, token):
+    with ServiceAssembly(batch_home(tmp_path_factory.mktemp("overspend"), demo_model_dir, grant_su=GRANT_SU)) as assembly:
+        with served(assembly) as (url, token):
             yield openai_client(url, token), (url, token)
 
 

@@ -77,7 +77,7 @@ def test_a_host_naming_a_callers_listener_is_refused_and_the_listener_hears_noth
 
 
 def test_an_alias_the_service_serves_still_gets_the_services_own_back_channel(service, runtime, monkeypatch):
-    hub = runtime.streams
+    hub = runtime.channels
     opened, channels = hub.open, []
 
     def recorded(request_ids, admitting=None):

@@ -17,11 +17,11 @@ CLIENT_ID, SECRET = "5b5b1a5e-0000-4000-8000-00000000c11e", "service-secret"
 
 
 @pytest.fixture
-def globus_service(runtime):
+def globus_service(assembly):
     tokens = {"good-token": token_answer("ana@uchicago.edu", CLIENT_ID),
               "inactive-token": token_answer("ana@uchicago.edu", CLIENT_ID, active=False),
               "other-audience-token": token_answer("ana@uchicago.edu", "some-other-service")}
-    with served_with_globus(runtime, CLIENT_ID, SECRET, tokens) as served:
+    with served_with_globus(assembly, CLIENT_ID, SECRET, tokens) as served:
         yield served
 
 

@@ -46,12 +46,12 @@ class SlowLink:
 
 
 @pytest.fixture(scope="module")
-def slow_service(runtime):
+def slow_service(assembly, runtime):
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import LocalToken
 
     token = secrets.token_urlsafe(16)
-    app = build_app(runtime, LocalToken(token, runtime.owner))
+    app = build_app(assembly, LocalToken(token, runtime.owner))
     app.timeout_s = BODY_TIMEOUT_S  # its BodyLimits: the stall timeout, short
     with ServiceThread(SlowLink(app)) as url:
         yield url, token

@@ -30,7 +30,7 @@ TRAVERSALS = ["/etc/passwd", "../../../../service.log", "../../../../../../../..
 @pytest.fixture(scope="module")
 def store_service(tmp_path_factory, demo_model_dir):
     """A home serving ``astro-llm`` from its model store, with a service.log holding a sign-in link."""
-    from tpm_fed.service.runtime import Runtime
+    from tpm_fed.service.assembly import ServiceAssembly
 
     root = tmp_path_factory.mktemp("names-home")
     home = TpmHome(root)
@@ -41,7 +41,8 @@ def store_service(tmp_path_factory, demo_model_dir):
         projects=[ProjectConfig(name="tests", members=[LocalUser().current()], allocations={"local": 1e6})],
     ).dump(home.federation_file)
     (root / "service.log").write_text(SECRET + "\n" * 5)
-    with Runtime(home) as runtime, served(runtime) as (url, token):
+    with ServiceAssembly(home) as assembly, served(assembly) as (url, token):
+        runtime = assembly.engine
         yield runtime, url, {"Authorization": f"Bearer {token}"}
 
 

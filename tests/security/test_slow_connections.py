@@ -26,12 +26,12 @@ LIMITS = ConnectionLimits(header_timeout_s=1.0, body_timeout_s=1.0, body_deadlin
 
 
 @pytest.fixture(scope="module")
-def guarded(runtime):
+def guarded(assembly, runtime):
     from tpm_fed.service.app import build_app
     from tpm_fed.service.auth import LocalToken
 
     token = secrets.token_urlsafe(16)
-    app = build_app(runtime, LocalToken(token, runtime.owner))
+    app = build_app(assembly, LocalToken(token, runtime.owner))
     app.timeout_s, app.deadline_s = LIMITS.body_timeout_s, LIMITS.body_deadline_s  # as tpm serve sets them
     with ServiceThread(app, LIMITS) as url:
         yield url, token

@@ -32,27 +32,32 @@ STRANGER = "no-project@example.org"
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+def assembly(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(batch_home(tmp_path_factory.mktemp("uploads"), demo_model_dir)) as runtime:
-        yield runtime
+    with ServiceAssembly(batch_home(tmp_path_factory.mktemp("uploads"), demo_model_dir)) as assembly:
+        yield assembly
 
 
 @pytest.fixture(scope="module")
-def member(runtime):
-    with served(runtime) as (url, token):
+def runtime(assembly):
+    return assembly.engine
+
+
+@pytest.fixture(scope="module")
+def member(assembly):
+    with served(assembly) as (url, token):
         yield openai_client(url, token)
 
 
 @pytest.fixture(scope="module")
-def stranger(runtime, member):  # member first: the runtime's batch routes and store are made once
-    with served(runtime, STRANGER) as (url, token):
+def stranger(assembly, member):  # member first: the runtime's batch routes and store are made once
+    with served(assembly, STRANGER) as (url, token):
         yield openai_client(url, token)
 
 
-def _store(runtime) -> BatchStore:
-    return runtime.batches.store
+def _store(assembly) -> BatchStore:
+    return assembly.batches.store
 
 
 def _stored(runtime, owner: str | None = None) -> tuple[int, int]:
@@ -71,8 +76,8 @@ def test_an_identity_in_no_project_cannot_upload(runtime, stranger):
     assert _stored(runtime) == before and _stored(runtime, STRANGER)[0] == 0
 
 
-def test_an_upload_past_the_quota_is_refused_and_stores_nothing(runtime, member):
-    store = _store(runtime)
+def test_an_upload_past_the_quota_is_refused_and_stores_nothing(assembly, runtime, member):
+    store = _store(assembly)
     first = member.files.create(file=("a.jsonl", io.BytesIO(jsonl(mixed_lines(20)))), purpose="batch")
     store.upload_quota_bytes = first.bytes + 1000  # the operator's setting, small for the test
     try:
@@ -96,7 +101,7 @@ def test_the_quota_is_an_operator_setting(runtime, monkeypatch):
     assert BatchStore(runtime.ledger.engine).upload_quota_bytes == UPLOAD_QUOTA_BYTES
 
 
-def test_files_expire_and_an_expired_file_is_refused_then_swept(runtime, member):
+def test_files_expire_and_an_expired_file_is_refused_then_swept(assembly, runtime, member):
     default = member.files.create(file=("d.jsonl", io.BytesIO(jsonl(mixed_lines(2)))), purpose="batch")
     assert default.expires_at == pytest.approx(default.created_at + FILE_EXPIRY_S, abs=2)
     hour = member.files.create(file=("h.jsonl", io.BytesIO(jsonl(mixed_lines(2)))), purpose="batch",
@@ -117,7 +122,7 @@ def test_files_expire_and_an_expired_file_is_refused_then_swept(runtime, member)
                                                   completion_window="24h")):
         with pytest.raises(openai.PermissionDeniedError):
             attempt()
-    assert _store(runtime).sweep_expired_files() == 0  # already swept when it was refused
+    assert _store(assembly).sweep_expired_files() == 0  # already swept when it was refused
     with runtime.ledger.engine.connect() as db:
         assert db.execute(select(func.count()).where(batch_file_parts_table.c.file_id == hour.id)).scalar_one() == 0
     assert member.files.content(default.id).content == jsonl(mixed_lines(2))  # the unexpired one is intact

@@ -40,22 +40,27 @@ READS = {"GET", "search", "responses"}
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory, demo_model_dir):
-    from tpm_fed.service.runtime import Runtime
+def assembly(tmp_path_factory, demo_model_dir):
+    from tpm_fed.service.assembly import ServiceAssembly
 
-    with Runtime(store_home(tmp_path_factory.mktemp("store-projects"), demo_model_dir)) as runtime:
-        yield runtime
+    with ServiceAssembly(store_home(tmp_path_factory.mktemp("store-projects"), demo_model_dir)) as assembly:
+        yield assembly
 
 
 @pytest.fixture(scope="module")
-def owner(runtime):
-    with served(runtime) as (url, token):
+def runtime(assembly):
+    return assembly.engine
+
+
+@pytest.fixture(scope="module")
+def owner(assembly):
+    with served(assembly) as (url, token):
         yield url, token
 
 
 @pytest.fixture(scope="module")
-def outsider(runtime):
-    with served(runtime, OUTSIDER) as (url, token):
+def outsider(assembly):
+    with served(assembly, OUTSIDER) as (url, token):
         yield url, token
 
 
@@ -122,7 +127,7 @@ def test_a_published_store_is_read_by_all_and_changed_only_by_its_project(owner,
 
 
 @pytest.fixture(scope="module")
-def operator(runtime):
+def operator(assembly):
     """The service as tpm serve runs it for an operator (one named with --operator)."""
     import secrets
 
@@ -131,6 +136,6 @@ def operator(runtime):
     from tpm_fed.service.auth import LocalToken
 
     token = secrets.token_urlsafe(16)
-    app = build_app(runtime, LocalToken(token, "the-operator"), operators=frozenset({"the-operator"}))
+    app = build_app(assembly, LocalToken(token, "the-operator"), operators=frozenset({"the-operator"}))
     with ServiceThread(app) as url:
         yield url, token

@@ -4,7 +4,7 @@ The parts decide; this file only connects them and owns the lock:
 :mod:`~tpm_fed.engine.replica_queue` decides what leaves and when,
 :mod:`~tpm_fed.engine.running_task` keeps who settles each request once,
 :mod:`~tpm_fed.engine.reply` reads a task's reply, :mod:`~tpm_fed.engine.settlement`
-reserves and settles (and offers lost requests to the replica pool's rerouter),
+reserves and settles (a request lost with its site goes up to the replica pool unsettled),
 :mod:`~tpm_fed.engine.joining` lets a running vLLM task take requests in,
 :mod:`~tpm_fed.engine.clock` runs lingers and task timeouts on one thread.
 
@@ -24,14 +24,15 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from tpm_fed.engine.interface import TaskChannels
 from tpm_fed.engine.joining import ADMIT_FOR_S, Joining
 from tpm_fed.engine.clock import Clock, Timed, now
 from tpm_fed.engine.locking import OwnedLock
 from tpm_fed.engine.pending import Pending, resolve
 from tpm_fed.engine.replica_queue import ReplicaQueue
-from tpm_fed.engine.reply import Outcome, ReplyReader, decode_reply
+from tpm_fed.engine.reply import Outcome, ReplyReader, read_reply
 from tpm_fed.engine.running_task import RunningTask
-from tpm_fed.engine.settlement import Listener, Rerouter, Settlement
+from tpm_fed.engine.settlement import Settlement, SettlementRecorder
 from tpm_fed.protocol.entrypoints import SERVE_BATCH
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.limits import request_bytes
@@ -44,7 +45,7 @@ from tpm_fed.sites.base import Site
 logger = logging.getLogger(__name__)
 
 
-class BatchingDispatcher:
+class ReplicaDispatcher:
     """Sends one model version's requests to one site, batching under load.
 
     Args:
@@ -54,24 +55,25 @@ class BatchingDispatcher:
         max_in_flight: Tasks outstanding at once (the site's worker count).
         linger_s: Quiet time that ends a linger when a worker is free (0 sends at once).
         task_timeout_s: A task unanswered for this long fails its requests (None: wait forever).
-        listener: Reserves requests before they leave; told of each outcome before its future resolves.
-        rerouter: Offered each request of a task lost to its site (the replica pool's).
+        recorder: Reserves requests before they leave; told of each outcome before its future resolves.
+        lost_goes_up: A request lost with its site is not settled here: its future fails with the
+            :class:`~tpm_fed.protocol.errors.SiteError`, still reserved, for the submitter (the replica
+            pool) to place again or settle. False: settled here like any failure.
         context: What the site allows, passed to the serving function.
-        streams: Returns the back channel's hub (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`; None while
-            no service listens).
+        channels: The service's back channel (None: tasks run without one; nothing streams or joins).
         held: True while a caller places a burst that should leave together (see ``ReplicaQueue.linger_over``).
         admit_for_s: How long after it began a running task may take in waiting requests
             (:data:`ADMIT_FOR_S` by default, at most a quarter of ``task_timeout_s``; 0: never).
     """
 
     def __init__(self, site: Site, spec: ModelSpec, *, max_batch: int, max_in_flight: int, linger_s: float = 0.0,
-                 task_timeout_s: float | None = None, listener: Listener | None = None,
-                 context: dict[str, Any] | None = None, rerouter: Rerouter | None = None,
-                 streams: Callable[[], Any] | None = None, held: Callable[[], bool] | None = None,
+                 task_timeout_s: float | None = None, recorder: SettlementRecorder | None = None,
+                 context: dict[str, Any] | None = None, lost_goes_up: bool = False,
+                 channels: TaskChannels | None = None, held: Callable[[], bool] | None = None,
                  admit_for_s: float | None = None) -> None:
         self.site, self.spec = site, spec
         self.task_timeout_s = task_timeout_s
-        self.streams, self.held = streams, held
+        self.channels, self.held = channels, held
         self.context = context or {}
         if admit_for_s is None:
             admit_for_s = ADMIT_FOR_S if task_timeout_s is None else min(ADMIT_FOR_S, task_timeout_s / 4)
@@ -81,7 +83,7 @@ class BatchingDispatcher:
         self._lock = OwnedLock()
         self._queue = ReplicaQueue(max_batch=max_batch, max_in_flight=max_in_flight, linger_s=linger_s, joins=joins)
         self._reader = ReplyReader(spec, site.name)
-        self._settlement = Settlement(site.name, spec, listener, rerouter)
+        self._settlement = Settlement(site.name, spec, recorder, lost_goes_up)
         self._joining = Joining(self._lock, self._queue, self._settlement, self._reader, admit_for_s)
         self._clock = Clock(f"tpm-dispatch-{site.name}")
         self._linger: Timed | None = None
@@ -209,7 +211,7 @@ class BatchingDispatcher:
                 raise failed
             if self.task_timeout_s is not None:
                 running.timer = self._clock.call_at(now() + self.task_timeout_s, lambda _: self._end(running, None))
-            hub = self.streams() if self.streams is not None else None
+            hub = self.channels
             hooks = self._joining.hooks(running) if self.admit_for_s > 0 else None
             channel = hub.open([p.request_id for p in pending], hooks) if hub is not None else None
             context = self.context
@@ -262,12 +264,15 @@ class BatchingDispatcher:
         except Exception as error:
             return everyone, [error] * len(everyone), []
         finished = now()
-        reply = decode_reply(raw, len(running.pending))
+        reply = read_reply(raw, len(running.pending))
+        if isinstance(reply, Exception):  # the worker may have run the joined ones too: they fail with it
+            return own + joined, [self._reader.malformed(str(reply), whole=True)] * len(own + joined), []
         answers = dict(zip([p.request_id for p in running.pending],
                            self._reader.task(running.pending, reply, finished), strict=True))
+        named = reply.joined
         # Joined requests the reply does not name were never read by the worker.
-        read = [p for p in joined if p.request_id in reply.joined]
-        unread = [p for p in joined if p.request_id not in reply.joined]
-        joined_outcomes = [self._reader.guarded(p, reply.joined[p.request_id], reply.shared, finished, True)
+        read = [p for p in joined if p.request_id in named]
+        unread = [p for p in joined if p.request_id not in named]
+        joined_outcomes = [self._reader.guarded(p, named[p.request_id], reply, reply.run_s, finished, True)
                            for p in read]
         return own + read, [answers[p.request_id] for p in own] + joined_outcomes, unread

@@ -23,7 +23,7 @@ from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Broker, Decision, PlacementRequest, ReplicaRegistry
 from tpm_fed.catalog import ModelCatalog
 from tpm_fed.engine.edge_checks import check_at_edge
-from tpm_fed.engine.interface import Callers
+from tpm_fed.engine.interface import Callers, TaskChannels
 from tpm_fed.engine.federation_change import FederationEdit, plan_change
 from tpm_fed.engine.projects import Projects
 from tpm_fed.engine.replica_pool import ReplicaPool
@@ -55,16 +55,19 @@ class Engine:
         callers: What the engine asks about a caller besides their name: their Globus Groups
             (``groups_of``) and a Globus Compute client acting as them (``compute_client_factory``).
         database_url: The one ledger's database; the home's SQLite by default.
+        channels: The service's back channel (streamed text, requests joining running tasks); None when
+            the engine runs in-process only.
     """
 
-    def __init__(self, home: TpmHome, *, owner: str, callers: Callers, database_url: str | None = None) -> None:
+    def __init__(self, home: TpmHome, *, owner: str, callers: Callers, database_url: str | None = None,
+                 channels: TaskChannels | None = None) -> None:
         self.home, self.owner, self.callers = home, owner, callers
         self.database_url = database_url or home.database_url
         self.federation = Federation.load(home.federation_file)
         self.catalog = ModelCatalog(self.federation)
         self.projects = Projects(lambda: self.federation, callers)
-        self.streams: Any = None
-        """The service's back channel for streamed text (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`)."""
+        self.channels = channels
+        """The service's back channel, handed here by the composition root (None: in-process only)."""
         self._change_lock = threading.Lock()  # one federation change at a time (read, edit, write the file)
         self._stop_sweeping = threading.Event()
         self._closed = False
@@ -80,7 +83,7 @@ class Engine:
         self.references = ReferenceRecords(database, self._result_store_of)
         self._bookkeeper = Bookkeeper(self.log, self.broker, self.references)
         self.pool = ReplicaPool(self.home, lambda: self.federation, self.broker, self._bookkeeper, self.log,
-                                self.callers.compute_client_factory, lambda: self.streams)
+                                self.callers.compute_client_factory, self.channels)
         self._watch(self.federation.sites)
         # Reservations a predecessor left held (it stopped mid-request) are settled or released now;
         # later ones that outlive their deadline, every SWEEP_PERIOD_S.
@@ -129,11 +132,11 @@ class Engine:
         if dispatcher is None:  # placed already: submitted in the thread even if this caller is cancelled
             return await asyncio.shield(asyncio.to_thread(self._submit_placed, request, admission, spec, size,
                                                           background))
-        return dispatcher.submit(request, size, background=background, send_on=self._sending)
+        return self.pool.submit(dispatcher, request, size, background=background, send_on=self._sending)
 
     def _submit_placed(self, request: ServingRequest, admission: Any, spec: ModelSpec, size: int,
                        background: bool) -> Future[ServedResult]:
-        return self._dispatcher(admission, spec).submit(request, size, background=background)
+        return self.pool.submit(self._dispatcher(admission, spec), request, size, background=background)
 
     def _place(self, request: ServingRequest, identity: str | None) -> tuple[ServingRequest, Any, ModelSpec, int]:
         """Edge checks and placement (raise here, nothing charged): the request to run, its admission,

@@ -39,6 +39,20 @@ class Callers(Protocol):
         ...
 
 
+class TaskChannels(Protocol):
+    """The service's back channel as the engine uses it (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`,
+    handed to the engine at construction by the composition root, :mod:`tpm_fed.service.assembly`)."""
+
+    def open(self, request_ids: list[str], admitting: Any = None) -> dict[str, str] | None:
+        """A channel for a task carrying ``request_ids`` (its address, for the worker), with the task's
+        hooks for requests that join it (``admitting``); None: nobody listens, the task runs without one."""
+        ...
+
+    def close(self, token: str) -> None:
+        """The task ended: its channel takes nothing more."""
+        ...
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """A running federation engine."""
@@ -47,8 +61,8 @@ class EngineClient(Protocol):
     """The identity calls run as when they name none."""
     federation: Federation
     catalog: ModelCatalog
-    streams: Any
-    """The service's back channel (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`), once it serves."""
+    channels: TaskChannels | None
+    """The back channel it was handed at construction (None: in-process only, nothing streams or joins)."""
 
     # The five calls of the engine proper.
     def submit(self, request: ServingRequest, identity: str | None = None, *,

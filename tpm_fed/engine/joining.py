@@ -21,7 +21,7 @@ from tpm_fed.engine.clock import now
 from tpm_fed.engine.locking import OwnedLock
 from tpm_fed.engine.pending import Pending, resolve
 from tpm_fed.engine.replica_queue import ReplicaQueue
-from tpm_fed.engine.reply import ReplyReader, shared_facts
+from tpm_fed.engine.reply import ReplyReader
 from tpm_fed.engine.running_task import RunningTask
 from tpm_fed.engine.settlement import Settlement
 from tpm_fed.protocol.errors import SiteError
@@ -93,8 +93,9 @@ class Joining:
             task.admitting = False
             self.asks.wake()
 
-    def answered(self, task: RunningTask, served: dict[str, Any], answers: dict[str, dict[str, Any]]) -> None:
-        """Settle the requests ``task`` answered early (each once; the task's end skips them)."""
+    def answered(self, task: RunningTask, served: Any, answers: dict[str, Any]) -> None:
+        """Settle the requests ``task`` answered early (each once; the task's end skips them), read with
+        the reply's own models (:meth:`ReplyReader.early`)."""
         finished = now()
         with self.lock:
             fresh = task.claim_answered(list(answers))
@@ -103,8 +104,8 @@ class Joining:
                 self.asks.wake()  # room for more to join
         if not fresh:
             return
-        shared = shared_facts({**served, "run_s": 0.0})
-        outcomes = [self.reader.guarded(p, answers[p.request_id], shared, finished, was_joined)
+        facts, read = self.reader.early(served, {p.request_id: answers[p.request_id] for p in fresh})
+        outcomes = [self.reader.guarded(p, read[p.request_id], facts, 0.0, finished, was_joined)
                     for p, was_joined in zip(fresh, joined, strict=True)]
         self.settlement.settle(fresh, outcomes)
 

@@ -2,9 +2,10 @@
 
 One dispatcher per replica (per replica and caller for a bring-your-own
 Globus Compute site, whose tasks must run under the caller's own identity).
-A request lost with its task is placed again here, above the dispatchers
-(as Parsl retries above its executors): once, never one whose caller named
-the site, keeping its reservation. Sites start on first use and stay up,
+Every request reaches a dispatcher through :meth:`ReplicaPool.submit`: one
+its dispatcher reports lost with its task is placed again here, above the
+dispatchers (as Parsl retries above its executors): once, never one whose
+caller named the site, keeping its reservation. Sites start on first use and stay up,
 with their warm replicas, until :meth:`ReplicaPool.close`; a site a
 federation change stopped finishes its work first (:meth:`ReplicaPool.retire`).
 """
@@ -15,17 +16,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from typing import Any
 
 from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Admission, Broker
-from tpm_fed.engine.dispatcher import BatchingDispatcher
+from tpm_fed.engine.dispatcher import ReplicaDispatcher
+from tpm_fed.engine.interface import TaskChannels
+from tpm_fed.engine.pending import pass_on, resolve
 from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
 from tpm_fed.protocol.code_version import serving_code_version
-from tpm_fed.protocol.errors import TpmError
+from tpm_fed.protocol.errors import SiteError, TpmError
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ServedResult
@@ -43,19 +46,19 @@ class ReplicaPool:
     Args:
         federation: The federation served now (it changes while the engine runs).
         compute_client_as: A Globus Compute client factory acting as an identity (None: none for them).
-        streams: The service's back channel (None until it serves).
+        channels: The service's back channel (None: in-process only).
     """
 
     def __init__(self, home: TpmHome, federation: Callable[[], Federation], broker: Broker,
                  bookkeeper: Bookkeeper, log: RequestLog, compute_client_as: Callable[[str], Any],
-                 streams: Callable[[], Any]) -> None:
+                 channels: TaskChannels | None) -> None:
         self.home, self._federation, self.broker, self.log = home, federation, broker, log
-        self._bookkeeper, self._compute_client_as, self._streams = bookkeeper, compute_client_as, streams
+        self._bookkeeper, self._compute_client_as, self._channels = bookkeeper, compute_client_as, channels
         self.sites: dict[str, Site] = {}
-        self._dispatchers: dict[str, BatchingDispatcher] = {}
+        self._dispatchers: dict[str, ReplicaDispatcher] = {}
         # Sites reached as the caller (byo Globus Compute): one site and dispatcher per caller.
         self._sites_as_caller: dict[tuple[str, str], tuple[SiteConfig, Site]] = {}  # (site, identity) -> made from
-        self._dispatchers_as_caller: dict[tuple[str, str], BatchingDispatcher] = {}
+        self._dispatchers_as_caller: dict[tuple[str, str], ReplicaDispatcher] = {}
         self._replaced_as_caller: list[Site] = []
         self._retiring: list[Site] = []  # stopped sites finishing the work they had
         self._retried: set[str] = set()  # requests on their second try after a lost task
@@ -63,7 +66,7 @@ class ReplicaPool:
         self._lock = threading.Lock()
         self.closed = False
 
-    def dispatcher(self, admission: Admission, spec: ModelSpec) -> BatchingDispatcher:
+    def dispatcher(self, admission: Admission, spec: ModelSpec) -> ReplicaDispatcher:
         """The dispatcher of the replica ``admission`` placed its request on (stopped replicas forgotten)."""
         self.forget([admission.replaced] if admission.replaced else [])
         config, identity = self._federation().site(admission.site), admission.request.identity
@@ -80,7 +83,7 @@ class ReplicaPool:
                 self._dispatchers[admission.replica_id] = self._new_dispatcher(self._site(config), config, spec)
             return self._dispatchers[admission.replica_id]
 
-    def made_dispatcher(self, admission: Admission) -> BatchingDispatcher | None:
+    def made_dispatcher(self, admission: Admission) -> ReplicaDispatcher | None:
         """The dispatcher of ``admission``'s replica if it exists already and nothing must be stopped or
         started to use it (None: ask :meth:`dispatcher`, which may start a site)."""
         if admission.replaced:
@@ -110,14 +113,14 @@ class ReplicaPool:
         self._sites_as_caller[key] = (config, site)
         return site
 
-    def _new_dispatcher(self, site: Site, config: SiteConfig, spec: ModelSpec) -> BatchingDispatcher:
-        return BatchingDispatcher(
+    def _new_dispatcher(self, site: Site, config: SiteConfig, spec: ModelSpec) -> ReplicaDispatcher:
+        return ReplicaDispatcher(
             site, spec, max_batch=config.max_batch_requests, max_in_flight=config.capacity.max_replicas,
             linger_s=config.batch_linger_ms / 1000, task_timeout_s=config.task_timeout_s,
-            admit_for_s=min(config.admit_for_s, config.task_timeout_s / 4), listener=self._bookkeeper,
+            admit_for_s=min(config.admit_for_s, config.task_timeout_s / 4), recorder=self._bookkeeper,
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
-            rerouter=self.reroute, streams=self._streams, held=lambda: self._bursts > 0)
+            lost_goes_up=True, channels=self._channels, held=lambda: self._bursts > 0)
 
     def forget(self, replica_ids: list[str]) -> None:
         """Stopped replicas get no more work; their worker frees them on its next load."""
@@ -155,45 +158,65 @@ class ReplicaPool:
             for dispatcher in dispatchers:
                 dispatcher.nudge()
 
-    def reroute(self, lost: list[tuple[ServingRequest, BaseException]], spec: ModelSpec
-                ) -> dict[str, Future[ServedResult]]:
-        """Place the requests of a task lost with its worker or site once more; those not returned fail.
+    def submit(self, dispatcher: ReplicaDispatcher, request: ServingRequest, nbytes: int | None = None, *,
+               background: bool = False, send_on: Executor | None = None) -> Future[ServedResult]:
+        """Hand ``request`` to ``dispatcher`` (one this pool made); the caller's future. A request the
+        dispatcher reports lost with its site (its future fails with the site error, unsettled) is placed
+        again here (:meth:`_ended`)."""
+        caller: Future[ServedResult] = Future()
+        sent = dispatcher.submit(request, nbytes, background=background, send_on=send_on)
+        sent.add_done_callback(lambda done: self._ended(done, caller, request, dispatcher.spec, background))
+        return caller
 
-        Not a request whose caller named the site (placement may not choose another), nor one on its
-        second try already. Each keeps its reservation (charged once, at most its first estimate); see
-        :meth:`Broker.replace_lost`.
-        """
-        movable = []
+    def _ended(self, done: Future[ServedResult], caller: Future[ServedResult], request: ServingRequest,
+               spec: ModelSpec, background: bool) -> None:
+        """Pass a dispatcher's outcome on; place a request lost with its site once more, or settle it lost."""
+        error = None if done.cancelled() else done.exception()
+        lost = self._bookkeeper.admission_of(request.request_id) if isinstance(error, SiteError) else None
+        if lost is None:  # served, failed otherwise, or settled already
+            pass_on(done, caller)
+            return
+        try:
+            second_try = self._second_try(request, lost, spec, background, caller)
+        except Exception:  # the first failure stands
+            logger.exception("could not place request %s, lost with its task, again", request.request_id)
+            second_try = None
+        if second_try is None:
+            resolve(caller, self._settle_lost(request, error))
+            return
+        second_try.add_done_callback(lambda again: pass_on(again, caller))
+
+    def _second_try(self, request: ServingRequest, first: Admission, spec: ModelSpec, background: bool,
+                    caller: Future[ServedResult]) -> Future[ServedResult] | None:
+        """Place a request lost with its task once more, keeping its reservation (charged once, at most its
+        first estimate; see :meth:`Broker.replace_lost`). None: it may not move (its caller named the site,
+        or left, or this is its second try already) or no other replica takes it."""
         with self._lock:
-            for request, error in lost:
-                admission = self._bookkeeper.admission_of(request.request_id)
-                if admission is None or request.site is not None or self.closed \
-                        or request.request_id in self._retried:
-                    continue
-                self._retried.add(request.request_id)
-                movable.append((request, error, admission))
-        per_replica: dict[str, int] = {}
-        for _, _, admission in movable:
-            per_replica[admission.replica_id] = per_replica.get(admission.replica_id, 0) + 1
-        for replica_id, count in per_replica.items():
-            self.broker.replica_lost(replica_id, count)
-        second_tries: dict[str, Future[ServedResult]] = {}
-        for request, error, first in movable:
-            try:
-                admission = self.broker.replace_lost(first)
-            except TpmError as why:
-                logger.warning("request %s, lost with its task (%s), could not be placed again: %s",
-                               request.request_id, error, why)
-                with self._lock:
-                    self._retried.discard(request.request_id)
-                continue
-            self._bookkeeper.replaced(admission)
-            second_try = self.dispatcher(admission, spec).submit(request)
-            second_try.add_done_callback(lambda _, rid=request.request_id: self._retried.discard(rid))
-            second_tries[request.request_id] = second_try
-        return second_tries
+            if request.site is not None or self.closed or caller.done() or request.request_id in self._retried:
+                return None
+            self._retried.add(request.request_id)
+        try:
+            self.broker.replica_lost(first.replica_id, 1)
+            admission = self.broker.replace_lost(first)
+        except TpmError as why:
+            logger.warning("request %s, lost with its task, could not be placed again: %s", request.request_id, why)
+            with self._lock:
+                self._retried.discard(request.request_id)
+            return None
+        self._bookkeeper.replaced(admission)
+        second_try = self.submit(self.dispatcher(admission, spec), request, background=background)
+        second_try.add_done_callback(lambda _: self._retried.discard(request.request_id))
+        return second_try
 
-    def dispatcher_of(self, admission: Admission) -> BatchingDispatcher | None:
+    def _settle_lost(self, request: ServingRequest, error: BaseException) -> BaseException:
+        """Record a lost request's failure (released, not charged); the error its caller gets."""
+        try:
+            return self._bookkeeper.record_outcomes({request.request_id: error})[request.request_id]
+        except Exception:  # a bookkeeping failure must not hang the caller (the sweeper releases it later)
+            logger.exception("could not record the loss of request %s", request.request_id)
+            return error
+
+    def dispatcher_of(self, admission: Admission) -> ReplicaDispatcher | None:
         """The dispatcher holding ``admission``'s request, if one was made."""
         with self._lock:
             return self._dispatchers.get(admission.replica_id) or self._dispatchers_as_caller.get(

@@ -1,9 +1,10 @@
 """The service's ASGI application: routes, identity, and errors in OpenAI's shape.
 
-``build_app(runtime, auth)`` wires the OpenAI-compatible routes
+``build_app(service, auth)`` wires the OpenAI-compatible routes
 (:mod:`tpm_fed.service.routes_openai`) and tpm-fed's native ones
 (:mod:`tpm_fed.service.routes_native`) and the operators' ones
-(:mod:`tpm_fed.service.routes_admin`) to one federation runtime. Every
+(:mod:`tpm_fed.service.routes_admin`) to what the composition root built
+(:class:`tpm_fed.service.assembly.ServiceAssembly`). Every
 route but ``/health``, the page and ``/tpm/v1/auth...`` (how to log in) needs a bearer
 token; every refusal is an OpenAI error body with the status OpenAI's
 clients expect (:mod:`tpm_fed.protocol.http_errors`).
@@ -20,9 +21,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpm_fed.batches.protocol import MAX_FILE_BYTES
-from tpm_fed.engine.interface import EngineClient
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.protocol.http_errors import describe_errors, error_body, http_error
+from tpm_fed.service.assembly import ServiceAssembly
 from tpm_fed.service.auth import Authenticator
 from tpm_fed.service.errors import unexpected_error
 from tpm_fed.service.hosts import HostCheck
@@ -31,20 +32,22 @@ from tpm_fed.service.limits import BodyLimits
 logger = logging.getLogger(__name__)
 
 
-def build_app(runtime: EngineClient, auth: Authenticator, *, operators: frozenset[str] = frozenset()) -> Any:
-    """The ASGI app serving ``runtime`` to callers ``auth`` accepts.
+def build_app(service: ServiceAssembly, auth: Authenticator, *, operators: frozenset[str] = frozenset()) -> Any:
+    """The ASGI app serving what ``service`` built (its engine, back channel, serving objects, batch runner
+    and stores) to callers ``auth`` accepts. Builds nothing of its own but the routes and the wrappers:
+    several apps may serve one assembly (tests do, in turn).
 
     Args:
-        runtime: The federation runtime (broker, ledger, sites); see :class:`tpm_fed.service.runtime.Runtime`.
+        service: The composition root's parts (:class:`tpm_fed.service.assembly.ServiceAssembly`).
         auth: Turns bearer tokens into identities.
         operators: Identities that may read every project and use the operator routes (``/tpm/v1/admin``).
     """
-    from tpm_fed.service.metrics import ServiceMetrics
     from tpm_fed.service.routes_auth import router as login
+    from tpm_fed.service.routes_batches import router as batches
     from tpm_fed.service.routes_metrics import router as watching
+    from tpm_fed.service.routes_responses import router as responses
+    from tpm_fed.service.routes_stores import router as stores
     from tpm_fed.service.routes_stream import router as back_channel
-    from tpm_fed.service.back_channel_hub import BackChannelHub
-    from tpm_fed.service.slo import SloTracker
     from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
     from tpm_fed.service.routes_openai import router as openai
@@ -55,31 +58,19 @@ def build_app(runtime: EngineClient, auth: Authenticator, *, operators: frozense
     app = FastAPI(title="tpm-fed", summary="Federated access to large AI models",
                   description="OpenAI-compatible routes under /v1; tpm-fed's own under /tpm/v1.",
                   docs_url=None, redoc_url=None)
-    app.state.runtime = runtime
+    app.state.service = service
+    # What routes read by name (the typed getters of tpm_fed.service.assembly read app.state.service).
+    app.state.runtime, app.state.streams = service.engine, service.channels
+    app.state.batches, app.state.stores = service.batches, service.stores
+    app.state.slo, app.state.metrics = service.slo, service.metrics
     app.state.auth = auth
     if auth.mode == "globus":  # the page's "Log in with Globus" runs the code flow with the service's client
         from tpm_fed.service.browser_login import BrowserLogins
 
         app.state.browser_logins = BrowserLogins(auth.auth_client, auth.scope, auth.audience)
     app.state.operators = operators
-    app.state.slo = SloTracker(lambda: runtime.federation.slos)
-    app.state.metrics = ServiceMetrics(runtime, app.state.slo)
-    if runtime.streams is None:  # one hub per runtime: every app serving it feeds the same chunk queues
-        runtime.streams = BackChannelHub()
-    app.state.streams = runtime.streams
-    app.include_router(openai)
-    app.include_router(native)
-    app.include_router(admin)
-    app.include_router(login)
-    app.include_router(watching)
-    app.include_router(back_channel)
-    app.include_router(page)
-    from tpm_fed.service.routes_batches import attach_batches
-
-    attach_batches(app, runtime)
-    from tpm_fed.service.routes_stores import attach_stores
-
-    attach_stores(app, runtime)  # after the batches: a store reads its files from their uploads
+    for router in (openai, native, admin, login, watching, back_channel, page, batches, stores, responses):
+        app.include_router(router)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:

@@ -30,7 +30,7 @@ def with_knowledge(serving: Any, body: Any, identity: str, operator: bool = Fals
     if not users:
         raise InvalidRequest("file_search: no user message to search for")
     question = users[-1].content if isinstance(users[-1].content, str) else str(users[-1].content)
-    stores = serving.runtime.stores
+    stores = serving.stores
     caller = stores.caller(identity, operator)
     found: list[tuple[Any, str]] = []
     searches = []

@@ -26,7 +26,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tpm_fed.engine.interface import EngineClient
 from tpm_fed.batches.jsonl import BatchFileChecker, read_stored_batch_file
 from tpm_fed.batches.lines import LineRoutes
 from tpm_fed.batches.protocol import (
@@ -39,36 +38,15 @@ from tpm_fed.batches.protocol import (
 )
 from tpm_fed.batches.quoting import check_balance, guess_url, quote_batch, quote_line
 from tpm_fed.batches.runner import BatchRunner
-from tpm_fed.batches.store import BatchStore
 from tpm_fed.protocol.errors import InvalidRequest, NotPermitted, PayloadTooLarge
 from tpm_fed.service.auth import identity_of
-from tpm_fed.service.serving import ServingEngine
-from tpm_fed.service.serving_chat import ServingChat
-from tpm_fed.service.serving_completions import ServingCompletions
-from tpm_fed.service.serving_embeddings import ServingEmbeddings
 from tpm_fed.stores.documents import MAX_DOCUMENT_BYTES, check_upload as check_document_upload
 
 router = APIRouter()
 
 
-def attach_batches(app: Any, runtime: EngineClient) -> None:
-    """Give ``app`` the batch routes and the runtime's one batch runner (started here, once per runtime;
-    it resumes the batches a stopped service left in progress)."""
-    if getattr(runtime, "batches", None) is None:
-        runtime.batches = BatchRunner(runtime, BatchStore(runtime.ledger.engine), line_routes(runtime),
-                                      observer=app.state.metrics).start()
-    app.state.batches = runtime.batches
-    app.include_router(router)
-
-
-def line_routes(runtime: ServingEngine) -> LineRoutes:
-    """The routes a batch line may name, served by the same classes as the routes themselves (the runner
-    observes each line's request itself, so these tell no observer)."""
-    return LineRoutes({"/v1/completions": ServingCompletions(runtime), "/v1/chat/completions": ServingChat(runtime),
-                       "/v1/embeddings": ServingEmbeddings(runtime)})
-
-
 def _runner(request: Request) -> BatchRunner:
+    """The service's one batch runner (built by :class:`tpm_fed.service.assembly.ServiceAssembly`)."""
     return request.app.state.batches
 
 

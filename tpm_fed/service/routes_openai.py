@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: models, completions, chat completions, embeddings."""
+"""The OpenAI-compatible routes: models, completions, chat completions, embeddings (each served by the
+serving object the composition root built once, :class:`tpm_fed.service.assembly.RouteServing`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from tpm_fed.service.api_models import ChatCompletionBody, CompletionBody, EmbeddingBody
+from tpm_fed.service.assembly import RouteServing, serving_of
 from tpm_fed.service.auth import identity_of
-from tpm_fed.service.serving_chat import ServingChat
-from tpm_fed.service.serving_completions import ServingCompletions
-from tpm_fed.service.serving_embeddings import ServingEmbeddings
 
 router = APIRouter(prefix="/v1")
 
@@ -22,17 +21,18 @@ def list_models(request: Request, identity: str = Depends(identity_of)) -> dict[
 
 
 @router.post("/completions")
-async def completions(body: CompletionBody, request: Request, identity: str = Depends(identity_of)) -> Any:
-    return await ServingCompletions(request.app.state.runtime, request.app.state.metrics,
-                                    request.app.state.streams).create(body, identity)
+async def completions(body: CompletionBody, serving: RouteServing = Depends(serving_of),
+                      identity: str = Depends(identity_of)) -> Any:
+    return await serving.completions.create(body, identity)
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionBody, request: Request, identity: str = Depends(identity_of)) -> Any:
-    return await ServingChat(request.app.state.runtime, request.app.state.metrics,
-                             request.app.state.streams).create(body, identity)
+async def chat_completions(body: ChatCompletionBody, serving: RouteServing = Depends(serving_of),
+                           identity: str = Depends(identity_of)) -> Any:
+    return await serving.chat.create(body, identity)
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingBody, request: Request, identity: str = Depends(identity_of)) -> Any:
-    return await ServingEmbeddings(request.app.state.runtime, request.app.state.metrics).create(body, identity)
+async def embeddings(body: EmbeddingBody, serving: RouteServing = Depends(serving_of),
+                     identity: str = Depends(identity_of)) -> Any:
+    return await serving.embeddings.create(body, identity)

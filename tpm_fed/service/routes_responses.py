@@ -11,16 +11,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from tpm_fed.service.auth import identity_of
-from tpm_fed.service.serving_responses import ResponseBody, ServingResponses, stream_events
+from tpm_fed.service.assembly import RouteServing, serving_of
+from tpm_fed.service.serving_responses import ResponseBody, stream_events
 
 router = APIRouter()
 
 
 @router.post("/v1/responses")
-async def create_response(body: ResponseBody, request: Request, identity: str = Depends(identity_of)) -> Any:
-    state = request.app.state
-    serving = ServingResponses(state.runtime, state.stores, state.metrics)
-    response = await serving.create(body, identity, identity in state.operators)
+async def create_response(body: ResponseBody, request: Request, serving: RouteServing = Depends(serving_of),
+                          identity: str = Depends(identity_of)) -> Any:
+    response = await serving.responses.create(body, identity, identity in request.app.state.operators)
     if not body.stream:
         return response
     lines = "".join(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n" for event in stream_events(response))

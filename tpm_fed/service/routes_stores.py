@@ -31,25 +31,9 @@ from tpm_fed.stores.protocol import (
     BatchFile,
 )
 from tpm_fed.stores.service import Stores
-from tpm_fed.stores.engine import StoreEngine
 from pydantic import BaseModel, ConfigDict
 
 router = APIRouter()
-
-
-def attach_stores(app: Any, runtime: StoreEngine) -> None:
-    """Give ``app`` the store routes and the runtime's one :class:`Stores` (made here, once per runtime; its
-    ingestion thread resumes files a stopped service left queued)."""
-    if getattr(runtime, "stores", None) is None:
-        def read_upload(file_id: str, identity: str) -> bytes:
-            return b"".join(runtime.batches.store.file_content(file_id, identity))
-
-        runtime.stores = Stores(runtime, read_upload, runtime.home.root / "stores")
-    app.state.stores = runtime.stores
-    app.include_router(router)
-    from tpm_fed.service.routes_responses import router as responses
-
-    app.include_router(responses)
 
 
 class _AttributesBody(BaseModel):
@@ -58,6 +42,7 @@ class _AttributesBody(BaseModel):
 
 
 def _stores(request: Request) -> Stores:
+    """The service's one :class:`Stores` (built by :class:`tpm_fed.service.assembly.ServiceAssembly`)."""
     return request.app.state.stores
 
 

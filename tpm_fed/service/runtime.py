@@ -6,7 +6,9 @@ constructor, with the conveniences tests and benchmarks call
 (:class:`~tpm_fed.engine.in_process.InProcessCalls`) and the read-only views
 of :mod:`tpm_fed.service.reports`. It satisfies
 :class:`~tpm_fed.engine.interface.EngineClient`, the interface the HTTP layer
-and the batch runner use. One runtime serves every caller of a service.
+and the batch runner use. One runtime serves every caller of a service; what
+serves it over HTTP (the back channel, the serving objects, the batch runner,
+the vector stores) is built around it by :mod:`tpm_fed.service.assembly`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tpm_fed.engine.in_process import InProcessCalls
 from tpm_fed.home import TpmHome
 from tpm_fed.identity import LocalUser
 from tpm_fed.service import reports
-from tpm_fed.engine.interface import Callers
+from tpm_fed.engine.interface import Callers, TaskChannels
 from tpm_fed.service.callers import LocalCallers
 
 
@@ -33,6 +35,8 @@ class Runtime(InProcessCalls, Engine):
         callers: What the runtime asks about a caller besides their name: their Globus
             Groups, and a Globus Compute client acting as them for bring-your-own sites
             (:class:`~tpm_fed.service.callers.LocalCallers` by default: neither).
+        channels: The service's back channel, handed by the composition root
+            (:class:`~tpm_fed.service.assembly.ServiceAssembly`); None in-process only.
 
     Example (in-process, as tests and benchmarks use it):
         >>> with Runtime(home) as runtime:
@@ -40,11 +44,9 @@ class Runtime(InProcessCalls, Engine):
     """
 
     def __init__(self, home: TpmHome, *, database_url: str | None = None, owner: str | None = None,
-                 callers: Callers | None = None) -> None:
+                 callers: Callers | None = None, channels: TaskChannels | None = None) -> None:
         super().__init__(home, owner=owner or LocalUser().current(), callers=callers or LocalCallers(),
-                         database_url=database_url)
-        self.batches: Any = None
-        """The service's batch runner (:class:`tpm_fed.batches.runner.BatchRunner`), once it serves."""
+                         database_url=database_url, channels=channels)
         self.start()
 
     def queue_place(self, request_id: str) -> dict[str, Any] | None:
@@ -68,12 +70,6 @@ class Runtime(InProcessCalls, Engine):
 
     def sites_report(self) -> dict[str, Any]:
         return reports.sites_report(self)
-
-    def close(self) -> None:
-        """Stop the batch runner (its lines in flight finish and are recorded), then the engine."""
-        if self.batches is not None:
-            self.batches.stop()
-        super().close()
 
     def __enter__(self) -> Runtime:
         return self

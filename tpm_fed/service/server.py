@@ -1,4 +1,5 @@
-"""``tpm serve``: one long-lived process that owns the federation runtime and speaks HTTP.
+"""``tpm serve``: one long-lived process that owns the service's parts (:mod:`tpm_fed.service.assembly`)
+and speaks HTTP.
 
 It binds its socket first (port 0 picks a free one), then writes
 ``$TPM_HOME/service.json`` (URL, token, pid; mode 0600), so a client that
@@ -57,17 +58,17 @@ class ServiceOptions:
 def run_service(home: TpmHome, options: ServiceOptions) -> None:
     """Serve until stopped (blocks)."""
     from tpm_fed.service.app import build_app, serve_at
+    from tpm_fed.service.assembly import ServiceAssembly
     from tpm_fed.service.connections import ConnectionLimits, service_server
     from tpm_fed.service.hosts import HOSTS_VARIABLE
-    from tpm_fed.service.runtime import Runtime
 
     os.umask(PRIVATE_UMASK)  # what the service and its sites write is its owner's alone
     home.make_private()  # and what an older version left open to other users is fixed, with a warning
     home.ensure_embedded_default(progress=True)
     auth, token = _authenticator(options)
-    runtime = Runtime(home, database_url=options.database_url, callers=_callers(auth))
-    operators = frozenset(options.operators) | ({runtime.owner} if auth.mode == "local" else set())
-    app = build_app(runtime, auth, operators=operators)
+    service = ServiceAssembly(home, database_url=options.database_url, callers=_callers(auth))
+    operators = frozenset(options.operators) | ({service.engine.owner} if auth.mode == "local" else set())
+    app = build_app(service, auth, operators=operators)
     activity = Activity(app)
     listener = socket.create_server((options.host, options.port), reuse_port=False)
     host, port = listener.getsockname()[:2]
@@ -84,7 +85,7 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     write_service_file(home, info)
     if options.idle_timeout_s:
         threading.Thread(target=_stop_when_idle, args=(server, activity, options.idle_timeout_s),
-                         kwargs={"busy": lambda: runtime.batches is not None and runtime.batches.busy},
+                         kwargs={"busy": lambda: service.batches.busy},
                          name="tpm-idle", daemon=True).start()
     print(f"tpm: serving {home.root} at {url} (auth: {auth.mode})", flush=True)
     if token:
@@ -103,7 +104,7 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     try:
         server.run(sockets=[listener])
     finally:
-        runtime.close()
+        service.close()  # in reverse of its building: stores, the runner's lines in flight, then the engine
         remove_service_file(home, os.getpid())
         print("tpm: service stopped", flush=True)
 

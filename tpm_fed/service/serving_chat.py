@@ -16,14 +16,17 @@ from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
 
 class ServingChat:
-    """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's)."""
+    """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's);
+    ``stores`` the vector stores ``file_search`` reads (None: a batch line's, which refuses it)."""
 
     body_model = ChatCompletionBody
 
-    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, streams: Any = None) -> None:
+    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, streams: Any = None,
+                 stores: Any = None) -> None:
         self.runtime = runtime
         self.observer = observer
         self.streams = streams
+        self.stores = stores
 
     def request_for(self, body: ChatCompletionBody) -> GenerationRequest:
         """The request ``body`` asks for: its messages through the model's template (batches use this too)."""

@@ -44,13 +44,14 @@ class Stores:
     """Args:
         runtime: The federation runtime.
         read_upload: ``(file_id, identity) -> bytes`` of an upload of ``/v1/files`` (raises NotPermitted
-            for another's file, as that route does).
+            for another's file, as that route does); ``filename_of`` the same upload's name.
         root: Where the stores' files live (``$TPM_HOME/stores``).
     """
 
-    def __init__(self, runtime: StoreEngine, read_upload: Any, root: Path) -> None:
+    def __init__(self, runtime: StoreEngine, read_upload: Any, root: Path, filename_of: Any = None) -> None:
         self.runtime = runtime
         self.read_upload = read_upload
+        self.filename_of = filename_of  # (file_id, identity) -> the upload's name (the composition root's)
         self.registry = StoreRegistry(runtime.ledger.engine)
         self.files = SnapshotFiles(root)
         self._embedders: dict[str, Embedder] = {}
@@ -162,7 +163,7 @@ class Stores:
                 "max_su_per_site": {site: round(value, 6) for site, value in per_site.items()}}
 
     def _filename(self, file_id: str, identity: str) -> str:
-        return self.runtime.batches.store.file(file_id, identity).filename
+        return self.filename_of(file_id, identity)
 
     def file(self, store_id: str, file_id: str, caller: Caller) -> dict[str, Any]:
         self.registry.store(store_id, caller)
