@@ -20,7 +20,7 @@
 
 Usage:
     python scripts/bench_service.py [--only throughput,latency,submit,streaming] [--concurrent 32]
-        [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200] [--admit-for-s 30]
+        [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200] [--admit-for-s S]
 
 Each server (vLLM's, ``tpm serve``) runs in its own process; the load
 generator runs in this one.
@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...] = ("generate",),
-               admit_for_s: float = 30.0):
-    """A one-site home serving ``model_dir`` as ``model`` (for ``kinds``) on ``backend``, with a generous grant."""
+               admit_for_s: float | None = None):
+    """A one-site home serving ``model_dir`` as ``model`` (for ``kinds``) on ``backend``, with a generous grant
+    (``admit_for_s``: the site's continuous-admission window, the site's default unless given)."""
     from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
     from tpm_fed.home import TpmHome
     from tpm_fed.identity import LocalUser
@@ -58,7 +59,8 @@ def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...]
     shutil.copytree(model_dir, home.models_dir / "model")
     Federation(
         name=f"bench-{backend}",
-        sites=[SiteConfig(name="local", max_batch_requests=256, admit_for_s=admit_for_s)],
+        sites=[SiteConfig(name="local", max_batch_requests=256,
+                          **({} if admit_for_s is None else {"admit_for_s": admit_for_s}))],
         models=[ModelConfig(name="model", path=Path("models/model"), backend=backend, kinds=list(kinds))],
         projects=[ProjectConfig(name="bench", members=[LocalUser().current()], allocations={"local": 1e9})],
     ).dump(home.federation_file)
@@ -328,8 +330,9 @@ def main() -> None:
     parser.add_argument("--requests-each", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=200)
-    parser.add_argument("--admit-for-s", type=float, default=30.0,
-                        help="the service's site admits requests into running tasks this long (0: off)")
+    parser.add_argument("--admit-for-s", type=float, default=None,
+                        help="the service's site admits requests into running tasks this long (0: off; "
+                             "default: the site's default)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from tpm_fed.models.demo import make_demo_model

@@ -137,7 +137,7 @@ def main() -> None:
                 else:
                     log("making the demo model...")
                     make_demo_model(demo_dir, progress=False)
-            home = bench_home(scratch / f"home-{model_name}", demo_dir, "vllm", admit_for_s=30.0)
+            home = bench_home(scratch / f"home-{model_name}", demo_dir, "vllm")
             model_dir = demo_dir if model_name == "demo" else smollm2_folder(scratch)
             vllm_server = vllm_url = None
             if "vllm" in servers:

@@ -140,7 +140,7 @@ def main() -> None:
         else:
             log("making the demo model...")
             make_demo_model(demo, progress=False)
-        home = bench_home(scratch / "home", demo, "vllm", admit_for_s=30.0)
+        home = bench_home(scratch / "home", demo, "vllm")
         if not args.no_vllm:
             vllm_server_run(demo, load, scratch, args.num_prompts, rows)
         with tpm_serve(home) as (url, headers):
