@@ -10,9 +10,17 @@ backend it joins that task at its next step instead (continuous admission),
 sharing each step with the batch's lines (target: <= 1.5x the idle latency,
 median).
 
+``--baseline`` then does the same on vLLM's own OpenAI server, started with
+``--scheduling-policy priority``: the idle request, then the same request
+while the batch's lines are sent as completions by ``--max-batch`` concurrent
+clients at the batch priority (what the service's batch runner gives them),
+the interactive ones at priority 0. That is the engine's own best on this
+machine: how much of the slowdown is the replica sharing its steps, not the
+service.
+
 Usage:
     python scripts/bench_batch_priority.py [--lines 512] [--tokens 32] [--samples 20] [--every 0.25]
-        [--max-batch 64] [--backend torch|vllm]
+        [--max-batch 64] [--backend torch|vllm] [--baseline]
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ import time
 from pathlib import Path
 
 from benchlib import log, machine
-from bench_quotes import batch_file
-from bench_service import bench_home, tpm_serve
+from bench_quotes import PROMPTS, batch_file
+from bench_service import bench_home, start_vllm_server, tpm_serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,6 +49,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["torch", "vllm"], default="vllm")
     parser.add_argument("--demo-dir", type=Path, default=None,
                         help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also vLLM's own server (priority scheduling) under the same load")
     args = parser.parse_args()
 
     from tpm_fed.client import Client
@@ -90,6 +100,72 @@ def main() -> None:
     print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
           f"max {max(during) * 1000:.0f} ms")
     print(f"  ratio:               {ratio:8.2f}x   (target <= 1.5x)")
+    if args.baseline:
+        vllm_server_baseline(args)
+
+
+def vllm_server_baseline(args: argparse.Namespace) -> None:
+    """The same measurement on vLLM's own server: batch lines as concurrent low-priority completions."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tpm_fed.models.demo import make_demo_model
+    from tpm_fed.protocol.generation import BATCH_PRIORITY
+
+    with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-vllm-") as scratch:
+        model_dir = Path(scratch) / "demo"
+        if args.demo_dir:
+            __import__("shutil").copytree(args.demo_dir, model_dir)
+        else:
+            make_demo_model(model_dir, progress=False)
+        log("starting vLLM's own server (--scheduling-policy priority)...")
+        process, url = start_vllm_server(model_dir, "--scheduling-policy", "priority")
+        try:
+            body = {"model": "vllm-model", "prompt": "The telescope", "max_tokens": 8, "temperature": 0}
+            with httpx.Client(base_url=url, timeout=600) as http:
+                def one() -> float:
+                    started = time.perf_counter()
+                    http.post("/v1/completions", json={**body, "priority": 0}).raise_for_status()
+                    return time.perf_counter() - started
+
+                one()
+                idle = [one() for _ in range(args.samples)]
+                log(f"vLLM's server idle: median {statistics.median(idle) * 1000:.0f} ms; "
+                    f"{args.lines} lines from {args.max_batch} clients...")
+                lines = iter(range(args.lines))
+                lock = threading.Lock()
+
+                def client() -> None:
+                    with httpx.Client(base_url=url, timeout=600) as own:
+                        while True:
+                            with lock:
+                                index = next(lines, None)
+                            if index is None:
+                                return
+                            own.post("/v1/completions", json={
+                                "model": "vllm-model", "prompt": PROMPTS[index % len(PROMPTS)], "temperature": 0,
+                                "max_tokens": args.tokens, "priority": BATCH_PRIORITY}).raise_for_status()
+
+                with ThreadPoolExecutor(args.max_batch) as pool:
+                    running = [pool.submit(client) for _ in range(args.max_batch)]
+                    time.sleep(0.5)
+                    during = []
+                    while len(during) < args.samples and not all(f.done() for f in running):
+                        during.append(one())
+                        time.sleep(args.every)
+                    for future in running:
+                        future.result()
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    ratio = statistics.median(during) / statistics.median(idle)
+    print(f"\nthe same on vLLM's own server (priority scheduling; batch lines from {args.max_batch} clients)")
+    print(f"  idle server:         median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
+    print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
+          f"max {max(during) * 1000:.0f} ms")
+    print(f"  ratio:               {ratio:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ async def drive(url: str, model: str, clients: int, each: int, tokens: int, head
         return time.perf_counter() - started, sum(counts)
 
 
-def start_vllm_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_vllm_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """vLLM's own OpenAI server on ``model_dir`` (``extra``: more of its command-line options); process, URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -123,7 +124,7 @@ def start_vllm_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
          "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--served-model-name", "vllm-model",
-         "--seed", "0"],  # request logging is off by default
+         "--seed", "0", *extra],  # request logging is off by default
         stdout=log_file, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     from tpm_fed.connection import healthy
