@@ -42,7 +42,7 @@ def build_app(runtime: EngineClient, auth: Authenticator, *, operators: frozense
     from tpm_fed.service.metrics import ServiceMetrics
     from tpm_fed.service.routes_auth import router as login
     from tpm_fed.service.routes_metrics import router as watching
-    from tpm_fed.service.routes_stream import router as back_channel
+    from tpm_fed.service.routes_channel import router as back_channel
     from tpm_fed.service.back_channel_hub import BackChannelHub
     from tpm_fed.service.slo import SloTracker
     from tpm_fed.service.routes_admin import router as admin
