@@ -42,10 +42,19 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from functions.policy import WorkerPolicy
-from tpm_fed.protocol.back_channel import (MAX_FRAME_BYTES, SERVICE_FRAMES, ChannelAddress, Cancelled, EarlyAnswer,
-                                           Hello, Joined, OpenToJoin, Sent, TakeNoMore)
+from tpm_fed.protocol.back_channel import (
+    MAX_FRAME_BYTES,
+    SERVICE_FRAMES,
+    Cancelled,
+    ChannelAddress,
+    EarlyAnswer,
+    Hello,
+    Joined,
+    OpenToJoin,
+    Sent,
+    TakeNoMore,
+)
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
-
 
 SEND_INTERVAL_S = 0.02
 """Shortest time between two frames of text of one task (text piles up meanwhile, merged per prompt)."""

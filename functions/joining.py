@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from functions.back_channel import BackChannel
 from functions.backends.base import EncodedRequest
 from functions.outcomes import generated, refused
-from functions.back_channel import BackChannel
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.protocol.kinds import KINDS, request_from_wire
 from tpm_fed.protocol.requests import GenerationRequest

@@ -19,8 +19,18 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from functions.back_channel import BackChannel, socket_url
-from tpm_fed.protocol.back_channel import (CHANNEL_ROUTE, MAX_FRAME_BYTES, SERVICE_FRAMES, EarlyAnswer, Hello,
-                                           Joined, JoinsEnded, OpenToJoin, Sent, TakeNoMore)
+from tpm_fed.protocol.back_channel import (
+    CHANNEL_ROUTE,
+    MAX_FRAME_BYTES,
+    SERVICE_FRAMES,
+    EarlyAnswer,
+    Hello,
+    Joined,
+    JoinsEnded,
+    OpenToJoin,
+    Sent,
+    TakeNoMore,
+)
 from tpm_fed.protocol.task_reply import Outcome
 
 

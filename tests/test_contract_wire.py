@@ -12,13 +12,28 @@ import pytest
 from pydantic import ValidationError
 
 from tpm_fed.protocol import errors
-from tpm_fed.protocol.back_channel import (SERVICE_FRAMES, WORKER_FRAMES, Cancelled, EarlyAnswer, Hello, Joined,
-                                           JoinsEnded, Sent, TakeNoMore)
+from tpm_fed.protocol.back_channel import (
+    SERVICE_FRAMES,
+    WORKER_FRAMES,
+    Cancelled,
+    EarlyAnswer,
+    Hello,
+    Joined,
+    JoinsEnded,
+    Sent,
+    TakeNoMore,
+)
 from tpm_fed.protocol.http_errors import _STATUS, error_from_body, http_error
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import ReplicaInfo
-from tpm_fed.protocol.task_reply import MalformedOutcome, MalformedReply, Outcome, TaskReply, reply_from_wire
+from tpm_fed.protocol.task_reply import (
+    MalformedOutcome,
+    MalformedReply,
+    Outcome,
+    TaskReply,
+    reply_from_wire,
+)
 
 
 @pytest.mark.parametrize("cls", [cls for cls, _, _ in _STATUS])

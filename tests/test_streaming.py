@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-
 LONG = {"model": "demo-llama", "prompt": "The river carries", "max_tokens": 48, "min_tokens": 48,
         "temperature": 0}
 

@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tpm_fed.engine.pending import Pending
-from tpm_fed.protocol.back_channel import CHANNEL_ROUTE, Cancelled, ChannelAddress, Joined, JoinsEnded
+from tpm_fed.protocol.back_channel import (
+    CHANNEL_ROUTE,
+    Cancelled,
+    ChannelAddress,
+    Joined,
+    JoinsEnded,
+)
 from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
 
 

@@ -15,11 +15,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
 
 from tpm_fed.engine.pending import Pending
-from tpm_fed.protocol.back_channel import (CHANNEL_ROUTE, MAX_FRAME_BYTES, REFUSED, WORKER_FRAMES, Hello, Joined,
-                                           JoinsEnded, OpenToJoin, Sent)
+from tpm_fed.protocol.back_channel import (
+    CHANNEL_ROUTE,
+    MAX_FRAME_BYTES,
+    REFUSED,
+    WORKER_FRAMES,
+    Hello,
+    Joined,
+    JoinsEnded,
+    OpenToJoin,
+    Sent,
+)
 from tpm_fed.protocol.errors import TpmError
 from tpm_fed.service.back_channel_hub import BackChannelHub, Link
 
@@ -65,7 +73,7 @@ async def channel(socket: WebSocket) -> None:
                 elif joiner is None:
                     link.push(JoinsEnded())  # nothing may join this task
             elif isinstance(frame, Hello):
-                raise ValueError("the channel is open already")
+                raise ValueError("the channel is open already")  # noqa: TRY004 (a frame the contract refuses here)
             elif joiner is None:  # TakeNoMore without OpenToJoin: nothing was pushed
                 link.push(JoinsEnded())
             else:  # TakeNoMore: the joiner pushes what it reserved, then JoinsEnded
@@ -123,7 +131,7 @@ async def _write(socket: WebSocket, link: Link) -> None:
         while (frame := await link.outbox.get()) is not None:
             await socket.send_text(frame.to_frame())
         await socket.close()
-    except Exception:  # the socket is gone: the reader sees it too
+    except (WebSocketDisconnect, RuntimeError, OSError):  # the socket is gone: the reader sees it too
         pass
 
 
@@ -155,5 +163,5 @@ async def _refuse(socket: WebSocket, error: Exception) -> None:
     code = TOO_LARGE if isinstance(error, FrameTooLarge) else REFUSED.get(type(error).__name__, INVALID)
     try:
         await socket.close(code, str(error).encode()[:120].decode(errors="ignore"))  # a reason is <= 123 bytes
-    except Exception:  # the socket is gone already
+    except (RuntimeError, OSError):  # the socket is gone already
         pass
