@@ -32,6 +32,7 @@ service as built here.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
@@ -189,6 +190,9 @@ class BackChannel:
         try:
             with connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_FRAME_BYTES,
                          compression=None) as connection:  # small JSON frames: deflate costs more than it saves
+                # Frames go out back to back without waiting for a reply: without TCP_NODELAY, Nagle's
+                # algorithm holds each small one until the last is acknowledged (up to 40 ms, delayed ACK).
+                connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 connection.send(Hello(token=self.token).to_frame())
                 reader = threading.Thread(target=self._read, args=(connection,), name="tpm-channel-read",
                                           daemon=True)
