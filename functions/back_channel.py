@@ -1,52 +1,71 @@
-"""The worker's end of the back channel: a running task posts streamed text and early answers to the service.
+"""The worker's end of the back channel: one WebSocket per running task, to the service and back.
 
 The endpoint engine returns a task's result only when the task ends, so a
 streamed request's text travels another way: the service names, in the
-task's context, a URL and a secret token made for this one task
-(:class:`~tpm_fed.protocol.back_channel.ChannelAddress`); the worker POSTs
-what each streamed request has produced so far as a
-:class:`~tpm_fed.protocol.back_channel.ChannelPost` (per prompt, the new text
-since that prompt's last chunk). The bodies both ways are the contract's
-models (:mod:`tpm_fed.protocol.back_channel`), read by the service as built here.
+task's context, a URL and a secret made for this one task
+(:class:`~tpm_fed.protocol.back_channel.ChannelAddress`). The worker opens one
+WebSocket there (compute nodes connect out; nothing connects in to them),
+says the secret first, and keeps it for the task's life. The frames both ways
+are the contract's models (:mod:`tpm_fed.protocol.back_channel`), read by the
+service as built here.
 
 - Sending barely slows generation: a background thread sends whatever has
-  piled up, merged per prompt, at most one POST every ``SEND_INTERVAL_S``,
-  on one kept-alive connection; only a prompt's first text leaves at once.
+  piled up, merged per prompt, at most one frame every ``SEND_INTERVAL_S``;
+  only a prompt's first text leaves at once.
 - Where the service cannot be reached (no route back from a remote
-  endpoint, or a host this endpoint's policy does not list), streaming is
-  off for the task and the final result carries everything, as before.
+  endpoint, or a host this endpoint's policy does not list), streaming and
+  joining are off for the task and the final result carries everything.
 - The final result stays the authority: the service sends whatever the
   chunks did not cover when the task ends, so the stream always adds up to
   the completion.
-- The service's answer to a post names the requests whose callers left
-  (``cancelled``): the backend stops generating for them, their batch-mates
-  go on, and they are charged for the tokens made until then.
+- The service pushes the requests whose callers left
+  (:class:`~tpm_fed.protocol.back_channel.Cancelled`): the backend stops
+  generating for them, their batch-mates go on, and they are charged for the
+  tokens made until then.
 - A request that finishes before its batch does is *answered* on the channel
   at once (``outcomes``, with the replica's ``served`` facts), so its caller
   need not wait for the slowest batch-mate; the task's result still carries
   every answer, and the service settles each request once, whichever comes
-  first. Requests that joined the running task (:mod:`functions.joining`)
-  are answered this way too.
+  first. Requests that joined the running task (:mod:`functions.joining`),
+  pushed by the service on this same socket, are answered this way too.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
+import socket
 import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import ClientConnection, connect
 
 from functions.policy import WorkerPolicy
-from tpm_fed.protocol.back_channel import ChannelAddress, ChannelPost, ChannelPostAnswer, EarlyAnswer
+from tpm_fed.protocol.back_channel import (
+    MAX_FRAME_BYTES,
+    SERVICE_FRAMES,
+    Cancelled,
+    ChannelAddress,
+    EarlyAnswer,
+    Hello,
+    Joined,
+    OpenToJoin,
+    Sent,
+    TakeNoMore,
+)
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
 
-
 SEND_INTERVAL_S = 0.02
-"""Shortest time between two posts of one task (text piles up meanwhile, merged per prompt)."""
+"""Shortest time between two frames of text of one task (text piles up meanwhile, merged per prompt)."""
+
+CONNECT_TIMEOUT_S = 10.0
+"""Longest the worker waits for the service to accept its channel (then streaming and joining are off)."""
+
+JOINS_END_TIMEOUT_S = 2.0
+"""Longest a task's end waits for the service to confirm no more requests join (what it pushes after that is
+not read, and goes back to the replica's queue)."""
 
 
 def merged(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -61,29 +80,39 @@ def merged(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(joined.values())
 
 
+def socket_url(url: str) -> str:
+    """The channel's ``http(s)://`` address as the WebSocket URL it is dialled at (``ws(s)://``)."""
+    parts = urlsplit(url)
+    return parts._replace(scheme={"https": "wss"}.get(parts.scheme, "ws")).geturl()
+
+
 class BackChannel:
-    """Sends chunks to the service from a background thread; gives up for good on the first failure.
+    """The task's channel, run by two background threads (one sends, one reads what the service pushes);
+    gives up for good on the first failure.
 
     Args:
-        url: The service's back-channel route (``.../tpm/v1/stream``).
+        url: The service's channel route (``http(s)://.../tpm/v1/channel``).
         token: The task's secret, checked by the service.
     """
 
     def __init__(self, url: str, token: str) -> None:
-        self.url = urlsplit(url)
+        self.url = socket_url(url)
         self.token = token
-        self.delivered = False
         self.failed: str | None = None
         self.cancelled: set[str] = set()  # requests whose callers left: stop generating for them
         self.served: ServedBy | None = None  # the replica's facts, sent with answers (set by serve_batch)
         self.answers: dict[str, dict[str, Any]] = {}  # every request answered here, by id
+        self.joins_ended = threading.Event()  # no more requests will be pushed (or the channel failed)
+        self._arrived: list[dict[str, Any]] = []  # requests pushed to join, not yet taken
         self._pending: list[dict[str, Any]] = []
         self._outcomes: list[EarlyAnswer] = []
+        self._control: list[OpenToJoin | TakeNoMore] = []
+        self._opened_to_join = False
         self._begun: set[tuple[str, int]] = set()  # (request, prompt) pairs that sent text already
         self._urgent = False
         self._wake = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="tpm-stream", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="tpm-channel-send", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -109,11 +138,6 @@ class BackChannel:
                         self._urgent = True
                 self._wake.notify()
 
-    @property
-    def join_url(self) -> str:
-        """Where the worker asks for requests that may join its running task (the route keeps its wire name, ``.../admit``)."""
-        return self.url._replace(path=self.url.path.rstrip("/") + "/admit").geturl()
-
     def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
         """Send one request's outcome now (it finished before its task); kept for the task's result too."""
         timed = {**outcome, "run_s": run_s}
@@ -123,57 +147,109 @@ class BackChannel:
                 self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
                 self._wake.notify()
 
+    def take_joined(self) -> list[dict[str, Any]]:
+        """The requests (wire dicts) pushed to join since the last call; the first call asks the service to
+        push them (returns at once)."""
+        if not self._opened_to_join:
+            self._opened_to_join = True
+            self._say(OpenToJoin())
+        with self._wake:
+            arrived, self._arrived = self._arrived, []
+        return arrived
+
+    def take_no_more(self, timeout_s: float = JOINS_END_TIMEOUT_S) -> list[dict[str, Any]]:
+        """No more may join; the requests pushed before the service heard it (to be served too)."""
+        if not self._opened_to_join:
+            return []
+        self._say(TakeNoMore())
+        self.joins_ended.wait(timeout_s)
+        with self._wake:
+            arrived, self._arrived = self._arrived, []
+        return arrived
+
     def close(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued, then stop (before the task's result leaves, so chunks come first)."""
+        """Send what is queued, then close the socket (before the task's result leaves, so chunks come
+        first)."""
         with self._wake:
             self._closing = True
             self._wake.notify()
         self._thread.join(timeout_s)
 
+    def _say(self, frame: OpenToJoin | TakeNoMore) -> None:
+        with self._wake:
+            self._control.append(frame)
+            self._urgent = True
+            self._wake.notify()
+
+    def _fail(self, error: Exception) -> None:
+        if self.failed is None:
+            self.failed = f"{type(error).__name__}: {error}"
+        self.joins_ended.set()
+
     def _run(self) -> None:
-        connection = None
-        posted_at = float("-inf")
+        try:
+            with connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_FRAME_BYTES,
+                         compression=None) as connection:  # small JSON frames: deflate costs more than it saves
+                # Frames go out back to back without waiting for a reply: without TCP_NODELAY, Nagle's
+                # algorithm holds each small one until the last is acknowledged (up to 40 ms, delayed ACK).
+                connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connection.send(Hello(token=self.token).to_frame())
+                reader = threading.Thread(target=self._read, args=(connection,), name="tpm-channel-read",
+                                          daemon=True)
+                reader.start()
+                try:
+                    self._send_all(connection)
+                finally:
+                    connection.close()
+                    reader.join(5.0)
+        except (OSError, WebSocketException, TimeoutError) as error:
+            self._fail(error)
+        with self._wake:  # nothing more will be sent
+            self._pending, self._outcomes = [], []
+
+    def _send_all(self, connection: ClientConnection) -> None:
+        sent_at = float("-inf")
         while True:
             with self._wake:
-                while not self._pending and not self._outcomes and not self._closing:
+                while not self._pending and not self._outcomes and not self._control and not self._closing:
                     self._wake.wait()
-                # At most one post per SEND_INTERVAL_S: a step takes milliseconds, and a post per step
-                # per batch costs the generating process more than the caller gains. A first token
+                # At most one frame of text per SEND_INTERVAL_S: a step takes milliseconds, and a frame per
+                # step per batch costs the generating process more than the caller gains. A first token
                 # does not wait: time to first token is what a streaming caller feels most.
                 while not self._closing and not self._urgent \
-                        and (wait := posted_at + SEND_INTERVAL_S - time.monotonic()) > 0:
+                        and (wait := sent_at + SEND_INTERVAL_S - time.monotonic()) > 0:
                     self._wake.wait(wait)
                 self._urgent = False
                 batch, self._pending = self._pending, []
                 outcomes, self._outcomes = self._outcomes, []
+                control, self._control = self._control, []
                 closing = self._closing
-            if (batch or outcomes) and self.failed is None:
+            if self.failed is None:
                 try:
-                    connection = connection or self._connect()
-                    self._post(connection, merged(batch), outcomes)
-                    posted_at = time.monotonic()
-                    self.delivered = True
-                except (OSError, http.client.HTTPException, ValueError) as error:
-                    self.failed = f"{type(error).__name__}: {error}"
-                    connection = None
+                    if batch or outcomes:  # chunks first: a request's text reaches its caller before its end
+                        connection.send(Sent(chunks=merged(batch), outcomes=outcomes,
+                                             served=self.served if outcomes else None).to_frame())
+                        sent_at = time.monotonic()
+                    for frame in control:
+                        connection.send(frame.to_frame())
+                except (OSError, WebSocketException) as error:
+                    self._fail(error)
             if closing:
-                break
-        if connection is not None:
-            connection.close()
+                return
 
-    def _connect(self) -> http.client.HTTPConnection:
-        kind = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
-        return kind(self.url.hostname, self.url.port, timeout=10)
-
-    def _post(self, connection: http.client.HTTPConnection, chunks: list[dict[str, Any]],
-              outcomes: list[EarlyAnswer]) -> None:
-        # Chunks first: a request's text reaches its caller before its end does.
-        message = ChannelPost(token=self.token, chunks=chunks, outcomes=outcomes,
-                              served=self.served if outcomes else None)
-        body = json.dumps(message.to_wire()).encode()
-        connection.request("POST", self.url.path, body=body, headers={"Content-Type": "application/json"})
-        answer = connection.getresponse()
-        reply = answer.read()
-        if answer.status != 200:
-            raise ValueError(f"the service answered {answer.status}")
-        self.cancelled.update(ChannelPostAnswer.model_validate_json(reply).cancelled)  # ValidationError: a ValueError
+    def _read(self, connection: ClientConnection) -> None:
+        """What the service pushes: requests that join, callers who left, the end of joining."""
+        try:
+            for message in connection:
+                frame = SERVICE_FRAMES.validate_json(message)
+                if isinstance(frame, Joined):
+                    with self._wake:
+                        self._arrived.extend(frame.requests)
+                elif isinstance(frame, Cancelled):
+                    self.cancelled.update(frame.request_ids)
+                else:
+                    self.joins_ended.set()
+        except (OSError, WebSocketException, ValueError) as error:  # ValidationError is a ValueError
+            if not self._closing:
+                self._fail(error)
+        self.joins_ended.set()

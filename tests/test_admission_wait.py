@@ -1,11 +1,11 @@
-"""Open admission asks do not delay new submissions.
+"""Open channels of running tasks do not delay new submissions.
 
-A running vLLM task keeps an ask for more requests open on the back channel
-(``POST /tpm/v1/stream/admit``, held up to ``wait_s``). Were each held ask a
-thread of the pool the routes also submit through (anyio's, 40 threads), 64
-running tasks would leave no thread for a new request: it would wait for an
-ask to end. Here 64 tasks (real dispatchers on a fake site, the service's real
-hub and route) each keep an ask open, as their workers do, while new requests
+A running vLLM task keeps its channel open (``/tpm/v1/channel``, a WebSocket),
+and the service keeps a take for more requests open for it. Were each held
+take a thread of the pool the routes also submit through (anyio's, 40
+threads), 64 running tasks would leave no thread for a new request. Here 64
+tasks (real dispatchers on a fake site, the service's real hub and route) each
+hold their channel open to joining, as their workers do, while new requests
 are submitted to the service's own torch replica: their median latency stays
 within twice the idle median.
 """
@@ -22,9 +22,11 @@ from concurrent.futures import Future
 
 import httpx
 
+from functions.back_channel import socket_url
 from tests.test_dispatch import VLLM_SPEC, reply_for, request
 from tpm_fed.engine.dispatcher import ReplicaDispatcher
 from tpm_fed.home import DEMO_MODEL_NAME
+from tpm_fed.protocol.back_channel import CHANNEL_ROUTE
 from tpm_fed.sites.base import SiteStatus
 
 TASKS = 64
@@ -52,30 +54,32 @@ class StreamingSite:
         pass
 
 
-ASKERS = """
-import http.client, json, sys, threading, time, urllib.parse
-url, tokens = urllib.parse.urlsplit(sys.argv[1]), sys.argv[2:]
-held, stop = [], threading.Event()
+CHANNELS = """
+import json, sys, threading, time
+from websockets.sync.client import connect
+url, tokens = sys.argv[1], sys.argv[2:]
+frames, opened, stop = [], [], threading.Event()
 
-def ask(token, delay):  # as functions.admission asks: one kept-alive connection, wait_s 1
+def hold(token, delay):  # as functions.back_channel does: hello, then open to joining, then wait for pushes
     time.sleep(delay)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    body = json.dumps({"token": token, "wait_s": 1.0})
-    while not stop.is_set():
-        started = time.perf_counter()
-        connection.request("POST", url.path, body, {"Content-Type": "application/json"})
-        answer = connection.getresponse()
-        assert answer.status == 200 and json.loads(answer.read()) == {"requests": [], "open": True}
-        held.append(time.perf_counter() - started)
+    with connect(url, compression=None) as socket:
+        socket.send(json.dumps({"type": "hello", "token": token}))
+        socket.send(json.dumps({"type": "open_to_join"}))
+        opened.append(token)
+        while not stop.is_set():
+            try:
+                frames.append(socket.recv(timeout=0.2))
+            except TimeoutError:
+                pass
 
 for i, token in enumerate(tokens):
-    threading.Thread(target=ask, args=(token, i / len(tokens)), daemon=True).start()
+    threading.Thread(target=hold, args=(token, i / len(tokens)), daemon=True).start()
 try:
     while True:
         time.sleep(0.1)
 except KeyboardInterrupt:
     stop.set()
-print(json.dumps(held))
+print(json.dumps({"opened": len(opened), "frames": frames}))
 """
 
 
@@ -90,7 +94,7 @@ def _latencies(url: str, headers: dict) -> list[float]:
     return took
 
 
-def test_64_open_admission_asks_leave_submissions_undelayed(runtime, service):
+def test_64_open_channels_leave_submissions_undelayed(runtime, service):
     _latencies(service.url, service.headers)  # the replica is warm before anything is timed
     idle = _latencies(service.url, service.headers)
 
@@ -102,23 +106,23 @@ def test_64_open_admission_asks_leave_submissions_undelayed(runtime, service):
         dispatcher.submit(request("running"))
     tokens = [site.tasks[0][2]["stream"]["token"] for site in sites]
 
-    # The asks come from another process, as workers' do (threads of this one would share its GIL with
-    # the service), each started at its own moment within a second, as independent tasks are.
-    askers = subprocess.Popen([sys.executable, "-c", ASKERS, f"{service.url}/tpm/v1/stream/admit", *tokens],
-                              stdout=subprocess.PIPE, text=True)
+    # The channels come from another process, as workers' do (threads of this one would share its GIL with
+    # the service), each opened at its own moment within a second, as independent tasks are.
+    holders = subprocess.Popen([sys.executable, "-c", CHANNELS, socket_url(service.url + CHANNEL_ROUTE), *tokens],
+                               stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(3.0)  # every ask open (they start over 1 s, in a process that starts first), held 1 s, asked again
+        time.sleep(3.0)  # every channel open (over 1 s, in a process that starts first), its take renewed
         busy = _latencies(service.url, service.headers)
     finally:
-        askers.send_signal(signal.SIGINT)
-        report, _ = askers.communicate(timeout=30)
+        holders.send_signal(signal.SIGINT)
+        report, _ = holders.communicate(timeout=30)
         for site in sites:
             future, requests, _ = site.tasks[0]
             future.set_result(reply_for(requests))
 
     held = json.loads(report.strip().splitlines()[-1])
-    assert len(held) >= TASKS and statistics.median(held) > 0.5, f"the asks were not held open: {held}"
+    assert held == {"opened": TASKS, "frames": []}, f"the channels were not held open: {held}"
     idle_p50, busy_p50 = statistics.median(idle), statistics.median(busy)
-    print(f"submit p50 idle {idle_p50 * 1000:.1f} ms, with {TASKS} open asks {busy_p50 * 1000:.1f} ms")
+    print(f"submit p50 idle {idle_p50 * 1000:.1f} ms, with {TASKS} open channels {busy_p50 * 1000:.1f} ms")
     assert busy_p50 <= 2 * idle_p50, (
-        f"submissions waited behind the open asks: p50 {busy_p50 * 1000:.1f} ms vs {idle_p50 * 1000:.1f} ms idle")
+        f"submissions waited behind the open channels: p50 {busy_p50 * 1000:.1f} ms vs {idle_p50 * 1000:.1f} ms idle")

@@ -3,7 +3,7 @@
 - An HTTP error body (:mod:`tpm_fed.protocol.http_errors`) rebuilds, in the client, the error the service raised.
 - A task's reply (:mod:`tpm_fed.protocol.task_reply`) written by the worker's ``serve_batch`` is read back by
   :func:`reply_from_wire`; a malformed item fails its own request only, an unmatched reply fails whole.
-- The back channel's bodies (:mod:`tpm_fed.protocol.back_channel`) refuse what neither end writes.
+- The back channel's frames (:mod:`tpm_fed.protocol.back_channel`) refuse what neither end writes.
 """
 
 from __future__ import annotations
@@ -12,12 +12,28 @@ import pytest
 from pydantic import ValidationError
 
 from tpm_fed.protocol import errors
-from tpm_fed.protocol.back_channel import JoinAnswer, JoinAsk, ChannelPost, EarlyAnswer
+from tpm_fed.protocol.back_channel import (
+    SERVICE_FRAMES,
+    WORKER_FRAMES,
+    Cancelled,
+    EarlyAnswer,
+    Hello,
+    Joined,
+    JoinsEnded,
+    Sent,
+    TakeNoMore,
+)
 from tpm_fed.protocol.http_errors import _STATUS, error_from_body, http_error
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import ReplicaInfo
-from tpm_fed.protocol.task_reply import MalformedOutcome, MalformedReply, Outcome, TaskReply, reply_from_wire
+from tpm_fed.protocol.task_reply import (
+    MalformedOutcome,
+    MalformedReply,
+    Outcome,
+    TaskReply,
+    reply_from_wire,
+)
 
 
 @pytest.mark.parametrize("cls", [cls for cls, _, _ in _STATUS])
@@ -115,15 +131,19 @@ def test_the_worker_writes_the_contracts_reply(demo_model_dir):
     assert reply_from_wire(refused, requests=1).outcomes[0].raised() is not None
 
 
-def test_back_channel_bodies_refuse_what_neither_end_writes():
-    post = ChannelPost(token="t", chunks=[{"request_id": "a", "index": 0, "text": "x"}],
-                       outcomes=[EarlyAnswer(request_id="a", outcome=Outcome(result={"usage": {}}, run_s=0.1))])
-    assert ChannelPost.model_validate(post.to_wire()) == post
-    for bad in ({**post.to_wire(), "extra": 1}, {**post.to_wire(), "token": ""},
-                {**post.to_wire(), "outcomes": [{"request_id": "a", "outcome": {"result": {}, "error": None,
-                                                                                 "run_s": -1}}]}):
+def test_back_channel_frames_refuse_what_neither_end_writes():
+    sent = Sent(chunks=[{"request_id": "a", "index": 0, "text": "x"}],
+                outcomes=[EarlyAnswer(request_id="a", outcome=Outcome(result={"usage": {}}, run_s=0.1))])
+    assert WORKER_FRAMES.validate_json(sent.to_frame()) == sent
+    for frame in (Hello(token="t"), TakeNoMore()):
+        assert WORKER_FRAMES.validate_json(frame.to_frame()) == frame
+    for frame in (Joined(requests=[{"request_id": "r"}]), Cancelled(request_ids=["r"]), JoinsEnded()):
+        assert SERVICE_FRAMES.validate_json(frame.to_frame()) == frame
+    for bad in ({**sent.to_wire(), "extra": 1}, {"type": "hello", "token": ""}, {"type": "joined", "requests": []},
+                {"chunks": []},  # no type: neither end writes one
+                {**sent.to_wire(), "outcomes": [{"request_id": "a", "outcome": {"result": {}, "error": None,
+                                                                                "run_s": -1}}]}):
         with pytest.raises(ValidationError):
-            ChannelPost.model_validate(bad)
-    with pytest.raises(ValidationError):
-        JoinAsk(token="t", wait_s=60)  # the service holds an ask open 5 s at most
-    assert JoinAnswer.model_validate({"open": False}).requests == []
+            WORKER_FRAMES.validate_python(bad)
+    with pytest.raises(ValidationError):  # a worker frame is not one the service sends, nor the reverse
+        SERVICE_FRAMES.validate_json(Hello(token="t").to_frame())

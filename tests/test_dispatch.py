@@ -282,14 +282,14 @@ def test_a_request_sent_again_after_it_ran_is_refused_and_charged_once(tmp_path)
 
 
 class Hub:
-    """A back-channel hub that keeps each task's admission hooks (as StreamHub.open would)."""
+    """A back-channel hub that keeps each task's joining hooks (as BackChannelHub.open does)."""
 
     def __init__(self) -> None:
         self.hooks: list = []
 
-    def open(self, request_ids, admitting=None):
-        self.hooks.append(admitting)
-        return {"url": "http://127.0.0.1:1/tpm/v1/stream", "token": f"t{len(self.hooks)}"}
+    def open(self, request_ids, joins=None):
+        self.hooks.append(joins)
+        return {"url": "http://127.0.0.1:1/tpm/v1/channel", "token": f"t{len(self.hooks)}"}
 
     def close(self, token) -> None:
         pass
@@ -330,14 +330,14 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
     lines = [dispatcher.submit(request(f"line {i}"), background=True) for i in range(2)]
     trace = dispatcher.submit(TraceRequest.create("m", prompts=["t"]))
     (hooks,) = hub.hooks
-    joined, more = asyncio.run(hooks.admit(0.0))
+    joined, more = asyncio.run(hooks.join(0.0))
     # Every interactive request joins; batch lines only into room (max_batch 3: 1 + 2 running, none);
     # a trace cannot join a generate engine.
     assert more and [r["prompts"] for r in joined] == [["now 0"], ["now 1"]]
     assert dispatcher.waiting == 3
     hooks.answered(reply_for([]), answer_for(joined[:1]))  # one ends early, on the back channel
     assert interactive[0].result(timeout=5).texts == ["ok"] and not interactive[1].done()
-    joined_more, _ = asyncio.run(hooks.admit(0.0))  # that freed room for one line
+    joined_more, _ = asyncio.run(hooks.join(0.0))  # that freed room for one line
     assert [r["prompts"] for r in joined_more] == [["line 0"]]
     reply = {**reply_for(site.tasks[0][1]), "joined": answer_for(joined + joined_more)}
     site.tasks[0][0].set_result(reply)  # the task's result repeats the early answer: settled once
@@ -350,20 +350,20 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
     assert not trace.done() and not lines[1].done()
 
 
-def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_torch_task_admits_nothing():
+def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_torch_task_takes_no_joiners():
     site, hub, ledger = HeldSite(), Hub(), Ledger()
     dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,
                                     recorder=ledger)
     dispatcher.submit(request())
     late = dispatcher.submit(request("late"))
-    joined, _ = asyncio.run(hub.hooks[0].admit(0.0))
+    joined, _ = asyncio.run(hub.hooks[0].join(0.0))
     assert len(joined) == 1
     site.tasks[0][0].set_result(reply_for(site.tasks[0][1]))  # no "joined": the handover was never read
     assert not late.done() and [r["prompts"] for r in site.tasks[1][1]] == [["late"]]  # the next task has it
     assert ledger.sent.count(joined[0]["request_id"]) == 1  # reserved and logged once, not again
     site.tasks[1][0].set_result(reply_for(site.tasks[1][1]))
     assert late.result(timeout=5).texts == ["ok"]
-    assert asyncio.run(hub.hooks[0].admit(0.0)) == ([], False)  # an ended task takes nothing more
+    assert asyncio.run(hub.hooks[0].join(0.0)) == ([], False)  # an ended task takes nothing more
 
     torch_site, torch_hub = HeldSite(), Hub()
     torch_dispatcher = ReplicaDispatcher(torch_site, SPEC.model_copy(update={"backend": "torch"}), max_batch=8,
@@ -382,7 +382,7 @@ def test_a_held_ask_is_answered_when_a_request_arrives_and_holds_no_thread_meanw
     dispatcher.submit(request("running"))
 
     async def ask_then_arrive():
-        ask = asyncio.ensure_future(hub.hooks[0].admit(5.0))
+        ask = asyncio.ensure_future(hub.hooks[0].join(5.0))
         await asyncio.sleep(0.05)
         assert not ask.done() and threading.active_count() == threads  # held on the loop, no thread parked
         asyncio.get_running_loop().call_soon(dispatcher.submit, request("late"))

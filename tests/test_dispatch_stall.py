@@ -76,11 +76,11 @@ class BrokenHub:
     def __init__(self) -> None:
         self.opened = 0
 
-    def open(self, request_ids, admitting=None):
+    def open(self, request_ids, joins=None):
         self.opened += 1
         if self.opened == 1:
             raise OSError("no back channel today")
-        return {"url": "http://127.0.0.1:1/tpm/v1/stream", "token": f"t{self.opened}"}
+        return {"url": "http://127.0.0.1:1/tpm/v1/channel", "token": f"t{self.opened}"}
 
     def close(self, token) -> None:
         pass

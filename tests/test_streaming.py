@@ -1,15 +1,14 @@
-"""Tokens streamed as they are made: from the worker over the back channel, to the caller as SSE."""
+"""Tokens streamed as they are made: from the worker over the back channel, to the caller as SSE.
+
+The channel's own guarantees (secrets, bounds, pushes) are tests/test_back_channel.py's."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import httpx
 import pytest
-
-from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
 
 LONG = {"model": "demo-llama", "prompt": "The river carries", "max_tokens": 48, "min_tokens": 48,
         "temperature": 0}
@@ -66,9 +65,9 @@ def test_a_worker_that_cannot_reach_the_service_sends_it_all_at_the_end(service,
     hub = runtime.channels
     opened = hub.open
 
-    def unreachable(request_ids, admitting=None):
-        channel = opened(request_ids, admitting)
-        return channel and {**channel, "url": "http://127.0.0.1:9/tpm/v1/stream"}  # the discard port: refused
+    def unreachable(request_ids, joins=None):
+        channel = opened(request_ids, joins)
+        return channel and {**channel, "url": "http://127.0.0.1:9/tpm/v1/channel"}  # the discard port: refused
 
     monkeypatch.setattr(hub, "open", unreachable)
     arrived = [chunk for _, chunk in events(service, {**LONG, "max_tokens": 8, "min_tokens": 8, "stream": True})]
@@ -76,29 +75,6 @@ def test_a_worker_that_cannot_reach_the_service_sends_it_all_at_the_end(service,
                        headers=service.headers, timeout=300).json()
     assert len(arrived) == 1 and arrived[0]["tpm"]["streamed"] is False
     assert arrived[0]["choices"][0]["text"] == plain["choices"][0]["text"]
-
-
-def test_forged_replayed_and_misdirected_stream_tokens_are_refused(service, runtime):
-    hub = runtime.channels
-    forged = httpx.post(f"{service.url}/tpm/v1/stream",
-                        json={"token": "not-a-task", "chunks": [{"request_id": "x", "index": 0, "text": "injected"}]})
-    assert forged.status_code == 401 and forged.json()["error"]["code"] == "Unauthenticated"
-
-    async def scenario() -> None:  # chunk queues belong to an event loop, as in the service
-        victim = hub.queue_for("victim")
-        hub.queue_for("own")
-        channel = hub.open(["own"])
-        with pytest.raises(NotPermitted):  # a task may feed only its own requests
-            hub.deliver(channel["token"], [{"request_id": "victim", "index": 0, "text": "injected"}])
-        assert hub.deliver(channel["token"], [{"request_id": "own", "index": 0, "text": "mine"}]) == (1, [])
-        hub.close(channel["token"])
-        with pytest.raises(Unauthenticated):  # replayed after its task ended
-            hub.deliver(channel["token"], [{"request_id": "own", "index": 0, "text": "again"}])
-        await asyncio.sleep(0)
-        assert victim.queue.empty() and victim.received == 0
-        hub.forget("victim"), hub.forget("own")
-
-    asyncio.run(scenario())
 
 
 def test_text_deltas_hold_back_what_a_stop_string_or_a_half_character_could_change():

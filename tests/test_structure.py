@@ -279,11 +279,6 @@ def _lazy_imports(module: str, path: Path) -> list[tuple[str, int]]:
     return sorted(set(found), key=lambda item: item[1])
 
 
-ENGINE_FILES = ("tpm_fed/dispatch.py", "tpm_fed/service/runtime.py", "tpm_fed/service/routes_stream.py")
-"""Being split into tpm_fed/engine/ by its own branch (issue 25): their offenders are listed apart, as an
-expected failure that turns into a failure (strict) once they are gone, so this list is then removed."""
-
-
 def _lazy_offenders() -> list[str]:
     offenders = []
     for module, path in _modules("tpm_fed").items():
@@ -298,19 +293,8 @@ def test_no_lazy_import_of_another_package():
     """An import inside a function hides an edge of the package graph from whoever reads the top of the
     file (it is how circles hid): import another room at the top, unless it pulls an optional dependency."""
     assert _pulls_optional("tpm_fed.service.app") and not _pulls_optional("tpm_fed.protocol.errors")
-    offenders = [line for line in _lazy_offenders() if not line.startswith(ENGINE_FILES)]
+    offenders = _lazy_offenders()
     assert offenders == [], "\n".join(offenders)
-
-
-def test_no_lazy_import_of_another_package_in_the_engine():
-    offenders = [line for line in _lazy_offenders() if line.startswith(ENGINE_FILES)]
-    assert offenders == [], "\n".join(offenders)
-
-
-ENGINE_TYPED = ("tpm_fed/service/app.py", "tpm_fed/service/metrics.py", "tpm_fed/service/reports.py",
-                "tpm_fed/service/routes_batches.py")
-"""Handed the whole engine; typed by the engine's branch with its ``EngineClient`` interface (issue 25), then
-this list goes (the strict expected failure below fails once they are typed)."""
 
 
 def _runtime_any() -> list[str]:
@@ -327,12 +311,7 @@ def _runtime_any() -> list[str]:
 
 def test_no_parameter_typed_runtime_any():
     """The runtime is passed by the interface it is used through (what the callee needs of it), not as ``Any``."""
-    offenders = [line for line in _runtime_any() if not line.startswith(ENGINE_TYPED)]
-    assert offenders == [], "\n".join(offenders)
-
-
-def test_no_parameter_typed_runtime_any_where_the_engine_is_handed_whole():
-    offenders = [line for line in _runtime_any() if line.startswith(ENGINE_TYPED)]
+    offenders = _runtime_any()
     assert offenders == [], "\n".join(offenders)
 
 
@@ -372,12 +351,7 @@ def _kind_branches() -> list[str]:
 def test_nothing_branches_on_a_kinds_name_outside_the_table():
     """Whether a kind joins, streams, how it is billed, which backends serve it: columns of the kinds table
     (``tpm_fed.protocol.kinds``), looked up, never ``name == "generate"`` or ``isinstance(result, ...)``."""
-    offenders = [line for line in _kind_branches() if not line.startswith(ENGINE_FILES)]
-    assert offenders == [], "\n".join(offenders)
-
-
-def test_nothing_branches_on_a_kinds_name_in_the_engine():
-    offenders = [line for line in _kind_branches() if line.startswith(ENGINE_FILES)]
+    offenders = _kind_branches()
     assert offenders == [], "\n".join(offenders)
 
 

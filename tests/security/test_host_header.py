@@ -80,8 +80,8 @@ def test_an_alias_the_service_serves_still_gets_the_services_own_back_channel(se
     hub = runtime.channels
     opened, channels = hub.open, []
 
-    def recorded(request_ids, admitting=None):
-        channel = opened(request_ids, admitting)
+    def recorded(request_ids, joins=None):
+        channel = opened(request_ids, joins)
         channels.append(channel)
         return channel
 
@@ -90,7 +90,7 @@ def test_an_alias_the_service_serves_still_gets_the_services_own_back_channel(se
     status, body = stream(service, f"localhost:{port}")  # loopback, the bound port: served
     assert status == 200 and body.rstrip().endswith("data: [DONE]"), body
     urls = {channel["url"] for channel in channels if channel}
-    assert urls == {f"{service.url}/tpm/v1/stream"}  # the bound address, not the name the caller used
+    assert urls == {f"{service.url}/tpm/v1/channel"}  # the bound address, not the name the caller used
 
 
 def test_a_worker_sends_only_to_the_listed_origin_not_another_port_of_its_host():
@@ -99,14 +99,14 @@ def test_a_worker_sends_only_to_the_listed_origin_not_another_port_of_its_host()
     def channel(url: str) -> BackChannel | None:
         return BackChannel.for_task({"stream": {"url": url, "token": "t"}}, policy)
 
-    listed = channel("http://127.0.0.1:8321/tpm/v1/stream")
+    listed = channel("http://127.0.0.1:8321/tpm/v1/channel")
     assert listed is not None
     listed.close()
-    assert channel("http://127.0.0.1:8322/tpm/v1/stream") is None  # right host, another port
-    assert channel("https://127.0.0.1:8321/tpm/v1/stream") is None  # another scheme
-    assert channel("http://localhost:8321/tpm/v1/stream") is None  # another host name
-    assert WorkerPolicy().may_stream_to("http://127.0.0.1:8321/tpm/v1/stream") is False  # loopback is not implied
-    assert WorkerPolicy(stream_loopback=True).may_stream_to("http://127.0.0.1:8321/tpm/v1/stream")
+    assert channel("http://127.0.0.1:8322/tpm/v1/channel") is None  # right host, another port
+    assert channel("https://127.0.0.1:8321/tpm/v1/channel") is None  # another scheme
+    assert channel("http://localhost:8321/tpm/v1/channel") is None  # another host name
+    assert WorkerPolicy().may_stream_to("http://127.0.0.1:8321/tpm/v1/channel") is False  # loopback is not implied
+    assert WorkerPolicy(stream_loopback=True).may_stream_to("http://127.0.0.1:8321/tpm/v1/channel")
 
 
 def test_a_bare_host_in_the_endpoint_policy_is_refused_as_ambiguous():

@@ -1,14 +1,17 @@
-"""Requests joining a running task: a vLLM worker's asks for more, answered from the replica's queue.
+"""Requests joining a running task: pushed to a vLLM worker over its channel, taken from the replica's queue.
 
-While a task whose engine takes requests between steps runs, its worker asks
-the back channel for more (:meth:`tpm_fed.service.back_channel_hub.BackChannelHub.admit`):
-every interactive request waiting for its replica, and batch lines while fewer
-than ``max_batch`` run, for ``admit_for_s`` after the task began (so a busy
-replica's task still ends). Each is reserved before the worker sees it, as a
-batch is before it leaves. One handed over that the worker never read goes
-back to the front of the queue, still reserved, for the next task.
+While a task whose engine takes requests between steps runs, the service's
+end of its channel (:mod:`tpm_fed.service.routes_channel`) keeps taking
+(:meth:`Joining.take`) every interactive request waiting for its replica,
+and batch lines while fewer than ``max_batch`` run, for ``admit_for_s``
+after the task began (so a busy replica's task still ends). Each is reserved
+(:meth:`Joining.reserve`) before the worker sees it, as a batch is before it
+leaves. One handed over that the worker never read goes back to the front of
+the queue, still reserved, for the next task.
 
-An ask is held on the event loop (:mod:`tpm_fed.engine.asks`), never on a thread.
+A take waits on the event loop (:mod:`tpm_fed.engine.asks`), never on a thread;
+the next take begins while the last one's requests are being reserved, so a
+running task always has one open.
 """
 
 from __future__ import annotations
@@ -42,21 +45,29 @@ class Joining:
     def hooks(self, task: RunningTask) -> TaskHooks:
         return TaskHooks(self, task)
 
-    async def admit(self, task: RunningTask, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+    async def join(self, task: RunningTask, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
         """Requests that join ``task`` now, reserved; whether more may join later. Waits up to ``wait_s``."""
+        taken = await self.take(task, wait_s)
+        if not taken:
+            return [], taken is not None
+        return await self.reserve(task, taken)
+
+    async def take(self, task: RunningTask, wait_s: float) -> list[Pending] | None:
+        """Requests that may join ``task`` now (waits up to ``wait_s`` for one: ``[]`` if none came), taken
+        from the queue but not yet reserved (:meth:`reserve` next); None: no more may join it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
             with self.lock:
                 if not task.admitting or now() - task.started > self.admit_for_s:
-                    return [], False
+                    return None
                 taken = self.queue.take_joining(self.queue.max_batch - task.running)
                 if taken:
                     task.joining += len(taken)
-                    break
+                    return taken
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    return [], True
+                    return []
                 woken = self.asks.hold()
             try:
                 await asyncio.wait_for(woken.wait(), remaining)
@@ -65,7 +76,11 @@ class Joining:
             finally:
                 with self.lock:
                     self.asks.drop(woken)
-        return await loop.run_in_executor(RESERVING, self._join, task, taken)
+
+    async def reserve(self, task: RunningTask, taken: list[Pending]) -> tuple[list[dict[str, Any]], bool]:
+        """Reserve what :meth:`take` took, off the loop: their wire forms (those not refused), and whether
+        the task still runs (if not, they were settled unsent)."""
+        return await asyncio.get_running_loop().run_in_executor(RESERVING, self._join, task, taken)
 
     def _join(self, task: RunningTask, taken: list[Pending]) -> tuple[list[dict[str, Any]], bool]:
         """Reserve ``taken`` and add it to ``task`` (settled at once if the task ended meanwhile)."""
@@ -111,15 +126,21 @@ class Joining:
 
 
 class TaskHooks:
-    """A running task's hooks for the back channel (:class:`tpm_fed.service.back_channel_hub.Admitting`)."""
+    """A running task's hooks for its channel (:class:`tpm_fed.service.back_channel_hub.Joins`)."""
 
     def __init__(self, joining: Joining, task: RunningTask) -> None:
         self.joining, self.task = joining, task
 
-    async def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
-        return await self.joining.admit(self.task, wait_s)
+    async def join(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        return await self.joining.join(self.task, wait_s)
 
-    def stop_admitting(self) -> None:
+    async def take(self, wait_s: float) -> list[Pending] | None:
+        return await self.joining.take(self.task, wait_s)
+
+    async def reserve(self, taken: list[Pending]) -> tuple[list[dict[str, Any]], bool]:
+        return await self.joining.reserve(self.task, taken)
+
+    def stop_joining(self) -> None:
         self.joining.stop(self.task)
 
     def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:

@@ -1,26 +1,44 @@
-"""The back channel's bodies: what a running task's worker posts to the service and what it hears back.
+"""The back channel's frames: what a running task's worker and the service say to each other while it runs.
 
 A task that streams, or that requests may join, is given in its context a
 :class:`ChannelAddress` (the service's own URL and a secret made for that one
-task). Its worker posts :class:`ChannelPost` (new text per prompt, and the
-answers of requests that finished before the task) and reads
-:class:`ChannelPostAnswer` (whose callers left); it asks for joining
-requests with :class:`JoinAsk` and reads :class:`JoinAnswer`. Both ends
-build and read these same models (``functions.back_channel``,
-``functions.joining``; the service's back-channel routes), so a field
-changes in one place.
+task). Its worker opens one WebSocket to that URL (compute nodes connect out;
+nothing connects in to them) and keeps it for the task's life. Each message
+is one JSON frame, one of these models:
+
+- worker to service (:data:`WORKER_FRAMES`): :class:`Hello` first (the task's
+  secret: it authenticates this socket for this one task), then
+  :class:`Sent` (new text per prompt, and the answers of requests that
+  finished before the task), :class:`OpenToJoin` once its engine can take
+  requests between steps, and :class:`TakeNoMore` when it runs dry;
+- service to worker (:data:`SERVICE_FRAMES`): :class:`Joined` (requests
+  that join the running task, reserved, pushed as they are queued),
+  :class:`Cancelled` (requests whose callers left) and :class:`JoinsEnded`
+  (nothing more will join: the answer to :class:`TakeNoMore`, or the
+  service's own decision).
+
+Both ends build and read these same models (``functions.back_channel``,
+``functions.joining``; :mod:`tpm_fed.service.routes_channel`), so a field
+changes in one place. No pickle crosses: a frame is JSON text, at most
+:data:`MAX_FRAME_BYTES`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
 
-MAX_JOIN_WAIT_S = 5.0
-"""The longest one ask for joining requests is held open."""
+CHANNEL_ROUTE = "/tpm/v1/channel"
+"""Where a running task's worker opens its channel (a WebSocket)."""
+
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+"""The largest frame either end takes (a longer one closes the channel: code 1009)."""
+
+REFUSED = {"Unauthenticated": 4401, "NotPermitted": 4403, "InvalidRequest": 4400}
+"""Close codes (the application range, 4000-4999) for a channel the service refuses, by the error's code."""
 
 _Id = Field(min_length=1, max_length=200)
 
@@ -31,9 +49,13 @@ class _Body(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
+    def to_frame(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
 
 class ChannelAddress(_Body):
-    """Where a task's worker posts (``.../tpm/v1/stream``), and the task's secret."""
+    """Where a task's worker opens its channel (``http(s)://.../tpm/v1/channel``, dialled as ``ws(s)://``),
+    and the task's secret."""
 
     url: str
     token: str = _Id
@@ -54,32 +76,62 @@ class EarlyAnswer(_Body):
     outcome: Outcome
 
 
-class ChannelPost(_Body):
-    """A worker's post: chunks first, then early answers with the replica's facts."""
+# --- worker to service ---
 
+class Hello(_Body):
+    """The channel's first frame: the task's secret."""
+
+    type: Literal["hello"] = "hello"
     token: str = _Id
-    chunks: list[StreamedChunk]
+
+
+class Sent(_Body):
+    """Chunks first, then early answers with the replica's facts."""
+
+    type: Literal["sent"] = "sent"
+    chunks: list[StreamedChunk] = []
     outcomes: list[EarlyAnswer] = []
     served: ServedBy | None = None
 
 
-class ChannelPostAnswer(_Body):
-    """How many chunks reached a caller, and the task's requests whose callers left (stop generating them)."""
+class OpenToJoin(_Body):
+    """The worker's engine takes requests between its steps: push those that may join (once per task; a
+    worker that never says so is pushed none)."""
 
-    delivered: int = Field(ge=0)
-    cancelled: list[str] = []
-
-
-class JoinAsk(_Body):
-    """A worker asks for requests that may join its running batch, or (``close``) says it takes no more."""
-
-    token: str = _Id
-    wait_s: float = Field(default=1.0, ge=0.0, le=MAX_JOIN_WAIT_S)
-    close: bool = False
+    type: Literal["open_to_join"] = "open_to_join"
 
 
-class JoinAnswer(_Body):
-    """Requests (their wire form) that join the task now, and whether the worker may ask again."""
+class TakeNoMore(_Body):
+    """The worker's engine ran dry: no more requests may join (the service answers :class:`JoinsEnded`)."""
 
-    requests: list[dict[str, Any]] = []
-    open: bool
+    type: Literal["take_no_more"] = "take_no_more"
+
+
+WorkerFrame = Annotated[Hello | Sent | OpenToJoin | TakeNoMore, Field(discriminator="type")]
+WORKER_FRAMES: TypeAdapter[Hello | Sent | OpenToJoin | TakeNoMore] = TypeAdapter(WorkerFrame)
+
+
+# --- service to worker ---
+
+class Joined(_Body):
+    """Requests (their wire form) that join the running task now, their service units reserved."""
+
+    type: Literal["joined"] = "joined"
+    requests: list[dict[str, Any]]
+
+
+class Cancelled(_Body):
+    """The task's requests whose callers left: stop generating them."""
+
+    type: Literal["cancelled"] = "cancelled"
+    request_ids: list[str]
+
+
+class JoinsEnded(_Body):
+    """No more requests will join this task; every :class:`Joined` the service sent came before this."""
+
+    type: Literal["joins_ended"] = "joins_ended"
+
+
+ServiceFrame = Annotated[Joined | Cancelled | JoinsEnded, Field(discriminator="type")]
+SERVICE_FRAMES: TypeAdapter[Joined | Cancelled | JoinsEnded] = TypeAdapter(ServiceFrame)

@@ -47,7 +47,7 @@ def build_app(service: ServiceAssembly, auth: Authenticator, *, operators: froze
     from tpm_fed.service.routes_metrics import router as watching
     from tpm_fed.service.routes_responses import router as responses
     from tpm_fed.service.routes_stores import router as stores
-    from tpm_fed.service.routes_stream import router as back_channel
+    from tpm_fed.service.routes_channel import router as back_channel
     from tpm_fed.service.routes_admin import router as admin
     from tpm_fed.service.routes_native import router as native
     from tpm_fed.service.routes_openai import router as openai

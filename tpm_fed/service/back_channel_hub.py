@@ -1,27 +1,28 @@
-"""The service's end of the back channel: streamed text from workers to the callers waiting for it.
+"""The service's end of the back channel: running tasks' channels, and the callers waiting for their text.
 
 A caller's streamed request gets a chunk queue before it is started. When
 its task leaves for a site, the dispatcher asks :meth:`BackChannelHub.open` for
-the task's back channel: the service's own worker URL (set once, when it is
+the task's channel: the service's own worker URL (set once, when it is
 bound; never taken from a request, whose ``Host`` the caller writes) and a
-secret made for that one task, naming the requests it carries. The worker POSTs chunks to
-``/tpm/v1/stream`` with that secret (see :mod:`functions.back_channel`);
-:meth:`BackChannelHub.deliver` accepts a post only if the secret is a task's that
-is still running and every chunk names a request of that task, so a forged
-or replayed secret injects nothing into anyone's stream. The secret dies
-with its task.
+secret made for that one task, naming the requests it carries. The worker
+opens one WebSocket there and says the secret first
+(:mod:`tpm_fed.service.routes_channel`); :meth:`BackChannelHub.connect`
+accepts it only for a task that is still running and has no channel yet, so
+a forged, replayed or second use of a secret gets nothing and feeds nothing.
+:meth:`BackChannelHub.deliver` takes a frame's chunks only if every one names
+a request of that task. The secret dies with its task.
 
-A caller that goes away mid-stream *abandons* its request: the answer to
-the worker's next post names it under ``cancelled``, and the worker stops
-generating for it (its task-mates go on); it is charged for what ran.
+A caller that goes away mid-stream *abandons* its request: the service pushes
+its id to the task's channel (:class:`~tpm_fed.protocol.back_channel.Cancelled`)
+and the worker stops generating for it (its task-mates go on); it is charged
+for what ran.
 
-The same channel carries joining (:mod:`functions.joining`):
-a task whose dispatcher lets requests join it (its :class:`Admitting` hooks)
-gets a channel even when nothing in it streams. The worker asks
-:meth:`BackChannelHub.admit` for requests queued for its replica, and posts each
-request's outcome when it finishes (:meth:`BackChannelHub.deliver`'s
-``outcomes``), which the dispatcher settles at once. A secret hands over and
-answers only requests of its own task, and those it was handed.
+The same channel carries joining: a task whose dispatcher lets requests
+join it (its :class:`Joins` hooks) gets a channel even when nothing in it
+streams. The service pushes the requests queued for its replica as they
+come (reserved first), and the worker answers each when it finishes
+(:meth:`BackChannelHub.deliver`'s ``outcomes``), which the dispatcher settles at
+once. A secret answers only requests of its own task, and those it was handed.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tpm_fed.protocol.back_channel import ChannelAddress
+from tpm_fed.engine.pending import Pending
+from tpm_fed.protocol.back_channel import (
+    CHANNEL_ROUTE,
+    Cancelled,
+    ChannelAddress,
+    Joined,
+    JoinsEnded,
+)
 from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
-
-STREAM_ROUTE = "/tpm/v1/stream"
 
 
 @dataclass
@@ -47,21 +53,35 @@ class ChunkQueue:
     received: int = 0
 
     def put(self, chunk: dict[str, Any]) -> None:
-        """From any thread."""
+        """From any thread; on its own loop (the channel's frames arrive there), straight in."""
         self.received += 1
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
+        if _running_loop() is self.loop:
+            self.queue.put_nowait(chunk)
+        else:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
 
 
-class Admitting(Protocol):
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class Joins(Protocol):
     """A running task's dispatcher, for the requests that join the task and their answers."""
 
-    async def admit(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
-        """Requests (wire dicts) that join the task now, reserved; and whether more may join later.
-        Waits up to ``wait_s`` for one to arrive, on the event loop (holding no thread)."""
+    async def take(self, wait_s: float) -> list[Pending] | None:
+        """Requests that may join the task now, unreserved (``[]``: none came within ``wait_s``; None: no
+        more may join). Waits on the event loop, holding no thread."""
         ...
 
-    def stop_admitting(self) -> None:
-        """The worker takes no more (its engine ran dry); a waiting :meth:`admit` returns now."""
+    async def reserve(self, taken: list[Pending]) -> tuple[list[dict[str, Any]], bool]:
+        """Reserve what :meth:`take` took: their wire forms, and whether the task still runs."""
+        ...
+
+    def stop_joining(self) -> None:
+        """The worker takes no more (its engine ran dry); a waiting :meth:`take` returns now."""
         ...
 
     def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
@@ -69,14 +89,39 @@ class Admitting(Protocol):
         ...
 
 
+Frame = Joined | Cancelled | JoinsEnded | None
+"""What the service pushes down a channel; None: close it (its task ended)."""
+
+
+class Link:
+    """One running task's open channel: frames wait in :attr:`outbox` for the socket's writer, on its loop."""
+
+    def __init__(self, token: str, joins: Joins | None) -> None:
+        self.token, self.joins = token, joins
+        self.loop = asyncio.get_running_loop()
+        self.outbox: asyncio.Queue[Frame] = asyncio.Queue()
+
+    def push(self, frame: Frame) -> None:
+        """From any thread."""
+        if _running_loop() is self.loop:
+            self.outbox.put_nowait(frame)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self.outbox.put_nowait, frame)
+            except RuntimeError:  # the loop closed: so did the socket
+                pass
+
+
 @dataclass
 class _Task:
     requests: set[str]  # this task's requests: what its secret may feed and answer
-    admitting: Admitting | None = None
+    joins: Joins | None = None
+    link: Link | None = None
+    connected: bool = False  # a secret opens one channel, once
 
 
 class BackChannelHub:
-    """Chunk queues by request id, and the secrets of running tasks that may feed them.
+    """Chunk queues by request id, and the secrets and channels of running tasks that may feed them.
 
     Args:
         worker_url: How workers reach this service: the bound address or ``TPM_SERVICE_WORKER_URL``
@@ -98,85 +143,114 @@ class BackChannelHub:
         return queue
 
     def forget(self, request_id: str, *, abandoned: bool = False) -> None:
-        """Drop its chunk queue; ``abandoned``: the caller left before the end (its generation may stop)."""
+        """Drop its chunk queue; ``abandoned``: the caller left before the end (its generation stops)."""
         with self._lock:
             self._queues.pop(request_id, None)
-            if abandoned and any(request_id in task.requests for task in self._tasks.values()):
-                self._abandoned.add(request_id)
+            if not abandoned:
+                return
+            carriers = [task for task in self._tasks.values() if request_id in task.requests]
+            if carriers:
+                self._abandoned.add(request_id)  # a channel not open yet hears it when it opens
+            links = [task.link for task in carriers if task.link is not None]
+        for link in links:
+            link.push(Cancelled(request_ids=[request_id]))
 
-    def open(self, request_ids: list[str], admitting: Admitting | None = None) -> dict[str, str] | None:
-        """A task leaves: its back channel (None: nothing in it streams and nothing may join it, or
+    def open(self, request_ids: list[str], joins: Joins | None = None) -> dict[str, str] | None:
+        """A task leaves: its channel's address (None: nothing in it streams and nothing may join it, or
         no worker could reach us)."""
         with self._lock:
             queued = [rid for rid in request_ids if rid in self._queues]
-            if self.worker_url is None or (not queued and admitting is None):
+            if self.worker_url is None or (not queued and joins is None):
                 return None
             token = secrets.token_urlsafe(32)
-            self._tasks[token] = _Task(set(request_ids), admitting)
-        return ChannelAddress(url=self.worker_url.rstrip("/") + STREAM_ROUTE, token=token).to_wire()
+            self._tasks[token] = _Task(set(request_ids), joins)
+        return ChannelAddress(url=self.worker_url.rstrip("/") + CHANNEL_ROUTE, token=token).to_wire()
 
     def close(self, token: str) -> None:
-        """The task ended: its secret is no longer accepted."""
+        """The task ended: its secret is no longer accepted, and its channel closes."""
         with self._lock:
             task = self._tasks.pop(token, None)
+            if task is None:
+                return
+            self._abandoned -= task.requests
+        if task.link is not None:
+            task.link.push(None)
+
+    def connect(self, token: str) -> Link:
+        """On the event loop: the worker of the task with this secret opened its channel.
+
+        Raises:
+            Unauthenticated: No running task has this secret (forged, or its task ended).
+            NotPermitted: This task's channel was opened already (a replayed secret).
+        """
+        with self._lock:
+            task = self._task(token)
+            if task.connected:
+                raise NotPermitted("this task's channel was opened already")
+            task.connected = True
+            task.link = Link(token, task.joins)
+            cancelled = sorted(task.requests & self._abandoned)
+        if cancelled:
+            task.link.push(Cancelled(request_ids=cancelled))
+        return task.link
+
+    def disconnect(self, link: Link) -> None:
+        """Its socket closed: nothing more is pushed to it, and nothing more joins its task."""
+        with self._lock:
+            task = self._tasks.get(link.token)
+            if task is not None and task.link is link:
+                task.link = None
+        if link.joins is not None:
+            link.joins.stop_joining()
+
+    def joined(self, token: str, request_ids: list[str]) -> None:
+        """Requests that joined the task with this secret: it may stream and answer them now."""
+        with self._lock:
+            task = self._tasks.get(token)
             if task is not None:
-                self._abandoned -= task.requests
+                task.requests.update(request_ids)
+
+    def check(self, token: str, request_ids: list[str]) -> Joins | None:
+        """The joining hooks of the running task with this secret, if every id names one of its requests.
+
+        Raises:
+            Unauthenticated: No running task has this secret.
+            NotPermitted: An id is not that task's.
+        """
+        with self._lock:
+            task = self._task(token)
+            if any(rid not in task.requests for rid in request_ids):
+                raise NotPermitted("a chunk or an answer names a request that is not this task's")
+        return task.joins
 
     def deliver(self, token: str, chunks: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]] | None = None,
-                served: dict[str, Any] | None = None) -> tuple[int, list[str]]:
-        """Hand a worker's chunks to their queues, then its early answers to the task's dispatcher.
+                served: dict[str, Any] | None = None) -> int:
+        """Hand a worker's chunks to their queues, then its early answers to the task's dispatcher (which
+        settles them: a ledger transaction, so off the event loop when there are any).
 
         Returns:
-            The number of chunks delivered, and the task's requests whose callers left (to stop
-            generating).
+            The number of chunks delivered (a caller may have left).
 
         Raises:
             Unauthenticated: No running task has this secret (forged, or its task ended).
             NotPermitted: A chunk or an answer names a request that is not that task's (nothing is
                 delivered).
         """
+        joins = self.check(token, [chunk.get("request_id") for chunk in chunks] + list(outcomes or ()))
         with self._lock:
-            task = self._task(token)
-            named = [chunk.get("request_id") for chunk in chunks] + list(outcomes or ())
-            if any(rid not in task.requests for rid in named):
-                raise NotPermitted("a chunk or an answer names a request that is not this task's")
             queues = [(self._queues.get(chunk["request_id"]), chunk) for chunk in chunks]
-            cancelled = sorted(task.requests & self._abandoned)
         delivered = 0
         for queue, chunk in queues:
             if queue is not None:  # its caller may have gone
                 queue.put(chunk)
                 delivered += 1
-        if outcomes and task.admitting is not None:
-            task.admitting.answered(served or {}, outcomes)
-        return delivered, cancelled
-
-    async def admit(self, token: str, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
-        """Requests that join the task with this secret (waits up to ``wait_s`` for one), and whether
-        the worker may ask again. A task whose dispatcher takes none in answers ``[], False``.
-
-        Raises:
-            Unauthenticated: No running task has this secret.
-        """
-        with self._lock:
-            task = self._task(token)
-        if task.admitting is None:
-            return [], False
-        joined, more = await task.admitting.admit(wait_s)
-        with self._lock:
-            task.requests.update(wire["request_id"] for wire in joined)  # its secret may answer these now
-        return joined, more
-
-    def stop_admitting(self, token: str) -> None:
-        """The worker with this secret takes no more requests."""
-        with self._lock:
-            task = self._task(token)
-        if task.admitting is not None:
-            task.admitting.stop_admitting()
+        if outcomes and joins is not None:
+            joins.answered(served or {}, outcomes)
+        return delivered
 
     def _task(self, token: str) -> _Task:
         """Called under the lock."""
         task = self._tasks.get(token)  # 256 random bits: a lookup reveals nothing usable
         if task is None:
-            raise Unauthenticated("not a running task's stream token")
+            raise Unauthenticated("not a running task's channel secret")
         return task

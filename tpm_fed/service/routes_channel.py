@@ -1,0 +1,167 @@
+"""The back channel's route: one WebSocket per running task, opened by its worker (see back_channel_hub).
+
+No bearer token: the first frame's ``token`` is the secret the service made for the running task, and it
+authenticates this socket for that task alone. Everything runs on the event loop, with no thread hop per
+frame: a frame's chunks go straight into their callers' queues, and requests that join the task are pushed
+as they are taken from its replica's queue. Only what touches the ledger leaves the loop: reserving a
+joining request (:data:`tpm_fed.engine.asks.RESERVING`) and settling an early answer (:data:`SETTLING`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from tpm_fed.engine.pending import Pending
+from tpm_fed.protocol.back_channel import (
+    CHANNEL_ROUTE,
+    MAX_FRAME_BYTES,
+    REFUSED,
+    WORKER_FRAMES,
+    Hello,
+    Joined,
+    JoinsEnded,
+    OpenToJoin,
+    Sent,
+)
+from tpm_fed.protocol.errors import TpmError
+from tpm_fed.service.back_channel_hub import BackChannelHub, Link
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+SETTLING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tpm-settle-early")
+"""Settles early answers (a ledger transaction) off the event loop; threads start on first use."""
+
+TAKE_WAIT_S = 1.0
+"""How long one take waits for a request before it looks at the task's joining deadline again."""
+
+TOO_LARGE = 1009
+INVALID = 4400
+
+
+class FrameTooLarge(ValueError):
+    """A frame over :data:`MAX_FRAME_BYTES`."""
+
+
+@router.websocket(CHANNEL_ROUTE)
+async def channel(socket: WebSocket) -> None:
+    hub: BackChannelHub = socket.app.state.streams
+    await socket.accept()
+    try:
+        link = hub.connect(Hello.model_validate_json(await _frame(socket)).token)
+    except WebSocketDisconnect:
+        return
+    except (TpmError, ValueError) as error:  # ValidationError is a ValueError
+        await _refuse(socket, error)
+        return
+    writer = asyncio.create_task(_write(socket, link))
+    joiner: asyncio.Task | None = None
+    try:
+        while True:
+            frame = WORKER_FRAMES.validate_json(await _frame(socket))
+            if isinstance(frame, Sent):
+                _deliver(hub, link, frame)
+            elif isinstance(frame, OpenToJoin):
+                if joiner is None and link.joins is not None:
+                    joiner = asyncio.create_task(_push_joins(hub, link))
+                elif joiner is None:
+                    link.push(JoinsEnded())  # nothing may join this task
+            elif isinstance(frame, Hello):
+                raise ValueError("the channel is open already")  # noqa: TRY004 (a frame the contract refuses here)
+            elif joiner is None:  # TakeNoMore without OpenToJoin: nothing was pushed
+                link.push(JoinsEnded())
+            else:  # TakeNoMore: the joiner pushes what it reserved, then JoinsEnded
+                link.joins.stop_joining()  # type: ignore[union-attr]
+    except WebSocketDisconnect:
+        pass
+    except (TpmError, ValueError) as error:
+        await _refuse(socket, error)
+    finally:
+        if joiner is not None:
+            joiner.cancel()  # its reservations under way go on (they are not cancelled)
+        writer.cancel()
+        hub.disconnect(link)
+
+
+async def _frame(socket: WebSocket) -> str:
+    message = await socket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    if text is None:
+        text = (message.get("bytes") or b"").decode()  # UnicodeDecodeError: a ValueError
+    if len(text) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(f"a frame over {MAX_FRAME_BYTES} bytes")
+    return text
+
+
+def _deliver(hub: BackChannelHub, link: Link, frame: Sent) -> None:
+    """Chunks into their queues now; early answers checked now and settled off the loop."""
+    chunks = [chunk.model_dump() for chunk in frame.chunks]
+    if not frame.outcomes:
+        hub.deliver(link.token, chunks)
+        return
+    outcomes = {answer.request_id: answer.outcome.to_wire() for answer in frame.outcomes}
+    hub.check(link.token, [chunk["request_id"] for chunk in chunks] + list(outcomes))  # all or nothing
+    if chunks:
+        hub.deliver(link.token, chunks)
+    served = frame.served.model_dump(exclude_none=True) if frame.served is not None else None
+    SETTLING.submit(_settle, hub, link.token, outcomes, served)
+
+
+def _settle(hub: BackChannelHub, token: str, outcomes: dict[str, dict[str, Any]], served: dict[str, Any] | None
+            ) -> None:
+    try:
+        hub.deliver(token, [], outcomes, served)
+    except TpmError:  # the task ended meanwhile: its result settles these
+        pass
+    except Exception:
+        logger.exception("could not settle %d early answers", len(outcomes))
+
+
+async def _write(socket: WebSocket, link: Link) -> None:
+    """The channel's one writer: pushes frames in order; None (the task ended) closes the socket."""
+    try:
+        while (frame := await link.outbox.get()) is not None:
+            await socket.send_text(frame.to_frame())
+        await socket.close()
+    except (WebSocketDisconnect, RuntimeError, OSError):  # the socket is gone: the reader sees it too
+        pass
+
+
+async def _push_joins(hub: BackChannelHub, link: Link) -> None:
+    """Take requests for the task as they are queued and push each batch once reserved; the next take is
+    open while the last is reserved, so the task never has none open. Ends when no more may join."""
+    joins = link.joins
+    assert joins is not None
+    reserving: set[asyncio.Task] = set()
+    try:
+        while (taken := await joins.take(TAKE_WAIT_S)) is not None:
+            if taken:
+                reserving.add(asyncio.ensure_future(_reserve_and_push(hub, link, taken)))
+                reserving = {task for task in reserving if not task.done()}
+    finally:
+        if reserving:
+            await asyncio.wait(reserving)  # never cancels them: a taken request is always reserved or settled
+    link.push(JoinsEnded())
+
+
+async def _reserve_and_push(hub: BackChannelHub, link: Link, taken: list[Pending]) -> None:
+    wires, _ = await link.joins.reserve(taken)  # type: ignore[union-attr]
+    if wires:
+        hub.joined(link.token, [wire["request_id"] for wire in wires])  # its secret may answer these now
+        link.push(Joined(requests=wires))
+
+
+async def _refuse(socket: WebSocket, error: Exception) -> None:
+    code = TOO_LARGE if isinstance(error, FrameTooLarge) else REFUSED.get(type(error).__name__, INVALID)
+    try:
+        await socket.close(code, str(error).encode()[:120].decode(errors="ignore"))  # a reason is <= 123 bytes
+    except (RuntimeError, OSError):  # the socket is gone already
+        pass
