@@ -423,7 +423,7 @@ def test_a_malformed_reply_fails_the_requests_that_joined_its_task_too_each_once
                                    channels=hub)
     first = dispatcher.submit(request("first"))
     joining = dispatcher.submit(request("joins"))
-    taken, _ = asyncio.run(hub.hooks[0].admit(0.0))
+    taken, _ = asyncio.run(hub.hooks[0].join(0.0))
     assert [r["prompts"] for r in taken] == [["joins"]]
     site.tasks[0][0].set_result({"backend": "vllm", "outcomes": "not a list", "joined": {}})
     for future in (first, joining):
