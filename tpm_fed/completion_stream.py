@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from tpm_fed.completion_chunks import CompletionChunks
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.http_errors import error_from_body
 from tpm_fed.protocol.generation import GenerationRequest
@@ -43,14 +44,12 @@ def completion_body(request: GenerationRequest) -> dict[str, Any]:
     return body
 
 
-class CompletionStream:
+class CompletionStream(CompletionChunks):
     """Iterate for the text; then read ``usage``, ``finish_reason`` and ``tpm``."""
 
     def __init__(self, http: Any, body: dict[str, Any], url: str) -> None:
+        super().__init__()
         self._http, self._body, self._url = http, body, url
-        self.usage: dict[str, int] | None = None
-        self.finish_reason: str | None = None
-        self.tpm: dict[str, Any] = {}
 
     def __iter__(self) -> Iterator[str]:
         import httpx
@@ -68,13 +67,3 @@ class CompletionStream:
                     yield from self._read(chunk)
         except httpx.HTTPError as error:
             raise SiteError(f"the service at {self._url} could not be reached: {error}") from None
-
-    def _read(self, chunk: dict[str, Any]) -> Iterator[str]:
-        self.tpm.update(chunk.get("tpm") or {})
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices", []):
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            if choice.get("text"):
-                yield choice["text"]

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from tpm_fed.completion_chunks import CompletionChunks
 from tpm_fed.connection import ServiceAddress
 from tpm_fed.protocol import errors
 
@@ -37,7 +38,7 @@ class ServiceNotAnswering(Exception):
     """Nothing was sent: the service named did not answer (the full path starts a new one)."""
 
 
-class QuickStream:
+class QuickStream(CompletionChunks):
     """Iterate for the text; then ``usage``, ``finish_reason`` and ``tpm`` are set (as :class:`CompletionStream`)."""
 
     def __init__(self, address: ServiceAddress) -> None:
@@ -47,9 +48,7 @@ class QuickStream:
         self._prefix = parts.path.rstrip("/")
         self._connection = kind(parts.hostname, parts.port, timeout=CONNECT_TIMEOUT_S)
         self._headers = {"Authorization": f"Bearer {address.token}"} if address.token else {}
-        self.usage: dict[str, int] | None = None
-        self.finish_reason: str | None = None
-        self.tpm: dict[str, Any] = {}
+        super().__init__()
 
     def models(self) -> list[dict[str, Any]]:
         """``GET /v1/models``'s cards: the first is the default model.
@@ -94,16 +93,6 @@ class QuickStream:
 
     def close(self) -> None:
         self._connection.close()
-
-    def _read(self, chunk: dict[str, Any]) -> Iterator[str]:
-        self.tpm.update(chunk.get("tpm") or {})
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices", []):
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            if choice.get("text"):
-                yield choice["text"]
 
 
 def _refusal(status: int, body: bytes) -> errors.TpmError:
