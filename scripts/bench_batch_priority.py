@@ -6,7 +6,7 @@ short completion is timed on the idle replica, then again every
 lines wait behind interactive requests in the replica's queue
 (``ReplicaDispatcher``: batch lines are background), so an interactive
 request waits at most for the task running when it arrives; on the vLLM
-backend it joins that task at its next step instead (continuous admission),
+backend it joins that task at its next step instead (continuous batching),
 sharing each step with the batch's lines (target: <= 1.5x the idle latency,
 median).
 

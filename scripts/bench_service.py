@@ -20,7 +20,7 @@
 
 Usage:
     python scripts/bench_service.py [--only throughput,latency,submit,streaming] [--concurrent 32]
-        [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200] [--admit-for-s S]
+        [--new-tokens 64] [--requests-each 4] [--repeats 3] [--latency-samples 200] [--join-for-s S]
 
 Each server (vLLM's, ``tpm serve``) runs in its own process; the load
 generator runs in this one.
@@ -48,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...] = ("generate",),
-               admit_for_s: float | None = None):
+               join_for_s: float | None = None):
     """A one-site home serving ``model_dir`` as ``model`` (for ``kinds``) on ``backend``, with a generous grant
-    (``admit_for_s``: the site's continuous-admission window, the site's default unless given)."""
+    (``join_for_s``: the site's continuous-admission window, the site's default unless given)."""
     from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
     from tpm_fed.home import TpmHome
     from tpm_fed.identity import LocalUser
@@ -60,7 +60,7 @@ def bench_home(root: Path, model_dir: Path, backend: str, kinds: tuple[str, ...]
     Federation(
         name=f"bench-{backend}",
         sites=[SiteConfig(name="local", max_batch_requests=256,
-                          **({} if admit_for_s is None else {"admit_for_s": admit_for_s}))],
+                          **({} if join_for_s is None else {"join_for_s": join_for_s}))],
         models=[ModelConfig(name="model", path=Path("models/model"), backend=backend, kinds=list(kinds))],
         projects=[ProjectConfig(name="bench", members=[LocalUser().current()], allocations={"local": 1e9})],
     ).dump(home.federation_file)
@@ -171,7 +171,7 @@ def throughput(args, model_dir: Path, scratch: Path) -> None:
     runtime = Runtime(bench_home(scratch / "throughput", model_dir, "vllm"))
     try:
         with tpm_serve(bench_home(scratch / "throughput-service", model_dir, "vllm",
-                                  admit_for_s=args.admit_for_s)) as (tpm_url, headers):
+                                  join_for_s=args.join_for_s)) as (tpm_url, headers):
             def through_service() -> tuple[float, int]:
                 return asyncio.run(drive(tpm_url, "model", args.concurrent, args.requests_each,
                                          args.new_tokens, headers))
@@ -285,7 +285,7 @@ def streaming(args, model_dir: Path, scratch: Path) -> None:
     # here: the load generator parses every event on the same 2 CPUs the engine uses.
     rates: dict[str, list[float]] = {"streamed": [], "whole": [], "vllm streamed": [], "vllm whole": []}
     try:
-        home = bench_home(scratch / "streaming", model_dir, "vllm", admit_for_s=args.admit_for_s)
+        home = bench_home(scratch / "streaming", model_dir, "vllm", join_for_s=args.join_for_s)
         with tpm_serve(home) as (tpm_url, headers):
             def run(url, model, clients, stream, firsts=None, hdrs=headers):
                 seconds, tokens = asyncio.run(drive(url, model, clients, args.requests_each, args.new_tokens,
@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument("--requests-each", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=200)
-    parser.add_argument("--admit-for-s", type=float, default=None,
+    parser.add_argument("--join-for-s", type=float, default=None,
                         help="the service's site admits requests into running tasks this long (0: off; "
                              "default: the site's default)")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Continuous admission through the service: requests join a vLLM replica's running batch.
+"""Joining a running task through the service: requests join a vLLM replica's running batch.
 
 A replica runs one task at a time. Without admission, a request that arrives
 while a long batch generates waits for that whole batch; with it, the worker

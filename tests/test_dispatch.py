@@ -371,7 +371,7 @@ def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_tor
     torch_dispatcher.submit(request())
     assert torch_hub.hooks == [None]
     off = ReplicaDispatcher(HeldSite(), VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,
-                             admit_for_s=0)
+                             join_for_s=0)
     off.submit(request())
     assert hub.hooks[-1] is None
 

@@ -81,3 +81,14 @@ def test_unknown_names_list_the_known_ones(tmp_path):
     with pytest.raises(FederationConfigError, match="^unknown project 'astro'; the federation has: none$"):
         federation.project("astro")
     assert federation.site("local").name == "local"
+
+
+def test_the_joining_window_keeps_its_old_name_in_files_and_defaults_to_a_quarter_of_the_task_timeout(tmp_path):
+    """``join_for_s`` was ``admit_for_s`` (one word, one meaning: *admit* is the broker's): old files still load."""
+    old = Federation.load(write(tmp_path, VALID.replace("{name: local,", "{name: local, admit_for_s: 12,")))
+    assert old.sites[0].join_for_s == 12.0
+    site = Federation.load(write(tmp_path, VALID)).sites[0]
+    assert site.join_for_s == site.task_timeout_s / 4
+    again = tmp_path / "again.yaml"
+    old.dump(again)
+    assert "join_for_s: 12" in again.read_text() and "admit_for_s" not in again.read_text()

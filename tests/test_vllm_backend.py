@@ -238,7 +238,7 @@ def test_a_streamed_request_whose_caller_left_stops_and_its_batch_mates_go_on(di
 
 
 def test_requests_join_a_running_batch_and_each_is_answered_when_it_ends(direct_llm):
-    """Continuous admission on the engine: a request handed in mid-batch runs at once, token for token
+    """Joining a running task on the engine: a request handed in mid-batch runs at once, token for token
     what it would alone; a short request is answered long before its long batch-mate ends."""
     from functions.backends.vllm_backend import VllmBackend
     from tpm_fed.protocol.requests import GenerationRequest

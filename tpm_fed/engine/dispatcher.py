@@ -25,7 +25,7 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from tpm_fed.engine.interface import TaskChannels
-from tpm_fed.engine.joining import ADMIT_FOR_S, Joining
+from tpm_fed.engine.joining import JOIN_FOR_S, Joining
 from tpm_fed.engine.clock import Clock, Timed, now
 from tpm_fed.engine.locking import OwnedLock
 from tpm_fed.engine.pending import Pending, resolve
@@ -62,29 +62,29 @@ class ReplicaDispatcher:
         context: What the site allows, passed to the serving function.
         channels: The service's back channel (None: tasks run without one; nothing streams or joins).
         held: True while a caller places a burst that should leave together (see ``ReplicaQueue.linger_over``).
-        admit_for_s: How long after it began a running task may take in waiting requests
-            (:data:`ADMIT_FOR_S` by default, at most a quarter of ``task_timeout_s``; 0: never).
+        join_for_s: How long after it began a running task may take in waiting requests
+            (:data:`JOIN_FOR_S` by default, at most a quarter of ``task_timeout_s``; 0: never).
     """
 
     def __init__(self, site: Site, spec: ModelSpec, *, max_batch: int, max_in_flight: int, linger_s: float = 0.0,
                  task_timeout_s: float | None = None, recorder: SettlementRecorder | None = None,
                  context: dict[str, Any] | None = None, lost_goes_up: bool = False,
                  channels: TaskChannels | None = None, held: Callable[[], bool] | None = None,
-                 admit_for_s: float | None = None) -> None:
+                 join_for_s: float | None = None) -> None:
         self.site, self.spec = site, spec
         self.task_timeout_s = task_timeout_s
         self.channels, self.held = channels, held
         self.context = context or {}
-        if admit_for_s is None:
-            admit_for_s = ADMIT_FOR_S if task_timeout_s is None else min(ADMIT_FOR_S, task_timeout_s / 4)
+        if join_for_s is None:
+            join_for_s = JOIN_FOR_S if task_timeout_s is None else min(JOIN_FOR_S, task_timeout_s / 4)
         # Only an engine that takes requests in while it runs gets them ("auto" may be vLLM; torch never asks).
         joins = frozenset(name for name, kind in KINDS.items() if kind.may_join(spec.backend))
-        admit_for_s = admit_for_s if joins else 0.0
+        join_for_s = join_for_s if joins else 0.0
         self._lock = OwnedLock()
         self._queue = ReplicaQueue(max_batch=max_batch, max_in_flight=max_in_flight, linger_s=linger_s, joins=joins)
         self._reader = ReplyReader(spec, site.name)
         self._settlement = Settlement(site.name, spec, recorder, lost_goes_up)
-        self._joining = Joining(self._lock, self._queue, self._settlement, self._reader, admit_for_s)
+        self._joining = Joining(self._lock, self._queue, self._settlement, self._reader, join_for_s)
         self._clock = Clock(f"tpm-dispatch-{site.name}")
         self._linger: Timed | None = None
 
@@ -97,8 +97,8 @@ class ReplicaDispatcher:
         return self._queue.max_in_flight
 
     @property
-    def admit_for_s(self) -> float:
-        return self._joining.admit_for_s
+    def join_for_s(self) -> float:
+        return self._joining.join_for_s
 
     @property
     def waiting(self) -> int:
@@ -212,12 +212,12 @@ class ReplicaDispatcher:
             if self.task_timeout_s is not None:
                 running.timer = self._clock.call_at(now() + self.task_timeout_s, lambda _: self._end(running, None))
             hub = self.channels
-            hooks = self._joining.hooks(running) if self.admit_for_s > 0 else None
+            hooks = self._joining.hooks(running) if self.join_for_s > 0 else None
             channel = hub.open([p.request_id for p in pending], hooks) if hub is not None else None
             context = self.context
             if channel is not None:
                 context = {**context, "stream": channel}
-                running.admitting = hooks is not None
+                running.joinable = hooks is not None
             task = self.site.submit(SERVE_BATCH, self.spec.to_wire(), [p.request.to_wire() for p in pending],
                                     context)
         except Exception as error:  # the task could not be started

@@ -43,9 +43,9 @@ class TaskChannels(Protocol):
     """The service's back channel as the engine uses it (:class:`tpm_fed.service.back_channel_hub.BackChannelHub`,
     handed to the engine at construction by the composition root, :mod:`tpm_fed.service.assembly`)."""
 
-    def open(self, request_ids: list[str], admitting: Any = None) -> dict[str, str] | None:
+    def open(self, request_ids: list[str], joins: Any = None) -> dict[str, str] | None:
         """A channel for a task carrying ``request_ids`` (its address, for the worker), with the task's
-        hooks for requests that join it (``admitting``); None: nobody listens, the task runs without one."""
+        hooks for requests that join it (``joins``); None: nobody listens, the task runs without one."""
         ...
 
     def close(self, token: str) -> None:

@@ -3,7 +3,7 @@
 While a task whose engine takes requests between steps runs, the service's
 end of its channel (:mod:`tpm_fed.service.routes_channel`) keeps taking
 (:meth:`Joining.take`) every interactive request waiting for its replica,
-and batch lines while fewer than ``max_batch`` run, for ``admit_for_s``
+and batch lines while fewer than ``max_batch`` run, for ``join_for_s``
 after the task began (so a busy replica's task still ends). Each is reserved
 (:meth:`Joining.reserve`) before the worker sees it, as a batch is before it
 leaves. One handed over that the worker never read goes back to the front of
@@ -29,7 +29,7 @@ from tpm_fed.engine.running_task import RunningTask
 from tpm_fed.engine.settlement import Settlement
 from tpm_fed.protocol.errors import SiteError
 
-ADMIT_FOR_S = 225.0
+JOIN_FOR_S = 225.0
 """How long after it began a running task may take in requests (at most a quarter of the task timeout)."""
 
 
@@ -37,9 +37,9 @@ class Joining:
     """One replica's running tasks taking its waiting requests in (shares the dispatcher's lock and queue)."""
 
     def __init__(self, lock: OwnedLock, queue: ReplicaQueue, settlement: Settlement, reader: ReplyReader,
-                 admit_for_s: float) -> None:
+                 join_for_s: float) -> None:
         self.lock, self.queue, self.settlement, self.reader = lock, queue, settlement, reader
-        self.admit_for_s = admit_for_s
+        self.join_for_s = join_for_s
         self.asks = OpenAsks()
 
     def hooks(self, task: RunningTask) -> TaskHooks:
@@ -59,7 +59,7 @@ class Joining:
         deadline = loop.time() + wait_s
         while True:
             with self.lock:
-                if not task.admitting or now() - task.started > self.admit_for_s:
+                if not task.joinable or now() - task.started > self.join_for_s:
                     return None
                 taken = self.queue.take_joining(self.queue.max_batch - task.running)
                 if taken:
@@ -105,7 +105,7 @@ class Joining:
 
     def stop(self, task: RunningTask) -> None:
         with self.lock:
-            task.admitting = False
+            task.joinable = False
             self.asks.wake()
 
     def answered(self, task: RunningTask, served: Any, answers: dict[str, Any]) -> None:

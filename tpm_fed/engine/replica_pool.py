@@ -117,7 +117,7 @@ class ReplicaPool:
         return ReplicaDispatcher(
             site, spec, max_batch=config.max_batch_requests, max_in_flight=config.capacity.max_replicas,
             linger_s=config.batch_linger_ms / 1000, task_timeout_s=config.task_timeout_s,
-            admit_for_s=min(config.admit_for_s, config.task_timeout_s / 4), recorder=self._bookkeeper,
+            join_for_s=min(config.join_for_s, config.task_timeout_s / 4), recorder=self._bookkeeper,
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
             lost_goes_up=True, channels=self._channels, held=lambda: self._bursts > 0)

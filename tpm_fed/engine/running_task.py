@@ -18,12 +18,12 @@ from tpm_fed.engine.pending import Pending
 @dataclass
 class RunningTask:
     """One task's requests: ``pending`` sent with it, ``joined`` while it ran, ``answered`` (of either)
-    already settled; ``admitting`` while its worker may take more in."""
+    already settled; ``joinable`` while its worker may take more in."""
 
     pending: list[Pending]
     closed: bool = False
     timer: Timed | None = None
-    admitting: bool = False
+    joinable: bool = False
     started: float = field(default_factory=now)
     joined: list[Pending] = field(default_factory=list)
     joining: int = 0  # handed over, being reserved
@@ -38,7 +38,7 @@ class RunningTask:
         """Claim the task for whoever ends it first (its answer or its timeout): True once."""
         if self.closed:
             return False
-        self.closed, self.admitting = True, False
+        self.closed, self.joinable = True, False
         if self.timer is not None:
             self.timer.cancel()
         return True

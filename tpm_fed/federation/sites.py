@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 from uuid import UUID
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from tpm_fed.federation.base import Name, _Strict
 from tpm_fed.protocol.errors import TpmError
@@ -128,8 +128,8 @@ class SiteConfig(_Strict):
         batch_linger_ms: Quiet time that ends a batch's linger when a worker is free.
         task_timeout_s: A task with no answer after this long fails with a site
             error (long enough for the largest model's cold start here).
-        admit_for_s: How long after a task began its vLLM replica may take in requests
-            that arrive meanwhile (continuous admission; at most a quarter of
+        join_for_s: How long after a task began its vLLM replica may take in requests
+            that arrive meanwhile (continuous batching; at most a quarter of
             ``task_timeout_s``, so what joins last still has three quarters of it to
             finish; 0 turns it off: they wait for the next task). The default is that
             quarter of the default timeout: a shorter window ends a busy replica's task
@@ -163,7 +163,8 @@ class SiteConfig(_Strict):
     max_batch_requests: int = Field(default=64, ge=1, le=4096)
     batch_linger_ms: float = Field(default=1.0, ge=0.0, le=1000.0)
     task_timeout_s: float = Field(default=900.0, gt=0)
-    admit_for_s: float = Field(default=225.0, ge=0.0)
+    # Named admit_for_s until 2026-12: federation files that still say so are read the same.
+    join_for_s: float = Field(default=225.0, ge=0.0, validation_alias=AliasChoices("join_for_s", "admit_for_s"))
     worker: WorkerSettings = WorkerSettings()
     results: str | None = Field(default=None, min_length=1, max_length=1024)
 

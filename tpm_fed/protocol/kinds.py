@@ -48,7 +48,7 @@ class Kind:
         backends: Backends with that capability, preferred first.
         family: What it is billed as: the kind whose price it pays and that a model must list to serve it.
         joins_on: Backends on which a request of this kind may join a task already running on its replica
-            (continuous admission: the engine takes it at its next step); empty: it waits for a task of its own.
+            (continuous batching: the engine takes it at its next step); empty: it waits for a task of its own.
         streams: Whether its text may stream back while its task runs (the back channel).
         charged_by_step: One charge line per step of the request (a session's traces), not one for it all.
     """

@@ -98,7 +98,7 @@ class ServedBy(BaseModel):
 
 class TaskReply(ServedBy):
     """What ``serve_batch`` returns: the replica's facts, then one outcome per request in order, and the
-    outcomes of requests that joined the running task (continuous admission), by request id."""
+    outcomes of requests that joined the running task, by request id."""
 
     run_s: float = Field(default=0.0, ge=0.0)
     outcomes: list[ReadOutcome]
