@@ -43,7 +43,7 @@ class ServiceThread:
         # Tests serve one runtime (one back-channel hub) from several apps in turn, where tpm serve
         # serves it once: the hub's worker URL goes back to the previous server's when this one stops,
         # or later tasks would post their streams to a closed port.
-        self.hub = fastapi_app(app).state.streams
+        self.hub = fastapi_app(app).state.channels
         self.previous_worker_url = self.hub.worker_url
         serve_at(app, self.url)  # as tpm serve does once it is bound
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)

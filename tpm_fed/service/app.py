@@ -60,7 +60,7 @@ def build_app(service: ServiceAssembly, auth: Authenticator, *, operators: froze
                   docs_url=None, redoc_url=None)
     app.state.service = service
     # What routes read by name (the typed getters of tpm_fed.service.assembly read app.state.service).
-    app.state.runtime, app.state.streams = service.engine, service.channels
+    app.state.runtime, app.state.channels = service.engine, service.channels
     app.state.batches, app.state.stores = service.batches, service.stores
     app.state.slo, app.state.metrics = service.slo, service.metrics
     app.state.auth = auth
@@ -115,7 +115,7 @@ def serve_at(app: Any, url: str, *, worker_url: str | None = None, hosts: tuple[
         hosts: More ``Host`` values callers may use (a reverse proxy's public name).
     """
     inner = fastapi_app(app)
-    inner.state.streams.worker_url = worker_url or url
+    inner.state.channels.worker_url = worker_url or url
     inner.state.hosts.serve(url, (*hosts, *([worker_url] if worker_url else [])))
 
 

@@ -51,7 +51,7 @@ class FrameTooLarge(ValueError):
 
 @router.websocket(CHANNEL_ROUTE)
 async def channel(socket: WebSocket) -> None:
-    hub: BackChannelHub = socket.app.state.streams
+    hub: BackChannelHub = socket.app.state.channels
     await socket.accept()
     try:
         link = hub.connect(Hello.model_validate_json(await _frame(socket)).token)
