@@ -9,6 +9,7 @@ from tpm_fed.protocol.errors import InvalidRequest
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, ChatCompletionBody, tpm_object
+from tpm_fed.service.back_channel_hub import BackChannelHub
 from tpm_fed.service.chat_template import ChatTemplate
 from tpm_fed.service.serving import Observer, ServingEngine, serve
 from tpm_fed.service.serving_completions import usage_of
@@ -16,16 +17,16 @@ from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
 
 class ServingChat:
-    """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's);
+    """Args: ``channels`` is the back channel's hub (it gives tasks the service's own URL, never a caller's);
     ``stores`` the vector stores ``file_search`` reads (None: a batch line's, which refuses it)."""
 
     body_model = ChatCompletionBody
 
-    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, streams: Any = None,
+    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, channels: BackChannelHub | None = None,
                  stores: Any = None) -> None:
         self.runtime = runtime
         self.observer = observer
-        self.streams = streams
+        self.channels = channels
         self.stores = stores
 
     def request_for(self, body: ChatCompletionBody) -> GenerationRequest:

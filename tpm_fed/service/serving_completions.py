@@ -8,19 +8,20 @@ from typing import Any
 from tpm_fed.protocol.requests import GenerationRequest
 from tpm_fed.protocol.results import GenerationResult
 from tpm_fed.service.api_models import FINISH_REASONS, CompletionBody, tpm_object
+from tpm_fed.service.back_channel_hub import BackChannelHub
 from tpm_fed.service.serving import Observer, ServingEngine, serve
 from tpm_fed.service.streaming import LiveStream, remainder, stream_answer
 
 
 class ServingCompletions:
-    """Args: ``streams`` is the back channel's hub (it gives tasks the service's own URL, never a caller's)."""
+    """Args: ``channels`` is the back channel's hub (it gives tasks the service's own URL, never a caller's)."""
 
     body_model = CompletionBody
 
-    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, streams: Any = None) -> None:
+    def __init__(self, runtime: ServingEngine, observer: Observer | None = None, channels: BackChannelHub | None = None) -> None:
         self.runtime = runtime
         self.observer = observer
-        self.streams = streams
+        self.channels = channels
 
     def request_for(self, body: CompletionBody) -> GenerationRequest:
         """The request ``body`` asks for (a batch quotes and runs lines through this too)."""

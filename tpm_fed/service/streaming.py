@@ -94,20 +94,20 @@ async def stream_answer(
     """Queue ``request``'s text as it comes, start it (a refusal is an HTTP error, not a stream), then stream.
 
     Args:
-        serving: A serving class with ``runtime``, ``observer`` and ``streams`` (the hub, which knows the
+        serving: A serving class with ``runtime``, ``observer`` and ``channels`` (the hub, which knows the
             service's own worker URL).
         delta, ending: As :func:`live_events` takes them.
     """
     from tpm_fed.service.serving import start
 
-    queue = serving.streams.queue_for(request.request_id)
+    queue = serving.channels.queue_for(request.request_id)
     try:
         outcome = await start(serving.runtime, request, identity, serving.observer)
     except BaseException:
-        serving.streams.forget(request.request_id)
+        serving.channels.forget(request.request_id)
         raise
     return LiveStream(live_events(queue, outcome, delta, ending,
-                                  lambda left: serving.streams.forget(request.request_id, abandoned=left)))
+                                  lambda left: serving.channels.forget(request.request_id, abandoned=left)))
 
 
 def remainder(text: str, sent: str) -> str:
