@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import log, machine
+from benchlib import demo_model, log, machine
 from bench_quotes import PROMPTS, batch_file
 from bench_service import bench_home, start_vllm_server, tpm_serve
 
@@ -55,17 +55,11 @@ def main() -> None:
 
     from tpm_fed.client import Client
     from tpm_fed.federation import Federation
-    from tpm_fed.models.demo import make_demo_model
 
     print(f"bench_batch_priority: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-") as scratch:
         scratch = Path(scratch)
-        model_dir = scratch / "demo"
-        if args.demo_dir:
-            __import__("shutil").copytree(args.demo_dir, model_dir)
-        else:
-            log("making the demo model...")
-            make_demo_model(model_dir, progress=False)
+        model_dir = demo_model(scratch / "demo", args.demo_dir)
         home = bench_home(scratch / "home", model_dir, backend=args.backend)
         federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
         sites = [site.model_copy(update={"max_batch_requests": args.max_batch}) for site in federation.sites]
@@ -90,6 +84,7 @@ def main() -> None:
                 time.sleep(args.every)
             ended = client.batches.wait(batch["id"], poll_s=0.2)
             client.close()
+        baseline = vllm_server_baseline(args, model_dir) if args.baseline else None  # the same model folder
     assert ended["status"] == "completed", ended
     if not during:
         raise SystemExit("the batch ended before any interactive request was timed: give more --lines")
@@ -100,72 +95,66 @@ def main() -> None:
     print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
           f"max {max(during) * 1000:.0f} ms")
     print(f"  ratio:               {ratio:8.2f}x   (target <= 1.5x)")
-    if args.baseline:
-        vllm_server_baseline(args)
+    if baseline is not None:
+        idle, during = baseline
+        print(f"\nthe same on vLLM's own server (priority scheduling; batch lines from {args.max_batch} clients)")
+        print(f"  idle server:         median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
+        print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
+              f"max {max(during) * 1000:.0f} ms")
+        print(f"  ratio:               {statistics.median(during) / statistics.median(idle):8.2f}x")
 
 
-def vllm_server_baseline(args: argparse.Namespace) -> None:
-    """The same measurement on vLLM's own server: batch lines as concurrent low-priority completions."""
+def vllm_server_baseline(args: argparse.Namespace, model_dir: Path) -> tuple[list[float], list[float]]:
+    """The same measurement on vLLM's own server, batch lines as concurrent low-priority completions:
+    the idle and the during-the-batch latencies."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
-    from tpm_fed.models.demo import make_demo_model
     from tpm_fed.protocol.generation import BATCH_PRIORITY
 
-    with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-vllm-") as scratch:
-        model_dir = Path(scratch) / "demo"
-        if args.demo_dir:
-            __import__("shutil").copytree(args.demo_dir, model_dir)
-        else:
-            make_demo_model(model_dir, progress=False)
-        log("starting vLLM's own server (--scheduling-policy priority)...")
-        process, url = start_vllm_server(model_dir, "--scheduling-policy", "priority")
-        try:
-            body = {"model": "vllm-model", "prompt": "The telescope", "max_tokens": 8, "temperature": 0}
-            with httpx.Client(base_url=url, timeout=600) as http:
-                def one() -> float:
-                    started = time.perf_counter()
-                    http.post("/v1/completions", json={**body, "priority": 0}).raise_for_status()
-                    return time.perf_counter() - started
+    log("starting vLLM's own server (--scheduling-policy priority)...")
+    process, url = start_vllm_server(model_dir, "--scheduling-policy", "priority")
+    try:
+        body = {"model": "vllm-model", "prompt": "The telescope", "max_tokens": 8, "temperature": 0}
+        with httpx.Client(base_url=url, timeout=600) as http:
+            def one() -> float:
+                started = time.perf_counter()
+                http.post("/v1/completions", json={**body, "priority": 0}).raise_for_status()
+                return time.perf_counter() - started
 
-                one()
-                idle = [one() for _ in range(args.samples)]
-                log(f"vLLM's server idle: median {statistics.median(idle) * 1000:.0f} ms; "
-                    f"{args.lines} lines from {args.max_batch} clients...")
-                lines = iter(range(args.lines))
-                lock = threading.Lock()
+            one()
+            idle = [one() for _ in range(args.samples)]
+            log(f"vLLM's server idle: median {statistics.median(idle) * 1000:.0f} ms; "
+                f"{args.lines} lines from {args.max_batch} clients...")
+            lines = iter(range(args.lines))
+            lock = threading.Lock()
 
-                def client() -> None:
-                    with httpx.Client(base_url=url, timeout=600) as own:
-                        while True:
-                            with lock:
-                                index = next(lines, None)
-                            if index is None:
-                                return
-                            own.post("/v1/completions", json={
-                                "model": "vllm-model", "prompt": PROMPTS[index % len(PROMPTS)], "temperature": 0,
-                                "max_tokens": args.tokens, "priority": BATCH_PRIORITY}).raise_for_status()
+            def client() -> None:
+                with httpx.Client(base_url=url, timeout=600) as own:
+                    while True:
+                        with lock:
+                            index = next(lines, None)
+                        if index is None:
+                            return
+                        own.post("/v1/completions", json={
+                            "model": "vllm-model", "prompt": PROMPTS[index % len(PROMPTS)], "temperature": 0,
+                            "max_tokens": args.tokens, "priority": BATCH_PRIORITY}).raise_for_status()
 
-                with ThreadPoolExecutor(args.max_batch) as pool:
-                    running = [pool.submit(client) for _ in range(args.max_batch)]
-                    time.sleep(0.5)
-                    during = []
-                    while len(during) < args.samples and not all(f.done() for f in running):
-                        during.append(one())
-                        time.sleep(args.every)
-                    for future in running:
-                        future.result()
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-    ratio = statistics.median(during) / statistics.median(idle)
-    print(f"\nthe same on vLLM's own server (priority scheduling; batch lines from {args.max_batch} clients)")
-    print(f"  idle server:         median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
-    print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
-          f"max {max(during) * 1000:.0f} ms")
-    print(f"  ratio:               {ratio:8.2f}x")
+            with ThreadPoolExecutor(args.max_batch) as pool:
+                running = [pool.submit(client) for _ in range(args.max_batch)]
+                time.sleep(0.5)
+                during = []
+                while len(during) < args.samples and not all(f.done() for f in running):
+                    during.append(one())
+                    time.sleep(args.every)
+                for future in running:
+                    future.result()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return idle, during
 
 
 if __name__ == "__main__":

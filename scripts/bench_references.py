@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import log, machine
+from benchlib import demo_model, log, machine
 from bench_service import bench_home, tpm_serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -176,19 +176,11 @@ def main() -> None:
     only = set(args.only.split(","))
 
     from tpm_fed.client import Client
-    from tpm_fed.models.demo import make_demo_model
 
     print(f"bench_references: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-refs-") as scratch:
         scratch = Path(scratch)
-        model_dir = scratch / "demo"
-        if args.demo_dir:
-            import shutil
-
-            shutil.copytree(args.demo_dir, model_dir)
-        else:
-            log("making the demo model...")
-            make_demo_model(model_dir, progress=False)
+        model_dir = demo_model(scratch / "demo", args.demo_dir)
         home = bench_home(scratch / "home", model_dir, backend="torch", kinds=("generate", "trace"))
         with tpm_serve(home) as (url, headers):
             token = headers["Authorization"].split()[1]

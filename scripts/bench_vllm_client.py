@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_service import bench_home, start_vllm_server, tpm_serve  # noqa: E402
-from benchlib import log, machine  # noqa: E402
+from benchlib import demo_model, log, machine  # noqa: E402
 
 CLIENT = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
           "from vllm.benchmarks.serve import add_cli_args, main; "
@@ -120,7 +120,6 @@ def main() -> None:
                         help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from tpm_fed.models.demo import make_demo_model
 
     scratch = Path(tempfile.mkdtemp(prefix="tpm-bench-vllm-client-"))
     # Store versions are materialized for vLLM here (the workers inherit it), and removed with the scratch.
@@ -132,11 +131,7 @@ def main() -> None:
         for model_name in args.models.split(","):
             demo_dir = scratch / "demo"
             if not demo_dir.exists():
-                if args.demo_dir:
-                    shutil.copytree(args.demo_dir, demo_dir)
-                else:
-                    log("making the demo model...")
-                    make_demo_model(demo_dir, progress=False)
+                demo_model(demo_dir, args.demo_dir)
             home = bench_home(scratch / f"home-{model_name}", demo_dir, "vllm")
             model_dir = demo_dir if model_name == "demo" else smollm2_folder(scratch)
             vllm_server = vllm_url = None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 PROMPTS = [
     "The cell",
@@ -51,3 +53,15 @@ def machine() -> str:
     """When and on what a benchmark ran: date, CPU count, load average (others may share the machine)."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{datetime.now().isoformat(timespec='seconds')}, {os.cpu_count()} CPUs, load average {load}"
+
+
+def demo_model(target: Path, copy_from: Path | None = None) -> Path:
+    """The demo model at ``target``: a copy of ``copy_from`` (a scripts' ``--demo-dir``), else trained there."""
+    if copy_from is not None:
+        shutil.copytree(copy_from, target)
+    else:
+        from tpm_fed.models.demo import make_demo_model
+
+        log("making the demo model...")
+        make_demo_model(target, progress=False)
+    return target

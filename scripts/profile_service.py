@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_service import bench_home, start_vllm_server, tpm_serve
 from bench_vllm_client import LOADS, run_client
-from benchlib import log, machine
+from benchlib import demo_model, log, machine
 
 
 def cpu_seconds(pid: int, children: bool, home: Path | None = None) -> float:
@@ -126,7 +126,6 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if shutil.which("py-spy") is None:
         raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
-    from tpm_fed.models.demo import make_demo_model
 
     scratch = Path(tempfile.mkdtemp(prefix="tpm-profile-service-"))
     load = LOADS["one-token"]
@@ -134,12 +133,7 @@ def main() -> None:
     rows: list[str] = []
     profile_lines: list[str] = []
     try:
-        demo = scratch / "demo"
-        if args.demo_dir:
-            shutil.copytree(args.demo_dir, demo)
-        else:
-            log("making the demo model...")
-            make_demo_model(demo, progress=False)
+        demo = demo_model(scratch / "demo", args.demo_dir)
         home = bench_home(scratch / "home", demo, "vllm")
         if not args.no_vllm:
             vllm_server_run(demo, load, scratch, args.num_prompts, rows)
