@@ -75,3 +75,55 @@ def test_a_reader_that_stops_early_leaves_nothing_running(stored):
     chunks = get_chunks(connector, reference)
     assert next(chunks) == blob[:CHUNK_BYTES]
     chunks.close()  # the helper thread is joined, not left hashing
+
+
+def test_a_file_stores_chunks_are_mapped_views_that_outlive_their_eviction(stored):
+    """The file store's fast path: views of the mapped chunk files, not copies (the digest is then the
+    only pass over the bytes); an evicted chunk's file is unlinked, and a view already handed out stays
+    readable."""
+    connector, blob, reference = stored
+    views = list(get_chunks(connector, reference))
+    assert all(isinstance(view, memoryview) for view in views)
+    for name in reference.keys:
+        connector.evict(key_for(connector, name))
+    assert b"".join(views) == blob
+
+
+def test_a_chunk_evicted_while_the_result_is_read_is_not_found(stored):
+    from tpm_fed.protocol.errors import ReferenceNotFound
+
+    connector, blob, reference = stored
+    chunks = get_chunks(connector, reference)
+    assert bytes(next(chunks)) == blob[:CHUNK_BYTES]
+    connector.evict(key_for(connector, reference.keys[1]))
+    with pytest.raises(ReferenceNotFound, match="left the store"):
+        list(chunks)
+
+
+def test_an_empty_result_reads_back_empty(tmp_path):
+    spec = f"file://{tmp_path / 'results'}"
+    connector = connector_for(spec, create=True)
+    reference = put_chunks(connector, b"", store=spec, retention_s=600)
+    assert b"".join(get_chunks(connector, reference)) == b""
+
+
+class _NotAFileStore:
+    """A connector that only gets and puts (Redis-like): read through ``get``, not mapped."""
+
+    def __init__(self, connector) -> None:
+        self._connector = connector
+
+    def __getattr__(self, name):
+        if name == "store_dir":
+            raise AttributeError(name)
+        return getattr(self._connector, name)
+
+
+def test_a_store_that_is_not_a_folder_is_read_through_its_connector_and_still_checked(stored):
+    connector, blob, reference = stored
+    other = _NotAFileStore(connector)
+    chunks = list(get_chunks(other, reference))
+    assert all(isinstance(chunk, bytes) for chunk in chunks) and b"".join(chunks) == blob
+    _flip_a_byte_in_chunk(connector, reference, 1)
+    with pytest.raises(ReferenceCorrupt, match="digest"):
+        list(get_chunks(other, reference))

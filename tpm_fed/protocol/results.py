@@ -19,9 +19,9 @@ class TensorReader(Protocol):
     """Reads a result's tensors by reference and writes them to files: the I/O the contract leaves to its
     users (:class:`tpm_fed.references.reader.StoreTensorReader`, :class:`~tpm_fed.references.reader.ServiceReader`)."""
 
-    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]: ...
+    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes | memoryview]: ...
 
-    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int: ...
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> int: ...
 
 
 class _Record(BaseModel):
@@ -211,7 +211,7 @@ class TensorResult(ServedResult):
             return unpack_tensors(self.tensors_blob)
         return unpack_tensors(b"".join(self.tensor_chunks()))
 
-    def tensor_chunks(self) -> Iterator[bytes]:
+    def tensor_chunks(self) -> Iterator[bytes | memoryview]:
         """The safetensors blob piece by piece (one chunk in memory at a time), inline or by reference."""
         if self.tensors_ref is None:
             return iter([self.tensors_blob])

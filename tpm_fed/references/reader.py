@@ -32,13 +32,13 @@ class StoreTensorReader:
     """Reads a result's tensors straight from their store (the service's bookkeeper gives results this one); not
     :class:`tpm_fed.storage.store_reader.StoreReader`, which reads model versions from the model store."""
 
-    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
+    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes | memoryview]:
         if not reachable(reference):
             raise ReferenceNotFound(f"request {request_id}: its tensors are in {reference.store}, which this "
                                     "process cannot read; read them with the Client that got the result")
         return get_chunks(connector_for(reference.store), reference)
 
-    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> int:
         return write_chunks_atomically(path, chunks)
 
 
@@ -52,13 +52,13 @@ class ServiceReader:
     def __init__(self, http: Any) -> None:
         self._http = http
 
-    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:
+    def chunks(self, request_id: str, reference: TensorsReference) -> Iterator[bytes | memoryview]:
         if reachable(reference):
             return StoreTensorReader().chunks(request_id, reference)
         check_current(reference)
         return self._download(request_id, reference)
 
-    def save(self, path: str | os.PathLike, chunks: Iterable[bytes]) -> int:
+    def save(self, path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> int:
         return write_chunks_atomically(path, chunks)
 
     def _download(self, request_id: str, reference: TensorsReference) -> Iterator[bytes]:

@@ -57,7 +57,7 @@ class ReferenceRecords:
             row = db.execute(select(references_table).where(references_table.c.request_id == request_id)).first()
         return None if row is None else (row.site, TensorsReference.model_validate_json(row.reference))
 
-    def open(self, request_id: str) -> tuple[TensorsReference, Iterator[bytes]]:
+    def open(self, request_id: str) -> tuple[TensorsReference, Iterator[bytes | memoryview]]:
         """The reference of ``request_id``'s result, and its stored bytes chunk by chunk (the caller
         checked who may read them).
 

@@ -3,11 +3,18 @@
 The digest is BLAKE3 (the ``blake3`` package: Rust, SIMD, and several threads on a large
 update) and is computed on a thread beside the reads, so a reader's check overlaps its next
 read instead of following it: reading by reference costs about what the reads cost.
+
+A file store's chunks are mapped (``mmap``), not read: the digest is then the only pass over the
+bytes, on both cores, and the caller gets views of the page cache instead of copies. A plain read
+costs one copy on one core (about 6-9 GB/s here) and BLAKE3 on the other about 4.4 GB/s, so checked
+reads were 0.47x unchecked ones; mapped, the digest runs at about 8.6 GB/s on two threads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,7 +58,7 @@ def check_current(reference: TensorsReference, now: float | None = None) -> None
                                "only so long); run the request again")
 
 
-def get_chunks(connector: Any, reference: TensorsReference) -> Iterator[bytes]:
+def get_chunks(connector: Any, reference: TensorsReference) -> Iterator[bytes | memoryview]:
     """The blob's chunks in order; the digest is checked as they pass, and a mismatch raises at the end.
 
     Raises:
@@ -65,6 +72,10 @@ def get_chunks(connector: Any, reference: TensorsReference) -> Iterator[bytes]:
         raise ReferenceNotFound(f"the result store holds no chunk {missing[0]!r} of this result "
                                 f"({len(missing)} of {len(reference.keys)} missing)")
 
+    folder = getattr(connector, "store_dir", None)  # ProxyStore's FileConnector: one file per chunk
+    if folder is not None:
+        return checked(_mapped(connector, folder, reference.keys), reference, "the stored result")
+
     def stored() -> Iterator[bytes]:
         for name in reference.keys:
             chunk = connector.get(key_for(connector, name))
@@ -75,7 +86,28 @@ def get_chunks(connector: Any, reference: TensorsReference) -> Iterator[bytes]:
     return checked(stored(), reference, "the stored result")
 
 
-def checked(chunks: Iterator[bytes], reference: TensorsReference, what: str) -> Iterator[bytes]:
+def _mapped(connector: Any, folder: str, names: list[str]) -> Iterator[bytes | memoryview]:
+    """A file store's chunks as read-only views of their mapped files, in order.
+
+    A view keeps its mapping alive after the file is closed (and after the chunk is evicted: an
+    unlinked file stays mapped). Chunk files are written once under a fresh key and never rewritten
+    in place, so no mapping sees its file shrink.
+    """
+    for name in names:
+        path = os.path.join(folder, key_for(connector, name).filename)
+        try:
+            with open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size == 0:  # mmap refuses an empty file
+                    yield b""
+                    continue
+                mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:  # evicted between the check and the read
+            raise ReferenceNotFound(f"chunk {name!r} of this result left the store while it was read") from None
+        mapping.madvise(mmap.MADV_SEQUENTIAL)
+        yield memoryview(mapping)
+
+
+def checked(chunks: Iterator[bytes | memoryview], reference: TensorsReference, what: str) -> Iterator[bytes]:
     """``chunks`` passed through, hashed as they pass; :class:`ReferenceCorrupt` at the end if they are
     not the bytes the reference describes.
 
