@@ -38,7 +38,6 @@ from starlette.requests import Request
 
 from tpm_fed.protocol.errors import Unauthenticated
 
-
 REFUSAL_CACHE_S = 60.0
 """How long a token Globus Auth refused stays refused without asking again (a revoked token is refused
 at once; a newly issued one is a new token)."""
