@@ -14,7 +14,10 @@ after the load (``psutil``):
   interchange and worker, the worker's vLLM engine).
 
 Then the service runs the load again under ``py-spy record`` (sampling its
-own process, ``--nonblocking``, so the profiled process is not paused) and
+own process, ``--nonblocking``, so the profiled process is not paused, and
+``--gil``, so only threads holding the GIL are sampled: CPU spent in Python,
+not threads waiting on a lock or a socket, which py-spy cannot tell from work
+without pausing the process; with ``--worker``, the site's worker too) and
 the profile's top functions are printed: by self time (where the CPU is
 spent) and by inclusive time among tpm_fed's own functions (which of our
 code paths it is spent under). The raw collapsed stacks are kept where
@@ -72,11 +75,42 @@ def cpu_seconds(pid: int, children: bool, home: Path | None = None) -> float:
     return total
 
 
-def measured(pid: int, run, home: Path | None = None) -> tuple[dict, float, float]:
-    """Run the load; (the client's result, CPU s of ``pid`` alone, CPU s of ``pid`` and what it started)."""
+def measured(pid: int, run, home: Path | None = None) -> tuple[dict, float, float, list]:
+    """Run the load; (the client's result, CPU s of ``pid`` alone, CPU s of ``pid`` and what it started,
+    (CPU s, (pid, name)) of each process, most first)."""
     own, everything = cpu_seconds(pid, False), cpu_seconds(pid, True, home)
+    parts = cpu_by_process(pid, home)
     result = run()
-    return result, cpu_seconds(pid, False) - own, cpu_seconds(pid, True, home) - everything
+    after = cpu_by_process(pid, home)
+    done = max(result["completed"], 1)
+    spent = sorted(((after[key] - parts.get(key, 0.0), key) for key in after), reverse=True)
+    log("CPU ms per request by process: " + "; ".join(f"{name} (pid {key}) {1000 * s / done:.2f}"
+                                                      for s, (key, name) in spent[:6]))
+    return result, cpu_seconds(pid, False) - own, cpu_seconds(pid, True, home) - everything, spent
+
+
+def cpu_by_process(pid: int, home: Path | None) -> dict[tuple[int, str], float]:
+    """CPU seconds of ``pid`` and of each process counted with it (see :func:`cpu_seconds`), by (pid, a short name)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    processes = {process, *process.children(recursive=True)}
+    if home is not None:
+        for other in psutil.process_iter():
+            try:
+                if str(home) in " ".join(other.cmdline()):
+                    processes |= {other, *other.children(recursive=True)}
+            except psutil.Error:
+                continue
+    seconds = {}
+    for each in processes:
+        try:
+            times, words = each.cpu_times(), each.cmdline()
+        except psutil.Error:
+            continue
+        name = " ".join(word.rpartition("/")[2] for word in words[:3])[:60] or each.name()
+        seconds[(each.pid, name)] = times.user + times.system
+    return seconds
 
 
 def top_of_profile(collapsed: Path, count: int = 18) -> list[str]:
@@ -122,6 +156,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="copy the collapsed py-spy profile here")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--no-vllm", action="store_true", help="the service alone (no vLLM server run)")
+    parser.add_argument("--worker", action="store_true",
+                        help="profile the busiest process the service started (its site's worker) too")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if shutil.which("py-spy") is None:
@@ -132,6 +168,7 @@ def main() -> None:
     started_on = machine()
     rows: list[str] = []
     profile_lines: list[str] = []
+    worker_lines: list[str] = []
     try:
         demo = demo_model(scratch / "demo", args.demo_dir)
         home = bench_home(scratch / "home", demo, "vllm")
@@ -148,33 +185,47 @@ def main() -> None:
 
             log("the service: warm-up (starts its replica), then the measured run")
             against_service("service-warm")
-            result, own, everything = measured(pid, lambda: against_service("service-run"), home.root)
+            result, own, everything, spent = measured(pid, lambda: against_service("service-run"), home.root)
+            # The busiest process the service started (the worker driving the engine), profiled beside it.
+            worker = next((key[0] for _, key in spent if key[0] != pid), None) if args.worker else None
             rows.append(_row("the service", result, own, everything, "its own process", "with its site and engine"))
             log("the service again, under py-spy")
             collapsed = scratch / "service.collapsed"
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", str(args.rate), "--nonblocking",
+                                    "--gil",
                                     "--format", "raw", "--output", str(collapsed)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            worker_spy = None if worker is None else subprocess.Popen(
+                ["py-spy", "record", "--pid", str(worker), "--rate", str(args.rate), "--nonblocking", "--gil",
+                 "--format", "raw", "--output", str(scratch / "worker.collapsed")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)  # attached before the load starts
             began = time.perf_counter()
             profiled = against_service("service-profiled")
             seconds = time.perf_counter() - began
             spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
             spy.wait(timeout=60)
+            if worker_spy is not None:
+                worker_spy.send_signal(2)
+                worker_spy.wait(timeout=60)
+                if (scratch / "worker.collapsed").exists():
+                    worker_lines = [f"the worker (pid {worker}):", *top_of_profile(scratch / "worker.collapsed")]
             rows.append(f"the service under py-spy: {profiled['request_throughput']:.1f} req/s "
                         f"({profiled['completed']} done, {profiled['failed']} failed, {seconds:.1f} s)")
-            profile_lines = top_of_profile(collapsed) if collapsed.exists() else [
+            profile_lines += top_of_profile(collapsed) if collapsed.exists() else [
                 f"py-spy wrote no profile: {spy.stderr.read().decode(errors='replace')[-500:]}"]
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(collapsed, args.keep / "service.collapsed")
+                if (scratch / "worker.collapsed").exists():
+                    shutil.copy(scratch / "worker.collapsed", args.keep / "worker.collapsed")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"started {started_on}; ended {machine()}")
     print(f"1-token requests, 64 clients, {args.num_prompts} requests, vLLM's benchmark client:")
     for row in rows:
         print(row)
-    print("\n".join(profile_lines))
+    print("\n".join(["the service's own process:", *profile_lines, *worker_lines]))
 
 
 def vllm_server_run(demo: Path, load: dict, scratch: Path, num_prompts: int, rows: list[str]) -> None:
@@ -187,7 +238,7 @@ def vllm_server_run(demo: Path, load: dict, scratch: Path, num_prompts: int, row
 
         log("vLLM's server: warm-up, then the measured run")
         against_vllm("vllm-warm")
-        result, own, everything = measured(server.pid, lambda: against_vllm("vllm-run"))
+        result, own, everything, _ = measured(server.pid, lambda: against_vllm("vllm-run"))
         rows.append(_row("vLLM's server", result, own, everything, "its API process", "with its engine"))
     finally:
         server.terminate()

@@ -34,12 +34,14 @@ class ModelCatalog:
         self._versions = VersionCache()
         self._points: dict[str, PointCatalog] = {}
         self._encoders: dict[str, EncoderConfig] = {}
+        self._resolved: dict[str, tuple[object, ResolvedModel]] = {}
 
     def for_federation(self, federation: Federation) -> ModelCatalog:
         """The same catalog over a changed federation, keeping what it learned (versions are content
         hashes and points are per version, so neither goes stale when the file changes)."""
         catalog = ModelCatalog(federation)
         catalog._versions, catalog._points, catalog._encoders = self._versions, self._points, self._encoders
+        catalog._resolved = self._resolved
         return catalog
 
     def resolve(self, ref: ModelRef) -> ResolvedModel:
@@ -63,6 +65,11 @@ class ModelCatalog:
             raise UnknownVersion(
                 f"model {ref.name!r} has no version {ref.version!r}; available: {version}"
             )
+        # The version covers config.json, so what is read from it and the spec built from it hold
+        # while the version and the federation's entry (the same object until the file is reloaded) do.
+        cached = self._resolved.get(ref.name)
+        if cached is not None and cached[0] is config and cached[1].spec.version == version:
+            return cached[1]
         context = json.loads(config_file.read_text()).get("max_position_embeddings", 0)
         spec = ModelSpec(
             name=config.name,
@@ -74,7 +81,9 @@ class ModelCatalog:
             pipeline_parallel_size=config.pipeline_parallel_size,
             accelerators=config.accelerators,
         )
-        return ResolvedModel(spec=spec, context_length=int(context))
+        resolved = ResolvedModel(spec=spec, context_length=int(context))
+        self._resolved[ref.name] = (config, resolved)
+        return resolved
 
     def _resolve_stored(self, config, ref: ModelRef) -> ResolvedModel:
         store = ModelStore(self.federation.store)

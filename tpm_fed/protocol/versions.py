@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 VERSION_ID_LENGTH = 16
@@ -55,15 +56,6 @@ def _module_folders(model_dir: Path) -> list[Path]:
     return [folder for folder in folders if folder.is_dir() and folder.resolve().is_relative_to(root)]
 
 
-def _fingerprint(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
-    """Name, size and mtime of each defining file (module folders' too)."""
-    stats = []
-    for path in defining_files(model_dir):
-        st = path.stat()
-        stats.append((path.relative_to(model_dir).as_posix(), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(stats))
-
-
 def hash_model_dir(model_dir: Path) -> str:
     """The version id of a model directory (hex, :data:`VERSION_ID_LENGTH` digits)."""
     digest = hashlib.sha256()
@@ -78,21 +70,67 @@ def hash_model_dir(model_dir: Path) -> str:
     return digest.hexdigest()[:VERSION_ID_LENGTH]
 
 
+def _signature(path: str) -> tuple[int, int, int, int]:
+    """What changes whenever a file's (or a folder's list of) content changes: size, mtime, inode, ctime.
+
+    The ctime is set by the kernel on every write, rename and ``utime``, so a file rewritten in place
+    and then given back its old mtime still shows a new signature; the inode catches a file replaced
+    by another (an editor's or a downloader's rename over it).
+    """
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A version id with the stat signatures it was computed under.
+
+    ``folders`` are the model folder and its module folders: adding, removing or renaming a file in
+    one changes the folder's own signature, so the list of defining files need not be read again
+    while they hold. ``files`` are the defining files themselves (written in place, a folder's
+    signature does not change, a file's does).
+    """
+
+    folders: tuple[tuple[str, tuple[int, int, int, int]], ...]
+    files: tuple[tuple[str, tuple[int, int, int, int]], ...]
+    version: str
+
+    def current(self) -> bool:
+        try:
+            return all(_signature(path) == sig for path, sig in self.folders) and all(
+                _signature(path) == sig for path, sig in self.files)
+        except OSError:  # a file gone: read the folder again (which raises what a missing folder raises)
+            return False
+
+
 class VersionCache:
-    """Remembers version ids until a file's size or mtime changes."""
+    """Remembers version ids while the stat signatures of the folder and its defining files hold.
+
+    A request costs one ``stat`` per folder and per defining file (no listing, no path resolution,
+    no hashing); any change on disk is seen by the next request, which reads the folder again and
+    hashes only when a defining file's signature moved.
+    """
 
     def __init__(self) -> None:
-        self._known: dict[Path, tuple[tuple, str]] = {}
+        self._known: dict[str, _Known] = {}
         self._lock = threading.Lock()
 
     def version_of(self, model_dir: Path) -> str:
-        model_dir = model_dir.resolve()
-        fingerprint = _fingerprint(model_dir)
+        key = os.fspath(model_dir)
         with self._lock:
-            cached = self._known.get(model_dir)
-        if cached is not None and cached[0] == fingerprint:
-            return cached[1]
-        version = hash_model_dir(model_dir)
+            known = self._known.get(key)
+        if known is not None and known.current():
+            return known.version
+        # Signatures are taken before listing and hashing: a change while they run leaves a newer
+        # signature on disk than the one kept, so the next request reads the folder again.
+        model_dir = Path(model_dir)
+        folders = [model_dir, *_module_folders(model_dir)]
+        folder_sigs = tuple((os.fspath(folder), _signature(os.fspath(folder))) for folder in folders)
+        file_sigs = tuple((os.fspath(path), _signature(os.fspath(path))) for path in defining_files(model_dir))
+        if known is not None and known.files == file_sigs:
+            version = known.version  # the folder changed (a README, a log), no defining file did
+        else:
+            version = hash_model_dir(model_dir)
         with self._lock:
-            self._known[model_dir] = (fingerprint, version)
+            self._known[key] = _Known(folder_sigs, file_sigs, version)
         return version

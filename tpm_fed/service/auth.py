@@ -33,10 +33,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from tpm_fed.protocol.errors import Unauthenticated
-
 
 REFUSAL_CACHE_S = 60.0
 """How long a token Globus Auth refused stays refused without asking again (a revoked token is refused
@@ -59,14 +59,32 @@ class Authenticator(Protocol):
         """
         ...
 
+    def known(self, token: str | None) -> str | None:
+        """The caller's identity when it is known without asking anyone (a local token, a cached answer),
+        None when only :meth:`authenticate` can tell (it may block on the network).
+
+        Raises:
+            Unauthenticated: As :meth:`authenticate`, for a token known to be refused.
+        """
+        ...
+
     def login_info(self) -> dict[str, Any]:
         """What a client needs to log in to this service (public: no secret in it)."""
         ...
 
 
-def identity_of(request: Request) -> str:
-    """The caller of an HTTP request, from its bearer token (the routes' FastAPI dependency)."""
-    return request.app.state.auth.authenticate(bearer_token(request.headers.get("authorization")))
+async def identity_of(request: Request) -> str:
+    """The caller of an HTTP request, from its bearer token (the routes' FastAPI dependency).
+
+    On the event loop when the answer is known (a sync dependency would cost every request a hop to a
+    worker thread and back); in a worker thread when the authenticator must ask (Globus Auth's
+    introspection blocks on the network)."""
+    auth = request.app.state.auth
+    token = bearer_token(request.headers.get("authorization"))
+    identity = auth.known(token)
+    if identity is not None:
+        return identity
+    return await run_in_threadpool(auth.authenticate, token)
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -92,6 +110,9 @@ class LocalToken:
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             raise Unauthenticated("the bearer token is not this service's token")
         return self.identity
+
+    def known(self, token: str | None) -> str:
+        return self.authenticate(token)  # one comparison: never blocks
 
     def login_info(self) -> dict[str, Any]:
         return {"mode": self.mode}
@@ -134,7 +155,7 @@ class GlobusTokens:
         return {"mode": self.mode, "client_id": self.login_client_id, "scope": self.scope,
                 "resource_server": self.audience}
 
-    def authenticate(self, token: str | None) -> str:
+    def known(self, token: str | None) -> str | None:
         if token is None:
             raise Unauthenticated("no bearer token: run `tpm login` for a Globus Auth token for this service")
         key = hashlib.sha256(token.encode()).hexdigest()
@@ -146,6 +167,15 @@ class GlobusTokens:
             return cached[0]
         if refused is not None and refused[1] > now:
             raise Unauthenticated(refused[0])
+        return None
+
+    def authenticate(self, token: str | None) -> str:
+        identity = self.known(token)
+        if identity is not None:
+            return identity
+        assert token is not None  # known() refused a missing one
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.time()
         try:
             identity, expires = self._introspect(token, now)
         except _Refused as refusal:  # Globus Auth's answer about this token: the same for a while

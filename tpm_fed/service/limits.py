@@ -73,8 +73,9 @@ class BodyLimits:
             now = asyncio.get_running_loop().time()
             deadline = deadline if deadline is not None else now + self.deadline_s
             wait = min(self.timeout_s, deadline - now)
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            try:  # a timer on this task (asyncio.wait_for would start a task and a timer per receive)
+                async with asyncio.timeout(max(wait, 0.0)):
+                    message = await receive()
             except TimeoutError:
                 if wait < self.timeout_s:
                     return await refuse(408, f"the request body took more than {self.deadline_s:g} s")
