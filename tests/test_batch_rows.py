@@ -136,3 +136,15 @@ def test_a_held_line_whose_caller_left_is_answered_once_with_nothing_made(oracle
     assert answers[1] == live.answers[held.request_id]
     assert answers[0][0].token_ids == direct_greedy(oracle, running.prompts, 16)[0]  # its mate unchanged
     assert max(engine_rows) == 1
+
+
+def test_a_replica_takes_its_cap_from_the_endpoints_policy(demo_model_dir, monkeypatch):
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.model import ModelSpec
+
+    monkeypatch.setenv("TPM_BATCH_ROWS", "3")
+    backend = VllmBackend.load(ModelSpec(name=MODEL, version="v", path=str(demo_model_dir), backend="vllm"))
+    try:
+        assert backend.batch_rows == 3
+    finally:
+        backend.close()
