@@ -9,6 +9,8 @@ The worker's live step loop (``VllmBackend._run_live``) holds the task's batch l
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from functions.policy import load_policy
 from tpm_fed.federation import Federation, SiteConfig
@@ -41,6 +43,45 @@ def test_a_local_sites_cap_reaches_its_workers_and_a_bad_one_is_refused(tmp_path
     path.write_text("name: f\nsites:\n  - name: local\n    worker: {batch_rows: 0}\nmodels: []\nprojects: []\n")
     with pytest.raises(FederationConfigError, match="batch_rows"):
         Federation.load(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cap=st.integers(1, 6), requests=st.lists(st.tuples(st.booleans(), st.integers(1, 8)), max_size=30),
+       order=st.randoms(use_true_random=False))
+def test_the_share_never_lets_more_than_k_batch_rows_in_and_every_request_enters_in_order(cap, requests, order):
+    """The worker's bookkeeping alone, against random arrivals and endings: the batch rows in the engine never
+    exceed K (a request larger than K enters alone), batch lines enter in the order they came, and every
+    request enters once."""
+    from functions.batch_rows import BatchRows
+
+    share = BatchRows(cap, lambda r: r[2], lambda r: r[1])
+    in_engine: list[list] = []  # [request, rows still running]
+    entered: list[tuple] = []
+
+    def enter(request):
+        entered.append(request)
+        in_engine.append([request, request[2]])
+        batch = [left for r, left in in_engine if r[1]]
+        assert sum(batch) <= cap or len(batch) == 1  # one larger than K runs alone
+
+    pending = [(index, batch, rows) for index, (batch, rows) in enumerate(requests)]
+    while pending or in_engine or share.held:
+        if pending and (not in_engine or order.random() < 0.5):
+            request = pending.pop(0)
+            if share.enter(request):
+                enter(request)
+        else:
+            running = order.choice(in_engine)
+            running[1] -= 1
+            share.row_ended(running[0])
+            if running[1] == 0:
+                in_engine.remove(running)
+        for request in share.ready():
+            enter(request)
+    assert sorted(entered) == sorted((i, b, r) for i, (b, r) in enumerate(requests))
+    batch_order = [r[0] for r in entered if r[1]]
+    assert batch_order == sorted(batch_order)
+    assert share.in_engine == 0
 
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
