@@ -173,6 +173,69 @@ class Bench:
         return latencies, cpu, lines / elapsed
 
 
+class _EveryFewSteps:
+    """A live task (functions.joining.JoinableTask's members) in which an interactive 8-token request joins
+    every ``every`` steps once the last one ended, and each is timed from joining to its answer."""
+
+    def __init__(self, backend, every: int) -> None:
+        self.backend, self.every, self.steps = backend, every, 0
+        self.cancelled: set[str] = set()
+        self.waiting: tuple[str, float] | None = None
+        self.latencies: list[float] = []
+
+    def send(self, chunks) -> None:
+        self.steps += 1
+
+    def started(self, item) -> None:
+        pass
+
+    def joined(self) -> list:
+        from tpm_fed.protocol.requests import GenerationRequest
+
+        if self.waiting is not None or self.steps < 5 or self.steps % self.every:
+            return []
+        request = GenerationRequest.create(INTERACTIVE_PROMPT, "demo", max_new_tokens=8, min_new_tokens=8)
+        self.waiting = (request.request_id, time.perf_counter())
+        return [self.backend.encode(request)]
+
+    def close(self) -> list:
+        return []
+
+    def finished(self, item, completions) -> None:
+        if self.waiting is not None and item.request.request_id == self.waiting[0]:
+            self.latencies.append(time.perf_counter() - self.waiting[1])
+            self.waiting = None
+
+
+def worker_loop(bench: Bench, caps: list[int | None], lines: int, rounds: int) -> None:
+    """The worker's own step loop (``VllmBackend._run_live``) with each cap: a task of ``lines`` batch lines,
+    interactive requests joining every 15 steps; their latency and the task's time."""
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.requests import BATCH_PRIORITY, GenerationRequest
+
+    results: dict[int | None, tuple[list[float], list[float]]] = {cap: ([], []) for cap in caps}
+    for _ in range(rounds):
+        for cap in caps:
+            backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=cap)
+            task = [backend.encode(GenerationRequest.create(PROMPTS[i % len(PROMPTS)], "demo", max_new_tokens=bench.tokens,
+                                                            min_new_tokens=bench.tokens, priority=BATCH_PRIORITY))
+                    for i in range(lines)]
+            live = _EveryFewSteps(backend, 15)
+            started = time.perf_counter()
+            backend.generate(task, live)
+            results[cap][0].extend(live.latencies)
+            results[cap][1].append(time.perf_counter() - started)
+    print(f"\nthe worker's step loop (VllmBackend._run_live), a task of {lines} batch lines of {bench.tokens} tokens, "
+          f"an interactive 8-token request joining every 15 steps, {rounds} rounds "
+          f"(load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    print("| cap on batch rows | interactive median (fastest, samples) | the task, median | batch lines/s |")
+    print("|---|---|---|---|")
+    for cap, (latencies, times) in results.items():
+        task_s = statistics.median(times)
+        print(f"| {'none' if cap is None else cap} | {statistics.median(latencies) * 1000:.1f} ms "
+              f"({min(latencies) * 1000:.1f}, {len(latencies)}) | {task_s:.2f} s | {lines / task_s:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="0,2,4,8,16,64")
@@ -184,11 +247,16 @@ def main() -> None:
     parser.add_argument("--demo-dir", type=Path, default=None)
     parser.add_argument("--variants", action="store_true", help="also the uncapped batch's two dynamic variants")
     parser.add_argument("--variant-cap", type=int, default=4)
+    parser.add_argument("--worker-loop", default=None,
+                        help="only the worker's own step loop with these caps (e.g. none,8): see worker_loop")
     args = parser.parse_args()
     print(f"bench_batch_rows: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-rows-") as scratch:
         bench = Bench(demo_model(Path(scratch) / "demo", args.demo_dir), args.tokens)
         bench.run(4, 4, args.gap)  # warm
+        if args.worker_loop:
+            worker_loop(bench, [None if c == "none" else int(c) for c in args.worker_loop.split(",")], 64, args.rounds)
+            return
         step_rows = [int(r) + 1 for r in args.rows.split(",")]
         log(f"step times with {step_rows} rows...")
         steps = {rows: bench.step_times(rows, args.steps) for rows in step_rows}
