@@ -48,6 +48,15 @@ policy file on the endpoint host named there.
                             else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
                             A GPU named here that torch cannot see refuses
                             the load (``ModelLoadError``), never falls back.
+``TPM_BATCH_ROWS``         The most batch-line rows (requests at the batch
+                            priority) a vLLM replica's engine holds at once;
+                            the task's other batch lines wait in the worker
+                            and enter as those end, so an interactive request
+                            shares each step with at most this many
+                            (:mod:`functions.batch_rows`). Unset: no cap, right
+                            on GPUs (a step's time barely grows with its rows);
+                            on CPUs, where it does, docs/performance.md gives
+                            the trade-off.
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -93,6 +102,7 @@ VARIABLES = {
     "model_roots": "TPM_MODEL_ROOTS",
     "torch_device": "TPM_TORCH_DEVICE",
     "model_cache": "TPM_MODEL_CACHE",
+    "batch_rows": "TPM_BATCH_ROWS",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -121,6 +131,7 @@ class WorkerPolicy(BaseModel):
         torch_device: Where the torch backend runs models (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
         model_cache: Where store versions are materialized as folders for vLLM, once per node
             (:mod:`functions.model_cache`); None: ``~/.cache/tpm-fed/models``.
+        batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -138,6 +149,7 @@ class WorkerPolicy(BaseModel):
     model_roots: list[Path] = Field(default_factory=list)
     torch_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
     model_cache: Path | None = None
+    batch_rows: int | None = Field(default=None, ge=1)
 
     @field_validator("result_store")
     @classmethod

@@ -8,7 +8,11 @@ lines wait behind interactive requests in the replica's queue
 request waits at most for the task running when it arrives; on the vLLM
 backend it joins that task at its next step instead (continuous batching),
 sharing each step with the batch's lines (target: <= 1.5x the idle latency,
-median).
+median). ``--batch-rows`` caps the batch rows in the vLLM engine at once
+(the site's ``worker.batch_rows``): the batch's other lines wait in the
+worker, so the interactive request shares each step with fewer rows; each
+cap given runs its own service, one after the other, and the batch's lines
+per second say what the cap costs it.
 
 ``--baseline`` then does the same on vLLM's own OpenAI server, started with
 ``--scheduling-policy priority``: the idle request, then the same request
@@ -20,7 +24,7 @@ service.
 
 Usage:
     python scripts/bench_batch_priority.py [--lines 512] [--tokens 32] [--samples 20] [--every 0.25]
-        [--max-batch 64] [--backend torch|vllm] [--baseline]
+        [--max-batch 64] [--backend torch|vllm] [--batch-rows none,4] [--baseline]
 """
 
 from __future__ import annotations
@@ -49,52 +53,32 @@ def main() -> None:
     parser.add_argument("--backend", choices=["torch", "vllm"], default="vllm")
     parser.add_argument("--demo-dir", type=Path, default=None,
                         help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
+    parser.add_argument("--batch-rows", default="none",
+                        help="the site's cap on batch rows in a vLLM engine (worker.batch_rows, TPM_BATCH_ROWS): "
+                             "'none' or a number; several, comma-separated, run one service each (e.g. none,4)")
     parser.add_argument("--baseline", action="store_true",
                         help="also vLLM's own server (priority scheduling) under the same load")
     args = parser.parse_args()
 
-    from tpm_fed.client import Client
-    from tpm_fed.federation import Federation
-
+    caps = [None if cap == "none" else int(cap) for cap in args.batch_rows.split(",")]
     print(f"bench_batch_priority: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-") as scratch:
         scratch = Path(scratch)
         model_dir = demo_model(scratch / "demo", args.demo_dir)
-        home = bench_home(scratch / "home", model_dir, backend=args.backend)
-        federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
-        sites = [site.model_copy(update={"max_batch_requests": args.max_batch}) for site in federation.sites]
-        federation.model_copy(update={"sites": sites}).dump(home.federation_file)
-        with tpm_serve(home) as (url, headers):
-            client = Client(url, headers["Authorization"].split()[1])
-
-            def one() -> float:
-                started = time.perf_counter()
-                client.generate("The telescope", max_new_tokens=8).result()
-                return time.perf_counter() - started
-
-            one()
-            idle = [one() for _ in range(args.samples)]
-            log(f"idle: median {statistics.median(idle) * 1000:.0f} ms; starting a batch of {args.lines} lines...")
-            batch = client.batches.submit(batch_file(args.lines, [args.tokens]))
-            while client.batches.retrieve(batch["id"])["status"] != "in_progress":
-                time.sleep(0.05)
-            during = []
-            while len(during) < args.samples and client.batches.retrieve(batch["id"])["status"] == "in_progress":
-                during.append(one())
-                time.sleep(args.every)
-            ended = client.batches.wait(batch["id"], poll_s=0.2)
-            client.close()
+        runs = [service_run(args, model_dir, scratch / f"home-{cap}", cap) for cap in caps]
         baseline = vllm_server_baseline(args, model_dir) if args.baseline else None  # the same model folder
-    assert ended["status"] == "completed", ended
-    if not during:
-        raise SystemExit("the batch ended before any interactive request was timed: give more --lines")
-    ratio = statistics.median(during) / statistics.median(idle)
-    print(f"\ninteractive completion (8 tokens) while a batch of {args.lines} x {args.tokens} tokens runs "
-          f"(tasks of up to {args.max_batch}; {args.backend} backend)")
-    print(f"  idle replica:        median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
-    print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
-          f"max {max(during) * 1000:.0f} ms")
-    print(f"  ratio:               {ratio:8.2f}x   (target <= 1.5x)")
+    first_rate = None
+    for cap, (idle, during, lines_per_s) in zip(caps, runs, strict=True):
+        ratio = statistics.median(during) / statistics.median(idle)
+        first_rate = first_rate or lines_per_s
+        print(f"\ninteractive completion (8 tokens) while a batch of {args.lines} x {args.tokens} tokens runs "
+              f"(tasks of up to {args.max_batch}; {args.backend} backend; "
+              f"{'no cap on batch rows' if cap is None else f'at most {cap} batch rows in the engine'})")
+        print(f"  idle replica:        median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
+        print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
+              f"max {max(during) * 1000:.0f} ms")
+        print(f"  ratio:               {ratio:8.2f}x   (target <= 1.5x)")
+        print(f"  the batch:           {lines_per_s:8.1f} lines/s ({lines_per_s / first_rate:.2f}x the first run's)")
     if baseline is not None:
         idle, during = baseline
         print(f"\nthe same on vLLM's own server (priority scheduling; batch lines from {args.max_batch} clients)")
@@ -102,6 +86,48 @@ def main() -> None:
         print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
               f"max {max(during) * 1000:.0f} ms")
         print(f"  ratio:               {statistics.median(during) / statistics.median(idle):8.2f}x")
+
+
+def service_run(args: argparse.Namespace, model_dir: Path, folder: Path,
+                cap: int | None) -> tuple[list[float], list[float], float]:
+    """On ``tpm serve`` with the site's workers capping batch rows at ``cap``: the idle and the
+    during-the-batch latencies, and the batch's lines per second (submitted to completed)."""
+    from tpm_fed.client import Client
+    from tpm_fed.federation import Federation
+
+    home = bench_home(folder, model_dir, backend=args.backend)
+    federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
+    sites = [site.model_copy(update={"max_batch_requests": args.max_batch,
+                                     "worker": site.worker.model_copy(update={"batch_rows": cap})})
+             for site in federation.sites]
+    federation.model_copy(update={"sites": sites}).dump(home.federation_file)
+    with tpm_serve(home) as (url, headers):
+        client = Client(url, headers["Authorization"].split()[1])
+
+        def one() -> float:
+            started = time.perf_counter()
+            client.generate("The telescope", max_new_tokens=8).result()
+            return time.perf_counter() - started
+
+        one()
+        idle = [one() for _ in range(args.samples)]
+        log(f"batch rows cap {cap}: idle median {statistics.median(idle) * 1000:.0f} ms; "
+            f"starting a batch of {args.lines} lines...")
+        submitted = time.perf_counter()
+        batch = client.batches.submit(batch_file(args.lines, [args.tokens]))
+        while client.batches.retrieve(batch["id"])["status"] != "in_progress":
+            time.sleep(0.05)
+        during = []
+        while len(during) < args.samples and client.batches.retrieve(batch["id"])["status"] == "in_progress":
+            during.append(one())
+            time.sleep(args.every)
+        ended = client.batches.wait(batch["id"], poll_s=0.2)
+        lines_per_s = args.lines / (time.perf_counter() - submitted)
+        client.close()
+    assert ended["status"] == "completed", ended
+    if not during:
+        raise SystemExit("the batch ended before any interactive request was timed: give more --lines")
+    return idle, during, lines_per_s
 
 
 def vllm_server_baseline(args: argparse.Namespace, model_dir: Path) -> tuple[list[float], list[float]]:

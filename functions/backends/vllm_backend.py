@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
+from functions.batch_rows import BatchRows, is_batch_line
 from functions.text_deltas import ready_length
 from tpm_fed.protocol.errors import ModelLoadError
 from tpm_fed.protocol.model import ModelSpec
@@ -49,8 +50,10 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, llm: Any, context_length: int, torch_threads_before: int) -> None:
+    def __init__(self, llm: Any, context_length: int, torch_threads_before: int,
+                 batch_rows: int | None = None) -> None:
         self.llm = llm
+        self.batch_rows = batch_rows  # the most batch rows in the engine at once (None: no cap)
         self.tokenizer = llm.get_tokenizer()
         self.context_length = context_length
         self.eos_token_ids = token_id_set(llm.llm_engine.model_config.hf_config.eos_token_id)
@@ -69,10 +72,11 @@ class VllmBackend:
         import torch
         from vllm import LLM
 
+        from functions.policy import current_policy
+
         path = Path(spec.path)
         if spec.source == "store":
             from functions.model_cache import default_cache, materialized_version
-            from functions.policy import current_policy
             from tpm_fed.storage.store_reader import StoreReader
 
             path = materialized_version(StoreReader(path), spec.version,
@@ -99,7 +103,7 @@ class VllmBackend:
                 f"model {spec.name!r}: vllm could not start on {path}: {type(error).__name__}: {error}"
             ) from None
         context = int(llm.llm_engine.model_config.max_model_len)
-        return cls(llm, context, threads)
+        return cls(llm, context, threads, batch_rows=current_policy().batch_rows)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
         return encode_request(self.tokenizer, request, self.context_length)
@@ -132,23 +136,27 @@ class VllmBackend:
         try:
             return self._run_live(batch, live, rows)
         except BaseException:
-            unfinished = [eid for eid, (running, index) in rows.items() if running.outputs[index] is None]
+            unfinished = [eid for eid, (running, index) in rows.items() if running.completions[index] is None]
             if unfinished:
                 self.llm.llm_engine.abort_request(unfinished)
             raise
 
     def _run_live(self, batch: list[EncodedRequest], live: Any,
                   rows: dict[str, tuple[_Running, int]]) -> list[list[Completion]]:
-        """The engine's own step loop, as ``LLM.generate`` runs it (so the same tokens), with three
+        """The engine's own step loop, as ``LLM.generate`` runs it (so the same tokens), with four
         additions: streamed rows ask for cumulative outputs and send their new text after each
-        step; a request whose rows are all done is answered at once; and before each step, the
-        requests that joined (``live.joined()``) enter the engine, until it runs dry."""
+        step; a request whose rows are all done is answered at once; before each step, the
+        requests that joined (``live.joined()``) enter the engine, until it runs dry; and with a
+        cap on batch rows (:attr:`batch_rows`), batch lines beyond it wait in the worker and enter
+        as batch rows end (:mod:`functions.batch_rows`)."""
         from vllm.inputs import TokensPrompt
 
         engine = self.llm.llm_engine
+        share: BatchRows[_Running] = BatchRows(self.batch_rows, lambda running: len(running.completions),
+                                               lambda running: is_batch_line(running.item.request.priority))
 
-        def start(item: EncodedRequest) -> _Running:
-            running = _Running(item)
+        def start(running: _Running) -> None:
+            item = running.item
             sampling = self._live_sampling(item.request)
             for index, ids in enumerate(item.prompt_ids):
                 engine_id = f"tpm-{item.request.request_id}-{index}"  # unique per row
@@ -156,37 +164,52 @@ class VllmBackend:
                                    priority=item.request.priority)
                 rows[engine_id] = (running, index)
             live.started(item)
+
+        def arrive(item: EncodedRequest) -> _Running:
+            running = _Running(item)
+            if share.enter(running):
+                start(running)
             return running
 
-        def finish(running: _Running, index: int, output: Any) -> None:
-            running.outputs[index] = output
+        def finish(running: _Running, index: int, completion: Completion) -> None:
+            running.completions[index] = completion
+            share.row_ended(running)
             if running.done:
-                live.finished(running.item, [self._completion(o) for o in running.outputs])
+                live.finished(running.item, list(running.completions))
 
-        originals = [start(item) for item in batch]
+        originals = [arrive(item) for item in batch]
         sent: dict[str, int] = {}
         latest: dict[str, Any] = {}  # streamed rows' last cumulative output
         while True:
             for item in live.joined():
-                start(item)
-            if not engine.has_unfinished_requests():
-                late = live.close()  # no more may join; what joined meanwhile still runs
-                if not late:
+                arrive(item)
+            for running in share.ready():
+                start(running)
+            if not engine.has_unfinished_requests():  # (nothing is held then: it would have entered above)
+                for item in live.close():  # no more may join; what joined meanwhile still runs
+                    arrive(item)
+                for running in share.ready():
+                    start(running)
+                if not engine.has_unfinished_requests():
                     break
-                for item in late:
-                    start(item)
             # Rows whose callers left stop here, with what they made so far (charged for it). Only a
             # streamed row has a caller who can leave: the scan is of those, and only once one has.
-            left = [eid for eid in latest if rows[eid][0].outputs[rows[eid][1]] is None
-                    and rows[eid][0].item.request.request_id in live.cancelled] if live.cancelled else []
-            if left:
-                engine.abort_request(left)
-                for eid in left:
-                    finish(*rows[eid], latest[eid])
+            if live.cancelled:
+                gone = live.cancelled
+                for running in share.withdraw(lambda running, gone=gone: running.item.request.request_id in gone):
+                    for index in range(len(running.completions)):  # held: it never ran, so nothing made
+                        running.completions[index] = Completion(text="", token_ids=[], finish_reason="length")
+                    live.finished(running.item, list(running.completions))
+                left = [eid for eid in latest if rows[eid][0].completions[rows[eid][1]] is None
+                        and rows[eid][0].item.request.request_id in gone]
+                if left:
+                    engine.abort_request(left)
+                    for eid in left:
+                        finish(*rows[eid], self._completion(latest[eid]))
             chunks = []
             for output in engine.step():
                 running, index = rows[output.request_id]
-                if running.outputs[index] is not None:  # stopped above: its caller left
+                if running.completions[index] is not None:  # stopped above: its caller left
                     continue
                 request = running.item.request
                 if request.stream:
@@ -198,9 +221,9 @@ class VllmBackend:
                                        "text": text[sent.get(output.request_id, 0):ready]})
                         sent[output.request_id] = ready
                 if output.finished:
-                    finish(running, index, output)
+                    finish(running, index, self._completion(output))
             live.send(chunks)
-        return [[self._completion(o) for o in running.outputs] for running in originals]
+        return [list(running.completions) for running in originals]
 
     def _live_sampling(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams
@@ -240,17 +263,18 @@ class VllmBackend:
 
 
 class _Running:
-    """A request in the engine: its rows' final outputs as they come."""
+    """A request of the task (in the engine, or held until a batch row's place frees): its rows'
+    completions as they come."""
 
-    __slots__ = ("item", "outputs")
+    __slots__ = ("completions", "item")
 
     def __init__(self, item: EncodedRequest) -> None:
         self.item = item
-        self.outputs: list[Any] = [None] * len(item.prompt_ids)
+        self.completions: list[Completion | None] = [None] * len(item.prompt_ids)
 
     @property
     def done(self) -> bool:
-        return all(output is not None for output in self.outputs)
+        return all(completion is not None for completion in self.completions)
 
 
 def _sampling_params(factory: Any, request: GenerationRequest) -> Any:

@@ -88,12 +88,16 @@ class WorkerSettings(_Strict):
         inline_result_bytes: Results larger than this are left in the site's result
             store (``results``) and come back by reference (``TPM_INLINE_RESULT_BYTES``).
         result_retention_s: How long the result store keeps a result (``TPM_RESULT_RETENTION_S``).
+        batch_rows: The most batch-line rows a vLLM replica's engine holds at once, so interactive
+            requests share each step with at most this many (``TPM_BATCH_ROWS``). Unset: no cap (right
+            on GPUs; on CPUs see docs/performance.md).
     """
 
     allow_caller_code: bool | None = None
     adapter_registry: Path | None = None
     inline_result_bytes: int | None = Field(default=None, ge=0, le=10 * 1024 * 1024 - 64 * 1024)
     result_retention_s: float | None = Field(default=None, gt=0)
+    batch_rows: int | None = Field(default=None, ge=1)
 
 
 class SiteConfig(_Strict):

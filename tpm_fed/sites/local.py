@@ -58,6 +58,7 @@ class LocalSite(EngineSite):
         result_retention_s: How long the store keeps them (None: the workers' default).
         model_roots: The folders the workers may load models from (None: any; a service's
             sites get their federation's, :func:`model_roots_of`).
+        batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
     """
 
     access = "local"
@@ -65,7 +66,7 @@ class LocalSite(EngineSite):
     def __init__(self, name: str, run_dir: Path, workers: int = 1, *, allow_caller_code: bool = False,
                  adapter_registry: Path | str | None = None, result_store: str | None = None,
                  inline_result_bytes: int | None = None, result_retention_s: float | None = None,
-                 model_roots: Iterable[Path | str] | None = None) -> None:
+                 model_roots: Iterable[Path | str] | None = None, batch_rows: int | None = None) -> None:
         super().__init__(name, run_dir)
         self._workers = workers
         self.allow_caller_code = allow_caller_code
@@ -74,20 +75,22 @@ class LocalSite(EngineSite):
         self.inline_result_bytes = inline_result_bytes
         self.result_retention_s = result_retention_s
         self.model_roots = None if model_roots is None else [Path(root).resolve() for root in model_roots]
+        self.batch_rows = batch_rows
 
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path, model_roots: Iterable[Path] | None = None) -> Self:
         return cls(name=config.name, run_dir=run_dir, workers=config.capacity.max_replicas,
                    allow_caller_code=config.allows_caller_code, adapter_registry=config.worker.adapter_registry,
                    result_store=config.results, inline_result_bytes=config.worker.inline_result_bytes,
-                   result_retention_s=config.worker.result_retention_s, model_roots=model_roots)
+                   result_retention_s=config.worker.result_retention_s, model_roots=model_roots,
+                   batch_rows=config.worker.batch_rows)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers,
                 "allow_caller_code": self.allow_caller_code,
                 "adapter_registry": str(self.adapter_registry) if self.adapter_registry else None,
                 "result_store": self.result_store, "inline_result_bytes": self.inline_result_bytes,
-                "result_retention_s": self.result_retention_s,
+                "result_retention_s": self.result_retention_s, "batch_rows": self.batch_rows,
                 "model_roots": None if self.model_roots is None else [str(root) for root in self.model_roots]}
 
     @property
@@ -105,7 +108,8 @@ class LocalSite(EngineSite):
                                 ("TPM_MODEL_ROOTS", roots),
                                 ("TPM_RESULT_STORE", self.result_store),
                                 ("TPM_INLINE_RESULT_BYTES", self.inline_result_bytes),
-                                ("TPM_RESULT_RETENTION_S", self.result_retention_s)):
+                                ("TPM_RESULT_RETENTION_S", self.result_retention_s),
+                                ("TPM_BATCH_ROWS", self.batch_rows)):
             lines.append(f"unset {variable}" if value is None else f"export {variable}={shlex.quote(str(value))}")
         return "\n".join(lines)
 

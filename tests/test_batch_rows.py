@@ -1,0 +1,191 @@
+"""A share of a vLLM replica's engine kept for interactive work: at most K batch rows in it at once.
+
+The worker's live step loop (``VllmBackend._run_live``) holds the task's batch lines beyond the cap
+(:mod:`functions.batch_rows`); they enter as batch rows end, each answered once with the tokens
+``vllm.LLM.generate`` gives alone. Interactive rows enter at once. The cap is the endpoint's
+``TPM_BATCH_ROWS`` (a local site's ``worker.batch_rows``); a bad one is refused by name.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from functions.policy import load_policy
+from tpm_fed.federation import Federation, SiteConfig
+from tpm_fed.protocol.errors import FederationConfigError, SiteError
+from tpm_fed.protocol.generation import BATCH_PRIORITY
+
+MODEL = "demo-llama"
+
+
+def test_the_cap_is_the_endpoints_and_a_bad_one_is_refused_by_name(tmp_path):
+    assert load_policy({}).batch_rows is None  # no cap by default
+    assert load_policy({"TPM_BATCH_ROWS": "4"}).batch_rows == 4
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SiteError, match="TPM_BATCH_ROWS"):
+            load_policy({"TPM_BATCH_ROWS": bad})
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("batch_rows: 0\n")
+    with pytest.raises(SiteError, match="batch_rows"):
+        load_policy({"TPM_WORKER_POLICY": str(policy_file)})
+
+
+def test_a_local_sites_cap_reaches_its_workers_and_a_bad_one_is_refused(tmp_path):
+    from tpm_fed.sites.local import LocalSite
+
+    capped = SiteConfig.model_validate({"name": "local", "worker": {"batch_rows": 8}})
+    assert "export TPM_BATCH_ROWS=8" in LocalSite.from_config(capped, tmp_path).worker_init().splitlines()
+    # Unset (no cap) is said explicitly too, so the service's own environment does not leak into its workers.
+    assert "unset TPM_BATCH_ROWS" in LocalSite.from_config(SiteConfig(name="local"), tmp_path).worker_init()
+    path = tmp_path / "federation.yaml"
+    path.write_text("name: f\nsites:\n  - name: local\n    worker: {batch_rows: 0}\nmodels: []\nprojects: []\n")
+    with pytest.raises(FederationConfigError, match="batch_rows"):
+        Federation.load(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cap=st.integers(1, 6), requests=st.lists(st.tuples(st.booleans(), st.integers(1, 8)), max_size=30),
+       order=st.randoms(use_true_random=False))
+def test_the_share_never_lets_more_than_k_batch_rows_in_and_every_request_enters_in_order(cap, requests, order):
+    """The worker's bookkeeping alone, against random arrivals and endings: the batch rows in the engine never
+    exceed K (a request larger than K enters alone), batch lines enter in the order they came, and every
+    request enters once."""
+    from functions.batch_rows import BatchRows
+
+    share = BatchRows(cap, lambda r: r[2], lambda r: r[1])
+    in_engine: list[list] = []  # [request, rows still running]
+    entered: list[tuple] = []
+
+    def enter(request):
+        entered.append(request)
+        in_engine.append([request, request[2]])
+        batch = [left for r, left in in_engine if r[1]]
+        assert sum(batch) <= cap or len(batch) == 1  # one larger than K runs alone
+
+    pending = [(index, batch, rows) for index, (batch, rows) in enumerate(requests)]
+    while pending or in_engine or share.held:
+        if pending and (not in_engine or order.random() < 0.5):
+            request = pending.pop(0)
+            if share.enter(request):
+                enter(request)
+        else:
+            running = order.choice(in_engine)
+            running[1] -= 1
+            share.row_ended(running[0])
+            if running[1] == 0:
+                in_engine.remove(running)
+        for request in share.ready():
+            enter(request)
+    assert sorted(entered) == sorted((i, b, r) for i, (b, r) in enumerate(requests))
+    batch_order = [r[0] for r in entered if r[1]]
+    assert batch_order == sorted(batch_order)
+    assert share.in_engine == 0
+
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
+
+from tests import test_vllm_backend  # noqa: E402
+from tests.test_vllm_backend import Collected, direct_greedy  # noqa: E402
+
+oracle = test_vllm_backend.direct_llm  # its fixture (vllm.LLM in this process on the demo model), here too
+
+
+class Watched(Collected):
+    """A live task that notes when each request entered the engine and how often each was answered."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.started_at: dict[str, int] = {}
+        self.answered: list[str] = []
+
+    def started(self, item) -> None:
+        self.started_at[item.request.request_id] = len(self.sends)
+
+    def finished(self, item, completions) -> None:
+        super().finished(item, completions)
+        self.answered.append(item.request.request_id)
+
+
+@pytest.fixture
+def engine_rows(oracle, monkeypatch):
+    """The rows in the engine before each of its steps (the engine's own unfinished request count)."""
+    engine = oracle.llm_engine
+    counts: list[int] = []
+    step = engine.step
+
+    def counted():
+        counts.append(engine.get_num_unfinished_requests())
+        return step()
+
+    monkeypatch.setattr(engine, "step", counted)
+    return counts
+
+
+def backend_with_cap(llm, cap):
+    from functions.backends.vllm_backend import VllmBackend
+
+    return VllmBackend(llm, 256, torch_threads_before=1, batch_rows=cap)
+
+
+def line(prompt, tokens: int, **fields):
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    return GenerationRequest.create(prompt, MODEL, max_new_tokens=tokens, priority=BATCH_PRIORITY, **fields)
+
+
+def test_at_most_k_batch_rows_run_and_every_held_line_is_answered_once_as_vllm_would(oracle, engine_rows):
+    backend = backend_with_cap(oracle, 2)
+    lines = [line(p, n) for p, n in (("The cell", 3), ("The river carries", 9), ("A star", 5),
+                                     ("Water", 7), ("The detector counts", 4))]
+    lines.append(line(["The galaxy contains", "An allocation"], 6))  # two rows: enters when both fit
+    live = Watched()
+    answers = backend.generate([backend.encode(r) for r in lines], live)
+    assert engine_rows and max(engine_rows) == 2  # never more than the cap, and the cap was used
+    assert sorted(live.answered) == sorted(r.request_id for r in lines)  # each answered, once
+    assert [live.started_at[r.request_id] for r in lines[:2]] == [0, 0]
+    assert all(live.started_at[r.request_id] > 0 for r in lines[2:])  # held, entered as rows ended
+    for request, answer in zip(lines, answers, strict=True):
+        expected = direct_greedy(oracle, request.prompts, request.max_new_tokens)
+        assert [c.token_ids for c in answer] == expected
+        assert [c.token_ids for c in live.answers[request.request_id]] == expected
+
+
+def test_interactive_rows_enter_at_once_past_held_batch_lines(oracle, engine_rows):
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    backend = backend_with_cap(oracle, 1)
+    lines = [line(p, 12, min_new_tokens=12) for p in ("The cell", "The river carries", "A star")]
+    interactive = GenerationRequest.create("The telescope", MODEL, max_new_tokens=4, min_new_tokens=4)
+    live = Watched(joining=[backend.encode(interactive)], join_after=2)
+    backend.generate([backend.encode(r) for r in lines], live)
+    assert max(engine_rows) == 2  # one batch row, plus the interactive one
+    assert live.started_at[interactive.request_id] == 2  # at the step it joined, while two lines wait
+    assert live.started_at[lines[1].request_id] > live.started_at[interactive.request_id]
+    assert live.answers[interactive.request_id][0].token_ids == direct_greedy(oracle, interactive.prompts, 4)[0]
+    assert live.finished_at[interactive.request_id] < live.finished_at[lines[1].request_id]
+
+
+def test_a_held_line_whose_caller_left_is_answered_once_with_nothing_made(oracle, engine_rows):
+    backend = backend_with_cap(oracle, 1)
+    running, held = line("The river carries", 16, min_new_tokens=16), line("A star", 16, min_new_tokens=16)
+    live = Watched(cancel_after=2, cancel=held.request_id)
+    answers = backend.generate([backend.encode(running), backend.encode(held)], live)
+    assert live.answered.count(held.request_id) == 1 and held.request_id not in live.started_at  # never ran
+    assert [(c.token_ids, c.text, c.finish_reason) for c in answers[1]] == [([], "", "length")]
+    assert answers[1] == live.answers[held.request_id]
+    assert answers[0][0].token_ids == direct_greedy(oracle, running.prompts, 16)[0]  # its mate unchanged
+    assert max(engine_rows) == 1
+
+
+def test_a_replica_takes_its_cap_from_the_endpoints_policy(demo_model_dir, monkeypatch):
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.model import ModelSpec
+
+    monkeypatch.setenv("TPM_BATCH_ROWS", "3")
+    backend = VllmBackend.load(ModelSpec(name=MODEL, version="v", path=str(demo_model_dir), backend="vllm"))
+    try:
+        assert backend.batch_rows == 3
+    finally:
+        backend.close()
