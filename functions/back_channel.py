@@ -136,7 +136,7 @@ class BackChannel:
                     if key not in self._begun:
                         self._begun.add(key)
                         self._urgent = True
-                self._wake.notify()
+                self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
     def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
         """Send one request's outcome now (it finished before its task); kept for the task's result too."""
@@ -145,7 +145,7 @@ class BackChannel:
         if self.failed is None:
             with self._wake:
                 self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
-                self._wake.notify()
+                self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
     def take_joined(self) -> list[dict[str, Any]]:
         """The requests (wire dicts) pushed to join since the last call; the first call asks the service to
@@ -156,6 +156,17 @@ class BackChannel:
         with self._wake:
             arrived, self._arrived = self._arrived, []
         return arrived
+
+    def wait_joined(self, timeout_s: float) -> list[dict[str, Any]]:
+        """:meth:`take_joined`, waiting up to ``timeout_s`` for a request to be pushed; returns at once
+        once joining has ended (the service's window closed, or the channel failed)."""
+        deadline = time.monotonic() + timeout_s
+        arrived = self.take_joined()  # the first take also asks the service to push
+        with self._wake:
+            while not arrived and not self._arrived and not self.joins_ended.is_set() \
+                    and (left := deadline - time.monotonic()) > 0:
+                self._wake.wait(left)
+        return arrived + self.take_joined()
 
     def take_no_more(self, timeout_s: float = JOINS_END_TIMEOUT_S) -> list[dict[str, Any]]:
         """No more may join; the requests pushed before the service heard it (to be served too)."""
@@ -172,19 +183,24 @@ class BackChannel:
         first)."""
         with self._wake:
             self._closing = True
-            self._wake.notify()
+            self._wake.notify_all()  # the worker may be waiting too (wait_joined)
         self._thread.join(timeout_s)
 
     def _say(self, frame: OpenToJoin | TakeNoMore) -> None:
         with self._wake:
             self._control.append(frame)
             self._urgent = True
-            self._wake.notify()
+            self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
     def _fail(self, error: Exception) -> None:
         if self.failed is None:
             self.failed = f"{type(error).__name__}: {error}"
-        self.joins_ended.set()
+        self._end_joins()
+
+    def _end_joins(self) -> None:
+        with self._wake:
+            self.joins_ended.set()
+            self._wake.notify_all()
 
     def _run(self) -> None:
         try:
@@ -245,11 +261,12 @@ class BackChannel:
                 if isinstance(frame, Joined):
                     with self._wake:
                         self._arrived.extend(frame.requests)
+                        self._wake.notify_all()
                 elif isinstance(frame, Cancelled):
                     self.cancelled.update(frame.request_ids)
                 else:
-                    self.joins_ended.set()
+                    self._end_joins()
         except (OSError, WebSocketException, ValueError) as error:  # ValidationError is a ValueError
             if not self._closing:
                 self._fail(error)
-        self.joins_ended.set()
+        self._end_joins()

@@ -201,3 +201,23 @@ def test_a_worker_whose_channel_is_refused_turns_streaming_and_joining_off(servi
     assert channel.take_joined() == [] and channel.take_no_more(0.5) == []
     channel.close()
     assert channel.failed is not None and "4401" in channel.failed
+
+
+def test_the_workers_idle_wait_wakes_on_a_push_and_returns_at_once_once_joining_ended(service, runtime):
+    """A task whose engine ran dry waits a moment for the next request (functions.joining.IDLE_JOIN_WAIT_S):
+    a push wakes it at once, and once the service ends joining it waits for nothing."""
+    hub, hooks = runtime.channels, Hooks([["joiner"]])
+    token = hub.open(["own"], hooks)["token"]
+    channel = BackChannel(service.url + CHANNEL_ROUTE, token)
+    try:
+        started = time.monotonic()
+        assert channel.wait_joined(60) == [{"request_id": "joiner", "kind": "generate"}]
+        assert time.monotonic() - started < 20  # woken by the push, not by the end of the wait
+        hooks.stopped.set()  # the service's window closes: it ends joining
+        started = time.monotonic()
+        assert channel.wait_joined(60) == [] and channel.joins_ended.is_set()
+        assert time.monotonic() - started < 20
+        channel.close()
+        assert channel.failed is None
+    finally:
+        hub.close(token)

@@ -167,11 +167,13 @@ class Collected:
     and hands in ``joining`` requests after ``join_after`` steps."""
 
     def __init__(self, cancel_after: int | None = None, cancel: str | None = None,
-                 joining: list | None = None, join_after: int = 0) -> None:
+                 joining: list | None = None, join_after: int = 0, joining_when_idle: list | None = None) -> None:
         self.sends: list[list[dict]] = []
         self.cancelled: set[str] = set()
         self.cancel_after, self.cancel = cancel_after, cancel
         self.joining, self.join_after = list(joining or []), join_after
+        self.joining_when_idle = list(joining_when_idle or [])  # arrive only once the engine ran dry
+        self.idle_waits = 0
         self.finished_at: dict[str, int] = {}  # request id -> the step it was answered at
         self.answers: dict[str, list] = {}
         self.closed = False
@@ -189,6 +191,11 @@ class Collected:
             joined, self.joining = self.joining, []
             return joined
         return []
+
+    def idle_joined(self) -> list:
+        self.idle_waits += 1
+        joined, self.joining_when_idle = self.joining_when_idle, []
+        return joined
 
     def close(self) -> list:
         self.closed = True
@@ -256,3 +263,20 @@ def test_requests_join_a_running_batch_and_each_is_answered_when_it_ends(direct_
     assert live.finished_at[short.request_id] <= 5 < last  # answered at its own end, not the batch's
     assert 10 <= live.finished_at[joining.request_id] < last  # joined mid-batch and ended before it
     assert live.finished_at[long.request_id] == last and live.closed
+
+
+def test_a_request_that_comes_once_the_engine_ran_dry_is_taken_by_the_same_task(direct_llm):
+    """The worker waits a moment (functions.joining.IDLE_JOIN_WAIT_S) before it ends a task whose engine ran
+    dry: a caller who sends again as its answer arrives joins the warm task instead of starting a new one."""
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    backend = VllmBackend(direct_llm, 256, torch_threads_before=1)
+    first = GenerationRequest.create("A star", DEMO_MODEL_NAME, max_new_tokens=4, min_new_tokens=4)
+    next_one = GenerationRequest.create("The cell", DEMO_MODEL_NAME, max_new_tokens=6, min_new_tokens=6)
+    live = Collected(joining_when_idle=[backend.encode(next_one)])
+    answers = backend.generate([backend.encode(first)], live)
+    assert answers == backend.generate([backend.encode(first)])
+    assert live.finished_at[first.request_id] < live.finished_at[next_one.request_id]  # after the first ended
+    assert live.answers[next_one.request_id] == backend.generate([backend.encode(next_one)])[0]  # as if alone
+    assert live.idle_waits == 2 and live.closed  # it waited again once the joiner ended, then closed
