@@ -4,10 +4,12 @@ Two homes on the demo model (torch backend): one local site, or two (``a``
 and ``b``, one replica each, the project granted on both). Both replicas are
 warmed first; then the same file of ``--lines`` completions runs through the
 batch API, timed from submit to the batch's end. Printed: seconds each way,
-the ratio (target >= 1.7x), how many lines each site served, and the CPU
-seconds the service's own process and its child processes (the sites'
-interchanges; Parsl starts the worker pools detached, so they are not
-counted) spent during the batch.
+the ratio (target >= 1.7x), how many lines each site served, the CPU seconds
+spent during the batch by the service's own process, by its child processes
+(the sites' interchanges) and by the sites' worker pools (Parsl starts them
+detached: found by their command line), and how many cores that kept busy
+on average; and, from the service's database, when the batch's phases ended
+(created, first and last line) and each task's span per site.
 
 To separate the machine from the service, the same lines also run with no
 service at all: the torch backend called directly in one process, then split
@@ -16,7 +18,14 @@ starts, and runs its half in tasks of 64 as a replica does). Two bare
 processes over one is the most two replicas can give on this machine.
 
 Usage:
-    python scripts/bench_batch_sites.py [--lines 256] [--tokens 32] [--threads 1]
+    python scripts/bench_batch_sites.py [--lines 256] [--tokens 32] [--threads 1] [--repeats 1]
+        [--demo-dir DIR] [--no-bare] [--profile DIR]
+
+``--repeats`` runs the batch that many times on each warm service (one site,
+then two), so a figure is not one run's. ``--profile DIR`` records the
+service's process with py-spy (``pip install -e ".[bench]"``) during each
+timed batch, as raw collapsed stacks in DIR (one file per run), for
+``scripts/profile_stacks.py`` to count.
 
 ``--threads`` sets torch's intra-op threads per worker (``OMP_NUM_THREADS``),
 so two replicas on a small machine do not fight over the same cores.
@@ -28,13 +37,15 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from benchlib import log, machine
+from benchlib import demo_model, log, machine
 from bench_quotes import batch_file
 from bench_service import tpm_serve
 
@@ -58,41 +69,106 @@ def home_with_sites(root: Path, model_dir: Path, sites: list[str]):
     return home
 
 
-def run(home, sites: list[str], source: bytes) -> tuple[float, Counter, tuple[float, float]]:
-    """Seconds for the batch, lines per site, and CPU seconds of (the service's process, its children)."""
+def run(home, sites: list[str], source: bytes, repeats: int = 1, profile: Path | None = None
+        ) -> list[tuple[float, Counter, tuple[float, float, float]]]:
+    """Per repeat: seconds for the batch, lines per site, and CPU seconds of (the service's process, its
+    children, the sites' workers), on one warm service."""
     import psutil
 
     from tpm_fed.client import Client
     from tpm_fed.connection import running_service
 
+    runs = []
     with tpm_serve(home) as (url, headers):
         client = Client(url, headers["Authorization"].split()[1])
         for site in sites:  # a warm replica at every site
             client.generate("warm", max_new_tokens=2, site=site).result()
         service = psutil.Process(running_service(home).pid)
-        before = _cpu(service)
-        started = time.perf_counter()
-        batch = client.batches.wait(client.batches.submit(source)["id"], poll_s=0.1)
-        took = time.perf_counter() - started
-        after = _cpu(service)
-        assert batch["status"] == "completed", batch
-        served = Counter(line["response"]["body"]["tpm"]["site"] for line in client.batches.results(batch["id"]))
+        for repeat in range(repeats):
+            spy = _py_spy(service.pid, profile / f"{len(sites)}-sites-{repeat + 1}.txt") if profile else None
+            before = _cpu(service, home)
+            started, wall = time.perf_counter(), time.time()
+            batch = client.batches.wait(client.batches.submit(source)["id"], poll_s=0.1)
+            took = time.perf_counter() - started
+            after = _cpu(service, home)
+            log("    " + _timeline(home, batch["id"], wall, wall + took))
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and ends
+                spy.wait(timeout=60)
+            assert batch["status"] == "completed", batch
+            served = Counter(line["response"]["body"]["tpm"]["site"]
+                             for line in client.batches.results(batch["id"]))
+            runs.append((took, served, tuple(a - b for a, b in zip(after, before))))
+            log(f"  {len(sites)} site(s), run {repeat + 1}: {took:.2f} s, service CPU {runs[-1][2][0]:.2f} s "
+                f"(ended at {time.time():.2f})")
         client.close()
-    return took, served, (after[0] - before[0], after[1] - before[1])
+    return runs
 
 
-def _cpu(service) -> tuple[float, float]:
-    """CPU seconds (user + system) of the service's own process, and of all its descendants
-    (the interchanges; the worker pools run detached from it)."""
-    own = service.cpu_times()
-    rest = 0.0
-    for child in service.children(recursive=True):
+def _timeline(home, batch_id: str, submitted: float, seen: float) -> str:
+    """When the batch's phases ended, in seconds from its submit (from the service's database)."""
+    from sqlalchemy import create_engine, func, select
+
+    from tpm_fed.batches.tables import batch_lines_table, batches_table
+    from tpm_fed.state.schema import requests_table
+
+    b, line = batches_table.c, batch_lines_table.c
+    engine = create_engine(home.database_url)
+    with engine.connect() as db:
+        created, completed = db.execute(select(b.created_at, b.completed_at).where(b.batch_id == batch_id)).one()
+        first, last = db.execute(select(func.min(line.finished_at), func.max(line.finished_at))
+                                 .where(line.batch_id == batch_id)).one()
+        ids = [rid for (text,) in db.execute(select(line.request_ids).where(line.batch_id == batch_id))
+               for rid in text.split()]
+        r = requests_table.c
+        tasks: dict[tuple[str, float, float], int] = Counter(  # the log's times are per task: sent, ended
+            (row.site, row.submitted_at, row.finished_at) for row in db.execute(
+                select(r.site, r.submitted_at, r.finished_at).where(r.request_id.in_(ids))))
+    engine.dispose()
+    by_site: dict[str, list[str]] = {}
+    for (site, sent, ended), rows in sorted(tasks.items(), key=lambda item: item[0][1]):
+        by_site.setdefault(site, []).append(f"{sent - submitted:.2f}-{ended - submitted:.2f} ({rows})")
+    return (f"created (upload, quote) {created - submitted:.2f} s, first line ended {first - submitted:.2f} s, "
+            f"last {last - submitted:.2f} s, completed {completed - submitted:.2f} s, seen {seen - submitted:.2f} s; "
+            "tasks sent-ended (lines): " + "; ".join(f"{site}: {', '.join(spans)}" for site, spans in by_site.items()))
+
+
+def _py_spy(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling ``pid`` into ``out`` as raw collapsed stacks: per thread, only while it holds the GIL (a
+    thread waiting for it is not counted as working; C code that releases it, as SQLite does, is missed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(pid), "--format", "raw",
+                            "--rate", "200", "--threads", "--gil", "--nonblocking", "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the clock starts
+    return spy
+
+
+def _cpu(service, home) -> tuple[float, float, float]:
+    """CPU seconds (user + system) of the service's own process, of its descendants (the sites'
+    interchanges), and of the sites' worker pools with their workers (started through job scripts that
+    exit, so not the service's descendants: found by their command line, which names the home)."""
+    import psutil
+
+    def seconds(processes) -> float:
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:  # a process that ended between listing and reading
+                pass
+        return total
+
+    children = set(service.children(recursive=True))
+    pools = set()
+    for other in psutil.process_iter():
         try:
-            times = child.cpu_times()
-            rest += times.user + times.system
-        except Exception:  # a worker that ended between listing and reading
-            pass
-    return own.user + own.system, rest
+            if other not in children and other.pid != service.pid and str(home.root) in " ".join(other.cmdline()):
+                pools |= {other, *other.children(recursive=True)}
+        except psutil.Error:
+            continue
+    return seconds([service]), seconds(children), seconds(pools - children)
 
 
 def _bare_worker(model_dir: str, prompts: list[str], tokens: int, ready, start, done) -> None:
@@ -140,35 +216,44 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="batches per service, one after the other")
+    parser.add_argument("--demo-dir", type=Path, default=None, help="copy this demo model (else train one)")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare torch processes")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the service into this folder")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by tpm serve and its workers
-
-    from tpm_fed.models.demo import make_demo_model
 
     print(f"bench_batch_sites: {machine()}, OMP_NUM_THREADS={args.threads}")
     source = batch_file(args.lines, [args.tokens])
     with tempfile.TemporaryDirectory(prefix="tpm-bench-sites-") as scratch:
         scratch = Path(scratch)
-        model_dir = make_demo_model(scratch / "demo", progress=False)
+        model_dir = demo_model(scratch / "demo", args.demo_dir)
         log("one site...")
-        one, one_served, one_cpu = run(home_with_sites(scratch / "one", model_dir, ["a"]), ["a"], source)
+        ones = run(home_with_sites(scratch / "one", model_dir, ["a"]), ["a"], source, args.repeats, args.profile)
         log("two sites...")
-        two, two_served, two_cpu = run(home_with_sites(scratch / "two", model_dir, ["a", "b"]), ["a", "b"], source)
+        twos = run(home_with_sites(scratch / "two", model_dir, ["a", "b"]), ["a", "b"], source, args.repeats,
+                   args.profile)
         prompts = [json.loads(line)["body"]["prompt"] for line in source.decode().splitlines()]
-        log("the same lines with no service: one bare torch process, then two...")
-        bare_one = bare(model_dir, prompts, args.tokens, 1)
-        bare_two = bare(model_dir, prompts, args.tokens, 2)
-    print(f"\n{args.lines} lines x {args.tokens} tokens through the batch API")
-    print(f"  one site:  {one:7.2f} s   lines per site {dict(one_served)}   "
-          f"CPU s: service {one_cpu[0]:.2f}, interchanges {one_cpu[1]:.2f}")
-    print(f"  two sites: {two:7.2f} s   lines per site {dict(two_served)}   "
-          f"CPU s: service {two_cpu[0]:.2f}, interchanges {two_cpu[1]:.2f}")
-    print(f"  two / one: {one / two:7.2f}x faster   (target >= 1.7x)")
-    print("the same lines, torch backend called directly (no service, no sites)")
-    print(f"  one process:   {bare_one:7.2f} s")
-    print(f"  two processes: {bare_two:7.2f} s")
-    print(f"  two / one:     {bare_one / bare_two:7.2f}x   (the machine's ceiling for two replicas)")
-    print(f"  service / bare: one site {bare_one / one:.2f}x, two sites {bare_two / two:.2f}x")
+        if not args.no_bare:
+            log("the same lines with no service: one bare torch process, then two...")
+            bare_one = bare(model_dir, prompts, args.tokens, 1)
+            bare_two = bare(model_dir, prompts, args.tokens, 2)
+    print(f"\n{args.lines} lines x {args.tokens} tokens through the batch API ({machine()})")
+    for name, runs in (("one site", ones), ("two sites", twos)):
+        for took, served, (own, children, workers) in runs:
+            print(f"  {name:9s}: {took:7.2f} s   lines per site {dict(served)}   CPU s: service {own:.2f} "
+                  f"({1000 * own / args.lines:.2f} ms a line), interchanges {children:.2f}, workers {workers:.2f}; "
+                  f"all together {(own + children + workers) / took:.2f} cores busy")
+    one, two = min(r[0] for r in ones), min(r[0] for r in twos)
+    print(f"  two / one: {one / two:7.2f}x faster, best of {args.repeats} each   (target >= 1.7x)")
+    if args.repeats > 1:
+        print("  per repeat: " + ", ".join(f"{a[0] / b[0]:.2f}x" for a, b in zip(ones, twos)))
+    if not args.no_bare:
+        print("the same lines, torch backend called directly (no service, no sites)")
+        print(f"  one process:   {bare_one:7.2f} s")
+        print(f"  two processes: {bare_two:7.2f} s")
+        print(f"  two / one:     {bare_one / bare_two:7.2f}x   (the machine's ceiling for two replicas)")
+        print(f"  service / bare: one site {bare_one / one:.2f}x, two sites {bare_two / two:.2f}x")
 
 
 if __name__ == "__main__":

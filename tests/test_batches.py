@@ -187,3 +187,48 @@ def test_projects_take_turns_for_the_runners_lines_and_a_project_runs_its_oldest
     second = store.claim(4)
     assert [(c.batch_id, c.index) for c in second] == [(big, 3), (other, 3), (big, 4), (big, 5)]
     assert later_same not in {c.batch_id for c in first + second}  # alpha's own batches run oldest first
+
+
+def test_lines_that_ended_together_are_recorded_in_one_go_each_with_its_own_charge_and_only_once(tmp_path):
+    import json
+    import time
+
+    from sqlalchemy import insert, select
+
+    from tpm_fed.batches.protocol import BatchCreateBody, BatchInputLine
+    from tpm_fed.batches.store import BatchStore, LineEnd
+    from tpm_fed.batches.tables import batch_lines_table, batch_results_table
+    from tpm_fed.state import open_database
+    from tpm_fed.state.schema import charges_table
+
+    store = BatchStore(open_database(f"sqlite:///{tmp_path / 'batches.db'}"))
+    lines = [BatchInputLine(custom_id=f"c-{i}", method="POST", url="/v1/completions",
+                            body={"model": "m", "prompt": "p"}) for i in range(3)]
+    batch_id = store.create_batch("someone", "alpha", BatchCreateBody(input_file_id="file-x",
+                                                                       endpoint="/v1/completions"), lines, None)
+    assert [c.index for c in store.claim(3)] == [0, 1, 2] and store.claim(3) == []  # each claimed once
+    # Line 0 ran twice (a stopped service's run, then this one), line 1 once; line 2 is still running.
+    store.submitted([(batch_id, 0, "r0a"), (batch_id, 0, "r0b"), (batch_id, 1, "r1"), (batch_id, 2, "r2")])
+    with store.engine.begin() as db:
+        db.execute(insert(charges_table), [
+            {"request_id": rid, "project": "alpha", "site": "s", "identity": "someone", "model": "m",
+             "version": "v", "kind": "generate", "free": False, "state": state, "estimate_usu": 900,
+             "charged_usu": usu, "created_at": time.time()}
+            for rid, state, usu in [("r0a", "settled", 100), ("r0b", "settled", 20), ("r1", "settled", 7),
+                                    ("r2", "reserved", 0)]])
+        db.execute(insert(batch_results_table), [{"request_id": rid, "kind": "generate", "result": "{}",
+                                                  "created_at": time.time()} for rid in ("r0b", "r1", "r2")])
+    store.finish_many([LineEnd(batch_id, 0, "done", 200, {"text": "zero"}, 3, 4),
+                       LineEnd(batch_id, 1, "failed", 500, {"error": "one"})])
+    store.finish_many([LineEnd(batch_id, 0, "failed", 500, {"error": "again"})])  # ended already: no change
+    line = batch_lines_table.c
+    with store.engine.connect() as db:
+        rows = {row.line_index: row for row in db.execute(select(batch_lines_table)
+                                                          .where(line.batch_id == batch_id))}
+        kept = {rid for (rid,) in db.execute(select(batch_results_table.c.request_id))}
+    assert (rows[0].state, rows[0].status_code, json.loads(rows[0].response), rows[0].charged_usu,
+            rows[0].prompt_tokens, rows[0].completion_tokens, rows[0].attempts) == ("done", 200, {"text": "zero"},
+                                                                                    120, 3, 4, 1)
+    assert (rows[1].state, rows[1].charged_usu, rows[1].attempts) == ("failed", 7, 1)
+    assert (rows[2].state, rows[2].charged_usu, rows[2].finished_at) == ("running", 0, None)
+    assert kept == {"r2"}  # the ended lines' kept results are gone; a running line's stays

@@ -220,6 +220,19 @@ def test_a_request_that_lost_its_sus_since_placement_fails_uncharged_and_the_res
     assert (replica.state, replica.queue_depth) == ("warm", 0)
 
 
+def test_a_replicas_cold_start_is_not_its_service_time_so_a_slow_load_does_not_skew_placement(tmp_path):
+    """A replica's service time (what placement multiplies by its queue) is how long its tasks run: the
+    seconds its first task spent loading the model are paid once, not by every request queued there later."""
+    world = Federated(tmp_path)
+    _, first = world.send(1000)
+    cold = reply_for(world.site.tasks[0][1])
+    cold["replica"]["warm"], cold["load_s"], cold["run_s"] = False, 9.0, 0.02
+    world.site.tasks[0][0].set_result(cold)
+    assert first.result(timeout=5).timings.load_s == 9.0
+    replica = world.broker.registry.all()[0]
+    assert replica.service_s == pytest.approx(0.7 * 1.0 + 0.3 * 0.02)  # the run alone, not 9.02 s
+
+
 def test_a_batch_refused_whole_sends_no_task_and_frees_the_worker(tmp_path):
     from tpm_fed.protocol.errors import InsufficientBalance
 

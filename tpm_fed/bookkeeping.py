@@ -244,8 +244,9 @@ class Bookkeeper:
             results = [o for o in batch if isinstance(o, ServedResult)]
             if results:
                 first = results[0]
-                self.broker.registry.served(replica_id, len(batch), first.timings.load_s + first.timings.run_s,
-                                            first.replica.replica_id, db)
+                # Its service time is the task's run: a cold start's load is paid once, not by every request
+                # placed behind it later (a slow first load would skew a batch's split between sites).
+                self.broker.registry.served(replica_id, len(batch), first.timings.run_s, first.replica.replica_id, db)
                 # Generation's pace by task size, for batch quotes: the task's rows, its longest output
                 # (not a replica's first task: its first steps pay for warming up).
                 steps = max(r.usage.completion_tokens for r in results)

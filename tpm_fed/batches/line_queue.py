@@ -34,6 +34,20 @@ class ClaimedLine:
     """The ids earlier runs of the line went out under (a stopped service's)."""
 
 
+@dataclass(frozen=True)
+class LineEnd:
+    """How a line ended, to record (:meth:`LineQueue.finish_many`)."""
+
+    batch_id: str
+    index: int
+    state: str
+    """``done`` or ``failed``."""
+    status_code: int
+    response: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class LineQueue:
     """The lines part of :class:`~tpm_fed.batches.store.BatchStore`: what the runner calls."""
 
@@ -75,10 +89,16 @@ class LineQueue:
                     .join(batches_table, b.batch_id == line.batch_id)
                     .where(ready, line.batch_id == batch_id).order_by(line.line_index).limit(limit)).all())
             rows = _taking_turns(list(queues.values()), limit)
-            # A row a concurrent cancel took meanwhile (READ COMMITTED) changes nothing and is not ours.
-            claimed = [row for row in rows if db.execute(
-                update(batch_lines_table).where(line.batch_id == row.batch_id, line.line_index == row.line_index,
-                                                line.state == "pending").values(state="running")).rowcount == 1]
+            # One statement per batch, not per line. A row a concurrent cancel took meanwhile (READ
+            # COMMITTED) is not returned: it changed nothing and is not ours.
+            taken = {(batch_id, index)
+                     for batch_id, batch_indexes in _by_batch([(row.batch_id, row.line_index) for row in rows]).items()
+                     for part in _parts(batch_indexes)
+                     for (index,) in db.execute(update(batch_lines_table)
+                                                .where(line.batch_id == batch_id, line.line_index.in_(part),
+                                                       line.state == "pending")
+                                                .values(state="running").returning(line.line_index))}
+            claimed = [row for row in rows if (row.batch_id, row.line_index) in taken]
         return [ClaimedLine(r.batch_id, r.line_index, r.custom_id, r.url, json.loads(r.body), r.attempts,
                             r.deferrals, r.owner, r.project, tuple(r.request_ids.split())) for r in claimed]
 
@@ -97,19 +117,42 @@ class LineQueue:
     def finish(self, batch_id: str, index: int, *, state: str, status_code: int, response: dict[str, Any],
                prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         """Record a line's end (``done`` or ``failed``) with its answer, and its charge as the ledger has it."""
-        line, c = batch_lines_table.c, charges_table.c
+        self.finish_many([LineEnd(batch_id, index, state, status_code, response, prompt_tokens, completion_tokens)])
+
+    def finish_many(self, ends: list[LineEnd]) -> None:
+        """Record the ends of many lines in one transaction (each as :meth:`finish` would): the runner records
+        a task's lines together, not one transaction per line. A line no longer running (a cancel took it)
+        is left as it is."""
+        if not ends:
+            return
+        line, c, r = batch_lines_table.c, charges_table.c, batch_results_table.c
         with self.engine.begin() as db:
-            request_ids = db.execute(select(line.request_ids).where(line.batch_id == batch_id,
-                                                                    line.line_index == index)).scalar_one().split()
-            charged = db.execute(select(func.coalesce(func.sum(c.charged_usu), 0))
-                                 .where(c.request_id.in_(request_ids or [""]), c.state == "settled")).scalar_one()
-            db.execute(delete(batch_results_table).where(batch_results_table.c.request_id.in_(request_ids or [""])))
+            request_ids: dict[tuple[str, int], list[str]] = {}
+            for batch_id, indexes in _by_batch([(end.batch_id, end.index) for end in ends]).items():
+                for part in _parts(indexes):
+                    request_ids.update(((batch_id, index), ids.split()) for index, ids in db.execute(
+                        select(line.line_index, line.request_ids)
+                        .where(line.batch_id == batch_id, line.line_index.in_(part))))
+            every_id = [rid for ids in request_ids.values() for rid in ids]
+            charged: dict[str, int] = {}
+            for part in _parts(every_id):
+                charged.update(db.execute(select(c.request_id, func.sum(c.charged_usu))
+                                          .where(c.request_id.in_(part), c.state == "settled")
+                                          .group_by(c.request_id)).all())
+                db.execute(delete(batch_results_table).where(r.request_id.in_(part)))
+            now = time.time()
             db.execute(update(batch_lines_table)
-                       .where(line.batch_id == batch_id, line.line_index == index, line.state == "running")
-                       .values(state=state, status_code=status_code, response=json.dumps(response),
-                               charged_usu=int(charged), prompt_tokens=prompt_tokens,
-                               completion_tokens=completion_tokens, finished_at=time.time(),
-                               attempts=line.attempts + 1))
+                       .where(line.batch_id == bindparam("b"), line.line_index == bindparam("i"),
+                              line.state == "running")
+                       .values(state=bindparam("to"), status_code=bindparam("code"), response=bindparam("answer"),
+                               charged_usu=bindparam("usu"), prompt_tokens=bindparam("prompt"),
+                               completion_tokens=bindparam("completion"), finished_at=now,
+                               attempts=line.attempts + 1),
+                       [{"b": end.batch_id, "i": end.index, "to": end.state, "code": end.status_code,
+                         "answer": json.dumps(end.response), "prompt": end.prompt_tokens,
+                         "completion": end.completion_tokens,
+                         "usu": int(sum(charged.get(rid, 0) for rid in request_ids.get((end.batch_id, end.index), ())))}
+                        for end in ends])
 
     @staticmethod
     def keep_results(db: Any, results: dict[str, Any]) -> None:
@@ -206,3 +249,20 @@ def _taking_turns(queues: list[list[Any]], limit: int) -> list[Any]:
         taken.extend(queue[depth] for queue in queues if depth < len(queue))
         depth += 1
     return taken[:limit]
+
+
+IN_LIST_MAX = 500
+"""Most values in one ``IN (...)`` list (well under SQLite's and PostgreSQL's limits on bound parameters)."""
+
+
+def _parts(values: list[Any]) -> list[list[Any]]:
+    """``values`` in lists of at most :data:`IN_LIST_MAX`."""
+    return [values[start:start + IN_LIST_MAX] for start in range(0, len(values), IN_LIST_MAX)]
+
+
+def _by_batch(lines: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """Line indexes grouped by batch."""
+    grouped: dict[str, list[int]] = {}
+    for batch_id, index in lines:
+        grouped.setdefault(batch_id, []).append(index)
+    return grouped

@@ -28,11 +28,12 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from tpm_fed.batches.engine_interface import BatchEngine, Observer
 from tpm_fed.batches.lines import LineRoutes, charging
-from tpm_fed.batches.store import BatchStore, ClaimedLine
+from tpm_fed.batches.store import BatchStore, ClaimedLine, LineEnd
 from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
 from tpm_fed.protocol.http_errors import http_error
 from tpm_fed.protocol.kinds import KINDS
@@ -81,7 +82,11 @@ class BatchRunner:
                                            for site in runtime.federation.sites))
         self.poll_s = poll_s
         self._stopping = False
-        self._in_flight: set[asyncio.Task] = set()
+        self._in_flight: set[_Out] = set()  # lines sent whose end is not recorded yet (the loop's)
+        self._ended: list[_Out] = []  # lines whose answer came, to record together
+        self._ended_lock = threading.Lock()
+        self._recording = False  # a recorder is running or scheduled on the loop (under _ended_lock)
+        self._recorder: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -135,10 +140,12 @@ class BatchRunner:
             self._wake.clear()
             try:
                 claimed = await asyncio.to_thread(self.store.claim, self.window - len(self._in_flight))
-                for line, body, request, sent in await asyncio.to_thread(self._send, claimed):
-                    task = asyncio.create_task(self._serve(line, body, request, sent))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._in_flight.discard)
+                for out in await asyncio.to_thread(self._send, claimed):
+                    self._in_flight.add(out)
+                    if isinstance(out.sent, Future):
+                        out.sent.add_done_callback(lambda _, out=out: self._answered(out))
+                    else:  # not sent: it ends now, with its error
+                        self._answered(out)
                 await asyncio.to_thread(self.store.settle_batches)
                 if time.monotonic() >= self._next_file_sweep:  # expired uploads leave the database
                     self._next_file_sweep = time.monotonic() + FILE_SWEEP_PERIOD_S
@@ -149,17 +156,18 @@ class BatchRunner:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
             except TimeoutError:
                 pass
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=STOP_GRACE_S)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await asyncio.to_thread(self.store.settle_batches)
 
-    def _send(self, claimed: list[ClaimedLine]) -> list[tuple[ClaimedLine, Any, Any, Any]]:
+    def _send(self, claimed: list[ClaimedLine]) -> list[_Out]:
         """Build the claimed lines' requests, note their ids (one transaction), then submit them back to back.
 
         Inside one ``Runtime.burst()``, so a window of lines leaves as full replica batches, not its first
         few lines alone while the rest are still being placed. Returns per line its body, request, and the
-        runtime's future, or the error that kept it from being built or placed (raised again in
-        :meth:`_serve`, where failures are handled).
+        runtime's future, or the error that kept it from being built or placed (recorded as the line's
+        failure, where failures are handled).
         """
         kept = self.store.kept_results([rid for line in claimed for rid in line.request_ids])
         built: list[tuple[ClaimedLine, Any, Any, Any]] = []
@@ -175,7 +183,7 @@ class BatchRunner:
                                   _kept_future(*kept[done])))
                 else:
                     built.append((line, body, request, None))
-            except Exception as error:  # noqa: BLE001 - the line's own failure, handled in _serve
+            except Exception as error:  # noqa: BLE001 - the line's own failure, recorded as such
                 built.append((line, None, None, error))
         to_send = [(line, request) for line, _, request, outcome in built if request is not None and outcome is None]
         self.store.submitted([(line.batch_id, line.index, request.request_id) for line, request in to_send])
@@ -183,43 +191,81 @@ class BatchRunner:
         sent = []
         with self.runtime.burst():  # the window leaves in full tasks, not its first few lines alone
             for line, body, request, outcome in built:
+                started = time.perf_counter()
                 if request is not None and outcome is None:
                     try:
                         outcome = self.runtime.submit(request, line.owner, background=True)  # the future, on success
-                    except Exception as refused:  # noqa: BLE001 - the line's own failure, handled in _serve
+                    except Exception as refused:  # noqa: BLE001 - the line's own failure, recorded as such
                         outcome = refused
-                sent.append((line, body, request, outcome))
+                sent.append(_Out(line, body, request, outcome, started))
         return sent
 
-    async def _serve(self, line: ClaimedLine, body: Any, request: Any, sent: Any) -> None:
-        """Await a sent line's result, render it as its route would, and record how it ended."""
-        started = time.perf_counter()
-        try:
-            if isinstance(sent, Exception):
-                raise sent
-            try:
-                result = await asyncio.wrap_future(sent)
-            except Exception as error:
-                self._observe(request, started, error=error)
-                raise
-            self._observe(request, started, result)
-            answer = self.routes.render(line.url, body, request, result)
-        except Exception as error:  # noqa: BLE001 - any failure is the line's: retried once, then its error
-            await asyncio.to_thread(self._failed, line, error)
-        else:
-            usage = answer.get("usage") or {}
-            await asyncio.to_thread(self.store.finish, line.batch_id, line.index, state="done", status_code=200,
-                                    response=answer, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                    completion_tokens=int(usage.get("completion_tokens") or 0))
-        finally:
-            if request is not None:
-                self._sent_ids.discard(request.request_id)
-            self.wake()  # a slot is free
+    def _answered(self, out: _Out) -> None:
+        """A line's future ended (on the thread that settled its task): queue it to be recorded.
 
-    def _observe(self, request: ServingRequest, started: float, result: ServedResult | None = None,
+        A task's lines end together, so the first schedules one recorder on the loop and the rest only
+        join the queue: no thread hop, no transaction per line."""
+        out.seconds = time.perf_counter() - out.started
+        with self._ended_lock:
+            self._ended.append(out)
+            if self._recording:
+                return
+            self._recording = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_recorder)
+
+    def _start_recorder(self) -> None:
+        self._recorder = asyncio.get_running_loop().create_task(self._record_answered())
+
+    async def _record_answered(self) -> None:
+        """Record the lines that ended, together, until none is left; then a pass may claim more."""
+        while True:
+            with self._ended_lock:
+                ended, self._ended = self._ended, []
+                if not ended:
+                    self._recording = False
+                    return
+            try:
+                await asyncio.to_thread(self._record, ended)
+            except Exception:  # the database may be away: the lines stay running, and run again after a restart
+                logger.exception("batches: could not record the end of %d line(s)", len(ended))
+            finally:
+                for out in ended:
+                    self._in_flight.discard(out)
+                    if out.request is not None:
+                        self._sent_ids.discard(out.request.request_id)
+                self._wake.set()  # slots are free
+
+    def _record(self, ended: list[_Out]) -> None:
+        """Render each ended line's answer as its route would, and record them in one transaction (a line that
+        failed is handled alone: retried once, deferred, or ended with its error)."""
+        ends = []
+        for out in ended:
+            try:
+                if not isinstance(out.sent, Future):
+                    raise out.sent
+                try:
+                    result = out.sent.result()
+                except Exception as error:
+                    self._observe(out.request, out.seconds, error=error)
+                    raise
+                self._observe(out.request, out.seconds, result)
+                answer = self.routes.render(out.line.url, out.body, out.request, result)
+            except Exception as error:  # noqa: BLE001 - any failure is the line's: retried once, then its error
+                try:
+                    self._failed(out.line, error)
+                except Exception:  # the database may be away: this line stays running; the others are recorded
+                    logger.exception("batch %s line %d: could not record its failure", *out.key)
+            else:
+                usage = answer.get("usage") or {}
+                ends.append(LineEnd(out.line.batch_id, out.line.index, "done", 200, answer,
+                                    int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))
+        self.store.finish_many(ends)
+
+    def _observe(self, request: ServingRequest, seconds: float, result: ServedResult | None = None,
                  error: BaseException | None = None) -> None:
         if self.observer is not None:
-            self.observer.observe(request.kind, request.model.name, time.perf_counter() - started, result, error)
+            self.observer.observe(request.kind, request.model.name, seconds, result, error)
 
     def _failed(self, line: ClaimedLine, error: Exception) -> None:
         if not isinstance(error, TpmError):
@@ -236,6 +282,23 @@ class BatchRunner:
         answer = http_error(error)  # one we did not foresee: a 500 naming its type
         self.store.finish(line.batch_id, line.index, state="failed", status_code=answer.status,
                           response=answer.body())
+
+
+@dataclass(eq=False)  # each run of a line is its own (a line retried goes out again as another)
+class _Out:
+    """A claimed line on its way: sent (``sent`` is the runtime's future) or not (``sent`` is why)."""
+
+    line: ClaimedLine
+    body: Any
+    request: ServingRequest | None
+    sent: Future | BaseException
+    started: float
+    seconds: float = 0.0
+    """From its submit to its answer (the metrics' latency)."""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.line.batch_id, self.line.index
 
 
 def deferral_s(deferrals: int) -> float:

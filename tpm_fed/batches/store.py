@@ -14,14 +14,14 @@ import os
 from sqlalchemy import Engine
 
 from tpm_fed.batches.batch_records import BatchRecords
-from tpm_fed.batches.line_queue import ClaimedLine, LineQueue
+from tpm_fed.batches.line_queue import ClaimedLine, LineEnd, LineQueue
 from tpm_fed.batches.outputs import ERRORS_SUFFIX, OUTPUT_SUFFIX, BatchOutputs
 from tpm_fed.batches.protocol import UPLOAD_QUOTA_BYTES, UPLOAD_QUOTA_VARIABLE
 from tpm_fed.batches.tables import batch_metadata
 from tpm_fed.batches.uploads import UploadedFiles
 from tpm_fed.state.database import add_missing_columns
 
-__all__ = ["BatchStore", "ClaimedLine", "ERRORS_SUFFIX", "OUTPUT_SUFFIX"]
+__all__ = ["BatchStore", "ClaimedLine", "ERRORS_SUFFIX", "LineEnd", "OUTPUT_SUFFIX"]
 
 
 class BatchStore(UploadedFiles, BatchRecords, BatchOutputs, LineQueue):

@@ -32,6 +32,7 @@ from tpm_fed.protocol.errors import SiteError, TpmError
 from tpm_fed.sites.base import SiteStatus
 from tpm_fed.sites.task_resources import task_resources
 from tpm_fed.sites.json_results import JSON_RESULTS, data_from_result
+from tpm_fed.sites.long_lived import keep_out_of_full_collections
 from tpm_fed.sites.remote_errors import error_from_traceback
 
 
@@ -82,6 +83,7 @@ class EngineSite:
                 self._state, self._failure = "failed", f"{type(error).__name__}: {error}"
                 raise SiteError(f"site {self.name!r} could not start: {self._failure}") from error
             self._state = "running"
+            keep_out_of_full_collections()  # the engine's and Parsl's objects live as long as the process
             # A caller that never closes its Client must not leave worker
             # processes (holding whole models) behind when Python exits.
             atexit.register(self.shutdown)
