@@ -310,6 +310,9 @@ class TokenTable:
     identities: dict[str, str]
     mode: str = "local"
 
+    def known(self, token: str | None) -> str:
+        return self.authenticate(token)  # a table lookup: never blocks
+
     def authenticate(self, token: str | None) -> str:
         from tpm_fed.protocol.errors import Unauthenticated
 

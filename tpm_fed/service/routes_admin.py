@@ -37,9 +37,8 @@ from tpm_fed.sites.parsl_engine import load_engine_config
 from tpm_fed.store import ModelStore
 
 
-def operator_of(request: Request) -> str:
+def operator_of(request: Request, identity: str = Depends(identity_of)) -> str:
     """The caller, if they are an operator of this service (the routes' FastAPI dependency)."""
-    identity = identity_of(request)
     if identity not in request.app.state.operators:
         raise NotPermitted(f"{identity!r} is not an operator of this service")
     return identity
