@@ -140,12 +140,14 @@ def start_vllm_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, s
 
 
 @contextlib.contextmanager
-def tpm_serve(home) -> Iterator[tuple[str, dict[str, str]]]:
-    """``tpm serve`` for ``home`` in its own process (as vLLM's server runs in its own): URL, auth header."""
+def tpm_serve(home, command: list[str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """``tpm serve`` for ``home`` in its own process (as vLLM's server runs in its own): URL, auth header.
+
+    ``command`` starts it some other way (a script's probed service), on the same home."""
     from tpm_fed.connection import running_service
 
     log_file = open(home.root / "bench-service.log", "wb")  # noqa: SIM115 - the service writes it while it runs
-    process = subprocess.Popen([sys.executable, "-m", "tpm_fed.service", "--home", str(home.root)],
+    process = subprocess.Popen(command or [sys.executable, "-m", "tpm_fed.service", "--home", str(home.root)],
                                stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while (address := running_service(home)) is None or address.pid != process.pid:

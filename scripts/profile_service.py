@@ -47,6 +47,23 @@ from bench_vllm_client import LOADS, run_client
 from benchlib import demo_model, log, machine
 
 
+def processes_of(pid: int, home: Path | None, children: bool) -> set:
+    """``pid`` (with ``children``, its live descendants), and with ``home`` every process whose command
+    line names the home, with its descendants (see :func:`cpu_seconds`)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    processes = {process, *(process.children(recursive=True) if children else [])}
+    if home is not None:
+        for other in psutil.process_iter():
+            try:
+                if str(home) in " ".join(other.cmdline()):
+                    processes |= {other, *other.children(recursive=True)}
+            except psutil.Error:
+                continue
+    return processes
+
+
 def cpu_seconds(pid: int, children: bool, home: Path | None = None) -> float:
     """User + system CPU seconds of ``pid`` (and of every live descendant with ``children``).
 
@@ -56,17 +73,8 @@ def cpu_seconds(pid: int, children: bool, home: Path | None = None) -> float:
     """
     import psutil
 
-    process = psutil.Process(pid)
-    processes = {process, *(process.children(recursive=True) if children else [])}
-    if children and home is not None:
-        for other in psutil.process_iter():
-            try:
-                if str(home) in " ".join(other.cmdline()):
-                    processes |= {other, *other.children(recursive=True)}
-            except psutil.Error:
-                continue
     total = 0.0
-    for each in processes:
+    for each in processes_of(pid, home if children else None, children):
         try:
             times = each.cpu_times()
             total += times.user + times.system
@@ -93,17 +101,8 @@ def cpu_by_process(pid: int, home: Path | None) -> dict[tuple[int, str], float]:
     """CPU seconds of ``pid`` and of each process counted with it (see :func:`cpu_seconds`), by (pid, a short name)."""
     import psutil
 
-    process = psutil.Process(pid)
-    processes = {process, *process.children(recursive=True)}
-    if home is not None:
-        for other in psutil.process_iter():
-            try:
-                if str(home) in " ".join(other.cmdline()):
-                    processes |= {other, *other.children(recursive=True)}
-            except psutil.Error:
-                continue
     seconds = {}
-    for each in processes:
+    for each in processes_of(pid, home, True):
         try:
             times, words = each.cpu_times(), each.cmdline()
         except psutil.Error:

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -235,28 +234,9 @@ def one_request(url: str, headers: dict, max_tokens: int) -> dict:
 
 def probed_serve(home, stamps_file: Path):
     """:func:`bench_service.tpm_serve`, with this script's probes in the service's process."""
-    from contextlib import contextmanager
+    from bench_service import tpm_serve
 
-    from tpm_fed.connection import running_service
-
-    @contextmanager
-    def serving():
-        log_file = open(home.root / "bench-service.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen([sys.executable, __file__, "--serve-probed", str(stamps_file), str(home.root)],
-                                   stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while (address := running_service(home)) is None or address.pid != process.pid:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit("tpm serve did not start:\n" + (home.root / "bench-service.log").read_text()[-2000:])
-            time.sleep(0.2)
-        try:
-            yield address.url, {"Authorization": f"Bearer {address.token}"}
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-
-    return serving()
+    return tpm_serve(home, [sys.executable, __file__, "--serve-probed", str(stamps_file), str(home.root)])
 
 
 if __name__ == "__main__":

@@ -177,27 +177,23 @@ class VllmBackend:
             if running.done:
                 live.finished(running.item, list(running.completions))
 
+        def take_in(items: list[EncodedRequest]) -> bool:
+            """``items`` arrive, and held lines that fit now enter; whether the engine has rows to step
+            (when it has none, nothing is held either: it would have entered here)."""
+            for item in items:
+                arrive(item)
+            for running in share.ready():
+                start(running)
+            return engine.has_unfinished_requests()
+
         originals = [arrive(item) for item in batch]
         sent: dict[str, int] = {}
         latest: dict[str, Any] = {}  # streamed rows' last cumulative output
         while True:
-            for item in live.joined():
-                arrive(item)
-            for running in share.ready():
-                start(running)
-            if not engine.has_unfinished_requests():  # (nothing is held then: it would have entered above)
-                for item in live.idle_joined():  # the next request often comes a moment after the last
-                    arrive(item)
-                for running in share.ready():
-                    start(running)
-                if engine.has_unfinished_requests():
-                    continue
-                for item in live.close():  # no more may join; what joined meanwhile still runs
-                    arrive(item)
-                for running in share.ready():
-                    start(running)
-                if not engine.has_unfinished_requests():
-                    break
+            # Run dry, the task first waits a moment for a request to join (the next one often comes just
+            # after the last ended), then takes no more, serving what joined meanwhile.
+            if not take_in(live.joined()) and not take_in(live.idle_joined()) and not take_in(live.close()):
+                break
             # Rows whose callers left stop here, with what they made so far (charged for it). Only a
             # streamed row has a caller who can leave: the scan is of those, and only once one has.
             if live.cancelled:
