@@ -86,7 +86,7 @@ class BatchRunner:
         self._ended: list[_Out] = []  # lines whose answer came, to record together
         self._ended_lock = threading.Lock()
         self._recording = False  # a recorder is running or scheduled on the loop (under _ended_lock)
-        self._recorder: asyncio.Task | None = None
+        self._recorder: asyncio.Task | None = None  # held: the loop keeps only a weak reference to a task
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
