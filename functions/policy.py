@@ -57,6 +57,14 @@ policy file on the endpoint host named there.
                             on GPUs (a step's time barely grows with its rows);
                             on CPUs, where it does, docs/performance.md gives
                             the trade-off.
+``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``
+                            The most batch-line rows a vLLM replica's engine
+                            keeps while an interactive request is in it (0:
+                            none). The newest beyond it leave the engine with
+                            the tokens they made and resume after, from their
+                            prompt and those tokens (greedy or unseeded lines
+                            with no stop strings; others stay). Unset: batch
+                            rows stay (:mod:`functions.batch_rows`).
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -103,6 +111,7 @@ VARIABLES = {
     "torch_device": "TPM_TORCH_DEVICE",
     "model_cache": "TPM_MODEL_CACHE",
     "batch_rows": "TPM_BATCH_ROWS",
+    "batch_rows_beside_interactive": "TPM_BATCH_ROWS_BESIDE_INTERACTIVE",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -132,6 +141,8 @@ class WorkerPolicy(BaseModel):
         model_cache: Where store versions are materialized as folders for vLLM, once per node
             (:mod:`functions.model_cache`); None: ``~/.cache/tpm-fed/models``.
         batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
+        batch_rows_beside_interactive: The most it keeps while an interactive row is in it; the rest
+            are set aside and resume after (None: they stay).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -150,6 +161,7 @@ class WorkerPolicy(BaseModel):
     torch_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
     model_cache: Path | None = None
     batch_rows: int | None = Field(default=None, ge=1)
+    batch_rows_beside_interactive: int | None = Field(default=None, ge=0)
 
     @field_validator("result_store")
     @classmethod

@@ -12,7 +12,11 @@ median). ``--batch-rows`` caps the batch rows in the vLLM engine at once
 (the site's ``worker.batch_rows``): the batch's other lines wait in the
 worker, so the interactive request shares each step with fewer rows; each
 cap given runs its own service, one after the other, and the batch's lines
-per second say what the cap costs it.
+per second say what the cap costs it. ``CAP:K`` also sets aside the batch
+rows beyond K while an interactive request runs (the site's
+``worker.batch_rows_beside_interactive``): they leave the engine and resume
+after it, so the interactive request shares its steps with at most K (e.g.
+``none:0``: no cap, and every batch row steps aside).
 
 ``--baseline`` then does the same on vLLM's own OpenAI server, started with
 ``--scheduling-policy priority``: the idle request, then the same request
@@ -24,7 +28,7 @@ service.
 
 Usage:
     python scripts/bench_batch_priority.py [--lines 512] [--tokens 32] [--samples 20] [--every 0.25]
-        [--max-batch 64] [--backend torch|vllm] [--batch-rows none,4] [--baseline]
+        [--max-batch 64] [--backend torch|vllm] [--batch-rows none,4,none:0] [--baseline]
 """
 
 from __future__ import annotations
@@ -55,25 +59,27 @@ def main() -> None:
                         help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
     parser.add_argument("--batch-rows", default="none",
                         help="the site's cap on batch rows in a vLLM engine (worker.batch_rows, TPM_BATCH_ROWS): "
-                             "'none' or a number; several, comma-separated, run one service each (e.g. none,4)")
+                             "'none' or a number, and ':K' to set aside the batch rows beyond K while an "
+                             "interactive request runs (worker.batch_rows_beside_interactive); several, "
+                             "comma-separated, run one service each (e.g. none,4,none:0)")
     parser.add_argument("--baseline", action="store_true",
                         help="also vLLM's own server (priority scheduling) under the same load")
     args = parser.parse_args()
 
-    caps = [None if cap == "none" else int(cap) for cap in args.batch_rows.split(",")]
+    shares = [share_of(spec) for spec in args.batch_rows.split(",")]
     print(f"bench_batch_priority: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-priority-") as scratch:
         scratch = Path(scratch)
         model_dir = demo_model(scratch / "demo", args.demo_dir)
-        runs = [service_run(args, model_dir, scratch / f"home-{cap}", cap) for cap in caps]
+        runs = [service_run(args, model_dir, scratch / f"home-{index}", share) for index, share in enumerate(shares)]
         baseline = vllm_server_baseline(args, model_dir) if args.baseline else None  # the same model folder
     first_rate = None
-    for cap, (idle, during, lines_per_s) in zip(caps, runs, strict=True):
+    for share, (idle, during, lines_per_s) in zip(shares, runs, strict=True):
         ratio = statistics.median(during) / statistics.median(idle)
         first_rate = first_rate or lines_per_s
         print(f"\ninteractive completion (8 tokens) while a batch of {args.lines} x {args.tokens} tokens runs "
               f"(tasks of up to {args.max_batch}; {args.backend} backend; "
-              f"{'no cap on batch rows' if cap is None else f'at most {cap} batch rows in the engine'})")
+              f"{described(share)})")
         print(f"  idle replica:        median {statistics.median(idle) * 1000:8.1f} ms  ({len(idle)} samples)")
         print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
               f"max {max(during) * 1000:.0f} ms")
@@ -88,17 +94,30 @@ def main() -> None:
         print(f"  ratio:               {statistics.median(during) / statistics.median(idle):8.2f}x")
 
 
+def share_of(spec: str) -> tuple[int | None, int | None]:
+    """``CAP[:K]`` -> (the cap on batch rows, the batch rows kept beside an interactive one); ``none``: unset."""
+    cap, _, beside = spec.partition(":")
+    return (None if cap == "none" else int(cap)), (int(beside) if beside and beside != "none" else None)
+
+
+def described(share: tuple[int | None, int | None]) -> str:
+    cap, beside = share
+    said = "no cap on batch rows" if cap is None else f"at most {cap} batch rows in the engine"
+    return said if beside is None else f"{said}, at most {beside} beside an interactive one (the rest set aside)"
+
+
 def service_run(args: argparse.Namespace, model_dir: Path, folder: Path,
-                cap: int | None) -> tuple[list[float], list[float], float]:
-    """On ``tpm serve`` with the site's workers capping batch rows at ``cap``: the idle and the
-    during-the-batch latencies, and the batch's lines per second (submitted to completed)."""
+                share: tuple[int | None, int | None]) -> tuple[list[float], list[float], float]:
+    """On ``tpm serve`` with the site's workers sharing the engine as ``share`` says (:func:`share_of`):
+    the idle and the during-the-batch latencies, and the batch's lines per second (submitted to completed)."""
     from tpm_fed.client import Client
     from tpm_fed.federation import Federation
 
     home = bench_home(folder, model_dir, backend=args.backend)
     federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
     sites = [site.model_copy(update={"max_batch_requests": args.max_batch,
-                                     "worker": site.worker.model_copy(update={"batch_rows": cap})})
+                                     "worker": site.worker.model_copy(update={
+                                         "batch_rows": share[0], "batch_rows_beside_interactive": share[1]})})
              for site in federation.sites]
     federation.model_copy(update={"sites": sites}).dump(home.federation_file)
     with tpm_serve(home) as (url, headers):
@@ -111,7 +130,7 @@ def service_run(args: argparse.Namespace, model_dir: Path, folder: Path,
 
         one()
         idle = [one() for _ in range(args.samples)]
-        log(f"batch rows cap {cap}: idle median {statistics.median(idle) * 1000:.0f} ms; "
+        log(f"{described(share)}: idle median {statistics.median(idle) * 1000:.0f} ms; "
             f"starting a batch of {args.lines} lines...")
         submitted = time.perf_counter()
         batch = client.batches.submit(batch_file(args.lines, [args.tokens]))

@@ -4,6 +4,10 @@ The worker's live step loop (``VllmBackend._run_live``) holds the task's batch l
 (:mod:`functions.batch_rows`); they enter as batch rows end, each answered once with the tokens
 ``vllm.LLM.generate`` gives alone. Interactive rows enter at once. The cap is the endpoint's
 ``TPM_BATCH_ROWS`` (a local site's ``worker.batch_rows``); a bad one is refused by name.
+
+With ``TPM_BATCH_ROWS_BESIDE_INTERACTIVE`` (``worker.batch_rows_beside_interactive``) batch rows beyond
+it leave the engine while an interactive row runs and resume after from their prompt and tokens so far,
+each still answered once with the tokens and text ``vllm.LLM.generate`` gives alone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ def test_the_cap_is_the_endpoints_and_a_bad_one_is_refused_by_name(tmp_path):
     for bad in ("0", "-2", "many"):
         with pytest.raises(SiteError, match="TPM_BATCH_ROWS"):
             load_policy({"TPM_BATCH_ROWS": bad})
+    assert load_policy({}).batch_rows_beside_interactive is None  # batch rows stay by default
+    assert load_policy({"TPM_BATCH_ROWS_BESIDE_INTERACTIVE": "0"}).batch_rows_beside_interactive == 0
+    for bad in ("-1", "some"):
+        with pytest.raises(SiteError, match="TPM_BATCH_ROWS_BESIDE_INTERACTIVE"):
+            load_policy({"TPM_BATCH_ROWS_BESIDE_INTERACTIVE": bad})
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text("batch_rows: 0\n")
     with pytest.raises(SiteError, match="batch_rows"):
@@ -39,6 +48,10 @@ def test_a_local_sites_cap_reaches_its_workers_and_a_bad_one_is_refused(tmp_path
     assert "export TPM_BATCH_ROWS=8" in LocalSite.from_config(capped, tmp_path).worker_init().splitlines()
     # Unset (no cap) is said explicitly too, so the service's own environment does not leak into its workers.
     assert "unset TPM_BATCH_ROWS" in LocalSite.from_config(SiteConfig(name="local"), tmp_path).worker_init()
+    yielding = SiteConfig.model_validate({"name": "local", "worker": {"batch_rows_beside_interactive": 0}})
+    lines = LocalSite.from_config(yielding, tmp_path).worker_init().splitlines()
+    assert "export TPM_BATCH_ROWS_BESIDE_INTERACTIVE=0" in lines and "unset TPM_BATCH_ROWS" in lines
+    assert "unset TPM_BATCH_ROWS_BESIDE_INTERACTIVE" in LocalSite.from_config(capped, tmp_path).worker_init()
     path = tmp_path / "federation.yaml"
     path.write_text("name: f\nsites:\n  - name: local\n    worker: {batch_rows: 0}\nmodels: []\nprojects: []\n")
     with pytest.raises(FederationConfigError, match="batch_rows"):
@@ -82,6 +95,56 @@ def test_the_share_never_lets_more_than_k_batch_rows_in_and_every_request_enters
     batch_order = [r[0] for r in entered if r[1]]
     assert batch_order == sorted(batch_order)
     assert share.in_engine == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(cap=st.one_of(st.none(), st.integers(1, 6)), beside=st.integers(0, 3),
+       requests=st.lists(st.tuples(st.booleans(), st.integers(1, 3), st.booleans()), max_size=30),
+       order=st.randoms(use_true_random=False))
+def test_while_interactive_rows_run_at_most_k_resumable_batch_rows_stay_and_every_row_still_runs_once(
+        cap, beside, requests, order):
+    """The bookkeeping with rows set aside, against random arrivals and endings: once the batch rows beyond
+    ``beside`` are set aside, the resumable batch rows in the engine beside an interactive one are at most
+    ``beside``; a set-aside request re-enters before any batch line that came after it; every row runs to
+    its end exactly once (a set-aside one resumes with only its unfinished rows)."""
+    from functions.batch_rows import BatchRows
+
+    # A request: [index, batch?, rows left, resumable?]
+    share = BatchRows(cap, lambda r: r[2], lambda r: r[1], beside_interactive=beside, resumable=lambda r: r[3])
+    in_engine: list[list] = []
+    entries: list[int] = []
+    ended: dict[int, int] = {}
+    pending = [[index, batch, rows, batch and resumable] for index, (batch, rows, resumable) in enumerate(requests)]
+
+    def check() -> None:
+        for request in share.set_aside():
+            assert request in in_engine and request[1] and request[3]
+            in_engine.remove(request)
+        if any(not r[1] for r in in_engine):
+            assert sum(r[2] for r in in_engine if r[1] and r[3]) <= beside or (
+                cap is not None and beside >= cap)  # the cap, not the yield, is the tighter limit then
+
+    while pending or in_engine or share.held:
+        if pending and (not in_engine or order.random() < 0.5):
+            request = pending.pop(0)
+            if share.enter(request):
+                in_engine.append(request)
+                entries.append(request[0])
+        else:
+            request = order.choice(in_engine)
+            request[2] -= 1
+            ended[request[0]] = ended.get(request[0], 0) + 1
+            share.row_ended(request)
+            if request[2] == 0:
+                in_engine.remove(request)
+        for request in share.ready():
+            in_engine.append(request)
+            entries.append(request[0])
+        check()
+    assert ended == {index: rows for index, (_, rows, _) in enumerate(requests)}  # each row ran once
+    first_entries = [index for index in dict.fromkeys(entries) if requests[index][0]]
+    assert first_entries == sorted(first_entries)  # batch lines first entered in the order they came
+    assert share.in_engine == 0 and share.interactive == 0
 
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
@@ -179,6 +242,63 @@ def test_a_held_line_whose_caller_left_is_answered_once_with_nothing_made(oracle
     assert max(engine_rows) == 1
 
 
+def direct(llm, request):
+    """``request`` alone through ``vllm.LLM.generate``: token ids (without a final end-of-sequence) and text."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=request.max_new_tokens, min_tokens=request.min_new_tokens,
+                            temperature=request.temperature, seed=request.seed, stop=request.stop or None)
+    eos = llm.get_tokenizer().eos_token_id
+    out = llm.generate(request.prompts, params, use_tqdm=False)[0].outputs[0]
+    return [t for t in out.token_ids if t != eos], out.text
+
+
+def interactive_steps(live, request) -> range:
+    """The engine steps an interactive request was in (``engine_rows`` is counted before each step)."""
+    return range(live.started_at[request.request_id], live.finished_at[request.request_id] + 1)
+
+
+def test_batch_rows_leave_while_an_interactive_row_runs_and_resume_to_the_answer_vllm_gives_alone(
+        oracle, engine_rows):
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    backend = VllmBackend(oracle, 256, torch_threads_before=1, batch_rows_beside_interactive=0)
+    lines = [line(p, 20, min_new_tokens=n) for p, n in (("The cell", 20), ("The river carries", 20),
+                                                         ("A star", 3), ("Water flows", 20))]
+    interactive = GenerationRequest.create("The telescope", MODEL, max_new_tokens=5, min_new_tokens=5)
+    live = Watched(joining=[backend.encode(interactive)], join_after=4)
+    answers = backend.generate([backend.encode(r) for r in lines], live)
+    assert engine_rows[:4] == [4, 4, 4, 4]
+    assert [engine_rows[step] for step in interactive_steps(live, interactive)] == [1] * 5  # alone, 5 tokens
+    assert max(engine_rows[live.finished_at[interactive.request_id] + 1:]) >= 3  # then the lines came back
+    assert sorted(live.answered) == sorted(r.request_id for r in lines + [interactive])  # each answered once
+    for request, answer in zip(lines, answers, strict=True):
+        (completion,) = answer
+        assert (completion.token_ids, completion.text) == direct(oracle, request)  # joined across the break
+        assert live.answers[request.request_id] == answer
+    assert live.answers[interactive.request_id][0].token_ids == direct(oracle, interactive)[0]
+
+
+def test_seeded_and_stopping_lines_stay_beside_an_interactive_row(oracle, engine_rows):
+    """A seeded sampled line would draw differently once resumed, and a stop string could straddle the
+    join: they stay in the engine, and still equal vLLM alone; a greedy line beside them leaves."""
+    from functions.backends.vllm_backend import VllmBackend
+    from tpm_fed.protocol.requests import GenerationRequest
+
+    backend = VllmBackend(oracle, 256, torch_threads_before=1, batch_rows_beside_interactive=0)
+    seeded = line("The cell", 16, min_new_tokens=16, temperature=0.9, seed=7)
+    stopping = line("The river carries", 16, min_new_tokens=16, stop=["zzzz"])
+    greedy = line("Water flows", 16, min_new_tokens=16)
+    interactive = GenerationRequest.create("The telescope", MODEL, max_new_tokens=4, min_new_tokens=4)
+    live = Watched(joining=[backend.encode(interactive)], join_after=3)
+    answers = backend.generate([backend.encode(r) for r in (seeded, stopping, greedy)], live)
+    assert {engine_rows[step] for step in interactive_steps(live, interactive)} == {3}  # the two, and it
+    for request, answer in zip((seeded, stopping, greedy), answers, strict=True):
+        assert (answer[0].token_ids, answer[0].text) == direct(oracle, request)
+
+
+# Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
 def test_a_replica_takes_its_cap_from_the_endpoints_policy(demo_model_dir, monkeypatch):
     from functions.backends.vllm_backend import VllmBackend
     from tpm_fed.protocol.model import ModelSpec

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
-from functions.batch_rows import BatchRows, is_batch_line
+from functions.batch_rows import BatchRows, is_batch_line, resumable
 from functions.text_deltas import ready_length
 from tpm_fed.protocol.errors import ModelLoadError
 from tpm_fed.protocol.model import ModelSpec
@@ -51,9 +51,11 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, llm: Any, context_length: int, torch_threads_before: int,
-                 batch_rows: int | None = None) -> None:
+                 batch_rows: int | None = None, batch_rows_beside_interactive: int | None = None) -> None:
         self.llm = llm
         self.batch_rows = batch_rows  # the most batch rows in the engine at once (None: no cap)
+        # ... and while interactive rows are in it; those beyond are set aside (None: they stay)
+        self.batch_rows_beside_interactive = batch_rows_beside_interactive
         self.tokenizer = llm.get_tokenizer()
         self.context_length = context_length
         self.eos_token_ids = token_id_set(llm.llm_engine.model_config.hf_config.eos_token_id)
@@ -103,7 +105,9 @@ class VllmBackend:
                 f"model {spec.name!r}: vllm could not start on {path}: {type(error).__name__}: {error}"
             ) from None
         context = int(llm.llm_engine.model_config.max_model_len)
-        return cls(llm, context, threads, batch_rows=current_policy().batch_rows)
+        policy = current_policy()
+        return cls(llm, context, threads, batch_rows=policy.batch_rows,
+                   batch_rows_beside_interactive=policy.batch_rows_beside_interactive)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
         return encode_request(self.tokenizer, request, self.context_length)
@@ -148,22 +152,44 @@ class VllmBackend:
         step; a request whose rows are all done is answered at once; before each step, the
         requests that joined (``live.joined()``) enter the engine, until it runs dry; and with a
         cap on batch rows (:attr:`batch_rows`), batch lines beyond it wait in the worker and enter
-        as batch rows end (:mod:`functions.batch_rows`)."""
+        as batch rows end, and with :attr:`batch_rows_beside_interactive` batch rows beyond it leave
+        the engine while interactive rows run, resuming after (:mod:`functions.batch_rows`)."""
         from vllm.inputs import TokensPrompt
 
         engine = self.llm.llm_engine
-        share: BatchRows[_Running] = BatchRows(self.batch_rows, lambda running: len(running.completions),
-                                               lambda running: is_batch_line(running.item.request.priority))
+        yielding = self.batch_rows_beside_interactive is not None
+        share: BatchRows[_Running] = BatchRows(
+            self.batch_rows, _Running.rows_left, lambda running: is_batch_line(running.item.request.priority),
+            beside_interactive=self.batch_rows_beside_interactive,
+            resumable=lambda running: running.made is not None)
 
         def start(running: _Running) -> None:
             item = running.item
-            sampling = self._live_sampling(item.request)
+            if running.made is None and yielding and resumable(item.request):
+                running.keep_made()  # it may be set aside: its tokens are gathered as they come
+            sampling = self._live_sampling(item.request, delta=running.made is not None)
             for index, ids in enumerate(item.prompt_ids):
-                engine_id = f"tpm-{item.request.request_id}-{index}"  # unique per row
+                if running.completions[index] is not None:
+                    continue
+                engine_id = f"tpm-{item.request.request_id}-{index}-{running.entries}"  # unique per entry
+                if running.entries:  # resumed: the tokens so far are now prompt
+                    made = running.made[index]
+                    ids = ids + made
+                    sampling = self._live_sampling(item.request, delta=True, made=len(made))
                 engine.add_request(engine_id, TokensPrompt(prompt_token_ids=ids), sampling,
                                    priority=item.request.priority)
                 rows[engine_id] = (running, index)
-            live.started(item)
+                running.engine_ids[index] = engine_id
+            if not running.entries:
+                live.started(item)
+            running.entries += 1
+
+        def set_aside(running: _Running) -> None:
+            """Out of the engine (it resumes from what it made when the interactive rows end)."""
+            leaving = [running.engine_ids[index] for index, done in enumerate(running.completions) if done is None]
+            engine.abort_request(leaving)
+            for engine_id in leaving:
+                del rows[engine_id]
 
         def arrive(item: EncodedRequest) -> _Running:
             running = _Running(item)
@@ -184,6 +210,8 @@ class VllmBackend:
                 arrive(item)
             for running in share.ready():
                 start(running)
+            for running in share.set_aside():
+                set_aside(running)
             return engine.has_unfinished_requests()
 
         originals = [arrive(item) for item in batch]
@@ -214,6 +242,9 @@ class VllmBackend:
                 if running.completions[index] is not None:  # stopped above: its caller left
                     continue
                 request = running.item.request
+                if running.made is not None:  # deltas: gathered, so it can resume from them
+                    running.made[index].extend(output.outputs[0].token_ids)
+                    running.texts[index] += output.outputs[0].text
                 if request.stream:
                     latest[output.request_id] = output
                     text = output.outputs[0].text
@@ -223,31 +254,41 @@ class VllmBackend:
                                        "text": text[sent.get(output.request_id, 0):ready]})
                         sent[output.request_id] = ready
                 if output.finished:
-                    finish(running, index, self._completion(output))
+                    finish(running, index, self._completion(output) if running.made is None else
+                           self._completion(output, running.made[index], running.texts[index]))
             live.send(chunks)
         return [list(running.completions) for running in originals]
 
-    def _live_sampling(self, request: GenerationRequest) -> Any:
+    def _live_sampling(self, request: GenerationRequest, delta: bool = False, made: int = 0) -> Any:
+        """``request``'s sampling in the live loop; ``delta``: each step's new tokens (gathered by a row
+        that may be set aside); ``made``: tokens a resumed row made before, so fewer are left to make."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         # LLM.generate asks for final outputs only; the engine hands out every step's text when
         # asked for cumulative outputs, which streamed rows need.
         sampling = _sampling_params(SamplingParams, request)
-        sampling.output_kind = RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY
+        sampling.output_kind = (RequestOutputKind.CUMULATIVE if request.stream else
+                                RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+        if made:
+            sampling.max_tokens = request.max_new_tokens - made
+            sampling.min_tokens = max(0, request.min_new_tokens - made)
         return sampling
 
-    def _completion(self, output: Any) -> Completion:
+    def _completion(self, output: Any, ids: list[int] | None = None, text: str | None = None) -> Completion:
+        """The row's answer from its last output (or, for a row gathered from deltas, from its ``ids``
+        and ``text``; the output still says why it ended)."""
         generated = output.outputs[0]
-        ids = list(generated.token_ids)
+        ids = list(generated.token_ids if ids is None else ids)
+        text = generated.text if text is None else text
         if generated.finish_reason in ("length", None):  # None: stopped because its caller left
-            return Completion(text=generated.text, token_ids=ids, finish_reason="length")
+            return Completion(text=text, token_ids=ids, finish_reason="length")
         if isinstance(generated.stop_reason, str):
-            return Completion(text=generated.text, token_ids=ids, finish_reason="stop")
+            return Completion(text=text, token_ids=ids, finish_reason="stop")
         # Ended by an end-of-sequence token: like the torch backend, do not return it.
         if ids and ids[-1] in self.eos_token_ids:
             ids = ids[:-1]
-        return Completion(text=generated.text, token_ids=ids, finish_reason="eos")
+        return Completion(text=text, token_ids=ids, finish_reason="eos")
 
     def close(self) -> None:
         """Stop the engine and give torch back the threads vLLM took for serving."""
@@ -266,17 +307,28 @@ class VllmBackend:
 
 class _Running:
     """A request of the task (in the engine, or held until a batch row's place frees): its rows'
-    completions as they come."""
+    completions as they come; for one that may be set aside, each row's tokens and text so far."""
 
-    __slots__ = ("completions", "item")
+    __slots__ = ("completions", "engine_ids", "entries", "item", "made", "texts")
 
     def __init__(self, item: EncodedRequest) -> None:
         self.item = item
         self.completions: list[Completion | None] = [None] * len(item.prompt_ids)
+        self.engine_ids: list[str | None] = [None] * len(item.prompt_ids)  # each row's id in the engine now
+        self.entries = 0  # times it entered the engine (more than once: it was set aside and resumed)
+        self.made: list[list[int]] | None = None
+        self.texts: list[str] | None = None
+
+    def keep_made(self) -> None:
+        self.made = [[] for _ in self.completions]
+        self.texts = ["" for _ in self.completions]
 
     @property
     def done(self) -> bool:
         return all(completion is not None for completion in self.completions)
+
+    def rows_left(self) -> int:
+        return sum(completion is None for completion in self.completions)
 
 
 def _sampling_params(factory: Any, request: GenerationRequest) -> Any:

@@ -91,6 +91,9 @@ class WorkerSettings(_Strict):
         batch_rows: The most batch-line rows a vLLM replica's engine holds at once, so interactive
             requests share each step with at most this many (``TPM_BATCH_ROWS``). Unset: no cap (right
             on GPUs; on CPUs see docs/performance.md).
+        batch_rows_beside_interactive: The most batch-line rows a vLLM replica's engine keeps while
+            an interactive request is in it; the rest leave and resume after it
+            (``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``). Unset: they stay.
     """
 
     allow_caller_code: bool | None = None
@@ -98,6 +101,7 @@ class WorkerSettings(_Strict):
     inline_result_bytes: int | None = Field(default=None, ge=0, le=10 * 1024 * 1024 - 64 * 1024)
     result_retention_s: float | None = Field(default=None, gt=0)
     batch_rows: int | None = Field(default=None, ge=1)
+    batch_rows_beside_interactive: int | None = Field(default=None, ge=0)
 
 
 class SiteConfig(_Strict):

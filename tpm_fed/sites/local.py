@@ -59,6 +59,7 @@ class LocalSite(EngineSite):
         model_roots: The folders the workers may load models from (None: any; a service's
             sites get their federation's, :func:`model_roots_of`).
         batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
+        batch_rows_beside_interactive: The most it keeps while an interactive row is in it (None: all).
     """
 
     access = "local"
@@ -66,7 +67,8 @@ class LocalSite(EngineSite):
     def __init__(self, name: str, run_dir: Path, workers: int = 1, *, allow_caller_code: bool = False,
                  adapter_registry: Path | str | None = None, result_store: str | None = None,
                  inline_result_bytes: int | None = None, result_retention_s: float | None = None,
-                 model_roots: Iterable[Path | str] | None = None, batch_rows: int | None = None) -> None:
+                 model_roots: Iterable[Path | str] | None = None, batch_rows: int | None = None,
+                 batch_rows_beside_interactive: int | None = None) -> None:
         super().__init__(name, run_dir)
         self._workers = workers
         self.allow_caller_code = allow_caller_code
@@ -76,6 +78,7 @@ class LocalSite(EngineSite):
         self.result_retention_s = result_retention_s
         self.model_roots = None if model_roots is None else [Path(root).resolve() for root in model_roots]
         self.batch_rows = batch_rows
+        self.batch_rows_beside_interactive = batch_rows_beside_interactive
 
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path, model_roots: Iterable[Path] | None = None) -> Self:
@@ -83,7 +86,8 @@ class LocalSite(EngineSite):
                    allow_caller_code=config.allows_caller_code, adapter_registry=config.worker.adapter_registry,
                    result_store=config.results, inline_result_bytes=config.worker.inline_result_bytes,
                    result_retention_s=config.worker.result_retention_s, model_roots=model_roots,
-                   batch_rows=config.worker.batch_rows)
+                   batch_rows=config.worker.batch_rows,
+                   batch_rows_beside_interactive=config.worker.batch_rows_beside_interactive)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers,
@@ -91,6 +95,7 @@ class LocalSite(EngineSite):
                 "adapter_registry": str(self.adapter_registry) if self.adapter_registry else None,
                 "result_store": self.result_store, "inline_result_bytes": self.inline_result_bytes,
                 "result_retention_s": self.result_retention_s, "batch_rows": self.batch_rows,
+                "batch_rows_beside_interactive": self.batch_rows_beside_interactive,
                 "model_roots": None if self.model_roots is None else [str(root) for root in self.model_roots]}
 
     @property
@@ -109,7 +114,8 @@ class LocalSite(EngineSite):
                                 ("TPM_RESULT_STORE", self.result_store),
                                 ("TPM_INLINE_RESULT_BYTES", self.inline_result_bytes),
                                 ("TPM_RESULT_RETENTION_S", self.result_retention_s),
-                                ("TPM_BATCH_ROWS", self.batch_rows)):
+                                ("TPM_BATCH_ROWS", self.batch_rows),
+                                ("TPM_BATCH_ROWS_BESIDE_INTERACTIVE", self.batch_rows_beside_interactive)):
             lines.append(f"unset {variable}" if value is None else f"export {variable}={shlex.quote(str(value))}")
         return "\n".join(lines)
 
