@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import demo_model, log, machine
+from benchlib import demo_model, described, log, machine, share_of
 from bench_quotes import PROMPTS, batch_file
 from bench_service import bench_home, start_vllm_server, tpm_serve
 
@@ -92,18 +92,6 @@ def main() -> None:
         print(f"  during the batch:    median {statistics.median(during) * 1000:8.1f} ms  ({len(during)} samples), "
               f"max {max(during) * 1000:.0f} ms")
         print(f"  ratio:               {statistics.median(during) / statistics.median(idle):8.2f}x")
-
-
-def share_of(spec: str) -> tuple[int | None, int | None]:
-    """``CAP[:K]`` -> (the cap on batch rows, the batch rows kept beside an interactive one); ``none``: unset."""
-    cap, _, beside = spec.partition(":")
-    return (None if cap == "none" else int(cap)), (int(beside) if beside and beside != "none" else None)
-
-
-def described(share: tuple[int | None, int | None]) -> str:
-    cap, beside = share
-    said = "no cap on batch rows" if cap is None else f"at most {cap} batch rows in the engine"
-    return said if beside is None else f"{said}, at most {beside} beside an interactive one (the rest set aside)"
 
 
 def service_run(args: argparse.Namespace, model_dir: Path, folder: Path,

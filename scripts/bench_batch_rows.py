@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import PROMPTS, demo_model, log, machine
+from benchlib import PROMPTS, demo_model, described, log, machine, share_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -198,6 +198,9 @@ class _EveryFewSteps:
         self.waiting = (request.request_id, time.perf_counter())
         return [self.backend.encode(request)]
 
+    def idle_joined(self) -> list:
+        return []  # the task ends when its lines are done
+
     def close(self) -> list:
         return []
 
@@ -207,33 +210,43 @@ class _EveryFewSteps:
             self.waiting = None
 
 
-def worker_loop(bench: Bench, caps: list[int | None], lines: int, rounds: int) -> None:
-    """The worker's own step loop (``VllmBackend._run_live``) with each cap: a task of ``lines`` batch lines,
-    interactive requests joining every 15 steps; their latency and the task's time."""
+def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines: int, rounds: int,
+                samples: int, gap: float) -> None:
+    """The worker's own step loop (``VllmBackend._run_live``) with each share of its engine (a cap, and the
+    batch rows kept beside an interactive one: :func:`benchlib.share_of`): a task of ``lines`` batch lines,
+    interactive requests joining every 15 steps; their latency and the task's time. First the same
+    interactive request on the idle engine, the reference for the ratio."""
     from functions.backends.vllm_backend import VllmBackend
     from tpm_fed.protocol.requests import BATCH_PRIORITY, GenerationRequest
 
-    results: dict[int | None, tuple[list[float], list[float]]] = {cap: ([], []) for cap in caps}
+    results: dict[tuple, tuple[list[float], list[float]]] = {share: ([], []) for share in shares}
+    idle: list[float] = []
     for _ in range(rounds):
-        for cap in caps:
-            backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=cap)
+        idle += bench.run(0, samples, gap)[0]
+        for share in shares:
+            backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=share[0],
+                                  batch_rows_beside_interactive=share[1])
             task = [backend.encode(GenerationRequest.create(PROMPTS[i % len(PROMPTS)], "demo", max_new_tokens=bench.tokens,
                                                             min_new_tokens=bench.tokens, priority=BATCH_PRIORITY))
                     for i in range(lines)]
             live = _EveryFewSteps(backend, 15)
             started = time.perf_counter()
             backend.generate(task, live)
-            results[cap][0].extend(live.latencies)
-            results[cap][1].append(time.perf_counter() - started)
+            results[share][0].extend(live.latencies)
+            results[share][1].append(time.perf_counter() - started)
     print(f"\nthe worker's step loop (VllmBackend._run_live), a task of {lines} batch lines of {bench.tokens} tokens, "
           f"an interactive 8-token request joining every 15 steps, {rounds} rounds "
           f"(load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())})")
-    print("| cap on batch rows | interactive median (fastest, samples) | the task, median | batch lines/s |")
-    print("|---|---|---|---|")
-    for cap, (latencies, times) in results.items():
+    print(f"idle engine: the interactive request median {statistics.median(idle) * 1000:.1f} ms "
+          f"(fastest {min(idle) * 1000:.1f}, {len(idle)} samples)")
+    print("| the engine's share | interactive median (fastest, samples) | ratio to idle | the task, median "
+          "| batch lines/s |")
+    print("|---|---|---|---|---|")
+    for share, (latencies, times) in results.items():
         task_s = statistics.median(times)
-        print(f"| {'none' if cap is None else cap} | {statistics.median(latencies) * 1000:.1f} ms "
-              f"({min(latencies) * 1000:.1f}, {len(latencies)}) | {task_s:.2f} s | {lines / task_s:.1f} |")
+        print(f"| {described(share)} | {statistics.median(latencies) * 1000:.1f} ms "
+              f"({min(latencies) * 1000:.1f}, {len(latencies)}) | {statistics.median(latencies) / statistics.median(idle):.2f}x "
+              f"| {task_s:.2f} s | {lines / task_s:.1f} |")
 
 
 def main() -> None:
@@ -248,14 +261,16 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also the uncapped batch's two dynamic variants")
     parser.add_argument("--variant-cap", type=int, default=4)
     parser.add_argument("--worker-loop", default=None,
-                        help="only the worker's own step loop with these caps (e.g. none,8): see worker_loop")
+                        help="only the worker's own step loop with these shares (CAP[:K], e.g. none,8,none:0): "
+                             "see worker_loop")
     args = parser.parse_args()
     print(f"bench_batch_rows: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tpm-bench-rows-") as scratch:
         bench = Bench(demo_model(Path(scratch) / "demo", args.demo_dir), args.tokens)
         bench.run(4, 4, args.gap)  # warm
         if args.worker_loop:
-            worker_loop(bench, [None if c == "none" else int(c) for c in args.worker_loop.split(",")], 64, args.rounds)
+            worker_loop(bench, [share_of(spec) for spec in args.worker_loop.split(",")], 64, args.rounds,
+                        args.samples, args.gap)
             return
         step_rows = [int(r) + 1 for r in args.rows.split(",")]
         log(f"step times with {step_rows} rows...")

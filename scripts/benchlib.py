@@ -49,6 +49,19 @@ def paired_ratios(baseline: list[tuple[float, int]], other: list[tuple[float, in
     return [(t / s) / (bt / bs) for (bs, bt), (s, t) in zip(baseline, other)]
 
 
+def share_of(spec: str) -> tuple[int | None, int | None]:
+    """``CAP[:K]`` -> (the cap on batch rows, the batch rows kept beside an interactive one); ``none``: unset."""
+    cap, _, beside = spec.partition(":")
+    return (None if cap == "none" else int(cap)), (int(beside) if beside and beside != "none" else None)
+
+
+def described(share: tuple[int | None, int | None]) -> str:
+    """How a vLLM worker shares its engine with batch rows, in words."""
+    cap, beside = share
+    said = "no cap on batch rows" if cap is None else f"at most {cap} batch rows in the engine"
+    return said if beside is None else f"{said}, at most {beside} beside an interactive one (the rest set aside)"
+
+
 def machine() -> str:
     """When and on what a benchmark ran: date, CPU count, load average (others may share the machine)."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
