@@ -96,7 +96,7 @@ class Joining:
             task.joining -= len(taken)
             ended = task.closed  # it timed out meanwhile: these never reach it
             if not ended:
-                task.joined.extend(kept)
+                task.join(kept)
         if ended:
             self.settlement.settle(kept, [SiteError(f"the task on site {self.settlement.site!r} these requests "
                                                     "were to join ended first; they were not charged")] * len(kept))
@@ -113,16 +113,15 @@ class Joining:
         the reply's own models (:meth:`ReplyReader.early`)."""
         finished = now()
         with self.lock:
-            fresh = task.claim_answered(list(answers))
-            joined = [task.is_joined(p) for p in fresh]
-            if fresh:
+            claimed = task.claim_answered(list(answers))
+            if claimed:
                 self.asks.wake()  # room for more to join
-        if not fresh:
+        if not claimed:
             return
-        facts, read = self.reader.early(served, {p.request_id: answers[p.request_id] for p in fresh})
+        facts, read = self.reader.early(served, {p.request_id: answers[p.request_id] for p, _ in claimed})
         outcomes = [self.reader.guarded(p, read[p.request_id], facts, 0.0, finished, was_joined)
-                    for p, was_joined in zip(fresh, joined, strict=True)]
-        self.settlement.settle(fresh, outcomes)
+                    for p, was_joined in claimed]
+        self.settlement.settle([p for p, _ in claimed], outcomes)
 
 
 class TaskHooks:
