@@ -53,6 +53,7 @@ from tpm_fed.protocol.back_channel import (
     Joined,
     OpenToJoin,
     Sent,
+    Settled,
     TakeNoMore,
 )
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
@@ -101,7 +102,7 @@ class BackChannel:
         self.failed: str | None = None
         self.cancelled: set[str] = set()  # requests whose callers left: stop generating for them
         self.served: ServedBy | None = None  # the replica's facts, sent with answers (set by serve_batch)
-        self.answers: dict[str, dict[str, Any]] = {}  # every request answered here, by id
+        self.answers: dict[str, dict[str, Any]] = {}  # requests answered here, by id, until the service settled them
         self.joins_ended = threading.Event()  # no more requests will be pushed (or the channel failed)
         self._arrived: list[dict[str, Any]] = []  # requests pushed to join, not yet taken
         self._pending: list[dict[str, Any]] = []
@@ -139,13 +140,20 @@ class BackChannel:
                 self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
     def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
-        """Send one request's outcome now (it finished before its task); kept for the task's result too."""
+        """Send one request's outcome now (it finished before its task); kept for the task's result too,
+        until the service says it settled it (:class:`~tpm_fed.protocol.back_channel.Settled`)."""
         timed = {**outcome, "run_s": run_s}
-        self.answers[request_id] = timed
+        with self._wake:
+            self.answers[request_id] = timed
         if self.failed is None:
             with self._wake:
                 self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
                 self._wake.notify_all()  # the worker may be waiting too (wait_joined)
+
+    def unsettled(self) -> dict[str, dict[str, Any]]:
+        """The answers the service has not said it settled, by request id (a copy: the reader may drop some)."""
+        with self._wake:
+            return dict(self.answers)
 
     def take_joined(self) -> list[dict[str, Any]]:
         """The requests (wire dicts) pushed to join since the last call; the first call asks the service to
@@ -254,7 +262,7 @@ class BackChannel:
                 return
 
     def _read(self, connection: ClientConnection) -> None:
-        """What the service pushes: requests that join, callers who left, the end of joining."""
+        """What the service pushes: requests that join, callers who left, answers it settled, the end of joining."""
         try:
             for message in connection:
                 frame = SERVICE_FRAMES.validate_json(message)
@@ -264,6 +272,10 @@ class BackChannel:
                         self._wake.notify_all()
                 elif isinstance(frame, Cancelled):
                     self.cancelled.update(frame.request_ids)
+                elif isinstance(frame, Settled):  # the service has these: the task's result need not carry them
+                    with self._wake:
+                        for request_id in frame.request_ids:
+                            self.answers.pop(request_id, None)
                 else:
                     self._end_joins()
         except (OSError, WebSocketException, ValueError) as error:  # ValidationError is a ValueError

@@ -221,3 +221,32 @@ def test_the_workers_idle_wait_wakes_on_a_push_and_returns_at_once_once_joining_
         assert channel.failed is None
     finally:
         hub.close(token)
+
+
+def test_a_long_lived_tasks_worker_keeps_only_the_answers_the_service_has_not_settled(service, runtime):
+    """A task may serve thousands of requests (the worker's idle wait keeps it alive): the worker keeps each
+    early answer for the task's result only until the service says it settled it, so neither the worker's
+    memory nor the result the service reads at the task's end grows with what the task served."""
+    from tpm_fed.service.back_channel_hub import SETTLED_EVERY
+
+    served = [f"r{i}" for i in range(2 * SETTLED_EVERY + 5)]
+    hub, hooks = runtime.channels, Hooks([])
+    token = hub.open(["own"], hooks)["token"]
+    hub.joined(token, served)  # they joined the running task (its own requests' answers stay with the worker)
+    channel = BackChannel(service.url + CHANNEL_ROUTE, token)
+    try:
+        channel.answer("own", {"result": {"usage": {}}}, 0.1)
+        for rid in served:
+            channel.answer(rid, {"result": {"usage": {}}}, 0.1)
+        deadline = time.monotonic() + 30
+        while sum(len(call[1]) for call in hooks.calls if call[0] == "answered") < len(served) + 1 \
+                or len(channel.answers) >= SETTLED_EVERY:
+            assert time.monotonic() < deadline, (len(channel.answers), hooks.calls[-3:])
+            time.sleep(0.05)
+        assert [rid for call in hooks.calls if call[0] == "answered" for rid in call[1]].count("r0") == 1
+        assert "own" in channel.unsettled()  # kept: the worker may answer its own requests apart (isolation)
+        assert set(channel.unsettled()) - {"own"} < set(served)  # of the joined, only what was not acknowledged
+        channel.close()
+        assert channel.failed is None
+    finally:
+        hub.close(token)
