@@ -207,7 +207,8 @@ class VllmBackend:
                 if left:
                     engine.abort_request(left)
                     for eid in left:
-                        finish(*rows[eid], self._completion(latest[eid]))
+                        finish(*rows[eid], self._completion(latest.pop(eid)))
+                        sent.pop(eid, None)
             chunks = []
             for output in engine.step():
                 running, index = rows[output.request_id]
@@ -224,6 +225,9 @@ class VllmBackend:
                         sent[output.request_id] = ready
                 if output.finished:
                     finish(running, index, self._completion(output))
+                    # A task may serve thousands of requests: keep only running rows' text (the scan above).
+                    latest.pop(output.request_id, None)
+                    sent.pop(output.request_id, None)
             live.send(chunks)
         return [list(running.completions) for running in originals]
 
