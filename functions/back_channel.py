@@ -160,6 +160,9 @@ class BackChannel:
         push them (returns at once)."""
         if not self._opened_to_join:
             self._opened_to_join = True
+            with self._wake:
+                if self.failed is None:  # opened again after take_no_more: joining has not ended now
+                    self.joins_ended.clear()
             self._say(OpenToJoin())
         with self._wake:
             arrived, self._arrived = self._arrived, []
@@ -177,13 +180,19 @@ class BackChannel:
         return arrived + self.take_joined()
 
     def take_no_more(self, timeout_s: float = JOINS_END_TIMEOUT_S) -> list[dict[str, Any]]:
-        """No more may join; the requests pushed before the service heard it (to be served too)."""
+        """No more may join; the requests pushed before the service heard it (to be served too).
+
+        If some came, the task runs on, and its next :meth:`take_joined` asks the service to push again:
+        requests that reach the service meanwhile would otherwise wait for this task to drain and the next
+        to start (seconds, for long rows), though this engine is running."""
         if not self._opened_to_join:
             return []
         self._say(TakeNoMore())
-        self.joins_ended.wait(timeout_s)
+        ended = self.joins_ended.wait(timeout_s)
         with self._wake:
             arrived, self._arrived = self._arrived, []
+            if ended and self.failed is None:  # the service has stopped pushing: joining may open again
+                self._opened_to_join = False
         return arrived
 
     def close(self, timeout_s: float = 5.0) -> None:

@@ -87,6 +87,10 @@ class Hooks:
         self.calls.append("stop")
         self.stopped.set()
 
+    def reopen_joining(self):
+        self.calls.append("reopen")
+        self.stopped.clear()
+
     def answered(self, served, outcomes):
         self.calls.append(("answered", sorted(outcomes)))
 
@@ -246,6 +250,27 @@ def test_a_long_lived_tasks_worker_keeps_only_the_answers_the_service_has_not_se
         assert [rid for call in hooks.calls if call[0] == "answered" for rid in call[1]].count("r0") == 1
         assert "own" in channel.unsettled()  # kept: the worker may answer its own requests apart (isolation)
         assert set(channel.unsettled()) - {"own"} < set(served)  # of the joined, only what was not acknowledged
+        channel.close()
+        assert channel.failed is None
+    finally:
+        hub.close(token)
+
+
+def test_a_worker_that_runs_on_after_take_no_more_takes_requests_again(service, runtime):
+    """The engine ran dry, the worker said take no more, and requests pushed meanwhile set it running again:
+    what reaches the service next joins the running engine, instead of waiting for this task to drain and
+    the next to start (one of the real model's first-token tails: seconds)."""
+    hub, hooks = runtime.channels, Hooks([["as-it-stopped"]])
+    token = hub.open(["own"], hooks)["token"]
+    channel = BackChannel(service.url + CHANNEL_ROUTE, token)
+    try:
+        assert channel.wait_joined(30) == [{"request_id": "as-it-stopped", "kind": "generate"}]
+        assert channel.take_no_more() == [] and "stop" in hooks.calls
+        hooks.offers.append(["after"])  # reaches the service while the engine serves "as-it-stopped"
+        assert channel.wait_joined(30) == [{"request_id": "after", "kind": "generate"}]
+        assert hooks.calls.count("reopen") == 1
+        hooks.offers.clear()
+        assert channel.take_no_more() == [] and channel.joins_ended.is_set()  # and it may stop again
         channel.close()
         assert channel.failed is None
     finally:

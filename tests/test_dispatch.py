@@ -379,6 +379,23 @@ def test_a_joined_request_settled_early_and_left_out_of_the_result_is_settled_on
     assert sorted(ledger.settled) == sorted({*ledger.settled}) and len(ledger.settled) == 2
 
 
+def test_a_running_task_that_stopped_joining_may_reopen_until_it_ends():
+    site, hub = HeldSite(), Hub()
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub)
+    dispatcher.submit(request("running"))
+    (hooks,) = hub.hooks
+    hooks.stop_joining()  # the worker's engine ran dry: take no more
+    later = dispatcher.submit(request("later"))
+    assert asyncio.run(hooks.join(0.0)) == ([], False)
+    hooks.reopen_joining()  # what came as it stopped set its engine running again
+    joined, more = asyncio.run(hooks.join(0.0))
+    assert more and [r["prompts"] for r in joined] == [["later"]] and len(site.tasks) == 1
+    site.tasks[0][0].set_result({**reply_for(site.tasks[0][1]), "joined": answer_for(joined)})
+    assert later.result(timeout=5).texts == ["ok"]
+    hooks.reopen_joining()  # too late: the task ended
+    assert asyncio.run(hooks.join(0.0)) == ([], False)
+
+
 def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_torch_task_takes_no_joiners():
     site, hub, ledger = HeldSite(), Hub(), Ledger()
     dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,

@@ -108,6 +108,13 @@ class Joining:
             task.joinable = False
             self.asks.wake()
 
+    def reopen(self, task: RunningTask) -> None:
+        """The worker takes requests again (what came as it stopped set its engine running): unless the task
+        ended, it may join again, within its window still (:meth:`take`)."""
+        with self.lock:
+            if not task.closed:
+                task.joinable = True
+
     def answered(self, task: RunningTask, served: Any, answers: dict[str, Any]) -> None:
         """Settle the requests ``task`` answered early (each once; the task's end skips them), read with
         the reply's own models (:meth:`ReplyReader.early`)."""
@@ -141,6 +148,9 @@ class TaskHooks:
 
     def stop_joining(self) -> None:
         self.joining.stop(self.task)
+
+    def reopen_joining(self) -> None:
+        self.joining.reopen(self.task)
 
     def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
         self.joining.answered(self.task, served, outcomes)

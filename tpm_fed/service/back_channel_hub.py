@@ -85,6 +85,10 @@ class Joins(Protocol):
         """The worker takes no more (its engine ran dry); a waiting :meth:`take` returns now."""
         ...
 
+    def reopen_joining(self) -> None:
+        """The worker takes requests again after it stopped (some came as it stopped, so it runs on)."""
+        ...
+
     def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
         """Outcomes of the task's requests that finished before it did, by request id."""
         ...
