@@ -32,6 +32,7 @@ service as built here.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -57,6 +58,8 @@ from tpm_fed.protocol.back_channel import (
     TakeNoMore,
 )
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
+
+logger = logging.getLogger(__name__)
 
 SEND_INTERVAL_S = 0.02
 """Shortest time between two frames of text of one task (text piles up meanwhile, merged per prompt)."""
@@ -212,6 +215,10 @@ class BackChannel:
     def _fail(self, error: Exception) -> None:
         if self.failed is None:
             self.failed = f"{type(error).__name__}: {error}"
+            # Said in the worker's log: from here the task's text comes only with its result, and requests
+            # for its replica wait for it to end (a slow stream's cause is otherwise invisible).
+            logger.warning("the task's back channel failed (%s): streaming and joining are off for this task",
+                           self.failed)
         self._end_joins()
 
     def _end_joins(self) -> None:

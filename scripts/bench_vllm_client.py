@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--servers", default="vllm,service")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--num-prompts", type=int, default=None, help="per run (default: 4 per client)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy each run's result (vLLM's per-request detail included) into this folder")
     parser.add_argument("--demo-dir", type=Path, default=None,
                         help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
     args = parser.parse_args()
@@ -175,6 +177,10 @@ def main() -> None:
                                                              scratch / f"{model_name}-{load_name}-{run}-{server}",
                                                              key, args.num_prompts)
                                 log(f"  {tail_of(figures[server])}")
+                                if args.keep:
+                                    args.keep.mkdir(parents=True, exist_ok=True)
+                                    (args.keep / f"{model_name}-{load_name}-{run}-{server}.json").write_text(
+                                        json.dumps(figures[server]))
                             if run:
                                 results.append((model_name, load_name, run, figures))
             finally:

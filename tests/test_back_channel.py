@@ -198,13 +198,14 @@ def test_the_workers_end_streams_takes_pushed_requests_and_hears_who_left(servic
         hub.forget("own")
 
 
-def test_a_worker_whose_channel_is_refused_turns_streaming_and_joining_off(service):
+def test_a_worker_whose_channel_is_refused_turns_streaming_and_joining_off(service, caplog):
     channel = BackChannel(service.url + CHANNEL_ROUTE, "not-a-task")
     channel.send([{"request_id": "own", "index": 0, "text": "x"}])
     assert channel.joins_ended.wait(30)
     assert channel.take_joined() == [] and channel.take_no_more(0.5) == []
     channel.close()
     assert channel.failed is not None and "4401" in channel.failed
+    assert [r.message for r in caplog.records if "back channel failed" in r.message]  # said in the worker's log
 
 
 def test_the_workers_idle_wait_wakes_on_a_push_and_returns_at_once_once_joining_ended(service, runtime):
