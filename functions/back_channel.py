@@ -32,6 +32,7 @@ service as built here.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -53,9 +54,12 @@ from tpm_fed.protocol.back_channel import (
     Joined,
     OpenToJoin,
     Sent,
+    Settled,
     TakeNoMore,
 )
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
+
+logger = logging.getLogger(__name__)
 
 SEND_INTERVAL_S = 0.02
 """Shortest time between two frames of text of one task (text piles up meanwhile, merged per prompt)."""
@@ -101,7 +105,7 @@ class BackChannel:
         self.failed: str | None = None
         self.cancelled: set[str] = set()  # requests whose callers left: stop generating for them
         self.served: ServedBy | None = None  # the replica's facts, sent with answers (set by serve_batch)
-        self.answers: dict[str, dict[str, Any]] = {}  # every request answered here, by id
+        self.answers: dict[str, dict[str, Any]] = {}  # requests answered here, by id, until the service settled them
         self.joins_ended = threading.Event()  # no more requests will be pushed (or the channel failed)
         self._arrived: list[dict[str, Any]] = []  # requests pushed to join, not yet taken
         self._pending: list[dict[str, Any]] = []
@@ -139,19 +143,29 @@ class BackChannel:
                 self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
     def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
-        """Send one request's outcome now (it finished before its task); kept for the task's result too."""
+        """Send one request's outcome now (it finished before its task); kept for the task's result too,
+        until the service says it settled it (:class:`~tpm_fed.protocol.back_channel.Settled`)."""
         timed = {**outcome, "run_s": run_s}
-        self.answers[request_id] = timed
+        with self._wake:
+            self.answers[request_id] = timed
         if self.failed is None:
             with self._wake:
                 self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
                 self._wake.notify_all()  # the worker may be waiting too (wait_joined)
+
+    def unsettled(self) -> dict[str, dict[str, Any]]:
+        """The answers the service has not said it settled, by request id (a copy: the reader may drop some)."""
+        with self._wake:
+            return dict(self.answers)
 
     def take_joined(self) -> list[dict[str, Any]]:
         """The requests (wire dicts) pushed to join since the last call; the first call asks the service to
         push them (returns at once)."""
         if not self._opened_to_join:
             self._opened_to_join = True
+            with self._wake:
+                if self.failed is None:  # opened again after take_no_more: joining has not ended now
+                    self.joins_ended.clear()
             self._say(OpenToJoin())
         with self._wake:
             arrived, self._arrived = self._arrived, []
@@ -169,13 +183,19 @@ class BackChannel:
         return arrived + self.take_joined()
 
     def take_no_more(self, timeout_s: float = JOINS_END_TIMEOUT_S) -> list[dict[str, Any]]:
-        """No more may join; the requests pushed before the service heard it (to be served too)."""
+        """No more may join; the requests pushed before the service heard it (to be served too).
+
+        If some came, the task runs on, and its next :meth:`take_joined` asks the service to push again:
+        requests that reach the service meanwhile would otherwise wait for this task to drain and the next
+        to start (seconds, for long rows), though this engine is running."""
         if not self._opened_to_join:
             return []
         self._say(TakeNoMore())
-        self.joins_ended.wait(timeout_s)
+        ended = self.joins_ended.wait(timeout_s)
         with self._wake:
             arrived, self._arrived = self._arrived, []
+            if ended and self.failed is None:  # the service has stopped pushing: joining may open again
+                self._opened_to_join = False
         return arrived
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -195,6 +215,10 @@ class BackChannel:
     def _fail(self, error: Exception) -> None:
         if self.failed is None:
             self.failed = f"{type(error).__name__}: {error}"
+            # Said in the worker's log: from here the task's text comes only with its result, and requests
+            # for its replica wait for it to end (a slow stream's cause is otherwise invisible).
+            logger.warning("the task's back channel failed (%s): streaming and joining are off for this task",
+                           self.failed)
         self._end_joins()
 
     def _end_joins(self) -> None:
@@ -254,7 +278,7 @@ class BackChannel:
                 return
 
     def _read(self, connection: ClientConnection) -> None:
-        """What the service pushes: requests that join, callers who left, the end of joining."""
+        """What the service pushes: requests that join, callers who left, answers it settled, the end of joining."""
         try:
             for message in connection:
                 frame = SERVICE_FRAMES.validate_json(message)
@@ -264,6 +288,10 @@ class BackChannel:
                         self._wake.notify_all()
                 elif isinstance(frame, Cancelled):
                     self.cancelled.update(frame.request_ids)
+                elif isinstance(frame, Settled):  # the service has these: the task's result need not carry them
+                    with self._wake:
+                        for request_id in frame.request_ids:
+                            self.answers.pop(request_id, None)
                 else:
                     self._end_joins()
         except (OSError, WebSocketException, ValueError) as error:  # ValidationError is a ValueError

@@ -85,7 +85,7 @@ def serve_batch(
     joined = {}
     if channel is not None:  # requests that joined the running batch (functions.joining), answered or not
         own = {request.get("request_id") for request in requests if isinstance(request, dict)}
-        joined = {rid: outcome for rid, outcome in channel.answers.items() if rid not in own}
+        joined = {rid: outcome for rid, outcome in channel.unsettled().items() if rid not in own}
     answered = sum(1 for outcome in outcomes if "result" in outcome)
     reply = TaskReply(**served.model_dump(), run_s=time.perf_counter() - started, outcomes=outcomes, joined=joined)
     reply = reply.model_copy(update={"replica": served.replica.model_copy(update={"batch_size": answered})})

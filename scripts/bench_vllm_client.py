@@ -65,13 +65,31 @@ def run_client(base_url: str, model: str, tokenizer: Path, load: dict, out: Path
                "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(load["input"]),
                "--random-output-len", str(load["output"]), "--num-prompts", str(prompts),
                "--max-concurrency", str(load["concurrency"]), "--seed", "0", "--disable-tqdm",
-               "--save-result", "--result-dir", str(out), "--result-filename", "result.json",
+               "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", "result.json",
                "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"vLLM's benchmark client failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                          f"{done.stderr[-3000:]}")
     return json.loads((out / "result.json").read_text())
+
+
+def tail_of(result: dict, count: int = 3, stall_s: float = 0.5) -> str:
+    """Where a run's first-token tail sits: its ``count`` slowest first tokens, each with its place in
+    sending order and when it was sent (s after the run's first request), and how many requests
+    had a gap over ``stall_s`` between two tokens (streams stalled all at once: the engine or the
+    worker paused; one slow first token alone: that request waited somewhere before it ran)."""
+    ttfts, starts = result.get("ttfts") or [], result.get("start_times") or []
+    if not ttfts or len(starts) != len(ttfts):
+        return "(no per-request detail)"
+    first = min(starts)
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    place = {index: rank for rank, index in enumerate(order)}
+    slowest = sorted(range(len(ttfts)), key=ttfts.__getitem__, reverse=True)[:count]
+    stalled = sum(1 for gaps in result.get("itls") or [] if gaps and max(gaps) > stall_s)
+    return ("slowest first tokens: " + ", ".join(f"#{place[i]} sent +{starts[i] - first:.2f} s: {1000 * ttfts[i]:.0f} ms"
+                                                   for i in slowest)
+            + f"; {stalled} of {len(ttfts)} had a gap over {stall_s:g} s between tokens")
 
 
 def smollm2_folder(scratch: Path) -> Path:
@@ -116,6 +134,8 @@ def main() -> None:
     parser.add_argument("--servers", default="vllm,service")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--num-prompts", type=int, default=None, help="per run (default: 4 per client)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy each run's result (vLLM's per-request detail included) into this folder")
     parser.add_argument("--demo-dir", type=Path, default=None,
                         help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
     args = parser.parse_args()
@@ -156,6 +176,11 @@ def main() -> None:
                                 figures[server] = run_client(url, name, model_dir, load,
                                                              scratch / f"{model_name}-{load_name}-{run}-{server}",
                                                              key, args.num_prompts)
+                                log(f"  {tail_of(figures[server])}")
+                                if args.keep:
+                                    args.keep.mkdir(parents=True, exist_ok=True)
+                                    (args.keep / f"{model_name}-{load_name}-{run}-{server}.json").write_text(
+                                        json.dumps(figures[server]))
                             if run:
                                 results.append((model_name, load_name, run, figures))
             finally:
@@ -175,6 +200,7 @@ def main() -> None:
             print(f"{model_name:8} {load_name:10} {run:>3}  {server:8} {r['completed']:>5} {r['failed']:>6} "
                   f"{r['output_throughput']:>9.1f} {r['request_throughput']:>7.2f} "
                   f"{r['median_ttft_ms']:>11.1f} {r['p99_ttft_ms']:>11.1f}")
+            print(f"{'':8} {'':10} {'':>3}  {'':8} {tail_of(r)}")
         if {"vllm", "service"} <= figures.keys():
             v, s = figures["vllm"], figures["service"]
             print(f"{'':8} {'':10} {'':>3}  ratio    output throughput {s['output_throughput'] / v['output_throughput']:.2f}x"

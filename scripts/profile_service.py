@@ -155,6 +155,11 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="copy the collapsed py-spy profile here")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--no-vllm", action="store_true", help="the service alone (no vLLM server run)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="then this many more measured rounds against one service (does its CPU per request grow?)")
+    parser.add_argument("--gap", type=float, default=3.0,
+                        help="seconds between rounds (more than the worker's 1 s idle wait: each round starts a task)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy run")
     parser.add_argument("--worker", action="store_true",
                         help="profile the busiest process the service started (its site's worker) too")
     args = parser.parse_args()
@@ -188,6 +193,9 @@ def main() -> None:
             # The busiest process the service started (the worker driving the engine), profiled beside it.
             worker = next((key[0] for _, key in spent if key[0] != pid), None) if args.worker else None
             rows.append(_row("the service", result, own, everything, "its own process", "with its site and engine"))
+            rows += rounds(pid, home.root, against_service, args.rounds, args.gap)
+            if args.no_profile:
+                return print_rows(started_on, args.num_prompts, rows, [])
             log("the service again, under py-spy")
             collapsed = scratch / "service.collapsed"
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", str(args.rate), "--nonblocking",
@@ -220,11 +228,37 @@ def main() -> None:
                     shutil.copy(scratch / "worker.collapsed", args.keep / "worker.collapsed")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    print_rows(started_on, args.num_prompts, rows, ["the service's own process:", *profile_lines, *worker_lines])
+
+
+def print_rows(started_on: str, num_prompts: int, rows: list[str], profile: list[str]) -> None:
     print(f"started {started_on}; ended {machine()}")
-    print(f"1-token requests, 64 clients, {args.num_prompts} requests, vLLM's benchmark client:")
+    print(f"1-token requests, 64 clients, {num_prompts} requests, vLLM's benchmark client:")
     for row in rows:
         print(row)
-    print("\n".join(["the service's own process:", *profile_lines, *worker_lines]))
+    print("\n".join(profile))
+
+
+def rounds(pid: int, home: Path, against_service, count: int, gap_s: float) -> list[str]:
+    """``count`` more runs against the same service, ``gap_s`` apart: per round, its rate and the CPU ms
+    per request of its own process and of the busiest process it started (the worker). A figure that
+    rises round after round is state that grows over the service's life (or a task's, with no gap)."""
+    import psutil
+
+    rows = []
+    for number in range(1, count + 1):
+        time.sleep(gap_s)
+        result, own, _, spent = measured(pid, lambda number=number: against_service(f"round-{number}"), home)
+        done = max(result["completed"], 1)
+        worker = next(((s, key) for s, key in spent if key[0] != pid), (0.0, (0, "-")))
+        sizes = {key[0]: psutil.Process(key[0]).memory_info().rss / 2**20 for _, key in spent[:2]
+                 if psutil.pid_exists(key[0])}
+        rows.append(f"round {number}: {result['request_throughput']:.1f} req/s ({result['completed']} done, "
+                    f"{result['failed']} failed); CPU ms per request: service {1000 * own / done:.2f}, "
+                    f"busiest other ({worker[1][1][:30]}) {1000 * worker[0] / done:.2f}; resident MiB: "
+                    f"service {sizes.get(pid, 0):.0f}, other {sizes.get(worker[1][0], 0):.0f}")
+        log(rows[-1])
+    return rows
 
 
 def vllm_server_run(demo: Path, load: dict, scratch: Path, num_prompts: int, rows: list[str]) -> None:

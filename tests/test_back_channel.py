@@ -87,6 +87,10 @@ class Hooks:
         self.calls.append("stop")
         self.stopped.set()
 
+    def reopen_joining(self):
+        self.calls.append("reopen")
+        self.stopped.clear()
+
     def answered(self, served, outcomes):
         self.calls.append(("answered", sorted(outcomes)))
 
@@ -194,13 +198,14 @@ def test_the_workers_end_streams_takes_pushed_requests_and_hears_who_left(servic
         hub.forget("own")
 
 
-def test_a_worker_whose_channel_is_refused_turns_streaming_and_joining_off(service):
+def test_a_worker_whose_channel_is_refused_turns_streaming_and_joining_off(service, caplog):
     channel = BackChannel(service.url + CHANNEL_ROUTE, "not-a-task")
     channel.send([{"request_id": "own", "index": 0, "text": "x"}])
     assert channel.joins_ended.wait(30)
     assert channel.take_joined() == [] and channel.take_no_more(0.5) == []
     channel.close()
     assert channel.failed is not None and "4401" in channel.failed
+    assert [r.message for r in caplog.records if "back channel failed" in r.message]  # said in the worker's log
 
 
 def test_the_workers_idle_wait_wakes_on_a_push_and_returns_at_once_once_joining_ended(service, runtime):
@@ -217,6 +222,56 @@ def test_the_workers_idle_wait_wakes_on_a_push_and_returns_at_once_once_joining_
         started = time.monotonic()
         assert channel.wait_joined(60) == [] and channel.joins_ended.is_set()
         assert time.monotonic() - started < 20
+        channel.close()
+        assert channel.failed is None
+    finally:
+        hub.close(token)
+
+
+def test_a_long_lived_tasks_worker_keeps_only_the_answers_the_service_has_not_settled(service, runtime):
+    """A task may serve thousands of requests (the worker's idle wait keeps it alive): the worker keeps each
+    early answer for the task's result only until the service says it settled it, so neither the worker's
+    memory nor the result the service reads at the task's end grows with what the task served."""
+    from tpm_fed.service.back_channel_hub import SETTLED_EVERY
+
+    served = [f"r{i}" for i in range(2 * SETTLED_EVERY + 5)]
+    hub, hooks = runtime.channels, Hooks([])
+    token = hub.open(["own"], hooks)["token"]
+    hub.joined(token, served)  # they joined the running task (its own requests' answers stay with the worker)
+    channel = BackChannel(service.url + CHANNEL_ROUTE, token)
+    try:
+        channel.answer("own", {"result": {"usage": {}}}, 0.1)
+        for rid in served:
+            channel.answer(rid, {"result": {"usage": {}}}, 0.1)
+        deadline = time.monotonic() + 30
+        while sum(len(call[1]) for call in hooks.calls if call[0] == "answered") < len(served) + 1 \
+                or len(channel.answers) >= SETTLED_EVERY:
+            assert time.monotonic() < deadline, (len(channel.answers), hooks.calls[-3:])
+            time.sleep(0.05)
+        assert [rid for call in hooks.calls if call[0] == "answered" for rid in call[1]].count("r0") == 1
+        assert "own" in channel.unsettled()  # kept: the worker may answer its own requests apart (isolation)
+        assert set(channel.unsettled()) - {"own"} < set(served)  # of the joined, only what was not acknowledged
+        channel.close()
+        assert channel.failed is None
+    finally:
+        hub.close(token)
+
+
+def test_a_worker_that_runs_on_after_take_no_more_takes_requests_again(service, runtime):
+    """The engine ran dry, the worker said take no more, and requests pushed meanwhile set it running again:
+    what reaches the service next joins the running engine, instead of waiting for this task to drain and
+    the next to start (one of the real model's first-token tails: seconds)."""
+    hub, hooks = runtime.channels, Hooks([["as-it-stopped"]])
+    token = hub.open(["own"], hooks)["token"]
+    channel = BackChannel(service.url + CHANNEL_ROUTE, token)
+    try:
+        assert channel.wait_joined(30) == [{"request_id": "as-it-stopped", "kind": "generate"}]
+        assert channel.take_no_more() == [] and "stop" in hooks.calls
+        hooks.offers.append(["after"])  # reaches the service while the engine serves "as-it-stopped"
+        assert channel.wait_joined(30) == [{"request_id": "after", "kind": "generate"}]
+        assert hooks.calls.count("reopen") == 1
+        hooks.offers.clear()
+        assert channel.take_no_more() == [] and channel.joins_ended.is_set()  # and it may stop again
         channel.close()
         assert channel.failed is None
     finally:

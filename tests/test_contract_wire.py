@@ -21,6 +21,7 @@ from tpm_fed.protocol.back_channel import (
     Joined,
     JoinsEnded,
     Sent,
+    Settled,
     TakeNoMore,
 )
 from tpm_fed.protocol.http_errors import _STATUS, error_from_body, http_error
@@ -137,7 +138,8 @@ def test_back_channel_frames_refuse_what_neither_end_writes():
     assert WORKER_FRAMES.validate_json(sent.to_frame()) == sent
     for frame in (Hello(token="t"), TakeNoMore()):
         assert WORKER_FRAMES.validate_json(frame.to_frame()) == frame
-    for frame in (Joined(requests=[{"request_id": "r"}]), Cancelled(request_ids=["r"]), JoinsEnded()):
+    for frame in (Joined(requests=[{"request_id": "r"}]), Cancelled(request_ids=["r"]), Settled(request_ids=["r"]),
+                  JoinsEnded()):
         assert SERVICE_FRAMES.validate_json(frame.to_frame()) == frame
     for bad in ({**sent.to_wire(), "extra": 1}, {"type": "hello", "token": ""}, {"type": "joined", "requests": []},
                 {"chunks": []},  # no type: neither end writes one

@@ -363,6 +363,39 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
     assert not trace.done() and not lines[1].done()
 
 
+def test_a_joined_request_settled_early_and_left_out_of_the_result_is_settled_once_and_not_run_again():
+    """A long-lived task's worker drops the early answers the service said it settled (Settled frames), so the
+    task's result no longer names them: such a request is not taken for one the worker never read."""
+    site, hub, ledger = HeldSite(), Hub(), Ledger()
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub, recorder=ledger)
+    first = dispatcher.submit(request("first"))
+    early = dispatcher.submit(request("early"))
+    joined, _ = asyncio.run(hub.hooks[0].join(0.0))
+    hub.hooks[0].answered(reply_for([]), answer_for(joined))  # answered on the channel, then dropped by the worker
+    assert early.result(timeout=5).texts == ["ok"]
+    site.tasks[0][0].set_result({**reply_for(site.tasks[0][1]), "joined": {}})
+    assert first.result(timeout=5).texts == ["ok"]
+    assert len(site.tasks) == 1 and dispatcher.waiting == 0  # not handed back: no second task runs it
+    assert sorted(ledger.settled) == sorted({*ledger.settled}) and len(ledger.settled) == 2
+
+
+def test_a_running_task_that_stopped_joining_may_reopen_until_it_ends():
+    site, hub = HeldSite(), Hub()
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub)
+    dispatcher.submit(request("running"))
+    (hooks,) = hub.hooks
+    hooks.stop_joining()  # the worker's engine ran dry: take no more
+    later = dispatcher.submit(request("later"))
+    assert asyncio.run(hooks.join(0.0)) == ([], False)
+    hooks.reopen_joining()  # what came as it stopped set its engine running again
+    joined, more = asyncio.run(hooks.join(0.0))
+    assert more and [r["prompts"] for r in joined] == [["later"]] and len(site.tasks) == 1
+    site.tasks[0][0].set_result({**reply_for(site.tasks[0][1]), "joined": answer_for(joined)})
+    assert later.result(timeout=5).texts == ["ok"]
+    hooks.reopen_joining()  # too late: the task ended
+    assert asyncio.run(hooks.join(0.0)) == ([], False)
+
+
 def test_a_joined_request_the_worker_never_read_goes_back_to_the_queue_and_a_torch_task_takes_no_joiners():
     site, hub, ledger = HeldSite(), Hub(), Ledger()
     dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, channels=hub,

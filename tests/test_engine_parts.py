@@ -4,8 +4,10 @@ threads), a running task's exactly-once claims, the reply's decoding, and the lo
 from __future__ import annotations
 
 import ast
+import gc
 import inspect
 import pkgutil
+import weakref
 from concurrent.futures import Future
 from importlib import import_module
 
@@ -85,12 +87,32 @@ def test_only_kinds_that_join_are_handed_to_a_running_task_and_lines_only_into_r
 def test_a_running_task_settles_each_request_once_whoever_claims_first():
     own, late = pending("own"), pending("late")
     task = RunningTask([own])
-    task.joined.append(late)
-    assert task.claim_answered([late.request_id, late.request_id, "stranger"]) == [late]
+    task.join([late])
+    assert task.claim_answered([late.request_id, late.request_id, "stranger"]) == [(late, True)]
     assert task.claim_answered([late.request_id]) == []
     assert task.close() and not task.close()
     assert task.claim_unanswered() == ([own], [])
     assert task.claim_unanswered() == ([], []) and task.running == 0
+
+
+def test_a_long_lived_task_lets_each_request_go_once_settled():
+    # A task may serve thousands of requests through the worker's idle wait: what it holds must not grow
+    # with what it served (an early answer once scanned every request the task ever carried).
+    own = [pending("own") for _ in range(3)]
+    task = RunningTask(list(own))
+    served = []
+    for round_ in range(200):
+        joined = [pending("joined") for _ in range(5)]
+        served += [weakref.ref(p) for p in joined]
+        task.join(joined)
+        claimed = task.claim_answered([p.request_id for p in reversed(joined)] + [own[0].request_id])
+        assert [(p.request_id, was_joined) for p, was_joined in claimed] == \
+            [(p.request_id, True) for p in reversed(joined)] + ([(own[0].request_id, False)] if round_ == 0 else [])
+        del joined, claimed
+    gc.collect()
+    assert task.held == 2 and task.running == 2  # the two own requests not answered yet
+    assert not [ref for ref in served if ref() is not None]  # every settled request let go
+    assert task.claim_unanswered() == (own[1:], []) and task.held == 0
 
 
 @pytest.mark.parametrize("reply", [None, [], {"outcomes": "no"}, {"outcomes": [{}, {}]}, {"outcomes": [{"result": 1}]}])

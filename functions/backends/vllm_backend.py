@@ -136,7 +136,7 @@ class VllmBackend:
         """See :meth:`_run_live`. If it raises, its rows still in the engine are taken out: the next
         call (the worker answers the batch's requests apart, :mod:`functions.isolation`) would
         otherwise step them too, and ``LLM.generate`` return their outputs as its own."""
-        rows: dict[str, tuple[_Running, int]] = {}  # engine request id -> (its request, prompt index)
+        rows: dict[str, tuple[_Running, int]] = {}  # running rows: engine request id -> (its request, prompt index)
         try:
             return self._run_live(batch, live, rows)
         except BaseException:
@@ -235,7 +235,8 @@ class VllmBackend:
                 if left:
                     engine.abort_request(left)
                     for eid in left:
-                        finish(*rows[eid], self._completion(latest[eid]))
+                        finish(*rows[eid], self._completion(latest.pop(eid)))
+                        sent.pop(eid, None)
             chunks = []
             for output in engine.step():
                 running, index = rows[output.request_id]
@@ -256,6 +257,10 @@ class VllmBackend:
                 if output.finished:
                     finish(running, index, self._completion(output) if running.made is None else
                            self._completion(output, running.made[index], running.texts[index]))
+                    # A task may serve thousands of requests: keep only running rows' state (the scan above).
+                    del rows[output.request_id]
+                    latest.pop(output.request_id, None)
+                    sent.pop(output.request_id, None)
             live.send(chunks)
         return [list(running.completions) for running in originals]
 

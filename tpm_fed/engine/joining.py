@@ -96,7 +96,7 @@ class Joining:
             task.joining -= len(taken)
             ended = task.closed  # it timed out meanwhile: these never reach it
             if not ended:
-                task.joined.extend(kept)
+                task.join(kept)
         if ended:
             self.settlement.settle(kept, [SiteError(f"the task on site {self.settlement.site!r} these requests "
                                                     "were to join ended first; they were not charged")] * len(kept))
@@ -108,21 +108,27 @@ class Joining:
             task.joinable = False
             self.asks.wake()
 
+    def reopen(self, task: RunningTask) -> None:
+        """The worker takes requests again (what came as it stopped set its engine running): unless the task
+        ended, it may join again, within its window still (:meth:`take`)."""
+        with self.lock:
+            if not task.closed:
+                task.joinable = True
+
     def answered(self, task: RunningTask, served: Any, answers: dict[str, Any]) -> None:
         """Settle the requests ``task`` answered early (each once; the task's end skips them), read with
         the reply's own models (:meth:`ReplyReader.early`)."""
         finished = now()
         with self.lock:
-            fresh = task.claim_answered(list(answers))
-            joined = [task.is_joined(p) for p in fresh]
-            if fresh:
+            claimed = task.claim_answered(list(answers))
+            if claimed:
                 self.asks.wake()  # room for more to join
-        if not fresh:
+        if not claimed:
             return
-        facts, read = self.reader.early(served, {p.request_id: answers[p.request_id] for p in fresh})
+        facts, read = self.reader.early(served, {p.request_id: answers[p.request_id] for p, _ in claimed})
         outcomes = [self.reader.guarded(p, read[p.request_id], facts, 0.0, finished, was_joined)
-                    for p, was_joined in zip(fresh, joined, strict=True)]
-        self.settlement.settle(fresh, outcomes)
+                    for p, was_joined in claimed]
+        self.settlement.settle([p for p, _ in claimed], outcomes)
 
 
 class TaskHooks:
@@ -142,6 +148,9 @@ class TaskHooks:
 
     def stop_joining(self) -> None:
         self.joining.stop(self.task)
+
+    def reopen_joining(self) -> None:
+        self.joining.reopen(self.task)
 
     def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
         self.joining.answered(self.task, served, outcomes)

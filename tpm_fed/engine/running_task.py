@@ -17,22 +17,38 @@ from tpm_fed.engine.pending import Pending
 
 @dataclass
 class RunningTask:
-    """One task's requests: ``pending`` sent with it, ``joined`` while it ran, ``answered`` (of either)
-    already settled; ``joinable`` while its worker may take more in."""
+    """One task's requests: ``pending`` sent with it, others joined while it ran; ``joinable`` while its
+    worker may take more in.
+
+    A task now lives on while requests keep coming (the worker's idle wait), so one may serve thousands:
+    it holds only the requests not settled yet, by id, and lets each go once settled (an early answer
+    finds its request without a scan, and what a task holds does not grow with what it served).
+    """
 
     pending: list[Pending]
     closed: bool = False
     timer: Timed | None = None
     joinable: bool = False
     started: float = field(default_factory=now)
-    joined: list[Pending] = field(default_factory=list)
     joining: int = 0  # handed over, being reserved
-    answered: set[str] = field(default_factory=set)
+    _unsettled: dict[str, tuple[Pending, bool]] = field(default_factory=dict, init=False, repr=False)  # id: (request, joined?)
+
+    def __post_init__(self) -> None:
+        self._unsettled.update((p.request_id, (p, False)) for p in self.pending)
 
     @property
     def running(self) -> int:
         """Requests the task's engine has now (handed over ones included)."""
-        return len(self.pending) + len(self.joined) + self.joining - len(self.answered)
+        return len(self._unsettled) + self.joining
+
+    @property
+    def held(self) -> int:
+        """Requests this task holds, not settled yet (handed over ones not counted)."""
+        return len(self._unsettled)
+
+    def join(self, joined: list[Pending]) -> None:
+        """``joined`` (reserved) now run on the task too."""
+        self._unsettled.update((p.request_id, (p, True)) for p in joined)
 
     def close(self) -> bool:
         """Claim the task for whoever ends it first (its answer or its timeout): True once."""
@@ -43,22 +59,14 @@ class RunningTask:
             self.timer.cancel()
         return True
 
-    def claim_answered(self, request_ids: list[str]) -> list[Pending]:
-        """The task's requests among ``request_ids`` not settled yet, now claimed (an early answer)."""
-        fresh = [p for rid in dict.fromkeys(request_ids) if rid not in self.answered
-                 and (p := self._member(rid)) is not None]
-        self.answered.update(p.request_id for p in fresh)
-        return fresh
+    def claim_answered(self, request_ids: list[str]) -> list[tuple[Pending, bool]]:
+        """The task's requests among ``request_ids`` not settled yet, now claimed (an early answer), each
+        with whether it joined the task (``False``: sent with it)."""
+        return [claimed for rid in request_ids if (claimed := self._unsettled.pop(rid, None)) is not None]
 
     def claim_unanswered(self) -> tuple[list[Pending], list[Pending]]:
         """The requests not settled yet (its own, joined), now claimed (the task ended)."""
-        own = [p for p in self.pending if p.request_id not in self.answered]
-        joined = [p for p in self.joined if p.request_id not in self.answered]
-        self.answered.update(p.request_id for p in (*own, *joined))
+        own = [p for p, joined in self._unsettled.values() if not joined]
+        joined = [p for p, was_joined in self._unsettled.values() if was_joined]
+        self._unsettled.clear()
         return own, joined
-
-    def is_joined(self, pending: Pending) -> bool:
-        return any(p is pending for p in self.joined)
-
-    def _member(self, request_id: str) -> Pending | None:
-        return next((p for p in (*self.pending, *self.joined) if p.request_id == request_id), None)

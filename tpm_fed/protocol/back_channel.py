@@ -13,9 +13,10 @@ is one JSON frame, one of these models:
   requests between steps, and :class:`TakeNoMore` when it runs dry;
 - service to worker (:data:`SERVICE_FRAMES`): :class:`Joined` (requests
   that join the running task, reserved, pushed as they are queued),
-  :class:`Cancelled` (requests whose callers left) and :class:`JoinsEnded`
-  (nothing more will join: the answer to :class:`TakeNoMore`, or the
-  service's own decision).
+  :class:`Cancelled` (requests whose callers left), :class:`Settled` (early
+  answers the service settled: the task's result need not carry them) and
+  :class:`JoinsEnded` (nothing more will join: the answer to
+  :class:`TakeNoMore`, or the service's own decision).
 
 Both ends build and read these same models (``functions.back_channel``,
 ``functions.joining``; :mod:`tpm_fed.service.routes_channel`), so a field
@@ -127,11 +128,19 @@ class Cancelled(_Body):
     request_ids: list[str]
 
 
+class Settled(_Body):
+    """The task's requests whose early answers the service has settled: the worker need not keep them for
+    the task's result (a task may serve thousands)."""
+
+    type: Literal["settled"] = "settled"
+    request_ids: list[str]
+
+
 class JoinsEnded(_Body):
     """No more requests will join this task; every :class:`Joined` the service sent came before this."""
 
     type: Literal["joins_ended"] = "joins_ended"
 
 
-ServiceFrame = Annotated[Joined | Cancelled | JoinsEnded, Field(discriminator="type")]
-SERVICE_FRAMES: TypeAdapter[Joined | Cancelled | JoinsEnded] = TypeAdapter(ServiceFrame)
+ServiceFrame = Annotated[Joined | Cancelled | Settled | JoinsEnded, Field(discriminator="type")]
+SERVICE_FRAMES: TypeAdapter[Joined | Cancelled | Settled | JoinsEnded] = TypeAdapter(ServiceFrame)

@@ -40,6 +40,7 @@ from tpm_fed.protocol.back_channel import (
     ChannelAddress,
     Joined,
     JoinsEnded,
+    Settled,
 )
 from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
 
@@ -84,12 +85,20 @@ class Joins(Protocol):
         """The worker takes no more (its engine ran dry); a waiting :meth:`take` returns now."""
         ...
 
+    def reopen_joining(self) -> None:
+        """The worker takes requests again after it stopped (some came as it stopped, so it runs on)."""
+        ...
+
     def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
         """Outcomes of the task's requests that finished before it did, by request id."""
         ...
 
 
-Frame = Joined | Cancelled | JoinsEnded | None
+SETTLED_EVERY = 64
+"""Early answers settled before the worker hears which (one :class:`Settled` frame per this many): it keeps
+an answer for its task's result until then, so what it keeps stays bounded however many the task serves."""
+
+Frame = Joined | Cancelled | Settled | JoinsEnded | None
 """What the service pushes down a channel; None: close it (its task ended)."""
 
 
@@ -118,6 +127,8 @@ class _Task:
     joins: Joins | None = None
     link: Link | None = None
     connected: bool = False  # a secret opens one channel, once
+    own: frozenset[str] = frozenset()  # sent with it: few, and its worker keeps their answers (functions.isolation)
+    settled: list[str] = field(default_factory=list)  # joined requests' early answers settled, not yet told
 
 
 class BackChannelHub:
@@ -163,7 +174,7 @@ class BackChannelHub:
             if self.worker_url is None or (not queued and joins is None):
                 return None
             token = secrets.token_urlsafe(32)
-            self._tasks[token] = _Task(set(request_ids), joins)
+            self._tasks[token] = _Task(set(request_ids), joins, own=frozenset(request_ids))
         return ChannelAddress(url=self.worker_url.rstrip("/") + CHANNEL_ROUTE, token=token).to_wire()
 
     def close(self, token: str) -> None:
@@ -246,7 +257,21 @@ class BackChannelHub:
                 delivered += 1
         if outcomes and joins is not None:
             joins.answered(served or {}, outcomes)
+            self._settled(token, list(outcomes))
         return delivered
+
+    def _settled(self, token: str, request_ids: list[str]) -> None:
+        """These early answers are settled (now, or before: a repeat): tell the worker, in batches, those of
+        requests that joined the task (what a long-lived task's worker would otherwise keep)."""
+        with self._lock:
+            task = self._tasks.get(token)
+            if task is None or task.link is None:
+                return
+            task.settled += [rid for rid in request_ids if rid not in task.own]
+            if len(task.settled) < SETTLED_EVERY:
+                return
+            told, task.settled, link = task.settled, [], task.link
+        link.push(Settled(request_ids=told))
 
     def _task(self, token: str) -> _Task:
         """Called under the lock."""

@@ -68,13 +68,16 @@ async def channel(socket: WebSocket) -> None:
             if isinstance(frame, Sent):
                 _deliver(hub, link, frame)
             elif isinstance(frame, OpenToJoin):
-                if joiner is None and link.joins is not None:
-                    joiner = asyncio.create_task(_push_joins(hub, link))
-                elif joiner is None:
+                if link.joins is None:
                     link.push(JoinsEnded())  # nothing may join this task
+                elif joiner is None:
+                    joiner = asyncio.create_task(_push_joins(hub, link))
+                elif joiner.done():  # open again after a TakeNoMore answered: its engine runs on
+                    link.joins.reopen_joining()
+                    joiner = asyncio.create_task(_push_joins(hub, link))
             elif isinstance(frame, Hello):
                 raise ValueError("the channel is open already")  # noqa: TRY004 (a frame the contract refuses here)
-            elif joiner is None:  # TakeNoMore without OpenToJoin: nothing was pushed
+            elif joiner is None or joiner.done():  # TakeNoMore with no joiner running: nothing more is pushed
                 link.push(JoinsEnded())
             else:  # TakeNoMore: the joiner pushes what it reserved, then JoinsEnded
                 link.joins.stop_joining()  # type: ignore[union-attr]
