@@ -127,3 +127,22 @@ def test_lines_that_named_their_site_and_interactive_requests_stay_where_they_we
     a.answer(2)
     assert {f.result(timeout=30).site for f in futures} == {"a"}
     assert len(b.tasks) == 1
+
+
+def test_a_failing_borrow_never_keeps_a_worker_slot_from_coming_back():
+    """Taking lines from a sibling happens as a slot comes back: whatever goes wrong there, the slot is freed
+    (the one place a slot is freed must not be skipped), and the next request leaves."""
+    from tests.test_dispatch import SPEC, request
+    from tpm_fed.engine.dispatcher import ReplicaDispatcher
+
+    def broken(thief, room):
+        raise RuntimeError("the registry is away")
+
+    site = HeldSite("held")
+    dispatcher = ReplicaDispatcher(site, SPEC, max_batch=TASK, max_in_flight=1, borrow=broken)
+    first = dispatcher.submit(request("first"))
+    site.answer(0)
+    assert first.result(timeout=5).completions[0].text == "ok"
+    second = dispatcher.submit(request("second"))
+    site.answer(1)  # it left: the slot came back
+    assert second.result(timeout=5).completions[0].text == "ok"

@@ -208,11 +208,16 @@ class ReplicaDispatcher:
             return
         with self._lock:
             room = self._queue.max_batch - self._queue.waiting
-        if room > 0:
+        if room <= 0:
+            return
+        try:
             taken = self.borrow(self, room)
-            if taken:
-                with self._lock:
-                    self._queue.adopt(taken)
+        except Exception:  # never in the way of the slot coming back
+            logger.exception("could not take batch lines from a sibling replica")
+            return
+        if taken:
+            with self._lock:
+                self._queue.adopt(taken)
 
     def _start(self, batch: list[Pending]) -> bool:
         """Reserve ``batch`` and run what is not refused as one task; False if no task started (every

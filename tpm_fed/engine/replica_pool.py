@@ -137,8 +137,12 @@ class ReplicaPool:
                 break
             staying = []
             for pending in sibling.lend(room - len(taken)):
-                admission = self._bookkeeper.admission_of(pending.request_id)
-                moved = self.broker.move(admission, thief_id) if admission is not None else None
+                try:
+                    admission = self._bookkeeper.admission_of(pending.request_id)
+                    moved = self.broker.move(admission, thief_id) if admission is not None else None
+                except Exception:  # it stays where it was placed
+                    logger.exception("could not move request %s to replica %s", pending.request_id, thief_id)
+                    moved = None
                 if moved is None:
                     staying.append(pending)
                 else:

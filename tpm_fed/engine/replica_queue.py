@@ -134,14 +134,16 @@ class ReplicaQueue:
     def lend(self, count: int) -> list[Pending]:
         """Up to ``count`` batch lines another replica with a free worker may take, from the back of the line
         (those this one would run last), while every worker here is busy (a free one takes them itself).
-        Only lines not reserved yet: a reserved one belongs to this replica's site."""
+        Only lines not reserved yet (a reserved one belongs to this replica's site), whose caller named no
+        site and that run none of the caller's code (the broker would not move them anyway)."""
         if not self.busy or count <= 0:
             return []
         lent: deque[Pending] = deque()
         kept: deque[Pending] = deque()
         while self.background:
             pending = self.background.pop()
-            (lent if len(lent) < count and not pending.recorded else kept).appendleft(pending)
+            movable = not pending.recorded and pending.request.site is None and not pending.request.runs_user_code
+            (lent if len(lent) < count and movable else kept).appendleft(pending)
         self.background = kept
         return list(lent)
 
