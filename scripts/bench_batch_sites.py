@@ -9,7 +9,9 @@ spent during the batch by the service's own process, by its child processes
 (the sites' interchanges) and by the sites' worker pools (Parsl starts them
 detached: found by their command line), and how many cores that kept busy
 on average; and, from the service's database, when the batch's phases ended
-(created, first and last line) and each task's span per site.
+(created, first and last line) and each task's span per site. The client waits
+with the service's long poll (``Client.batches.wait``), so "seen" follows the
+batch's end at once.
 
 To separate the machine from the service, the same lines also run with no
 service at all: the torch backend called directly in one process, then split

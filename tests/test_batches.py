@@ -232,3 +232,50 @@ def test_lines_that_ended_together_are_recorded_in_one_go_each_with_its_own_char
     assert (rows[1].state, rows[1].charged_usu, rows[1].attempts) == ("failed", 7, 1)
     assert (rows[2].state, rows[2].charged_usu, rows[2].finished_at) == ("running", 0, None)
     assert kept == {"r2"}  # the ended lines' kept results are gone; a running line's stays
+
+
+def test_a_waiting_caller_learns_of_the_batchs_end_at_once_not_a_poll_later(batch_service, openai_client):
+    """``GET /v1/batches/{id}?wait=S`` is held until the batch ends (or S seconds, capped by the service);
+    the Python client's ``wait`` uses it, so its ``poll_s`` paces progress, not when the end is seen.
+    OpenAI's clients, which send no ``wait``, are answered at once as before."""
+    import time
+
+    from tpm_fed.batches.batch_ends import MAX_WAIT_S
+    from tpm_fed.client import Client
+
+    def lines(count: int, tokens: int) -> bytes:
+        return jsonl([{"custom_id": f"w-{i}", "method": "POST", "url": "/v1/completions",
+                       "body": {"model": DEMO_MODEL_NAME, "prompt": f"The cell {i}", "max_tokens": tokens,
+                                "temperature": 0}} for i in range(count)])
+
+    headers = {"Authorization": f"Bearer {batch_service.token}"}
+    openai_client.completions.create(model=DEMO_MODEL_NAME, prompt="warm", max_tokens=2)  # no cold start below
+    with Client(batch_service.url, batch_service.token) as client:
+        long = client.batches.submit(lines(48, 24), project="batches")  # a second or more
+        asked = time.monotonic()
+        at_once = openai_client.batches.retrieve(long["id"])  # no wait: answered as it is now
+        assert at_once.status == "in_progress" and time.monotonic() - asked < 1.0
+        asked = time.monotonic()
+        short = httpx.get(f"{batch_service.url}/v1/batches/{long['id']}", params={"wait": 0.05}, headers=headers)
+        assert short.status_code == 200 and short.json()["status"] == "in_progress"
+        assert time.monotonic() - asked >= 0.05  # held for its wait, the batch still running
+        assert client.batches.wait(long["id"], poll_s=0.5)["status"] == "completed"
+
+        # A one-line batch ends in well under a second here (a few seconds under load): a poll held up to
+        # MAX_WAIT_S (600 asked, cut to it) comes back with its end, long before the wait would run out.
+        quick = client.batches.submit(lines(1, 2), project="batches")
+        asked = time.monotonic()
+        held = httpx.get(f"{batch_service.url}/v1/batches/{quick['id']}", params={"wait": 600}, headers=headers,
+                         timeout=60)
+        took = time.monotonic() - asked
+        assert held.status_code == 200 and held.json()["status"] == "completed", (took, held.json()["tpm"])
+        assert took < MAX_WAIT_S - 1 and held.json()["request_counts"]["completed"] == 1
+
+        again = client.batches.submit(lines(1, 2), project="batches")
+        asked = time.monotonic()
+        ended = client.batches.wait(again["id"], poll_s=MAX_WAIT_S)
+        assert ended["status"] == "completed" and time.monotonic() - asked < MAX_WAIT_S - 1
+
+    for wait in ("-1", "nan", "soon"):
+        refused = httpx.get(f"{batch_service.url}/v1/batches/{long['id']}", params={"wait": wait}, headers=headers)
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error", wait

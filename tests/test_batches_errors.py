@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import socket
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -192,5 +194,10 @@ def test_another_users_files_and_batches_are_not_theirs(client, stranger, strang
     results = httpx.get(f"{stranger_service.url}/tpm/v1/batches/{batch.id}/results",
                         headers=stranger_service.headers)
     assert results.status_code == 403 and results.json()["error"]["code"] == "NotPermitted"
+    asked = time.monotonic()  # the long poll reads the batch (theirs?) before it waits
+    held = httpx.get(f"{stranger_service.url}/v1/batches/{batch.id}", params={"wait": 5},
+                     headers=stranger_service.headers)
+    assert held.status_code == 403 and held.json()["error"]["code"] == "NotPermitted"
+    assert time.monotonic() - asked < 2.5
     assert stranger.batches.list().data == []
     assert [b.id for b in client.batches.list().data] == [batch.id]

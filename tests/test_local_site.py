@@ -28,17 +28,48 @@ def test_remote_exception_carries_the_remote_message_and_the_site_survives(runti
     assert site.submit(echo, 7).result(timeout=60) == 7
 
 
-def test_a_started_sites_objects_are_out_of_the_collectors_full_passes(runtime):
-    """What a site's start built lives as long as the process: a full collection must not walk it again
-    (on this machine each walk took 0.1-0.17 s of the service's CPU, in the middle of a batch)."""
-    import gc
-
-    site = runtime.site("local")
-    site.submit(echo, 1).result(timeout=60)  # started
-    assert gc.get_freeze_count() > 0
+_FREEZE_PROBE = """
+import gc, sys
+from pathlib import Path
+from tpm_fed.sites import long_lived
+from tpm_fed.sites.local import LocalSite
+from functions.serve import echo
+said = []
+if sys.argv[2] == "service":
+    long_lived.freeze_in_this_process(report=said.append)
+site = LocalSite("probe", Path(sys.argv[1]))
+try:
+    assert site.submit(echo, 1).result(timeout=60) == 1  # started
     walked = gc.get_objects()  # every generation a collection walks (the frozen one is not among them)
-    assert not any(obj is site._engine for obj in walked)
-    assert not any(obj is site for obj in walked)
+    print(gc.get_freeze_count(), any(obj is site._engine for obj in walked), len(said))
+finally:
+    site.shutdown()
+"""
+
+
+def _freeze_probe(run_dir, role: str) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FREEZE_PROBE, str(run_dir), role], capture_output=True,
+                          text=True, timeout=180, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_in_the_services_process_a_started_sites_objects_are_out_of_the_collectors_full_passes(tmp_path):
+    """What a site's start built lives as long as the service: a full collection must not walk it again
+    (on this machine each walk took 0.1-0.17 s of the service's CPU, in the middle of a batch)."""
+    frozen, engine_walked, reported = _freeze_probe(tmp_path / "service", "service")
+    assert int(frozen) > 0 and engine_walked == "False" and reported == "1"
+
+
+def test_elsewhere_a_started_site_leaves_the_collector_as_it_was(tmp_path):
+    """A freeze is process-wide: in a user's own process, garbage cycles of objects alive then would stay
+    until exit. Only the service's process freezes."""
+    frozen, engine_walked, reported = _freeze_probe(tmp_path / "user", "user")
+    assert frozen == "0" and engine_walked == "True" and reported == "0"
 
 
 def test_config_round_trip(tmp_path):

@@ -114,3 +114,26 @@ def test_a_batch_estimate_scales_out_to_free_replica_slots_only_when_that_ends_s
     assert estimate(cold_start_s=1.0, slots=2) == pytest.approx(1.0 + alone / 2)  # a second replica pays
     assert estimate(cold_start_s=1.0, slots=4) == pytest.approx(1.0 + alone / 4)
     assert estimate(cold_start_s=60.0, slots=4) == pytest.approx(alone)  # a start slower than the work: no
+
+
+def test_a_batchs_quotes_in_one_pass_equal_each_lines_quote_alone(runtime):
+    """``quotes`` (a batch's lines) shares one broker decision among lines that place alike: each line's quote,
+    or its refusal, must equal what ``quote`` gives that line alone."""
+    model = str(runtime.default_model())
+    lines = [GenerationRequest.create(prompt, model, max_new_tokens=tokens)
+             for prompt, tokens in [("The cell", 8), ("The cell", 8), ("A star is", 8), ("The cell", 32),
+                                    ("The river carries the silt", 8), ("A star is", 32)]]
+    lines.insert(3, GenerationRequest.create("The cell", "no-such-model", max_new_tokens=8))
+    lines += [GenerationRequest.create("The cell", model, max_new_tokens=8, site="elsewhere"),  # no such site
+              GenerationRequest.create("The cell", model, max_new_tokens=8, site="elsewhere")]  # refused alike
+    before = _books(runtime)
+    together = runtime.quotes(lines)
+    assert _books(runtime) == before
+    for line, quote in zip(lines, together, strict=True):
+        try:
+            alone = runtime.quote(line)
+        except Exception as error:  # noqa: BLE001 - the same refusal, with the same words
+            assert type(quote) is type(error) and str(quote) == str(error)
+        else:
+            assert quote == alone
+    assert sum(isinstance(quote, Exception) for quote in together) == 3

@@ -78,7 +78,10 @@ def test_the_second_submit_finds_a_warm_replica(tmp_path, demo_model_dir):
     finally:
         _stop(home)
     # Stopped gracefully: its site's processes stopped with it and its file is gone.
-    assert "tpm: service stopped" in (home.root / "service.log").read_text()
+    log = (home.root / "service.log").read_text()
+    assert "tpm: service stopped" in log
+    # tpm serve's process, and only it, keeps its started site's heap out of the collector's full passes.
+    assert "long-lived objects are kept out of the collector's full passes" in log
     assert not (home.root / "service.json").exists()
     assert not [p for p in workers if _alive_within(p, 20)]
 

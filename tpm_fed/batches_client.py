@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import tpm_fed.batches.jsonl  # noqa: F401 - registers BatchFileInvalid, so refusals come back typed
+from tpm_fed.batches.batch_ends import ENDED
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.http_errors import error_from_body
-
-ENDED = ("completed", "failed", "expired", "cancelled")
-"""A batch in one of these states changes no more."""
 
 
 class _Caller(Protocol):
@@ -68,8 +66,9 @@ class Batches:
         return self._client._call("POST", "/v1/quotes", json={"input_file_id": file_id,
                                                               **({"project": project} if project else {})})
 
-    def retrieve(self, batch_id: str) -> dict[str, Any]:
-        return self._client._call("GET", f"/v1/batches/{batch_id}")
+    def retrieve(self, batch_id: str, *, wait_s: float = 0.0) -> dict[str, Any]:
+        """The batch; with ``wait_s``, answered as soon as it ends or after ``wait_s`` (the service's long poll)."""
+        return self._client._call("GET", f"/v1/batches/{batch_id}", **({"params": {"wait": wait_s}} if wait_s else {}))
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
         """The caller's batches, newest first (every page)."""
@@ -99,17 +98,22 @@ class Batches:
 
     def wait(self, batch_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
              progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll until the batch ends; ``progress`` is told of each look."""
+        """Wait until the batch ends; ``progress`` is told of each look (about every ``poll_s``).
+
+        Each look is a long poll: the service answers as soon as the batch ends, so its end is learned at
+        once, not up to a poll later. (A service that holds no poll answers at once: then it sleeps.)"""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            batch = self.retrieve(batch_id)
+            asked = time.monotonic()
+            wait_s = poll_s if deadline is None else max(0.0, min(poll_s, deadline - asked))
+            batch = self.retrieve(batch_id, wait_s=wait_s)
             if progress is not None:
                 progress(batch)
             if batch["status"] in ENDED:
                 return batch
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"batch {batch_id} is still {batch['status']} after {timeout_s} s")
-            time.sleep(poll_s)
+            time.sleep(max(0.0, poll_s - (time.monotonic() - asked)))
 
     def _raw(self, path: str) -> bytes:
         import httpx

@@ -99,6 +99,12 @@ class Bookkeeper:
             self._admissions[admission.request_id] = (admission, price)
             self._resent.add(admission.request_id)
 
+    def moved(self, admission: Admission) -> None:
+        """A placed request not sent yet goes to another replica (``admission``, not reserved yet)."""
+        with self._lock:
+            _, price = self._admissions[admission.request_id]
+            self._admissions[admission.request_id] = (admission, price)
+
     def forget(self, admission: Admission) -> None:
         """A placed request that will not be sent after all: its hold (or reservation) goes back."""
         with self._lock:

@@ -9,6 +9,7 @@
   (the runner's lines), :mod:`~tpm_fed.batches.rows` (paging).
 - :mod:`~tpm_fed.batches.quoting`: a batch's quote (the sum of its lines') and the balance check.
 - :mod:`~tpm_fed.batches.runner`: the service's thread that feeds lines to the runtime and records each once.
+- :mod:`~tpm_fed.batches.batch_ends`: callers waiting for a batch to end (the long poll), woken by the runner.
 
 Nothing here imports torch or vLLM.
 """

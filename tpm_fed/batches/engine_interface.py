@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from tpm_fed.broker import Broker
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Ledger
+from tpm_fed.protocol.errors import TpmError
 from tpm_fed.protocol.quotes import Quote
 from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ServedResult
@@ -33,6 +34,8 @@ class BatchEngine(Protocol):
                background: bool = False) -> Future[ServedResult]: ...
 
     def quote(self, request: ServingRequest, identity: str | None = None) -> Quote: ...
+
+    def quotes(self, requests: list[ServingRequest], identity: str | None = None) -> list[Quote | TpmError]: ...
 
     def burst(self) -> AbstractContextManager[None]: ...
 

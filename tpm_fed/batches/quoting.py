@@ -1,7 +1,8 @@
 """A batch's quote: the sum of its lines' quotes, and the check that the project can pay it.
 
 Each line is priced by the broker exactly as a request sent alone
-(:meth:`tpm_fed.service.runtime.Runtime.quote`), so the edge checks a line
+(:meth:`tpm_fed.service.runtime.Runtime.quotes`: the edge checks per line, one
+decision for the lines that place alike), so the edge checks a line
 would meet when it runs (unknown model, a project the caller is not in, a
 prompt longer than the model) are met here, before the batch exists, and are
 reported by line. Nothing is reserved or run.
@@ -31,18 +32,27 @@ def quote_batch(runtime: BatchEngine, routes: LineRoutes, identity: str, project
         BatchFileInvalid: Lines the service would refuse (all named), when they are refused for different
             reasons; the lines' own error type (``UnknownModel``, ``NotPermitted``...) when all share one.
     """
+    built: list[ServingRequest | TpmError] = []
+    for line in batch_lines:
+        try:
+            built.append(_request(routes, project, line.url, line.body))
+        except TpmError as error:
+            built.append(error)
+    requests = [request for request in built if not isinstance(request, TpmError)]
+    # One pass: lines that place alike share the broker's decision (a batch's lines mostly do).
+    priced = iter(runtime.quotes(requests, identity))
     quotes: list[Quote] = []
     steps: list[int] = []  # generation steps per line (its max tokens; one forward pass for the rest)
     problems: list[tuple[int, str]] = []
     kinds: set[type] = set()
-    for number, line in enumerate(batch_lines, start=1):
-        try:
-            request = _request(routes, project, line.url, line.body)
-            quotes.append(runtime.quote(request, identity))
-            steps.append(max(1, getattr(request, "max_new_tokens", 0) or 1))
-        except TpmError as error:
-            problems.append((number, f"{line.custom_id}: {type(error).__name__}: {error}"))
-            kinds.add(type(error))
+    for number, (line, request) in enumerate(zip(batch_lines, built, strict=True), start=1):
+        outcome = request if isinstance(request, TpmError) else next(priced)
+        if isinstance(outcome, TpmError):
+            problems.append((number, f"{line.custom_id}: {type(outcome).__name__}: {outcome}"))
+            kinds.add(type(outcome))
+            continue
+        quotes.append(outcome)
+        steps.append(max(1, getattr(request, "max_new_tokens", 0) or 1))
     if problems:
         refusal = BatchFileInvalid(problems)
         if len(kinds) == 1 and not issubclass(only := kinds.pop(), InvalidRequest):

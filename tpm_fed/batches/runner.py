@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from tpm_fed.batches.batch_ends import BatchEnds
 from tpm_fed.batches.engine_interface import BatchEngine, Observer
 from tpm_fed.batches.lines import LineRoutes, charging
 from tpm_fed.batches.store import BatchStore, ClaimedLine, LineEnd
@@ -92,6 +93,8 @@ class BatchRunner:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="tpm-batches", daemon=True)
         self._sent_ids: set[str] = set()  # batch requests out now: their results are kept with their charges
+        self.ends = BatchEnds()
+        """Callers waiting for a batch to end (the long poll of ``GET /v1/batches/{id}?wait=S``)."""
         runtime.add_outcome_writer(self._keep_results)
 
     def _keep_results(self, outcomes: dict[str, Any], db: Any) -> None:
@@ -146,7 +149,7 @@ class BatchRunner:
                         out.sent.add_done_callback(lambda _, out=out: self._answered(out))
                     else:  # not sent: it ends now, with its error
                         self._answered(out)
-                await asyncio.to_thread(self.store.settle_batches)
+                self.ends.ended(await asyncio.to_thread(self.store.settle_batches))
                 if time.monotonic() >= self._next_file_sweep:  # expired uploads leave the database
                     self._next_file_sweep = time.monotonic() + FILE_SWEEP_PERIOD_S
                     await asyncio.to_thread(self.store.sweep_expired_files)
@@ -159,7 +162,7 @@ class BatchRunner:
         deadline = time.monotonic() + STOP_GRACE_S
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.to_thread(self.store.settle_batches)
+        self.ends.ended(await asyncio.to_thread(self.store.settle_batches))
 
     def _send(self, claimed: list[ClaimedLine]) -> list[_Out]:
         """Build the claimed lines' requests, note their ids (one transaction), then submit them back to back.

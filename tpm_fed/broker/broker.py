@@ -268,6 +268,30 @@ class Broker:
             if not ok:
                 self.registry.failed(admission.replica_id, 1)
 
+    @_one_at_a_time
+    def move(self, admission: Admission, replica_id: str) -> Admission | None:
+        """Place again, on live replica ``replica_id`` of the same model version, a request that was placed but
+        not reserved (it still waits in its replica's queue): a sibling replica with a free worker takes it
+        (work stealing at a batch's end). Its hold moves with it; the estimate is the new site's.
+
+        Returns None where the request may not go there (its caller named its site, it runs the caller's code,
+        a site it may not use, no balance there, the replica stopped): it then stays where it was, unchanged.
+        """
+        target = self.registry.get(replica_id)
+        if (admission.reserved or admission.request.site is not None or admission.request.own_site_only
+                or target is None or not target.live or target.replica_id == admission.replica_id):
+            return None
+        decision = self.decide(replace(admission.request, site=target.site))
+        chosen = next((c for c in decision.ranked if c.replica_id == replica_id), None)
+        if chosen is None:
+            return None
+        self.balances.unhold(admission.project, admission.site, admission.estimate_usu, reserved=False)
+        self.balances.hold(admission.project, chosen.site, chosen.cost_usu)
+        self.registry.failed(admission.replica_id, 1)  # it leaves that queue
+        self.registry.queued(replica_id)
+        return Admission(admission.request_id, admission.project, chosen.site, replica_id, False, chosen.free,
+                         chosen.cost_usu, Decision(chosen, decision.candidates), admission.request, False)
+
     def replica_lost(self, replica_id: str, requests: int) -> None:
         """A task of ``replica_id`` was lost with ``requests`` that will be placed again: it is stopped.
 

@@ -64,14 +64,19 @@ class ReplicaDispatcher:
         held: True while a caller places a burst that should leave together (see ``ReplicaQueue.linger_over``).
         join_for_s: How long after it began a running task may take in waiting requests
             (:data:`JOIN_FOR_S` by default, at most a quarter of ``task_timeout_s``; 0: never).
+        borrow: When a worker slot here comes back with room in the next task: ``borrow(self, room)`` gives
+            batch lines waiting for a busy sibling replica, placed here now (work stealing: at a batch's end one
+            site does not run a last task while another idles). None: none are taken.
     """
 
     def __init__(self, site: Site, spec: ModelSpec, *, max_batch: int, max_in_flight: int, linger_s: float = 0.0,
                  task_timeout_s: float | None = None, recorder: SettlementRecorder | None = None,
                  context: dict[str, Any] | None = None, lost_goes_up: bool = False,
                  channels: TaskChannels | None = None, held: Callable[[], bool] | None = None,
-                 join_for_s: float | None = None) -> None:
+                 join_for_s: float | None = None,
+                 borrow: Callable[[ReplicaDispatcher, int], list[Pending]] | None = None) -> None:
         self.site, self.spec = site, spec
+        self.borrow = borrow
         self.task_timeout_s = task_timeout_s
         self.channels, self.held = channels, held
         self.context = context or {}
@@ -134,6 +139,23 @@ class ReplicaDispatcher:
             self._on_slot(batch)
         return pending.future
 
+    def lend(self, count: int) -> list[Pending]:
+        """Up to ``count`` batch lines waiting here, not reserved, for a sibling replica with a free worker to
+        take (none while a worker here is free). The taker places them again, or gives them back."""
+        with self._lock:
+            return self._queue.lend(count)
+
+    def adopt(self, pendings: list[Pending]) -> None:
+        """Batch lines placed here from a sibling's queue (or given back to this one): last in line; they leave
+        with the next task (at once if a worker is free)."""
+        if not pendings:
+            return
+        with self._lock:
+            self._queue.adopt(pendings)
+            batch = self._queue.take_batch()
+            self._follow_linger_locked()
+        self._on_slot(batch)
+
     def nudge(self) -> None:
         """A burst was placed: let what waits leave (after the usual short linger)."""
         with self._lock:
@@ -169,6 +191,7 @@ class ReplicaDispatcher:
             return
         while True:
             if batch is None:
+                self._borrow_for_next_task()
                 with self._lock:
                     batch = self._queue.free_slot()
                     self._follow_linger_locked()
@@ -177,6 +200,24 @@ class ReplicaDispatcher:
             if self._start(batch):
                 return
             batch = None
+
+    def _borrow_for_next_task(self) -> None:
+        """A slot is coming back: fill the room its next task has with a busy sibling's waiting batch lines
+        (called without the lock: the sibling's is taken, never both)."""
+        if self.borrow is None:
+            return
+        with self._lock:
+            room = self._queue.max_batch - self._queue.waiting
+        if room <= 0:
+            return
+        try:
+            taken = self.borrow(self, room)
+        except Exception:  # never in the way of the slot coming back
+            logger.exception("could not take batch lines from a sibling replica")
+            return
+        if taken:
+            with self._lock:
+                self._queue.adopt(taken)
 
     def _start(self, batch: list[Pending]) -> bool:
         """Reserve ``batch`` and run what is not refused as one task; False if no task started (every

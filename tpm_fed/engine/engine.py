@@ -32,7 +32,7 @@ from tpm_fed.home import TpmHome
 from tpm_fed.ledger import Ledger, Metered, estimate_usu, price_usu
 from tpm_fed.ledger.sweeper import SWEEP_PERIOD_S, ReservationSweeper
 from tpm_fed.storage.adapter_registry import AdapterRegistry
-from tpm_fed.protocol.errors import InvalidRequest, UnknownModel
+from tpm_fed.protocol.errors import InvalidRequest, TpmError, UnknownModel
 from tpm_fed.protocol.limits import MAX_RESULT_BYTES, check_request_size
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.points import PointCatalog
@@ -69,6 +69,7 @@ class Engine:
         self.channels = channels
         """The service's back channel, handed here by the composition root (None: in-process only)."""
         self._change_lock = threading.Lock()  # one federation change at a time (read, edit, write the file)
+        self._adapters: tuple[Federation | None, AdapterRegistry | None] = (None, None)  # (made for, registry)
         self._stop_sweeping = threading.Event()
         self._closed = False
         # Where a batch submitted from the event loop is reserved and sent (threads start on first use).
@@ -185,6 +186,26 @@ class Engine:
         check_request_size(request)
         return self.broker.quote(self._priced(request, identity))
 
+    def quotes(self, requests: list[ServingRequest], identity: str | None = None) -> list[Quote | TpmError]:
+        """Each request's quote as :meth:`quote` gives it (or the error it would raise), in one pass: the edge
+        checks run per request, and requests that place alike (same caller, project, model version, kind,
+        bound) share one broker decision, since quoting reserves and starts nothing (a batch's lines)."""
+        decided: dict[PlacementRequest, Quote | TpmError] = {}
+        quotes: list[Quote | TpmError] = []
+        for request in requests:
+            try:
+                check_request_size(request)
+                placement = self._priced(request, identity)
+                if placement not in decided:
+                    try:
+                        decided[placement] = self.broker.quote(placement)
+                    except TpmError as refused:  # the same refusal for every request that places alike
+                        decided[placement] = refused
+                quotes.append(decided[placement])
+            except TpmError as error:
+                quotes.append(error)
+        return quotes
+
     def _priced(self, request: ServingRequest, identity: str | None) -> PlacementRequest:
         request, spec, bound = check_at_edge(request, self.catalog.resolve(request.model), self.catalog,
                                              self.adapters)
@@ -239,8 +260,12 @@ class Engine:
 
     @property
     def adapters(self) -> AdapterRegistry:
-        """The federation's adapter registry (input modules and heads for mode 2)."""
-        return AdapterRegistry(self.federation.store / "adapters")
+        """The federation's adapter registry (input modules and heads for mode 2): made once per federation
+        served (its path costs more than the rest of a request's edge check; a batch's quote asks per line)."""
+        federation, made = self._adapters
+        if federation is not self.federation:
+            federation, made = self._adapters = (self.federation, AdapterRegistry(self.federation.store / "adapters"))
+        return made
 
     def default_model(self) -> ModelRef:
         if not self.federation.models:

@@ -17,6 +17,7 @@ from tpm_fed.broker import Broker, Decision
 from tpm_fed.catalog import ModelCatalog
 from tpm_fed.federation import Federation
 from tpm_fed.ledger import Ledger
+from tpm_fed.protocol.errors import TpmError
 from tpm_fed.protocol.points import PointCatalog
 from tpm_fed.protocol.quotes import Quote
 from tpm_fed.protocol.requests import ServingRequest
@@ -74,6 +75,8 @@ class EngineClient(Protocol):
         ...
 
     def quote(self, request: ServingRequest, identity: str | None = None) -> Quote: ...
+
+    def quotes(self, requests: list[ServingRequest], identity: str | None = None) -> list[Quote | TpmError]: ...
 
     def explain(self, request: ServingRequest, identity: str | None = None) -> Decision: ...
 

@@ -24,7 +24,7 @@ from tpm_fed.bookkeeping import Bookkeeper
 from tpm_fed.broker import Admission, Broker
 from tpm_fed.engine.dispatcher import ReplicaDispatcher
 from tpm_fed.engine.interface import TaskChannels
-from tpm_fed.engine.pending import pass_on, resolve
+from tpm_fed.engine.pending import Pending, pass_on, resolve
 from tpm_fed.federation import Federation, SiteConfig
 from tpm_fed.home import TpmHome
 from tpm_fed.protocol.code_version import serving_code_version
@@ -120,7 +120,36 @@ class ReplicaPool:
             join_for_s=min(config.join_for_s, config.task_timeout_s / 4), recorder=self._bookkeeper,
             # Only what the worker checks: permissions are its endpoint's policy, never a task's.
             context={"code_version": serving_code_version()},
-            lost_goes_up=True, channels=self._channels, held=lambda: self._bursts > 0)
+            lost_goes_up=True, channels=self._channels, held=lambda: self._bursts > 0, borrow=self._borrow)
+
+    def _borrow(self, thief: ReplicaDispatcher, room: int) -> list[Pending]:
+        """Up to ``room`` batch lines waiting for busy siblings of ``thief`` (replicas of its model version), placed
+        again on ``thief``'s replica: the longest queue lends first. A line the broker will not move there (its
+        caller named its site, no balance there...) goes back to its queue, unchanged."""
+        with self._lock:
+            thief_id = next((rid for rid, d in self._dispatchers.items() if d is thief), None)
+            siblings = sorted(((rid, d) for rid, d in self._dispatchers.items()
+                               if d is not thief and d.spec.version == thief.spec.version
+                               and d.spec.name == thief.spec.name), key=lambda item: -item[1].waiting)
+        taken: list[Pending] = []
+        for _, sibling in ([] if thief_id is None else siblings):
+            if len(taken) >= room:
+                break
+            staying = []
+            for pending in sibling.lend(room - len(taken)):
+                try:
+                    admission = self._bookkeeper.admission_of(pending.request_id)
+                    moved = self.broker.move(admission, thief_id) if admission is not None else None
+                except Exception:  # it stays where it was placed
+                    logger.exception("could not move request %s to replica %s", pending.request_id, thief_id)
+                    moved = None
+                if moved is None:
+                    staying.append(pending)
+                else:
+                    self._bookkeeper.moved(moved)
+                    taken.append(pending)
+            sibling.adopt(staying)
+        return taken
 
     def forget(self, replica_ids: list[str]) -> None:
         """Stopped replicas get no more work; their worker frees them on its next load."""

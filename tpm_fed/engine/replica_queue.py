@@ -131,6 +131,26 @@ class ReplicaQueue:
         """Requests handed to a task that ended before reading them: first in line again."""
         self.interactive.extendleft(reversed(unread))
 
+    def lend(self, count: int) -> list[Pending]:
+        """Up to ``count`` batch lines another replica with a free worker may take, from the back of the line
+        (those this one would run last), while every worker here is busy (a free one takes them itself).
+        Only lines not reserved yet (a reserved one belongs to this replica's site), whose caller named no
+        site and that run none of the caller's code (the broker would not move them anyway)."""
+        if not self.busy or count <= 0:
+            return []
+        lent: deque[Pending] = deque()
+        kept: deque[Pending] = deque()
+        while self.background:
+            pending = self.background.pop()
+            movable = not pending.recorded and pending.request.site is None and not pending.request.runs_user_code
+            (lent if len(lent) < count and movable else kept).appendleft(pending)
+        self.background = kept
+        return list(lent)
+
+    def adopt(self, pendings: list[Pending]) -> None:
+        """Batch lines taken from another replica's queue (or given back to this one): last in line."""
+        self.background.extend(pendings)
+
     def position(self, request_id: str) -> int | None:
         """Where a waiting request stands (1: next to leave), or None if not waiting here."""
         for index, pending in enumerate([*self.interactive, *self.background]):

@@ -9,7 +9,8 @@
 - ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``: an input file, or a batch's output or error file.
 - ``POST /v1/batches``: run a file's lines (``project`` as an extra body field); quoted first, and refused
   (429 ``insufficient_quota``, quote in the message) if the project cannot pay the bound.
-- ``GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``.
+- ``GET /v1/batches``, ``GET /v1/batches/{id}`` (with tpm-fed's ``?wait=S``: held until the batch ends, at most
+  ``S`` seconds, so a waiting client learns of the end at once), ``POST /v1/batches/{id}/cancel``.
 - ``POST /v1/quotes``: the quote of one request body, or of a batch file (``input_file_id``).
 - ``GET /tpm/v1/batches/{id}/results``: every line that ended, output and errors together, in input order.
 
@@ -26,6 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from tpm_fed.batches.batch_ends import ENDED, MAX_WAIT_S
 from tpm_fed.batches.jsonl import BatchFileChecker, read_stored_batch_file
 from tpm_fed.batches.lines import LineRoutes
 from tpm_fed.batches.protocol import (
@@ -171,8 +173,24 @@ def list_batches(request: Request, after: str | None = None, limit: int = 20,
 
 
 @router.get("/v1/batches/{batch_id}")
-def get_batch(batch_id: str, request: Request, identity: str = Depends(identity_of)) -> dict[str, Any]:
-    return _runner(request).store.batch(batch_id, identity).model_dump(mode="json")
+async def get_batch(batch_id: str, request: Request, wait: float = 0.0,
+                    identity: str = Depends(identity_of)) -> dict[str, Any]:
+    """OpenAI's retrieve. ``wait`` (tpm-fed's, seconds): a long poll, answered as soon as the batch ends, or
+    after ``wait`` seconds (at most ``MAX_WAIT_S``) with the batch as it is then."""
+    if not 0.0 <= wait:  # NaN too; a larger wait than MAX_WAIT_S is cut to it
+        raise InvalidRequest(f"wait: seconds to wait for the batch to end, 0 or more (at most {MAX_WAIT_S:g} are "
+                             f"used), not {wait!r}")
+    runner = _runner(request)
+    if wait == 0.0:
+        return (await run_in_threadpool(runner.store.batch, batch_id, identity)).model_dump(mode="json")
+    watched = runner.ends.watch(batch_id)  # before the read: an end between the read and the wait still wakes it
+    try:
+        batch = await run_in_threadpool(runner.store.batch, batch_id, identity)  # theirs (403 before any wait)
+        if batch.status not in ENDED and await runner.ends.wait(watched, min(wait, MAX_WAIT_S)):
+            batch = await run_in_threadpool(runner.store.batch, batch_id, identity)
+        return batch.model_dump(mode="json")
+    finally:
+        runner.ends.unwatch(batch_id, watched)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")

@@ -1,4 +1,4 @@
-"""What a started site leaves in the process is kept out of the garbage collector's full passes.
+"""In the service's process, what a started site leaves there is kept out of the collector's full passes.
 
 A site's start imports the endpoint engine and Parsl and builds their
 objects: with the service's own, about 137,000 tracked objects on the demo
@@ -13,6 +13,11 @@ the service allocates later is collected as before, and at exit the frozen
 objects are handed back, so the interpreter's last collection frees them
 as it would have (extensions that count their objects at exit, nanobind's,
 report none leaked).
+
+Only ``tpm serve`` asks for it (:func:`freeze_in_this_process`): a freeze is
+process-wide, and in a user's own process (a script that runs the engine in
+process) cyclic garbage made of objects alive at that moment would stay until
+exit. So a site started anywhere else leaves the collector as it was.
 """
 
 from __future__ import annotations
@@ -20,14 +25,28 @@ from __future__ import annotations
 import atexit
 import gc
 import threading
+from collections.abc import Callable
 
+_service: list[Callable[[str], None]] = []  # set once by the service's process: where to say it froze
 _handed_back_at_exit = threading.Event()
 
 
-def keep_out_of_full_collections() -> None:
-    """Collect once, then freeze every object alive now (the process's long-lived heap)."""
+def freeze_in_this_process(report: Callable[[str], None]) -> None:
+    """This process is the service's (``tpm serve``): from now on a site's start freezes the heap, and
+    ``report`` is told how many objects each freeze kept out."""
+    _service[:] = [report]
+
+
+def keep_out_of_full_collections() -> int:
+    """In the service's process: collect once, then freeze every object alive now (the process's
+    long-lived heap). Returns the objects frozen in all (0: not the service's process, nothing done)."""
+    if not _service:
+        return 0
     gc.collect()
     gc.freeze()
     if not _handed_back_at_exit.is_set():
         _handed_back_at_exit.set()
         atexit.register(gc.unfreeze)
+    frozen = gc.get_freeze_count()
+    _service[0](f"tpm: a site started; {frozen:,} long-lived objects are kept out of the collector's full passes")
+    return frozen
