@@ -18,11 +18,10 @@ from tpm_fed.sites.base import SiteStatus
 
 
 class HeldSite:
-    """The federation's ``local`` site, whose tasks finish only when the test says."""
+    """A site (the federation's ``local`` one unless named), whose tasks finish only when the test says."""
 
-    name = "local"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str = "local") -> None:
+        self.name = name
         self.tasks: list[tuple[Future, list[dict]]] = []
         self.sent = threading.Condition()
 

@@ -9,56 +9,22 @@ sites whose tasks end only when the test says, so which lines wait where is chos
 from __future__ import annotations
 
 import shutil
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
-from tests.test_dispatch import reply_for
+from tests.test_retry import HeldSite
 from tpm_fed.federation import Federation, ModelConfig, ProjectConfig, SiteConfig
 from tpm_fed.home import DEMO_MODEL_NAME, TpmHome
 from tpm_fed.identity import LocalUser
 from tpm_fed.protocol.requests import GenerationRequest
-from tpm_fed.sites.base import SiteStatus
 
 TASK = 4  # lines per task at both sites
 
 
-class HeldSite:
-    """A site whose tasks finish only when the test says."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.tasks: list[tuple[Future, list[dict]]] = []
-        self.sent = threading.Condition()
-
-    def submit(self, function, model, requests, context):
-        future: Future = Future()
-        with self.sent:
-            self.tasks.append((future, requests))
-            self.sent.notify_all()
-        return future
-
-    def task(self, index: int) -> list[str]:
-        """The request ids task ``index`` carries (waiting for it to be sent)."""
-        with self.sent:
-            assert self.sent.wait_for(lambda: len(self.tasks) > index, timeout=30), f"{self.name}: no task {index}"
-            return [r["request_id"] for r in self.tasks[index][1]]
-
-    def answer(self, index: int) -> None:
-        self.task(index)
-        future, requests = self.tasks[index]
-        future.set_result(reply_for(requests))
-
-    def problem(self) -> str | None:
-        return None
-
-    def status(self) -> SiteStatus:
-        return SiteStatus(self.name, "test", "running", 1, len(self.tasks))
-
-    def shutdown(self) -> None:
-        pass
+def carried(site: HeldSite, index: int) -> list[str]:
+    """The request ids task ``index`` of ``site`` carries (waiting for it to be sent)."""
+    return [r["request_id"] for r in site.task(index)[1]]
 
 
 @pytest.fixture
@@ -97,9 +63,9 @@ def test_a_free_worker_takes_the_batch_lines_waiting_for_a_busy_sibling_each_cha
         lines = [line(f"line {i}") for i in range(2 * TASK)]
         futures = [runtime.submit(r, background=True) for r in lines]
     ids = [r.request_id for r in lines]
-    assert a.task(1) == ids[:TASK]  # a runs the first four; the other four wait behind it
+    assert carried(a, 1) == ids[:TASK]  # a runs the first four; the other four wait behind it
     warm(runtime, b, 0)  # b's replica starts (its own request); its worker comes back free
-    assert b.task(1) == ids[TASK:]  # and takes the four lines a had not started
+    assert carried(b, 1) == ids[TASK:]  # and takes the four lines a had not started
     b.answer(1)
     a.answer(1)
     results = [future.result(timeout=30) for future in futures]
@@ -120,10 +86,10 @@ def test_lines_that_named_their_site_and_interactive_requests_stay_where_they_we
     with runtime.burst():
         named = [line(f"named {i}", site="a") for i in range(2 * TASK)]
         futures = [runtime.submit(r, background=True) for r in named]
-    assert a.task(1) == [r.request_id for r in named[:TASK]]
+    assert carried(a, 1) == [r.request_id for r in named[:TASK]]
     warm(runtime, b, 0)
     a.answer(1)
-    assert a.task(2) == [r.request_id for r in named[TASK:]]  # still a's: b took none of them
+    assert carried(a, 2) == [r.request_id for r in named[TASK:]]  # still a's: b took none of them
     a.answer(2)
     assert {f.result(timeout=30).site for f in futures} == {"a"}
     assert len(b.tasks) == 1
