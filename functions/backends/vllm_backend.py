@@ -147,7 +147,7 @@ class VllmBackend:
 
     def _run_live(self, batch: list[EncodedRequest], live: Any,
                   rows: dict[str, tuple[_Running, int]]) -> list[list[Completion]]:
-        """The engine's own step loop, as ``LLM.generate`` runs it (so the same tokens), with four
+        """The engine's own step loop, as ``LLM.generate`` runs it (so the same tokens), with these
         additions: streamed rows ask for cumulative outputs and send their new text after each
         step; a request whose rows are all done is answered at once; before each step, the
         requests that joined (``live.joined()``) enter the engine, until it runs dry; and with a
