@@ -148,8 +148,7 @@ class BackChannel:
         timed = {**outcome, "run_s": run_s}
         with self._wake:
             self.answers[request_id] = timed
-        if self.failed is None:
-            with self._wake:
+            if self.failed is None:
                 self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
                 self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 

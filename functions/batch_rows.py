@@ -21,8 +21,8 @@ So a worker may instead (or as well) yield while interactive rows run: at most
 (``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``; 0: none). The newest batch rows beyond
 it are *set aside*: taken out of the engine with the tokens they made so far,
 and put back first in line. When the interactive rows end, they re-enter with
-their prompt and those tokens as the new prompt (vLLM's prefix cache holds
-most of it) for the tokens still to make, and their answer is the two parts
+their prompt and those tokens as the new prompt (prefilled again, but for
+the full KV blocks vLLM's prefix cache still holds) for the tokens still to make, and their answer is the two parts
 joined. Only a request whose continuation is the same computation may be set
 aside (:func:`resumable`): greedy or unseeded, no stop strings (a stop string
 could straddle the join), not streamed.

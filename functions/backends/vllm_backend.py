@@ -167,12 +167,13 @@ class VllmBackend:
             item = running.item
             if running.made is None and yielding and resumable(item.request):
                 running.keep_made()  # it may be set aside: its tokens are gathered as they come
-            sampling = self._live_sampling(item.request, delta=running.made is not None)
+            first = not running.entries
+            sampling = self._live_sampling(item.request, delta=running.made is not None) if first else None
             for index, ids in enumerate(item.prompt_ids):
                 if running.completions[index] is not None:
                     continue
                 engine_id = f"tpm-{item.request.request_id}-{index}-{running.entries}"  # unique per entry
-                if running.entries:  # resumed: the tokens so far are now prompt
+                if not first:  # resumed: the tokens so far are now prompt, each row's count its own
                     made = running.made[index]
                     ids = ids + made
                     sampling = self._live_sampling(item.request, delta=True, made=len(made))
@@ -180,7 +181,7 @@ class VllmBackend:
                                    priority=item.request.priority)
                 rows[engine_id] = (running, index)
                 running.engine_ids[index] = engine_id
-            if not running.entries:
+            if first:
                 live.started(item)
             running.entries += 1
 
