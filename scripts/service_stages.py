@@ -17,8 +17,15 @@ replica and its long-lived task), and each request's stamps are read back:
 Stamps are wall-clock (``time.time``) in both processes, on one machine. The
 probes cost a few microseconds each. Prints the median and p90 of each stage.
 
+With ``--batch LINES`` a batch of that many completions runs through the
+batch API first, and the requests are sent one at a time, ``--every``
+seconds apart, while it runs (as ``bench_batch_priority.py`` times them;
+``--batch-rows CAP:K`` shares the engine as its option does): which stage
+grows beside a batch.
+
 Usage:
     python scripts/service_stages.py [--demo-dir DIR] [--requests 40] [--max-tokens 1]
+        [--batch 512 [--batch-rows 16:0] [--every 0.25]]
 """
 
 from __future__ import annotations
@@ -136,6 +143,11 @@ def main() -> None:
                         help="clients sending at once, each its requests back to back (as vLLM's client)")
     parser.add_argument("--busy", action="store_true",
                         help="keep a long stream running beside them, so each joins the running task")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="time the requests while a batch of this many lines runs (one at a time, --every apart)")
+    parser.add_argument("--batch-rows", default="none",
+                        help="with --batch: the site's CAP[:K] on batch rows (as bench_batch_priority.py's option)")
+    parser.add_argument("--every", type=float, default=0.25, help="with --batch: seconds between requests")
     parser.add_argument("--serve-probed", nargs=2, metavar=("STAMPS", "HOME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_probed:
@@ -144,12 +156,14 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from bench_service import bench_home
-    from benchlib import demo_model, log, machine
+    from benchlib import demo_model, log, machine, share_of
 
     scratch = Path(tempfile.mkdtemp(prefix="tpm-service-stages-"))
     started_on = machine()
     try:
         home = bench_home(scratch / "home", demo_model(scratch / "demo", args.demo_dir), "vllm")
+        if args.batch:
+            _share_engine(home, share_of(args.batch_rows))
         stamps_file = scratch / "stamps.jsonl"
         with probed_serve(home, stamps_file) as (url, headers):
             log("warm-up (starts the replica and its task)")
@@ -159,7 +173,9 @@ def main() -> None:
             time.sleep(1.0 if busy else 0.0)
             stamps_file.write_text("")
             log(f"{args.requests} streamed requests, {args.streams} at a time")
-            if args.streams > 1:
+            if args.batch:
+                client = _beside_batch(url, headers, args)
+            elif args.streams > 1:
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(args.streams) as streams:
@@ -193,6 +209,41 @@ def main() -> None:
     for label, values in spans.items():
         values.sort()
         print(f"| {label} | {len(values)} | {statistics.median(values):.2f} | {values[int(0.9 * (len(values) - 1))]:.2f} |")
+
+
+def _share_engine(home, share: tuple[int | None, int | None]) -> None:
+    """Set the home's sites' batch-row cap and the rows kept beside an interactive one (``--batch-rows``)."""
+    import yaml
+
+    from tpm_fed.federation import Federation
+
+    federation = Federation.model_validate(yaml.safe_load(home.federation_file.read_text()))
+    sites = [site.model_copy(update={"worker": site.worker.model_copy(update={
+        "batch_rows": share[0], "batch_rows_beside_interactive": share[1]})}) for site in federation.sites]
+    federation.model_copy(update={"sites": sites}).dump(home.federation_file)
+
+
+def _beside_batch(url: str, headers: dict, args) -> list[dict]:
+    """Submit a batch of ``args.batch`` lines, then send the requests one at a time while it runs."""
+    from bench_quotes import batch_file
+
+    from tpm_fed.client import Client
+
+    client = Client(url, headers["Authorization"].split()[1])
+    try:
+        batch = client.batches.submit(batch_file(args.batch, [32]))
+        while client.batches.retrieve(batch["id"])["status"] != "in_progress":
+            time.sleep(0.05)
+        stamped = []
+        while len(stamped) < args.requests and client.batches.retrieve(batch["id"])["status"] == "in_progress":
+            stamped.append(one_request(url, headers, args.max_tokens))
+            time.sleep(args.every)
+        if len(stamped) < args.requests:
+            print(f"the batch ended after {len(stamped)} of {args.requests} requests: give more --batch lines")
+        client.batches.wait(batch["id"])
+        return stamped
+    finally:
+        client.close()
 
 
 def served_stamps(stamps_file: Path) -> list[dict]:

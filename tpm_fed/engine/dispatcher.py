@@ -128,7 +128,8 @@ class ReplicaDispatcher:
         waits here, so a person's request waits at most for the task running now. ``send_on``: a
         batch that leaves at once is reserved and sent there, not on the caller's thread (an event loop).
         """
-        pending = Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes)
+        pending = Pending(request, Future(), nbytes=request_bytes(request) if nbytes is None else nbytes,
+                          background=background)
         with self._lock:
             batch = self._queue.arrive(pending, pending.submitted, background)
             self._joining.asks.wake()

@@ -25,6 +25,7 @@ class Pending:
     submitted: float = field(default_factory=now)
     nbytes: int = 0
     recorded: bool = False  # reserved and logged as sent (once; a request handed back keeps both)
+    background: bool = False  # a batch's line: it leaves, and is reserved, after interactive requests
 
     @property
     def request_id(self) -> str:

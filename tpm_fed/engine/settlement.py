@@ -8,11 +8,16 @@ replica pool made, reported up unrecorded (its future fails with the site
 error, its reservation kept): the pool, above the dispatchers as Parsl's
 retries are above its executors, places it again or records the failure
 (:meth:`tpm_fed.engine.replica_pool.ReplicaPool.submit`).
+
+Where a person waits (any request that is not a batch's line), both
+transactions go ahead of the batches' bookkeeping waiting for the database
+(:func:`~tpm_fed.state.writing_first`).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 from tpm_fed.engine.pending import Pending, resolve
@@ -20,6 +25,7 @@ from tpm_fed.engine.reply import Outcome
 from tpm_fed.protocol.errors import SiteError
 from tpm_fed.protocol.model import ModelSpec
 from tpm_fed.protocol.requests import ServingRequest
+from tpm_fed.state import writing_first
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +53,10 @@ class Settlement:
         """Reserve and log the requests not recorded yet; those refused, with why (raises if the ledger
         or the log could not take them at all)."""
         fresh = [p for p in pending if not p.recorded]
-        refused = self.recorder.record_sent(self.site, self.spec.version, [p.request for p in fresh]) \
-            if self.recorder is not None and fresh else {}
+        if self.recorder is None or not fresh:
+            return {}
+        with _first_if_waited_on(fresh):
+            refused = self.recorder.record_sent(self.site, self.spec.version, [p.request for p in fresh])
         for p in fresh:
             p.recorded = p.request_id not in refused
         return refused or {}
@@ -73,9 +81,15 @@ class Settlement:
         if self.recorder is None:
             return outcomes
         try:
-            recorded = self.recorder.record_outcomes(
-                {p.request_id: outcome for p, outcome in zip(batch, outcomes, strict=True)})
+            with _first_if_waited_on(batch):
+                recorded = self.recorder.record_outcomes(
+                    {p.request_id: outcome for p, outcome in zip(batch, outcomes, strict=True)})
             return [recorded[p.request_id] for p in batch]
         except Exception:  # a bookkeeping failure must not hang or drop the answers
             logger.exception("could not record the outcomes of %d requests", len(batch))
             return outcomes
+
+
+def _first_if_waited_on(pending: list[Pending]) -> AbstractContextManager[None]:
+    """Ahead of the batches' bookkeeping when a person waits for one of ``pending``."""
+    return writing_first() if any(not p.background for p in pending) else nullcontext()
