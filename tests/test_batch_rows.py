@@ -12,6 +12,8 @@ each still answered once with the tokens and text ``vllm.LLM.generate`` gives al
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -299,13 +301,22 @@ def test_seeded_and_stopping_lines_stay_beside_an_interactive_row(oracle, engine
 
 
 # Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
-def test_a_replica_takes_its_cap_from_the_endpoints_policy(demo_model_dir, monkeypatch):
+def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_serving_a_core(demo_model_dir,
+                                                                                           monkeypatch):
+    """The loader as a worker calls it: the policy's cap, and the engine's torch threads as vLLM's own server
+    sets its worker's on a CPU (every physical core but one: on two cores, one thread, not two)."""
+    import torch
+
+    from functions.backends.cpu_threads import physical_cores
     from functions.backends.vllm_backend import VllmBackend
     from tpm_fed.protocol.model import ModelSpec
 
     monkeypatch.setenv("TPM_BATCH_ROWS", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     backend = VllmBackend.load(ModelSpec(name=MODEL, version="v", path=str(demo_model_dir), backend="vllm"))
     try:
         assert backend.batch_rows == 3
+        assert torch.get_num_threads() == max(1, physical_cores(os.sched_getaffinity(0)) - 1)
     finally:
         backend.close()

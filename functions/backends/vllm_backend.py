@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
+from functions.backends.cpu_threads import engine_threads
 from functions.batch_rows import BatchRows, is_batch_line, resumable
 from functions.text_deltas import ready_length
 from tpm_fed.protocol.errors import ModelLoadError
@@ -85,6 +86,8 @@ class VllmBackend:
                                         current_policy().model_cache or default_cache())
         threads = torch.get_num_threads()
         on_gpu = torch.cuda.is_available()
+        if not on_gpu and spec.tensor_parallel_size == 1 and (serving := engine_threads()) is not None:
+            torch.set_num_threads(serving)  # leave the serving around it a core, as vLLM's own server does
         try:
             llm = LLM(
                 model=str(path),
