@@ -87,7 +87,10 @@ class VllmBackend:
         threads = torch.get_num_threads()
         on_gpu = torch.cuda.is_available()
         if not on_gpu and spec.tensor_parallel_size == 1 and (serving := engine_threads()) is not None:
-            torch.set_num_threads(serving)  # leave the serving around it a core, as vLLM's own server does
+            # Leave the serving around it a core, as vLLM's own server does. torch._C's: once an engine has
+            # started here, vLLM replaces torch.set_num_threads with a no-op (it binds threads in its own worker
+            # processes; in-process nothing is bound, so changing the count is safe).
+            torch._C.set_num_threads(serving)
         try:
             llm = LLM(
                 model=str(path),
@@ -311,7 +314,7 @@ class VllmBackend:
             shutdown()
         self.llm = None
         gc.collect()
-        torch.set_num_threads(self._torch_threads_before)
+        torch._C.set_num_threads(self._torch_threads_before)  # torch.set_num_threads may be vLLM's no-op now (load)
 
 
 class _Running:
