@@ -10,8 +10,9 @@ the dispatcher always has a whole batch to send while another runs, and a
 huge file never floods the queues other callers share.
 
 Exactly once: before a line's request goes out its id is written on the
-line, and its result is written in the very transaction that settles its
-charge (the bookkeeper's); a finished line is never claimed again. A service
+line, and its answer ends the line in the very transaction that settles its
+charge (the bookkeeper's; a result its route cannot render is kept there
+instead, and recorded after); a finished line is never claimed again. A service
 that stops gracefully lets the lines in flight finish first (``stop``); one
 that is killed leaves them ``running``, and the next runner puts them back
 in the queue. A line whose earlier request was settled is answered from its
@@ -103,16 +104,32 @@ class BatchRunner:
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="tpm-batches", daemon=True)
-        self._sent_ids: set[str] = set()  # batch requests out now: their results are kept with their charges
+        self._sent: dict[str, tuple[ClaimedLine, Any, ServingRequest]] = {}  # batch requests out now, by id
+        self._written: dict[str, tuple[ServedResult, list[str]]] = {}  # lines ended with their charge: the result
         self.ends = BatchEnds()
         """Callers waiting for a batch to end (the long poll of ``GET /v1/batches/{id}?wait=S``)."""
-        runtime.add_outcome_writer(self._keep_results)
+        runtime.add_outcome_writer(self._write_ends)
 
-    def _keep_results(self, outcomes: dict[str, Any], db: Any) -> None:
-        """In the bookkeeper's transaction: keep the results of batch lines beside their charges."""
-        ours = {rid: outcome for rid, outcome in outcomes.items()
-                if rid in self._sent_ids and isinstance(outcome, ServedResult)}
-        self.store.keep_results(db, ours)
+    def _write_ends(self, outcomes: dict[str, Any], db: Any) -> None:
+        """In the bookkeeper's transaction: a batch line's answer, rendered with its charge, ends the line in
+        the very transaction that charges it (no second transaction per task to record it, no kept result to
+        write and delete). A result its route cannot render is kept beside its charge instead, as before, and
+        the recorder handles the failure. The recorder sees which lines ended here by their result: the
+        bookkeeper hands its callers these objects only once this transaction has committed."""
+        ends, kept, written = [], {}, {}
+        for rid, result in outcomes.items():
+            sent = self._sent.get(rid)
+            if sent is None or not isinstance(result, ServedResult) or result.charge is None:
+                continue
+            line, body, request = sent
+            try:
+                ends.append(_line_end(line, request, self.routes.render(line.url, body, request, result)))
+                written[rid] = result
+            except Exception:  # noqa: BLE001 - rendered again by the recorder, which records the failure
+                kept[rid] = result
+        self.store.keep_results(db, kept)
+        ended = self.store.finish_many(ends, db)
+        self._written.update((rid, (result, ended)) for rid, result in written.items())
 
     def start(self) -> BatchRunner:
         self._thread.start()
@@ -216,7 +233,8 @@ class BatchRunner:
                 built.append((line, None, None, error))
         to_send = [(line, request) for line, _, request, outcome in built if request is not None and outcome is None]
         self.store.submitted([(line.batch_id, line.index, request.request_id) for line, request in to_send])
-        self._sent_ids.update(request.request_id for _, request in to_send)
+        self._sent.update((request.request_id, (line, body, request)) for line, body, request, outcome in built
+                          if request is not None and outcome is None)
         sent = []
         with self.runtime.burst():  # the window leaves in full tasks, not its first few lines alone
             for line, body, request, outcome in built:
@@ -262,7 +280,8 @@ class BatchRunner:
                 for out in ended:
                     self._in_flight.discard(out)
                     if out.request is not None:
-                        self._sent_ids.discard(out.request.request_id)
+                        self._sent.pop(out.request.request_id, None)
+                        self._written.pop(out.request.request_id, None)
                 self._wake.set()  # slots are free
 
     def _record(self, ended: list[_Out]) -> list[str]:
@@ -280,6 +299,10 @@ class BatchRunner:
                     self._observe(out.request, out.seconds, error=error)
                     raise
                 self._observe(out.request, out.seconds, result)
+                written = self._written.pop(out.request.request_id, None)
+                if written is not None and written[0] is result:  # ended with its charge (``_write_ends``)
+                    batches_ended += written[1]
+                    continue
                 answer = self.routes.render(out.line.url, out.body, out.request, result)
             except Exception as error:  # noqa: BLE001 - any failure is the line's: retried once, then its error
                 try:
@@ -287,13 +310,7 @@ class BatchRunner:
                 except Exception:  # the database may be away: this line stays running; the others are recorded
                     logger.exception("batch %s line %d: could not record its failure", *out.key)
             else:
-                usage = answer.get("usage") or {}
-                # The ids it went out under, as noted before it went (a line answered from a kept result went
-                # out under that one before): the ledger's charges under them are the line's.
-                ran = tuple(dict.fromkeys((*out.line.request_ids, out.request.request_id)))
-                ends.append(LineEnd(out.line.batch_id, out.line.index, "done", 200, answer,
-                                    int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                                    request_ids=ran))
+                ends.append(_line_end(out.line, out.request, answer))
         return batches_ended + self.store.finish_many(ends)
 
     def _observe(self, request: ServingRequest, seconds: float, result: ServedResult | None = None,
@@ -342,6 +359,15 @@ class _Out:
     @property
     def key(self) -> tuple[str, int]:
         return self.line.batch_id, self.line.index
+
+
+def _line_end(line: ClaimedLine, request: ServingRequest, answer: dict[str, Any]) -> LineEnd:
+    """A line answered ``answer``. Its charge is the ledger's under the ids it went out under, as noted before
+    it went (one answered from a kept result went out under that one before)."""
+    usage = answer.get("usage") or {}
+    return LineEnd(line.batch_id, line.index, "done", 200, answer, int(usage.get("prompt_tokens") or 0),
+                   int(usage.get("completion_tokens") or 0),
+                   request_ids=tuple(dict.fromkeys((*line.request_ids, request.request_id))))
 
 
 def deferral_s(deferrals: int) -> float:

@@ -56,6 +56,11 @@ class EngineSite:
         self._engine: Any = None
         self._serializer: Any = None
         self._lock = threading.Lock()
+        # One submit into the engine at a time: Parsl's executor sends each task on one ZeroMQ socket and counts
+        # task ids without a lock, and replicas' dispatchers submit from their own threads, the engine its
+        # retries from its result thread (two at once aborted a test run in libzmq). Reentrant: a submission
+        # that fails at once ends its future (and may submit again) in this thread.
+        self._submitting = threading.RLock()
         self._state = "stopped"
         self._failure = ""
         self._outstanding = 0
@@ -100,6 +105,9 @@ class EngineSite:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         engine = self._make_engine()
         engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
+        executor = getattr(engine, "executor", None)
+        if callable(getattr(executor, "submit_payload", None)):  # the engine's own resubmissions take turns too
+            executor.submit_payload = _taking_turns(executor.submit_payload, self._submitting)
         return engine, ComputeSerializer()
 
     def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -125,7 +133,9 @@ class EngineSite:
         engine_future.add_done_callback(lambda done: self._deliver(done, outcome))
         with self._lock:
             self._outstanding += 1
-        self._engine.submit(engine_future, packed, resource_specification=resources, result_serializers=[JSON_RESULTS])
+        with self._submitting:
+            self._engine.submit(engine_future, packed, resource_specification=resources,
+                                result_serializers=[JSON_RESULTS])
         return outcome
 
     def _deliver(self, done: Future, outcome: Future[Any]) -> None:
@@ -167,6 +177,13 @@ class EngineSite:
         if engine is not None:
             atexit.unregister(self.shutdown)
             engine.shutdown()
+
+
+def _taking_turns(submit: Any, turns: threading.RLock) -> Any:
+    def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
+        with turns:
+            return submit(*args, **kwargs)
+    return one_at_a_time
 
 
 def data_buffer(serializer: Any, data: tuple | dict) -> str:
