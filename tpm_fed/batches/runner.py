@@ -40,7 +40,7 @@ from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
 from tpm_fed.protocol.http_errors import http_error
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.requests import BATCH_PRIORITY, ServingRequest
-from tpm_fed.protocol.results import ChargeInfo, ServedResult
+from tpm_fed.protocol.results import ChargeInfo, ServedResult, TensorResult
 from tpm_fed.state.schema import MICRO
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class BatchRunner:
         """In the bookkeeper's transaction: a batch line's answer, rendered with its charge, ends the line in
         the very transaction that charges it (no second transaction per task to record it, no kept result to
         write and delete). A result its route cannot render is kept beside its charge instead, as before, and
-        the recorder handles the failure. The recorder sees which lines ended here by their result: the
+        the recorder handles the failure; so is one with tensors (its render may read them from a store: not
+        while this transaction holds the database's write lock). The recorder sees which lines ended here by their result: the
         bookkeeper hands its callers these objects only once this transaction has committed."""
         ends, kept, written = [], {}, {}
         for rid, result in outcomes.items():
@@ -122,6 +123,9 @@ class BatchRunner:
             if sent is None or not isinstance(result, ServedResult) or result.charge is None:
                 continue
             line, body, request = sent
+            if isinstance(result, TensorResult):
+                kept[rid] = result
+                continue
             try:
                 ends.append(_line_end(line, request, self.routes.render(line.url, body, request, result)))
                 written[rid] = result
