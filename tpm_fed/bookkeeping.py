@@ -64,8 +64,9 @@ class Bookkeeper:
         self._resent: set[str] = set()  # placed again after a lost task: logged already
         self._lock = threading.Lock()
         self.outcome_writers: list = []
-        """Called as ``writer(outcomes, db)`` inside each batch's outcomes transaction: what must be durable
-        exactly when the charges are (a batch line's result; :mod:`tpm_fed.batches.runner`)."""
+        """Called as ``writer(outcomes, db)`` inside each batch's outcomes transaction, with the outcomes as
+        the callers will get them (results annotated with their charge): what must be durable exactly when
+        the charges are (a batch line's answer; :mod:`tpm_fed.batches.runner`)."""
 
     def admitted(self, admission: Admission, price: Price) -> None:
         """Remember a placed request until its outcome is recorded.
@@ -195,12 +196,19 @@ class Bookkeeper:
                 charged = self.broker.ledger.settle_many(settle, db)
                 self.broker.ledger.release_many(release, db)
                 self._update_replicas(outcomes, admitted, db)
+                # Annotated before the writers run, so a batch line's answer is rendered with its charge and
+                # written in this transaction; the callers get these objects only once it has committed.
+                annotated = self._annotated(outcomes, admitted, charged, lines)
                 for writer in self.outcome_writers:
-                    writer(outcomes, db)
+                    writer(annotated, db)
         except Exception:
             self._outcomes_unsettled(outcomes, admitted)
             raise
+        return annotated
 
+    @staticmethod
+    def _annotated(outcomes, admitted, charged, lines) -> dict[str, ServedResult | BaseException]:
+        """The outcomes, each result with its charge (``charged``: micro-SUs by request) and placement."""
         annotated: dict[str, ServedResult | BaseException] = {}
         for request_id, outcome in outcomes.items():
             if isinstance(outcome, ServedResult) and request_id in admitted:

@@ -10,8 +10,9 @@ the dispatcher always has a whole batch to send while another runs, and a
 huge file never floods the queues other callers share.
 
 Exactly once: before a line's request goes out its id is written on the
-line, and its result is written in the very transaction that settles its
-charge (the bookkeeper's); a finished line is never claimed again. A service
+line, and its answer ends the line in the very transaction that settles its
+charge (the bookkeeper's; a result its route cannot render is kept there
+instead, and recorded after); a finished line is never claimed again. A service
 that stops gracefully lets the lines in flight finish first (``stop``); one
 that is killed leaves them ``running``, and the next runner puts them back
 in the queue. A line whose earlier request was settled is answered from its
@@ -39,7 +40,7 @@ from tpm_fed.protocol.errors import Overloaded, PlacementRefused, TpmError
 from tpm_fed.protocol.http_errors import http_error
 from tpm_fed.protocol.kinds import KINDS
 from tpm_fed.protocol.requests import BATCH_PRIORITY, ServingRequest
-from tpm_fed.protocol.results import ChargeInfo, ServedResult
+from tpm_fed.protocol.results import ChargeInfo, ServedResult, TensorResult
 from tpm_fed.state.schema import MICRO
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ failure: with :func:`deferral_s`, about an hour."""
 
 STOP_GRACE_S = 20.0
 """How long a stopping runner waits for the lines in flight (then they run again after the restart)."""
+
+REFILL_SHARE = 4
+"""The runner claims more lines once this share (a quarter) of its window is free, not after every line that
+ends: lines answered one at a time (a vLLM replica's early answers) cost a claim and a note of their ids each,
+two write transactions, for one line. Three quarters of the window stay in flight."""
 
 FILE_SWEEP_PERIOD_S = 60.0
 """How often expired uploads are deleted (an expired file is refused at once, whether swept yet or not)."""
@@ -82,7 +88,13 @@ class BatchRunner:
         self.window = window or max(4, sum(site.max_batch_requests * site.capacity.max_replicas * BATCHES_PER_SITE
                                            for site in runtime.federation.sites))
         self.poll_s = poll_s
+        self.refill = max(1, self.window // REFILL_SHARE)
+        """Free slots at which the runner claims more lines."""
         self._stopping = False
+        self._woken = True  # a batch was created or cancelled (or the runner starts): look at every batch
+        self._next_look = 0.0  # when to look at every batch anyway (an expiry; lines deferred until then)
+        self._drained = False  # the last claim found fewer lines than it asked for (none pending)
+        self._requeued = 0  # lines put back in the queue by the recorder (a drained queue is not drained then)
         self._in_flight: set[_Out] = set()  # lines sent whose end is not recorded yet (the loop's)
         self._ended: list[_Out] = []  # lines whose answer came, to record together
         self._ended_lock = threading.Lock()
@@ -92,16 +104,36 @@ class BatchRunner:
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="tpm-batches", daemon=True)
-        self._sent_ids: set[str] = set()  # batch requests out now: their results are kept with their charges
+        self._sent: dict[str, tuple[ClaimedLine, Any, ServingRequest]] = {}  # batch requests out now, by id
+        self._written: dict[str, tuple[ServedResult, list[str]]] = {}  # lines ended with their charge: the result
         self.ends = BatchEnds()
         """Callers waiting for a batch to end (the long poll of ``GET /v1/batches/{id}?wait=S``)."""
-        runtime.add_outcome_writer(self._keep_results)
+        runtime.add_outcome_writer(self._write_ends)
 
-    def _keep_results(self, outcomes: dict[str, Any], db: Any) -> None:
-        """In the bookkeeper's transaction: keep the results of batch lines beside their charges."""
-        ours = {rid: outcome for rid, outcome in outcomes.items()
-                if rid in self._sent_ids and isinstance(outcome, ServedResult)}
-        self.store.keep_results(db, ours)
+    def _write_ends(self, outcomes: dict[str, Any], db: Any) -> None:
+        """In the bookkeeper's transaction: a batch line's answer, rendered with its charge, ends the line in
+        the very transaction that charges it (no second transaction per task to record it, no kept result to
+        write and delete). A result its route cannot render is kept beside its charge instead, as before, and
+        the recorder handles the failure; so is one with tensors (its render may read them from a store: not
+        while this transaction holds the database's write lock). The recorder sees which lines ended here by their result: the
+        bookkeeper hands its callers these objects only once this transaction has committed."""
+        ends, kept, written = [], {}, {}
+        for rid, result in outcomes.items():
+            sent = self._sent.get(rid)
+            if sent is None or not isinstance(result, ServedResult) or result.charge is None:
+                continue
+            line, body, request = sent
+            if isinstance(result, TensorResult):
+                kept[rid] = result
+                continue
+            try:
+                ends.append(_line_end(line, request, self.routes.render(line.url, body, request, result)))
+                written[rid] = result
+            except Exception:  # noqa: BLE001 - rendered again by the recorder, which records the failure
+                kept[rid] = result
+        self.store.keep_results(db, kept)
+        ended = self.store.finish_many(ends, db)
+        self._written.update((rid, (result, ended)) for rid, result in written.items())
 
     def start(self) -> BatchRunner:
         self._thread.start()
@@ -110,6 +142,7 @@ class BatchRunner:
 
     def wake(self) -> None:
         """Look for work now (a batch was created or cancelled)."""
+        self._woken = True
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
@@ -141,15 +174,29 @@ class BatchRunner:
         self._ready.set()
         while not self._stopping:
             self._wake.clear()
+            # Every open batch is looked at (one transaction) when one was created or cancelled, and every
+            # poll_s for expiries and deferred lines; a batch whose last lines end is settled as they are
+            # recorded (``finish_many``). A pass woken by lines that ended only claims more, if a quarter of
+            # the window is free and a line may be pending.
+            woken, self._woken = self._woken, False
+            looking = woken or time.monotonic() >= self._next_look
+            if looking:
+                self._next_look = time.monotonic() + self.poll_s
+                self._drained = False
             try:
-                claimed = await asyncio.to_thread(self.store.claim, self.window - len(self._in_flight))
-                for out in await asyncio.to_thread(self._send, claimed):
-                    self._in_flight.add(out)
-                    if isinstance(out.sent, Future):
-                        out.sent.add_done_callback(lambda _, out=out: self._answered(out))
-                    else:  # not sent: it ends now, with its error
-                        self._answered(out)
-                self.ends.ended(await asyncio.to_thread(self.store.settle_batches))
+                free = self.window - len(self._in_flight)
+                if free >= self.refill and not self._drained:
+                    requeued = self._requeued
+                    claimed = await asyncio.to_thread(self.store.claim, free)
+                    self._drained = len(claimed) < free and requeued == self._requeued
+                    for out in await asyncio.to_thread(self._send, claimed):
+                        self._in_flight.add(out)
+                        if isinstance(out.sent, Future):
+                            out.sent.add_done_callback(lambda _, out=out: self._answered(out))
+                        else:  # not sent: it ends now, with its error
+                            self._answered(out)
+                if looking:
+                    self.ends.ended(await asyncio.to_thread(self.store.settle_batches))
                 if time.monotonic() >= self._next_file_sweep:  # expired uploads leave the database
                     self._next_file_sweep = time.monotonic() + FILE_SWEEP_PERIOD_S
                     await asyncio.to_thread(self.store.sweep_expired_files)
@@ -190,7 +237,8 @@ class BatchRunner:
                 built.append((line, None, None, error))
         to_send = [(line, request) for line, _, request, outcome in built if request is not None and outcome is None]
         self.store.submitted([(line.batch_id, line.index, request.request_id) for line, request in to_send])
-        self._sent_ids.update(request.request_id for _, request in to_send)
+        self._sent.update((request.request_id, (line, body, request)) for line, body, request, outcome in built
+                          if request is not None and outcome is None)
         sent = []
         with self.runtime.burst():  # the window leaves in full tasks, not its first few lines alone
             for line, body, request, outcome in built:
@@ -229,20 +277,22 @@ class BatchRunner:
                     self._recording = False
                     return
             try:
-                await asyncio.to_thread(self._record, ended)
+                self.ends.ended(await asyncio.to_thread(self._record, ended))
             except Exception:  # the database may be away: the lines stay running, and run again after a restart
                 logger.exception("batches: could not record the end of %d line(s)", len(ended))
             finally:
                 for out in ended:
                     self._in_flight.discard(out)
                     if out.request is not None:
-                        self._sent_ids.discard(out.request.request_id)
+                        self._sent.pop(out.request.request_id, None)
+                        self._written.pop(out.request.request_id, None)
                 self._wake.set()  # slots are free
 
-    def _record(self, ended: list[_Out]) -> None:
+    def _record(self, ended: list[_Out]) -> list[str]:
         """Render each ended line's answer as its route would, and record them in one transaction (a line that
-        failed is handled alone: retried once, deferred, or ended with its error)."""
-        ends = []
+        failed is handled alone: retried once, deferred, or ended with its error). Returns the batches that
+        ended."""
+        ends, batches_ended = [], []
         for out in ended:
             try:
                 if not isinstance(out.sent, Future):
@@ -253,24 +303,27 @@ class BatchRunner:
                     self._observe(out.request, out.seconds, error=error)
                     raise
                 self._observe(out.request, out.seconds, result)
+                written = self._written.pop(out.request.request_id, None)
+                if written is not None and written[0] is result:  # ended with its charge (``_write_ends``)
+                    batches_ended += written[1]
+                    continue
                 answer = self.routes.render(out.line.url, out.body, out.request, result)
             except Exception as error:  # noqa: BLE001 - any failure is the line's: retried once, then its error
                 try:
-                    self._failed(out.line, error)
+                    batches_ended += self._failed(out.line, error)
                 except Exception:  # the database may be away: this line stays running; the others are recorded
                     logger.exception("batch %s line %d: could not record its failure", *out.key)
             else:
-                usage = answer.get("usage") or {}
-                ends.append(LineEnd(out.line.batch_id, out.line.index, "done", 200, answer,
-                                    int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))
-        self.store.finish_many(ends)
+                ends.append(_line_end(out.line, out.request, answer))
+        return batches_ended + self.store.finish_many(ends)
 
     def _observe(self, request: ServingRequest, seconds: float, result: ServedResult | None = None,
                  error: BaseException | None = None) -> None:
         if self.observer is not None:
             self.observer.observe(request.kind, request.model.name, seconds, result, error)
 
-    def _failed(self, line: ClaimedLine, error: Exception) -> None:
+    def _failed(self, line: ClaimedLine, error: Exception) -> list[str]:
+        """Retry, defer or end a line that failed; the batches that ended (its own, if it was the last)."""
         if not isinstance(error, TpmError):
             logger.exception("batch %s line %d failed unexpectedly", line.batch_id, line.index, exc_info=error)
         if isinstance(error, (PlacementRefused, Overloaded)) and line.deferrals < MAX_DEFERRALS:
@@ -278,13 +331,21 @@ class BatchRunner:
             logger.info("batch %s line %d waits %.0f s: %s", line.batch_id, line.index,
                         deferral_s(line.deferrals), error)
             self.store.defer(line.batch_id, line.index, deferral_s(line.deferrals))
-            return
+            self._requeue()  # claimed by a pass after its wait (the look every poll_s)
+            return []
         if line.attempts + 1 < MAX_ATTEMPTS:
             self.store.retry_later(line.batch_id, line.index)
-            return
+            self._requeue()
+            return []
         answer = http_error(error)  # one we did not foresee: a 500 naming its type
-        self.store.finish(line.batch_id, line.index, state="failed", status_code=answer.status,
-                          response=answer.body())
+        return self.store.finish(line.batch_id, line.index, state="failed", status_code=answer.status,
+                                 response=answer.body())
+
+
+    def _requeue(self) -> None:
+        """A line went back to the queue: a pass may claim again (also one whose claim is in flight now)."""
+        self._requeued += 1
+        self._drained = False
 
 
 @dataclass(eq=False)  # each run of a line is its own (a line retried goes out again as another)
@@ -302,6 +363,15 @@ class _Out:
     @property
     def key(self) -> tuple[str, int]:
         return self.line.batch_id, self.line.index
+
+
+def _line_end(line: ClaimedLine, request: ServingRequest, answer: dict[str, Any]) -> LineEnd:
+    """A line answered ``answer``. Its charge is the ledger's under the ids it went out under, as noted before
+    it went (one answered from a kept result went out under that one before)."""
+    usage = answer.get("usage") or {}
+    return LineEnd(line.batch_id, line.index, "done", 200, answer, int(usage.get("prompt_tokens") or 0),
+                   int(usage.get("completion_tokens") or 0),
+                   request_ids=tuple(dict.fromkeys((*line.request_ids, request.request_id))))
 
 
 def deferral_s(deferrals: int) -> float:

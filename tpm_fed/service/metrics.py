@@ -73,6 +73,11 @@ class ServiceMetrics:
                                  ["kind"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         if runtime is not None or slo is not None:
             self.registry.register(_LiveState(runtime, slo))
+        # Per request (a batch's every line), prometheus_client's labels() checks and locks per call, and
+        # naming a known model scanned the federation's lists: ~27 us a request; the series and the names are
+        # kept here instead (both bounded: every label value is a known name, ``unknown`` or a kind).
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._names: tuple[Any, dict[str, frozenset[str]]] = (None, {})
 
     def observe(self, kind: str, model: str, seconds: float, result: Any = None,
                 error: BaseException | None = None) -> None:
@@ -85,32 +90,45 @@ class ServiceMetrics:
         model = self._known(model, "models")
         site = getattr(result, "site", None)
         site = self._known(site, "sites") if site else "none"
-        self.requests.labels(kind, model, site, outcome).inc()
-        self.latency.labels(kind).observe(seconds)
+        self._of(self.requests, kind, model, site, outcome).inc()
+        self._of(self.latency, kind).observe(seconds)
         if self.slo is not None:
             self.slo.record(kind, seconds, outcome)
         if error is not None:
             return
         usage = getattr(result, "usage", None)
         if usage is not None:
-            self.tokens.labels(model, "in").inc(usage.prompt_tokens)
-            self.tokens.labels(model, "out").inc(usage.completion_tokens)
+            self._of(self.tokens, model, "in").inc(usage.prompt_tokens)
+            self._of(self.tokens, model, "out").inc(usage.completion_tokens)
         charge = getattr(result, "charge", None)
         if charge is not None:
-            self.charged.labels(self._known(charge.project, "projects")).inc(charge.charged_su)
+            self._of(self.charged, self._known(charge.project, "projects")).inc(charge.charged_su)
         timings = getattr(result, "timings", None)
         if timings is not None:
-            self.queue_wait.labels(kind).observe(timings.queue_s)
+            self._of(self.queue_wait, kind).observe(timings.queue_s)
             if timings.load_s > 0:
                 self.cold_starts.labels(site, model).inc()
                 self.load_seconds.labels(site, model).inc(timings.load_s)
+
+    def _of(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept."""
+        key = (id(metric), labels)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(*labels)
+        return series
 
     def _known(self, name: str, kind: str) -> str:
         """``name`` if the federation has a model, site or project (``kind``) of that name, else ``unknown``."""
         federation = getattr(self.runtime, "federation", None)
         if federation is None or not isinstance(name, str):
             return UNKNOWN
-        return name if any(item.name == name for item in getattr(federation, kind)) else UNKNOWN
+        read_from, names = self._names
+        if read_from is not federation:  # the federation file was reloaded (a new object): read its names again
+            names = {of: frozenset(item.name for item in getattr(federation, of))
+                     for of in ("models", "sites", "projects")}
+            self._names = (federation, names)
+        return name if name in names[kind] else UNKNOWN
 
     def error(self, error: BaseException) -> None:
         """Count a refusal or failure answered to a caller, by its type."""

@@ -9,7 +9,7 @@ functions therefore meet the same serializer, engine and worker lifetime
 they meet on an RCC. Subclasses say only which engine to build.
 
 Tasks go out serialized by ``ComputeSerializer`` (the function by name, plain
-data); results come back as JSON only: the engine is asked for ``JSONData``
+data: as ``JSONData`` where JSON carries it unchanged, :func:`data_buffer`); results come back as JSON only: the engine is asked for ``JSONData``
 results and anything else is refused unread (:mod:`tpm_fed.sites.json_results`),
 since the workers are not the service's to trust.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 from tpm_fed.protocol.entrypoints import WorkerFunction
 
 import atexit
+import json
 import os
 import sys
 import threading
@@ -55,6 +56,11 @@ class EngineSite:
         self._engine: Any = None
         self._serializer: Any = None
         self._lock = threading.Lock()
+        # One submit into the engine at a time: Parsl's executor sends each task on one ZeroMQ socket and counts
+        # task ids without a lock, and replicas' dispatchers submit from their own threads, the engine its
+        # retries from its result thread (two at once aborted a test run in libzmq). Reentrant: a submission
+        # that fails at once ends its future (and may submit again) in this thread.
+        self._submitting = threading.RLock()
         self._state = "stopped"
         self._failure = ""
         self._outstanding = 0
@@ -99,6 +105,9 @@ class EngineSite:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         engine = self._make_engine()
         engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
+        executor = getattr(engine, "executor", None)
+        if callable(getattr(executor, "submit_payload", None)):  # the engine's own resubmissions take turns too
+            executor.submit_payload = _taking_turns(executor.submit_payload, self._submitting)
         return engine, ComputeSerializer()
 
     def submit(self, function: WorkerFunction, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -110,7 +119,7 @@ class EngineSite:
         serializer = self._serializer
         task_id = uuid.uuid4()
         buffer = serializer.pack_buffers(
-            [serializer.serialize(function), serializer.serialize(args), serializer.serialize(kwargs)]
+            [serializer.serialize(function), data_buffer(serializer, args), data_buffer(serializer, kwargs)]
         )
         packed = messagepack.pack(Task(task_id=task_id, task_buffer=buffer))
 
@@ -124,7 +133,9 @@ class EngineSite:
         engine_future.add_done_callback(lambda done: self._deliver(done, outcome))
         with self._lock:
             self._outstanding += 1
-        self._engine.submit(engine_future, packed, resource_specification=resources, result_serializers=[JSON_RESULTS])
+        with self._submitting:
+            self._engine.submit(engine_future, packed, resource_specification=resources,
+                                result_serializers=[JSON_RESULTS])
         return outcome
 
     def _deliver(self, done: Future, outcome: Future[Any]) -> None:
@@ -166,3 +177,29 @@ class EngineSite:
         if engine is not None:
             atexit.unregister(self.shutdown)
             engine.shutdown()
+
+
+def _taking_turns(submit: Any, turns: threading.RLock) -> Any:
+    def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
+        with turns:
+            return submit(*args, **kwargs)
+    return one_at_a_time
+
+
+def data_buffer(serializer: Any, data: tuple | dict) -> str:
+    """A task's arguments as Globus Compute's ``JSONData`` when JSON carries them unchanged, else its default.
+
+    The default data strategy is dill, whose pickler is pure Python: a task's 64 request dicts took ~8 ms of
+    the service's CPU to pickle, ~0.7 ms as JSON (and the worker's ``execute_task`` reads either by its
+    header). A value JSON would change (a tuple inside, a non-string key, NaN) keeps the default, so the
+    worker's function is called with what it was given.
+    """
+    from globus_compute_sdk.serialize.concretes import JSONData
+
+    plain = list(data) if isinstance(data, tuple) else data  # a tuple of arguments is unpacked alike as a list
+    try:
+        payload = JSONData().serialize(plain)
+        unchanged = json.loads(payload[len(JSONData.identifier):]) == plain
+    except (TypeError, ValueError):  # not JSON-ready (bytes, objects)
+        unchanged = False
+    return payload if unchanged else serializer.serialize(data)
