@@ -25,7 +25,7 @@ from functions.back_channel import BackChannel, socket_url
 from tests.service_helpers import ServiceThread
 from tests.tcp_proxy import TcpProxy
 from tests.test_back_channel import Hooks, loop, on  # noqa: F401 - loop is a fixture
-from tpm_fed.protocol.back_channel import CHANNEL_ROUTE, SERVICE_FRAMES, Hello, Sent, Welcome
+from tpm_fed.protocol.back_channel import CHANNEL_ROUTE, SERVICE_FRAMES, Hello, Received, Sent, Welcome
 
 
 @dataclass
@@ -182,3 +182,30 @@ def test_only_the_tasks_worker_may_reopen_its_channel_and_its_new_socket_replace
     finally:
         hub.close(token)
         hub.forget("own")
+
+
+def test_a_channel_outlives_the_services_deadline_for_a_request_head(assembly, runtime):
+    """The service closes a connection whose request head is late (tpm_fed.service.connections.HeaderDeadline);
+    a channel's socket is past its head once upgraded, and lives on however long its task runs."""
+    from tpm_fed.service.app import build_app
+    from tpm_fed.service.auth import LocalToken
+    from tpm_fed.service.connections import ConnectionLimits
+
+    limits = ConnectionLimits(header_timeout_s=1.0)
+    app = build_app(assembly, LocalToken(secrets.token_urlsafe(16), assembly.engine.owner))
+    hub = runtime.channels
+    before, token = hub.worker_url, None
+    try:
+        with ServiceThread(app, limits) as url:
+            token = hub.open(["own"], Hooks([]))["token"]
+            with connect(socket_url(url + CHANNEL_ROUTE)) as socket:
+                socket.send(Hello(token=token).to_frame())
+                assert isinstance(SERVICE_FRAMES.validate_json(socket.recv(timeout=30)), Welcome)
+                time.sleep(3 * limits.header_timeout_s)
+                for seq in range(1, 17):  # the service acknowledges every 16th frame: still open both ways
+                    socket.send(Sent(chunks=[], seq=seq).to_frame())
+                assert SERVICE_FRAMES.validate_json(socket.recv(timeout=30)) == Received(seq=16)
+    finally:
+        if token is not None:
+            hub.close(token)
+        hub.worker_url = before
