@@ -82,6 +82,14 @@ JOINS_END_TIMEOUT_S = 2.0
 not read, and goes back to the replica's queue)."""
 
 
+KEEPALIVE_S = 20.0
+"""The worker pings the service this often and gives a socket up when no pong comes within as long (websockets'
+default, said here on purpose): it is how a worker finds a WAN link that died without a word (its sends alone
+would only fail after TCP's retransmissions, minutes later), and the channel is then opened again. A busy engine
+cannot make it miss one: while ``vllm.LLM`` generated 64 x 200 tokens in the same process (as in the worker),
+pings took at most 10 ms and a thread waited at most 28 ms for the GIL (docs/performance.md, 2026-12-06).
+The service's end pings too (uvicorn's ``ws_ping_interval``/``ws_ping_timeout``, 20 s each)."""
+
 RECONNECT_TRIES = 6
 """How many times a dropped channel is opened again before the task goes on without it (each socket that the
 service welcomes starts the count again)."""
@@ -272,7 +280,8 @@ class BackChannel:
             self._tries += 1  # back to 0 when the service welcomes the socket
             try:
                 with connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_FRAME_BYTES,
-                             compression=None) as connection:  # small JSON frames: deflate costs more than it saves
+                             compression=None,  # small JSON frames: deflate costs more than it saves
+                             ping_interval=KEEPALIVE_S, ping_timeout=KEEPALIVE_S) as connection:
                     self._greet(connection)
                     reader = threading.Thread(target=self._read, args=(connection,), name="tpm-channel-read",
                                               daemon=True)
