@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from functions.policy import WorkerPolicy
@@ -108,10 +108,14 @@ class ChannelEnded(Exception):
 
 
 def may_resume(error: Exception) -> bool:
-    """Whether a socket that failed with ``error`` dropped (open another) rather than was refused or ended."""
+    """Whether a socket that failed with ``error`` dropped (open another) rather than was refused or ended: a
+    link that failed, or a handshake cut short or answered 5xx (a proxy, an overloaded service), but not one
+    the service refused (4xx)."""
     if isinstance(error, ConnectionClosed):
         return error.rcvd is None or error.rcvd.code in RESUMABLE_CODES
-    return isinstance(error, (OSError, TimeoutError))
+    if isinstance(error, InvalidStatus):
+        return error.response.status_code >= 500
+    return isinstance(error, (OSError, TimeoutError, InvalidMessage))
 
 
 def merged(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:

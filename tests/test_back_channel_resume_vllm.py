@@ -81,3 +81,33 @@ def test_a_vllm_task_streams_and_takes_joiners_across_a_dropped_channel_each_cha
         assert row["state"] == "settled"
         assert row["charged_su"] == usage[row["request_id"]]["tpm"]["charge"]["charged_su"]
     assert all(balance["reserved_su"] == 0 for balance in vllm_runtime.balances("tests"))
+
+
+def test_a_worker_that_cannot_reopen_its_channel_ends_as_before_and_charges_each_request_once(
+        vllm_proxied, vllm_runtime, direct_llm):  # noqa: F811
+    """The link stays down (the proxy refuses every connection from now on): the worker tries a few times, then
+    goes on without its channel (as every task did after a drop before); the final result carries the text, and
+    a request sent meanwhile is served once: taken for the running task and never read by its worker, it is
+    handed back at the task's end and served by the next one (which has no channel either). A regression test
+    of the fallback: it passes on the code before resuming too."""
+    from vllm import SamplingParams
+
+    long_events: list = []
+    streaming = threading.Thread(target=stream, args=(vllm_proxied, LONG, long_events))
+    streaming.start()
+    wait_until(lambda: any(text for _, text, _ in texts(long_events)), lambda: long_events, 120)
+    vllm_proxied.proxy.close()  # cuts the channel, and no socket reaches the service through it again
+    joiner = httpx.post(f"{vllm_proxied.url}/v1/completions", headers=vllm_proxied.headers, timeout=300, json=JOINER)
+    streaming.join(300)
+    assert joiner.status_code == 200, joiner.text
+    direct = direct_llm.generate([LONG["prompt"], JOINER["prompt"]],
+                                 [SamplingParams(max_tokens=230, temperature=0, ignore_eos=True),
+                                  SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)], use_tqdm=False)
+    assert "".join(text for _, text, _ in texts(long_events)) == direct[0].outputs[0].text
+    assert joiner.json()["choices"][0]["text"] == direct[1].outputs[0].text
+    charged = {e["tpm"]["request_id"]: e["tpm"]["charge"]["charged_su"] for _, e in long_events if not e["choices"]}
+    charged[joiner.json()["tpm"]["request_id"]] = joiner.json()["tpm"]["charge"]["charged_su"]
+    rows = [row for row in vllm_runtime.statement("tests") if row["request_id"] in charged]
+    assert sorted(row["request_id"] for row in rows) == sorted(charged)  # one charge each
+    assert all(row["state"] == "settled" and row["charged_su"] == charged[row["request_id"]] for row in rows)
+    assert all(balance["reserved_su"] == 0 for balance in vllm_runtime.balances("tests"))
