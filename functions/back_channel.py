@@ -90,13 +90,14 @@ cannot make it miss one: while ``vllm.LLM`` generated 64 x 200 tokens in the sam
 pings took at most 10 ms and a thread waited at most 28 ms for the GIL (docs/performance.md, 2026-12-06).
 The service's end pings too (uvicorn's ``ws_ping_interval``/``ws_ping_timeout``, 20 s each)."""
 
-RECONNECT_TRIES = 6
-"""How many times a dropped channel is opened again before the task goes on without it (each socket that the
-service welcomes starts the count again)."""
+RECONNECT_TRIES = 8
+"""How many sockets are tried after a drop before the task goes on without its channel (a socket the service
+welcomes starts the count again)."""
 
 RECONNECT_FIRST_S, RECONNECT_MOST_S = 0.1, 4.0
-"""The wait before the first try after a drop, doubled at each failed try up to the second figure (about 12 s
-in all: a WAN link that comes back within that keeps the task's stream and its joiners)."""
+"""The wait before the first try after a drop, doubled at each try up to the second figure: about 14 s of waits
+in all (more where a try waits for its connect timeout), so a WAN link back within that keeps the task's stream
+and its joiners. The waits cost the task nothing: its engine runs on, and its end cuts them short."""
 
 RESUMABLE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
 """Close codes after which the channel is opened again (a drop, a keepalive timeout, a restart); after another

@@ -83,6 +83,9 @@ async def channel(socket: WebSocket) -> None:
                 link.joins.stop_joining()  # type: ignore[union-attr]
     except WebSocketDisconnect as gone:
         clean = gone.code == 1000  # the worker closed it (its task ends); else it dropped, and may come back
+        if not clean and link.current:  # said in the service's log: the worker's says whether it came back
+            logger.warning("a running task's back channel dropped (close code %s); kept for its worker to reopen",
+                           gone.code)
     except (TpmError, ValueError) as error:
         await _refuse(socket, error)
     finally:
