@@ -48,7 +48,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
-from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, WebSocketException
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidMessage,
+    InvalidStatus,
+    WebSocketException,
+)
 from websockets.sync.client import ClientConnection, connect
 
 from functions.policy import WorkerPolicy
@@ -87,7 +92,7 @@ KEEPALIVE_S = 20.0
 default, said here on purpose): it is how a worker finds a WAN link that died without a word (its sends alone
 would only fail after TCP's retransmissions, minutes later), and the channel is then opened again. A busy engine
 cannot make it miss one: while ``vllm.LLM`` generated 64 x 200 tokens in the same process (as in the worker),
-pings took at most 10 ms and a thread waited at most 28 ms for the GIL (docs/performance.md, 2026-12-06).
+pings took at most 10 ms and a thread waited at most 155 ms for the GIL (docs/performance.md, 2026-12-06).
 The service's end pings too (uvicorn's ``ws_ping_interval``/``ws_ping_timeout``, 20 s each)."""
 
 RECONNECT_TRIES = 8

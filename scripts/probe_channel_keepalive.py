@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import demo_model, log, machine  # noqa: E402
+from benchlib import demo_model, log, machine
 
 SERVER = """
 import asyncio, sys, websockets

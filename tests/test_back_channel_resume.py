@@ -12,7 +12,6 @@ The real path (vLLM on the local site's worker, cut mid-stream) is tests/test_ba
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,14 @@ from functions.back_channel import BackChannel, socket_url
 from tests.service_helpers import ServiceThread
 from tests.tcp_proxy import TcpProxy
 from tests.test_back_channel import Hooks, loop, on  # noqa: F401 - loop is a fixture
-from tpm_fed.protocol.back_channel import CHANNEL_ROUTE, SERVICE_FRAMES, Hello, Received, Sent, Welcome
+from tpm_fed.protocol.back_channel import (
+    CHANNEL_ROUTE,
+    SERVICE_FRAMES,
+    Hello,
+    Received,
+    Sent,
+    Welcome,
+)
 
 
 @dataclass
@@ -113,7 +119,7 @@ def test_requests_pushed_to_join_while_the_link_is_down_reach_the_worker_once(pr
     hub, hooks = runtime.channels, Hooks([["before"]])
     token = hub.open(["own"], hooks)["token"]
     channel = BackChannel(proxied.worker_url + CHANNEL_ROUTE, token)
-    wire = lambda rid: {"request_id": rid, "kind": "generate"}  # noqa: E731
+    wire = lambda rid: {"request_id": rid, "kind": "generate"}
     try:
         assert channel.wait_joined(30) == [wire("before")]
         proxied.proxy.lose_server_bytes()  # what the service sends from now on is lost on the wire

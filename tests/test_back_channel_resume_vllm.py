@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
 
-from tests.test_back_channel_resume import Proxied, behind_proxy, wait_until  # noqa: E402
-from tests.test_vllm_backend import direct_llm, vllm_assembly, vllm_home, vllm_runtime  # noqa: E402, F401 - fixtures
-from tpm_fed.home import DEMO_MODEL_NAME  # noqa: E402
+from tests.test_back_channel_resume import Proxied, behind_proxy, wait_until
+from tests.test_vllm_backend import direct_llm, vllm_assembly, vllm_home, vllm_runtime  # noqa: F401 - fixtures
+from tpm_fed.home import DEMO_MODEL_NAME
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tpm_fed.engine.pending import Pending
-from tpm_fed.protocol.back_channel import Cancelled, Joined, JoinsEnded, Received, Settled, Welcome
+from tpm_fed.protocol.back_channel import (
+    Cancelled,
+    Joined,
+    JoinsEnded,
+    Received,
+    Settled,
+    Welcome,
+)
 from tpm_fed.protocol.errors import InvalidRequest
 
 ACK_EVERY = 16
