@@ -28,6 +28,13 @@ service as built here.
   every answer, and the service settles each request once, whichever comes
   first. Requests that joined the running task (:mod:`functions.joining`),
   pushed by the service on this same socket, are answered this way too.
+- The channel survives a dropped connection: every frame is numbered and
+  kept until the service says it has it (:mod:`tpm_fed.protocol.back_channel`).
+  When the socket drops, the worker opens another with the task's secret and
+  the resume key the service gave it (up to ``RECONNECT_TRIES`` times, backing
+  off), and sends again what the service had not acknowledged; generation goes
+  on meanwhile, its text piling up. Only if that fails does the task go on
+  without the channel, as above.
 """
 
 from __future__ import annotations
@@ -36,11 +43,17 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidMessage,
+    InvalidStatus,
+    WebSocketException,
+)
 from websockets.sync.client import ClientConnection, connect
 
 from functions.policy import WorkerPolicy
@@ -53,9 +66,11 @@ from tpm_fed.protocol.back_channel import (
     Hello,
     Joined,
     OpenToJoin,
+    Received,
     Sent,
     Settled,
     TakeNoMore,
+    Welcome,
 )
 from tpm_fed.protocol.task_reply import Outcome, ServedBy
 
@@ -70,6 +85,43 @@ CONNECT_TIMEOUT_S = 10.0
 JOINS_END_TIMEOUT_S = 2.0
 """Longest a task's end waits for the service to confirm no more requests join (what it pushes after that is
 not read, and goes back to the replica's queue)."""
+
+
+KEEPALIVE_S = 20.0
+"""The worker pings the service this often and gives a socket up when no pong comes within as long (websockets'
+default, said here on purpose): it is how a worker finds a WAN link that died without a word (its sends alone
+would only fail after TCP's retransmissions, minutes later), and the channel is then opened again. A busy engine
+cannot make it miss one: while ``vllm.LLM`` generated 64 x 200 tokens in the same process (as in the worker),
+pings took at most 10 ms and a thread waited at most 155 ms for the GIL (docs/performance.md, 2026-12-06).
+The service's end pings too (uvicorn's ``ws_ping_interval``/``ws_ping_timeout``, 20 s each)."""
+
+RECONNECT_TRIES = 8
+"""How many sockets are tried after a drop before the task goes on without its channel (a socket the service
+welcomes starts the count again)."""
+
+RECONNECT_FIRST_S, RECONNECT_MOST_S = 0.1, 4.0
+"""The wait before the first try after a drop, doubled at each try up to the second figure: about 14 s of waits
+in all (more where a try waits for its connect timeout), so a WAN link back within that keeps the task's stream
+and its joiners. The waits cost the task nothing: its engine runs on, and its end cuts them short."""
+
+RESUMABLE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
+"""Close codes after which the channel is opened again (a drop, a keepalive timeout, a restart); after another
+(1000: its task ended; 4xxx: refused) it is not."""
+
+
+class ChannelEnded(Exception):
+    """The service closed the channel: its task ended there (nothing to open again, nothing failed)."""
+
+
+def may_resume(error: Exception) -> bool:
+    """Whether a socket that failed with ``error`` dropped (open another) rather than was refused or ended: a
+    link that failed, or a handshake cut short or answered 5xx (a proxy, an overloaded service), but not one
+    the service refused (4xx)."""
+    if isinstance(error, ConnectionClosed):
+        return error.rcvd is None or error.rcvd.code in RESUMABLE_CODES
+    if isinstance(error, InvalidStatus):
+        return error.response.status_code >= 500
+    return isinstance(error, (OSError, TimeoutError, InvalidMessage))
 
 
 def merged(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -92,7 +144,7 @@ def socket_url(url: str) -> str:
 
 class BackChannel:
     """The task's channel, run by two background threads (one sends, one reads what the service pushes);
-    gives up for good on the first failure.
+    opens a dropped socket again, and gives up for good if it cannot, or if the service refuses it.
 
     Args:
         url: The service's channel route (``http(s)://.../tpm/v1/channel``).
@@ -116,6 +168,13 @@ class BackChannel:
         self._urgent = False
         self._wake = threading.Condition()
         self._closing = False
+        self._seq = 0  # the last frame numbered
+        self._unacked: deque[tuple[int, str]] = deque()  # sent, not yet acknowledged by the service: sent again
+        self._took = 0  # the last service frame taken
+        self._resume: str | None = None  # the service's resume key: without it a dropped channel is not reopened
+        self._broken: Exception | None = None  # why this socket failed
+        self._tries = 0  # sockets opened since the service last welcomed one
+        self.reconnects = 0  # tries to open the channel again after a drop (the worker's log says each)
         self._thread = threading.Thread(target=self._run, name="tpm-channel-send", daemon=True)
         self._thread.start()
 
@@ -226,36 +285,77 @@ class BackChannel:
             self._wake.notify_all()
 
     def _run(self) -> None:
-        try:
-            with connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_FRAME_BYTES,
-                         compression=None) as connection:  # small JSON frames: deflate costs more than it saves
-                # Frames go out back to back without waiting for a reply: without TCP_NODELAY, Nagle's
-                # algorithm holds each small one until the last is acknowledged (up to 40 ms, delayed ACK).
-                connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                connection.send(Hello(token=self.token).to_frame())
-                reader = threading.Thread(target=self._read, args=(connection,), name="tpm-channel-read",
-                                          daemon=True)
-                reader.start()
-                try:
+        while True:
+            self._broken, reader = None, None
+            self._tries += 1  # back to 0 when the service welcomes the socket
+            try:
+                with connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_FRAME_BYTES,
+                             compression=None,  # small JSON frames: deflate costs more than it saves
+                             ping_interval=KEEPALIVE_S, ping_timeout=KEEPALIVE_S) as connection:
+                    self._greet(connection)
+                    reader = threading.Thread(target=self._read, args=(connection,), name="tpm-channel-read",
+                                              daemon=True)
+                    reader.start()
                     self._send_all(connection)
-                finally:
-                    connection.close()
-                    reader.join(5.0)
-        except (OSError, WebSocketException, TimeoutError) as error:
-            self._fail(error)
+            except (OSError, WebSocketException, TimeoutError) as error:
+                self._break(error)
+            if reader is not None:
+                reader.join(5.0)
+            if self._broken is None or not self._retry(self._broken):  # closed, ended by the service, or failed
+                break
+        self._end_joins()
         with self._wake:  # nothing more will be sent
             self._pending, self._outcomes = [], []
 
+    def _greet(self, connection: ClientConnection) -> None:
+        """The secret first (and after a drop, the resume key), then what the service has not acknowledged."""
+        # Frames go out back to back without waiting for a reply: without TCP_NODELAY, Nagle's
+        # algorithm holds each small one until the last is acknowledged (up to 40 ms, delayed ACK).
+        connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._wake:
+            hello = Hello(token=self.token, resume=self._resume, received=self._took)
+            again = [text for _, text in self._unacked]  # the service drops those it took already
+        connection.send(hello.to_frame())
+        for text in again:
+            connection.send(text)
+
+    def _retry(self, error: Exception) -> bool:
+        """After ``error``: whether to open another socket (after a wait); if not, the channel has failed."""
+        if isinstance(error, ChannelEnded):
+            return False
+        if self._closing or self._resume is None or not may_resume(error) or self._tries >= RECONNECT_TRIES:
+            if not self._closing or not may_resume(error):
+                self._fail(error)
+            return False
+        logger.warning("the task's back channel dropped (%s: %s); opening it again (try %d)",
+                       type(error).__name__, error, self._tries + 1)
+        self.reconnects += 1
+        with self._wake:
+            deadline = time.monotonic() + min(RECONNECT_FIRST_S * 2 ** self._tries, RECONNECT_MOST_S)
+            while not self._closing and (left := deadline - time.monotonic()) > 0:
+                self._wake.wait(left)
+        return not self._closing
+
+    def _break(self, error: Exception) -> None:
+        with self._wake:
+            if self._broken is None:
+                self._broken = error
+            self._wake.notify_all()
+
     def _send_all(self, connection: ClientConnection) -> None:
+        """Until the channel closes or this socket fails: frames, numbered and kept until acknowledged."""
         sent_at = float("-inf")
         while True:
             with self._wake:
-                while not self._pending and not self._outcomes and not self._control and not self._closing:
+                while not self._pending and not self._outcomes and not self._control and not self._closing \
+                        and self._broken is None:
                     self._wake.wait()
+                if self._broken is not None:
+                    return
                 # At most one frame of text per SEND_INTERVAL_S: a step takes milliseconds, and a frame per
                 # step per batch costs the generating process more than the caller gains. A first token
                 # does not wait: time to first token is what a streaming caller feels most.
-                while not self._closing and not self._urgent \
+                while not self._closing and not self._urgent and self._broken is None \
                         and (wait := sent_at + SEND_INTERVAL_S - time.monotonic()) > 0:
                     self._wake.wait(wait)
                 self._urgent = False
@@ -263,24 +363,48 @@ class BackChannel:
                 outcomes, self._outcomes = self._outcomes, []
                 control, self._control = self._control, []
                 closing = self._closing
-            if self.failed is None:
-                try:
-                    if batch or outcomes:  # chunks first: a request's text reaches its caller before its end
-                        connection.send(Sent(chunks=merged(batch), outcomes=outcomes,
-                                             served=self.served if outcomes else None).to_frame())
-                        sent_at = time.monotonic()
-                    for frame in control:
-                        connection.send(frame.to_frame())
-                except (OSError, WebSocketException) as error:
-                    self._fail(error)
+                news: list[Sent | OpenToJoin | TakeNoMore] = list(control)
+                if batch or outcomes:  # chunks first: a request's text reaches its caller before its end
+                    news.insert(0, Sent(chunks=merged(batch), outcomes=outcomes,
+                                        served=self.served if outcomes else None))
+                frames: list[str] = []
+                for frame in news:
+                    self._seq += 1
+                    frames.append(frame.model_copy(update={"seq": self._seq, "ack": self._took}).to_frame())
+                    self._unacked.append((self._seq, frames[-1]))
+            try:
+                for text in frames:
+                    connection.send(text)
+                if frames and (batch or outcomes):
+                    sent_at = time.monotonic()
+            except (OSError, WebSocketException) as error:
+                self._break(error)  # kept: sent again on the next socket
+                return
             if closing:
                 return
 
+    def _acknowledged(self, seq: int) -> None:
+        with self._wake:
+            while self._unacked and self._unacked[0][0] <= seq:
+                self._unacked.popleft()
+
     def _read(self, connection: ClientConnection) -> None:
-        """What the service pushes: requests that join, callers who left, answers it settled, the end of joining."""
+        """What the service pushes: requests that join, callers who left, answers it settled, the end of joining;
+        each numbered frame once (after a drop the service sends again what this end had not acknowledged)."""
         try:
             for message in connection:
                 frame = SERVICE_FRAMES.validate_json(message)
+                if isinstance(frame, Welcome):
+                    self._resume, self._tries = frame.resume, 0
+                    self._acknowledged(frame.received)
+                    continue
+                if isinstance(frame, Received):
+                    self._acknowledged(frame.seq)
+                    continue
+                if frame.seq is not None:
+                    if frame.seq <= self._took:
+                        continue  # had it before the drop
+                    self._took = frame.seq
                 if isinstance(frame, Joined):
                     with self._wake:
                         self._arrived.extend(frame.requests)
@@ -295,5 +419,8 @@ class BackChannel:
                     self._end_joins()
         except (OSError, WebSocketException, ValueError) as error:  # ValidationError is a ValueError
             if not self._closing:
-                self._fail(error)
+                self._break(error)  # the sender stops; the channel is opened again if it dropped
+                return
         self._end_joins()
+        if not self._closing:
+            self._break(ChannelEnded("the service closed the channel (its task ended)"))

@@ -18,7 +18,9 @@ request is answered on the channel when it finishes
   heard it; the task's result lists every joined request's outcome
   (``joined``), so a lost answer on the channel loses nothing, and a request
   pushed that the worker never read goes back to the replica's queue.
-- Any failure of the channel ends joining for the task; what already joined still runs.
+- A dropped socket does not end joining: the channel is opened again and what was pushed meanwhile arrives
+  once (:mod:`functions.back_channel`). A channel that fails for good ends joining for the task; what already
+  joined still runs.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ the wire rather than inside either party:
 
 - :meth:`TcpProxy.lose_client_bytes`: what the client sends from now on never
   reaches the server (an acknowledgement lost with a failing link);
+  :meth:`TcpProxy.lose_server_bytes`: the same the other way;
 - :meth:`TcpProxy.cut`: every open connection is closed abruptly (a dropped
   link); new connections are forwarded normally again.
 """
@@ -23,6 +24,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._open: list[tuple[socket.socket, socket.socket]] = []
         self._losing = False
+        self._losing_server = False
         self.connections_accepted = 0
         self._stopped = False
         threading.Thread(target=self._accept, name="tcp-proxy-accept", daemon=True).start()
@@ -47,7 +49,7 @@ class TcpProxy:
     def _pump(self, source: socket.socket, target: socket.socket, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
-                if from_client and self._losing:
+                if self._losing if from_client else self._losing_server:
                     continue
                 target.sendall(data)
         except OSError:
@@ -62,6 +64,9 @@ class TcpProxy:
     def lose_client_bytes(self) -> None:
         self._losing = True
 
+    def lose_server_bytes(self) -> None:
+        self._losing_server = True
+
     def cut(self) -> None:
         """Close every open connection at once; later connections are forwarded whole."""
         with self._lock:
@@ -73,7 +78,7 @@ class TcpProxy:
                     except OSError:
                         pass
                     end.close()
-            self._losing = False  # only now: nothing held back may slip through the old links
+            self._losing = self._losing_server = False  # only now: nothing held back may slip through the old links
 
     def close(self) -> None:
         self._stopped = True

@@ -68,9 +68,11 @@ def hold(token, delay):  # as functions.back_channel does: hello, then open to j
         opened.append(token)
         while not stop.is_set():
             try:
-                frames.append(socket.recv(timeout=0.2))
+                frame = socket.recv(timeout=0.2)
             except TimeoutError:
-                pass
+                continue
+            if json.loads(frame)["type"] != "welcome":  # each socket's first frame (its resume key): not a push
+                frames.append(frame)
 
 for i, token in enumerate(tokens):
     threading.Thread(target=hold, args=(token, i / len(tokens)), daemon=True).start()

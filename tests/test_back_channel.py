@@ -28,8 +28,10 @@ from tpm_fed.protocol.back_channel import (
     Joined,
     JoinsEnded,
     OpenToJoin,
+    Received,
     Sent,
     TakeNoMore,
+    Welcome,
 )
 from tpm_fed.protocol.task_reply import Outcome
 
@@ -52,10 +54,19 @@ def on(loop, make):
 
 
 def closed_with(socket) -> int:
-    """The close code the service ends ``socket`` with (it sends nothing before)."""
+    """The close code the service ends ``socket`` with (it sends nothing before, but its welcome if it took
+    the secret)."""
     with pytest.raises(ConnectionClosed) as closed:
+        assert isinstance(SERVICE_FRAMES.validate_json(socket.recv(timeout=30)), Welcome)
         socket.recv(timeout=30)
     return closed.value.rcvd.code
+
+
+def pushed(socket):
+    """The next frame the service pushes on ``socket`` (its welcome and acknowledgements left out)."""
+    while isinstance(frame := SERVICE_FRAMES.validate_json(socket.recv(timeout=30)), (Welcome, Received)):
+        pass
+    return frame
 
 
 def channel_url(service) -> str:
@@ -73,11 +84,11 @@ class Hooks:
 
     async def take(self, wait_s):
         self.calls.append("take")
-        if self.offers:
-            return self.offers.pop(0)
-        while not self.stopped.is_set():
+        while not self.offers:  # an offer made while a take waits is taken
+            if self.stopped.is_set():
+                return None
             await asyncio.sleep(0.01)
-        return None
+        return self.offers.pop(0)
 
     async def reserve(self, taken):
         self.calls.append(("reserve", taken))
@@ -148,13 +159,13 @@ def test_joining_requests_are_pushed_as_taken_and_take_no_more_comes_after_the_l
             time.sleep(0.2)
             assert hooks.calls == []  # nothing is taken until the worker says its engine takes joiners
             socket.send(OpenToJoin().to_frame())
-            pushed = [SERVICE_FRAMES.validate_json(socket.recv(timeout=30)) for _ in range(2)]
-            assert [frame.requests for frame in pushed] == [[{"request_id": "j1", "kind": "generate"}],
+            frames = [pushed(socket) for _ in range(2)]
+            assert [frame.requests for frame in frames] == [[{"request_id": "j1", "kind": "generate"}],
                                                             [{"request_id": r, "kind": "generate"} for r in ("j2", "j3")]]
-            assert all(isinstance(frame, Joined) for frame in pushed)
+            assert all(isinstance(frame, Joined) for frame in frames)
             socket.send(Sent(outcomes=[EarlyAnswer(request_id="j2", outcome=Outcome(result={}, run_s=0.1))]).to_frame())
             socket.send(TakeNoMore().to_frame())
-            assert isinstance(SERVICE_FRAMES.validate_json(socket.recv(timeout=30)), JoinsEnded)
+            assert isinstance(pushed(socket), JoinsEnded)
             deadline = time.monotonic() + 30
             while ("answered", ["j2"]) not in hooks.calls:  # settled off the event loop
                 assert time.monotonic() < deadline, hooks.calls
@@ -162,7 +173,7 @@ def test_joining_requests_are_pushed_as_taken_and_take_no_more_comes_after_the_l
             assert "stop" in hooks.calls
             hub.close(token)  # the task ended: the service closes its channel
             with pytest.raises(ConnectionClosed) as closed:
-                socket.recv(timeout=30)
+                pushed(socket)
             assert closed.value.rcvd.code == 1000
     finally:
         hub.close(token)

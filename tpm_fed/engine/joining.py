@@ -132,7 +132,7 @@ class Joining:
 
 
 class TaskHooks:
-    """A running task's hooks for its channel (:class:`tpm_fed.service.back_channel_hub.Joins`)."""
+    """A running task's hooks for its channel (:class:`tpm_fed.service.channel_session.Joins`)."""
 
     def __init__(self, joining: Joining, task: RunningTask) -> None:
         self.joining, self.task = joining, task

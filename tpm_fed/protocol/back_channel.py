@@ -18,6 +18,18 @@ is one JSON frame, one of these models:
   :class:`JoinsEnded` (nothing more will join: the answer to
   :class:`TakeNoMore`, or the service's own decision).
 
+A channel survives a dropped connection (a compute node's link over a WAN can
+drop at any time). Both ends number the frames that carry something
+(``seq``: 1, 2, ...) and keep each until the other end says it has it
+(the worker's ``ack`` on every frame it sends; the service's
+:class:`Received`, every few frames). The service's first frame on each
+socket is :class:`Welcome`: a *resume key*, made once per task. After a drop
+the worker opens a new socket with the task's secret and that key
+(:class:`Hello` ``resume``, ``received``), and both ends send again what the
+other has not acknowledged; each end drops a frame it had already (its
+``seq`` is not above the last it took). So what crossed before the drop is
+taken once, and what was lost in flight is taken once after it.
+
 Both ends build and read these same models (``functions.back_channel``,
 ``functions.joining``; :mod:`tpm_fed.service.routes_channel`), so a field
 changes in one place. No pickle crosses: a frame is JSON text, at most
@@ -42,6 +54,11 @@ REFUSED = {"Unauthenticated": 4401, "NotPermitted": 4403, "InvalidRequest": 4400
 """Close codes (the application range, 4000-4999) for a channel the service refuses, by the error's code."""
 
 _Id = Field(min_length=1, max_length=200)
+
+
+_Seq = Field(default=None, ge=1)
+"""A frame's number on its end of the channel (None: not numbered, taken as it comes)."""
+_Ack = Field(default=0, ge=0)
 
 
 class _Body(BaseModel):
@@ -80,10 +97,13 @@ class EarlyAnswer(_Body):
 # --- worker to service ---
 
 class Hello(_Body):
-    """The channel's first frame: the task's secret."""
+    """The channel's first frame: the task's secret; after a drop, with the resume key its :class:`Welcome`
+    gave and the last service frame the worker took (``received``)."""
 
     type: Literal["hello"] = "hello"
     token: str = _Id
+    resume: str | None = Field(default=None, min_length=1, max_length=200)
+    received: int = Field(default=0, ge=0)
 
 
 class Sent(_Body):
@@ -93,6 +113,8 @@ class Sent(_Body):
     chunks: list[StreamedChunk] = []
     outcomes: list[EarlyAnswer] = []
     served: ServedBy | None = None
+    seq: int | None = _Seq
+    ack: int = _Ack  # the last service frame the worker took
 
 
 class OpenToJoin(_Body):
@@ -100,12 +122,16 @@ class OpenToJoin(_Body):
     worker that never says so is pushed none)."""
 
     type: Literal["open_to_join"] = "open_to_join"
+    seq: int | None = _Seq
+    ack: int = _Ack
 
 
 class TakeNoMore(_Body):
     """The worker's engine ran dry: no more requests may join (the service answers :class:`JoinsEnded`)."""
 
     type: Literal["take_no_more"] = "take_no_more"
+    seq: int | None = _Seq
+    ack: int = _Ack
 
 
 WorkerFrame = Annotated[Hello | Sent | OpenToJoin | TakeNoMore, Field(discriminator="type")]
@@ -118,6 +144,7 @@ class Joined(_Body):
     """Requests (their wire form) that join the running task now, their service units reserved."""
 
     type: Literal["joined"] = "joined"
+    seq: int | None = _Seq
     requests: list[dict[str, Any]]
 
 
@@ -125,6 +152,7 @@ class Cancelled(_Body):
     """The task's requests whose callers left: stop generating them."""
 
     type: Literal["cancelled"] = "cancelled"
+    seq: int | None = _Seq
     request_ids: list[str]
 
 
@@ -133,6 +161,7 @@ class Settled(_Body):
     the task's result (a task may serve thousands)."""
 
     type: Literal["settled"] = "settled"
+    seq: int | None = _Seq
     request_ids: list[str]
 
 
@@ -140,7 +169,25 @@ class JoinsEnded(_Body):
     """No more requests will join this task; every :class:`Joined` the service sent came before this."""
 
     type: Literal["joins_ended"] = "joins_ended"
+    seq: int | None = _Seq
 
 
-ServiceFrame = Annotated[Joined | Cancelled | Settled | JoinsEnded, Field(discriminator="type")]
-SERVICE_FRAMES: TypeAdapter[Joined | Cancelled | Settled | JoinsEnded] = TypeAdapter(ServiceFrame)
+class Welcome(_Body):
+    """The service's first frame on each socket: the task's resume key (the same on every socket of the task),
+    and the last worker frame it took (the worker need not send those again)."""
+
+    type: Literal["welcome"] = "welcome"
+    resume: str = _Id
+    received: int = Field(ge=0)
+
+
+class Received(_Body):
+    """The service has taken the worker's frames up to ``seq``: the worker need not keep them."""
+
+    type: Literal["received"] = "received"
+    seq: int = Field(ge=0)
+
+
+ServiceFrame = Annotated[Joined | Cancelled | Settled | JoinsEnded | Welcome | Received, Field(discriminator="type")]
+SERVICE_FRAMES: TypeAdapter[Joined | Cancelled | Settled | JoinsEnded | Welcome | Received] = \
+    TypeAdapter(ServiceFrame)

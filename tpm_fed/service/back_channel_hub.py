@@ -23,6 +23,15 @@ streams. The service pushes the requests queued for its replica as they
 come (reserved first), and the worker answers each when it finishes
 (:meth:`BackChannelHub.deliver`'s ``outcomes``), which the dispatcher settles at
 once. A secret answers only requests of its own task, and those it was handed.
+
+A channel outlives its socket: what the service pushes is numbered and kept
+in the task's :class:`~tpm_fed.service.channel_session.Session` until the worker acknowledges it, and the
+worker's frames are taken once each, by number. A dropped socket
+(:meth:`BackChannelHub.disconnect` with ``clean`` false) changes nothing
+else: joining goes on, and what is pushed meanwhile waits for the worker's
+next socket, which :meth:`BackChannelHub.connect` accepts only with the
+task's secret *and* the resume key the service gave the first socket (so a
+replayed secret still opens nothing), replacing the dead one.
 """
 
 from __future__ import annotations
@@ -31,18 +40,17 @@ import asyncio
 import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from tpm_fed.engine.pending import Pending
 from tpm_fed.protocol.back_channel import (
     CHANNEL_ROUTE,
     Cancelled,
     ChannelAddress,
-    Joined,
-    JoinsEnded,
+    Hello,
     Settled,
 )
 from tpm_fed.protocol.errors import NotPermitted, Unauthenticated
+from tpm_fed.service.channel_session import Joins, Link, Session, running_loop
 
 
 @dataclass
@@ -56,80 +64,15 @@ class ChunkQueue:
     def put(self, chunk: dict[str, Any]) -> None:
         """From any thread; on its own loop (the channel's frames arrive there), straight in."""
         self.received += 1
-        if _running_loop() is self.loop:
+        if running_loop() is self.loop:
             self.queue.put_nowait(chunk)
         else:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-class Joins(Protocol):
-    """A running task's dispatcher, for the requests that join the task and their answers."""
-
-    async def take(self, wait_s: float) -> list[Pending] | None:
-        """Requests that may join the task now, unreserved (``[]``: none came within ``wait_s``; None: no
-        more may join). Waits on the event loop, holding no thread."""
-        ...
-
-    async def reserve(self, taken: list[Pending]) -> tuple[list[dict[str, Any]], bool]:
-        """Reserve what :meth:`take` took: their wire forms, and whether the task still runs."""
-        ...
-
-    def stop_joining(self) -> None:
-        """The worker takes no more (its engine ran dry); a waiting :meth:`take` returns now."""
-        ...
-
-    def reopen_joining(self) -> None:
-        """The worker takes requests again after it stopped (some came as it stopped, so it runs on)."""
-        ...
-
-    def answered(self, served: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
-        """Outcomes of the task's requests that finished before it did, by request id."""
-        ...
-
-
 SETTLED_EVERY = 64
 """Early answers settled before the worker hears which (one :class:`Settled` frame per this many): it keeps
 an answer for its task's result until then, so what it keeps stays bounded however many the task serves."""
-
-Frame = Joined | Cancelled | Settled | JoinsEnded | None
-"""What the service pushes down a channel; None: close it (its task ended)."""
-
-
-class Link:
-    """One running task's open channel: frames wait in :attr:`outbox` for the socket's writer, on its loop."""
-
-    def __init__(self, token: str, joins: Joins | None) -> None:
-        self.token, self.joins = token, joins
-        self.loop = asyncio.get_running_loop()
-        self.outbox: asyncio.Queue[Frame] = asyncio.Queue()
-
-    def push(self, frame: Frame) -> None:
-        """From any thread."""
-        if _running_loop() is self.loop:
-            self.outbox.put_nowait(frame)
-        else:
-            try:
-                self.loop.call_soon_threadsafe(self.outbox.put_nowait, frame)
-            except RuntimeError:  # the loop closed: so did the socket
-                pass
-
-
-@dataclass
-class _Task:
-    requests: set[str]  # this task's requests: what its secret may feed and answer
-    joins: Joins | None = None
-    link: Link | None = None
-    connected: bool = False  # a secret opens one channel, once
-    own: frozenset[str] = frozenset()  # sent with it: few, and its worker keeps their answers (functions.isolation)
-    settled: list[str] = field(default_factory=list)  # joined requests' early answers settled, not yet told
-
 
 class BackChannelHub:
     """Chunk queues by request id, and the secrets and channels of running tasks that may feed them.
@@ -142,7 +85,7 @@ class BackChannelHub:
     def __init__(self, worker_url: str | None = None) -> None:
         self.worker_url = worker_url
         self._queues: dict[str, ChunkQueue] = {}
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, Session] = {}
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -162,9 +105,8 @@ class BackChannelHub:
             carriers = [task for task in self._tasks.values() if request_id in task.requests]
             if carriers:
                 self._abandoned.add(request_id)  # a channel not open yet hears it when it opens
-            links = [task.link for task in carriers if task.link is not None]
-        for link in links:
-            link.push(Cancelled(request_ids=[request_id]))
+        for task in carriers:
+            task.push(Cancelled(request_ids=[request_id]))
 
     def open(self, request_ids: list[str], joins: Joins | None = None) -> dict[str, str] | None:
         """A task leaves: its channel's address (None: nothing in it streams and nothing may join it, or
@@ -174,7 +116,7 @@ class BackChannelHub:
             if self.worker_url is None or (not queued and joins is None):
                 return None
             token = secrets.token_urlsafe(32)
-            self._tasks[token] = _Task(set(request_ids), joins, own=frozenset(request_ids))
+            self._tasks[token] = Session(set(request_ids), joins, own=frozenset(request_ids))
         return ChannelAddress(url=self.worker_url.rstrip("/") + CHANNEL_ROUTE, token=token).to_wire()
 
     def close(self, token: str) -> None:
@@ -184,34 +126,37 @@ class BackChannelHub:
             if task is None:
                 return
             self._abandoned -= task.requests
-        if task.link is not None:
-            task.link.push(None)
+        task.end()
 
-    def connect(self, token: str) -> Link:
-        """On the event loop: the worker of the task with this secret opened its channel.
+    def connect(self, hello: Hello) -> Link:
+        """On the event loop: the worker of the task with this secret opened a socket for its channel, the
+        first (no resume key) or a later one (the key its first socket was given), which replaces the last.
 
         Raises:
             Unauthenticated: No running task has this secret (forged, or its task ended).
-            NotPermitted: This task's channel was opened already (a replayed secret).
+            NotPermitted: This task's channel was opened already and this socket does not say its resume key
+                (a replayed secret).
         """
         with self._lock:
-            task = self._task(token)
-            if task.connected:
-                raise NotPermitted("this task's channel was opened already")
-            task.connected = True
-            task.link = Link(token, task.joins)
-            cancelled = sorted(task.requests & self._abandoned)
+            task = self._task(hello.token)
+            if hello.resume is None:
+                if task.resume is not None:
+                    raise NotPermitted("this task's channel was opened already")
+                task.resume = secrets.token_urlsafe(32)
+                cancelled = sorted(task.requests & self._abandoned)
+            elif task.resume is None or not secrets.compare_digest(hello.resume.encode(), task.resume.encode()):
+                raise NotPermitted("not this task's resume key")
+            else:
+                cancelled = []  # pushed to the session already: what the worker lacks is sent again
+        link = task.attach(hello.token, hello.received)
         if cancelled:
-            task.link.push(Cancelled(request_ids=cancelled))
-        return task.link
+            task.push(Cancelled(request_ids=cancelled))
+        return link
 
-    def disconnect(self, link: Link) -> None:
-        """Its socket closed: nothing more is pushed to it, and nothing more joins its task."""
-        with self._lock:
-            task = self._tasks.get(link.token)
-            if task is not None and task.link is link:
-                task.link = None
-        if link.joins is not None:
+    def disconnect(self, link: Link, clean: bool) -> None:
+        """Its socket closed. ``clean``: the worker closed it (its task is ending): nothing more joins. Else it
+        dropped: the channel waits for the worker's next socket, joining goes on, pushes are kept."""
+        if link.session.detach(link) and clean and link.joins is not None:
             link.joins.stop_joining()
 
     def joined(self, token: str, request_ids: list[str]) -> None:
@@ -265,15 +210,15 @@ class BackChannelHub:
         requests that joined the task (what a long-lived task's worker would otherwise keep)."""
         with self._lock:
             task = self._tasks.get(token)
-            if task is None or task.link is None:
+            if task is None:
                 return
             task.settled += [rid for rid in request_ids if rid not in task.own]
             if len(task.settled) < SETTLED_EVERY:
                 return
-            told, task.settled, link = task.settled, [], task.link
-        link.push(Settled(request_ids=told))
+            told, task.settled = task.settled, []
+        task.push(Settled(request_ids=told))
 
-    def _task(self, token: str) -> _Task:
+    def _task(self, token: str) -> Session:
         """Called under the lock."""
         task = self._tasks.get(token)  # 256 random bits: a lookup reveals nothing usable
         if task is None:

@@ -106,6 +106,13 @@ class HeaderDeadline(_base_protocol()):  # type: ignore[misc]
         self._disarm()
         super().connection_lost(exc)
 
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        # Its head was complete, and the connection is a WebSocket from now on (a running task's back channel
+        # lives as long as its task): without this the clock, armed when the connection opened, closed every
+        # channel header_timeout_s after it opened, without a close frame.
+        self._disarm()
+        super().handle_websocket_upgrade(*args)
+
     def _in_request(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
 

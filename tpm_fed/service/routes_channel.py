@@ -3,7 +3,10 @@
 No bearer token: the first frame's ``token`` is the secret the service made for the running task, and it
 authenticates this socket for that task alone. Everything runs on the event loop, with no thread hop per
 frame: a frame's chunks go straight into their callers' queues, and requests that join the task are pushed
-as they are taken from its replica's queue. Only what touches the ledger leaves the loop: reserving a
+as they are taken from its replica's queue. A socket is only the channel's current carrier
+(:class:`~tpm_fed.service.channel_session.Session`): a worker frame is taken once, by its number, and the
+task's joiner outlives a dropped socket (what it pushes meanwhile goes out on the worker's next one).
+Only what touches the ledger leaves the loop: reserving a
 joining request (:data:`tpm_fed.engine.asks.RESERVING`) and settling an early answer (:data:`SETTLING`).
 """
 
@@ -29,7 +32,8 @@ from tpm_fed.protocol.back_channel import (
     Sent,
 )
 from tpm_fed.protocol.errors import TpmError
-from tpm_fed.service.back_channel_hub import BackChannelHub, Link
+from tpm_fed.service.back_channel_hub import BackChannelHub
+from tpm_fed.service.channel_session import Link
 
 logger = logging.getLogger(__name__)
 
@@ -54,42 +58,50 @@ async def channel(socket: WebSocket) -> None:
     hub: BackChannelHub = socket.app.state.channels
     await socket.accept()
     try:
-        link = hub.connect(Hello.model_validate_json(await _frame(socket)).token)
+        link = hub.connect(Hello.model_validate_json(await _frame(socket)))
     except WebSocketDisconnect:
         return
     except (TpmError, ValueError) as error:  # ValidationError is a ValueError
         await _refuse(socket, error)
         return
     writer = asyncio.create_task(_write(socket, link))
-    joiner: asyncio.Task | None = None
+    clean = False
     try:
-        while True:
+        while link.current:
             frame = WORKER_FRAMES.validate_json(await _frame(socket))
+            if isinstance(frame, Hello):
+                raise ValueError("the channel is open already")  # noqa: TRY004 (a frame the contract refuses here)
+            if not link.current or not link.session.take(frame.seq, frame.ack):
+                continue  # a newer socket carries it, or the worker sent it again after a drop: taken before
             if isinstance(frame, Sent):
                 _deliver(hub, link, frame)
             elif isinstance(frame, OpenToJoin):
-                if link.joins is None:
-                    link.push(JoinsEnded())  # nothing may join this task
-                elif joiner is None:
-                    joiner = asyncio.create_task(_push_joins(hub, link))
-                elif joiner.done():  # open again after a TakeNoMore answered: its engine runs on
-                    link.joins.reopen_joining()
-                    joiner = asyncio.create_task(_push_joins(hub, link))
-            elif isinstance(frame, Hello):
-                raise ValueError("the channel is open already")  # noqa: TRY004 (a frame the contract refuses here)
-            elif joiner is None or joiner.done():  # TakeNoMore with no joiner running: nothing more is pushed
+                _open_to_join(hub, link)
+            elif link.session.joiner is None or link.session.joiner.done():  # TakeNoMore, no joiner running
                 link.push(JoinsEnded())
             else:  # TakeNoMore: the joiner pushes what it reserved, then JoinsEnded
                 link.joins.stop_joining()  # type: ignore[union-attr]
-    except WebSocketDisconnect:
-        pass
+    except WebSocketDisconnect as gone:
+        clean = gone.code == 1000  # the worker closed it (its task ends); else it dropped, and may come back
+        if not clean and link.current:  # said in the service's log: the worker's says whether it came back
+            logger.warning("a running task's back channel dropped (close code %s); kept for its worker to reopen",
+                           gone.code)
     except (TpmError, ValueError) as error:
         await _refuse(socket, error)
     finally:
-        if joiner is not None:
-            joiner.cancel()  # its reservations under way go on (they are not cancelled)
         writer.cancel()
-        hub.disconnect(link)
+        hub.disconnect(link, clean)
+
+
+def _open_to_join(hub: BackChannelHub, link: Link) -> None:
+    session = link.session
+    if link.joins is None:
+        link.push(JoinsEnded())  # nothing may join this task
+    elif session.joiner is None:
+        session.joiner = asyncio.create_task(_push_joins(hub, link))
+    elif session.joiner.done():  # open again after a TakeNoMore answered: its engine runs on
+        link.joins.reopen_joining()
+        session.joiner = asyncio.create_task(_push_joins(hub, link))
 
 
 async def _frame(socket: WebSocket) -> str:
@@ -129,18 +141,27 @@ def _settle(hub: BackChannelHub, token: str, outcomes: dict[str, dict[str, Any]]
 
 
 async def _write(socket: WebSocket, link: Link) -> None:
-    """The channel's one writer: pushes frames in order; None (the task ended) closes the socket."""
+    """The socket's one writer: the channel's frames in order; closes the socket once its task ended (after
+    the last frame) or a newer socket carries the channel."""
     try:
-        while (frame := await link.outbox.get()) is not None:
-            await socket.send_text(frame.to_frame())
-        await socket.close()
+        while True:
+            await link.wake.wait()
+            link.wake.clear()
+            texts, closing = link.due()
+            for text in texts:
+                await socket.send_text(text)
+            if closing:
+                await socket.close()
+                return
     except (WebSocketDisconnect, RuntimeError, OSError):  # the socket is gone: the reader sees it too
         pass
 
 
 async def _push_joins(hub: BackChannelHub, link: Link) -> None:
     """Take requests for the task as they are queued and push each batch once reserved; the next take is
-    open while the last is reserved, so the task never has none open. Ends when no more may join."""
+    open while the last is reserved, so the task never has none open. Ends when no more may join, or its
+    task ends. Outlives ``link`` (the first socket): what it pushes goes on whichever socket carries the
+    channel."""
     joins = link.joins
     assert joins is not None
     reserving: set[asyncio.Task] = set()
