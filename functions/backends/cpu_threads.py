@@ -10,7 +10,7 @@ every core. The worker's own threads (the back channel, Parsl's) and, on a
 local site, the service then preempt one of the engine's threads in the middle
 of each parallel region and the whole step waits for it: measured beside other
 work, a 16-row decode step of the demo model took 14.5 ms on two threads and
-2.8 ms on one (2.8 ms either way on an idle machine; docs/performance.md).
+2.8 ms on one (2.8 ms on either on an idle machine; docs/performance.md).
 """
 
 from __future__ import annotations
