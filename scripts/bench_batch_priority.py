@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import demo_model, described, log, machine, share_of
+from benchlib import demo_model, described, log, machine, share_engine, share_of
 from bench_quotes import PROMPTS, batch_file
 from bench_service import bench_home, start_vllm_server, tpm_serve
 
@@ -99,15 +99,9 @@ def service_run(args: argparse.Namespace, model_dir: Path, folder: Path,
     """On ``tpm serve`` with the site's workers sharing the engine as ``share`` says (:func:`share_of`):
     the idle and the during-the-batch latencies, and the batch's lines per second (submitted to completed)."""
     from tpm_fed.client import Client
-    from tpm_fed.federation import Federation
 
     home = bench_home(folder, model_dir, backend=args.backend)
-    federation = Federation.model_validate(__import__("yaml").safe_load(home.federation_file.read_text()))
-    sites = [site.model_copy(update={"max_batch_requests": args.max_batch,
-                                     "worker": site.worker.model_copy(update={
-                                         "batch_rows": share[0], "batch_rows_beside_interactive": share[1]})})
-             for site in federation.sites]
-    federation.model_copy(update={"sites": sites}).dump(home.federation_file)
+    share_engine(home, share, max_batch=args.max_batch)
     with tpm_serve(home) as (url, headers):
         client = Client(url, headers["Authorization"].split()[1])
 

@@ -55,6 +55,21 @@ def share_of(spec: str) -> tuple[int | None, int | None]:
     return (None if cap == "none" else int(cap)), (int(beside) if beside and beside != "none" else None)
 
 
+def share_engine(home, share: tuple[int | None, int | None], max_batch: int | None = None) -> None:
+    """Set the home's sites' cap on batch rows and the rows kept beside an interactive one (``share``, from
+    :func:`share_of`; the sites' ``worker.batch_rows``/``batch_rows_beside_interactive``), and with
+    ``max_batch`` their task size (``max_batch_requests``)."""
+    import yaml
+
+    from tpm_fed.federation import Federation
+
+    federation = Federation.model_validate(yaml.safe_load(home.federation_file.read_text()))
+    sizes = {} if max_batch is None else {"max_batch_requests": max_batch}
+    sites = [site.model_copy(update={**sizes, "worker": site.worker.model_copy(update={
+        "batch_rows": share[0], "batch_rows_beside_interactive": share[1]})}) for site in federation.sites]
+    federation.model_copy(update={"sites": sites}).dump(home.federation_file)
+
+
 def described(share: tuple[int | None, int | None]) -> str:
     """How a vLLM worker shares its engine with batch rows, in words."""
     cap, beside = share

@@ -156,14 +156,14 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from bench_service import bench_home
-    from benchlib import demo_model, log, machine, share_of
+    from benchlib import demo_model, log, machine, share_engine, share_of
 
     scratch = Path(tempfile.mkdtemp(prefix="tpm-service-stages-"))
     started_on = machine()
     try:
         home = bench_home(scratch / "home", demo_model(scratch / "demo", args.demo_dir), "vllm")
         if args.batch:
-            _share_engine(home, share_of(args.batch_rows))
+            share_engine(home, share_of(args.batch_rows))
         stamps_file = scratch / "stamps.jsonl"
         with probed_serve(home, stamps_file) as (url, headers):
             log("warm-up (starts the replica and its task)")
@@ -209,18 +209,6 @@ def main() -> None:
     for label, values in spans.items():
         values.sort()
         print(f"| {label} | {len(values)} | {statistics.median(values):.2f} | {values[int(0.9 * (len(values) - 1))]:.2f} |")
-
-
-def _share_engine(home, share: tuple[int | None, int | None]) -> None:
-    """Set the home's sites' batch-row cap and the rows kept beside an interactive one (``--batch-rows``)."""
-    import yaml
-
-    from tpm_fed.federation import Federation
-
-    federation = Federation.model_validate(yaml.safe_load(home.federation_file.read_text()))
-    sites = [site.model_copy(update={"worker": site.worker.model_copy(update={
-        "batch_rows": share[0], "batch_rows_beside_interactive": share[1]})}) for site in federation.sites]
-    federation.model_copy(update={"sites": sites}).dump(home.federation_file)
 
 
 def _beside_batch(url: str, headers: dict, args) -> list[dict]:

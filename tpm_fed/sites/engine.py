@@ -9,7 +9,8 @@ functions therefore meet the same serializer, engine and worker lifetime
 they meet on an RCC. Subclasses say only which engine to build.
 
 Tasks go out serialized by ``ComputeSerializer`` (the function by name, plain
-data: as ``JSONData`` where JSON carries it unchanged, :func:`data_buffer`); results come back as JSON only: the engine is asked for ``JSONData``
+data: as ``JSONData`` where JSON carries it unchanged, :func:`data_buffer`);
+results come back as JSON only: the engine is asked for ``JSONData``
 results and anything else is refused unread (:mod:`tpm_fed.sites.json_results`),
 since the workers are not the service's to trust.
 """
