@@ -341,7 +341,6 @@ class BatchRunner:
         return self.store.finish(line.batch_id, line.index, state="failed", status_code=answer.status,
                                  response=answer.body())
 
-
     def _requeue(self) -> None:
         """A line went back to the queue: a pass may claim again (also one whose claim is in flight now)."""
         self._requeued += 1
