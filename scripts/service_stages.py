@@ -15,7 +15,7 @@ replica and its long-lived task), and each request's stamps are read back:
 8. -> the client reads its first event.
 
 Stamps are wall-clock (``time.time``) in both processes, on one machine. The
-probes cost a few microseconds each. Prints the median and p90 of each stage.
+probes cost a few microseconds each. Prints the mean, median and p90 of each stage.
 
 With ``--batch LINES`` a batch of that many completions runs through the
 batch API first, and the requests are sent one at a time, ``--every``
@@ -54,6 +54,8 @@ def probed_service(stamps_file: str, home: str) -> None:
     """Run ``tpm serve`` in this process with the stage probes in place (the child's entry point)."""
     import runpy
 
+    import asyncio
+
     from tpm_fed.engine import joining
     from tpm_fed.service import back_channel_hub, serving, streaming
 
@@ -65,8 +67,22 @@ def probed_service(stamps_file: str, home: str) -> None:
         stamps.setdefault(request_id, {}).setdefault(stage, time.time())
 
     start = serving.start
+    watching: list[asyncio.Task] = []
+
+    async def watch_loop() -> None:
+        """The event loop's lag: how late a 5 ms sleep wakes (every hop on the loop waits about that)."""
+        lags = []
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append([time.time(), time.perf_counter() - before - 0.005])
+            if len(lags) >= 100:
+                out.write(json.dumps({"lag": lags}) + "\n")
+                lags = []
 
     async def probed_start(runtime, request, identity, observer=None):
+        if not watching:
+            watching.append(asyncio.ensure_future(watch_loop()))
         stamp(request.request_id, "route")
         stamps[request.request_id]["tokens"] = request.max_new_tokens
         try:
@@ -186,7 +202,8 @@ def main() -> None:
             time.sleep(0.5)
             if busy is not None:
                 busy.set()
-        served = [row for row in served_stamps(stamps_file) if row.get("tokens") == args.max_tokens]
+        measured = served_stamps(stamps_file)
+        served = [row for row in measured if row.get("tokens") == args.max_tokens]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     theirs = {row["request_id"]: row for row in served}
@@ -204,11 +221,19 @@ def main() -> None:
         if "sent" in present and "read" in present:
             how = "joined a running task" if "taken" in row else "started its own task"
             spans.setdefault(f"whole (sent -> read), {how}", []).append(1000 * (row["read"] - row["sent"]))
-    print("| stage | requests | median | p90 |")
-    print("|---|---|---|---|")
+    sent = [row["sent"] for row in rows if row.get("sent")]
+    lags = sorted(1000 * lag for row in measured for at, lag in row.get("lag", ())
+                  if sent and min(sent) <= at <= max(row.get("read", 0) for row in rows))
+    if lags:
+        print(f"the service's event loop while they ran: a 5 ms sleep woke late by {statistics.fmean(lags):.2f} ms "
+              f"on average (median {statistics.median(lags):.2f}, p90 {lags[int(0.9 * (len(lags) - 1))]:.2f}, "
+              f"{len(lags)} sleeps)")
+    print("| stage | requests | mean | median | p90 |")
+    print("|---|---|---|---|---|")
     for label, values in spans.items():
         values.sort()
-        print(f"| {label} | {len(values)} | {statistics.median(values):.2f} | {values[int(0.9 * (len(values) - 1))]:.2f} |")
+        print(f"| {label} | {len(values)} | {statistics.fmean(values):.2f} | {statistics.median(values):.2f} | "
+              f"{values[int(0.9 * (len(values) - 1))]:.2f} |")
 
 
 def _beside_batch(url: str, headers: dict, args) -> list[dict]:

@@ -96,6 +96,27 @@ def test_vllms_benchmark_payload_is_accepted(service):
     assert answer.status_code == 200, answer.text
 
 
+@pytest.mark.parametrize("options", [{"include_usage": None}, {"include_usage": True, "continuous_usage_stats": False},
+                                     {"continuous_usage_stats": None}])
+def test_vllms_stream_options_are_accepted(service, options):
+    with httpx.stream("POST", f"{service.url}/v1/completions", headers=service.headers, timeout=120, json={
+            "model": DEMO_MODEL_NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": 3, "ignore_eos": True,
+            "stream": True, "stream_options": options}) as streamed:
+        assert streamed.status_code == 200, streamed.read()
+        lines = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert any('"usage"' in line for line in lines) == bool(options.get("include_usage"))
+
+
+def test_usage_in_every_chunk_is_refused_by_name_for_nothing(service, runtime):
+    before = _spent(runtime)
+    answer = _complete(service, max_tokens=4, stream=True,
+                       stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert answer.status_code == 400, answer.text
+    assert "continuous_usage_stats" in answer.json()["error"]["message"]
+    assert _spent(runtime) == before
+
+
 @pytest.mark.parametrize("field, value", [
     ("stop_token_ids", [5]), ("skip_special_tokens", False), ("spaces_between_special_tokens", False),
     ("include_stop_str_in_output", True),

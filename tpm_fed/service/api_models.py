@@ -27,7 +27,17 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool | None = False  # null: vLLM's server takes it as false
+    # vLLM's extension (its own Anthropic front end sends it): usage in every chunk. The service knows a
+    # request's token counts only at its end, so it is refused when asked for, by name.
+    continuous_usage_stats: bool | None = False
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _usage_at_the_end(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("usage in every chunk is not supported: include_usage puts it in the last chunk")
+        return value
 
 
 class TpmParameters(_Body):

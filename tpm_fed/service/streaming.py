@@ -32,7 +32,11 @@ class LiveStream(StreamingResponse):
 
 
 def event(chunk: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(chunk)}\n\n".encode()
+    return f"data: {json.dumps(chunk, separators=COMPACT)}\n\n".encode()
+
+
+COMPACT = (",", ":")
+"""JSON without spaces, as vLLM's and OpenAI's servers write their chunks."""
 
 
 async def live_events(
@@ -54,6 +58,7 @@ async def live_events(
     """
     sent: dict[int, str] = {}
     ended = False
+    came: list[dict[str, Any]] = []
     try:
         while True:
             arrival = asyncio.ensure_future(queue.queue.get())
@@ -61,27 +66,44 @@ async def live_events(
             if arrival not in done:
                 arrival.cancel()
                 break
-            chunk = arrival.result()
-            sent[chunk["index"]] = sent.get(chunk["index"], "") + chunk["text"]
-            yield event(delta(chunk["index"], chunk["text"]))
-        while not queue.queue.empty():  # chunks that came with the result
-            chunk = queue.queue.get_nowait()
-            sent[chunk["index"]] = sent.get(chunk["index"], "") + chunk["text"]
-            yield event(delta(chunk["index"], chunk["text"]))
+            # One write for what has come by now: each write is a pass through the middleware and a send.
+            came = [arrival.result(), *_queued(queue.queue)]
+            if outcome.done():  # the end came too: sent with it
+                break
+            yield b"".join(_deltas(came, sent, delta))
+            came = []
+        last = _deltas([*came, *_queued(queue.queue)], sent, delta)  # chunks that came with the result
         try:
             result = outcome.result()
         except TpmError as error:
-            yield event(http_error(error).body())
+            last.append(event(http_error(error).body()))
         except Exception as error:  # noqa: BLE001 - the caller hears of it in OpenAI's shape
-            yield event({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error",
-                                   "param": None, "code": "InternalError"}})
+            last.append(event({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error",
+                                         "param": None, "code": "InternalError"}}))
         else:
-            for chunk in ending(result, sent, queue.received > 0):
-                yield event(chunk)
+            last.extend(event(chunk) for chunk in ending(result, sent, queue.received > 0))
         ended = True
-        yield b"data: [DONE]\n\n"
+        yield b"".join([*last, b"data: [DONE]\n\n"])
     finally:
         forget(not ended)
+
+
+def _queued(queue: asyncio.Queue) -> list[dict[str, Any]]:
+    """The chunks waiting in ``queue`` now, taken out."""
+    chunks = []
+    while not queue.empty():
+        chunks.append(queue.get_nowait())
+    return chunks
+
+
+def _deltas(chunks: list[dict[str, Any]], sent: dict[int, str], delta: Callable[[int, str], dict[str, Any]]
+            ) -> list[bytes]:
+    """Each chunk's event, in order (one event per chunk, as vLLM's server sends one per step); noted in ``sent``."""
+    events = []
+    for chunk in chunks:
+        sent[chunk["index"]] = sent.get(chunk["index"], "") + chunk["text"]
+        events.append(event(delta(chunk["index"], chunk["text"])))
+    return events
 
 
 async def stream_answer(
