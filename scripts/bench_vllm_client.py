@@ -13,7 +13,9 @@ after the other (``--runs`` rounds):
 
 * ``streams``: 16 concurrent streams, 64 prompt and 64 output tokens:
   output throughput, median and p99 time to first token;
-* ``one-token``: 1-token requests from 64 concurrent clients: requests per second.
+* ``one-token``: 1-token requests from 64 concurrent clients: requests per second, over
+  the client's own default of 1,000 prompts (256, four a client, ran under a second: the
+  ramp of 64 clients starting together weighed on each run's rate).
 
 Models: ``demo`` (the demo model, trained here) and ``smollm2`` (the real
 135 M-parameter SmolLM2 of docs/store.md's facts, added to the service's home
@@ -22,7 +24,7 @@ loads the plain folder).
 
 Usage:
     python scripts/bench_vllm_client.py [--models demo,smollm2] [--loads streams,one-token] [--runs 1]
-        [--servers vllm,service] [--num-prompts 64]
+        [--servers vllm,service] [--num-prompts N]
 
 Failed requests are counted and printed; a run with any is reported as such.
 """
@@ -51,14 +53,14 @@ CLIENT = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentPar
 
 LOADS = {
     "streams": {"concurrency": 16, "input": 64, "output": 64, "prompts_per_client": 4},
-    "one-token": {"concurrency": 64, "input": 64, "output": 1, "prompts_per_client": 4},
+    "one-token": {"concurrency": 64, "input": 64, "output": 1, "prompts": 1000},  # vllm bench serve's default
 }
 
 
 def run_client(base_url: str, model: str, tokenizer: Path, load: dict, out: Path, token: str | None,
                num_prompts: int | None) -> dict:
     """One run of vLLM's benchmark client; its saved result (a dict of its metrics)."""
-    prompts = num_prompts or load["concurrency"] * load["prompts_per_client"]
+    prompts = num_prompts or load.get("prompts") or load["concurrency"] * load["prompts_per_client"]
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OPENAI_API_KEY": token or "none"}
     command = [sys.executable, "-c", CLIENT, "--backend", "openai", "--base-url", base_url, "--model", model,
@@ -133,7 +135,8 @@ def main() -> None:
     parser.add_argument("--loads", default="streams,one-token")
     parser.add_argument("--servers", default="vllm,service")
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--num-prompts", type=int, default=None, help="per run (default: 4 per client)")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="per run (default: 4 per client; the client's own 1,000 for one-token)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="copy each run's result (vLLM's per-request detail included) into this folder")
     parser.add_argument("--demo-dir", type=Path, default=None,
