@@ -52,9 +52,8 @@ STAGES = ["sent", "route", "placed", "taken", "reserved", "pushed", "chunk", "ss
 
 def probed_service(stamps_file: str, home: str) -> None:
     """Run ``tpm serve`` in this process with the stage probes in place (the child's entry point)."""
-    import runpy
-
     import asyncio
+    import runpy
 
     from tpm_fed.engine import joining
     from tpm_fed.service import back_channel_hub, serving, streaming
@@ -221,9 +220,9 @@ def main() -> None:
         if "sent" in present and "read" in present:
             how = "joined a running task" if "taken" in row else "started its own task"
             spans.setdefault(f"whole (sent -> read), {how}", []).append(1000 * (row["read"] - row["sent"]))
-    sent = [row["sent"] for row in rows if row.get("sent")]
+    sent, read = [row["sent"] for row in rows if row.get("sent")], [row["read"] for row in rows if row.get("read")]
     lags = sorted(1000 * lag for row in measured for at, lag in row.get("lag", ())
-                  if sent and min(sent) <= at <= max(row.get("read", 0) for row in rows))
+                  if sent and read and min(sent) <= at <= max(read))
     if lags:
         print(f"the service's event loop while they ran: a 5 ms sleep woke late by {statistics.fmean(lags):.2f} ms "
               f"on average (median {statistics.median(lags):.2f}, p90 {lags[int(0.9 * (len(lags) - 1))]:.2f}, "

@@ -17,6 +17,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future
 
@@ -55,10 +56,12 @@ class StreamingSite:
 
 
 CHANNELS = """
-import json, sys, threading, time
+import json, signal, sys, threading, time
+stop = threading.Event()
+signal.signal(signal.SIGINT, lambda *_: stop.set())  # whenever it comes, the sockets close and the report is printed
 from websockets.sync.client import connect
 url, tokens = sys.argv[1], sys.argv[2:]
-frames, opened, stop = [], [], threading.Event()
+frames, opened = [], []
 
 def hold(token, delay):  # as functions.back_channel does: hello, then open to joining, then wait for pushes
     time.sleep(delay)
@@ -66,6 +69,7 @@ def hold(token, delay):  # as functions.back_channel does: hello, then open to j
         socket.send(json.dumps({"type": "hello", "token": token}))
         socket.send(json.dumps({"type": "open_to_join"}))
         opened.append(token)
+        print("open", flush=True)  # the test times submissions once every channel is open
         while not stop.is_set():
             try:
                 frame = socket.recv(timeout=0.2)
@@ -74,13 +78,13 @@ def hold(token, delay):  # as functions.back_channel does: hello, then open to j
             if json.loads(frame)["type"] != "welcome":  # each socket's first frame (its resume key): not a push
                 frames.append(frame)
 
-for i, token in enumerate(tokens):
-    threading.Thread(target=hold, args=(token, i / len(tokens)), daemon=True).start()
-try:
-    while True:
-        time.sleep(0.1)
-except KeyboardInterrupt:
-    stop.set()
+holders = [threading.Thread(target=hold, args=(token, i / len(tokens)), daemon=True) for i, token in enumerate(tokens)]
+for holder in holders:
+    holder.start()
+while not stop.is_set():
+    time.sleep(0.1)
+for holder in holders:
+    holder.join(timeout=5)
 print(json.dumps({"opened": len(opened), "frames": frames}))
 """
 
@@ -112,12 +116,18 @@ def test_64_open_channels_leave_submissions_undelayed(runtime, service):
     # the service), each opened at its own moment within a second, as independent tasks are.
     holders = subprocess.Popen([sys.executable, "-c", CHANNELS, socket_url(service.url + CHANNEL_ROUTE), *tokens],
                                stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, holders.kill)  # a holder that never opens fails the test, not hangs it
+    watchdog.start()
     try:
-        time.sleep(3.0)  # every channel open (over 1 s, in a process that starts first), its take renewed
+        # Every channel open (over 1 s, in a process that may start slowly on a busy machine), its take renewed.
+        opened = sum(1 for _, line in zip(range(TASKS), holders.stdout, strict=False) if line.strip() == "open")
+        assert opened == TASKS, f"only {opened} of {TASKS} channels opened"
+        time.sleep(1.0)
         busy = _latencies(service.url, service.headers)
     finally:
         holders.send_signal(signal.SIGINT)
         report, _ = holders.communicate(timeout=30)
+        watchdog.cancel()
         for site in sites:
             future, requests, _ = site.tasks[0]
             future.set_result(reply_for(requests))

@@ -31,12 +31,12 @@ class LiveStream(StreamingResponse):
         super().__init__(events, media_type="text/event-stream", headers=HEADERS)
 
 
-def event(chunk: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(chunk, separators=COMPACT)}\n\n".encode()
-
-
 COMPACT = (",", ":")
 """JSON without spaces, as vLLM's and OpenAI's servers write their chunks."""
+
+
+def event(chunk: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(chunk, separators=COMPACT)}\n\n".encode()
 
 
 async def live_events(
