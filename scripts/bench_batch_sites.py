@@ -17,7 +17,13 @@ To separate the machine from the service, the same lines also run with no
 service at all: the torch backend called directly in one process, then split
 over two processes started together (each loads the model before the clock
 starts, and runs its half in tasks of 64 as a replica does). Two bare
-processes over one is the most two replicas can give on this machine.
+processes over one is the most two replicas can give on this machine. Then
+the same bare runs beside one more process that keeps the service's share of
+a core busy (its CPU over the batch's time, as measured above, spent in 10 ms
+cycles): what the machine gives two replicas and a service that costs that
+much CPU but adds no latency, so that what is left of the gap is the service's
+latency (its hops, the batch's start and end). Each bare figure is the best of
+``--repeats``, as the service's are.
 
 Usage:
     python scripts/bench_batch_sites.py [--lines 256] [--tokens 32] [--threads 1] [--repeats 1]
@@ -40,6 +46,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -192,24 +199,42 @@ def _bare_worker(model_dir: str, prompts: list[str], tokens: int, ready, start, 
     done.put(time.perf_counter())
 
 
-def bare(model_dir: Path, prompts: list[str], tokens: int, processes: int) -> float:
-    """Seconds for ``prompts`` split over ``processes`` bare torch processes started together."""
+BURN_PERIOD_S = 0.01
+"""The stand-in service's duty cycle: busy for its share of every 10 ms (the service's work comes in bursts of
+about that length: a task's results, the next task's placement)."""
+
+
+def _burner(duty: float, start, stop) -> None:
+    """Keep ``duty`` of a core busy (pure Python, as the service's work is) from ``start`` until ``stop``."""
+    start.wait()
+    while not stop.is_set():
+        began = time.perf_counter()
+        while time.perf_counter() - began < duty * BURN_PERIOD_S:
+            pass
+        time.sleep(max(0.0, began + BURN_PERIOD_S - time.perf_counter()))
+
+
+def bare(model_dir: Path, prompts: list[str], tokens: int, processes: int, duty: float = 0.0) -> float:
+    """Seconds for ``prompts`` split over ``processes`` bare torch processes started together; with ``duty``,
+    beside one more process that keeps that share of a core busy meanwhile (a stand-in for the service's CPU)."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    ready, done, start = context.Queue(), context.Queue(), context.Event()
+    ready, done, start, stop = context.Queue(), context.Queue(), context.Event(), context.Event()
     shares = [prompts[index::processes] for index in range(processes)]
     workers = [context.Process(target=_bare_worker, args=(str(model_dir), share, tokens, ready, start, done))
                for share in shares]
-    for worker in workers:
-        worker.start()
+    burner = context.Process(target=_burner, args=(duty, start, stop)) if duty > 0 else None
+    for process in (*workers, burner) if burner else workers:
+        process.start()
     for _ in workers:
         ready.get(timeout=300)
     started = time.perf_counter()
     start.set()
     finished = max(done.get(timeout=600) for _ in workers)
-    for worker in workers:
-        worker.join()
+    stop.set()
+    for process in (*workers, burner) if burner else workers:
+        process.join()
     return finished - started
 
 
@@ -238,8 +263,16 @@ def main() -> None:
         prompts = [json.loads(line)["body"]["prompt"] for line in source.decode().splitlines()]
         if not args.no_bare:
             log("the same lines with no service: one bare torch process, then two...")
-            bare_one = bare(model_dir, prompts, args.tokens, 1)
-            bare_two = bare(model_dir, prompts, args.tokens, 2)
+            bare_one = min(bare(model_dir, prompts, args.tokens, 1) for _ in range(args.repeats))
+            bare_two = min(bare(model_dir, prompts, args.tokens, 2) for _ in range(args.repeats))
+            # The service's share of a core while it ran each batch (its CPU over the batch's time, the median
+            # repeat), kept busy beside the bare processes: what the machine gives two replicas and a service
+            # that costs this much CPU and adds no latency.
+            duty_one, duty_two = (statistics.median(own / took for took, _, (own, _, _) in runs)
+                                  for runs in (ones, twos))
+            log(f"again beside a process keeping {duty_one:.0%} / {duty_two:.0%} of a core busy...")
+            burnt_one = min(bare(model_dir, prompts, args.tokens, 1, duty_one) for _ in range(args.repeats))
+            burnt_two = min(bare(model_dir, prompts, args.tokens, 2, duty_two) for _ in range(args.repeats))
     print(f"\n{args.lines} lines x {args.tokens} tokens through the batch API ({machine()})")
     for name, runs in (("one site", ones), ("two sites", twos)):
         for took, served, (own, children, workers) in runs:
@@ -256,6 +289,12 @@ def main() -> None:
         print(f"  two processes: {bare_two:7.2f} s")
         print(f"  two / one:     {bare_one / bare_two:7.2f}x   (the machine's ceiling for two replicas)")
         print(f"  service / bare: one site {bare_one / one:.2f}x, two sites {bare_two / two:.2f}x")
+        print(f"the same, beside a process keeping the service's share of a core busy ({duty_one:.0%} of a core "
+              f"with one site, {duty_two:.0%} with two: its CPU over the batch's time, median repeat)")
+        print(f"  one process:   {burnt_one:7.2f} s")
+        print(f"  two processes: {burnt_two:7.2f} s")
+        print(f"  two / one:     {burnt_one / burnt_two:7.2f}x   (the machine's ceiling for two replicas and a "
+              "service of this CPU that adds no latency)")
 
 
 if __name__ == "__main__":
