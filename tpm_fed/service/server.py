@@ -25,7 +25,7 @@ from typing import Any
 
 from tpm_fed.home import PRIVATE_UMASK, TpmHome
 from tpm_fed.identity import LocalUser
-from tpm_fed.sites.long_lived import freeze_in_this_process
+from tpm_fed.sites.long_lived import tune_collector_in_this_process
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def run_service(home: TpmHome, options: ServiceOptions) -> None:
     os.umask(PRIVATE_UMASK)  # what the service and its sites write is its owner's alone
     home.make_private()  # and what an older version left open to other users is fixed, with a warning
     home.ensure_embedded_default(progress=True)
-    # This process lives as long as its sites: their heap leaves the collector's full passes (only here).
-    freeze_in_this_process(report=lambda line: print(line, flush=True))
+    # This process lives as long as its sites: their heap leaves the collector's full passes, and its
+    # youngest generation is collected less often (only here).
+    tune_collector_in_this_process(report=lambda line: print(line, flush=True))
     auth, token = _authenticator(options)
     service = ServiceAssembly(home, database_url=options.database_url, callers=_callers(auth))
     operators = frozenset(options.operators) | ({service.engine.owner} if auth.mode == "local" else set())
