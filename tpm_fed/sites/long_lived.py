@@ -1,4 +1,5 @@
-"""In the service's process, what a started site leaves there is kept out of the collector's full passes.
+"""The collector in the service's process: what a started site leaves there is kept out of its full
+passes, and its youngest generation is collected less often.
 
 A site's start imports the endpoint engine and Parsl and builds their
 objects: with the service's own, about 137,000 tracked objects on the demo
