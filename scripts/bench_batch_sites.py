@@ -224,8 +224,8 @@ def bare(model_dir: Path, prompts: list[str], tokens: int, processes: int, duty:
     shares = [prompts[index::processes] for index in range(processes)]
     workers = [context.Process(target=_bare_worker, args=(str(model_dir), share, tokens, ready, start, done))
                for share in shares]
-    burner = context.Process(target=_burner, args=(duty, start, stop)) if duty > 0 else None
-    for process in (*workers, burner) if burner else workers:
+    burners = [context.Process(target=_burner, args=(duty, start, stop))] if duty > 0 else []
+    for process in workers + burners:
         process.start()
     for _ in workers:
         ready.get(timeout=300)
@@ -233,7 +233,7 @@ def bare(model_dir: Path, prompts: list[str], tokens: int, processes: int, duty:
     start.set()
     finished = max(done.get(timeout=600) for _ in workers)
     stop.set()
-    for process in (*workers, burner) if burner else workers:
+    for process in workers + burners:
         process.join()
     return finished - started
 
