@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import tracemalloc
 from dataclasses import dataclass
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service_helpers import ServiceThread
 from tpm_fed.federation import SloTarget, Slos
 from tpm_fed.protocol.errors import Unauthenticated
-from tpm_fed.service.slo import SloTracker
+from tpm_fed.service.slo import ACCURACY, SLICES, SloTracker, percentile
 
 OPERATOR, USER = "operator-token", "user-token"
 
@@ -120,14 +124,54 @@ def test_slo_percentiles_availability_and_window():
     tracker.record("generate", 5.0, "failed")
     row = next(r for r in tracker.report()["kinds"] if r["kind"] == "generate")
     assert (row["requests"], row["refused"], row["failed"]) == (22, 1, 1)
-    assert row["p50_s"] == pytest.approx(1.0) and row["p95_s"] == pytest.approx(1.9)
+    assert row["p50_s"] == pytest.approx(1.0, rel=ACCURACY) and row["p95_s"] == pytest.approx(1.9, rel=ACCURACY)
     assert row["availability"] == pytest.approx(20 / 21)
     assert row["met"] == {"latency": False, "availability": True}
 
     clock.now += 61  # everything above leaves the window
     tracker.record("generate", 0.2, "ok")
     row = next(r for r in tracker.report()["kinds"] if r["kind"] == "generate")
-    assert (row["requests"], row["p95_s"], row["availability"]) == (1, 0.2, 1.0)
+    assert (row["requests"], row["availability"]) == (1, 1.0) and row["p95_s"] == pytest.approx(0.2, rel=ACCURACY)
     assert row["met"] == {"latency": True, "availability": True}
     trace = next(r for r in tracker.report()["kinds"] if r["kind"] == "trace")
     assert trace["requests"] == 0 and trace["p50_s"] is None and trace["met"] is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=1e-4, max_value=1e4), min_size=1, max_size=400),
+       st.sampled_from([0.5, 0.95, 0.99, 1.0]))
+def test_slo_percentiles_are_the_nearest_rank_within_the_sketch_accuracy(latencies, share):
+    clock = Clock()
+    slos = Slos(window_s=600)
+    tracker = SloTracker(lambda: slos, clock=clock)
+    for seconds in latencies:  # spread over several slices, so the report merges them
+        tracker.record("generate", seconds, "ok")
+        clock.now += 1.0
+    exact = sorted(latencies)[max(0, math.ceil(share * len(latencies)) - 1)]
+    assert percentile(tracker._merged(tracker._seen["generate"])[1], share) == pytest.approx(exact, rel=ACCURACY)
+
+
+def test_the_slo_window_holds_bounded_memory_whatever_the_request_rate():
+    """An hour's window at 1,000 requests a second is 3.6 M requests: what it keeps must not grow with them."""
+    clock = Clock()
+    slos = Slos(window_s=3600)
+    tracker = SloTracker(lambda: slos, clock=clock)
+
+    def requests(count: int, per_s: float) -> None:
+        for index in range(count):
+            tracker.record("generate", 0.01 + (index % 997) * 1e-4, "ok" if index % 50 else "failed")
+            clock.now += 1 / per_s
+
+    requests(72_000, per_s=10)  # two windows: every slice made, the oldest already gone
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        requests(120_000, per_s=1000)  # two minutes at 100 times the rate
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    row = next(r for r in tracker.report()["kinds"] if r["kind"] == "generate")
+    # the last hour (and at most one slice more): 34,800-35,400 at 10 a second, then all 120,000
+    assert 154_790 <= row["requests"] <= 155_410 and row["failed"] == pytest.approx(row["requests"] / 50, abs=2)
+    assert len(tracker._seen["generate"]) <= SLICES + 1
+    assert grown < 100_000, f"the window grew {grown} bytes over 120,000 requests"

@@ -11,7 +11,13 @@ kind, what it measured against what was promised (``GET /tpm/v1/slo``,
   member) count neither way; a site failure, a lost worker or "no site can
   serve now" counts against it.
 
-The window is kept in memory: a restarted service starts a new window.
+The window is kept in memory, in bounded space whatever the request rate or
+the window's length: it is cut into :data:`SLICES` slices, each holding the
+counts of its outcomes and a sketch of its latencies (DDSketch: percentiles
+within :data:`ACCURACY` of the exact value, mergeable, a fixed number of
+bins). A slice leaves when all of it is older than the window, so a report
+covers the window and at most one slice (1/60 of it) more. A restarted
+service starts a new window.
 """
 
 from __future__ import annotations
@@ -19,16 +25,42 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+from ddsketch import LogCollapsingLowestDenseDDSketch
 
 from tpm_fed.protocol.kinds import KINDS
 
 
-def percentile(sorted_values: list[float], share: float) -> float:
-    """The nearest-rank percentile (``share`` in (0, 1]) of already sorted values."""
-    return sorted_values[max(0, math.ceil(share * len(sorted_values)) - 1)]
+SLICES = 60  # the window is kept as this many slices
+ACCURACY = 0.01  # a reported percentile is within 1% of the exact one
+BINS = 2048  # a sketch's most bins: 1% buckets span about 18 decades (past that, the fastest bins merge)
+
+
+def sketch() -> LogCollapsingLowestDenseDDSketch:
+    """An empty latency sketch: a fixed number of bins, whatever it is given."""
+    return LogCollapsingLowestDenseDDSketch(relative_accuracy=ACCURACY, bin_limit=BINS)
+
+
+def percentile(latencies: LogCollapsingLowestDenseDDSketch, share: float) -> float:
+    """The nearest-rank percentile (``share`` in (0, 1]) of a non-empty sketch, within :data:`ACCURACY`."""
+    count = int(latencies.count)
+    rank = max(0, math.ceil(share * count) - 1)  # 0-based, as the exact nearest rank of sorted values
+    # DDSketch reads rank quantile * (count - 1); half a rank more keeps float rounding off the rank below.
+    return latencies.get_quantile_value(min(1.0, (rank + 0.5) / (count - 1)) if count > 1 else 0.0)
+
+
+@dataclass
+class Slice:
+    """The requests of one kind that ended in [start, end): how many of each outcome, and the served ones' latencies."""
+
+    start: float
+    end: float
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latencies: LogCollapsingLowestDenseDDSketch = field(default_factory=sketch)
 
 
 class SloTracker:
@@ -43,38 +75,52 @@ class SloTracker:
     def __init__(self, slos: Callable[[], Any], clock: Callable[[], float] = time.monotonic) -> None:
         self.slos = slos
         self._clock = clock
-        self._seen: dict[str, deque[tuple[float, float, str]]] = {kind: deque() for kind in KINDS}
+        self._seen: dict[str, deque[Slice]] = {kind: deque() for kind in KINDS}
         self._lock = threading.Lock()
 
     def record(self, kind: str, seconds: float, outcome: str) -> None:
         """One request of ``kind`` ended after ``seconds``: ``ok``, ``refused`` or ``failed``."""
         if kind not in self._seen:
             return
-        now = self._clock()
+        now, window_s = self._clock(), self.slos().window_s
         with self._lock:
-            self._seen[kind].append((now, seconds, outcome))
-            self._forget_before(now - self.slos().window_s)
+            slices = self._seen[kind]
+            if not slices or now >= slices[-1].end:
+                slices.append(Slice(now, now + window_s / SLICES))
+            slices[-1].outcomes[outcome] += 1
+            if outcome == "ok":
+                slices[-1].latencies.add(seconds)
+            self._forget_before(now - window_s)
 
     def report(self) -> dict[str, Any]:
         """Per kind: requests, p50/p95 seconds, availability, the target and whether it is met."""
         now, slos = self._clock(), self.slos()
         with self._lock:
             self._forget_before(now - slos.window_s)
-            seen = {kind: list(rows) for kind, rows in self._seen.items()}
+            merged = {kind: self._merged(slices) for kind, slices in self._seen.items()}
         return {"window_s": slos.window_s,
-                "kinds": [self._row(kind, rows, getattr(slos, kind)) for kind, rows in seen.items()]}
+                "kinds": [self._row(kind, *merged[kind], getattr(slos, kind)) for kind in merged]}
 
-    def _row(self, kind: str, rows: list[tuple[float, float, str]], target: Any) -> dict[str, Any]:
-        latencies = sorted(seconds for _, seconds, outcome in rows if outcome == "ok")
-        counted = [outcome for _, _, outcome in rows if outcome != "refused"]
+    @staticmethod
+    def _merged(slices: deque[Slice]) -> tuple[Counter[str], LogCollapsingLowestDenseDDSketch]:
+        outcomes, latencies = Counter(), sketch()
+        for one in slices:
+            outcomes.update(one.outcomes)
+            latencies.merge(one.latencies)
+        return outcomes, latencies
+
+    def _row(self, kind: str, outcomes: Counter[str], latencies: LogCollapsingLowestDenseDDSketch,
+             target: Any) -> dict[str, Any]:
+        requests = sum(outcomes.values())
+        counted = requests - outcomes["refused"]
         row: dict[str, Any] = {
             "kind": kind,
-            "requests": len(rows),
-            "refused": len(rows) - len(counted),
-            "failed": counted.count("failed"),
-            "p50_s": percentile(latencies, 0.5) if latencies else None,
-            "p95_s": percentile(latencies, 0.95) if latencies else None,
-            "availability": counted.count("ok") / len(counted) if counted else None,
+            "requests": requests,
+            "refused": outcomes["refused"],
+            "failed": outcomes["failed"],
+            "p50_s": percentile(latencies, 0.5) if latencies.count else None,
+            "p95_s": percentile(latencies, 0.95) if latencies.count else None,
+            "availability": outcomes["ok"] / counted if counted else None,
             "target": target.model_dump() if target else None,
             "met": None,
         }
@@ -86,6 +132,6 @@ class SloTracker:
         return row
 
     def _forget_before(self, cutoff: float) -> None:
-        for rows in self._seen.values():
-            while rows and rows[0][0] < cutoff:
-                rows.popleft()
+        for slices in self._seen.values():
+            while slices and slices[0].end <= cutoff:
+                slices.popleft()
