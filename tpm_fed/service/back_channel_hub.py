@@ -207,12 +207,15 @@ class BackChannelHub:
 
     def _settled(self, token: str, request_ids: list[str]) -> None:
         """These early answers are settled (now, or before: a repeat): tell the worker, in batches, those of
-        requests that joined the task (what a long-lived task's worker would otherwise keep)."""
+        requests that joined the task (what a long-lived task's worker would otherwise keep), and forget them
+        here too (a joined request's answer is its last frame: the worker sends its chunks before it)."""
         with self._lock:
             task = self._tasks.get(token)
             if task is None:
                 return
-            task.settled += [rid for rid in request_ids if rid not in task.own]
+            joined = [rid for rid in request_ids if rid not in task.own]
+            task.requests.difference_update(joined)  # else a long-lived task's set grows with all it served
+            task.settled += joined
             if len(task.settled) < SETTLED_EVERY:
                 return
             told, task.settled = task.settled, []
