@@ -137,6 +137,26 @@ def test_slo_percentiles_availability_and_window():
     assert trace["requests"] == 0 and trace["p50_s"] is None and trace["met"] is None
 
 
+def test_a_shortened_slo_window_is_read_over_its_new_length():
+    """The operator cuts a 30-day window to a minute: the requests of the last days leave the report at once,
+    not when the slice they were kept in (12 hours wide) would have ended."""
+    clock = Clock()
+    slos = Slos(window_s=30 * 86400)
+    tracker = SloTracker(lambda: slos, clock=clock)
+    tracker.record("generate", 9.0, "ok")
+    clock.now += 3600
+    tracker.record("generate", 9.0, "failed")
+    slos = Slos(window_s=60)
+    clock.now += 5
+    row = next(r for r in tracker.report()["kinds"] if r["kind"] == "generate")
+    assert row["requests"] == 0 and row["p95_s"] is None
+    tracker.record("generate", 0.5, "ok")
+    clock.now += 30
+    tracker.record("generate", 0.7, "ok")
+    row = next(r for r in tracker.report()["kinds"] if r["kind"] == "generate")
+    assert (row["requests"], row["failed"]) == (2, 0) and row["p95_s"] == pytest.approx(0.7, rel=ACCURACY)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(min_value=1e-4, max_value=1e4), min_size=1, max_size=400),
        st.sampled_from([0.5, 0.95, 0.99, 1.0]))

@@ -58,9 +58,13 @@ class Slice:
     """The requests of one kind that ended in [start, end): how many of each outcome, and the served ones' latencies."""
 
     start: float
-    end: float
+    width: float  # the window's length / SLICES when it was cut (kept as given: compared with that again)
     outcomes: Counter[str] = field(default_factory=Counter)
     latencies: LogCollapsingLowestDenseDDSketch = field(default_factory=sketch)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.width
 
 
 class SloTracker:
@@ -85,18 +89,19 @@ class SloTracker:
         now, window_s = self._clock(), self.slos().window_s
         with self._lock:
             slices = self._seen[kind]
-            if not slices or now >= slices[-1].end:
-                slices.append(Slice(now, now + window_s / SLICES))
+            # A slice cut for a longer window (the operator shortened it) takes nothing more.
+            if not slices or now >= slices[-1].end or slices[-1].width > window_s / SLICES:
+                slices.append(Slice(now, window_s / SLICES))
             slices[-1].outcomes[outcome] += 1
             if outcome == "ok":
                 slices[-1].latencies.add(seconds)
-            self._forget_before(now - window_s)
+            self._forget_outside(now, window_s)
 
     def report(self) -> dict[str, Any]:
         """Per kind: requests, p50/p95 seconds, availability, the target and whether it is met."""
         now, slos = self._clock(), self.slos()
         with self._lock:
-            self._forget_before(now - slos.window_s)
+            self._forget_outside(now, slos.window_s)
             merged = {kind: self._merged(slices) for kind, slices in self._seen.items()}
         return {"window_s": slos.window_s,
                 "kinds": [self._row(kind, *merged[kind], getattr(slos, kind)) for kind in merged]}
@@ -131,7 +136,10 @@ class SloTracker:
             }
         return row
 
-    def _forget_before(self, cutoff: float) -> None:
+    def _forget_outside(self, now: float, window_s: float) -> None:
+        """Drop the slices wholly older than the window, and those cut for a longer window once they begin
+        before it (so a shortened window is not read over the old slices' length)."""
+        cutoff, width = now - window_s, window_s / SLICES
         for slices in self._seen.values():
-            while slices and slices[0].end <= cutoff:
+            while slices and (slices[0].end <= cutoff or (slices[0].start < cutoff and slices[0].width > width)):
                 slices.popleft()
