@@ -52,26 +52,28 @@ def main() -> None:
         with tpm_serve(home) as (url, headers):
             service = psutil.Process(running_service(home).pid)
 
-            def requests(count: int) -> float:
-                """Send ``count`` (rounded down to whole rounds of the clients); requests a second."""
+            def requests(count: int) -> tuple[int, float]:
+                """Send about ``count`` (whole rounds of the clients): how many were sent, and per second."""
                 each = max(1, count // args.clients)
                 started = time.perf_counter()
                 asyncio.run(drive(url, "model", args.clients, each, 1, headers))
-                return args.clients * each / (time.perf_counter() - started)
+                return args.clients * each, args.clients * each / (time.perf_counter() - started)
 
             log(f"warming with {args.warm} requests...")
-            requests(args.warm)
-            first = service.memory_info().rss
+            warmed, _ = requests(args.warm)
+            first = after = service.memory_info().rss
             sent = 0
             while sent < args.requests:
                 before = service.memory_info().rss
-                rate = requests(args.step)
-                sent += args.step
+                step, rate = requests(args.step)
+                sent += step
                 after = service.memory_info().rss
                 print(f"  after {sent:7,} requests: RSS {after / 1e6:7.1f} MB ({(after - before) / 1e6:+5.1f} MB "
                       f"this step, {rate:.0f} req/s)", flush=True)
     grown = after - first
-    print(f"the service's RSS grew {grown / 1e6:+.1f} MB over {sent:,} requests after {args.warm:,} to warm "
+    if not sent:
+        raise SystemExit("no request was timed: give a positive --requests")
+    print(f"the service's RSS grew {grown / 1e6:+.1f} MB over {sent:,} requests after {warmed:,} to warm "
           f"({grown / sent * 10_000 / 1e6:+.2f} MB per 10,000; {args.backend} backend, {args.clients} clients)")
 
 
