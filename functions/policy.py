@@ -59,12 +59,11 @@ policy file on the endpoint host named there.
                             the trade-off.
 ``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``
                             The most batch-line rows a vLLM replica's engine
-                            keeps while an interactive request is in it (0:
-                            none). The newest beyond it leave the engine with
-                            the tokens they made and resume after, from their
-                            prompt and those tokens (greedy or unseeded lines
-                            with no stop strings; others stay). Unset: batch
-                            rows stay (:mod:`functions.batch_rows`).
+                            steps while an interactive request is in it (0:
+                            none). The others sit those steps out, keeping
+                            their place and KV cache, and no waiting batch
+                            line is admitted. Unset: 0 on a CPU, no pause on
+                            a GPU (:mod:`functions.backends.interactive_first`).
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -141,8 +140,8 @@ class WorkerPolicy(BaseModel):
         model_cache: Where store versions are materialized as folders for vLLM, once per node
             (:mod:`functions.model_cache`); None: ``~/.cache/tpm-fed/models``.
         batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
-        batch_rows_beside_interactive: The most it keeps while an interactive row is in it; the rest
-            are set aside and resume after (None: they stay).
+        batch_rows_beside_interactive: The most it steps while an interactive row is in it; the rest
+            pause (None: 0 on a CPU, no pause on a GPU).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -6,17 +6,17 @@ short completion is timed on the idle replica, then again every
 lines wait behind interactive requests in the replica's queue
 (``ReplicaDispatcher``: batch lines are background), so an interactive
 request waits at most for the task running when it arrives; on the vLLM
-backend it joins that task at its next step instead (continuous batching),
-sharing each step with the batch's lines (target: <= 1.5x the idle latency,
-median). ``--batch-rows`` caps the batch rows in the vLLM engine at once
+backend it joins that task at its next step instead (continuous batching;
+target: <= 1.5x the idle latency, median). ``--batch-rows`` caps the batch rows in the vLLM engine at once
 (the site's ``worker.batch_rows``): the batch's other lines wait in the
 worker, so the interactive request shares each step with fewer rows; each
 cap given runs its own service, one after the other, and the batch's lines
-per second say what the cap costs it. ``CAP:K`` also sets aside the batch
-rows beyond K while an interactive request runs (the site's
-``worker.batch_rows_beside_interactive``): they leave the engine and resume
-after it, so the interactive request shares its steps with at most K (e.g.
-``none:0``: no cap, and every batch row steps aside).
+per second say what the cap costs it. While an interactive request runs,
+the replica's scheduler pauses the batch rows beyond K
+(:mod:`functions.backends.interactive_first`): on a CPU all of them by
+default; ``CAP:K`` sets K (the site's ``worker.batch_rows_beside_interactive``;
+e.g. ``none:4``: no cap, four batch rows step beside it; ``none:100000``:
+none paused).
 
 ``--baseline`` then does the same on vLLM's own OpenAI server, started with
 ``--scheduling-policy priority``: the idle request, then the same request
@@ -59,7 +59,7 @@ def main() -> None:
                         help="a trained demo model folder to copy (default: train one, ~15 s on an idle machine)")
     parser.add_argument("--batch-rows", default="none",
                         help="the site's cap on batch rows in a vLLM engine (worker.batch_rows, TPM_BATCH_ROWS): "
-                             "'none' or a number, and ':K' to set aside the batch rows beyond K while an "
+                             "'none' or a number, and ':K' to pause the batch rows beyond K while an "
                              "interactive request runs (worker.batch_rows_beside_interactive); several, "
                              "comma-separated, run one service each (e.g. none,4,none:0)")
     parser.add_argument("--baseline", action="store_true",

@@ -51,9 +51,15 @@ class Bench:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
+        from functions.backends.interactive_first import InteractiveFirst
+
         self.llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, seed=0,
-                       distributed_executor_backend="uni", scheduling_policy="priority", disable_log_stats=True)
+                       distributed_executor_backend="uni", scheduling_policy="priority", disable_log_stats=True,
+                       scheduler_cls=InteractiveFirst)
         self.engine = self.llm.llm_engine
+        # The replica's scheduler, pausing nothing but where a share says so (worker_loop).
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+        self.scheduler.paused_beyond = None
         tokenizer = self.llm.get_tokenizer()
         self.prompts = [tokenizer.encode(p) for p in PROMPTS]
         self.interactive = tokenizer.encode(INTERACTIVE_PROMPT)
@@ -224,8 +230,8 @@ def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines
     for _ in range(rounds):
         idle += bench.run(0, samples, gap)[0]
         for share in shares:
-            backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=share[0],
-                                  batch_rows_beside_interactive=share[1])
+            bench.scheduler.paused_beyond = share[1]  # the engine's scheduler pauses batch rows beyond K
+            backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=share[0])
             task = [backend.encode(GenerationRequest.create(PROMPTS[i % len(PROMPTS)], "demo", max_new_tokens=bench.tokens,
                                                             min_new_tokens=bench.tokens, priority=BATCH_PRIORITY))
                     for i in range(lines)]
@@ -234,6 +240,7 @@ def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines
             backend.generate(task, live)
             results[share][0].extend(live.latencies)
             results[share][1].append(time.perf_counter() - started)
+            bench.scheduler.paused_beyond = None
     print(f"\nthe worker's step loop (VllmBackend._run_live), a task of {lines} batch lines of {bench.tokens} tokens, "
           f"an interactive 8-token request joining every 15 steps, {rounds} rounds "
           f"(load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())})")

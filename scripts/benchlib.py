@@ -74,7 +74,9 @@ def described(share: tuple[int | None, int | None]) -> str:
     """How a vLLM worker shares its engine with batch rows, in words."""
     cap, beside = share
     said = "no cap on batch rows" if cap is None else f"at most {cap} batch rows in the engine"
-    return said if beside is None else f"{said}, at most {beside} beside an interactive one (the rest set aside)"
+    if beside is None:
+        return f"{said}, batch rows paused beside an interactive one as the engine's default (all, on a CPU)"
+    return f"{said}, at most {beside} stepped beside an interactive one (the rest paused)"
 
 
 def machine() -> str:

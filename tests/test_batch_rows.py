@@ -1,13 +1,14 @@
-"""A share of a vLLM replica's engine kept for interactive work: at most K batch rows in it at once.
+"""A share of a vLLM replica's engine kept for interactive work.
 
 The worker's live step loop (``VllmBackend._run_live``) holds the task's batch lines beyond the cap
 (:mod:`functions.batch_rows`); they enter as batch rows end, each answered once with the tokens
 ``vllm.LLM.generate`` gives alone. Interactive rows enter at once. The cap is the endpoint's
 ``TPM_BATCH_ROWS`` (a local site's ``worker.batch_rows``); a bad one is refused by name.
 
-With ``TPM_BATCH_ROWS_BESIDE_INTERACTIVE`` (``worker.batch_rows_beside_interactive``) batch rows beyond
-it leave the engine while an interactive row runs and resume after from their prompt and tokens so far,
-each still answered once with the tokens and text ``vllm.LLM.generate`` gives alone.
+While an interactive row is in the engine, its scheduler (:mod:`functions.backends.interactive_first`)
+leaves the batch rows beyond ``TPM_BATCH_ROWS_BESIDE_INTERACTIVE`` (``worker.batch_rows_beside_interactive``;
+on a CPU 0 by default) out of its steps, and admits no waiting batch line: they keep their place and their
+KV cache, and end with the tokens ``vllm.LLM.generate`` gives alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def test_the_cap_is_the_endpoints_and_a_bad_one_is_refused_by_name(tmp_path):
     for bad in ("0", "-2", "many"):
         with pytest.raises(SiteError, match="TPM_BATCH_ROWS"):
             load_policy({"TPM_BATCH_ROWS": bad})
-    assert load_policy({}).batch_rows_beside_interactive is None  # batch rows stay by default
+    assert load_policy({}).batch_rows_beside_interactive is None  # the engine's default (paused_beyond)
     assert load_policy({"TPM_BATCH_ROWS_BESIDE_INTERACTIVE": "0"}).batch_rows_beside_interactive == 0
     for bad in ("-1", "some"):
         with pytest.raises(SiteError, match="TPM_BATCH_ROWS_BESIDE_INTERACTIVE"):
@@ -97,56 +98,6 @@ def test_the_share_never_lets_more_than_k_batch_rows_in_and_every_request_enters
     batch_order = [r[0] for r in entered if r[1]]
     assert batch_order == sorted(batch_order)
     assert share.in_engine == 0
-
-
-@settings(max_examples=200, deadline=None)
-@given(cap=st.one_of(st.none(), st.integers(1, 6)), beside=st.integers(0, 3),
-       requests=st.lists(st.tuples(st.booleans(), st.integers(1, 3), st.booleans()), max_size=30),
-       order=st.randoms(use_true_random=False))
-def test_while_interactive_rows_run_at_most_k_resumable_batch_rows_stay_and_every_row_still_runs_once(
-        cap, beside, requests, order):
-    """The bookkeeping with rows set aside, against random arrivals and endings: once the batch rows beyond
-    ``beside`` are set aside, the resumable batch rows in the engine beside an interactive one are at most
-    ``beside``; a set-aside request re-enters before any batch line that came after it; every row runs to
-    its end exactly once (a set-aside one resumes with only its unfinished rows)."""
-    from functions.batch_rows import BatchRows
-
-    # A request: [index, batch?, rows left, resumable?]
-    share = BatchRows(cap, lambda r: r[2], lambda r: r[1], beside_interactive=beside, resumable=lambda r: r[3])
-    in_engine: list[list] = []
-    entries: list[int] = []
-    ended: dict[int, int] = {}
-    pending = [[index, batch, rows, batch and resumable] for index, (batch, rows, resumable) in enumerate(requests)]
-
-    def check() -> None:
-        for request in share.set_aside():
-            assert request in in_engine and request[1] and request[3]
-            in_engine.remove(request)
-        if any(not r[1] for r in in_engine):
-            assert sum(r[2] for r in in_engine if r[1] and r[3]) <= beside or (
-                cap is not None and beside >= cap)  # the cap, not the yield, is the tighter limit then
-
-    while pending or in_engine or share.held:
-        if pending and (not in_engine or order.random() < 0.5):
-            request = pending.pop(0)
-            if share.enter(request):
-                in_engine.append(request)
-                entries.append(request[0])
-        else:
-            request = order.choice(in_engine)
-            request[2] -= 1
-            ended[request[0]] = ended.get(request[0], 0) + 1
-            share.row_ended(request)
-            if request[2] == 0:
-                in_engine.remove(request)
-        for request in share.ready():
-            in_engine.append(request)
-            entries.append(request[0])
-        check()
-    assert ended == {index: rows for index, (_, rows, _) in enumerate(requests)}  # each row ran once
-    first_entries = [index for index in dict.fromkeys(entries) if requests[index][0]]
-    assert first_entries == sorted(first_entries)  # batch lines first entered in the order they came
-    assert share.in_engine == 0 and share.interactive == 0
 
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh cpu installs it)")
@@ -260,44 +211,118 @@ def interactive_steps(live, request) -> range:
     return range(live.started_at[request.request_id], live.finished_at[request.request_id] + 1)
 
 
-def test_batch_rows_leave_while_an_interactive_row_runs_and_resume_to_the_answer_vllm_gives_alone(
-        oracle, engine_rows):
+@pytest.fixture
+def scheduled(oracle, monkeypatch):
+    """The rows the engine's scheduler put in each of its steps."""
+    scheduler = oracle.llm_engine.engine_core.engine_core.scheduler
+    counts: list[int] = []
+    schedule = scheduler.schedule
+
+    def counted(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        counts.append(len(output.num_scheduled_tokens))
+        return output
+
+    monkeypatch.setattr(scheduler, "schedule", counted)
+    return counts
+
+
+@pytest.fixture
+def pausing(oracle):
+    """Set the oracle's scheduler to keep K batch rows beside interactive ones (plain vLLM again after)."""
+    scheduler = oracle.llm_engine.engine_core.engine_core.scheduler
+
+    def keep(beyond):
+        scheduler.paused_beyond = beyond
+        return scheduler
+
+    yield keep
+    scheduler.paused_beyond = None
+
+
+def run_beside(oracle, lines, interactive, join_after):
     from functions.backends.vllm_backend import VllmBackend
+
+    backend = VllmBackend(oracle, 256, torch_threads_before=1)
+    live = Watched(joining=[backend.encode(interactive)], join_after=join_after)
+    answers = backend.generate([backend.encode(r) for r in lines], live)
+    return live, answers
+
+
+def interactive_request(tokens):
     from tpm_fed.protocol.requests import GenerationRequest
 
-    backend = VllmBackend(oracle, 256, torch_threads_before=1, batch_rows_beside_interactive=0)
-    lines = [line(p, 20, min_new_tokens=n) for p, n in (("The cell", 20), ("The river carries", 20),
-                                                         ("A star", 3), ("Water flows", 20))]
-    interactive = GenerationRequest.create("The telescope", MODEL, max_new_tokens=5, min_new_tokens=5)
-    live = Watched(joining=[backend.encode(interactive)], join_after=4)
-    answers = backend.generate([backend.encode(r) for r in lines], live)
-    assert engine_rows[:4] == [4, 4, 4, 4]
-    assert [engine_rows[step] for step in interactive_steps(live, interactive)] == [1] * 5  # alone, 5 tokens
-    assert max(engine_rows[live.finished_at[interactive.request_id] + 1:]) >= 3  # then the lines came back
+    return GenerationRequest.create("The telescope", MODEL, max_new_tokens=tokens, min_new_tokens=tokens)
+
+
+def test_batch_rows_sit_out_an_interactive_rows_steps_and_end_as_vllm_gives_them_alone(
+        oracle, engine_rows, scheduled, pausing):
+    """Greedy, seeded-sampled and stop-string lines all pause (none leaves the engine: the rows in it never
+    drop), the interactive row steps alone, and each line's tokens and text are vLLM's alone."""
+    pausing(0)
+    lines = [line("The cell", 20, min_new_tokens=20), line("The river carries", 20, min_new_tokens=20),
+             line("A star", 3, min_new_tokens=3), line("Water flows", 16, min_new_tokens=16, temperature=0.9, seed=7),
+             line("The detector counts", 16, min_new_tokens=16, stop=["zzzz"])]
+    interactive = interactive_request(5)
+    live, answers = run_beside(oracle, lines, interactive, join_after=4)
+    assert scheduled[:4] == [5, 5, 5, 4]  # "A star" made its 3 tokens
+    steps = interactive_steps(live, interactive)
+    assert [scheduled[step] for step in steps] == [1] * 5  # alone, 5 tokens
+    assert [engine_rows[step] for step in steps] == [5] * 5  # the 4 lines still in (the short one ended)
+    assert scheduled[steps[-1] + 1] == 4  # then they step again
     assert sorted(live.answered) == sorted(r.request_id for r in lines + [interactive])  # each answered once
     for request, answer in zip(lines, answers, strict=True):
         (completion,) = answer
-        assert (completion.token_ids, completion.text) == direct(oracle, request)  # joined across the break
+        assert (completion.token_ids, completion.text) == direct(oracle, request)
         assert live.answers[request.request_id] == answer
     assert live.answers[interactive.request_id][0].token_ids == direct(oracle, interactive)[0]
 
 
-def test_seeded_and_stopping_lines_stay_beside_an_interactive_row(oracle, engine_rows):
-    """A seeded sampled line would draw differently once resumed, and a stop string could straddle the
-    join: they stay in the engine, and still equal vLLM alone; a greedy line beside them leaves."""
-    from functions.backends.vllm_backend import VllmBackend
-    from tpm_fed.protocol.requests import GenerationRequest
+def test_k_batch_rows_stay_beside_an_interactive_row_and_without_a_share_all_do(oracle, scheduled, pausing):
+    lines = [line(p, 20, min_new_tokens=20) for p in ("The cell", "The river carries", "Water flows")]
+    pausing(1)
+    interactive = interactive_request(4)
+    live, _ = run_beside(oracle, lines, interactive, join_after=3)
+    assert {scheduled[step] for step in interactive_steps(live, interactive)} == {2}  # the oldest line, and it
+    pausing(None)  # plain vLLM: every running row shares the interactive row's steps
+    scheduled.clear()
+    interactive = interactive_request(4)
+    live, _ = run_beside(oracle, [line(p, 20, min_new_tokens=20) for p in ("The cell", "A star")], interactive, 3)
+    assert {scheduled[step] for step in interactive_steps(live, interactive)} == {3}
 
-    backend = VllmBackend(oracle, 256, torch_threads_before=1, batch_rows_beside_interactive=0)
-    seeded = line("The cell", 16, min_new_tokens=16, temperature=0.9, seed=7)
-    stopping = line("The river carries", 16, min_new_tokens=16, stop=["zzzz"])
-    greedy = line("Water flows", 16, min_new_tokens=16)
-    interactive = GenerationRequest.create("The telescope", MODEL, max_new_tokens=4, min_new_tokens=4)
-    live = Watched(joining=[backend.encode(interactive)], join_after=3)
-    answers = backend.generate([backend.encode(r) for r in (seeded, stopping, greedy)], live)
-    assert {engine_rows[step] for step in interactive_steps(live, interactive)} == {3}  # the two, and it
-    for request, answer in zip((seeded, stopping, greedy), answers, strict=True):
-        assert (answer[0].token_ids, answer[0].text) == direct(oracle, request)
+
+def test_no_batch_line_is_admitted_while_an_interactive_row_runs(oracle, scheduled, pausing):
+    from functions.backends.vllm_backend import VllmBackend
+
+    pausing(0)
+    backend = VllmBackend(oracle, 256, torch_threads_before=1)
+    interactive = interactive_request(6)
+    joining = [line(p, 4, min_new_tokens=4) for p in ("The cell", "A star")]
+    live = Watched(joining=[backend.encode(r) for r in joining], join_after=2)
+    backend.generate([backend.encode(interactive)], live)
+    assert scheduled[:6] == [1] * 6  # the lines joined at step 2, and waited for its last token
+    assert scheduled[6] == 2
+    for request in joining:
+        assert live.answers[request.request_id][0].token_ids == direct(oracle, request)[0]
+
+
+def test_nothing_is_paused_when_the_kv_cache_is_nearly_full(oracle, scheduled, pausing, monkeypatch):
+    """Paused rows hold KV blocks the interactive rows may need: near full, vLLM's own preemption decides."""
+    from functions.backends import interactive_first
+
+    scheduler = pausing(0)
+    monkeypatch.setattr(type(scheduler.kv_cache_manager), "usage",
+                        property(lambda _: interactive_first.FULL_CACHE + 0.01))
+    interactive = interactive_request(4)
+    live, _ = run_beside(oracle, [line(p, 20, min_new_tokens=20) for p in ("The cell", "A star")], interactive, 3)
+    assert {scheduled[step] for step in interactive_steps(live, interactive)} == {3}
+
+
+def test_a_cpu_replica_pauses_every_batch_row_by_default_and_a_sites_number_stands():
+    from functions.backends.interactive_first import paused_beyond
+
+    assert paused_beyond(None) == 0  # this machine has no GPU: vLLM's platform is the CPU
+    assert paused_beyond(3) == 3 and paused_beyond(0) == 0
 
 
 # Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
@@ -317,6 +342,8 @@ def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_servin
     backend = VllmBackend.load(ModelSpec(name=MODEL, version="v", path=str(demo_model_dir), backend="vllm"))
     try:
         assert backend.batch_rows == 3
+        scheduler = backend.llm.llm_engine.engine_core.engine_core.scheduler
+        assert type(scheduler).__name__ == "InteractiveFirst" and scheduler.paused_beyond == 0  # a CPU's default
         assert torch.get_num_threads() == max(1, physical_cores(os.sched_getaffinity(0)) - 1)
     finally:
         backend.close()

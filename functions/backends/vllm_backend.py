@@ -20,7 +20,7 @@ from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
 from functions.backends.cpu_threads import engine_threads
-from functions.batch_rows import BatchRows, is_batch_line, resumable
+from functions.batch_rows import BatchRows, is_batch_line
 from functions.text_deltas import ready_length
 from tpm_fed.protocol.errors import ModelLoadError
 from tpm_fed.protocol.model import ModelSpec
@@ -52,11 +52,9 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, llm: Any, context_length: int, torch_threads_before: int,
-                 batch_rows: int | None = None, batch_rows_beside_interactive: int | None = None) -> None:
+                 batch_rows: int | None = None) -> None:
         self.llm = llm
         self.batch_rows = batch_rows  # the most batch rows in the engine at once (None: no cap)
-        # ... and while interactive rows are in it; those beyond are set aside (None: they stay)
-        self.batch_rows_beside_interactive = batch_rows_beside_interactive
         self.tokenizer = llm.get_tokenizer()
         self.context_length = context_length
         self.eos_token_ids = token_id_set(llm.llm_engine.model_config.hf_config.eos_token_id)
@@ -75,6 +73,7 @@ class VllmBackend:
         import torch
         from vllm import LLM
 
+        from functions.backends.interactive_first import InteractiveFirst
         from functions.policy import current_policy
 
         path = Path(spec.path)
@@ -102,6 +101,8 @@ class VllmBackend:
                 # Requests carry a priority (batch lines a lower one: tpm_fed/batches/runner.py), so an
                 # interactive request is scheduled before waiting batch lines; equal priorities stay FCFS.
                 scheduling_policy="priority",
+                # ... and running batch rows sit out the steps of interactive ones (on a CPU by default).
+                scheduler_cls=InteractiveFirst,
                 # CUDA graphs pay off on GPUs; on CPU eager mode is what vLLM supports best.
                 enforce_eager=not on_gpu,
                 disable_log_stats=True,
@@ -112,8 +113,7 @@ class VllmBackend:
             ) from None
         context = int(llm.llm_engine.model_config.max_model_len)
         policy = current_policy()
-        return cls(llm, context, threads, batch_rows=policy.batch_rows,
-                   batch_rows_beside_interactive=policy.batch_rows_beside_interactive)
+        return cls(llm, context, threads, batch_rows=policy.batch_rows)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
         return encode_request(self.tokenizer, request, self.context_length)
@@ -158,45 +158,23 @@ class VllmBackend:
         step; a request whose rows are all done is answered at once; before each step, the
         requests that joined (``live.joined()``) enter the engine, until it runs dry; and with a
         cap on batch rows (:attr:`batch_rows`), batch lines beyond it wait in the worker and enter
-        as batch rows end, and with :attr:`batch_rows_beside_interactive` batch rows beyond it leave
-        the engine while interactive rows run, resuming after (:mod:`functions.batch_rows`)."""
+        as batch rows end (:mod:`functions.batch_rows`). While interactive rows run, the engine's
+        scheduler pauses its batch rows (:mod:`functions.backends.interactive_first`)."""
         from vllm.inputs import TokensPrompt
 
         engine = self.llm.llm_engine
-        yielding = self.batch_rows_beside_interactive is not None
         share: BatchRows[_Running] = BatchRows(
-            self.batch_rows, _Running.rows_left, lambda running: is_batch_line(running.item.request.priority),
-            beside_interactive=self.batch_rows_beside_interactive,
-            resumable=lambda running: running.made is not None)
+            self.batch_rows, _Running.rows_left, lambda running: is_batch_line(running.item.request.priority))
 
         def start(running: _Running) -> None:
             item = running.item
-            if running.made is None and yielding and resumable(item.request):
-                running.keep_made()  # it may be set aside: its tokens are gathered as they come
-            first = not running.entries
-            sampling = self._live_sampling(item.request, delta=running.made is not None) if first else None
+            sampling = self._live_sampling(item.request)
             for index, ids in enumerate(item.prompt_ids):
-                if running.completions[index] is not None:
-                    continue
-                engine_id = f"tpm-{item.request.request_id}-{index}-{running.entries}"  # unique per entry
-                if not first:  # resumed: the tokens so far are now prompt, each row's count its own
-                    made = running.made[index]
-                    ids = ids + made
-                    sampling = self._live_sampling(item.request, delta=True, made=len(made))
+                engine_id = f"tpm-{item.request.request_id}-{index}"
                 engine.add_request(engine_id, TokensPrompt(prompt_token_ids=ids), sampling,
                                    priority=item.request.priority)
                 rows[engine_id] = (running, index)
-                running.engine_ids[index] = engine_id
-            if first:
-                live.started(item)
-            running.entries += 1
-
-        def set_aside(running: _Running) -> None:
-            """Out of the engine (it resumes from what it made when the interactive rows end)."""
-            leaving = [running.engine_ids[index] for index, done in enumerate(running.completions) if done is None]
-            engine.abort_request(leaving)
-            for engine_id in leaving:
-                del rows[engine_id]
+            live.started(item)
 
         def arrive(item: EncodedRequest) -> _Running:
             running = _Running(item)
@@ -217,8 +195,6 @@ class VllmBackend:
                 arrive(item)
             for running in share.ready():
                 start(running)
-            for running in share.set_aside():
-                set_aside(running)
             return engine.has_unfinished_requests()
 
         originals = [arrive(item) for item in batch]
@@ -250,9 +226,6 @@ class VllmBackend:
                 if running.completions[index] is not None:  # stopped above: its caller left
                     continue
                 request = running.item.request
-                if running.made is not None:  # deltas: gathered, so it can resume from them
-                    running.made[index].extend(output.outputs[0].token_ids)
-                    running.texts[index] += output.outputs[0].text
                 if request.stream:
                     latest[output.request_id] = output
                     text = output.outputs[0].text
@@ -262,8 +235,7 @@ class VllmBackend:
                                        "text": text[sent.get(output.request_id, 0):ready]})
                         sent[output.request_id] = ready
                 if output.finished:
-                    finish(running, index, self._completion(output) if running.made is None else
-                           self._completion(output, running.made[index], running.texts[index]))
+                    finish(running, index, self._completion(output))
                     # A task may serve thousands of requests: keep only running rows' state (the scan above).
                     del rows[output.request_id]
                     latest.pop(output.request_id, None)
@@ -271,28 +243,22 @@ class VllmBackend:
             live.send(chunks)
         return [list(running.completions) for running in originals]
 
-    def _live_sampling(self, request: GenerationRequest, delta: bool = False, made: int = 0) -> Any:
-        """``request``'s sampling in the live loop; ``delta``: each step's new tokens (gathered by a row
-        that may be set aside); ``made``: tokens a resumed row made before, so fewer are left to make."""
+    def _live_sampling(self, request: GenerationRequest) -> Any:
+        """``request``'s sampling in the live loop."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         # LLM.generate asks for final outputs only; the engine hands out every step's text when
         # asked for cumulative outputs, which streamed rows need.
         sampling = _sampling_params(SamplingParams, request)
-        sampling.output_kind = (RequestOutputKind.CUMULATIVE if request.stream else
-                                RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
-        if made:
-            sampling.max_tokens = request.max_new_tokens - made
-            sampling.min_tokens = max(0, request.min_new_tokens - made)
+        sampling.output_kind = RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY
         return sampling
 
-    def _completion(self, output: Any, ids: list[int] | None = None, text: str | None = None) -> Completion:
-        """The row's answer from its last output (or, for a row gathered from deltas, from its ``ids``
-        and ``text``; the output still says why it ended)."""
+    def _completion(self, output: Any) -> Completion:
+        """The row's answer from its last output."""
         generated = output.outputs[0]
-        ids = list(generated.token_ids if ids is None else ids)
-        text = generated.text if text is None else text
+        ids = list(generated.token_ids)
+        text = generated.text
         if generated.finish_reason in ("length", None):  # None: stopped because its caller left
             return Completion(text=text, token_ids=ids, finish_reason="length")
         if isinstance(generated.stop_reason, str):
@@ -319,21 +285,13 @@ class VllmBackend:
 
 class _Running:
     """A request of the task (in the engine, or held until a batch row's place frees): its rows'
-    completions as they come; for one that may be set aside, each row's tokens and text so far."""
+    completions as they come."""
 
-    __slots__ = ("completions", "engine_ids", "entries", "item", "made", "texts")
+    __slots__ = ("completions", "item")
 
     def __init__(self, item: EncodedRequest) -> None:
         self.item = item
         self.completions: list[Completion | None] = [None] * len(item.prompt_ids)
-        self.engine_ids: list[str | None] = [None] * len(item.prompt_ids)  # each row's id in the engine now
-        self.entries = 0  # times it entered the engine (more than once: it was set aside and resumed)
-        self.made: list[list[int]] | None = None
-        self.texts: list[str] | None = None
-
-    def keep_made(self) -> None:
-        self.made = [[] for _ in self.completions]
-        self.texts = ["" for _ in self.completions]
 
     @property
     def done(self) -> bool:

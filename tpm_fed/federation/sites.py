@@ -91,9 +91,9 @@ class WorkerSettings(_Strict):
         batch_rows: The most batch-line rows a vLLM replica's engine holds at once, so interactive
             requests share each step with at most this many (``TPM_BATCH_ROWS``). Unset: no cap (right
             on GPUs; on CPUs see docs/performance.md).
-        batch_rows_beside_interactive: The most batch-line rows a vLLM replica's engine keeps while
-            an interactive request is in it; the rest leave and resume after it
-            (``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``). Unset: they stay.
+        batch_rows_beside_interactive: The most batch-line rows a vLLM replica's engine steps while
+            an interactive request is in it; the rest pause until it ends
+            (``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``). Unset: 0 on a CPU, no pause on a GPU.
     """
 
     allow_caller_code: bool | None = None

@@ -59,7 +59,8 @@ class LocalSite(EngineSite):
         model_roots: The folders the workers may load models from (None: any; a service's
             sites get their federation's, :func:`model_roots_of`).
         batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
-        batch_rows_beside_interactive: The most it keeps while an interactive row is in it (None: all).
+        batch_rows_beside_interactive: The most it steps while an interactive row is in it (None: the
+            engine's default, 0 on a CPU and no pause on a GPU).
     """
 
     access = "local"
