@@ -291,6 +291,22 @@ def test_k_batch_rows_stay_beside_an_interactive_row_and_without_a_share_all_do(
     assert {scheduled[step] for step in interactive_steps(live, interactive)} == {3}
 
 
+def test_a_long_interactive_row_slows_the_batch_but_every_few_steps_one_takes_every_row(oracle, scheduled, pausing):
+    """A steady stream of interactive work must not stop a batch (its task would time out): after
+    ``most_steps_paused`` steps sat out, one step takes every row."""
+    scheduler = pausing(0)
+    scheduler.most_steps_paused = 3
+    try:
+        lines = [line(p, 30, min_new_tokens=30) for p in ("The cell", "A star")]
+        interactive = interactive_request(12)
+        live, answers = run_beside(oracle, lines, interactive, join_after=2)
+    finally:
+        scheduler.most_steps_paused = type(scheduler).most_steps_paused
+    assert [scheduled[step] for step in interactive_steps(live, interactive)] == [1, 1, 1, 3] * 3
+    for request, answer in zip(lines, answers, strict=True):
+        assert answer[0].token_ids == direct(oracle, request)[0]
+
+
 def test_no_batch_line_is_admitted_while_an_interactive_row_runs(oracle, scheduled, pausing):
     from functions.backends.vllm_backend import VllmBackend
 

@@ -25,6 +25,11 @@ would cost the batch for nothing. A site's
 sets the number either way; one above the engine's ``max_num_seqs`` pauses
 nothing.
 
+A batch row sits out at most :data:`MOST_STEPS_PAUSED` steps in a row; the
+next one takes every row, so a steady stream of interactive requests slows
+a batch (to at least one step in that many) but never stops it, and its
+task still ends inside the site's ``task_timeout_s``.
+
 It pauses nothing when the KV cache is nearly full (paused rows hold blocks
 the interactive rows may need, and vLLM's preemption, which frees them, is
 then the better tool), and it is plain vLLM when no interactive row is there.
@@ -49,6 +54,9 @@ ON_CPU = 0
 time grows with its rows). On a GPU a step's time barely grows with its rows: nothing is paused there
 unless the site says so."""
 
+MOST_STEPS_PAUSED = 16
+"""Steps in a row the batch rows may sit out; then one step takes them all."""
+
 FULL_CACHE = 0.9
 """KV cache use above which nothing is paused (the paused rows' blocks may be needed)."""
 
@@ -58,6 +66,7 @@ class InteractiveFirst(Scheduler):
     an interactive row is in the engine (None: never)."""
 
     paused_beyond: int | None = None
+    most_steps_paused = MOST_STEPS_PAUSED
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,12 +75,17 @@ class InteractiveFirst(Scheduler):
         # Only under vLLM's priority policy do interactive requests come first in its waiting queue.
         priority = self.policy == SchedulingPolicy.PRIORITY
         self.paused_beyond = paused_beyond(current_policy().batch_rows_beside_interactive) if priority else None
+        self._steps_paused = 0  # in a row, up to the last step
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         if self.paused_beyond is None or self.kv_cache_manager.usage > FULL_CACHE:
             return super().schedule(*args, **kwargs)
         waiting = self._interactive_waiting()
         if not waiting and all(is_batch_line(request.priority) for request in self.running):
+            self._steps_paused = 0
+            return super().schedule(*args, **kwargs)
+        if self._steps_paused >= self.most_steps_paused:  # the batch's turn: this step takes every row
+            self._steps_paused = 0
             return super().schedule(*args, **kwargs)
         running, paused, kept = [], [], 0
         for request in self.running:
@@ -82,6 +96,8 @@ class InteractiveFirst(Scheduler):
                 kept += 1
             running.append(request)
         admitting = self.max_num_active_reqs
+        batch_waiting = len(self.waiting) > waiting
+        self._steps_paused = self._steps_paused + 1 if paused or batch_waiting else 0
         self.running = running
         # Waiting batch lines are admitted only into what is left of the share (they wait behind every
         # interactive request: the policy is vLLM's priority order).
