@@ -222,6 +222,7 @@ def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines
     batch rows kept beside an interactive one: :func:`benchlib.share_of`): a task of ``lines`` batch lines,
     interactive requests joining every 15 steps; their latency and the task's time. First the same
     interactive request on the idle engine, the reference for the ratio."""
+    from functions.backends.interactive_first import paused_beyond
     from functions.backends.vllm_backend import VllmBackend
     from tpm_fed.protocol.requests import BATCH_PRIORITY, GenerationRequest
 
@@ -230,7 +231,7 @@ def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines
     for _ in range(rounds):
         idle += bench.run(0, samples, gap)[0]
         for share in shares:
-            bench.scheduler.paused_beyond = share[1]  # the engine's scheduler pauses batch rows beyond K
+            bench.scheduler.paused_beyond = paused_beyond(share[1])  # as a replica's scheduler reads its site's K
             backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=share[0])
             task = [backend.encode(GenerationRequest.create(PROMPTS[i % len(PROMPTS)], "demo", max_new_tokens=bench.tokens,
                                                             min_new_tokens=bench.tokens, priority=BATCH_PRIORITY))
