@@ -201,14 +201,16 @@ class BackChannel:
                         self._urgent = True
                 self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
-    def answer(self, request_id: str, outcome: dict[str, Any], run_s: float) -> None:
+    def answer(self, request_id: str, outcome: dict[str, Any], run_s: float, urgent: bool = False) -> None:
         """Send one request's outcome now (it finished before its task); kept for the task's result too,
-        until the service says it settled it (:class:`~tpm_fed.protocol.back_channel.Settled`)."""
+        until the service says it settled it (:class:`~tpm_fed.protocol.back_channel.Settled`). ``urgent``:
+        someone waits for it (an interactive request), so it leaves at once, not with the next frame."""
         timed = {**outcome, "run_s": run_s}
         with self._wake:
             self.answers[request_id] = timed
             if self.failed is None:
                 self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
+                self._urgent = self._urgent or urgent
                 self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
     def unsettled(self) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from functions.back_channel import BackChannel
 from functions.backends.base import EncodedRequest
+from functions.batch_rows import is_batch_line
 from functions.outcomes import generated, refused
 from tpm_fed.protocol.errors import InvalidRequest, TpmError
 from tpm_fed.protocol.kinds import KINDS, request_from_wire
@@ -90,12 +91,15 @@ class JoinableTask:
         return self._encoded(self.channel.take_no_more())
 
     def finished(self, item: EncodedRequest, completions: list[Completion]) -> None:
-        """``item`` is done: answer its caller now, not at the end of the batch."""
-        self._answer(item.request.request_id, generated(item, completions))
+        """``item`` is done: answer its caller now, not at the end of the batch (an interactive request's
+        answer at once; a batch line's with the next frame, as text is sent)."""
+        self._answer(item.request.request_id, generated(item, completions),
+                     urgent=not is_batch_line(item.request.priority))
 
-    def _answer(self, request_id: str, outcome: dict[str, Any]) -> None:
+    def _answer(self, request_id: str, outcome: dict[str, Any], urgent: bool = False) -> None:
         started = self._started.pop(request_id, None)
-        self.channel.answer(request_id, outcome, 0.0 if started is None else time.perf_counter() - started)
+        self.channel.answer(request_id, outcome, 0.0 if started is None else time.perf_counter() - started,
+                            urgent=urgent)
 
     def _encoded(self, wires: list[dict[str, Any]]) -> list[EncodedRequest]:
         encoded = []
