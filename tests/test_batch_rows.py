@@ -334,10 +334,12 @@ def test_nothing_is_paused_when_the_kv_cache_is_nearly_full(oracle, scheduled, p
     assert {scheduled[step] for step in interactive_steps(live, interactive)} == {3}
 
 
-def test_a_cpu_replica_pauses_every_batch_row_by_default_and_a_sites_number_stands():
+def test_a_cpu_replica_pauses_every_batch_row_by_default_a_gpu_one_none_and_a_sites_number_stands():
+    from vllm.platforms import current_platform
+
     from functions.backends.interactive_first import paused_beyond
 
-    assert paused_beyond(None) == 0  # this machine has no GPU: vLLM's platform is the CPU
+    assert paused_beyond(None) == (0 if current_platform.is_cpu() else None)
     assert paused_beyond(3) == 3 and paused_beyond(0) == 0
 
 
@@ -359,7 +361,8 @@ def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_servin
     try:
         assert backend.batch_rows == 3
         scheduler = backend.llm.llm_engine.engine_core.engine_core.scheduler
-        assert type(scheduler).__name__ == "InteractiveFirst" and scheduler.paused_beyond == 0  # a CPU's default
+        assert type(scheduler).__name__ == "InteractiveFirst"
+        assert scheduler.paused_beyond == (0 if not torch.cuda.is_available() else None)  # the platform's default
         assert torch.get_num_threads() == max(1, physical_cores(os.sched_getaffinity(0)) - 1)
     finally:
         backend.close()
