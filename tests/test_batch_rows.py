@@ -346,8 +346,9 @@ def test_a_cpu_replica_pauses_every_batch_row_by_default_a_gpu_one_none_and_a_si
 # Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
 def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_serving_a_core(demo_model_dir,
                                                                                            monkeypatch):
-    """The loader as a worker calls it: the policy's cap, and the engine's torch threads as vLLM's own server
-    sets its worker's on a CPU (every physical core but one: on two cores, one thread, not two)."""
+    """The loader as a worker calls it: the policy's cap, the engine's torch threads as vLLM's own server
+    sets its worker's on a CPU (every physical core but one: on two cores, one thread, not two), and a step's
+    rows and tokens as that server sizes them."""
     import torch
 
     from functions.backends.cpu_threads import physical_cores
@@ -361,6 +362,14 @@ def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_servin
     try:
         assert backend.batch_rows == 3
         scheduler = backend.llm.llm_engine.engine_core.engine_core.scheduler
+        # A step's rows and tokens as vLLM's own OpenAI server sizes them here (vllm.LLM's are offline sizes).
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        tokens, rows = EngineArgs.get_batch_defaults(1)
+        config = scheduler.scheduler_config
+        assert (config.max_num_seqs, config.max_num_batched_tokens) == (
+            rows[UsageContext.OPENAI_API_SERVER], tokens[UsageContext.OPENAI_API_SERVER])
         assert type(scheduler).__name__ == "InteractiveFirst"
         assert scheduler.paused_beyond == (0 if not torch.cuda.is_available() else None)  # the platform's default
         assert torch.get_num_threads() == max(1, physical_cores(os.sched_getaffinity(0)) - 1)

@@ -90,6 +90,7 @@ class VllmBackend:
             # started here, vLLM replaces torch.set_num_threads with a no-op (it binds threads in its own worker
             # processes; in-process nothing is bound, so changing the count is safe).
             torch._C.set_num_threads(serving)
+        batch_limits = server_batch_limits(spec.tensor_parallel_size)
         try:
             llm = LLM(
                 model=str(path),
@@ -106,6 +107,7 @@ class VllmBackend:
                 # CUDA graphs pay off on GPUs; on CPU eager mode is what vLLM supports best.
                 enforce_eager=not on_gpu,
                 disable_log_stats=True,
+                **batch_limits,
             )
         except Exception as error:
             raise ModelLoadError(
@@ -281,6 +283,21 @@ class VllmBackend:
         self.llm = None
         gc.collect()
         torch._C.set_num_threads(self._torch_threads_before)  # torch.set_num_threads may be vLLM's no-op now (load)
+
+
+def server_batch_limits(world_size: int) -> dict[str, int]:
+    """The rows and tokens a step may hold, as vLLM's own OpenAI server sizes them on this hardware.
+
+    A replica serves requests as they come, as vLLM's server does; ``vllm.LLM`` takes the sizes of
+    offline batch runs instead (on a CPU 256 rows and 4,096 tokens a step, against the server's 128 and
+    2,048), and a longer step is what an arriving interactive request waits for."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    tokens, rows = EngineArgs.get_batch_defaults(world_size)
+    limits = {"max_num_batched_tokens": tokens.get(UsageContext.OPENAI_API_SERVER),
+              "max_num_seqs": rows.get(UsageContext.OPENAI_API_SERVER)}
+    return {name: value for name, value in limits.items() if value is not None}
 
 
 class _Running:
