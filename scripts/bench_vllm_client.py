@@ -19,8 +19,8 @@ Each run sends the client's own default of 1,000 prompts, but on SmolLM2
 (:data:`FEWER_PROMPTS`: 64, four a stream; 1,000 would take five minutes a
 run there). Fewer prompts measure mostly the first wave, all the streams
 starting together: with 64 on the demo model both servers took 35-50 ms to a
-first token, and with 1,000 vLLM's server settles at 14-18 ms, where requests
-arrive one by one into a running engine (docs/performance.md, eighth session).
+first token, and with 1,000 vLLM's server settles at 14-19 ms, the steady
+state of requests joining a running engine (docs/performance.md, eighth session).
 
 Models: ``demo`` (the demo model, trained here) and ``smollm2`` (the real
 135 M-parameter SmolLM2 of docs/store.md's facts, added to the service's home
