@@ -64,6 +64,11 @@ policy file on the endpoint host named there.
                             their place and KV cache, and no waiting batch
                             line is admitted. Unset: 0 on a CPU, no pause on
                             a GPU (:mod:`functions.backends.interactive_first`).
+``TPM_BATCH_TOKENS_AFTER_INTERACTIVE``
+                            The most tokens a vLLM replica's step gives batch
+                            rows within a second of an interactive request
+                            (so the next one waits for a short step, not a
+                            long one). Unset: 64 on a CPU, no limit on a GPU.
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -111,6 +116,7 @@ VARIABLES = {
     "model_cache": "TPM_MODEL_CACHE",
     "batch_rows": "TPM_BATCH_ROWS",
     "batch_rows_beside_interactive": "TPM_BATCH_ROWS_BESIDE_INTERACTIVE",
+    "batch_tokens_after_interactive": "TPM_BATCH_TOKENS_AFTER_INTERACTIVE",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -142,6 +148,8 @@ class WorkerPolicy(BaseModel):
         batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
         batch_rows_beside_interactive: The most it steps while an interactive row is in it; the rest
             pause (None: 0 on a CPU, no pause on a GPU).
+        batch_tokens_after_interactive: The most tokens its step gives batch rows within a second of an
+            interactive row (None: 64 on a CPU, no limit on a GPU).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -161,6 +169,7 @@ class WorkerPolicy(BaseModel):
     model_cache: Path | None = None
     batch_rows: int | None = Field(default=None, ge=1)
     batch_rows_beside_interactive: int | None = Field(default=None, ge=0)
+    batch_tokens_after_interactive: int | None = Field(default=None, ge=1)
 
     @field_validator("result_store")
     @classmethod

@@ -16,7 +16,10 @@ the replica's scheduler pauses the batch rows beyond K
 (:mod:`functions.backends.interactive_first`): on a CPU all of them by
 default; ``CAP:K`` sets K (the site's ``worker.batch_rows_beside_interactive``;
 e.g. ``none:4``: no cap, four batch rows step beside it; ``none:100000``:
-none paused).
+none paused). For a second after one, a step gives the batch rows at most T
+tokens, so the next interactive request waits for a short step: 64 on a CPU
+by default; ``CAP:K:T`` sets T (``worker.batch_tokens_after_interactive``;
+``none:100000:100000``: plain vLLM's steps).
 
 ``--baseline`` then does the same on vLLM's own OpenAI server, started with
 ``--scheduling-policy priority``: the idle request, then the same request
@@ -40,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import demo_model, described, log, machine, share_engine, share_of
+from benchlib import Share, demo_model, described, log, machine, share_engine, share_of
 from bench_quotes import PROMPTS, batch_file
 from bench_service import bench_home, start_vllm_server, tpm_serve
 
@@ -60,8 +63,10 @@ def main() -> None:
     parser.add_argument("--batch-rows", default="none",
                         help="the site's cap on batch rows in a vLLM engine (worker.batch_rows, TPM_BATCH_ROWS): "
                              "'none' or a number, and ':K' to pause the batch rows beyond K while an "
-                             "interactive request runs (worker.batch_rows_beside_interactive); several, "
-                             "comma-separated, run one service each (e.g. none,4,none:0)")
+                             "interactive request runs (worker.batch_rows_beside_interactive), and ':T' to "
+                             "give batch rows at most T tokens a step just after one "
+                             "(worker.batch_tokens_after_interactive); several, comma-separated, run one "
+                             "service each (e.g. none,4,none:0:32)")
     parser.add_argument("--baseline", action="store_true",
                         help="also vLLM's own server (priority scheduling) under the same load")
     args = parser.parse_args()
@@ -95,7 +100,7 @@ def main() -> None:
 
 
 def service_run(args: argparse.Namespace, model_dir: Path, folder: Path,
-                share: tuple[int | None, int | None]) -> tuple[list[float], list[float], float]:
+                share: Share) -> tuple[list[float], list[float], float]:
     """On ``tpm serve`` with the site's workers sharing the engine as ``share`` says (:func:`share_of`):
     the idle and the during-the-batch latencies, and the batch's lines per second (submitted to completed)."""
     from tpm_fed.client import Client

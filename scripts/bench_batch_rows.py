@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import PROMPTS, demo_model, described, log, machine, share_of
+from benchlib import PROMPTS, Share, demo_model, described, log, machine, share_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -59,7 +59,7 @@ class Bench:
         self.engine = self.llm.llm_engine
         # The replica's scheduler, pausing nothing but where a share says so (worker_loop).
         self.scheduler = self.engine.engine_core.engine_core.scheduler
-        self.scheduler.paused_beyond = None
+        self.scheduler.paused_beyond = self.scheduler.tokens_after = None
         tokenizer = self.llm.get_tokenizer()
         self.prompts = [tokenizer.encode(p) for p in PROMPTS]
         self.interactive = tokenizer.encode(INTERACTIVE_PROMPT)
@@ -216,13 +216,13 @@ class _EveryFewSteps:
             self.waiting = None
 
 
-def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines: int, rounds: int,
+def worker_loop(bench: Bench, shares: list[Share], lines: int, rounds: int,
                 samples: int, gap: float) -> None:
     """The worker's own step loop (``VllmBackend._run_live``) with each share of its engine (a cap, and the
     batch rows kept beside an interactive one: :func:`benchlib.share_of`): a task of ``lines`` batch lines,
     interactive requests joining every 15 steps; their latency and the task's time. First the same
     interactive request on the idle engine, the reference for the ratio."""
-    from functions.backends.interactive_first import paused_beyond
+    from functions.backends.interactive_first import paused_beyond, tokens_after
     from functions.backends.vllm_backend import VllmBackend
     from tpm_fed.protocol.requests import BATCH_PRIORITY, GenerationRequest
 
@@ -231,7 +231,8 @@ def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines
     for _ in range(rounds):
         idle += bench.run(0, samples, gap)[0]
         for share in shares:
-            bench.scheduler.paused_beyond = paused_beyond(share[1])  # as a replica's scheduler reads its site's K
+            # As a replica's scheduler reads its site's settings:
+            bench.scheduler.paused_beyond, bench.scheduler.tokens_after = paused_beyond(share[1]), tokens_after(share[2])
             backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=share[0])
             task = [backend.encode(GenerationRequest.create(PROMPTS[i % len(PROMPTS)], "demo", max_new_tokens=bench.tokens,
                                                             min_new_tokens=bench.tokens, priority=BATCH_PRIORITY))
@@ -241,7 +242,7 @@ def worker_loop(bench: Bench, shares: list[tuple[int | None, int | None]], lines
             backend.generate(task, live)
             results[share][0].extend(live.latencies)
             results[share][1].append(time.perf_counter() - started)
-            bench.scheduler.paused_beyond = None
+            bench.scheduler.paused_beyond = bench.scheduler.tokens_after = None
     print(f"\nthe worker's step loop (VllmBackend._run_live), a task of {lines} batch lines of {bench.tokens} tokens, "
           f"an interactive 8-token request joining every 15 steps, {rounds} rounds "
           f"(load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())})")

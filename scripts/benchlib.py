@@ -49,16 +49,21 @@ def paired_ratios(baseline: list[tuple[float, int]], other: list[tuple[float, in
     return [(t / s) / (bt / bs) for (bs, bt), (s, t) in zip(baseline, other)]
 
 
-def share_of(spec: str) -> tuple[int | None, int | None]:
-    """``CAP[:K]`` -> (the cap on batch rows, the batch rows kept beside an interactive one); ``none``: unset."""
-    cap, _, beside = spec.partition(":")
-    return (None if cap == "none" else int(cap)), (int(beside) if beside and beside != "none" else None)
+Share = tuple[int | None, int | None, int | None]
+"""How a replica's engine shares its steps with batch rows: the sites' ``worker.batch_rows``,
+``batch_rows_beside_interactive`` and ``batch_tokens_after_interactive`` (None: unset)."""
 
 
-def share_engine(home, share: tuple[int | None, int | None], max_batch: int | None = None) -> None:
-    """Set the home's sites' cap on batch rows and the rows kept beside an interactive one (``share``, from
-    :func:`share_of`; the sites' ``worker.batch_rows``/``batch_rows_beside_interactive``), and with
-    ``max_batch`` their task size (``max_batch_requests``)."""
+def share_of(spec: str) -> Share:
+    """``CAP[:K[:T]]`` -> (the cap on batch rows, the batch rows kept beside an interactive one, the tokens a
+    step gives batch rows just after one); ``none``: unset."""
+    cap, beside, after = (spec.split(":") + ["none", "none"])[:3]
+    return tuple(None if part in ("none", "") else int(part) for part in (cap, beside, after))
+
+
+def share_engine(home, share: Share, max_batch: int | None = None) -> None:
+    """Set the home's sites' share of their engines with batch rows (``share``, from :func:`share_of`), and
+    with ``max_batch`` their task size (``max_batch_requests``)."""
     import yaml
 
     from tpm_fed.federation import Federation
@@ -66,17 +71,22 @@ def share_engine(home, share: tuple[int | None, int | None], max_batch: int | No
     federation = Federation.model_validate(yaml.safe_load(home.federation_file.read_text()))
     sizes = {} if max_batch is None else {"max_batch_requests": max_batch}
     sites = [site.model_copy(update={**sizes, "worker": site.worker.model_copy(update={
-        "batch_rows": share[0], "batch_rows_beside_interactive": share[1]})}) for site in federation.sites]
+        "batch_rows": share[0], "batch_rows_beside_interactive": share[1],
+        "batch_tokens_after_interactive": share[2]})}) for site in federation.sites]
     federation.model_copy(update={"sites": sites}).dump(home.federation_file)
 
 
-def described(share: tuple[int | None, int | None]) -> str:
+def described(share: Share) -> str:
     """How a vLLM worker shares its engine with batch rows, in words."""
-    cap, beside = share
+    cap, beside, after = share
     said = "no cap on batch rows" if cap is None else f"at most {cap} batch rows in the engine"
     if beside is None:
-        return f"{said}, batch rows paused beside an interactive one as the engine's default (all, on a CPU)"
-    return f"{said}, at most {beside} stepped beside an interactive one (the rest paused)"
+        said += ", batch rows paused beside an interactive one as the engine's default (all, on a CPU)"
+    else:
+        said += f", at most {beside} stepped beside an interactive one (the rest paused)"
+    if after is None:
+        return said + ", steps just after one as short as the engine's default (64 tokens, on a CPU)"
+    return said + f", at most {after} tokens a step just after one"
 
 
 def machine() -> str:

@@ -20,7 +20,7 @@ probes cost a few microseconds each. Prints the mean, median and p90 of each sta
 With ``--batch LINES`` a batch of that many completions runs through the
 batch API first, and the requests are sent one at a time, ``--every``
 seconds apart, while it runs (as ``bench_batch_priority.py`` times them;
-``--batch-rows CAP:K`` shares the engine as its option does): which stage
+``--batch-rows CAP:K:T`` shares the engine as its option does): which stage
 grows beside a batch.
 
 Usage:

@@ -38,6 +38,11 @@ def test_the_cap_is_the_endpoints_and_a_bad_one_is_refused_by_name(tmp_path):
     for bad in ("-1", "some"):
         with pytest.raises(SiteError, match="TPM_BATCH_ROWS_BESIDE_INTERACTIVE"):
             load_policy({"TPM_BATCH_ROWS_BESIDE_INTERACTIVE": bad})
+    assert load_policy({}).batch_tokens_after_interactive is None  # the engine's default (tokens_after)
+    assert load_policy({"TPM_BATCH_TOKENS_AFTER_INTERACTIVE": "32"}).batch_tokens_after_interactive == 32
+    for bad in ("0", "few"):
+        with pytest.raises(SiteError, match="TPM_BATCH_TOKENS_AFTER_INTERACTIVE"):
+            load_policy({"TPM_BATCH_TOKENS_AFTER_INTERACTIVE": bad})
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text("batch_rows: 0\n")
     with pytest.raises(SiteError, match="batch_rows"):
@@ -55,6 +60,9 @@ def test_a_local_sites_cap_reaches_its_workers_and_a_bad_one_is_refused(tmp_path
     lines = LocalSite.from_config(yielding, tmp_path).worker_init().splitlines()
     assert "export TPM_BATCH_ROWS_BESIDE_INTERACTIVE=0" in lines and "unset TPM_BATCH_ROWS" in lines
     assert "unset TPM_BATCH_ROWS_BESIDE_INTERACTIVE" in LocalSite.from_config(capped, tmp_path).worker_init()
+    short = SiteConfig.model_validate({"name": "local", "worker": {"batch_tokens_after_interactive": 32}})
+    assert "export TPM_BATCH_TOKENS_AFTER_INTERACTIVE=32" in LocalSite.from_config(short, tmp_path).worker_init()
+    assert "unset TPM_BATCH_TOKENS_AFTER_INTERACTIVE" in LocalSite.from_config(capped, tmp_path).worker_init()
     path = tmp_path / "federation.yaml"
     path.write_text("name: f\nsites:\n  - name: local\n    worker: {batch_rows: 0}\nmodels: []\nprojects: []\n")
     with pytest.raises(FederationConfigError, match="batch_rows"):
@@ -211,16 +219,15 @@ def interactive_steps(live, request) -> range:
     return range(live.started_at[request.request_id], live.finished_at[request.request_id] + 1)
 
 
-@pytest.fixture
-def scheduled(oracle, monkeypatch):
-    """The rows the engine's scheduler put in each of its steps."""
+def recorded(oracle, monkeypatch, measure) -> list[int]:
+    """``measure`` of each step the engine's scheduler makes, in order."""
     scheduler = oracle.llm_engine.engine_core.engine_core.scheduler
     counts: list[int] = []
     schedule = scheduler.schedule
 
     def counted(*args, **kwargs):
         output = schedule(*args, **kwargs)
-        counts.append(len(output.num_scheduled_tokens))
+        counts.append(measure(output))
         return output
 
     monkeypatch.setattr(scheduler, "schedule", counted)
@@ -228,16 +235,29 @@ def scheduled(oracle, monkeypatch):
 
 
 @pytest.fixture
+def scheduled(oracle, monkeypatch):
+    """The rows the engine's scheduler put in each of its steps."""
+    return recorded(oracle, monkeypatch, lambda output: len(output.num_scheduled_tokens))
+
+
+@pytest.fixture
+def scheduled_tokens(oracle, monkeypatch):
+    """The tokens the engine's scheduler put in each of its steps."""
+    return recorded(oracle, monkeypatch, lambda output: output.total_num_scheduled_tokens)
+
+
+@pytest.fixture
 def pausing(oracle):
-    """Set the oracle's scheduler to keep K batch rows beside interactive ones (plain vLLM again after)."""
+    """Set the oracle's scheduler to keep K batch rows beside interactive ones, and at most T tokens a step
+    for batch rows just after them (plain vLLM again after)."""
     scheduler = oracle.llm_engine.engine_core.engine_core.scheduler
 
-    def keep(beyond):
-        scheduler.paused_beyond = beyond
+    def keep(beyond, tokens_after=None):
+        scheduler.paused_beyond, scheduler.tokens_after = beyond, tokens_after
         return scheduler
 
     yield keep
-    scheduler.paused_beyond = None
+    scheduler.paused_beyond = scheduler.tokens_after = None
 
 
 def run_beside(oracle, lines, interactive, join_after):
@@ -322,6 +342,29 @@ def test_no_batch_line_is_admitted_while_an_interactive_row_runs(oracle, schedul
         assert live.answers[request.request_id][0].token_ids == direct(oracle, request)[0]
 
 
+def test_batch_steps_stay_short_just_after_an_interactive_row_and_answers_stay_vllms_alone(
+        oracle, scheduled_tokens, pausing, monkeypatch):
+    """The next interactive request waits for the step in flight: for ``RECENT_S`` after one, a step gives
+    the batch rows at most ``tokens_after`` tokens (vLLM leaves the other rows out), later every row again."""
+    from functions.backends import interactive_first
+
+    pausing(0, tokens_after=3)
+    monkeypatch.setattr(interactive_first, "RECENT_S", 60.0)
+    prompts = ("The cell", "The river carries", "A star", "Water flows", "The detector counts", "The sun")
+    lines = [line(p, 12, min_new_tokens=12) for p in prompts]
+    interactive = interactive_request(2)
+    live, answers = run_beside(oracle, lines, interactive, join_after=2)
+    after = scheduled_tokens[interactive_steps(live, interactive)[-1] + 1:]
+    assert max(after) == 3 and len(after) >= 6 * 10 // 3  # the lines' last 10 tokens or more, 3 a step
+    for request, answer in zip(lines, answers, strict=True):
+        assert answer[0].token_ids == direct(oracle, request)[0]
+    monkeypatch.setattr(interactive_first, "RECENT_S", 0.0)  # long past: every row steps again
+    scheduled_tokens.clear()
+    interactive = interactive_request(2)
+    live, _ = run_beside(oracle, [line(p, 12, min_new_tokens=12) for p in prompts], interactive, join_after=2)
+    assert max(scheduled_tokens[interactive_steps(live, interactive)[-1] + 1:]) == 6
+
+
 def test_nothing_is_paused_when_the_kv_cache_is_nearly_full(oracle, scheduled, pausing, monkeypatch):
     """Paused rows hold KV blocks the interactive rows may need: near full, vLLM's own preemption decides."""
     from functions.backends import interactive_first
@@ -337,10 +380,12 @@ def test_nothing_is_paused_when_the_kv_cache_is_nearly_full(oracle, scheduled, p
 def test_a_cpu_replica_pauses_every_batch_row_by_default_a_gpu_one_none_and_a_sites_number_stands():
     from vllm.platforms import current_platform
 
-    from functions.backends.interactive_first import paused_beyond
+    from functions.backends.interactive_first import TOKENS_AFTER_ON_CPU, paused_beyond, tokens_after
 
     assert paused_beyond(None) == (0 if current_platform.is_cpu() else None)
     assert paused_beyond(3) == 3 and paused_beyond(0) == 0
+    assert tokens_after(None) == (TOKENS_AFTER_ON_CPU if current_platform.is_cpu() else None)
+    assert tokens_after(16) == 16
 
 
 # Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
@@ -372,6 +417,7 @@ def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_servin
             rows[UsageContext.OPENAI_API_SERVER], tokens[UsageContext.OPENAI_API_SERVER])
         assert type(scheduler).__name__ == "InteractiveFirst"
         assert scheduler.paused_beyond == (0 if not torch.cuda.is_available() else None)  # the platform's default
+        assert scheduler.tokens_after == (64 if not torch.cuda.is_available() else None)
         assert torch.get_num_threads() == max(1, physical_cores(os.sched_getaffinity(0)) - 1)
     finally:
         backend.close()

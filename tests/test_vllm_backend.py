@@ -73,7 +73,8 @@ def vllm_runtime(vllm_assembly):
 @pytest.fixture(scope="module")
 def direct_llm(demo_model_dir):
     """``vllm.LLM`` in this process on the same directory: the oracle. With the replica's scheduling policy and
-    scheduler, which pauses nothing here unless a test says so (``paused_beyond``): plain vLLM."""
+    scheduler, which pauses nothing and keeps no step short here unless a test says so (``paused_beyond``,
+    ``tokens_after``): plain vLLM."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
@@ -83,7 +84,8 @@ def direct_llm(demo_model_dir):
     llm = LLM(model=str(demo_model_dir), dtype="float32", enforce_eager=True, seed=0,
               distributed_executor_backend="uni", disable_log_stats=True, scheduling_policy="priority",
               scheduler_cls=InteractiveFirst)
-    llm.llm_engine.engine_core.engine_core.scheduler.paused_beyond = None
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    scheduler.paused_beyond = scheduler.tokens_after = None
     yield llm
     llm.llm_engine.engine_core.shutdown()
 

@@ -1,4 +1,4 @@
-"""vLLM's scheduler, with batch rows paused while interactive rows run.
+"""vLLM's scheduler, with batch rows paused while interactive rows run, and short batch steps just after.
 
 vLLM's priority policy puts an interactive request ahead of *waiting* batch
 lines, but the batch rows already running still share every step with it.
@@ -13,17 +13,29 @@ leaves running rows out of a step whenever its token budget runs out, and its
 model runner keeps their state for the step that takes them up again). They
 are neither aborted nor prefilled again, so a paused row's tokens are the
 same computation; they resume in the first step with no interactive row. A
-batch line still waiting is not admitted meanwhile either. What is left of
-a running batch's cost is the step in flight when the interactive request
-arrives: it waits for that one (a cap on batch rows, :mod:`functions.batch_rows`,
-makes those steps shorter, at the batch's expense).
+batch line still waiting is not admitted meanwhile either.
 
-By default a replica on a CPU pauses every batch row (:data:`ON_CPU`), and
-one on a GPU none: there a step's time barely grows with its rows, so pausing
-would cost the batch for nothing. A site's
-``worker.batch_rows_beside_interactive`` (``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``)
-sets the number either way; one above the engine's ``max_num_seqs`` pauses
-nothing.
+What is left of a running batch's cost is the step in flight when the
+interactive request arrives: it waits for that one, and a step that prefills
+a task's new lines is long (on the demo model on a CPU, up to 60 ms against
+5 ms for 64 decode rows). So for :data:`RECENT_S` after an interactive row
+was in the engine, a step gives the batch rows at most ``tokens_after``
+tokens (vLLM leaves the rows beyond its token budget out of a step, as
+above, and prefills a long prompt in chunks): the next interactive request
+waits for a short step. The batch runs at about 0.8x its rate while
+interactive requests keep coming, and at its full rate a second after the
+last. (A cap on batch rows, :mod:`functions.batch_rows`, makes every batch
+step shorter, at the batch's expense all the time.)
+
+By default a replica on a CPU pauses every batch row (:data:`ON_CPU`) and
+keeps its steps to 64 tokens after an interactive row
+(:data:`TOKENS_AFTER_ON_CPU`); one on a GPU does neither: there a step's
+time barely grows with its rows, so it would cost the batch for nothing. A
+site's ``worker.batch_rows_beside_interactive``
+(``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``) and
+``worker.batch_tokens_after_interactive``
+(``TPM_BATCH_TOKENS_AFTER_INTERACTIVE``) set them either way; one above the
+engine's ``max_num_seqs`` (``max_num_batched_tokens``) does nothing.
 
 A batch row sits out at most :data:`MOST_STEPS_PAUSED` steps in a row; the
 next one takes every row, so a steady stream of interactive requests slows
@@ -32,16 +44,18 @@ task still ends inside the site's ``task_timeout_s``.
 
 It pauses nothing when the KV cache is nearly full (paused rows hold blocks
 the interactive rows may need, and vLLM's preemption, which frees them, is
-then the better tool), and it is plain vLLM when no interactive row is there.
+then the better tool), and it is plain vLLM when no interactive row has been
+there for :data:`RECENT_S`.
 
 A batch line is a request whose priority is :data:`BATCH_PRIORITY` above its
 caller's (:func:`functions.batch_rows.is_batch_line`). The worker names this
 class as the engine's ``scheduler_cls`` (:mod:`functions.backends.vllm_backend`);
-the number is read from the endpoint's policy when the engine starts.
+both numbers are read from the endpoint's policy when the engine starts.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -60,12 +74,22 @@ MOST_STEPS_PAUSED = 16
 FULL_CACHE = 0.9
 """KV cache use above which nothing is paused (the paused rows' blocks may be needed)."""
 
+TOKENS_AFTER_ON_CPU = 64
+"""Tokens a CPU step gives batch rows for :data:`RECENT_S` after an interactive row, unless the site says
+otherwise: a demo-model step of 64 decode rows takes 5 ms, one with a 2,048-token prefill 60 ms. On a GPU
+there is no limit unless the site says so."""
+
+RECENT_S = 1.0
+"""How long after an interactive row left the engine its steps stay short (:data:`TOKENS_AFTER_ON_CPU`)."""
+
 
 class InteractiveFirst(Scheduler):
     """:class:`vllm.v1.core.sched.scheduler.Scheduler`, pausing batch rows beyond ``paused_beyond`` while
-    an interactive row is in the engine (None: never)."""
+    an interactive row is in the engine, and giving batch rows at most ``tokens_after`` tokens a step
+    for :data:`RECENT_S` after one (None: never)."""
 
     paused_beyond: int | None = None
+    tokens_after: int | None = None
     most_steps_paused = MOST_STEPS_PAUSED
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -73,17 +97,37 @@ class InteractiveFirst(Scheduler):
         from functions.policy import current_policy
 
         # Only under vLLM's priority policy do interactive requests come first in its waiting queue.
-        priority = self.policy == SchedulingPolicy.PRIORITY
-        self.paused_beyond = paused_beyond(current_policy().batch_rows_beside_interactive) if priority else None
+        if self.policy == SchedulingPolicy.PRIORITY:
+            policy = current_policy()
+            self.paused_beyond = paused_beyond(policy.batch_rows_beside_interactive)
+            self.tokens_after = tokens_after(policy.batch_tokens_after_interactive)
         self._steps_paused = 0  # in a row, up to the last step
+        self._interactive_at = float("-inf")  # when an interactive row was last in the engine (monotonic)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        if self.paused_beyond is None or self.kv_cache_manager.usage > FULL_CACHE:
+        if self.kv_cache_manager.usage > FULL_CACHE:
             return super().schedule(*args, **kwargs)
         waiting = self._interactive_waiting()
-        if not waiting and all(is_batch_line(request.priority) for request in self.running):
-            self._steps_paused = 0
+        if waiting or not all(is_batch_line(request.priority) for request in self.running):
+            self._interactive_at = time.monotonic()
+            if self.paused_beyond is None:
+                return super().schedule(*args, **kwargs)
+            return self._beside_interactive(waiting, args, kwargs)
+        self._steps_paused = 0
+        if self.tokens_after is None or time.monotonic() - self._interactive_at > RECENT_S:
             return super().schedule(*args, **kwargs)
+        # Only batch rows, but an interactive request may come any moment: keep the step short, for it
+        # waits for the step in flight. vLLM leaves the rows beyond the budget out of this step.
+        budget = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens = min(budget, self.tokens_after)
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = budget
+
+    def _beside_interactive(self, waiting: int, args: tuple, kwargs: dict) -> Any:
+        """A step with an interactive row running or ``waiting``: the batch rows beyond
+        :attr:`paused_beyond` sit it out."""
         if self._steps_paused >= self.most_steps_paused:  # the batch's turn: this step takes every row
             self._steps_paused = 0
             return super().schedule(*args, **kwargs)
@@ -126,3 +170,13 @@ def paused_beyond(configured: int | None) -> int | None:
     from vllm.platforms import current_platform
 
     return ON_CPU if current_platform.is_cpu() else None
+
+
+def tokens_after(configured: int | None) -> int | None:
+    """The most tokens a replica's step gives batch rows just after an interactive one: the site's
+    number, or by default :data:`TOKENS_AFTER_ON_CPU` on a CPU and no limit on a GPU (None)."""
+    if configured is not None:
+        return configured
+    from vllm.platforms import current_platform
+
+    return TOKENS_AFTER_ON_CPU if current_platform.is_cpu() else None

@@ -94,6 +94,9 @@ class WorkerSettings(_Strict):
         batch_rows_beside_interactive: The most batch-line rows a vLLM replica's engine steps while
             an interactive request is in it; the rest pause until it ends
             (``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``). Unset: 0 on a CPU, no pause on a GPU.
+        batch_tokens_after_interactive: The most tokens a vLLM replica's step gives batch lines within a
+            second of an interactive request, so the next one waits for a short step
+            (``TPM_BATCH_TOKENS_AFTER_INTERACTIVE``). Unset: 64 on a CPU, no limit on a GPU.
     """
 
     allow_caller_code: bool | None = None
@@ -102,6 +105,7 @@ class WorkerSettings(_Strict):
     result_retention_s: float | None = Field(default=None, gt=0)
     batch_rows: int | None = Field(default=None, ge=1)
     batch_rows_beside_interactive: int | None = Field(default=None, ge=0)
+    batch_tokens_after_interactive: int | None = Field(default=None, ge=1)
 
 
 class SiteConfig(_Strict):

@@ -61,6 +61,8 @@ class LocalSite(EngineSite):
         batch_rows: The most batch-line rows in a vLLM replica's engine at once (None: no cap).
         batch_rows_beside_interactive: The most it steps while an interactive row is in it (None: the
             engine's default, 0 on a CPU and no pause on a GPU).
+        batch_tokens_after_interactive: The most tokens its step gives batch rows within a second of an
+            interactive row (None: the engine's default, 64 on a CPU and no limit on a GPU).
     """
 
     access = "local"
@@ -69,7 +71,8 @@ class LocalSite(EngineSite):
                  adapter_registry: Path | str | None = None, result_store: str | None = None,
                  inline_result_bytes: int | None = None, result_retention_s: float | None = None,
                  model_roots: Iterable[Path | str] | None = None, batch_rows: int | None = None,
-                 batch_rows_beside_interactive: int | None = None) -> None:
+                 batch_rows_beside_interactive: int | None = None,
+                 batch_tokens_after_interactive: int | None = None) -> None:
         super().__init__(name, run_dir)
         self._workers = workers
         self.allow_caller_code = allow_caller_code
@@ -80,6 +83,7 @@ class LocalSite(EngineSite):
         self.model_roots = None if model_roots is None else [Path(root).resolve() for root in model_roots]
         self.batch_rows = batch_rows
         self.batch_rows_beside_interactive = batch_rows_beside_interactive
+        self.batch_tokens_after_interactive = batch_tokens_after_interactive
 
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path, model_roots: Iterable[Path] | None = None) -> Self:
@@ -88,7 +92,8 @@ class LocalSite(EngineSite):
                    result_store=config.results, inline_result_bytes=config.worker.inline_result_bytes,
                    result_retention_s=config.worker.result_retention_s, model_roots=model_roots,
                    batch_rows=config.worker.batch_rows,
-                   batch_rows_beside_interactive=config.worker.batch_rows_beside_interactive)
+                   batch_rows_beside_interactive=config.worker.batch_rows_beside_interactive,
+                   batch_tokens_after_interactive=config.worker.batch_tokens_after_interactive)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers,
@@ -97,6 +102,7 @@ class LocalSite(EngineSite):
                 "result_store": self.result_store, "inline_result_bytes": self.inline_result_bytes,
                 "result_retention_s": self.result_retention_s, "batch_rows": self.batch_rows,
                 "batch_rows_beside_interactive": self.batch_rows_beside_interactive,
+                "batch_tokens_after_interactive": self.batch_tokens_after_interactive,
                 "model_roots": None if self.model_roots is None else [str(root) for root in self.model_roots]}
 
     @property
@@ -116,7 +122,8 @@ class LocalSite(EngineSite):
                                 ("TPM_INLINE_RESULT_BYTES", self.inline_result_bytes),
                                 ("TPM_RESULT_RETENTION_S", self.result_retention_s),
                                 ("TPM_BATCH_ROWS", self.batch_rows),
-                                ("TPM_BATCH_ROWS_BESIDE_INTERACTIVE", self.batch_rows_beside_interactive)):
+                                ("TPM_BATCH_ROWS_BESIDE_INTERACTIVE", self.batch_rows_beside_interactive),
+                                ("TPM_BATCH_TOKENS_AFTER_INTERACTIVE", self.batch_tokens_after_interactive)):
             lines.append(f"unset {variable}" if value is None else f"export {variable}={shlex.quote(str(value))}")
         return "\n".join(lines)
 
