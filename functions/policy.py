@@ -68,7 +68,7 @@ policy file on the endpoint host named there.
                             The most tokens a vLLM replica's step gives batch
                             rows within a second of an interactive request
                             (so the next one waits for a short step, not a
-                            long one). Unset: 64 on a CPU, no limit on a GPU.
+                            long one). Unset: 16 on a CPU, no limit on a GPU.
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -149,7 +149,7 @@ class WorkerPolicy(BaseModel):
         batch_rows_beside_interactive: The most it steps while an interactive row is in it; the rest
             pause (None: 0 on a CPU, no pause on a GPU).
         batch_tokens_after_interactive: The most tokens its step gives batch rows within a second of an
-            interactive row (None: 64 on a CPU, no limit on a GPU).
+            interactive row (None: 16 on a CPU, no limit on a GPU).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

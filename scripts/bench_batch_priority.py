@@ -17,7 +17,7 @@ the replica's scheduler pauses the batch rows beyond K
 default; ``CAP:K`` sets K (the site's ``worker.batch_rows_beside_interactive``;
 e.g. ``none:4``: no cap, four batch rows step beside it; ``none:100000``:
 none paused). For a second after one, a step gives the batch rows at most T
-tokens, so the next interactive request waits for a short step: 64 on a CPU
+tokens, so the next interactive request waits for a short step: 16 on a CPU
 by default; ``CAP:K:T`` sets T (``worker.batch_tokens_after_interactive``;
 ``none:100000:100000``: plain vLLM's steps).
 

@@ -85,7 +85,7 @@ def described(share: Share) -> str:
     else:
         said += f", at most {beside} stepped beside an interactive one (the rest paused)"
     if after is None:
-        return said + ", steps just after one as short as the engine's default (64 tokens, on a CPU)"
+        return said + ", steps just after one as short as the engine's default (16 tokens, on a CPU)"
     return said + f", at most {after} tokens a step just after one"
 
 

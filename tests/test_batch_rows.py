@@ -391,7 +391,7 @@ def test_a_cpu_replica_pauses_every_batch_row_by_default_a_gpu_one_none_and_a_si
 # Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
 def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_serving_a_core(demo_model_dir,
                                                                                            monkeypatch):
-    """The loader as a worker calls it: the policy's cap, the engine's torch threads as vLLM's own server
+    """The loader as a worker calls it: the policy's cap and batch tokens after interactive rows, the engine's torch threads as vLLM's own server
     sets its worker's on a CPU (every physical core but one: on two cores, one thread, not two), and a step's
     rows and tokens as that server sizes them."""
     import torch
@@ -401,6 +401,7 @@ def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_servin
     from tpm_fed.protocol.model import ModelSpec
 
     monkeypatch.setenv("TPM_BATCH_ROWS", "3")
+    monkeypatch.setenv("TPM_BATCH_TOKENS_AFTER_INTERACTIVE", "24")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     backend = VllmBackend.load(ModelSpec(name=MODEL, version="v", path=str(demo_model_dir), backend="vllm"))
@@ -417,7 +418,7 @@ def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_servin
             rows[UsageContext.OPENAI_API_SERVER], tokens[UsageContext.OPENAI_API_SERVER])
         assert type(scheduler).__name__ == "InteractiveFirst"
         assert scheduler.paused_beyond == (0 if not torch.cuda.is_available() else None)  # the platform's default
-        assert scheduler.tokens_after == (64 if not torch.cuda.is_available() else None)
+        assert scheduler.tokens_after == 24  # the endpoint's, read when the engine starts
         assert torch.get_num_threads() == max(1, physical_cores(os.sched_getaffinity(0)) - 1)
     finally:
         backend.close()

@@ -22,13 +22,13 @@ a task's new lines is long (on the demo model on a CPU, up to 60 ms against
 was in the engine, a step gives the batch rows at most ``tokens_after``
 tokens (vLLM leaves the rows beyond its token budget out of a step, as
 above, and prefills a long prompt in chunks): the next interactive request
-waits for a short step. The batch runs at about 0.8x its rate while
-interactive requests keep coming, and at its full rate a second after the
-last. (A cap on batch rows, :mod:`functions.batch_rows`, makes every batch
+waits for a short step. The batch runs at 0.45-0.7x its rate while
+interactive requests keep coming (docs/performance.md), and at its full rate
+a second after the last: interactive first. (A cap on batch rows, :mod:`functions.batch_rows`, makes every batch
 step shorter, at the batch's expense all the time.)
 
 By default a replica on a CPU pauses every batch row (:data:`ON_CPU`) and
-keeps its steps to 64 tokens after an interactive row
+keeps its steps to 16 tokens after an interactive row
 (:data:`TOKENS_AFTER_ON_CPU`); one on a GPU does neither: there a step's
 time barely grows with its rows, so it would cost the batch for nothing. A
 site's ``worker.batch_rows_beside_interactive``
@@ -74,10 +74,11 @@ MOST_STEPS_PAUSED = 16
 FULL_CACHE = 0.9
 """KV cache use above which nothing is paused (the paused rows' blocks may be needed)."""
 
-TOKENS_AFTER_ON_CPU = 64
+TOKENS_AFTER_ON_CPU = 16
 """Tokens a CPU step gives batch rows for :data:`RECENT_S` after an interactive row, unless the site says
-otherwise: a demo-model step of 64 decode rows takes 5 ms, one with a 2,048-token prefill 60 ms. On a GPU
-there is no limit unless the site says so."""
+otherwise: a demo-model step of 16 decode rows takes 2 ms, of 64 rows 4-5 ms, one with a 2,048-token
+prefill up to 60 ms. 64 missed the 1.5x target for an interactive request beside a batch in half the
+service's runs, 16 in none (docs/performance.md). On a GPU there is no limit unless the site says so."""
 
 RECENT_S = 1.0
 """How long after an interactive row left the engine its steps stay short (:data:`TOKENS_AFTER_ON_CPU`)."""

@@ -96,7 +96,7 @@ class WorkerSettings(_Strict):
             (``TPM_BATCH_ROWS_BESIDE_INTERACTIVE``). Unset: 0 on a CPU, no pause on a GPU.
         batch_tokens_after_interactive: The most tokens a vLLM replica's step gives batch lines within a
             second of an interactive request, so the next one waits for a short step
-            (``TPM_BATCH_TOKENS_AFTER_INTERACTIVE``). Unset: 64 on a CPU, no limit on a GPU.
+            (``TPM_BATCH_TOKENS_AFTER_INTERACTIVE``). Unset: 16 on a CPU, no limit on a GPU.
     """
 
     allow_caller_code: bool | None = None

@@ -62,7 +62,7 @@ class LocalSite(EngineSite):
         batch_rows_beside_interactive: The most it steps while an interactive row is in it (None: the
             engine's default, 0 on a CPU and no pause on a GPU).
         batch_tokens_after_interactive: The most tokens its step gives batch rows within a second of an
-            interactive row (None: the engine's default, 64 on a CPU and no limit on a GPU).
+            interactive row (None: the engine's default, 16 on a CPU and no limit on a GPU).
     """
 
     access = "local"
