@@ -391,9 +391,9 @@ def test_a_cpu_replica_pauses_every_batch_row_by_default_a_gpu_one_none_and_a_si
 # Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
 def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_serving_a_core(demo_model_dir,
                                                                                            monkeypatch):
-    """The loader as a worker calls it: the policy's cap and batch tokens after interactive rows, the engine's torch threads as vLLM's own server
-    sets its worker's on a CPU (every physical core but one: on two cores, one thread, not two), and a step's
-    rows and tokens as that server sizes them."""
+    """The loader as a worker calls it: the policy's cap and batch tokens after interactive rows, the engine's
+    torch threads as vLLM's own server sets its worker's on a CPU (every physical core but one: on two cores,
+    one thread, not two), and a step's rows and tokens as that server sizes them."""
     import torch
 
     from functions.backends.cpu_threads import physical_cores
