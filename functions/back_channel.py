@@ -193,13 +193,15 @@ class BackChannel:
         """Queue chunks (returns at once)."""
         if self.failed is None and chunks:
             with self._wake:
+                idle = self._idle()
                 self._pending.extend(chunks)
+                urgent = False
                 for chunk in chunks:  # a prompt's first text leaves at once: it is its caller's first token
                     key = (chunk["request_id"], chunk["index"])
                     if key not in self._begun:
                         self._begun.add(key)
-                        self._urgent = True
-                self._wake.notify_all()  # the worker may be waiting too (wait_joined)
+                        urgent = True
+                self._wake_sender(idle, urgent)
 
     def answer(self, request_id: str, outcome: dict[str, Any], run_s: float, urgent: bool = False) -> None:
         """Send one request's outcome now (it finished before its task); kept for the task's result too,
@@ -209,9 +211,21 @@ class BackChannel:
         with self._wake:
             self.answers[request_id] = timed
             if self.failed is None:
+                idle = self._idle()
                 self._outcomes.append(EarlyAnswer(request_id=request_id, outcome=Outcome.model_validate(timed)))
-                self._urgent = self._urgent or urgent
-                self._wake.notify_all()  # the worker may be waiting too (wait_joined)
+                self._wake_sender(idle, urgent)
+
+    def _idle(self) -> bool:
+        """Whether the sender has nothing queued (it waits for something, not for its pace). Hold ``_wake``."""
+        return not self._pending and not self._outcomes
+
+    def _wake_sender(self, idle: bool, urgent: bool) -> None:
+        """Wake the sender for what was just queued, if it must go before the sender's pace wakes it anyway:
+        a wake per engine step costs the step's thread a GIL hand-off each time. Hold ``_wake``."""
+        if urgent:
+            self._urgent = True
+        if urgent or idle:
+            self._wake.notify_all()  # the worker may be waiting too (wait_joined)
 
     def unsettled(self) -> dict[str, dict[str, Any]]:
         """The answers the service has not said it settled, by request id (a copy: the reader may drop some)."""
