@@ -78,9 +78,9 @@ FULL_CACHE = 0.9
 TOKENS_AFTER_ON_CPU = 16
 """Tokens a CPU step gives batch rows for :data:`RECENT_S` after an interactive row, unless the site says
 otherwise: a demo-model step of 16 decode rows takes 2 ms, of 64 rows 4-5 ms, one with a 2,048-token
-prefill up to 60 ms. Through the service, an interactive request beside a batch met its 1.5x target in 8 of
-9 runs with 16, in 6 of 11 with 64 (docs/performance.md). On a GPU there is no limit unless the site says
-so."""
+prefill up to 60 ms. Through the service, an interactive request beside a batch met its 1.5x target in
+nearly every run with 16, in about half with 64 (docs/performance.md). On a GPU there is no limit unless the
+site says so."""
 
 RECENT_S = 1.0
 """How long after an interactive row left the engine its steps stay short (:data:`TOKENS_AFTER_ON_CPU`)."""
