@@ -22,7 +22,7 @@ a task's new lines is long (on the demo model on a CPU, up to 60 ms against
 was in the engine, a step gives the batch rows at most ``tokens_after``
 tokens (vLLM leaves the rows beyond its token budget out of a step, as
 above, and prefills a long prompt in chunks): the next interactive request
-waits for a short step. The batch runs at 0.4-0.75x its rate while
+waits for a short step. The batch runs at 0.4-0.8x its rate while
 interactive requests keep coming (docs/performance.md), and at its full rate
 a second after the last: interactive first. (A cap on batch rows,
 :mod:`functions.batch_rows`, makes every batch step shorter, at the batch's
