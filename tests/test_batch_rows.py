@@ -388,6 +388,26 @@ def test_a_cpu_replica_pauses_every_batch_row_by_default_a_gpu_one_none_and_a_si
     assert tokens_after(16) == 16
 
 
+def test_steps_are_not_shortened_where_vllm_would_not_prefill_a_long_prompt_in_chunks(monkeypatch):
+    """Without chunked prefill a prompt longer than the short budget could never be scheduled while
+    interactive requests keep coming: the setting is then left off."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from functions.backends.interactive_first import InteractiveFirst
+
+    def bare(self, chunked):  # only what InteractiveFirst reads of vLLM's own start
+        self.policy = SchedulingPolicy.PRIORITY
+        self.scheduler_config = SimpleNamespace(enable_chunked_prefill=chunked)
+
+    monkeypatch.setattr(Scheduler, "__init__", bare)
+    monkeypatch.setenv("TPM_BATCH_TOKENS_AFTER_INTERACTIVE", "24")
+    assert InteractiveFirst(True).tokens_after == 24
+    assert InteractiveFirst(False).tokens_after is None
+
+
 # Last: it starts and closes an engine of its own, which takes down vLLM's process state the oracle uses.
 def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_serving_a_core(demo_model_dir,
                                                                                            monkeypatch):

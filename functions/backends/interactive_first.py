@@ -21,8 +21,9 @@ a task's new lines is long (on the demo model on a CPU, up to 60 ms against
 5 ms for 64 decode rows). So for :data:`RECENT_S` after an interactive row
 was in the engine, a step gives the batch rows at most ``tokens_after``
 tokens (vLLM leaves the rows beyond its token budget out of a step, as
-above, and prefills a long prompt in chunks): the next interactive request
-waits for a short step. The batch runs at 0.4-0.8x its rate while
+above, and prefills a long prompt in chunks; where chunked prefill is off,
+steps are not shortened): the next interactive request waits for a short
+step. The batch runs at 0.4-0.8x its rate while
 interactive requests keep coming (docs/performance.md), and at its full rate
 a second after the last: interactive first. (A cap on batch rows,
 :mod:`functions.batch_rows`, makes every batch step shorter, at the batch's
@@ -103,7 +104,10 @@ class InteractiveFirst(Scheduler):
         if self.policy == SchedulingPolicy.PRIORITY:
             policy = current_policy()
             self.paused_beyond = paused_beyond(policy.batch_rows_beside_interactive)
-            self.tokens_after = tokens_after(policy.batch_tokens_after_interactive)
+            # Without chunked prefill, a prompt longer than the short budget would wait for a second free
+            # of interactive requests, which a steady stream of them never leaves.
+            if self.scheduler_config.enable_chunked_prefill:
+                self.tokens_after = tokens_after(policy.batch_tokens_after_interactive)
         self._steps_paused = 0  # in a row, up to the last step
         self._interactive_at = float("-inf")  # when an interactive row was last in the engine (monotonic)
 
