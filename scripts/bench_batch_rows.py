@@ -232,7 +232,8 @@ def worker_loop(bench: Bench, shares: list[Share], lines: int, rounds: int,
         idle += bench.run(0, samples, gap)[0]
         for share in shares:
             # As a replica's scheduler reads its site's settings:
-            bench.scheduler.paused_beyond, bench.scheduler.tokens_after = paused_beyond(share[1]), tokens_after(share[2])
+            bench.scheduler.paused_beyond = paused_beyond(share[1])
+            bench.scheduler.tokens_after = tokens_after(share[2])
             backend = VllmBackend(bench.llm, 256, torch_threads_before=1, batch_rows=share[0])
             task = [backend.encode(GenerationRequest.create(PROMPTS[i % len(PROMPTS)], "demo", max_new_tokens=bench.tokens,
                                                             min_new_tokens=bench.tokens, priority=BATCH_PRIORITY))

@@ -172,18 +172,20 @@ class InteractiveFirst(Scheduler):
 def paused_beyond(configured: int | None) -> int | None:
     """The batch rows a replica keeps in a step beside interactive ones: the site's number, or by default
     :data:`ON_CPU` on a CPU and no pause on a GPU (None)."""
-    if configured is not None:
-        return configured
-    from vllm.platforms import current_platform
-
-    return ON_CPU if current_platform.is_cpu() else None
+    return _site_or_cpu_default(configured, ON_CPU)
 
 
 def tokens_after(configured: int | None) -> int | None:
     """The most tokens a replica's step gives batch rows just after an interactive one: the site's
     number, or by default :data:`TOKENS_AFTER_ON_CPU` on a CPU and no limit on a GPU (None)."""
+    return _site_or_cpu_default(configured, TOKENS_AFTER_ON_CPU)
+
+
+def _site_or_cpu_default(configured: int | None, on_cpu: int) -> int | None:
+    """``configured`` if the site set it; else ``on_cpu`` on a CPU, where a step's time grows with its rows,
+    and None (vLLM's own scheduling) on a GPU, where it barely does."""
     if configured is not None:
         return configured
     from vllm.platforms import current_platform
 
-    return TOKENS_AFTER_ON_CPU if current_platform.is_cpu() else None
+    return on_cpu if current_platform.is_cpu() else None
