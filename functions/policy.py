@@ -69,6 +69,10 @@ policy file on the endpoint host named there.
                             rows within a second of an interactive request
                             (so the next one waits for a short step, not a
                             long one). Unset: 16 on a CPU, no limit on a GPU.
+``TPM_STEP_TOKENS``         The most tokens one step of a vLLM replica's
+                            engine holds (vLLM's ``max_num_batched_tokens``).
+                            Unset: 512 on a CPU, vLLM's own server's size on
+                            a GPU (:mod:`functions.backends.step_size`).
 ``TPM_WORKER_POLICY``       A YAML or JSON file holding the same settings
                             (``allow_caller_code``, ``adapter_registry``,
                             ``max_result_bytes``, ``result_store``... the
@@ -117,6 +121,7 @@ VARIABLES = {
     "batch_rows": "TPM_BATCH_ROWS",
     "batch_rows_beside_interactive": "TPM_BATCH_ROWS_BESIDE_INTERACTIVE",
     "batch_tokens_after_interactive": "TPM_BATCH_TOKENS_AFTER_INTERACTIVE",
+    "step_tokens": "TPM_STEP_TOKENS",
 }
 """Policy field -> the environment variable that sets it."""
 
@@ -150,6 +155,8 @@ class WorkerPolicy(BaseModel):
             pause (None: 0 on a CPU, no pause on a GPU).
         batch_tokens_after_interactive: The most tokens its step gives batch rows within a second of an
             interactive row (None: 16 on a CPU, no limit on a GPU).
+        step_tokens: The most tokens one step of its engine holds (None: 512 on a CPU, vLLM's own
+            server's size on a GPU).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -170,6 +177,7 @@ class WorkerPolicy(BaseModel):
     batch_rows: int | None = Field(default=None, ge=1)
     batch_rows_beside_interactive: int | None = Field(default=None, ge=0)
     batch_tokens_after_interactive: int | None = Field(default=None, ge=1)
+    step_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("result_store")
     @classmethod

@@ -424,18 +424,21 @@ def test_a_replica_takes_its_cap_from_the_endpoints_policy_and_leaves_the_servin
     monkeypatch.setenv("TPM_BATCH_TOKENS_AFTER_INTERACTIVE", "24")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("TPM_STEP_TOKENS", raising=False)
     backend = VllmBackend.load(ModelSpec(name=MODEL, version="v", path=str(demo_model_dir), backend="vllm"))
     try:
         assert backend.batch_rows == 3
         scheduler = backend.llm.llm_engine.engine_core.engine_core.scheduler
-        # A step's rows and tokens as vLLM's own OpenAI server sizes them here (vllm.LLM's are offline sizes).
+        # A step's rows as vLLM's own OpenAI server sizes them here (vllm.LLM's are offline sizes), and its
+        # tokens too but on a CPU, where a step holds 512 (functions/backends/step_size.py).
         from vllm.engine.arg_utils import EngineArgs
         from vllm.usage.usage_lib import UsageContext
 
         tokens, rows = EngineArgs.get_batch_defaults(1)
         config = scheduler.scheduler_config
         assert (config.max_num_seqs, config.max_num_batched_tokens) == (
-            rows[UsageContext.OPENAI_API_SERVER], tokens[UsageContext.OPENAI_API_SERVER])
+            rows[UsageContext.OPENAI_API_SERVER],
+            tokens[UsageContext.OPENAI_API_SERVER] if torch.cuda.is_available() else 512)
         assert type(scheduler).__name__ == "InteractiveFirst"
         assert scheduler.paused_beyond == (0 if not torch.cuda.is_available() else None)  # the platform's default
         assert scheduler.tokens_after == 24  # the endpoint's, read when the engine starts

@@ -104,6 +104,18 @@ def test_greedy_matches_vllm_called_directly(vllm_runtime, direct_llm):
     assert result.token_ids == direct_greedy(direct_llm, PROMPTS, 24)
 
 
+def test_a_burst_over_several_steps_matches_vllm_called_directly(vllm_runtime, direct_llm):
+    """More prompt tokens than one of the replica's steps holds on a CPU (512, functions/backends/step_size.py):
+    vLLM prefills them over several steps, a prompt that straddles two in chunks, and the tokens are those of
+    vLLM's engine prefilling them all in one step (the oracle's offline step holds 4,096)."""
+    prompts = [f"{i}: " + "The cell membrane keeps the inside of the cell apart from the outside. " * 5
+               for i in range(12)]
+    tokenizer = direct_llm.get_tokenizer()
+    assert sum(len(tokenizer(prompt)["input_ids"]) for prompt in prompts) > 2 * 512
+    result = vllm_runtime.generate(prompts, max_new_tokens=16).result(timeout=300)
+    assert result.token_ids == direct_greedy(direct_llm, prompts, 16)
+
+
 def test_greedy_matches_the_torch_backend(vllm_runtime, runtime):
     on_vllm = vllm_runtime.generate(PROMPTS, max_new_tokens=24).result(timeout=300)
     on_torch = runtime.generate(PROMPTS, max_new_tokens=24).result(timeout=300)

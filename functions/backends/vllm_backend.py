@@ -20,6 +20,7 @@ from typing import Any
 
 from functions.backends.base import EncodedRequest, encode_request, token_id_set
 from functions.backends.cpu_threads import engine_threads
+from functions.backends.step_size import step_limits
 from functions.batch_rows import BatchRows, is_batch_line
 from functions.text_deltas import ready_length
 from tpm_fed.protocol.errors import ModelLoadError
@@ -76,13 +77,14 @@ class VllmBackend:
         from functions.backends.interactive_first import InteractiveFirst
         from functions.policy import current_policy
 
+        policy = current_policy()
         path = Path(spec.path)
         if spec.source == "store":
             from functions.model_cache import default_cache, materialized_version
             from tpm_fed.storage.store_reader import StoreReader
 
             path = materialized_version(StoreReader(path), spec.version,
-                                        current_policy().model_cache or default_cache())
+                                        policy.model_cache or default_cache())
         threads = torch.get_num_threads()
         on_gpu = torch.cuda.is_available()
         if not on_gpu and spec.tensor_parallel_size == 1 and (serving := engine_threads()) is not None:
@@ -90,7 +92,8 @@ class VllmBackend:
             # started here, vLLM replaces torch.set_num_threads with a no-op (it binds threads in its own worker
             # processes; in-process nothing is bound, so changing the count is safe).
             torch._C.set_num_threads(serving)
-        batch_limits = server_batch_limits(spec.tensor_parallel_size)
+        # A step's rows and tokens: vLLM's own server's, but shorter steps on a CPU (see step_size).
+        step = step_limits(spec.tensor_parallel_size, path, policy.step_tokens)
         try:
             llm = LLM(
                 model=str(path),
@@ -107,14 +110,13 @@ class VllmBackend:
                 # CUDA graphs pay off on GPUs; on CPU eager mode is what vLLM supports best.
                 enforce_eager=not on_gpu,
                 disable_log_stats=True,
-                **batch_limits,
+                **step,
             )
         except Exception as error:
             raise ModelLoadError(
                 f"model {spec.name!r}: vllm could not start on {path}: {type(error).__name__}: {error}"
             ) from None
         context = int(llm.llm_engine.model_config.max_model_len)
-        policy = current_policy()
         return cls(llm, context, threads, batch_rows=policy.batch_rows)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
@@ -283,21 +285,6 @@ class VllmBackend:
         self.llm = None
         gc.collect()
         torch._C.set_num_threads(self._torch_threads_before)  # torch.set_num_threads may be vLLM's no-op now (load)
-
-
-def server_batch_limits(world_size: int) -> dict[str, int]:
-    """The rows and tokens a step may hold, as vLLM's own OpenAI server sizes them on this hardware.
-
-    A replica serves requests as they come, as vLLM's server does; ``vllm.LLM`` takes the sizes of
-    offline batch runs instead (on a CPU 256 rows and 4,096 tokens a step, against the server's 128 and
-    2,048), and a longer step is what an arriving interactive request waits for."""
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.usage.usage_lib import UsageContext
-
-    tokens, rows = EngineArgs.get_batch_defaults(world_size)
-    limits = {"max_num_batched_tokens": tokens.get(UsageContext.OPENAI_API_SERVER),
-              "max_num_seqs": rows.get(UsageContext.OPENAI_API_SERVER)}
-    return {name: value for name, value in limits.items() if value is not None}
 
 
 class _Running:

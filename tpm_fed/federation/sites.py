@@ -97,6 +97,9 @@ class WorkerSettings(_Strict):
         batch_tokens_after_interactive: The most tokens a vLLM replica's step gives batch lines within a
             second of an interactive request, so the next one waits for a short step
             (``TPM_BATCH_TOKENS_AFTER_INTERACTIVE``). Unset: 16 on a CPU, no limit on a GPU.
+        step_tokens: The most tokens one step of a vLLM replica's engine holds, so a burst of prompts is
+            prefilled over several short steps (``TPM_STEP_TOKENS``). Unset: 512 on a CPU, vLLM's own
+            server's size on a GPU.
     """
 
     allow_caller_code: bool | None = None
@@ -106,6 +109,7 @@ class WorkerSettings(_Strict):
     batch_rows: int | None = Field(default=None, ge=1)
     batch_rows_beside_interactive: int | None = Field(default=None, ge=0)
     batch_tokens_after_interactive: int | None = Field(default=None, ge=1)
+    step_tokens: int | None = Field(default=None, ge=1)
 
 
 class SiteConfig(_Strict):

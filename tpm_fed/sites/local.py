@@ -63,6 +63,8 @@ class LocalSite(EngineSite):
             engine's default, 0 on a CPU and no pause on a GPU).
         batch_tokens_after_interactive: The most tokens its step gives batch rows within a second of an
             interactive row (None: the engine's default, 16 on a CPU and no limit on a GPU).
+        step_tokens: The most tokens one step of its engine holds (None: the engine's default, 512 on a
+            CPU and vLLM's own server's size on a GPU).
     """
 
     access = "local"
@@ -72,7 +74,7 @@ class LocalSite(EngineSite):
                  inline_result_bytes: int | None = None, result_retention_s: float | None = None,
                  model_roots: Iterable[Path | str] | None = None, batch_rows: int | None = None,
                  batch_rows_beside_interactive: int | None = None,
-                 batch_tokens_after_interactive: int | None = None) -> None:
+                 batch_tokens_after_interactive: int | None = None, step_tokens: int | None = None) -> None:
         super().__init__(name, run_dir)
         self._workers = workers
         self.allow_caller_code = allow_caller_code
@@ -84,6 +86,7 @@ class LocalSite(EngineSite):
         self.batch_rows = batch_rows
         self.batch_rows_beside_interactive = batch_rows_beside_interactive
         self.batch_tokens_after_interactive = batch_tokens_after_interactive
+        self.step_tokens = step_tokens
 
     @classmethod
     def from_config(cls, config: SiteConfig, run_dir: Path, model_roots: Iterable[Path] | None = None) -> Self:
@@ -93,7 +96,8 @@ class LocalSite(EngineSite):
                    result_retention_s=config.worker.result_retention_s, model_roots=model_roots,
                    batch_rows=config.worker.batch_rows,
                    batch_rows_beside_interactive=config.worker.batch_rows_beside_interactive,
-                   batch_tokens_after_interactive=config.worker.batch_tokens_after_interactive)
+                   batch_tokens_after_interactive=config.worker.batch_tokens_after_interactive,
+                   step_tokens=config.worker.step_tokens)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "workers": self.workers,
@@ -103,6 +107,7 @@ class LocalSite(EngineSite):
                 "result_retention_s": self.result_retention_s, "batch_rows": self.batch_rows,
                 "batch_rows_beside_interactive": self.batch_rows_beside_interactive,
                 "batch_tokens_after_interactive": self.batch_tokens_after_interactive,
+                "step_tokens": self.step_tokens,
                 "model_roots": None if self.model_roots is None else [str(root) for root in self.model_roots]}
 
     @property
@@ -123,7 +128,8 @@ class LocalSite(EngineSite):
                                 ("TPM_RESULT_RETENTION_S", self.result_retention_s),
                                 ("TPM_BATCH_ROWS", self.batch_rows),
                                 ("TPM_BATCH_ROWS_BESIDE_INTERACTIVE", self.batch_rows_beside_interactive),
-                                ("TPM_BATCH_TOKENS_AFTER_INTERACTIVE", self.batch_tokens_after_interactive)):
+                                ("TPM_BATCH_TOKENS_AFTER_INTERACTIVE", self.batch_tokens_after_interactive),
+                                ("TPM_STEP_TOKENS", self.step_tokens)):
             lines.append(f"unset {variable}" if value is None else f"export {variable}={shlex.quote(str(value))}")
         return "\n".join(lines)
 
