@@ -27,9 +27,14 @@ Models: ``demo`` (the demo model, trained here) and ``smollm2`` (the real
 with ``tpm models add``, so it is served from the model store; vLLM's server
 loads the plain folder).
 
+The service's replicas step at most 512 tokens on a CPU, vLLM's server 2,048
+(``functions/backends/step_size.py``). ``--vllm-step-tokens 512`` starts vLLM's
+server with the same (``--max-num-batched-tokens``), to tell what the step size
+gives from what the service's path does.
+
 Usage:
     python scripts/bench_vllm_client.py [--models demo,smollm2] [--loads streams,one-token] [--runs 1]
-        [--servers vllm,service] [--num-prompts N]
+        [--servers vllm,service] [--num-prompts N] [--vllm-step-tokens N]
 
 Failed requests are counted and printed; a run with any is reported as such.
 """
@@ -148,6 +153,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="per run (default: the client's own 1,000; 64 on SmolLM2)")
+    parser.add_argument("--vllm-step-tokens", type=int, default=None,
+                        help="start vLLM's server with --max-num-batched-tokens N (default: its own size)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="copy each run's result (vLLM's per-request detail included) into this folder")
     parser.add_argument("--demo-dir", type=Path, default=None,
@@ -171,7 +178,8 @@ def main() -> None:
             vllm_server = vllm_url = None
             if "vllm" in servers:
                 log(f"{model_name}: starting vLLM's own OpenAI server...")
-                vllm_server, vllm_url = start_vllm_server(model_dir)
+                step = ("--max-num-batched-tokens", str(args.vllm_step_tokens)) if args.vllm_step_tokens else ()
+                vllm_server, vllm_url = start_vllm_server(model_dir, *step)
             try:
                 with tpm_serve(home) as (tpm_url, headers):
                     token = headers["Authorization"].removeprefix("Bearer ")
@@ -206,7 +214,8 @@ def main() -> None:
 
     print(f"started {started_on}; ended {machine()}")
     print("vLLM's benchmark client (vllm.benchmarks.serve, defaults, random dataset, ignore_eos), "
-          "the service over vLLM's own server:")
+          "the service over vLLM's own server"
+          + (f" (started with --max-num-batched-tokens {args.vllm_step_tokens}):" if args.vllm_step_tokens else ":"))
     print(f"{'model':8} {'load':10} {'run':>3}  {'server':8} {'done':>5} {'failed':>6} {'out tok/s':>9} "
           f"{'req/s':>7} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")
     for model_name, load_name, run, figures in results:
