@@ -11,13 +11,15 @@ On a CPU a step's time grows with its tokens. Clients that send together
 the engine a burst of prompts, and prefilled in one long step they all have
 their first token at its end. With steps of at most :data:`STEP_TOKENS_ON_CPU`
 tokens, vLLM prefills the burst in chunks, a few prompts a step, and the
-first of them have their first token after the first step; decode steps
-(one token a row) are not affected. Measured on the engine alone here (16
-prompts of 64 tokens, 64 out; ``scripts/bench_step_tokens.py``,
-docs/performance.md), 512 tokens a step against the server's 2,048 gave the
-burst's median first token at about 0.6-0.75x, its last no later, and the
-whole burst no slower, on the demo model and on the 135 M-parameter SmolLM2;
-256 was worse than 512 on both.
+first of them have their first token after the first step; a decode step
+(one token a row) fits either way. Measured on the engine alone here (a
+burst of 16 prompts of 64 tokens, 64 out; ``scripts/bench_step_tokens.py``,
+docs/performance.md), 512 tokens a step against the server's 2,048: the
+burst's median first token at 0.71-0.76x, its last at 1.01-1.11x, and the
+whole burst in 0.77-0.99x the time, on the demo model and on the
+135 M-parameter SmolLM2. 256 did about as well on SmolLM2 but worse on the
+demo model, whose steps cost more per token the smaller they are (its last
+first token at 1.35x).
 
 A site's ``worker.step_tokens`` (``TPM_STEP_TOKENS``) sets it either way.
 Unset on a GPU, the server's own size stands (not measured there). Where
