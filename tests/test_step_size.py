@@ -62,16 +62,13 @@ def test_the_sites_number_stands_and_a_step_never_holds_more_rows_than_tokens(tm
 def test_without_chunked_prefill_vllm_sizes_the_step(tmp_path):
     """An encoder-decoder is prefilled whole: a step below its context would refuse long prompts, so by default
     the token budget is left to vLLM (which sizes it to the context); a site's own number is passed on."""
-    from vllm.platforms import current_platform
-
     from functions.backends.step_size import chunked_prefill, step_limits
 
     folder = model_dir(tmp_path / "encoder-decoder", is_encoder_decoder=True)
     assert not chunked_prefill(folder)
     assert chunked_prefill(model_dir(tmp_path / "decoder"))
     _, rows = server_sizes()
-    if current_platform.is_cpu():
-        assert step_limits(1, folder, None) == {"max_num_seqs": rows}
+    assert step_limits(1, folder, None) == {"max_num_seqs": rows}
     assert step_limits(1, folder, 4096)["max_num_batched_tokens"] == 4096
 
 

@@ -24,8 +24,9 @@ first token at 1.35x).
 A site's ``worker.step_tokens`` (``TPM_STEP_TOKENS``) sets it either way.
 Unset on a GPU, the server's own size stands (not measured there). Where
 chunked prefill is off (encoder-decoder models, RISC-V CPUs), a step must
-hold a whole prompt, so by default vLLM sizes it; a site's number is passed
-on, and vLLM refuses to start below the model's context.
+hold a whole prompt, so by default vLLM sizes it to the model's context,
+on any hardware; a site's number is passed on, and vLLM refuses to start
+below the context.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def step_limits(world_size: int, model_dir: Path, configured_tokens: int | None)
     limits = {"max_num_batched_tokens": tokens.get(UsageContext.OPENAI_API_SERVER),
               "max_num_seqs": rows.get(UsageContext.OPENAI_API_SERVER)}
     budget = configured_tokens
-    if budget is None and current_platform.is_cpu():
-        budget = STEP_TOKENS_ON_CPU if chunked_prefill(model_dir) else None
-        if budget is None:  # a step must hold the longest prompt: vLLM's own sizing knows the context
+    if budget is None:
+        if not chunked_prefill(model_dir):  # a step must hold a whole prompt: vLLM sizes it to the context
             del limits["max_num_batched_tokens"]
+        elif current_platform.is_cpu():
+            budget = STEP_TOKENS_ON_CPU
     if budget is not None:
         limits["max_num_batched_tokens"] = budget
         if limits["max_num_seqs"] is not None:  # vLLM asks for no more rows than tokens in a step
