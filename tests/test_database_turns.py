@@ -134,3 +134,50 @@ def test_a_person_s_request_reserves_and_settles_first_and_a_batch_line_does_not
     settlement.reserve(pending)
     settlement.settle(pending, [InvalidRequest("answered")])
     assert recorder.first == [first, first]
+
+
+def test_a_writer_that_may_not_wait_is_refused_at_once_while_another_writes(engine, tmp_path):
+    """``writing_now()`` (a reservation made on the event loop): while another writer of this process holds the
+    database, or another process (a ``tpm`` command on the same file) holds SQLite's own lock, a transaction
+    raises WriterBusy at once and writes nothing; free, it writes; either way the lock is free for the next.
+    (Without it, the first waits for its turn and the second for SQLite's 30 s busy timeout.)"""
+    import sqlite3
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with engine.begin() as db:
+            db.execute(insert(order_table).values(who="holder"))
+            holding.set()
+            release.wait(10)
+
+    def write_now(who: str) -> float:
+        started = time.monotonic()
+        with database.writing_now(), engine.begin() as db:
+            db.execute(insert(order_table).values(who=who))
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(hold)
+        assert holding.wait(10)
+        started = time.monotonic()
+        with pytest.raises(database.WriterBusy):
+            write_now("while this process writes")
+        assert time.monotonic() - started < 1.0
+        release.set()
+        held.result(10)
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(database.WriterBusy):
+            write_now("while another process writes")
+        assert time.monotonic() - started < 1.0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert write_now("free") < 1.0
+    with engine.begin() as db:  # the turn was given back each time, and SQLite's busy timeout put back
+        db.execute(insert(order_table).values(who="after"))
+        assert db.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(database.BUSY_TIMEOUT_S * 1000)
+    assert writes_in_order(engine) == ["holder", "free", "after"]

@@ -363,6 +363,56 @@ def test_waiting_requests_join_a_running_task_and_each_is_settled_once():
     assert not trace.done() and not lines[1].done()
 
 
+class BusyLedger(Ledger):
+    """A recorder whose database may be held by another writer (what writing_now() raises then)."""
+
+    busy = False
+
+    def record_sent(self, site, version, requests):
+        if self.busy:
+            from tpm_fed.state import WriterBusy
+
+            raise WriterBusy("another writer holds the database")
+        return super().record_sent(site, version, requests)
+
+
+def test_an_interactive_request_is_handed_to_a_running_task_in_the_pass_that_queues_it():
+    """A route queues an interactive request on the loop that serves a running task's channel: before submit
+    returns it is taken, reserved and handed over, with no take woken on the loop and no thread (a take's wake
+    waits behind the rest of a burst of requests). A batch line still waits for a take. Where the ledger would
+    have to wait for another writer, the request goes back to the front of the queue, not reserved, and the
+    task's take has it. (Without the hand-over, submit returns with the request still queued.)"""
+    site, hub, ledger = HeldSite(), Hub(), BusyLedger()
+    dispatcher = ReplicaDispatcher(site, VLLM_SPEC, max_batch=8, max_in_flight=1, recorder=ledger, channels=hub)
+    dispatcher.submit(request("running"))
+    (hooks,) = hub.hooks
+    handed: list[list] = []
+
+    def hand() -> bool:  # what the channel's route registers (routes_channel._hand_now, less its socket)
+        wires = hooks.reserve_now()
+        if wires is None:
+            return False
+        handed.append([wire["prompts"] for wire in wires])
+        return True
+
+    hooks.hands_now(hand)
+
+    async def route(text: str, background: bool = False) -> tuple[bool, int]:
+        queued = request(text)
+        dispatcher.submit(queued, background=background)
+        return queued.request_id in ledger.sent, dispatcher.waiting
+
+    assert asyncio.run(route("now")) == (True, 0) and handed == [[["now"]]]
+    assert asyncio.run(route("line", background=True)) == (False, 1) and handed == [[["now"]]]
+    ledger.busy = True
+    assert asyncio.run(route("busy")) == (False, 2) and handed == [[["now"]]]
+    ledger.busy = False
+    joined, more = asyncio.run(hooks.join(0.0))
+    assert more and [r["prompts"] for r in joined] == [["busy"], ["line"]]  # the person's first, as queued
+    hooks.hands_now(None)
+    assert asyncio.run(route("later")) == (False, 1)  # no hand-over registered: the take has it
+
+
 def test_a_joined_request_settled_early_and_left_out_of_the_result_is_settled_once_and_not_run_again():
     """A long-lived task's worker drops the early answers the service said it settled (Settled frames), so the
     task's result no longer names them: such a request is not taken for one the worker never read."""

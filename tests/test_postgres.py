@@ -201,3 +201,20 @@ def test_several_processes_reserving_against_one_allocation_cannot_overspend_on_
     (balance,) = ledger.balances()
     assert balance.spent_usu == len(settled) * (SU // 10) == sum(c.charged_usu for c in settled)
     assert balance.reserved_usu == 0 and balance.available_usu >= 0
+
+
+def test_a_writer_that_may_not_wait_does_not_write_on_postgres(ledger):
+    """``writing_now()`` (a reservation made on the event loop) never writes on PostgreSQL, where a row lock may
+    wait for another transaction: it raises WriterBusy at once and nothing is reserved (the route's hand-over
+    leaves the request to the task's take, off the loop). Outside it, the same reservation goes through."""
+    from tpm_fed.state import WriterBusy, writing_now
+
+    with pytest.raises(WriterBusy), writing_now():
+        ledger.reserve("now", project="p", site="s", identity="u", model="m", version="v", kind="generate",
+                       estimate_usu=SU)
+    (balance,) = ledger.balances()
+    assert balance.reserved_usu == 0
+    ledger.reserve("now", project="p", site="s", identity="u", model="m", version="v", kind="generate",
+                   estimate_usu=SU)
+    (balance,) = ledger.balances()
+    assert balance.reserved_usu == SU

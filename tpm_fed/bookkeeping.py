@@ -44,7 +44,7 @@ from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ChargeInfo, ServedResult, TensorResult
 from tpm_fed.references.reader import StoreTensorReader
 from tpm_fed.references.records import ReferenceRecords
-from tpm_fed.state import RequestLog
+from tpm_fed.state import RequestLog, WriterBusy
 from tpm_fed.state.schema import MICRO
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ class Bookkeeper:
         to_reserve = [a for a in pending if not a.reserved]
         try:
             refused = self._reserve_and_log(site, version, requests, to_reserve)
+        except WriterBusy:  # nothing was written, and they will be reserved later: their holds stay
+            raise
         except BaseException:  # nothing was reserved; the batch fails and its outcomes say so
             for a in to_reserve:
                 self.broker.balances.unhold(a.project, a.site, a.estimate_usu, reserved=False)
@@ -145,7 +147,6 @@ class Bookkeeper:
         holds = [dataclasses.replace(a.hold(), deadline=deadline) for a in to_reserve]
         with self._lock:
             resent = [r for r in requests if r.request_id in self._resent]
-            self._resent.difference_update(r.request_id for r in resent)
         fresh = [r for r in requests if r.request_id not in {x.request_id for x in resent}]
 
         def once(look_first: bool) -> dict[str, BaseException]:
@@ -156,9 +157,12 @@ class Bookkeeper:
             return refused
 
         try:
-            return once(look_first=False)
+            refused = once(look_first=False)
         except IntegrityError:  # an id was charged or logged already: again, looking first
-            return once(look_first=True)
+            refused = once(look_first=True)
+        with self._lock:  # logged as resent now (not before: a write that did not happen is tried again)
+            self._resent.difference_update(r.request_id for r in resent)
+        return refused
 
     def record_outcomes(
         self, outcomes: dict[str, ServedResult | BaseException]

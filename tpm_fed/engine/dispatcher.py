@@ -132,8 +132,11 @@ class ReplicaDispatcher:
                           background=background)
         with self._lock:
             batch = self._queue.arrive(pending, pending.submitted, background)
-            self._joining.asks.wake()
             self._follow_linger_locked()
+        # A running task whose channel is on this thread's event loop takes it in this pass; else a take does.
+        if batch or background or not self._joining.join_now():
+            with self._lock:
+                self._joining.asks.wake()
         if batch and send_on is not None:
             send_on.submit(self._on_slot, batch)
         else:

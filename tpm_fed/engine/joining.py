@@ -12,11 +12,22 @@ the queue, still reserved, for the next task.
 A take waits on the event loop (:mod:`tpm_fed.engine.asks`), never on a thread;
 the next take begins while the last one's requests are being reserved, so a
 running task always has one open.
+
+An interactive request placed on the loop that serves a running task's
+channel does not wait for that take: the route that placed it hands it over
+in its own pass (:meth:`Joining.join_now`), reserved on the loop, where the
+database's write lock is free at once (:func:`~tpm_fed.state.writing_now`).
+The take's wake is a callback queued behind whatever the loop has to do
+first, and 16 streams' next requests come together: taken by the take, a
+burst waited for the last of its requests to be placed, and was prefilled
+in one step (docs/performance.md, tenth session). Otherwise (the lock is
+busy, another loop, PostgreSQL) the take has it, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from tpm_fed.engine.asks import RESERVING, OpenAsks
@@ -28,6 +39,7 @@ from tpm_fed.engine.reply import ReplyReader
 from tpm_fed.engine.running_task import RunningTask
 from tpm_fed.engine.settlement import Settlement
 from tpm_fed.protocol.errors import SiteError
+from tpm_fed.state import WriterBusy, writing_now
 
 JOIN_FOR_S = 225.0
 """How long after it began a running task may take in requests (at most a quarter of the task timeout)."""
@@ -41,6 +53,45 @@ class Joining:
         self.lock, self.queue, self.settlement, self.reader = lock, queue, settlement, reader
         self.join_for_s = join_for_s
         self.asks = OpenAsks()
+        self._now: dict[int, Callable[[], bool]] = {}  # id(running task) -> its hand-over in a route's pass
+
+    def join_now(self) -> bool:
+        """From the route that just queued an interactive request: hand it (and any others waiting) to a running
+        task now, if one takes requests on this thread's event loop and the ledger can reserve them without
+        waiting. False: they wait for the tasks' takes."""
+        with self.lock:
+            handers = list(self._now.values())
+        return any(hand() for hand in handers)
+
+    def hands_now(self, task: RunningTask, hand: Callable[[], bool] | None) -> None:
+        """``task``'s channel hands requests over in a route's pass with ``hand`` (which says whether it did),
+        from now on; None: no more."""
+        with self.lock:
+            if hand is None:
+                self._now.pop(id(task), None)
+            else:
+                self._now[id(task)] = hand
+
+    def reserve_now(self, task: RunningTask) -> list[dict[str, Any]] | None:
+        """On the event loop: the interactive requests waiting that may join ``task``, taken and reserved now
+        (their wire forms). None: none waited, the task takes no more, or the ledger would have had to wait
+        for another writer (then they are back at the front of the queue, untouched, for the task's take)."""
+        with self.lock:
+            if not task.joinable or now() - task.started > self.join_for_s:
+                return None
+            taken = self.queue.take_joining(0)  # no room given to batch lines: interactive requests only
+            if not taken:
+                return None
+            task.joining += len(taken)
+        try:
+            with writing_now():
+                wires, running = self._join(task, taken)
+        except WriterBusy:
+            with self.lock:
+                task.joining -= len(taken)
+                self.queue.hand_back(taken)
+            return None
+        return wires if running else None
 
     def hooks(self, task: RunningTask) -> TaskHooks:
         return TaskHooks(self, task)
@@ -86,6 +137,8 @@ class Joining:
         """Reserve ``taken`` and add it to ``task`` (settled at once if the task ended meanwhile)."""
         try:
             refused = self.settlement.reserve(taken)
+        except WriterBusy:  # reserve_now's: nothing was written
+            raise
         except Exception as error:  # the log or the ledger could not take them
             refused = {p.request_id: error for p in taken}
         for pending in taken:
@@ -145,6 +198,12 @@ class TaskHooks:
 
     async def reserve(self, taken: list[Pending]) -> tuple[list[dict[str, Any]], bool]:
         return await self.joining.reserve(self.task, taken)
+
+    def reserve_now(self) -> list[dict[str, Any]] | None:
+        return self.joining.reserve_now(self.task)
+
+    def hands_now(self, hand: Callable[[], bool] | None) -> None:
+        self.joining.hands_now(self.task, hand)
 
     def stop_joining(self) -> None:
         self.joining.stop(self.task)

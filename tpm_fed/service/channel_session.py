@@ -50,6 +50,16 @@ class Joins(Protocol):
         """Reserve what :meth:`take` took: their wire forms, and whether the task still runs."""
         ...
 
+    def reserve_now(self) -> list[dict[str, Any]] | None:
+        """On the event loop, in a route's pass: the interactive requests waiting, taken and reserved now (their
+        wire forms), or None (none, or the ledger would have had to wait: :meth:`take` has them)."""
+        ...
+
+    def hands_now(self, hand: Any) -> None:
+        """Routes that queue an interactive request call ``hand()`` (True: it was handed over) from now on;
+        None: no more."""
+        ...
+
     def stop_joining(self) -> None:
         """The worker takes no more (its engine ran dry); a waiting :meth:`take` returns now."""
         ...

@@ -7,7 +7,9 @@ as they are taken from its replica's queue. A socket is only the channel's curre
 (:class:`~tpm_fed.service.channel_session.Session`): a worker frame is taken once, by its number, and the
 task's joiner outlives a dropped socket (what it pushes meanwhile goes out on the worker's next one).
 Only what touches the ledger leaves the loop: reserving a
-joining request (:data:`tpm_fed.engine.asks.RESERVING`) and settling an early answer (:data:`SETTLING`).
+joining request (:data:`tpm_fed.engine.asks.RESERVING`) and settling an early answer (:data:`SETTLING`),
+but for an interactive request the route that queued it hands over in its own pass, where the database
+takes it at once (:meth:`tpm_fed.engine.joining.Joining.join_now`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tpm_fed.protocol.back_channel import (
 )
 from tpm_fed.protocol.errors import TpmError
 from tpm_fed.service.back_channel_hub import BackChannelHub
-from tpm_fed.service.channel_session import Link
+from tpm_fed.service.channel_session import Link, running_loop
 
 logger = logging.getLogger(__name__)
 
@@ -165,12 +167,14 @@ async def _push_joins(hub: BackChannelHub, link: Link) -> None:
     joins = link.joins
     assert joins is not None
     reserving: set[asyncio.Task] = set()
+    joins.hands_now(lambda: _hand_now(hub, link))
     try:
         while (taken := await joins.take(TAKE_WAIT_S)) is not None:
             if taken:
                 reserving.add(asyncio.ensure_future(_reserve_and_push(hub, link, taken)))
                 reserving = {task for task in reserving if not task.done()}
     finally:
+        joins.hands_now(None)
         if reserving:
             await asyncio.wait(reserving)  # never cancels them: a taken request is always reserved or settled
     link.push(JoinsEnded())
@@ -178,6 +182,23 @@ async def _push_joins(hub: BackChannelHub, link: Link) -> None:
 
 async def _reserve_and_push(hub: BackChannelHub, link: Link, taken: list[Pending]) -> None:
     wires, _ = await link.joins.reserve(taken)  # type: ignore[union-attr]
+    _push(hub, link, wires)
+
+
+def _hand_now(hub: BackChannelHub, link: Link) -> bool:
+    """In the pass of the route that queued an interactive request, on this channel's loop: hand it over now
+    (taken, reserved and pushed; the writer sends it at the loop's next turn). False where it cannot be done
+    without waiting: the joiner's take has it."""
+    if running_loop() is not link.loop or link.joins is None:
+        return False
+    wires = link.joins.reserve_now()
+    if wires is None:
+        return False
+    _push(hub, link, wires)
+    return True
+
+
+def _push(hub: BackChannelHub, link: Link, wires: list[dict[str, Any]]) -> None:
     if wires:
         hub.joined(link.token, [wire["request_id"] for wire in wires])  # its secret may answer these now
         link.push(Joined(requests=wires))

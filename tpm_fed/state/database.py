@@ -43,6 +43,7 @@ def open_database(url: str) -> Engine:
             raise MissingDependency(
                 f"the database URL needs the Python package {error.name!r}, which is not installed: "
                 "for PostgreSQL, pip install 'tpm-fed[postgres]' and use postgresql+psycopg://...") from None
+        event.listen(engine, "begin", _no_writer_now)
     metadata.create_all(engine)
     _rename_tier_column(engine)
     add_missing_columns(engine)
@@ -100,6 +101,30 @@ BUSY_TIMEOUT_S = 30.0
 
 
 _FIRST = threading.local()
+_NOW = threading.local()
+
+
+class WriterBusy(Exception):  # noqa: N818 - a state, as SQLite's "database is locked" is
+    """Inside :func:`writing_now`: the write lock is not free at once (nothing was written)."""
+
+
+@contextmanager
+def writing_now() -> Iterator[None]:
+    """Transactions this thread begins inside never wait for the database's write lock: on SQLite they take
+    it only if no other writer holds it (this process's turn and SQLite's own lock), and raise
+    :class:`WriterBusy` at once otherwise; on PostgreSQL, where a row lock may wait for another transaction,
+    they raise it at once. For a write on an event loop, which must not stall behind another writer."""
+    before = getattr(_NOW, "on", False)
+    _NOW.on = True
+    try:
+        yield
+    finally:
+        _NOW.on = before
+
+
+def _no_writer_now(_connection: Connection) -> None:
+    if getattr(_NOW, "on", False):
+        raise WriterBusy("this database's writers may wait for a lock: not written now")
 
 
 @contextmanager
@@ -135,6 +160,12 @@ class _WriterTurns:
         self._first_waiting = 0  # writers inside writing_first() waiting for their turn
 
     def _take(self) -> bool:
+        if getattr(_NOW, "on", False):  # writing_now(): the turn if it is free, else no wait at all
+            with self._turns:
+                if self._taken:
+                    raise WriterBusy("another writer of this process holds the database")
+                self._taken = True
+                return True
         first = getattr(_FIRST, "on", False)
         with self._turns:
             self._first_waiting += first
@@ -154,8 +185,20 @@ class _WriterTurns:
         if not connection.info.get("writer_turn"):
             # Not given in time (a transaction left open): SQLite's busy timeout decides, as before.
             connection.info["writer_turn"] = self._take()
+        now = getattr(_NOW, "on", False)
         try:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            if now:  # another process (a tpm command) may hold SQLite's own lock: fail, do not wait
+                connection.exec_driver_sql("PRAGMA busy_timeout=0")
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                if now:
+                    connection.exec_driver_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        except OperationalError as error:
+            self._give_back(connection)
+            if now and "locked" in str(error):
+                raise WriterBusy("another process holds the database") from None
+            raise
         except BaseException:
             self._give_back(connection)
             raise
