@@ -184,6 +184,8 @@ class Link:
         self.wake = asyncio.Event()
         self.written = written  # the last numbered frame sent on this socket (or that the worker had)
         self.replaced = False  # a newer socket carries the channel: this one closes
+        self.socket: Any = None  # the route's WebSocket (routes_channel writes to it)
+        self.writing: asyncio.Future | None = None  # a send to the socket in progress: the next waits for it
         self._welcome: Welcome | None = welcome
         self.wake.set()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,6 +67,7 @@ async def channel(socket: WebSocket) -> None:
     except (TpmError, ValueError) as error:  # ValidationError is a ValueError
         await _refuse(socket, error)
         return
+    link.socket = socket
     writer = asyncio.create_task(_write(socket, link))
     clean = False
     try:
@@ -149,9 +151,17 @@ async def _write(socket: WebSocket, link: Link) -> None:
         while True:
             await link.wake.wait()
             link.wake.clear()
+            while link.writing is not None:  # a hand-over's frame that had to wait: what is due now goes after
+                await asyncio.wait({link.writing})
             texts, closing = link.due()
-            for text in texts:
-                await socket.send_text(text)
+            if texts:
+                link.writing = asyncio.get_running_loop().create_future()
+                try:
+                    for text in texts:
+                        await socket.send_text(text)
+                finally:
+                    link.writing.set_result(None)
+                    link.writing = None
             if closing:
                 await socket.close()
                 return
@@ -195,7 +205,66 @@ def _hand_now(hub: BackChannelHub, link: Link) -> bool:
     if wires is None:
         return False
     _push(hub, link, wires)
+    if (carrier := link.session.link) is not None:
+        _send_now(carrier)
     return True
+
+
+def _send_now(link: Link) -> None:
+    """In the caller's pass, on the loop: send what is due on ``link``'s socket now, not at the writer's next
+    turn of the loop (which comes after whatever the loop had queued: the rest of a burst of requests). Only
+    where no send is in progress (it would go out of order); a send the socket cannot take at once is finished
+    by a task, which the writer waits for."""
+    if link.writing is not None or link.socket is None or not link.current:
+        return  # the writer sends it: push() woke it
+    texts, _ = link.due()
+    if not texts:
+        return
+    try:
+        unfinished = run_now(_send_all(link.socket, texts))
+    except (WebSocketDisconnect, RuntimeError, OSError):  # the socket is gone: the reader sees it too
+        return
+    if unfinished is not None:
+        link.writing = unfinished
+        unfinished.add_done_callback(lambda _: _sent(link))
+
+
+def _sent(link: Link) -> None:
+    link.writing = None
+    link.poke()
+
+
+async def _send_all(socket: WebSocket, texts: list[str]) -> None:
+    for text in texts:
+        await socket.send_text(text)
+
+
+def run_now(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task | None:
+    """Run ``coroutine`` in the caller's pass, on the loop, to its end (None); if it must wait first (a
+    socket not writable), a task finishes it from there, as its own task would have (returned)."""
+    try:
+        waiting = coroutine.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_go_on(coroutine, waiting))
+
+
+async def _go_on(coroutine: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Go on with ``coroutine`` where it waited on ``waiting`` (an asyncio future, or None: a bare yield), as
+    asyncio's task does: resume it once that is done, and let it read the outcome itself."""
+    try:
+        while True:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False  # what a task does with the future its coroutine yields
+                await asyncio.wait({waiting})
+            try:
+                waiting = coroutine.send(None)
+            except StopIteration:
+                return
+    finally:
+        coroutine.close()  # cancelled while waiting: it unwinds (nothing once it returned)
 
 
 def _push(hub: BackChannelHub, link: Link, wires: list[dict[str, Any]]) -> None:
