@@ -207,11 +207,14 @@ def test_a_writer_that_may_not_wait_does_not_write_on_postgres(ledger):
     """``writing_now()`` (a reservation made on the event loop) never writes on PostgreSQL, where a row lock may
     wait for another transaction: it raises WriterBusy at once and nothing is reserved (the route's hand-over
     leaves the request to the task's take, off the loop). Outside it, the same reservation goes through."""
-    from tpm_fed.state import WriterBusy, writing_now
+    from tpm_fed.state import WriterBusy, refuse_waiting_writer, writing_now
 
     with pytest.raises(WriterBusy), writing_now():
         ledger.reserve("now", project="p", site="s", identity="u", model="m", version="v", kind="generate",
                        estimate_usu=SU)
+    with pytest.raises(WriterBusy), writing_now():  # the bookkeeper asks first, before a connection is checked out
+        refuse_waiting_writer(ledger.engine)
+    refuse_waiting_writer(ledger.engine)  # outside writing_now(), nothing to refuse
     (balance,) = ledger.balances()
     assert balance.reserved_usu == 0
     ledger.reserve("now", project="p", site="s", identity="u", model="m", version="v", kind="generate",

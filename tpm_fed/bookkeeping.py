@@ -44,7 +44,7 @@ from tpm_fed.protocol.requests import ServingRequest
 from tpm_fed.protocol.results import ChargeInfo, ServedResult, TensorResult
 from tpm_fed.references.reader import StoreTensorReader
 from tpm_fed.references.records import ReferenceRecords
-from tpm_fed.state import RequestLog, WriterBusy
+from tpm_fed.state import RequestLog, WriterBusy, refuse_waiting_writer
 from tpm_fed.state.schema import MICRO
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,12 @@ class Bookkeeper:
 
         Returns:
             The requests refused (not to be sent), with why; nothing was charged for them.
+
+        Raises:
+            WriterBusy: Inside :func:`~tpm_fed.state.writing_now`, the database would have had to wait (nothing
+                was written, and the holds stay for the reservation tried later).
         """
+        refuse_waiting_writer(self.log.engine)
         with self._lock:
             pending = [self._admissions[r.request_id][0] for r in requests if r.request_id in self._admissions]
         to_reserve = [a for a in pending if not a.reserved]

@@ -197,8 +197,8 @@ async def _reserve_and_push(hub: BackChannelHub, link: Link, taken: list[Pending
 
 def _hand_now(hub: BackChannelHub, link: Link) -> bool:
     """In the pass of the route that queued an interactive request, on this channel's loop: hand it over now
-    (taken, reserved and pushed; the writer sends it at the loop's next turn). False where it cannot be done
-    without waiting: the joiner's take has it."""
+    (taken, reserved, and written to the socket carrying the channel). False where it cannot be done without
+    waiting: the joiner's take has it."""
     if running_loop() is not link.loop or link.joins is None:
         return False
     wires = link.joins.reserve_now()

@@ -122,6 +122,13 @@ def writing_now() -> Iterator[None]:
         _NOW.on = before
 
 
+def refuse_waiting_writer(engine: Engine) -> None:
+    """Inside :func:`writing_now`, before a connection is even checked out: raise :class:`WriterBusy` where this
+    engine's writers may wait for a lock (PostgreSQL; a checkout there is a round trip too)."""
+    if getattr(_NOW, "on", False) and engine.dialect.name != "sqlite":
+        raise WriterBusy("this database's writers may wait for a lock: not written now")
+
+
 def _no_writer_now(_connection: Connection) -> None:
     if getattr(_NOW, "on", False):
         raise WriterBusy("this database's writers may wait for a lock: not written now")
