@@ -108,18 +108,12 @@ class WriterBusy(Exception):  # noqa: N818 - a state, as SQLite's "database is l
     """Inside :func:`writing_now`: the write lock is not free at once (nothing was written)."""
 
 
-@contextmanager
-def writing_now() -> Iterator[None]:
+def writing_now() -> AbstractContextManager[None]:
     """Transactions this thread begins inside never wait for the database's write lock: on SQLite they take
     it only if no other writer holds it (this process's turn and SQLite's own lock), and raise
     :class:`WriterBusy` at once otherwise; on PostgreSQL, where a row lock may wait for another transaction,
     they raise it at once. For a write on an event loop, which must not stall behind another writer."""
-    before = getattr(_NOW, "on", False)
-    _NOW.on = True
-    try:
-        yield
-    finally:
-        _NOW.on = before
+    return _raised(_NOW)
 
 
 def refuse_waiting_writer(engine: Engine) -> None:
@@ -129,22 +123,26 @@ def refuse_waiting_writer(engine: Engine) -> None:
         raise WriterBusy("this database's writers may wait for a lock: not written now")
 
 
-def _no_writer_now(_connection: Connection) -> None:
-    if getattr(_NOW, "on", False):
-        raise WriterBusy("this database's writers may wait for a lock: not written now")
+def _no_writer_now(connection: Connection) -> None:
+    refuse_waiting_writer(connection.engine)
 
 
-@contextmanager
-def writing_first() -> Iterator[None]:
+def writing_first() -> AbstractContextManager[None]:
     """Transactions this thread begins inside go ahead of this process's others waiting for an SQLite
     database's write lock: an interactive request's reservation does not queue behind a batch's bookkeeping.
     (PostgreSQL writers do not take turns: it has no one-writer lock.)"""
-    before = getattr(_FIRST, "on", False)
-    _FIRST.on = True
+    return _raised(_FIRST)
+
+
+@contextmanager
+def _raised(flag: threading.local) -> Iterator[None]:
+    """``flag.on`` set for this thread inside the block, and put back as it was after."""
+    before = getattr(flag, "on", False)
+    flag.on = True
     try:
         yield
     finally:
-        _FIRST.on = before
+        flag.on = before
 
 
 class _WriterTurns:
