@@ -133,8 +133,11 @@ class ReplicaDispatcher:
         with self._lock:
             batch = self._queue.arrive(pending, pending.submitted, background)
             self._follow_linger_locked()
+            handing = not (batch or background)  # an interactive request that waits: it may join at once
+            if not handing:
+                self._joining.asks.wake()
         # A running task whose channel is on this thread's event loop takes it in this pass; else a take does.
-        if batch or background or not self._joining.join_now():
+        if handing and not self._joining.join_now():
             with self._lock:
                 self._joining.asks.wake()
         if batch and send_on is not None:

@@ -157,8 +157,7 @@ async def _write(socket: WebSocket, link: Link) -> None:
             if texts:
                 link.writing = asyncio.get_running_loop().create_future()
                 try:
-                    for text in texts:
-                        await socket.send_text(text)
+                    await _send_all(socket, texts)
                 finally:
                     link.writing.set_result(None)
                     link.writing = None

@@ -92,12 +92,14 @@ def _sqlite_connect(connection, _record) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+    cursor.execute(_BUSY_TIMEOUT)
     cursor.close()
 
 
 BUSY_TIMEOUT_S = 30.0
 """How long a writer waits for the write lock (its turn in this process, then SQLite's) before it fails."""
+
+_BUSY_TIMEOUT = f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}"
 
 
 _FIRST = threading.local()
@@ -198,7 +200,7 @@ class _WriterTurns:
                 connection.exec_driver_sql("BEGIN IMMEDIATE")
             finally:
                 if now:
-                    connection.exec_driver_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+                    connection.exec_driver_sql(_BUSY_TIMEOUT)
         except OperationalError as error:
             self._give_back(connection)
             if now and "locked" in str(error):
