@@ -54,7 +54,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchlib import demo_model, log, machine
+from benchlib import demo_model, log, machine, py_spy
 from bench_quotes import batch_file
 from bench_service import tpm_serve
 
@@ -146,7 +146,7 @@ def _py_spy(pid: int, out: Path) -> subprocess.Popen:
     """py-spy sampling ``pid`` into ``out`` as raw collapsed stacks: per thread, only while it holds the GIL (a
     thread waiting for it is not counted as working; C code that releases it, as SQLite does, is missed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(pid), "--format", "raw",
+    spy = subprocess.Popen([py_spy() or "py-spy", "record", "--pid", str(pid), "--format", "raw",
                             "--rate", "200", "--threads", "--gil", "--nonblocking", "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the clock starts

@@ -15,12 +15,13 @@ after the other (``--runs`` rounds):
   output throughput, median and p99 time to first token;
 * ``one-token``: 1-token requests from 64 concurrent clients: requests per second.
 
-Each run sends the client's own default of 1,000 prompts, but on SmolLM2
-(:data:`FEWER_PROMPTS`: 64, four a stream; 1,000 would take five minutes a
-run there). Fewer prompts measure mostly the first wave, all the streams
-starting together: with 64 on the demo model both servers took 35-50 ms to a
-first token, and with 1,000 vLLM's server settles at 14-19 ms, the steady
-state of requests joining a running engine (docs/performance.md, eighth session).
+Each timed run sends the client's own default of 1,000 prompts, on every
+model (on SmolLM2 a run lasts about five minutes a server: it serves ~3.5
+requests a second). Fewer prompts measure mostly the first wave, all the
+streams starting together, and a run of 64 on SmolLM2 (17 s) moved its
+throughput ratio 0.98-1.11x between runs (docs/performance.md, eleventh
+session). The warm-up run before them (run 0, dropped) sends
+:data:`WARM_UP_PROMPTS`.
 
 Models: ``demo`` (the demo model, trained here) and ``smollm2`` (the real
 135 M-parameter SmolLM2 of docs/store.md's facts, added to the service's home
@@ -69,8 +70,9 @@ LOADS = {
 PROMPTS = 1000
 """``vllm bench serve``'s own default, per run."""
 
-FEWER_PROMPTS = {"smollm2": 64}
-"""Models too slow here for the default in a benchmark's time (SmolLM2 serves ~3.5 requests a second)."""
+WARM_UP_PROMPTS = 64
+"""The warm-up run's prompts: enough to start both servers' engines (and the service's task) and fill
+vLLM's compile caches, without a timed run's length."""
 
 
 def run_client(base_url: str, model: str, tokenizer: Path, load: dict, out: Path, token: str | None,
@@ -152,7 +154,7 @@ def main() -> None:
     parser.add_argument("--servers", default="vllm,service")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--num-prompts", type=int, default=None,
-                        help="per run (default: the client's own 1,000; 64 on SmolLM2)")
+                        help="per timed run (default: the client's own 1,000)")
     parser.add_argument("--vllm-step-tokens", type=int, default=None,
                         help="start vLLM's server with --max-num-batched-tokens N (default: its own size)")
     parser.add_argument("--keep", type=Path, default=None,
@@ -197,7 +199,7 @@ def main() -> None:
                                 log(f"{model_name} {load_name} {'warm-up' if run == 0 else f'run {run}'}: {server}")
                                 figures[server] = run_client(url, name, model_dir, load,
                                                              scratch / f"{model_name}-{load_name}-{run}-{server}",
-                                                             key, args.num_prompts or FEWER_PROMPTS.get(model_name))
+                                                             key, args.num_prompts if run else WARM_UP_PROMPTS)
                                 log(f"  {tail_of(figures[server])}")
                                 if args.keep:
                                     args.keep.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,13 @@ def described(share: Share) -> str:
     return said + f", at most {after} tokens a step just after one"
 
 
+def py_spy() -> str | None:
+    """py-spy's executable (``pip install -e ".[bench]"``): on PATH, or beside this interpreter when its venv
+    is not on PATH (a script run as ``.venv/bin/python scripts/...``); None where neither has it."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
+
+
 def machine() -> str:
     """When and on what a benchmark ran: date, CPU count, load average (others may share the machine)."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())

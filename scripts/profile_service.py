@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_service import bench_home, start_vllm_server, tpm_serve
 from bench_vllm_client import LOADS, run_client
-from benchlib import demo_model, log, machine
+from benchlib import demo_model, log, machine, py_spy
 
 
 def processes_of(pid: int, home: Path | None, children: bool) -> set:
@@ -164,7 +164,7 @@ def main() -> None:
                         help="profile the busiest process the service started (its site's worker) too")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if shutil.which("py-spy") is None:
+    if (spy_command := py_spy()) is None:
         raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
 
     scratch = Path(tempfile.mkdtemp(prefix="tpm-profile-service-"))
@@ -198,12 +198,12 @@ def main() -> None:
                 return print_rows(started_on, args.num_prompts, rows, [])
             log("the service again, under py-spy")
             collapsed = scratch / "service.collapsed"
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", str(args.rate), "--nonblocking",
+            spy = subprocess.Popen([spy_command, "record", "--pid", str(pid), "--rate", str(args.rate), "--nonblocking",
                                     "--gil",
                                     "--format", "raw", "--output", str(collapsed)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             worker_spy = None if worker is None else subprocess.Popen(
-                ["py-spy", "record", "--pid", str(worker), "--rate", str(args.rate), "--nonblocking", "--gil",
+                [spy_command, "record", "--pid", str(worker), "--rate", str(args.rate), "--nonblocking", "--gil",
                  "--format", "raw", "--output", str(scratch / "worker.collapsed")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)  # attached before the load starts
