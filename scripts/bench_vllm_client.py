@@ -12,7 +12,8 @@ Loads, each on every model asked for, vLLM's server then the service, one
 after the other (``--runs`` rounds):
 
 * ``streams``: 16 concurrent streams, 64 prompt and 64 output tokens:
-  output throughput, median and p99 time to first token;
+  output throughput, median and p99 time to first token, and between tokens
+  (ITL: the time between two chunks of a stream);
 * ``one-token``: 1-token requests from 64 concurrent clients: requests per second.
 
 Each timed run sends the client's own default of 1,000 prompts, on every
@@ -219,19 +220,21 @@ def main() -> None:
           "the service over vLLM's own server"
           + (f" (started with --max-num-batched-tokens {args.vllm_step_tokens}):" if args.vllm_step_tokens else ":"))
     print(f"{'model':8} {'load':10} {'run':>3}  {'server':8} {'done':>5} {'failed':>6} {'out tok/s':>9} "
-          f"{'req/s':>7} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")
+          f"{'req/s':>7} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ITL p50 ms':>10} {'ITL p99 ms':>10}")
     for model_name, load_name, run, figures in results:
         for server, r in figures.items():
             print(f"{model_name:8} {load_name:10} {run:>3}  {server:8} {r['completed']:>5} {r['failed']:>6} "
                   f"{r['output_throughput']:>9.1f} {r['request_throughput']:>7.2f} "
-                  f"{r['median_ttft_ms']:>11.1f} {r['p99_ttft_ms']:>11.1f}")
+                  f"{r['median_ttft_ms']:>11.1f} {r['p99_ttft_ms']:>11.1f} "
+                  f"{r['median_itl_ms']:>10.1f} {r['p99_itl_ms']:>10.1f}")
             print(f"{'':8} {'':10} {'':>3}  {'':8} {tail_of(r)}")
         if {"vllm", "service"} <= figures.keys():
             v, s = figures["vllm"], figures["service"]
             print(f"{'':8} {'':10} {'':>3}  ratio    output throughput {s['output_throughput'] / v['output_throughput']:.2f}x"
                   f", req/s {s['request_throughput'] / v['request_throughput']:.2f}x"
                   f", TTFT p50 {s['median_ttft_ms'] / v['median_ttft_ms']:.2f}x"
-                  f", p99 {s['p99_ttft_ms'] / v['p99_ttft_ms']:.2f}x")
+                  f", p99 {s['p99_ttft_ms'] / v['p99_ttft_ms']:.2f}x"
+                  f", ITL p50 {s['median_itl_ms'] / v['median_itl_ms']:.2f}x, p99 {s['p99_itl_ms'] / v['p99_itl_ms']:.2f}x")
 
 
 if __name__ == "__main__":
