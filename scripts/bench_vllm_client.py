@@ -234,7 +234,8 @@ def main() -> None:
                   f", req/s {s['request_throughput'] / v['request_throughput']:.2f}x"
                   f", TTFT p50 {s['median_ttft_ms'] / v['median_ttft_ms']:.2f}x"
                   f", p99 {s['p99_ttft_ms'] / v['p99_ttft_ms']:.2f}x"
-                  f", ITL p50 {s['median_itl_ms'] / v['median_itl_ms']:.2f}x, p99 {s['p99_itl_ms'] / v['p99_itl_ms']:.2f}x")
+                  + (f", ITL p50 {s['median_itl_ms'] / v['median_itl_ms']:.2f}x, p99 {s['p99_itl_ms'] / v['p99_itl_ms']:.2f}x"
+                     if v['median_itl_ms'] and v['p99_itl_ms'] else ""))  # 1-token requests: no second chunk
 
 
 if __name__ == "__main__":
